@@ -1,0 +1,75 @@
+"""Shared harness of the benchmark suites: one device per run (--device), pyops and its baseline timed side by side
+in the same run, on the same inputs, with what bench/report.py needs recorded in extra_info."""
+import platform
+
+import pytest
+import torch
+
+torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32 on both sides unless a case says otherwise
+torch.backends.cudnn.allow_tf32 = False
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", choices=["cpu", "cuda"], help="where the benchmarks run")
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["torch"] = torch.__version__
+    machine_info["cpu_threads"] = torch.get_num_threads()
+    machine_info["processor"] = platform.processor() or platform.machine()
+    if config.getoption("--device") == "cuda" and torch.cuda.is_available():
+        machine_info["gpu"] = torch.cuda.get_device_name()
+
+
+@pytest.fixture
+def device(request):
+    dev = request.config.getoption("--device")
+    if dev == "cuda" and not torch.cuda.is_available():
+        pytest.skip("--device cuda without a CUDA device")
+    return dev
+
+
+def synchronized(fn, device):
+    """fn, made to wait for the GPU so the timer sees the kernels' time, not their launch."""
+    if device != "cuda":
+        return fn
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+def peak_memory(fn, device):
+    """Bytes of device memory fn allocates at its peak beyond what was allocated before (CUDA only)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+@pytest.fixture
+def measure(benchmark, device):
+    """measure(case, impl, fn, bytes=..., flops=...): times fn under pytest-benchmark.
+
+    case: what is computed (shape, dtype, pass), shared by pyops and its baselines so the report can pair them.
+    impl: "pyops" for ours, anything else names the baseline (e.g. "torch.logsumexp").
+    bytes / flops: the fewest bytes moved / floating-point operations of the case, for achieved rates.
+    """
+
+    def run(case, impl, fn, *, bytes=None, flops=None):
+        timed = synchronized(fn, device)
+        for _ in range(3):  # warm-up outside the timer: allocator, first touch, cuDNN/cuBLAS heuristics
+            timed()
+        benchmark.group = case
+        benchmark.extra_info.update(case=case, impl=impl, device=device, bytes=bytes, flops=flops,
+                                    peak_mem=peak_memory(fn, device))
+        return benchmark(timed)
+
+    return run

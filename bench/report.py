@@ -1,0 +1,151 @@
+"""Turns pytest-benchmark JSON into bench/results/summary.md (one row per case and baseline) and summary.png.
+
+Each benchmark carries extra_info {case, impl, bytes, flops, peak_mem} (see bench/conftest.py): rows pair the
+"pyops" entry of a case with each of its baselines. Speed-up = baseline median / pyops median. Achieved rates come
+from the case's fewest bytes (GB/s) or its operation count (GFLOP/s, from pyops.count_ops where a layer is
+involved); with --peak-bandwidth / --peak-flops (or cases named "peak: ..." in the same run) they are also
+given as a fraction of the machine's measured peak.
+
+usage: python bench/report.py RESULTS.json [MORE.json ...] [--out DIR] [--quiet]
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+from collections import OrderedDict
+
+
+def load(paths):
+    """[(case, impl, median_s, extra_info)], machine_info, datetime of the first file."""
+    rows, machine, when = [], {}, None
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        machine = machine or data.get("machine_info", {})
+        when = when or data.get("datetime")
+        for b in data.get("benchmarks", []):
+            info = b.get("extra_info", {})
+            case = info.get("case") or b.get("group") or b["name"]
+            rows.append((case, info.get("impl", b["name"]), b["stats"]["median"], info))
+    return rows, machine, when
+
+
+def measured_peaks(rows):
+    """Peaks measured in the same run by bench cases named 'peak: copy' (bytes) and 'peak: gemm ...' (flops)."""
+    bw = max((i["bytes"] / t for c, _, t, i in rows if c.startswith("peak:") and i.get("bytes")), default=None)
+    fl = max((i["flops"] / t for c, _, t, i in rows if c.startswith("peak:") and i.get("flops")), default=None)
+    return bw, fl
+
+
+def fmt_time(s):
+    return f"{s * 1e3:.3f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def fmt_rate(info, seconds, peak_bw, peak_flops):
+    parts = []
+    if info.get("flops"):
+        rate = info["flops"] / seconds
+        parts.append(f"{rate / 1e9:.1f} GFLOP/s" + (f" ({100 * rate / peak_flops:.0f}% of peak)" if peak_flops else ""))
+    if info.get("bytes"):
+        rate = info["bytes"] / seconds
+        parts.append(f"{rate / 1e9:.1f} GB/s" + (f" ({100 * rate / peak_bw:.0f}% of peak)" if peak_bw else ""))
+    return ", ".join(parts) or "-"
+
+
+def summarize(rows, peak_bw=None, peak_flops=None):
+    """[(case, baseline, pyops_s, baseline_s, speedup, rate_text, peak_mem)] in first-seen case order."""
+    by_case = OrderedDict()
+    for case, impl, t, info in rows:
+        if case.startswith("peak:"):
+            continue
+        by_case.setdefault(case, {})[impl] = (t, info)
+    out = []
+    for case, impls in by_case.items():
+        if "pyops" not in impls:
+            continue
+        t_ours, info = impls["pyops"]
+        for impl, (t_base, _) in impls.items():
+            if impl == "pyops":
+                continue
+            out.append((case, impl, t_ours, t_base, t_base / t_ours, fmt_rate(info, t_ours, peak_bw, peak_flops),
+                        info.get("peak_mem")))
+    return out
+
+
+def geomean(values):
+    values = [v for v in values if v > 0]
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+def markdown(summary, machine, when, peak_bw, peak_flops):
+    date = (when or datetime.datetime.now().isoformat())[:10]
+    where = machine.get("gpu") or machine.get("cpu", {}).get("brand_raw") or machine.get("processor", "?")
+    head = [f"Measured {date} on {where} ({machine.get('node', '?')}, {machine.get('cpu_threads', '?')} CPU threads), "
+            f"torch {machine.get('torch', '?')}, pytest-benchmark medians."]
+    if peak_bw or peak_flops:
+        head.append("Peaks measured in the same run: " + ", ".join(
+            p for p in [f"copy {peak_bw / 1e9:.0f} GB/s" if peak_bw else "",
+                        f"GEMM {peak_flops / 1e12:.1f} TFLOP/s" if peak_flops else ""] if p) + ".")
+    show_mem = any(r[6] for r in summary)
+    cols = ["case", "pyops", "baseline", "baseline time", "speed-up", "pyops rate"] + (["pyops peak mem"] if show_mem else [])
+    lines = head + ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for case, impl, t_ours, t_base, speedup, rate, mem in summary:
+        cells = [case, fmt_time(t_ours), impl, fmt_time(t_base), f"{speedup:.2f}x", rate]
+        if show_mem:
+            cells.append(f"{mem / 2**20:.1f} MiB" if mem is not None else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Geometric mean speed-up over all rows: {geomean([r[4] for r in summary]):.2f}x", ""]
+    return "\n".join(lines)
+
+
+def chart(summary, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{case}  [vs {impl}]" for case, impl, *_ in summary]
+    speedups = [r[4] for r in summary]
+    fig, ax = plt.subplots(figsize=(10, 0.32 * len(summary) + 1.4))
+    colors = ["#2a9d8f" if s >= 1 else "#e76f51" for s in speedups]
+    ax.barh(range(len(summary)), speedups, color=colors)
+    ax.set_xscale("log")
+    ax.axvline(1.0, color="black", linewidth=1)
+    ax.set_yticks(range(len(summary)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("speed-up of pyops over the baseline (log scale; 1x marked)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("results", nargs="+")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--peak-bandwidth", type=float, help="GB/s to report achieved bandwidth against")
+    p.add_argument("--peak-flops", type=float, help="GFLOP/s to report achieved arithmetic rate against")
+    p.add_argument("--quiet", action="store_true", help="do not print the table")
+    args = p.parse_args(argv)
+    rows, machine, when = load(args.results)
+    peak_bw, peak_flops = measured_peaks(rows)
+    peak_bw = args.peak_bandwidth * 1e9 if args.peak_bandwidth else peak_bw
+    peak_flops = args.peak_flops * 1e9 if args.peak_flops else peak_flops
+    summary = summarize(rows, peak_bw, peak_flops)
+    if not summary:
+        sys.exit("report.py: no case has both a 'pyops' and a baseline measurement")
+    os.makedirs(args.out, exist_ok=True)
+    text = markdown(summary, machine, when, peak_bw, peak_flops)
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(text)
+    chart(summary, os.path.join(args.out, "summary.png"), text.splitlines()[0])
+    if not args.quiet:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

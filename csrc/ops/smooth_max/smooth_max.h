@@ -1,0 +1,32 @@
+// smooth_max(x, beta, dim, keepdim) = (1/beta) * log(sum_i exp(beta * x_i)) along dim.
+//
+// Every kernel sees the contiguous input as (outer, n, inner), reducing over n:
+//   outer = prod(sizes[:dim]), n = sizes[dim], inner = prod(sizes[dim+1:]).
+// They keep an online state (m, S) per output over sign*x, sign = sign(beta), b = |beta|:
+//   m = max(sign * x),  S = sum exp(b * (sign * x - m)),  result = sign * (m + log(S) / b).
+// S >= 1 (the maximum contributes exp(0) = 1), so result >= max exactly; b = inf gives S = the number of ties
+// and result = max exactly. Terms equal to m count as 1 rather than exp(b * 0), which keeps +-inf inputs and
+// b = inf free of inf - inf and 0 * inf.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <vector>
+
+namespace pyops {
+
+struct ReductionView {
+  int64_t outer, n, inner;
+};
+
+// Validates the arguments (naming the one at fault) and returns the wrapped dim.
+int64_t check_smooth_max_args(const at::Tensor& x, double beta, int64_t dim);
+ReductionView reduction_view(const at::Tensor& x, int64_t dim);
+// The result's shape with the reduced dimension kept as 1.
+std::vector<int64_t> keepdim_shape(const at::Tensor& x, int64_t dim);
+
+void smooth_max_forward_cpu_impl(const at::Tensor& x, at::Tensor& out, const ReductionView& v, double beta);
+void smooth_max_backward_cpu_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& result,
+                                  at::Tensor& grad_x, const ReductionView& v, double beta);
+
+}  // namespace pyops

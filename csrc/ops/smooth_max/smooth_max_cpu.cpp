@@ -1,0 +1,252 @@
+// CPU kernels of smooth_max: one pass over x in the forward (online max/sum, in chunks that stay in L1), one
+// elementwise pass in the backward. Parallel over independent outputs; vectorized with at::vec.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "common/cpu_vec.h"
+#include "ops/smooth_max/smooth_max.h"
+
+namespace pyops {
+namespace {
+
+// Rows of the reduction handled per online step: a chunk is loaded (converted to the accumulation type and
+// multiplied by sign), its maximum found, the running sum rescaled at most once, then its exponentials summed.
+constexpr int64_t kChunk = 512;
+
+template <typename acc>
+struct OnlineState {
+  acc m = -std::numeric_limits<acc>::infinity();
+  acc s = 0;
+};
+
+// Loads `count` elements of x (stride 1) into buf as sign * acc(x).
+template <typename scalar_t, typename acc>
+inline void load_signed(const scalar_t* x, int64_t count, acc sign, acc* buf) {
+  for (int64_t i = 0; i < count; ++i) buf[i] = sign * static_cast<acc>(x[i]);
+}
+
+// Folds buf[0:count) into the state of one output.
+template <typename acc>
+inline void fold_chunk(const acc* buf, int64_t count, acc b, OnlineState<acc>& st) {
+  using Vec = Vectorized<acc>;
+  constexpr int64_t V = Vec::size();
+  Vec vmax(-std::numeric_limits<acc>::infinity());
+  int64_t i = 0;
+  for (; i + V <= count; i += V) vmax = at::vec::maximum(vmax, Vec::loadu(buf + i));
+  acc cm = hmax(vmax);
+  bool nan = std::isnan(cm);
+  for (; i < count; ++i) {
+    nan |= std::isnan(buf[i]);
+    cm = std::max(cm, buf[i]);
+  }
+  if (nan) {  // NaN propagates, as in torch.logsumexp
+    st.s = std::numeric_limits<acc>::quiet_NaN();
+    return;
+  }
+  if (cm > st.m) {
+    st.s *= std::exp(b * (st.m - cm));
+    st.m = cm;
+  }
+  const Vec vm(st.m), vb(b), one(acc(1));
+  Vec vs(acc(0));
+  i = 0;
+  for (; i + V <= count; i += V) {
+    const Vec v = Vec::loadu(buf + i);
+    vs += Vec::blendv((vb * (v - vm)).exp(), one, v == vm);
+  }
+  acc s = hsum(vs);
+  for (; i < count; ++i) s += buf[i] == st.m ? acc(1) : std::exp(b * (buf[i] - st.m));
+  st.s += s;
+}
+
+template <typename acc>
+inline acc finish(const OnlineState<acc>& st, acc sign, acc b) {
+  return sign * (st.m + std::log(st.s) / b);
+}
+
+// Reduction over a contiguous row (inner == 1): the dim=-1 case.
+template <typename scalar_t>
+void forward_rows(const scalar_t* x, scalar_t* out, const ReductionView& v, double beta) {
+  using acc = acc_t<scalar_t>;
+  const acc sign = beta > 0 ? acc(1) : acc(-1), b = static_cast<acc>(std::abs(beta));
+  const int64_t grain = std::max<int64_t>(1, 32768 / v.n);
+  at::parallel_for(0, v.outer, grain, [&](int64_t begin, int64_t end) {
+    acc buf[kChunk];
+    for (int64_t row = begin; row < end; ++row) {
+      const scalar_t* xr = x + row * v.n;
+      OnlineState<acc> st;
+      for (int64_t c = 0; c < v.n; c += kChunk) {
+        const int64_t count = std::min(kChunk, v.n - c);
+        load_signed(xr + c, count, sign, buf);
+        fold_chunk(buf, count, b, st);
+      }
+      out[row] = static_cast<scalar_t>(finish(st, sign, b));
+    }
+  });
+}
+
+// Reduction over a strided dim (inner > 1): a tile of kTile outputs side by side is updated row by row, each row
+// of the tile a contiguous load, so memory is read in order and each state lives in a vector register.
+template <typename scalar_t>
+void forward_strided(const scalar_t* x, scalar_t* out, const ReductionView& v, double beta) {
+  using acc = acc_t<scalar_t>;
+  using Vec = Vectorized<acc>;
+  constexpr int64_t V = Vec::size();
+  constexpr int64_t kVecs = 2, kTile = kVecs * V;
+  constexpr int64_t kRows = 16;  // rows whose maximum is taken before the sum is rescaled
+  const acc sign = beta > 0 ? acc(1) : acc(-1), b = static_cast<acc>(std::abs(beta));
+  const acc inf = std::numeric_limits<acc>::infinity();
+  const int64_t tiles = (v.inner + kTile - 1) / kTile;
+  const int64_t grain = std::max<int64_t>(1, 32768 / (v.n * kTile));
+  at::parallel_for(0, v.outer * tiles, grain, [&](int64_t begin, int64_t end) {
+    acc buf[kRows * kTile];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t o = t / tiles, j0 = (t % tiles) * kTile;
+      const int64_t width = std::min(kTile, v.inner - j0);
+      const scalar_t* xt = x + o * v.n * v.inner + j0;
+      Vec m[kVecs], s[kVecs];
+      for (int k = 0; k < kVecs; ++k) m[k] = Vec(-inf), s[k] = Vec(acc(0));
+      const Vec vb(b), one(acc(1));
+      for (int64_t r0 = 0; r0 < v.n; r0 += kRows) {
+        const int64_t rows = std::min(kRows, v.n - r0);
+        for (int64_t r = 0; r < rows; ++r) {
+          acc* dst = buf + r * kTile;
+          load_signed(xt + (r0 + r) * v.inner, width, sign, dst);
+          std::fill(dst + width, dst + kTile, -inf);  // padding lanes: never NaN, never the maximum
+        }
+        for (int k = 0; k < kVecs; ++k) {
+          Vec cm(-inf);
+          for (int64_t r = 0; r < rows; ++r) cm = at::vec::maximum(cm, Vec::loadu(buf + r * kTile + k * V));
+          const Vec nm = at::vec::maximum(m[k], cm);  // NaN in the chunk makes nm NaN, hence the result NaN
+          s[k] = Vec::blendv(s[k] * (vb * (m[k] - nm)).exp(), s[k], m[k] == nm);
+          m[k] = nm;
+          for (int64_t r = 0; r < rows; ++r) {
+            const Vec xv = Vec::loadu(buf + r * kTile + k * V);
+            s[k] += Vec::blendv((vb * (xv - m[k])).exp(), one, xv == m[k]);
+          }
+        }
+      }
+      acc ms[kTile], ss[kTile];
+      for (int k = 0; k < kVecs; ++k) m[k].store(ms + k * V), s[k].store(ss + k * V);
+      scalar_t* ot = out + o * v.inner + j0;
+      for (int64_t j = 0; j < width; ++j) ot[j] = static_cast<scalar_t>(finish(OnlineState<acc>{ms[j], ss[j]}, sign, b));
+    }
+  });
+}
+
+// grad_x = grad * exp(beta * (x - result)) = grad * softmax(beta * x) along the reduced dim.
+template <typename scalar_t>
+void backward_finite(const scalar_t* g, const scalar_t* x, const scalar_t* r, scalar_t* gx, const ReductionView& v,
+                     double beta) {
+  using acc = acc_t<scalar_t>;
+  using Vec = Vectorized<acc>;
+  constexpr int64_t V = Vec::size();
+  const acc bt = static_cast<acc>(beta);
+  const int64_t rows = v.outer * v.n;
+  const int64_t grain = std::max<int64_t>(1, 32768 / v.inner);
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    acc xb[V], gb[V], rb[V];
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t o = row / v.n;
+      const scalar_t* xr = x + row * v.inner;
+      const scalar_t* gr = g + o * v.inner;  // grad and result are broadcast along the reduced dim
+      const scalar_t* rr = r + o * v.inner;
+      scalar_t* out = gx + row * v.inner;
+      for (int64_t j = 0; j < v.inner; j += V) {
+        const int64_t w = std::min(V, v.inner - j);
+        for (int64_t k = 0; k < w; ++k) {
+          xb[k] = static_cast<acc>(xr[j + k]);
+          gb[k] = static_cast<acc>(gr[j + k]);
+          rb[k] = static_cast<acc>(rr[j + k]);
+        }
+        const Vec e = Vec::loadu(gb, w) * (Vec(bt) * (Vec::loadu(xb, w) - Vec::loadu(rb, w))).exp();
+        e.store(xb, w);
+        for (int64_t k = 0; k < w; ++k) out[j + k] = static_cast<scalar_t>(xb[k]);
+      }
+    }
+  });
+}
+
+// The dim=-1 layout (inner == 1) of the same formula: vectorized along the row with grad and result scalars.
+template <typename scalar_t>
+void backward_finite_rows(const scalar_t* g, const scalar_t* x, const scalar_t* r, scalar_t* gx,
+                          const ReductionView& v, double beta) {
+  using acc = acc_t<scalar_t>;
+  using Vec = Vectorized<acc>;
+  constexpr int64_t V = Vec::size();
+  const acc bt = static_cast<acc>(beta);
+  const int64_t grain = std::max<int64_t>(1, 32768 / v.n);
+  at::parallel_for(0, v.outer, grain, [&](int64_t begin, int64_t end) {
+    acc buf[kChunk];
+    for (int64_t row = begin; row < end; ++row) {
+      const Vec gv(static_cast<acc>(g[row])), rv(static_cast<acc>(r[row])), bv(bt);
+      const scalar_t* xr = x + row * v.n;
+      scalar_t* out = gx + row * v.n;
+      for (int64_t c = 0; c < v.n; c += kChunk) {
+        const int64_t count = std::min(kChunk, v.n - c);
+        load_signed(xr + c, count, acc(1), buf);
+        int64_t i = 0;
+        for (; i + V <= count; i += V) (gv * (bv * (Vec::loadu(buf + i) - rv)).exp()).store(buf + i);
+        if (i < count) (gv * (bv * (Vec::loadu(buf + i, count - i) - rv)).exp()).store(buf + i, count - i);
+        for (i = 0; i < count; ++i) out[c + i] = static_cast<scalar_t>(buf[i]);
+      }
+    }
+  });
+}
+
+// beta = +-inf: the gradient is one-hot at the arg-extreme, shared equally between ties. Rare, so scalar code:
+// one pass counts the ties of each output, a second writes grad / count where x equals the result.
+template <typename scalar_t>
+void backward_infinite(const scalar_t* g, const scalar_t* x, const scalar_t* r, scalar_t* gx, const ReductionView& v) {
+  using acc = acc_t<scalar_t>;
+  at::parallel_for(0, v.outer * v.inner, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t o = k / v.inner, j = k % v.inner;
+      const scalar_t* xk = x + o * v.n * v.inner + j;
+      scalar_t* gk = gx + o * v.n * v.inner + j;
+      const scalar_t res = r[k];
+      int64_t ties = 0;
+      for (int64_t i = 0; i < v.n; ++i) ties += xk[i * v.inner] == res;
+      const acc share = ties > 0 ? static_cast<acc>(g[k]) / static_cast<acc>(ties) : acc(0);
+      for (int64_t i = 0; i < v.n; ++i) gk[i * v.inner] = static_cast<scalar_t>(xk[i * v.inner] == res ? share : acc(0));
+    }
+  });
+}
+
+}  // namespace
+
+void smooth_max_forward_cpu_impl(const at::Tensor& x, at::Tensor& out, const ReductionView& v, double beta) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "smooth_max_cpu", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    if (v.inner == 1) {
+      forward_rows(xp, op, v, beta);
+    } else {
+      forward_strided(xp, op, v, beta);
+    }
+  });
+}
+
+void smooth_max_backward_cpu_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& result,
+                                  at::Tensor& grad_x, const ReductionView& v, double beta) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "smooth_max_backward_cpu", [&] {
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* rp = result.const_data_ptr<scalar_t>();
+    scalar_t* op = grad_x.mutable_data_ptr<scalar_t>();
+    if (std::isinf(beta)) {
+      backward_infinite(gp, xp, rp, op, v);
+    } else if (v.inner == 1) {
+      backward_finite_rows(gp, xp, rp, op, v, beta);
+    } else {
+      backward_finite(gp, xp, rp, op, v, beta);
+    }
+  });
+}
+
+}  // namespace pyops

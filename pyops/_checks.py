@@ -1,0 +1,24 @@
+"""Argument validation shared by the Python entry points: errors name the argument, as PyTorch's do."""
+import torch
+
+
+def check_tensor(x, name):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"argument '{name}' must be a torch.Tensor, got {type(x).__name__}")
+
+
+def check_floating(x, name):
+    check_tensor(x, name)
+    if not x.is_floating_point():
+        raise TypeError(f"argument '{name}' must be a floating-point tensor, got {x.dtype}")
+
+
+def wrap_dim(dim, ndim, name="dim"):
+    """A possibly negative dim wrapped into [0, ndim) (a 0-d tensor takes 0 and -1), else IndexError."""
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"argument '{name}' must be an int, got {type(dim).__name__}")
+    n = max(ndim, 1)
+    if not -n <= dim < n:
+        raise IndexError(f"argument '{name}' = {dim} is out of range for a tensor of {ndim} dimensions "
+                         f"(expected in [{-n}, {n - 1}])")
+    return dim % n

@@ -1,0 +1,118 @@
+"""Smooth max ν_β(x) = (1/β)·log Σᵢ exp(β·xᵢ): a differentiable maximum.
+
+max(x) ≤ ν_β(x) ≤ max(x) + log(n)/β for β > 0; ν_β → max as β → ∞ (β = inf gives the max exactly), β < 0 is a
+smooth min (β = -inf the min). The gradient is softmax(β·x) along `dim`: one-hot at the argmax in the limit,
+shared equally between ties at β = ±inf.
+"""
+import math
+
+import torch
+
+from ._checks import check_floating, wrap_dim
+
+
+def _check_args(x, beta, dim):
+    check_floating(x, "x")
+    if not isinstance(beta, (int, float)) or isinstance(beta, bool):
+        raise TypeError(f"argument 'beta' must be a number, got {type(beta).__name__}")
+    if beta == 0 or math.isnan(beta):
+        raise ValueError(f"argument 'beta' must be non-zero and not NaN, got {beta} "
+                         "(beta -> 0 is the mean, not a smooth max)")
+    d = wrap_dim(dim, x.dim())
+    if x.dim() > 0 and x.shape[d] == 0:
+        raise ValueError(f"argument 'x' has size 0 along dim {dim} (shape {tuple(x.shape)}): "
+                         "the smooth max of nothing is undefined")
+    return d
+
+
+def smooth_max(x, beta=1.0, dim=-1, keepdim=False):
+    """ν_β(x) = (1/β)·log Σ exp(β·x) along `dim`, computed stably in one pass.
+
+    Args:
+        x: floating-point tensor of any shape (..., n, ...); float32/float64 (and float16/bfloat16, accumulated
+           in float32). Any strides.
+        beta: non-zero float; ±inf give the max / min exactly.
+        dim: the reduced dimension.
+        keepdim: keep `dim` with size 1.
+    Returns:
+        x's shape without `dim` (or with size 1 there when keepdim), x's dtype.
+    """
+    _check_args(x, beta, dim)
+    return torch.ops.pyops.smooth_max(x, float(beta), dim, keepdim)
+
+
+def _reduced_shape(x, dim, keepdim):
+    if x.dim() == 0:
+        return ()
+    d = wrap_dim(dim, x.dim())
+    shape = list(x.shape)
+    if keepdim:
+        shape[d] = 1
+    else:
+        del shape[d]
+    return tuple(shape)
+
+
+@torch.library.register_fake("pyops::smooth_max")
+def _smooth_max_fake(x, beta, dim, keepdim):
+    _check_args(x, beta, dim)
+    return x.new_empty(_reduced_shape(x, dim, keepdim))
+
+
+@torch.library.register_fake("pyops::smooth_max_backward")
+def _smooth_max_backward_fake(grad, x, result, beta, dim, keepdim):
+    _check_args(x, beta, dim)
+    torch._check(grad.shape == result.shape, lambda: "pyops.smooth_max_backward: 'grad' and 'result' differ in shape")
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    x, beta, dim, keepdim = inputs
+    ctx.save_for_backward(x, output)
+    ctx.beta, ctx.dim, ctx.keepdim = beta, dim, keepdim
+
+
+def _backward(ctx, grad):
+    x, result = ctx.saved_tensors
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.pyops.smooth_max_backward(grad, x, result, ctx.beta, ctx.dim, ctx.keepdim)
+    return grad_x, None, None, None
+
+
+torch.library.register_autograd("pyops::smooth_max", _backward, setup_context=_setup_context)
+
+
+# Double backward. smooth_max_backward(G, x, r) = G·p with p = exp(β(x − r)) (the softmax, r broadcast along dim),
+# taking r as an independent input; autograd then carries r's gradient through smooth_max's own backward, which
+# together gives the softmax Jacobian β·(diag p − p pᵀ). At β = ±inf p is piecewise constant: only G has a gradient.
+def _setup_backward_context(ctx, inputs, output):
+    grad, x, result, beta, dim, keepdim = inputs
+    ctx.save_for_backward(grad, x, result)
+    ctx.beta, ctx.dim, ctx.keepdim = beta, dim, keepdim
+
+
+def _double_backward(ctx, gg):
+    grad, x, result = ctx.saved_tensors
+    beta, dim, keepdim = ctx.beta, ctx.dim, ctx.keepdim
+    d = wrap_dim(dim, x.dim())
+    p = torch.ops.pyops.smooth_max_backward(torch.ones_like(grad), x, result, beta, dim, keepdim)
+    gg_p = gg * p
+    g_grad = g_x = g_result = None
+    if ctx.needs_input_grad[0]:
+        g_grad = gg_p.sum(d, keepdim=True).reshape(grad.shape) if x.dim() else gg_p.reshape(grad.shape)
+    if not math.isinf(beta) and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+        g_b = grad if (keepdim or x.dim() == 0) else grad.unsqueeze(d)
+        term = beta * gg_p * g_b
+        if ctx.needs_input_grad[1]:
+            g_x = term
+        if ctx.needs_input_grad[2]:
+            g_result = -(term.sum(d, keepdim=True) if x.dim() else term).reshape(result.shape)
+    elif ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        g_x = torch.zeros_like(x) if ctx.needs_input_grad[1] else None
+        g_result = torch.zeros_like(result) if ctx.needs_input_grad[2] else None
+    return g_grad, g_x, g_result, None, None, None
+
+
+torch.library.register_autograd("pyops::smooth_max_backward", _double_backward,
+                                setup_context=_setup_backward_context)

@@ -1,0 +1,182 @@
+import math
+
+import pytest
+import torch
+
+import pyops
+from pyops import reference
+from conftest import tolerances
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def rand(shape, dtype=torch.float32, device="cpu", seed=0, scale=3.0):
+    return (torch.randn(shape, generator=gen(seed), dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+
+def check_close(out, ref, dtype):
+    rtol, atol = tolerances(dtype)
+    torch.testing.assert_close(out.double().cpu(), ref.double().cpu(), rtol=rtol, atol=atol)
+
+
+SHAPES_DIMS = [((7,), 0), ((5, 300), -1), ((5, 300), 0), ((3, 4, 1025), 1), ((2, 33, 6, 5), 1), ((4, 3, 2), 2),
+               ((1, 9), 0), ((64, 3), -1)]
+
+
+@pytest.mark.parametrize("shape,dim", SHAPES_DIMS)
+@pytest.mark.parametrize("beta", [1.0, 0.3, 7.0, -2.0])
+@pytest.mark.parametrize("keepdim", [False, True])
+def test_matches_float64_reference(device, shape, dim, beta, keepdim):
+    for dtype in (torch.float32, torch.float64):
+        x = rand(shape, dtype, device, seed=hash((shape, dim)) % 1000)
+        out = pyops.smooth_max(x, beta, dim, keepdim)
+        ref = reference.smooth_max(x.double().cpu(), beta, dim, keepdim)
+        assert out.shape == ref.shape and out.dtype == dtype and out.device == x.device
+        check_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_accumulates_in_fp32(device, dtype):
+    x = rand((6, 2000), dtype, device)
+    for dim in (0, 1):
+        out = pyops.smooth_max(x, 2.0, dim)
+        assert out.dtype == dtype
+        check_close(out, reference.smooth_max(x.double().cpu(), 2.0, dim), dtype)
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.0, 10.0, 1000.0])
+def test_bounds(device, beta):
+    x = rand((50, 513), torch.float32, device, seed=3)
+    nu = pyops.smooth_max(x, beta, -1)
+    mx = x.amax(-1)
+    assert (nu >= mx).all(), "smooth max fell below the max"
+    upper = mx.double() + math.log(x.shape[-1]) / beta
+    assert (nu.double() <= upper * (1 + 1e-6) + 1e-6).all()
+
+
+def test_infinite_beta_is_max_and_min_exactly(device):
+    x = rand((8, 1000), torch.float32, device, seed=5)
+    for dim in (0, 1):
+        assert torch.equal(pyops.smooth_max(x, math.inf, dim), x.amax(dim))
+        assert torch.equal(pyops.smooth_max(x, -math.inf, dim), x.amin(dim))
+
+
+def test_large_beta_tends_to_max(device):
+    x = rand((4, 100), torch.float64, device, seed=7)
+    errs = [(pyops.smooth_max(x, b, -1) - x.amax(-1)).abs().max().item() for b in (1.0, 10.0, 100.0, 1e4)]
+    assert errs == sorted(errs, reverse=True) and errs[-1] < math.log(100) / 1e4 + 1e-12
+
+
+def test_negative_beta_is_smooth_min(device):
+    x = rand((10, 77), torch.float64, device, seed=8)
+    torch.testing.assert_close(pyops.smooth_max(x, -3.0, 1), -pyops.smooth_max(-x, 3.0, 1), rtol=1e-12, atol=1e-12)
+    assert (pyops.smooth_max(x, -3.0, 1) <= x.amin(1)).all()
+
+
+def test_stable_for_large_magnitudes(device):
+    # exp(10 * 1e4) overflows any float: the one-pass online form never forms it.
+    x = (rand((3, 1000), torch.float32, device, seed=9, scale=1.0) + 1e4)
+    out = pyops.smooth_max(x, 10.0, -1)
+    assert torch.isfinite(out).all()
+    ref = x.double().amax(-1) + torch.log(torch.exp(10 * (x.double() - x.double().amax(-1, keepdim=True))).sum(-1)) / 10
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=0)
+    assert torch.isfinite(pyops.smooth_max(-x, 10.0, 0)).all()
+
+
+def test_special_values(device):
+    inf, nan = math.inf, math.nan
+    x = torch.tensor([[1.0, inf, 2.0], [-inf, -inf, -inf], [1.0, nan, 3.0], [inf, inf, 0.0], [-inf, 0.0, 1.0]],
+                     device=device)
+    out = pyops.smooth_max(x, 1.0, -1).cpu()
+    assert out[0] == inf and out[1] == -inf and math.isnan(out[2]) and out[3] == inf
+    torch.testing.assert_close(out[4], torch.logsumexp(torch.tensor([-inf, 0.0, 1.0]), 0))
+    ref = torch.logsumexp(x.cpu(), -1)
+    assert torch.equal(out.isnan(), ref.isnan())
+
+
+@pytest.mark.parametrize("beta", [1.0, 4.0, -2.5])
+@pytest.mark.parametrize("shape,dim", [((5, 37), -1), ((5, 37), 0), ((3, 6, 5), 1)])
+def test_gradient_is_softmax(device, beta, shape, dim):
+    x = rand(shape, torch.float64, device, seed=11).requires_grad_()
+    g = torch.randn(pyops.smooth_max(x, beta, dim).shape, dtype=torch.float64, device=device)
+    (grad,) = torch.autograd.grad(pyops.smooth_max(x, beta, dim), x, g)
+    expected = torch.softmax(beta * x.detach(), dim) * g.unsqueeze(dim)
+    torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_gradient_at_infinite_beta_is_one_hot_with_ties_shared(device):
+    x = torch.tensor([[1.0, 3.0, 3.0, 2.0], [0.0, -1.0, 5.0, 4.0]], device=device, requires_grad=True)
+    pyops.smooth_max(x, math.inf, 1).sum().backward()
+    assert torch.equal(x.grad.cpu(), torch.tensor([[0, 0.5, 0.5, 0], [0, 0, 1.0, 0]]))
+    x.grad = None
+    pyops.smooth_max(x, -math.inf, 0).sum().backward()
+    assert torch.equal(x.grad.cpu(), torch.tensor([[0.0, 0, 1, 1], [1, 1, 0, 0]]))
+
+
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_gradcheck_and_gradgradcheck(device, dim):
+    x = rand((4, 5, 6), torch.float64, device, seed=12).requires_grad_()
+    f = lambda t: pyops.smooth_max(t, 1.7, dim)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x,))
+    assert torch.autograd.gradgradcheck(f, (x,))
+
+
+def test_opcheck(device):
+    for args in [(rand((4, 9), device=device).requires_grad_(), 2.0, 1, False),
+                 (rand((4, 9, 3), device=device).requires_grad_(), -1.0, 1, True),
+                 (rand((6,), torch.float64, device).requires_grad_(), 0.5, 0, False)]:
+        torch.library.opcheck(torch.ops.pyops.smooth_max.default, args)
+    x = rand((4, 9), device=device)
+    r = pyops.smooth_max(x, 2.0, 1)
+    torch.library.opcheck(torch.ops.pyops.smooth_max_backward.default, (torch.ones_like(r), x, r, 2.0, 1, False))
+
+
+def test_torch_compile_fullgraph(device):
+    def f(x):
+        return pyops.smooth_max(x * 2, 3.0, 1).sum()
+
+    x = rand((8, 40), device=device, seed=13).requires_grad_()
+    compiled = torch.compile(f, fullgraph=True)
+    out = compiled(x)
+    (g,) = torch.autograd.grad(out, x)
+    (g_ref,) = torch.autograd.grad(f(x), x)
+    torch.testing.assert_close(out, f(x))
+    torch.testing.assert_close(g, g_ref)
+
+
+def test_non_contiguous_input(device):
+    base = rand((40, 30), device=device, seed=14)
+    for x in (base.t(), base[::3, 1::2], base.unsqueeze(0).expand(3, 40, 30)):
+        assert not x.is_contiguous()
+        for dim in range(x.dim()):
+            check_close(pyops.smooth_max(x, 1.5, dim), reference.smooth_max(x.double(), 1.5, dim), torch.float32)
+
+
+def test_empty_batch_and_scalar(device):
+    x = torch.empty(0, 5, device=device)
+    assert pyops.smooth_max(x, 1.0, 1).shape == (0,)
+    s = torch.tensor(2.5, device=device)
+    assert pyops.smooth_max(s, 3.0, 0).item() == 2.5
+
+
+def test_bad_inputs():
+    x = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="beta"):
+        pyops.smooth_max(x, 0.0)
+    with pytest.raises(ValueError, match="beta"):
+        pyops.smooth_max(x, math.nan)
+    with pytest.raises(IndexError, match="dim"):
+        pyops.smooth_max(x, 1.0, dim=2)
+    with pytest.raises(TypeError, match="floating"):
+        pyops.smooth_max(torch.arange(5), 1.0)
+    with pytest.raises(ValueError, match="size 0"):
+        pyops.smooth_max(torch.empty(3, 0), 1.0, 1)
+    # The raw op checks too, for callers that bypass the Python wrapper.
+    with pytest.raises(ValueError, match="beta"):
+        torch.ops.pyops.smooth_max(x, 0.0, 0, False)
+    with pytest.raises(IndexError, match="dim"):
+        torch.ops.pyops.smooth_max(x, 1.0, 5, False)
+    with pytest.raises(TypeError, match="floating"):
+        torch.ops.pyops.smooth_max(torch.arange(5), 1.0, 0, False)
