@@ -4,7 +4,8 @@ Each benchmark carries extra_info {case, impl, bytes, flops, peak_mem} (see benc
 "pyops" entry of a case with each of its baselines. Speed-up = baseline median / pyops median. Achieved rates come
 from the case's fewest bytes (GB/s) or its operation count (GFLOP/s, from pyops.count_ops where a layer is
 involved); with --peak-bandwidth / --peak-flops (or cases named "peak: ..." in the same run) they are also
-given as a fraction of the machine's measured peak.
+given as a fraction of the machine's measured peak (bench/bench_peak.py measures copy bandwidth and the fp32 GEMM
+rate in every run). Times are medians; summary.png draws each row's speed-up on a log scale with 1x marked.
 
 usage: python bench/report.py RESULTS.json [MORE.json ...] [--out DIR] [--quiet]
 """
@@ -14,6 +15,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 from collections import OrderedDict
 
 
@@ -40,7 +42,15 @@ def measured_peaks(rows):
 
 
 def fmt_time(s):
+    if s < 1e-3:
+        return f"{s * 1e6:.1f} µs"
     return f"{s * 1e3:.3f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def fmt_si(value, unit):
+    """3 significant digits with G or T: 1.23 TFLOP/s, 45.6 GB/s."""
+    scale, prefix = (1e12, "T") if value >= 1e12 else (1e9, "G")
+    return f"{value / scale:.3g} {prefix}{unit}"
 
 
 def fmt_rate(info, seconds, peak_bw, peak_flops):
@@ -52,6 +62,15 @@ def fmt_rate(info, seconds, peak_bw, peak_flops):
         rate = info["bytes"] / seconds
         parts.append(f"{rate / 1e9:.1f} GB/s" + (f" ({100 * rate / peak_bw:.0f}% of peak)" if peak_bw else ""))
     return ", ".join(parts) or "-"
+
+
+def unpaired(rows):
+    """Cases (other than 'peak: ...') lacking a 'pyops' or a baseline measurement: they get no row."""
+    impls = OrderedDict()
+    for case, impl, _, _ in rows:
+        if not case.startswith("peak:"):
+            impls.setdefault(case, set()).add(impl)
+    return [case for case, names in impls.items() if "pyops" not in names or names == {"pyops"}]
 
 
 def summarize(rows, peak_bw=None, peak_flops=None):
@@ -79,17 +98,18 @@ def geomean(values):
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
 
 
-def markdown(summary, machine, when, peak_bw, peak_flops):
+def markdown(summary, machine, when, peak_bw, peak_flops, missing=()):
     date = (when or datetime.datetime.now().isoformat())[:10]
     where = machine.get("gpu") or machine.get("cpu", {}).get("brand_raw") or machine.get("processor", "?")
     head = [f"Measured {date} on {where} ({machine.get('node', '?')}, {machine.get('cpu_threads', '?')} CPU threads), "
             f"torch {machine.get('torch', '?')}, pytest-benchmark medians."]
     if peak_bw or peak_flops:
         head.append("Peaks measured in the same run: " + ", ".join(
-            p for p in [f"copy {peak_bw / 1e9:.0f} GB/s" if peak_bw else "",
-                        f"GEMM {peak_flops / 1e12:.1f} TFLOP/s" if peak_flops else ""] if p) + ".")
+            p for p in [f"copy {fmt_si(peak_bw, 'B/s')}" if peak_bw else "",
+                        f"fp32 GEMM {fmt_si(peak_flops, 'FLOP/s')}" if peak_flops else ""] if p) + ".")
     show_mem = any(r[6] for r in summary)
-    cols = ["case", "pyops", "baseline", "baseline time", "speed-up", "pyops rate"] + (["pyops peak mem"] if show_mem else [])
+    cols = ["case", "pyops time", "baseline", "baseline time", "speed-up", "pyops rate"]
+    cols += ["pyops peak mem"] if show_mem else []
     lines = head + ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for case, impl, t_ours, t_base, speedup, rate, mem in summary:
         cells = [case, fmt_time(t_ours), impl, fmt_time(t_base), f"{speedup:.2f}x", rate]
@@ -97,6 +117,8 @@ def markdown(summary, machine, when, peak_bw, peak_flops):
             cells.append(f"{mem / 2**20:.1f} MiB" if mem is not None else "-")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Geometric mean speed-up over all rows: {geomean([r[4] for r in summary]):.2f}x", ""]
+    if missing:
+        lines += ["Cases without a pyops/baseline pair (no row): " + "; ".join(missing), ""]
     return "\n".join(lines)
 
 
@@ -105,20 +127,31 @@ def chart(summary, path, title):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     labels = [f"{case}  [vs {impl}]" for case, impl, *_ in summary]
     speedups = [r[4] for r in summary]
-    fig, ax = plt.subplots(figsize=(10, 0.32 * len(summary) + 1.4))
+    fig, ax = plt.subplots(figsize=(10, 0.32 * len(summary) + 1.6))
     colors = ["#2a9d8f" if s >= 1 else "#e76f51" for s in speedups]
-    ax.barh(range(len(summary)), speedups, color=colors)
+    # bars grow from the 1x line: right for faster than the baseline, left for slower
+    ax.barh(range(len(summary)), [v - 1 for v in speedups], left=1, color=colors)
     ax.set_xscale("log")
+    # the axis spans at least 0.5x..2x around the 1x line, so every chart reads the same way
+    lo, hi = min(min(speedups), 0.5) / 1.3, max(max(speedups), 2.0) * 1.6
+    ax.set_xlim(lo, hi)
+    ticks = [2.0**k for k in range(math.floor(math.log2(lo)), math.ceil(math.log2(hi)) + 1) if lo <= 2.0**k <= hi]
+    ax.set_xticks(ticks, [f"{t:g}x" for t in ticks])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.axvline(1.0, color="black", linewidth=1)
+    ax.text(1.0, -0.6, " 1x (as fast as the baseline)", fontsize=7, va="bottom")
+    for y, speedup in enumerate(speedups):
+        ax.text(speedup, y, f" {speedup:.2f}x ", va="center", ha="left" if speedup >= 1 else "right", fontsize=7)
     ax.set_yticks(range(len(summary)), labels, fontsize=7)
-    ax.invert_yaxis()
+    ax.set_ylim(len(summary) - 0.5, -1.0)  # top to bottom in table order, with room for the 1x label
     ax.set_xlabel("speed-up of pyops over the baseline (log scale; 1x marked)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 110), fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -138,7 +171,7 @@ def main(argv=None):
     if not summary:
         sys.exit("report.py: no case has both a 'pyops' and a baseline measurement")
     os.makedirs(args.out, exist_ok=True)
-    text = markdown(summary, machine, when, peak_bw, peak_flops)
+    text = markdown(summary, machine, when, peak_bw, peak_flops, unpaired(rows))
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(text)
     chart(summary, os.path.join(args.out, "summary.png"), text.splitlines()[0])

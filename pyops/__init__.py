@@ -8,6 +8,7 @@ import torch  # noqa: F401  (the compiled library links against torch: load it f
 from . import _C  # noqa: F401  (registers torch.ops.pyops.*)
 from ._C import build_info
 from .smooth_max import smooth_max
+from .counting import OpCount, count_ops
 
-__all__ = ["build_info", "smooth_max"]
+__all__ = ["build_info", "smooth_max", "count_ops", "OpCount"]
 __version__ = "0.1.0"
