@@ -7,7 +7,9 @@ import torch  # noqa: F401  (the compiled library links against torch: load it f
 
 from . import _C  # noqa: F401  (registers torch.ops.pyops.*)
 from ._C import build_info
+from .conv1d import conv1d
+from . import nn
 from .smooth_max import smooth_max
 
-__all__ = ["build_info", "smooth_max"]
+__all__ = ["build_info", "conv1d", "nn", "smooth_max"]
 __version__ = "0.1.0"
