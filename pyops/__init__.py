@@ -7,8 +7,10 @@ import torch  # noqa: F401  (the compiled library links against torch: load it f
 
 from . import _C  # noqa: F401  (registers torch.ops.pyops.*)
 from ._C import build_info
-from .smooth_max import smooth_max
+from . import nn
+from .conv1d import conv1d
 from .counting import OpCount, count_ops
+from .smooth_max import smooth_max
 
-__all__ = ["build_info", "smooth_max", "count_ops", "OpCount"]
+__all__ = ["build_info", "conv1d", "count_ops", "nn", "OpCount", "smooth_max"]
 __version__ = "0.1.0"

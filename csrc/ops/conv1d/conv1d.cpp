@@ -1,0 +1,118 @@
+// Schemas of conv1d and its two backward ops, and the argument checks every backend shares.
+#include "ops/conv1d/conv1d.h"
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "common/checks.h"
+
+namespace pyops {
+namespace {
+
+void check_hyper(int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
+  TORCH_CHECK_VALUE(stride >= 1, "pyops.conv1d: argument 'stride' must be >= 1, got ", stride);
+  TORCH_CHECK_VALUE(padding >= 0, "pyops.conv1d: argument 'padding' must be >= 0, got ", padding);
+  TORCH_CHECK_VALUE(dilation >= 1, "pyops.conv1d: argument 'dilation' must be >= 1, got ", dilation);
+  TORCH_CHECK_VALUE(groups >= 1, "pyops.conv1d: argument 'groups' must be >= 1, got ", groups);
+}
+
+void check_channels(int64_t in_channels, int64_t out_channels, int64_t weight_in_per_group, int64_t groups,
+                    const char* in_name) {
+  TORCH_CHECK_VALUE(in_channels % groups == 0, "pyops.conv1d: ", in_name, " channels (", in_channels,
+                    ") must be divisible by 'groups' (", groups, ")");
+  TORCH_CHECK_VALUE(out_channels % groups == 0, "pyops.conv1d: output channels (", out_channels,
+                    ") must be divisible by 'groups' (", groups, ")");
+  TORCH_CHECK_VALUE(in_channels / groups == weight_in_per_group, "pyops.conv1d: channel mismatch: '", in_name,
+                    "' has ", in_channels, " channels, so 'weight' must have ", in_channels / groups,
+                    " input channels per group (groups=", groups, "), got ", weight_in_per_group);
+}
+
+int64_t output_length(int64_t in_length, int64_t kernel_size, int64_t stride, int64_t padding, int64_t dilation) {
+  const int64_t span = dilation * (kernel_size - 1) + 1;
+  TORCH_CHECK_VALUE(in_length + 2 * padding >= span, "pyops.conv1d: input length ", in_length, " (padded: ",
+                    in_length + 2 * padding, ") is shorter than the dilated filter span ", span,
+                    " (kernel_size=", kernel_size, ", dilation=", dilation, ")");
+  return (in_length + 2 * padding - span) / stride + 1;
+}
+
+void check_tensor3(const at::Tensor& t, const char* name, const char* layout) {
+  check_floating(t, name);
+  TORCH_CHECK_VALUE(t.dim() == 3, "pyops.conv1d: argument '", name, "' must be 3-D ", layout, ", got shape ",
+                    t.sizes());
+}
+
+}  // namespace
+
+Conv1dGeometry check_conv1d(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
+  check_tensor3(input, "input", "(N, C_in, L_in)");
+  check_tensor3(weight, "weight", "(C_out, C_in / groups, K)");
+  check_same_dtype(weight, input, "weight", "input");
+  check_same_device(weight, input, "weight", "input");
+  check_hyper(stride, padding, dilation, groups);
+  TORCH_CHECK_VALUE(weight.size(2) >= 1, "pyops.conv1d: argument 'weight' has kernel size 0");
+  check_channels(input.size(1), weight.size(0), weight.size(1), groups, "input");
+  if (bias.has_value() && bias->defined()) {
+    check_floating(*bias, "bias");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), "pyops.conv1d: argument 'bias' must have shape (",
+                      weight.size(0), ",) (one per output channel), got ", bias->sizes());
+    check_same_dtype(*bias, input, "bias", "input");
+    check_same_device(*bias, input, "bias", "input");
+  }
+  const int64_t l_out = output_length(input.size(2), weight.size(2), stride, padding, dilation);
+  return {input.size(0), input.size(1), input.size(2), weight.size(0), weight.size(2), l_out,
+          stride, padding, dilation, groups};
+}
+
+Conv1dGeometry check_conv1d_backward_input(const at::Tensor& grad_output, const at::Tensor& weight,
+                                           int64_t input_length, int64_t stride, int64_t padding, int64_t dilation,
+                                           int64_t groups) {
+  check_tensor3(grad_output, "grad_output", "(N, C_out, L_out)");
+  check_tensor3(weight, "weight", "(C_out, C_in / groups, K)");
+  check_same_dtype(weight, grad_output, "weight", "grad_output");
+  check_same_device(weight, grad_output, "weight", "grad_output");
+  check_hyper(stride, padding, dilation, groups);
+  TORCH_CHECK_VALUE(weight.size(2) >= 1, "pyops.conv1d: argument 'weight' has kernel size 0");
+  TORCH_CHECK_VALUE(input_length >= 1, "pyops.conv1d_backward_input: argument 'input_length' must be >= 1, got ",
+                    input_length);
+  TORCH_CHECK_VALUE(grad_output.size(1) == weight.size(0), "pyops.conv1d_backward_input: channel mismatch: 'grad_output' has ",
+                    grad_output.size(1), " channels but 'weight' has ", weight.size(0), " output channels");
+  check_channels(weight.size(1) * groups, weight.size(0), weight.size(1), groups, "grad_input");
+  const int64_t l_out = output_length(input_length, weight.size(2), stride, padding, dilation);
+  TORCH_CHECK_VALUE(grad_output.size(2) == l_out, "pyops.conv1d_backward_input: 'grad_output' has length ",
+                    grad_output.size(2), " but 'input_length'=", input_length, " gives an output length of ", l_out);
+  return {grad_output.size(0), weight.size(1) * groups, input_length, weight.size(0), weight.size(2), l_out,
+          stride, padding, dilation, groups};
+}
+
+Conv1dGeometry check_conv1d_backward_weight(const at::Tensor& grad_output, const at::Tensor& input,
+                                            int64_t kernel_size, int64_t stride, int64_t padding, int64_t dilation,
+                                            int64_t groups) {
+  check_tensor3(grad_output, "grad_output", "(N, C_out, L_out)");
+  check_tensor3(input, "input", "(N, C_in, L_in)");
+  check_same_dtype(input, grad_output, "input", "grad_output");
+  check_same_device(input, grad_output, "input", "grad_output");
+  check_hyper(stride, padding, dilation, groups);
+  TORCH_CHECK_VALUE(kernel_size >= 1, "pyops.conv1d_backward_weight: argument 'kernel_size' must be >= 1, got ",
+                    kernel_size);
+  TORCH_CHECK_VALUE(grad_output.size(0) == input.size(0), "pyops.conv1d_backward_weight: 'grad_output' has batch ",
+                    grad_output.size(0), " but 'input' has batch ", input.size(0));
+  TORCH_CHECK_VALUE(input.size(1) % groups == 0, "pyops.conv1d: input channels (", input.size(1),
+                    ") must be divisible by 'groups' (", groups, ")");
+  check_channels(input.size(1), grad_output.size(1), input.size(1) / groups, groups, "input");
+  const int64_t l_out = output_length(input.size(2), kernel_size, stride, padding, dilation);
+  TORCH_CHECK_VALUE(grad_output.size(2) == l_out, "pyops.conv1d_backward_weight: 'grad_output' has length ",
+                    grad_output.size(2), " but 'input' (length ", input.size(2), ") gives an output length of ", l_out);
+  return {input.size(0), input.size(1), input.size(2), grad_output.size(1), kernel_size, l_out,
+          stride, padding, dilation, groups};
+}
+
+TORCH_LIBRARY_FRAGMENT(pyops, m) {
+  m.def("conv1d(Tensor input, Tensor weight, Tensor? bias, int stride, int padding, int dilation, int groups) -> Tensor");
+  m.def("conv1d_backward_input(Tensor grad_output, Tensor weight, int input_length, int stride, int padding, "
+        "int dilation, int groups) -> Tensor");
+  m.def("conv1d_backward_weight(Tensor grad_output, Tensor input, int kernel_size, int stride, int padding, "
+        "int dilation, int groups) -> Tensor");
+}
+
+}  // namespace pyops

@@ -1,0 +1,52 @@
+// conv1d: forward, grad_input (transposed convolution) and grad_weight (correlation) as ops of their own.
+//
+// Shapes: input (N, C_in, L_in), weight (C_out, C_in / groups, K), bias (C_out), output (N, C_out, L_out) with
+//   L_out = (L_in + 2*padding - dilation*(K-1) - 1) / stride + 1,
+//   out[n, o, l] = bias[o] + sum_{c, k} weight[o, c, k] * input[n, g*C_in/groups + c, l*stride + k*dilation - padding]
+// (g = o / (C_out / groups); input is zero outside [0, L_in)).
+//
+// Every CPU kernel is one "correlation" with a general offset, which covers all three ops:
+//   out[n, o, l] = bias[o] + sum_{c, k} w[o, c, k] * in[n, g*Cg + c, l*stride + k*dilation + offset]
+//   forward:    in = input, w = weight,                          offset = -padding
+//   grad_input: in = grad_output (zero-upsampled by stride), w = weight transposed per group and flipped,
+//               stride 1, offset = padding - dilation*(K-1), output length = L_in
+// and grad_weight[o, c, k] = sum_{n, j} gy[n, o, j] * input[n, g*Cg + c, j + k*dilation - padding] over the
+// (upsampled) grad_output gy.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace pyops {
+
+struct Conv1dGeometry {
+  int64_t batch, in_channels, in_length, out_channels, kernel_size, out_length;
+  int64_t stride, padding, dilation, groups;
+  int64_t in_per_group() const { return in_channels / groups; }
+  int64_t out_per_group() const { return out_channels / groups; }
+};
+
+// Each validates its arguments (the message names the one at fault) and returns the geometry.
+Conv1dGeometry check_conv1d(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            int64_t stride, int64_t padding, int64_t dilation, int64_t groups);
+Conv1dGeometry check_conv1d_backward_input(const at::Tensor& grad_output, const at::Tensor& weight,
+                                           int64_t input_length, int64_t stride, int64_t padding, int64_t dilation,
+                                           int64_t groups);
+Conv1dGeometry check_conv1d_backward_weight(const at::Tensor& grad_output, const at::Tensor& input,
+                                            int64_t kernel_size, int64_t stride, int64_t padding, int64_t dilation,
+                                            int64_t groups);
+
+// The correlation above on contiguous CPU tensors (float32/float64); bias may be undefined.
+struct CorrelationShape {
+  int64_t batch, in_channels, in_length, out_channels, kernel_size, out_length;
+  int64_t stride, dilation, offset, groups;
+};
+void correlate_cpu(const at::Tensor& in, const at::Tensor& w, const at::Tensor& bias, at::Tensor& out,
+                   const CorrelationShape& s);
+// grad_weight[o, c, k] = sum_{n, j} gy[n, o, j] * x[n, g*Cg + c, j + k*dilation + offset] (stride 1 in j),
+// reduced over the batch in a fixed order whatever the thread count.
+void correlate_weight_cpu(const at::Tensor& gy, const at::Tensor& x, at::Tensor& grad_weight, int64_t dilation,
+                          int64_t offset, int64_t groups);
+
+}  // namespace pyops

@@ -1,0 +1,142 @@
+// The CPU grad_weight kernel of conv1d (see conv1d.h): the correlation of grad_output with the input,
+//   grad_weight[o, c, k] = sum_{n, j} gy[n, o, j] * x[n, g*Cg + c, j + k*dilation + offset]   (stride 1 in j).
+// Columns (c, k) are flattened, so one register-blocked micro-kernel fits any kernel size: OB output channels x JB
+// columns of vector partial sums, each loaded gy vector used JB times and each x vector OB times.
+// Deterministic whatever the thread count: the batch is split into a number of blocks that depends only on the
+// shape, each block's sums are formed in a fixed order, then the blocks are added in order.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+#include "common/cpu_vec.h"
+#include "ops/conv1d/conv1d.h"
+#include "ops/conv1d/conv1d_cpu_util.h"
+
+namespace pyops {
+namespace {
+
+struct WeightShape {
+  int64_t batch, in_channels, in_length, out_channels, kernel_size, gy_length, dilation, offset, groups;
+  int64_t cg() const { return in_channels / groups; }
+  int64_t og() const { return out_channels / groups; }
+  int64_t columns() const { return cg() * kernel_size; }
+};
+
+// Sums for output channels [o0, o0+OB) x columns [col0, col0+JB) of group g over batch [n0, n1), into res
+// (row stride res_row).
+template <typename T, int OB, int JB>
+void weight_block(const T* gy, const T* x, const WeightShape& s, int64_t n0, int64_t n1, int64_t g, int64_t o0,
+                  int64_t col0, T* res, int64_t res_row) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  int64_t chan[JB], shift[JB];
+  int64_t lo = 0, hi = s.gy_length;
+  for (int jb = 0; jb < JB; ++jb) {
+    const int64_t col = col0 + jb;
+    chan[jb] = g * s.cg() + col / s.kernel_size;
+    shift[jb] = (col % s.kernel_size) * s.dilation + s.offset;
+    lo = std::max(lo, -shift[jb]);
+    hi = std::min(hi, s.in_length - shift[jb]);
+  }
+  lo = std::min(lo, s.gy_length);
+  hi = std::max(hi, lo);
+  Vec acc[OB][JB];
+  T sacc[OB][JB];
+  for (int ob = 0; ob < OB; ++ob)
+    for (int jb = 0; jb < JB; ++jb) acc[ob][jb] = Vec(T(0)), sacc[ob][jb] = T(0);
+  for (int64_t n = n0; n < n1; ++n) {
+    const T* gyr[OB];
+    const T* xr[JB];
+    for (int ob = 0; ob < OB; ++ob) gyr[ob] = gy + (n * s.out_channels + o0 + ob) * s.gy_length;
+    for (int jb = 0; jb < JB; ++jb) xr[jb] = x + (n * s.in_channels + chan[jb]) * s.in_length;
+    int64_t l = lo;
+    for (; l + V <= hi; l += V) {
+      Vec gv[OB];
+      for (int ob = 0; ob < OB; ++ob) gv[ob] = Vec::loadu(gyr[ob] + l);
+      for (int jb = 0; jb < JB; ++jb) {
+        const Vec xv = Vec::loadu(xr[jb] + l + shift[jb]);
+        for (int ob = 0; ob < OB; ++ob) acc[ob][jb] = at::vec::fmadd(gv[ob], xv, acc[ob][jb]);
+      }
+    }
+    // Edges and the tail: [0, lo) and [l, gy_length), each column clipped to where it reads inside the input.
+    for (int jb = 0; jb < JB; ++jb) {
+      for (const TapRange part : {tap_range(shift[jb], 1, s.in_length, 0, lo),
+                                  tap_range(shift[jb], 1, s.in_length, l, s.gy_length)}) {
+        for (int ob = 0; ob < OB; ++ob) {
+          T sum = 0;
+          for (int64_t p = part.lo; p < part.hi; ++p) sum += gyr[ob][p] * xr[jb][p + shift[jb]];
+          sacc[ob][jb] += sum;
+        }
+      }
+    }
+  }
+  for (int ob = 0; ob < OB; ++ob)
+    for (int jb = 0; jb < JB; ++jb) res[ob * res_row + col0 + jb] = hsum(acc[ob][jb]) + sacc[ob][jb];
+}
+
+// All columns of `count` output channels from o0 (res points at their first row).
+template <typename T>
+void weight_rows(const T* gy, const T* x, const WeightShape& s, int64_t n0, int64_t n1, int64_t g, int64_t o0,
+                 int64_t count, T* res) {
+  const int64_t cols = s.columns();
+  if (count == 4) {
+    int64_t col = 0;
+    for (; col + 3 <= cols; col += 3) weight_block<T, 4, 3>(gy, x, s, n0, n1, g, o0, col, res, cols);
+    for (; col < cols; ++col) weight_block<T, 4, 1>(gy, x, s, n0, n1, g, o0, col, res, cols);
+    return;
+  }
+  for (int64_t j = 0; j < count; ++j) {
+    int64_t col = 0;
+    for (; col + 8 <= cols; col += 8) weight_block<T, 1, 8>(gy, x, s, n0, n1, g, o0 + j, col, res + j * cols, cols);
+    for (; col + 4 <= cols; col += 4) weight_block<T, 1, 4>(gy, x, s, n0, n1, g, o0 + j, col, res + j * cols, cols);
+    for (; col < cols; ++col) weight_block<T, 1, 1>(gy, x, s, n0, n1, g, o0 + j, col, res + j * cols, cols);
+  }
+}
+
+template <typename T>
+void weight_typed(const T* gy, const T* x, T* grad_weight, const WeightShape& s) {
+  constexpr int64_t OB = 4;
+  const int64_t og = s.og(), blocks = (og + OB - 1) / OB, cols = s.columns();
+  // Enough independent items for the threads: few output channels (single-channel layers) split the batch.
+  const int64_t batch_blocks = std::min(s.batch, std::max<int64_t>(1, (64 + s.groups * blocks - 1) / (s.groups * blocks)));
+  const int64_t per_block = (s.batch + batch_blocks - 1) / batch_blocks;
+  std::vector<T> partial(batch_blocks > 1 ? batch_blocks * s.out_channels * cols : 0);
+  T* dst = batch_blocks > 1 ? partial.data() : grad_weight;
+  at::parallel_for(0, batch_blocks * s.groups * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t bb = it / (s.groups * blocks), g = (it / blocks) % s.groups, b = it % blocks;
+      const int64_t o0 = g * og + b * OB, n0 = std::min(s.batch, bb * per_block);
+      weight_rows(gy, x, s, n0, std::min(s.batch, n0 + per_block), g, o0, std::min(OB, og - b * OB),
+                  dst + (bb * s.out_channels + o0) * cols);
+    }
+  });
+  if (batch_blocks == 1) return;
+  const int64_t total = s.out_channels * cols;
+  at::parallel_for(0, total, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      T sum = 0;
+      for (int64_t bb = 0; bb < batch_blocks; ++bb) sum += partial[bb * total + i];
+      grad_weight[i] = sum;
+    }
+  });
+}
+
+}  // namespace
+
+void correlate_weight_cpu(const at::Tensor& gy, const at::Tensor& x, at::Tensor& grad_weight, int64_t dilation,
+                          int64_t offset, int64_t groups) {
+  if (x.size(0) == 0) {
+    grad_weight.zero_();
+    return;
+  }
+  const WeightShape s{x.size(0), x.size(1), x.size(2), gy.size(1), grad_weight.size(2), gy.size(2),
+                      dilation, offset, groups};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pyops_conv1d_weight_cpu", [&] {
+    weight_typed<scalar_t>(gy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                           grad_weight.mutable_data_ptr<scalar_t>(), s);
+  });
+}
+
+}  // namespace pyops

@@ -1,0 +1,214 @@
+"""1-D convolution with a backward of our own: grad_input is a transposed convolution (torch.ops.pyops.
+conv1d_backward_input), grad_weight a correlation of grad_output with the input (torch.ops.pyops.
+conv1d_backward_weight), grad_bias the sum of grad_output over batch and length (torch.sum). Only the gradients
+that are needed are computed. The backward ops are linear in each argument, so their own gradients are again
+pyops conv1d ops, and double backward works.
+"""
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
+
+from ._checks import check_floating, check_tensor
+
+_ops = torch.ops.pyops
+
+
+def _int_arg(value, name, minimum):
+    if isinstance(value, (tuple, list)):
+        if len(value) != 1:
+            raise ValueError(f"argument '{name}' must be an int or a 1-tuple, got {value}")
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"argument '{name}' must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"argument '{name}' must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_tensors(x, weight, bias):
+    check_floating(x, "input")
+    check_floating(weight, "weight")
+    if x.dim() not in (2, 3):
+        raise ValueError(f"argument 'input' must be (N, C_in, L) or unbatched (C_in, L), got shape {tuple(x.shape)}")
+    if weight.dim() != 3:
+        raise ValueError(f"argument 'weight' must be 3-D (C_out, C_in / groups, K), got shape {tuple(weight.shape)}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"argument 'weight' has dtype {weight.dtype} but 'input' has dtype {x.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"argument 'weight' is on {weight.device} but 'input' is on {x.device}")
+    if bias is not None:
+        check_tensor(bias, "bias")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"argument 'bias' must have shape ({weight.shape[0]},) (one per output channel), "
+                             f"got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"argument 'bias' has dtype {bias.dtype} but 'input' has dtype {x.dtype}")
+        if bias.device != x.device:
+            raise ValueError(f"argument 'bias' is on {bias.device} but 'input' is on {x.device}")
+
+
+def _check_geometry(in_channels, length, weight, stride, padding, dilation, groups):
+    out_channels, per_group, k = weight.shape
+    if in_channels % groups or out_channels % groups:
+        raise ValueError(f"input channels ({in_channels}) and output channels ({out_channels}) must be divisible "
+                         f"by 'groups' ({groups})")
+    if in_channels // groups != per_group:
+        raise ValueError(f"channel mismatch: 'input' has {in_channels} channels, so 'weight' must have "
+                         f"{in_channels // groups} input channels per group (groups={groups}), got {per_group}")
+    span = dilation * (k - 1) + 1
+    if length + 2 * padding < span:
+        raise ValueError(f"input length {length} (padded: {length + 2 * padding}) is shorter than the dilated "
+                         f"filter span {span} (kernel_size={k}, dilation={dilation})")
+
+
+def conv1d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """torch.nn.functional.conv1d computed by pyops' own kernels, forward and backward.
+
+    Args:
+        x: (N, C_in, L) or unbatched (C_in, L); float32/float64 (CUDA also float16/bfloat16). Any strides.
+        weight: (C_out, C_in / groups, K), same dtype and device.
+        bias: (C_out,) or None.
+        stride, dilation: int >= 1 (or a 1-tuple); groups: int >= 1.
+        padding: int >= 0 (or a 1-tuple), 'valid' (0) or 'same' (output length L; stride must be 1; an odd
+            total padding puts the extra zero on the right, as PyTorch does).
+    Returns:
+        (N, C_out, L_out) (or (C_out, L_out) for unbatched input), L_out = (L + 2·padding − dilation·(K−1) − 1)
+        // stride + 1.
+    """
+    _check_tensors(x, weight, bias)
+    stride = _int_arg(stride, "stride", 1)
+    dilation = _int_arg(dilation, "dilation", 1)
+    groups = _int_arg(groups, "groups", 1)
+    unbatched = x.dim() == 2
+    if unbatched:
+        x = x.unsqueeze(0)
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = 0
+        elif padding == "same":
+            if stride != 1:
+                raise ValueError("padding='same' is not supported for strided convolutions (stride must be 1)")
+            total = dilation * (weight.shape[2] - 1)
+            if total % 2:  # PyTorch's convention: the extra zero goes on the right
+                x = F.pad(x, (0, 1))
+            padding = total // 2
+        else:
+            raise ValueError(f"argument 'padding' must be an int, 'valid' or 'same', got {padding!r}")
+    else:
+        padding = _int_arg(padding, "padding", 0)
+    _check_geometry(x.shape[1], x.shape[2], weight, stride, padding, dilation, groups)
+    out = _ops.conv1d(x, weight, bias, stride, padding, dilation, groups)
+    return out.squeeze(0) if unbatched else out
+
+
+def _out_length(length, k, stride, padding, dilation):
+    return (length + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+
+
+@torch.library.register_fake("pyops::conv1d")
+def _conv1d_fake(x, weight, bias, stride, padding, dilation, groups):
+    torch._check(x.dim() == 3 and weight.dim() == 3, lambda: "pyops.conv1d: input and weight must be 3-D")
+    torch._check(x.shape[1] == weight.shape[1] * groups, lambda: "pyops.conv1d: channel mismatch")
+    length = _out_length(x.shape[2], weight.shape[2], stride, padding, dilation)
+    torch._check(length >= 1, lambda: "pyops.conv1d: input shorter than the dilated filter span")
+    return x.new_empty((x.shape[0], weight.shape[0], length))
+
+
+@torch.library.register_fake("pyops::conv1d_backward_input")
+def _conv1d_backward_input_fake(grad_output, weight, input_length, stride, padding, dilation, groups):
+    torch._check(grad_output.shape[2] == _out_length(input_length, weight.shape[2], stride, padding, dilation),
+                 lambda: "pyops.conv1d_backward_input: grad_output length does not match input_length")
+    return grad_output.new_empty((grad_output.shape[0], weight.shape[1] * groups, input_length))
+
+
+@torch.library.register_fake("pyops::conv1d_backward_weight")
+def _conv1d_backward_weight_fake(grad_output, x, kernel_size, stride, padding, dilation, groups):
+    torch._check(grad_output.shape[2] == _out_length(x.shape[2], kernel_size, stride, padding, dilation),
+                 lambda: "pyops.conv1d_backward_weight: grad_output length does not match the input's")
+    return x.new_empty((grad_output.shape[1], x.shape[1] // groups, kernel_size))
+
+
+# Autograd. conv1d(x, w, b): grad_x = backward_input(gy, w), grad_w = backward_weight(gy, x), grad_b = sum gy.
+def _setup_conv1d(ctx, inputs, output):
+    x, weight, bias, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.hyper = (stride, padding, dilation, groups)
+
+
+def _conv1d_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _ops.conv1d_backward_input(grad, weight, x.shape[2], *ctx.hyper)
+    if ctx.needs_input_grad[1]:
+        grad_w = _ops.conv1d_backward_weight(grad, x, weight.shape[2], *ctx.hyper)
+    if ctx.needs_input_grad[2]:
+        grad_b = grad.sum((0, 2))
+    return grad_x, grad_w, grad_b, None, None, None, None
+
+
+torch.library.register_autograd("pyops::conv1d", _conv1d_backward, setup_context=_setup_conv1d)
+
+
+# backward_input(gy, w) = the adjoint of x -> conv1d(x, w): <gg, backward_input(gy, w)> = <gy, conv1d(gg, w)>,
+# so its gradients are conv1d(gg, w) for gy and backward_weight(gy, gg) for w.
+def _setup_backward_input(ctx, inputs, output):
+    grad_output, weight, input_length, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(grad_output, weight)
+    ctx.hyper = (stride, padding, dilation, groups)
+
+
+def _backward_input_backward(ctx, gg):
+    grad_output, weight = ctx.saved_tensors
+    g_gy = g_w = None
+    if ctx.needs_input_grad[0]:
+        g_gy = _ops.conv1d(gg, weight, None, *ctx.hyper)
+    if ctx.needs_input_grad[1]:
+        g_w = _ops.conv1d_backward_weight(grad_output, gg, weight.shape[2], *ctx.hyper)
+    return g_gy, g_w, None, None, None, None, None
+
+
+torch.library.register_autograd("pyops::conv1d_backward_input", _backward_input_backward,
+                                setup_context=_setup_backward_input)
+
+
+# backward_weight(gy, x) = the adjoint of w -> conv1d(x, w): <gg, backward_weight(gy, x)> = <gy, conv1d(x, gg)>,
+# so its gradients are conv1d(x, gg) for gy and backward_input(gy, gg) for x.
+def _setup_backward_weight(ctx, inputs, output):
+    grad_output, x, kernel_size, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(grad_output, x)
+    ctx.hyper = (stride, padding, dilation, groups)
+
+
+def _backward_weight_backward(ctx, gg):
+    grad_output, x = ctx.saved_tensors
+    g_gy = g_x = None
+    if ctx.needs_input_grad[0]:
+        g_gy = _ops.conv1d(x, gg, None, *ctx.hyper)
+    if ctx.needs_input_grad[1]:
+        g_x = _ops.conv1d_backward_input(grad_output, gg, x.shape[2], *ctx.hyper)
+    return g_gy, g_x, None, None, None, None, None
+
+
+torch.library.register_autograd("pyops::conv1d_backward_weight", _backward_weight_backward,
+                                setup_context=_setup_backward_weight)
+
+
+# FlopCounterMode: 2·MACs of the real (not zero-upsampled) products, the same count for all three ops.
+def _conv_flops(batch, out_channels, out_length, in_per_group, kernel_size):
+    return 2 * batch * out_channels * out_length * in_per_group * kernel_size
+
+
+@register_flop_formula(_ops.conv1d)
+def _conv1d_flops(x_shape, w_shape, *args, out_shape=None, **kwargs):
+    return _conv_flops(x_shape[0], w_shape[0], out_shape[2], w_shape[1], w_shape[2])
+
+
+@register_flop_formula(_ops.conv1d_backward_input)
+def _conv1d_backward_input_flops(gy_shape, w_shape, *args, out_shape=None, **kwargs):
+    return _conv_flops(gy_shape[0], w_shape[0], gy_shape[2], w_shape[1], w_shape[2])
+
+
+@register_flop_formula(_ops.conv1d_backward_weight)
+def _conv1d_backward_weight_flops(gy_shape, x_shape, *args, out_shape=None, **kwargs):
+    return _conv_flops(gy_shape[0], gy_shape[1], gy_shape[2], out_shape[1], out_shape[2])

@@ -1,0 +1,347 @@
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyops
+from pyops import reference
+from conftest import tolerances
+
+ops = torch.ops.pyops
+# F.conv1d (the reference) warns that its own 'same' padding with an even kernel copies the input
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")
+
+
+def rand(shape, dtype=torch.float64, device="cpu", gen=None):
+    return torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def random_configs(count, seed):
+    """Seeded (N, C_in, C_out, L, K, stride, padding, dilation, groups, bias) over every argument's range."""
+    rng = random.Random(seed)
+    configs = []
+    for _ in range(count):
+        groups = rng.choice([1, 1, 2, 3, "depthwise"])
+        cin_g, cout_g = rng.choice([1, 2, 3, 5]), rng.choice([1, 2, 4, 5])
+        if groups == "depthwise":
+            groups, cin_g, cout_g = rng.choice([3, 8]), 1, rng.choice([1, 1, 2])
+        k, dilation, stride = rng.choice([1, 2, 3, 4, 5, 9]), rng.choice([1, 1, 2, 3]), rng.choice([1, 1, 1, 2, 3])
+        span = dilation * (k - 1) + 1
+        padding = rng.choice([0, 1, 2, span // 2, span, "same", "valid"])
+        if padding == "same":
+            stride = 1
+        length = span + rng.randrange(0, 60) + (1 if rng.random() < 0.5 else 0)
+        configs.append((rng.choice([1, 2, 3]), cin_g * groups, cout_g * groups, length, k, stride, padding, dilation,
+                        groups, rng.random() < 0.6))
+    return configs
+
+
+def forward_and_grads(fn, x, w, b, args, grad_out=None):
+    x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+    b = b.detach().requires_grad_() if b is not None else None
+    y = fn(x, w, b, *args)
+    if grad_out is None:
+        grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        grad_out = grad_out.to(y.device, y.dtype)
+    inputs = [x, w] + ([b] if b is not None else [])
+    return [y] + list(torch.autograd.grad(y, inputs, grad_out)), grad_out
+
+
+def assert_matches_torch(x, w, b, args, dtype):
+    ours, grad_out = forward_and_grads(pyops.conv1d, x, w, b, args)
+    ref, _ = forward_and_grads(reference.conv1d, x.double().cpu(), w.double().cpu(),
+                               b.double().cpu() if b is not None else None, args, grad_out.double().cpu())
+    rtol, atol = tolerances(dtype)
+    for name, o, r in zip(["output", "grad_input", "grad_weight", "grad_bias"], ours, ref):
+        assert o.dtype == dtype and o.device == x.device, name
+        # sums of up to C_in*K*L products: scale the tolerance by the reference's magnitude
+        torch.testing.assert_close(o.double().cpu(), r, rtol=rtol, atol=atol * max(1.0, r.abs().max().item()),
+                                   msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("config", random_configs(40, seed=4), ids=str)
+def test_forward_and_gradients_match_torch(device, dtype, config):
+    n, cin, cout, length, k, stride, padding, dilation, groups, bias = config
+    g = torch.Generator().manual_seed(hash(config) % 10000)
+    x, w = rand((n, cin, length), dtype, device, g), rand((cout, cin // groups, k), dtype, device, g)
+    b = rand((cout,), dtype, device, g) if bias else None
+    assert_matches_torch(x, w, b, (stride, padding, dilation, groups), dtype)
+
+
+# Shapes that reach the kernels' other regimes: many channels (grad_weight without batch splitting), staged dense
+# windows with several chunks per row, channel counts that leave a remainder after blocks of 4, long rows.
+@pytest.mark.parametrize("config", [(2, 128, 128, 300, 4, 1, 3, 1, 128), (2, 256, 260, 90, 3, 1, 1, 1, 1),
+                                    (3, 64, 70, 257, 5, 1, 2, 2, 2), (5, 1, 1, 3001, 9, 1, 4, 1, 1),
+                                    (2, 32, 32, 200, 3, 3, 1, 1, 1)], ids=str)
+def test_large_shapes_match_torch(device, config):
+    n, cin, cout, length, k, stride, padding, dilation, groups = config
+    g = torch.Generator().manual_seed(13)
+    x, w = rand((n, cin, length), torch.float32, device, g), rand((cout, cin // groups, k), torch.float32, device, g)
+    assert_matches_torch(x, w, rand((cout,), torch.float32, device, g), (stride, padding, dilation, groups),
+                         torch.float32)
+
+
+@pytest.mark.parametrize("k,dilation", [(4, 1), (3, 2), (2, 3), (5, 1), (1, 1)])
+def test_same_padding_matches_torch_including_asymmetric(device, k, dilation):
+    g = torch.Generator().manual_seed(k)
+    x, w, b = rand((2, 3, 19), device=device, gen=g), rand((4, 3, k), device=device, gen=g), rand((4,), device=device, gen=g)
+    assert pyops.conv1d(x, w, b, padding="same", dilation=dilation).shape[-1] == 19
+    assert_matches_torch(x, w, b, (1, "same", dilation, 1), torch.float64)
+    assert_matches_torch(x, w, b, (1, "valid", dilation, 1), torch.float64)
+
+
+def test_unbatched_input_and_tuple_arguments(device):
+    g = torch.Generator().manual_seed(2)
+    x, w = rand((4, 30), device=device, gen=g), rand((6, 2, 3), device=device, gen=g)
+    out = pyops.conv1d(x, w, None, (2,), (1,), (2,), 2)
+    assert out.shape == (6, 14)
+    torch.testing.assert_close(out, F.conv1d(x, w, None, 2, 1, 2, 2), rtol=1e-10, atol=1e-12)
+
+
+def test_gradcheck_and_gradgradcheck_float64(device):
+    g = torch.Generator().manual_seed(3)
+    for n, cin, cout, length, k, stride, padding, dilation, groups in [(2, 2, 3, 11, 3, 1, 1, 1, 1),
+                                                                      (1, 4, 4, 13, 3, 2, 2, 2, 2),
+                                                                      (2, 3, 3, 9, 2, 3, 1, 1, 3)]:
+        x = rand((n, cin, length), device=device, gen=g).requires_grad_()
+        w = rand((cout, cin // groups, k), device=device, gen=g).requires_grad_()
+        b = rand((cout,), device=device, gen=g).requires_grad_()
+        fn = lambda x, w, b: pyops.conv1d(x, w, b, stride, padding, dilation, groups)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (x, w, b))
+        assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+def test_non_contiguous_and_channels_last_inputs(device):
+    g = torch.Generator().manual_seed(5)
+    base = rand((3, 50, 8), device=device, gen=g)
+    views = [base.transpose(1, 2), base.transpose(1, 2)[:, ::2, 1:40:3],
+             rand((3, 8, 40), device=device, gen=g).contiguous(memory_format=torch.contiguous_format)[..., ::2]]
+    w = rand((6, 8, 3), device=device, gen=g)
+    for x in views:
+        wx = w[:, : x.shape[1]].contiguous()
+        assert not x.is_contiguous() or x is views[-1]
+        assert_matches_torch(x, wx, None, (1, 1, 1, 1), torch.float64)
+    w_strided = rand((3, 6, 8), device=device, gen=g).transpose(0, 2)  # (8, 6, 3) weight view
+    assert_matches_torch(base.transpose(1, 2)[:, :6], w_strided, None, (1, 0, 1, 1), torch.float64)
+
+
+def test_empty_batch(device):
+    x = torch.zeros((0, 4, 20), dtype=torch.float64, device=device, requires_grad=True)
+    w = rand((5, 4, 3), device=device).requires_grad_()
+    b = rand((5,), device=device).requires_grad_()
+    y = pyops.conv1d(x, w, b, padding=1)
+    assert y.shape == (0, 5, 20)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+def test_length_shorter_than_dilated_filter_is_an_error(device):
+    x, w = rand((1, 2, 6), device=device), rand((3, 2, 4), device=device)
+    with pytest.raises(ValueError, match="shorter than the dilated filter span"):
+        pyops.conv1d(x, w, dilation=2)
+    with pytest.raises(ValueError, match="shorter than the dilated filter span"):
+        ops.conv1d(x, w, None, 1, 0, 2, 1)
+
+
+def grads_of(x, w, b, args, grad_out):
+    ours, _ = forward_and_grads(pyops.conv1d, x, w, b, args, grad_out)
+    return ours
+
+
+@pytest.mark.parametrize("config", [(4, 64, 64, 257, 3, 1, 1, 1, 1), (2, 16, 16, 1000, 4, 1, 3, 1, 16),
+                                    (37, 1, 1, 2000, 9, 1, 4, 1, 1), (3, 8, 8, 300, 3, 2, 1, 2, 2)], ids=str)
+def test_deterministic_across_runs_and_thread_counts(device, config):
+    n, cin, cout, length, k, stride, padding, dilation, groups = config
+    g = torch.Generator().manual_seed(6)
+    x, w, b = rand((n, cin, length), torch.float32, device, g), rand((cout, cin // groups, k), torch.float32, device, g), rand((cout,), torch.float32, device, g)
+    args = (stride, padding, dilation, groups)
+    y = pyops.conv1d(x, w, b, *args)
+    grad_out = rand(y.shape, torch.float32, device, g)
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for t in ([2, 2, 1] if device == "cpu" else [threads, threads]):
+            torch.set_num_threads(t)
+            runs.append(grads_of(x, w, b, args, grad_out))
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        for a, c in zip(runs[0][:3], other[:3]):  # output, grad_input, grad_weight: our kernels, bitwise
+            assert torch.equal(a, c)
+    assert torch.equal(runs[0][3], runs[1][3])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(device, dtype):
+    g = torch.Generator().manual_seed(7)
+    x, w, b = rand((2, 8, 300), dtype, device, g), rand((8, 1, 4), dtype, device, g), rand((8,), dtype, device, g)
+    if device == "cpu":
+        with pytest.raises(TypeError, match="float32 and float64"):
+            pyops.conv1d(x, w, b, padding=3, groups=8)
+        return
+    for args in [(1, 3, 1, 8), (1, 1, 1, 1)]:
+        wa = w if args[3] == 8 else rand((8, 8, 4), dtype, device, g)
+        ours, grad_out = forward_and_grads(pyops.conv1d, x, wa, b, args)
+        ref, _ = forward_and_grads(reference.conv1d, x.double().cpu(), wa.double().cpu(), b.double().cpu(), args,
+                                   grad_out.double().cpu())
+        for o, r in zip(ours, ref):
+            assert o.dtype == dtype
+            torch.testing.assert_close(o.double().cpu(), r, rtol=2e-2, atol=2e-2 * max(1.0, r.abs().max().item()))
+
+
+def test_homework_network_gradients_equal_closed_form(device):
+    """Problem 4: y_l = sigma(A_{w_l} y_{l-1} + b_l), last layer linear; gradients in explicit Toeplitz matrices."""
+    g = torch.Generator().manual_seed(8)
+    kernel_sizes, paddings, length = [5, 3, 4, 3], [2, 0, 1, 1], 40
+    filters = [rand((k,), gen=g) for k in kernel_sizes]
+    biases = [rand((), gen=g) for _ in kernel_sizes]
+    x = rand((length,), gen=g)
+    out_len = length
+    for k, p in zip(kernel_sizes, paddings):
+        out_len = out_len + 2 * p - k + 1
+    u = rand((out_len,), gen=g)
+    grad_w, grad_b, grad_x = reference.conv_net_gradients(x, filters, biases, paddings, u)
+
+    ws = [f.view(1, 1, -1).to(device).requires_grad_() for f in filters]
+    bs = [b.view(1).to(device).requires_grad_() for b in biases]
+    xt = x.view(1, 1, -1).to(device).requires_grad_()
+    y = xt
+    for l, (w, b, p) in enumerate(zip(ws, bs, paddings)):
+        y = pyops.conv1d(y, w, b, padding=p)
+        if l < len(ws) - 1:
+            y = torch.sigmoid(y)
+    (y.view(-1) * u.to(device)).sum().backward()
+    for l in range(len(ws)):
+        torch.testing.assert_close(ws[l].grad.view(-1).cpu(), grad_w[l], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(bs[l].grad.view(()).cpu(), grad_b[l], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(xt.grad.view(-1).cpu(), grad_x, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+def test_nn_conv1d_trains_like_torch(device, padding_mode):
+    torch.manual_seed(9)
+    kwargs = dict(in_channels=4, out_channels=6, kernel_size=3, stride=1, padding=2, dilation=2, groups=2,
+                  padding_mode=padding_mode)
+    ref = torch.nn.Conv1d(**kwargs, dtype=torch.float64).to(device)
+    ours = pyops.nn.Conv1d(**kwargs, dtype=torch.float64).to(device)
+    ours.load_state_dict(ref.state_dict())
+    assert isinstance(ours, torch.nn.Conv1d) and ours.state_dict().keys() == ref.state_dict().keys()
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (ref, ours)]
+    g = torch.Generator().manual_seed(10)
+    for _ in range(3):
+        x, target = rand((3, 4, 25), device=device, gen=g), rand((3, 6, 25), device=device, gen=g)
+        losses = []
+        for m, opt in zip((ref, ours), opts):
+            opt.zero_grad()
+            out = m(x)
+            loss = ((out - target) ** 2).mean()
+            loss.backward()
+            losses.append((out, m.weight.grad.clone(), m.bias.grad.clone()))
+            opt.step()
+        for a, c in zip(*losses):
+            torch.testing.assert_close(c, a, rtol=1e-10, atol=1e-12)
+    for a, c in zip(ref.parameters(), ours.parameters()):
+        torch.testing.assert_close(c, a, rtol=1e-10, atol=1e-12)
+
+
+def test_opcheck_all_ops(device):
+    g = torch.Generator().manual_seed(11)
+    for stride, padding, dilation, groups in [(1, 1, 1, 1), (2, 3, 2, 2)]:
+        x = rand((2, 4, 23), device=device, gen=g).requires_grad_()
+        w = rand((6, 4 // groups, 3), device=device, gen=g).requires_grad_()
+        b = rand((6,), device=device, gen=g).requires_grad_()
+        hyper = (stride, padding, dilation, groups)
+        y = ops.conv1d(x, w, b, *hyper)
+        gy = rand(y.shape, device=device, gen=g).requires_grad_()
+        torch.library.opcheck(ops.conv1d, (x, w, b, *hyper))
+        torch.library.opcheck(ops.conv1d, (x, w, None, *hyper))
+        torch.library.opcheck(ops.conv1d_backward_input, (gy, w, 23, *hyper))
+        torch.library.opcheck(ops.conv1d_backward_weight, (gy, x, 3, *hyper))
+
+
+def test_torch_compile_forward_backward(device):
+    g = torch.Generator().manual_seed(12)
+    x = rand((2, 4, 30), device=device, gen=g).requires_grad_()
+    w = rand((4, 2, 3), device=device, gen=g).requires_grad_()
+    b = rand((4,), device=device, gen=g).requires_grad_()
+
+    def step(x, w, b):
+        return torch.sigmoid(pyops.conv1d(x, w, b, stride=2, padding=1, groups=2)).sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    got = torch.autograd.grad(compiled(x, w, b), (x, w, b))
+    want = torch.autograd.grad(step(x, w, b), (x, w, b))
+    for a, c in zip(got, want):
+        torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
+
+
+def test_flop_counter_counts_all_three_ops():
+    from torch.utils.flop_counter import FlopCounterMode
+    x = torch.randn(2, 4, 30, requires_grad=True)
+    w = torch.randn(6, 2, 3, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        pyops.conv1d(x, w, None, 2, 1, 1, 2).sum().backward()
+    macs = 2 * 6 * 15 * 2 * 3  # N * C_out * L_out * C_in/groups * K
+    flops = counter.get_flop_counts()["Global"]
+    assert flops[ops.conv1d] == 2 * macs
+    assert flops[ops.conv1d_backward_input] == 2 * macs
+    assert flops[ops.conv1d_backward_weight] == 2 * macs
+
+
+BAD_INPUTS = [
+    ("weight of the wrong rank", lambda d: (rand((2, 4, 10), device=d), rand((3, 4), device=d), None, {}),
+     ValueError, "weight"),
+    ("channel mismatch", lambda d: (rand((2, 4, 10), device=d), rand((3, 5, 3), device=d), None, {}),
+     ValueError, "channel mismatch"),
+    ("bias of the wrong length", lambda d: (rand((2, 4, 10), device=d), rand((3, 4, 3), device=d),
+                                            rand((4,), device=d), {}), ValueError, "bias"),
+    ("stride 0", lambda d: (rand((2, 4, 10), device=d), rand((3, 4, 3), device=d), None, {"stride": 0}),
+     ValueError, "stride"),
+    ("negative padding", lambda d: (rand((2, 4, 10), device=d), rand((3, 4, 3), device=d), None, {"padding": -1}),
+     ValueError, "padding"),
+    ("dtype mismatch", lambda d: (rand((2, 4, 10), device=d), rand((3, 4, 3), torch.float32, d), None, {}),
+     TypeError, "dtype"),
+    ("integer input", lambda d: (torch.ones(2, 4, 10, dtype=torch.long, device=d), rand((3, 4, 3), device=d),
+                                 None, {}), TypeError, "input"),
+    ("same with stride", lambda d: (rand((2, 4, 10), device=d), rand((3, 4, 3), device=d), None,
+                                    {"padding": "same", "stride": 2}), ValueError, "same"),
+    ("groups not dividing", lambda d: (rand((2, 4, 10), device=d), rand((3, 2, 3), device=d), None, {"groups": 2}),
+     ValueError, "divisible"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_names_the_problem(device, case):
+    _, make, exc, pattern = case
+    x, w, b, kwargs = make(device)
+    with pytest.raises(exc, match=pattern):
+        pyops.conv1d(x, w, b, **kwargs)
+    # the op itself checks again (padding strings are the wrapper's business)
+    if kwargs.get("padding") == "same":
+        return
+    hyper = (kwargs.get("stride", 1), kwargs.get("padding", 0), 1, kwargs.get("groups", 1))
+    with pytest.raises(exc, match=pattern):
+        ops.conv1d(x, w, b, *hyper)
+
+
+def test_device_mismatch_is_an_error():
+    x, w = rand((2, 4, 10)), rand((3, 4, 3)).to("meta")
+    with pytest.raises(ValueError, match="weight"):
+        pyops.conv1d(x, w)
+
+
+def test_backward_ops_check_their_arguments():
+    gy, w, x = rand((2, 3, 8)), rand((3, 4, 3)), rand((2, 4, 10))
+    with pytest.raises(ValueError, match="input_length"):
+        ops.conv1d_backward_input(gy, w, 11, 1, 0, 1, 1)
+    with pytest.raises(ValueError, match="channel mismatch"):
+        ops.conv1d_backward_input(rand((2, 5, 8)), w, 10, 1, 0, 1, 1)
+    with pytest.raises(ValueError, match="kernel_size"):
+        ops.conv1d_backward_weight(gy, x, 0, 1, 0, 1, 1)
+    with pytest.raises(ValueError, match="length"):
+        ops.conv1d_backward_weight(gy, x, 4, 1, 0, 1, 1)
+    # strided: several input lengths give the same output length; the explicit length makes them round-trip
+    for length in (9, 10):
+        assert ops.conv1d_backward_input(rand((2, 3, 4)), w, length, 2, 0, 1, 1).shape == (2, 4, length)
