@@ -7,10 +7,14 @@ import torch  # noqa: F401  (the compiled library links against torch: load it f
 
 from . import _C  # noqa: F401  (registers torch.ops.pyops.*)
 from ._C import build_info
+from . import conv_bn_relu  # noqa: F401  (registers the fused conv ops' fake kernels, autograd, flop formulas)
 from . import nn
 from .conv1d import conv1d
+from .conv_bn_relu import conv2d_bn_relu
 from .counting import OpCount, count_ops
+from .fold import fold_bn
+from .fuse import fuse
 from .smooth_max import smooth_max
 
-__all__ = ["build_info", "conv1d", "count_ops", "nn", "OpCount", "smooth_max"]
+__all__ = ["build_info", "conv1d", "conv2d_bn_relu", "count_ops", "fold_bn", "fuse", "nn", "OpCount", "smooth_max"]
 __version__ = "0.1.0"

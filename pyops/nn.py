@@ -1,9 +1,22 @@
-"""Drop-in modules whose forward runs pyops ops; each subclasses the torch.nn module it replaces, so constructor,
-parameters, state_dict and repr are the same."""
+"""Drop-in modules whose forward runs pyops ops.
+
+Conv1d: a subclass of torch.nn.Conv1d (same constructor, parameters, state_dict) computed by pyops.conv1d.
+ConvBNReLU2d: Conv2d → BatchNorm2d (→ residual add) (→ ReLU/ReLU6) as one fused kernel (pyops.conv2d_bias_act).
+LinearBNReLU: Linear → BatchNorm1d (→ ReLU/ReLU6) as one GEMM with the activation applied in place.
+The fused modules fold the BatchNorm once, at construction (inference, or fine-tuning with frozen BatchNorm
+statistics), and keep the folded weight and bias as Parameters, so .to(), .half(), state_dict() and optimizers
+treat them like the layers they replace.
+"""
+import math
+
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.utils import _pair
 
 from .conv1d import conv1d
+from .conv_bn_relu import conv2d_bias_act
+from .fold import fold_bn
 
 
 class Conv1d(torch.nn.Conv1d):
@@ -19,3 +32,176 @@ class Conv1d(torch.nn.Conv1d):
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return conv1d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
         return conv1d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+ACTIVATIONS = ("none", "relu", "relu6")
+
+
+def activation_name(relu):
+    """The activation named by `relu` as from_modules accepts it: True/"relu"/nn.ReLU → "relu",
+    "relu6"/nn.ReLU6 → "relu6", False/None/"none" → "none"."""
+    if relu is True or isinstance(relu, nn.ReLU):
+        return "relu"
+    if isinstance(relu, nn.ReLU6):
+        return "relu6"
+    if relu is False or relu is None:
+        return "none"
+    if isinstance(relu, str) and relu in ACTIVATIONS:
+        return relu
+    raise ValueError(f"argument 'relu' must be True, False, 'none', 'relu', 'relu6', an nn.ReLU or an nn.ReLU6, "
+                     f"got {relu!r}")
+
+
+def check_activation(activation):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"argument 'activation' must be one of {ACTIVATIONS}, got {activation!r}")
+    return activation
+
+
+def apply_activation_(y, activation):
+    """y with the activation applied in place (autograd handles in-place relu_/clamp_ on a fresh result)."""
+    if activation == "relu":
+        return y.relu_()
+    if activation == "relu6":
+        return y.clamp_(0.0, 6.0)
+    return y
+
+
+def explicit_padding(conv):
+    """conv's padding as a pair of ints; padding='same' becomes the symmetric padding it stands for.
+    ValueError where the fused kernel cannot express the conv (non-zero padding modes, asymmetric 'same')."""
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"argument 'conv' has padding_mode={conv.padding_mode!r}; ConvBNReLU2d supports 'zeros' "
+                         f"only (fold it with pyops.fold_bn instead)")
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        if any(t % 2 for t in totals):
+            raise ValueError("argument 'conv' has padding='same' with an even effective kernel size, which pads "
+                             "asymmetrically; ConvBNReLU2d needs symmetric padding (fold it with pyops.fold_bn)")
+        return tuple(t // 2 for t in totals)
+    return tuple(conv.padding)
+
+
+class ConvBNReLU2d(nn.Module):
+    """act(conv2d(x, weight) + bias [+ residual]) in one fused kernel, with a BatchNorm already folded into
+    weight and bias (see from_modules).
+
+    x: (N, in_channels, H, W) or unbatched (in_channels, H, W) → (N, out_channels, H', W'), in x's memory format.
+    residual: None or a tensor of the output's shape, added before the activation (a ResNet block's shortcut); one
+    that only broadcasts to the output is added by a separate PyTorch add (the kernel takes the exact shape).
+    activation: "none", "relu" or "relu6".
+    Gradients flow to x, weight, bias and residual; the BatchNorm statistics are frozen in weight and bias (the
+    semantics of torchvision's FrozenBatchNorm2d).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 activation="relu", device=None, dtype=None):
+        super().__init__()
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"argument 'groups' = {groups} must divide in_channels = {in_channels} and "
+                             f"out_channels = {out_channels}")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
+        self.padding, self.dilation = _pair(padding), _pair(dilation)
+        self.activation = check_activation(activation)
+        factory = dict(device=device, dtype=dtype)
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size, **factory))
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory))
+        if self.weight.device.type != "meta":
+            self.reset_parameters()
+
+    def reset_parameters(self):
+        """nn.Conv2d's initialization (a module built directly, not from_modules, starts like a fresh Conv2d)."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        fan_in = self.weight[0].numel()
+        bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def from_modules(cls, conv, bn, relu=True):
+        """conv (nn.Conv2d, zero padding) → bn (eval-mode BatchNorm2d or FrozenBatchNorm2d) → relu, folded once.
+
+        relu: True/"relu"/nn.ReLU(), "relu6"/nn.ReLU6(), or False/"none". The new module's parameters have
+        conv's dtype, device and weight layout; conv and bn are not modified. ValueError/TypeError as fold_bn, and
+        for convs the kernel cannot run (see explicit_padding)."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"argument 'conv' must be an nn.Conv2d, got {type(conv).__name__}")
+        activation = activation_name(relu)
+        padding = explicit_padding(conv)
+        folded = fold_bn(conv, bn)
+        fused = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, padding, conv.dilation,
+                    conv.groups, activation, device="meta")
+        fused.weight, fused.bias = folded.weight, folded.bias
+        return fused.train(conv.training)
+
+    def output_shape(self, x):
+        """The shape conv2d gives for input x (to tell a same-shape residual from a broadcast one)."""
+        spatial = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, p, d, k, s in
+                   zip(x.shape[-2:], self.padding, self.dilation, self.kernel_size, self.stride)]
+        return (*x.shape[:-3], self.out_channels, *spatial)
+
+    def forward(self, x, residual=None):
+        if x.dim() == 3 and (residual is None or residual.dim() <= 3):  # unbatched (C, H, W), as nn.Conv2d takes
+            batched_residual = residual.unsqueeze(0) if residual is not None and residual.dim() == 3 else residual
+            return self.forward(x.unsqueeze(0), batched_residual).squeeze(0)
+        if residual is not None and tuple(residual.shape) != self.output_shape(x):
+            out = conv2d_bias_act(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+                                  activation="none")
+            return apply_activation_(out + residual, self.activation)
+        return conv2d_bias_act(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+                               activation=self.activation, residual=residual)
+
+    def extra_repr(self):
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+        if self.padding != (0, 0):
+            s += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        return s + f", bias=True, activation={self.activation}"
+
+
+class LinearBNReLU(nn.Module):
+    """act(x @ weight.T + bias) with a BatchNorm1d folded into weight and bias (see from_modules).
+
+    x: (N, in_features) or (*, in_features) → (*, out_features); activation: "none", "relu" or "relu6", applied in
+    place on the GEMM's fresh output (one extra pass over the output, no extra memory). Gradients as ConvBNReLU2d.
+    """
+
+    def __init__(self, in_features, out_features, activation="relu", device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.activation = check_activation(activation)
+        factory = dict(device=device, dtype=dtype)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory))
+        if self.weight.device.type != "meta":
+            self.reset_parameters()
+
+    def reset_parameters(self):
+        """nn.Linear's initialization."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def from_modules(cls, linear, bn, relu=True):
+        """linear (nn.Linear) → bn (eval-mode BatchNorm1d over the linear's output features) → relu, folded once.
+        relu as ConvBNReLU2d.from_modules; linear and bn are not modified."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"argument 'linear' must be an nn.Linear, got {type(linear).__name__}")
+        activation = activation_name(relu)
+        folded = fold_bn(linear, bn)
+        fused = cls(linear.in_features, linear.out_features, activation, device="meta")
+        fused.weight, fused.bias = folded.weight, folded.bias
+        return fused.train(linear.training)
+
+    def forward(self, x):
+        return apply_activation_(F.linear(x, self.weight, self.bias), self.activation)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias=True, " \
+               f"activation={self.activation}"

@@ -1,0 +1,59 @@
+"""Whole-model fusion: pyops.fuse(m) vs the eager model m and torch.compile(m), inference (eval, no_grad, 3×224×224).
+
+Targets (issue 3): torchvision resnet18, fp32, batch 1 and 8: fuse(m) ≥ 1.1× eager (CPU and CUDA);
+torchvision resnet50, batch 32 (CUDA only): ≥ 1.2× eager in fp32 and ≥ 2.0× in fp16 channels_last, with
+torch.compile (2.36× eager on an H100) as the peer to report against. torch.compile (inductor) is the strongest
+peer; it compiles in the warm-up, outside the timer, in about 100 s per batch size on this 2-core CPU (first run;
+inductor's cache makes reruns faster). PYOPS_BENCH_COMPILE=0 leaves it out.
+"""
+import os
+
+import pytest
+import torch
+import torchvision
+
+import pyops
+from pyops.demo.conv_bn_relu import randomize_batchnorms_
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16"}
+FLOPS = {"resnet18": 2 * 1.814e9, "resnet50": 2 * 4.089e9}  # per 3×224×224 image: torchvision's GMACs × 2
+
+
+def torchvision_model(name, device, dtype=torch.float32, memory_format=torch.contiguous_format):
+    torch.manual_seed(0)
+    model = randomize_batchnorms_(getattr(torchvision.models, name)(weights=None), torch.Generator().manual_seed(0))
+    return model.eval().to(device, dtype, memory_format=memory_format)
+
+
+IMPLS = {
+    "pyops": pyops.fuse,
+    "eager": lambda m: m,
+    "torch.compile": lambda m: torch.compile(m, dynamic=False),
+}
+
+
+def run_case(measure, device, name, batch, impl, dtype=torch.float32, memory_format=torch.contiguous_format):
+    if impl == "torch.compile" and os.environ.get("PYOPS_BENCH_COMPILE", "1") == "0":
+        pytest.skip("PYOPS_BENCH_COMPILE=0: torch.compile not timed")
+    model = IMPLS[impl](torchvision_model(name, device, dtype, memory_format))
+    x = torch.rand(batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    x = x.to(device, dtype, memory_format=memory_format)
+    layout = "-CL" if memory_format == torch.channels_last else ""
+    with torch.no_grad():
+        measure(f"{name} fwd batch {batch} 3x224x224 {DTYPE_NAMES[dtype]}{layout}", impl, lambda: model(x),
+                flops=FLOPS[name] * batch)
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("batch", [1, 8])
+def bench_resnet18(measure, device, impl, batch):
+    run_case(measure, device, "resnet18", batch, impl)
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("dtype,memory_format", [(torch.float32, torch.contiguous_format),
+                                                 (torch.float16, torch.channels_last)], ids=["fp32", "fp16-CL"])
+def bench_resnet50_batch32(measure, device, impl, dtype, memory_format):
+    if device != "cuda":
+        pytest.skip("resnet50 batch 32 is a CUDA target (seconds per forward on this 2-core CPU)")
+    run_case(measure, device, "resnet50", 32, impl, dtype, memory_format)

@@ -1,0 +1,161 @@
+// Schemas of the fused convolution ops, their argument checks, and conv2d_bn_relu itself, which is the same on every
+// backend: fold BN into (w, b) with the conv_bn_fold kernel, then run conv2d_bias_act (one mechanism, not two).
+#include "ops/conv_bn_relu/conv_bn_relu.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <string>
+
+#include "common/checks.h"
+
+namespace pyops {
+
+namespace {
+
+void check_pair(at::IntArrayRef v, const char* name, int64_t min_value) {
+  TORCH_CHECK_VALUE(v.size() == 2, "pyops.conv2d: argument '", name, "' must have 2 elements, got ", v);
+  TORCH_CHECK_VALUE(v[0] >= min_value && v[1] >= min_value, "pyops.conv2d: argument '", name, "' must be >= ",
+                    min_value, ", got ", v);
+}
+
+void check_vector(const at::Tensor& t, int64_t len, const char* name, const at::Tensor& ref) {
+  check_floating(t, name);
+  check_same_device(t, ref, name, "weight");
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == len, "pyops.conv2d: argument '", name,
+                    "' must have shape (", len, ",) (one value per output channel), got ", t.sizes());
+}
+
+}  // namespace
+
+ConvGeometry check_conv2d_bias_act_args(const at::Tensor& input, const at::Tensor& weight,
+                                        const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                        int64_t activation, const std::optional<at::Tensor>& residual) {
+  check_floating(input, "input");
+  check_dim(input, 4, "input");
+  check_dim(weight, 4, "weight");
+  check_same_dtype(weight, input, "weight", "input");
+  check_same_device(weight, input, "weight", "input");
+  check_pair(stride, "stride", 1);
+  check_pair(padding, "padding", 0);
+  check_pair(dilation, "dilation", 1);
+  TORCH_CHECK_VALUE(groups >= 1, "pyops.conv2d: argument 'groups' must be >= 1, got ", groups);
+  TORCH_CHECK_VALUE(activation >= 0 && activation <= 2, "pyops.conv2d: argument 'activation' must be 0 (none), ",
+                    "1 (relu) or 2 (relu6), got ", activation);
+  ConvGeometry g{};
+  g.n = input.size(0), g.cin = input.size(1), g.h = input.size(2), g.w = input.size(3);
+  g.cout = weight.size(0), g.kh = weight.size(2), g.kw = weight.size(3);
+  TORCH_CHECK_VALUE(g.cin % groups == 0 && g.cout % groups == 0, "pyops.conv2d: argument 'groups' = ", groups,
+                    " must divide the input channels (", g.cin, ") and the output channels (", g.cout, ")");
+  TORCH_CHECK_VALUE(weight.size(1) * groups == g.cin, "pyops.conv2d: argument 'weight' of shape ", weight.sizes(),
+                    " expects ", weight.size(1) * groups, " input channels (groups=", groups, "), but 'input' has ",
+                    g.cin, " channels");
+  TORCH_CHECK_VALUE(g.kh > 0 && g.kw > 0, "pyops.conv2d: argument 'weight' has an empty kernel: ", weight.sizes());
+  for (int i = 0; i < 2; ++i) {
+    g.stride[i] = stride[i], g.padding[i] = padding[i], g.dilation[i] = dilation[i];
+  }
+  const int64_t span_h = g.dilation[0] * (g.kh - 1) + 1, span_w = g.dilation[1] * (g.kw - 1) + 1;
+  TORCH_CHECK_VALUE(g.h + 2 * g.padding[0] >= span_h && g.w + 2 * g.padding[1] >= span_w,
+                    "pyops.conv2d: argument 'input' of spatial size (", g.h, ", ", g.w, ") plus padding ", padding,
+                    " is smaller than the dilated kernel (", span_h, ", ", span_w, ")");
+  g.oh = (g.h + 2 * g.padding[0] - span_h) / g.stride[0] + 1;
+  g.ow = (g.w + 2 * g.padding[1] - span_w) / g.stride[1] + 1;
+  g.groups = groups;
+  g.act = static_cast<Activation>(activation);
+  if (bias.has_value()) {
+    check_vector(*bias, g.cout, "bias", weight);
+    check_same_dtype(*bias, input, "bias", "input");
+  }
+  if (residual.has_value()) {
+    check_same_dtype(*residual, input, "residual", "input");
+    check_same_device(*residual, input, "residual", "input");
+    const std::array<int64_t, 4> out_shape{g.n, g.cout, g.oh, g.ow};
+    TORCH_CHECK_VALUE(residual->sizes() == at::IntArrayRef(out_shape), "pyops.conv2d: argument 'residual' must have ",
+                      "the output's shape ", at::IntArrayRef(out_shape), ", got ", residual->sizes());
+  }
+  return g;
+}
+
+void check_bn_args(const at::Tensor& weight, const std::optional<at::Tensor>& bn_weight,
+                   const std::optional<at::Tensor>& bn_bias, const at::Tensor& running_mean,
+                   const at::Tensor& running_var, double eps) {
+  check_dim(weight, 4, "weight");
+  const int64_t c = weight.size(0);
+  check_vector(running_mean, c, "running_mean", weight);
+  check_vector(running_var, c, "running_var", weight);
+  if (bn_weight.has_value()) check_vector(*bn_weight, c, "bn_weight", weight);
+  if (bn_bias.has_value()) check_vector(*bn_bias, c, "bn_bias", weight);
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "pyops.conv2d_bn_relu: argument 'eps' must be finite and >= 0, got ",
+                    eps);
+}
+
+at::MemoryFormat output_memory_format(const at::Tensor& input) {
+  return input.is_contiguous(at::MemoryFormat::ChannelsLast) && !input.is_contiguous() ? at::MemoryFormat::ChannelsLast
+                                                                                        : at::MemoryFormat::Contiguous;
+}
+
+ConvPath requested_conv_path() {
+  const char* env = std::getenv("PYOPS_CONV_PATH");
+  const std::string v = env ? env : "auto";
+  if (v == "auto" || v.empty()) return ConvPath::kAuto;
+  if (v == "direct" || v == "ours") return ConvPath::kDirect;
+  if (v == "library" || v == "cudnn") return ConvPath::kLibrary;
+  TORCH_CHECK_VALUE(false, "pyops: environment variable PYOPS_CONV_PATH must be one of auto, direct, library (CPU), ",
+                    "ours, cudnn (CUDA); got '", v, "'");
+}
+
+namespace {
+
+at::Tensor conv2d_bn_relu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+                          const at::Tensor& running_mean, const at::Tensor& running_var, double eps,
+                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                          bool relu, const std::optional<at::Tensor>& residual) {
+  check_bn_args(weight, bn_weight, bn_bias, running_mean, running_var, eps);
+  const int64_t act = relu ? static_cast<int64_t>(Activation::kRelu) : static_cast<int64_t>(Activation::kNone);
+  check_conv2d_bias_act_args(input, weight, bias, stride, padding, dilation, groups, act, residual);
+  static auto fold = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("pyops::conv_bn_fold", "")
+                         .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                             const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                             const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, double)>();
+  static auto bias_act = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("pyops::conv2d_bias_act", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                               at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, int64_t,
+                                               const std::optional<at::Tensor>&)>();
+  auto [w, b, scale] = fold.call(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps);
+  return bias_act.call(input, w, b, stride, padding, dilation, groups, act, residual);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pyops, m) {
+  m.def(
+      "conv2d_bn_relu(Tensor input, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, "
+      "Tensor running_mean, Tensor running_var, float eps, int[2] stride, int[2] padding, int[2] dilation, "
+      "int groups, bool relu, Tensor? residual=None) -> Tensor");
+  m.def(
+      "conv2d_bias_act(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "
+      "int groups, int activation, Tensor? residual) -> Tensor");
+  // (w·scale, (b − μ)·scale + β, scale) with scale = γ/√(σ²+ε), computed in float64, returned in weight's dtype
+  // (scale in the accumulation dtype: float64 for float64 weights, float32 otherwise).
+  m.def(
+      "conv_bn_fold(Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, Tensor running_mean, "
+      "Tensor running_var, float eps) -> (Tensor, Tensor, Tensor)");
+  // The backward's one pass over grad_output: (grad·act'(output)·scale[c], grad·act'(output) or an empty tensor).
+  // The second output is computed only when scale is given and `unscaled_too` (the residual's / BN's gradient);
+  // without scale the first output already is it.
+  m.def(
+      "conv_act_backward(Tensor grad, Tensor output, Tensor? scale, int activation, bool unscaled_too) "
+      "-> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(pyops, CPU, m) { m.impl("conv2d_bn_relu", &conv2d_bn_relu); }
+TORCH_LIBRARY_IMPL(pyops, CUDA, m) { m.impl("conv2d_bn_relu", &conv2d_bn_relu); }
+
+}  // namespace pyops

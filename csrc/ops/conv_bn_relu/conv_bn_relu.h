@@ -1,0 +1,49 @@
+// conv2d_bias_act(x, w, b, residual) = act(conv2d(x, w) + b + residual), and conv2d_bn_relu = the same after folding
+// an eval-mode BatchNorm into (w, b):  scale = γ/√(σ²+ε),  w' = w·scale,  b' = (b − μ)·scale + β  (per out channel).
+//
+// Shapes: x (N, Cin, H, W), w (Cout, Cin/groups, KH, KW), b (Cout,), residual and output (N, Cout, OH, OW).
+// The output keeps x's memory format (channels_last iff x is channels_last-contiguous and not NCHW-contiguous).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <array>
+#include <optional>
+
+namespace pyops {
+
+enum class Activation : int64_t { kNone = 0, kRelu = 1, kRelu6 = 2 };
+
+// Everything a kernel needs to know about one convolution besides the tensors.
+struct ConvGeometry {
+  int64_t n, cin, h, w;       // input
+  int64_t cout, kh, kw;       // weight (Cin/groups input channels per group)
+  int64_t oh, ow;             // output
+  std::array<int64_t, 2> stride, padding, dilation;
+  int64_t groups;
+  Activation act;
+};
+
+// Argument checks (messages name the argument) and the output geometry; shared by every backend.
+ConvGeometry check_conv2d_bias_act_args(const at::Tensor& input, const at::Tensor& weight,
+                                        const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                        int64_t activation, const std::optional<at::Tensor>& residual);
+void check_bn_args(const at::Tensor& weight, const std::optional<at::Tensor>& bn_weight,
+                   const std::optional<at::Tensor>& bn_bias, const at::Tensor& running_mean,
+                   const at::Tensor& running_var, double eps);
+
+// The memory format the output takes from the input (and that kernels compute in).
+at::MemoryFormat output_memory_format(const at::Tensor& input);
+
+// The main-loop choice, from PYOPS_CONV_PATH (auto|direct|library on CPU, auto|ours|cudnn on CUDA).
+enum class ConvPath { kAuto, kDirect, kLibrary };
+ConvPath requested_conv_path();
+
+// CPU kernels (conv_direct_cpu.cpp, conv_bn_relu_cpu.cpp).
+// out: allocated in output_memory_format(input); x, w contiguous NCHW; b (Cout,) contiguous or undefined;
+// residual NCHW-contiguous or undefined.
+void conv_bias_act_direct_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                              const at::Tensor& residual, at::Tensor& out, const ConvGeometry& g);
+
+}  // namespace pyops

@@ -1,0 +1,206 @@
+// CPU kernels of the fused convolution ops: the BN fold, conv2d_bias_act's path choice (our direct kernel or
+// oneDNN's convolution with its post-op epilogue), and the backward's single pass over grad_output.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/cpu_vec.h"
+#include "ops/conv_bn_relu/conv_bn_relu.h"
+
+namespace pyops {
+
+namespace {
+
+// ---- BN fold: one pass over the weight, per-channel factors in float64 ----
+
+std::vector<double> as_doubles(const std::optional<at::Tensor>& t, int64_t len, double fill) {
+  if (!t.has_value()) return std::vector<double>(static_cast<size_t>(len), fill);
+  const at::Tensor d = t->to(at::kDouble).contiguous();
+  const double* p = d.const_data_ptr<double>();
+  return std::vector<double>(p, p + len);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_fold_cpu(
+    const at::Tensor& weight, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias, const at::Tensor& running_mean, const at::Tensor& running_var,
+    double eps) {
+  check_bn_args(weight, bn_weight, bn_bias, running_mean, running_var, eps);
+  const int64_t c = weight.size(0), k = c > 0 ? weight.numel() / c : 0;
+  const auto mean = as_doubles(running_mean, c, 0.0), var = as_doubles(running_var, c, 0.0);
+  const auto gamma = as_doubles(bn_weight, c, 1.0), beta = as_doubles(bn_bias, c, 0.0), b = as_doubles(bias, c, 0.0);
+  const auto acc_dtype = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor w_out = at::empty(weight.sizes(), weight.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor b_out = at::empty({c}, weight.options());
+  at::Tensor scale_out = at::empty({c}, weight.options().dtype(acc_dtype));
+  const at::Tensor w_in = weight.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "conv_bn_fold_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    const scalar_t* wi = w_in.const_data_ptr<scalar_t>();
+    scalar_t* wo = w_out.mutable_data_ptr<scalar_t>();
+    scalar_t* bo = b_out.mutable_data_ptr<scalar_t>();
+    acc* so = scale_out.mutable_data_ptr<acc>();
+    // Threads only past ~1M weights: a ResNet layer's fold is ~0.1 ms of work, less than waking a thread team.
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(k, 1));
+    at::parallel_for(0, c, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t ch = begin; ch < end; ++ch) {
+        const double s = gamma[ch] / std::sqrt(var[ch] + eps);
+        so[ch] = static_cast<acc>(s);
+        bo[ch] = static_cast<scalar_t>((b[ch] - mean[ch]) * s + beta[ch]);
+        for (int64_t i = ch * k; i < (ch + 1) * k; ++i) wo[i] = static_cast<scalar_t>(static_cast<double>(wi[i]) * s);
+      }
+    });
+  });
+  return {w_out, b_out, scale_out};
+}
+
+// ---- backward: grad·act'(output)·scale[c] (and grad·act'(output)) in one pass ----
+
+template <typename acc>
+inline acc act_mask(acc out, Activation act) {
+  switch (act) {
+    case Activation::kRelu: return out > acc(0) ? acc(1) : acc(0);
+    case Activation::kRelu6: return (out > acc(0) && out < acc(6)) ? acc(1) : acc(0);
+    default: return acc(1);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> conv_act_backward_cpu(const at::Tensor& grad, const at::Tensor& output,
+                                                         const std::optional<at::Tensor>& scale, int64_t activation,
+                                                         bool unscaled_too) {
+  check_dim(output, 4, "output");
+  check_same_dtype(grad, output, "grad", "output");
+  TORCH_CHECK_VALUE(grad.sizes() == output.sizes(), "pyops.conv_act_backward: argument 'grad' has shape ",
+                    grad.sizes(), " but 'output' has ", output.sizes());
+  TORCH_CHECK_VALUE(activation >= 0 && activation <= 2, "pyops.conv_act_backward: bad 'activation' ", activation);
+  const auto act = static_cast<Activation>(activation);
+  const int64_t n = output.size(0), c = output.size(1), hw = output.size(2) * output.size(3);
+  const auto fmt = output_memory_format(output);
+  const bool has_scale = scale.has_value();
+  if (has_scale) TORCH_CHECK_VALUE(scale->dim() == 1 && scale->size(0) == c, "pyops.conv_act_backward: 'scale' ",
+                                   "must have shape (", c, ",), got ", scale->sizes());
+  const bool second = has_scale && unscaled_too;
+  at::Tensor g_scaled = at::empty(output.sizes(), output.options().memory_format(fmt));
+  at::Tensor g_masked = second ? at::empty(output.sizes(), output.options().memory_format(fmt))
+                               : at::empty({0}, output.options());
+  if (output.numel() == 0) return {g_scaled, g_masked};
+  const at::Tensor gc = grad.contiguous(fmt), oc = output.contiguous(fmt);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, output.scalar_type(), "conv_act_backward_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    const at::Tensor sc = has_scale ? scale->to(output.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous()
+                                    : at::Tensor();
+    const acc* sp = has_scale ? sc.const_data_ptr<acc>() : nullptr;
+    const scalar_t* gp = gc.const_data_ptr<scalar_t>();
+    const scalar_t* op = oc.const_data_ptr<scalar_t>();
+    scalar_t* gs = g_scaled.mutable_data_ptr<scalar_t>();
+    scalar_t* gm = second ? g_masked.mutable_data_ptr<scalar_t>() : nullptr;
+    // Rows: (n, c) rows of hw elements sharing one scale (NCHW), or (n, h, w) rows of c elements (channels_last).
+    const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+    const int64_t rows = cl ? n * hw : n * c, len = cl ? c : hw;
+    at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(len, 1)), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t off = r * len;
+        const acc row_scale = (!cl && sp) ? sp[r % c] : acc(1);
+        for (int64_t i = 0; i < len; ++i) {
+          const acc masked = static_cast<acc>(gp[off + i]) * act_mask(static_cast<acc>(op[off + i]), act);
+          const acc s = sp ? (cl ? sp[i] : row_scale) : acc(1);
+          gs[off + i] = static_cast<scalar_t>(masked * s);
+          if (gm) gm[off + i] = static_cast<scalar_t>(masked);
+        }
+      }
+    });
+  });
+  return {g_scaled, g_masked};
+}
+
+// ---- forward ----
+
+// oneDNN's convolution with post-ops (what inductor's CPU fusion calls), reached through the dispatcher because
+// ATen declares no C++ function for it. Absent on builds without oneDNN.
+const c10::OperatorHandle* onednn_op(const char* overload) {
+  static const auto unary = c10::Dispatcher::singleton().findSchema({"mkldnn::_convolution_pointwise", ""});
+  static const auto binary = c10::Dispatcher::singleton().findSchema({"mkldnn::_convolution_pointwise", "binary"});
+  const auto& h = std::string(overload).empty() ? unary : binary;
+  return h.has_value() ? &*h : nullptr;
+}
+
+// oneDNN takes fp32 (its post-ops cover none/relu/relu6 alone, none/relu after a residual add).
+bool library_supports(const at::Tensor& x, const ConvGeometry& g, bool has_residual) {
+  if (x.scalar_type() != at::kFloat || g.cin == 0) return false;
+  if (onednn_op(has_residual ? "binary" : "") == nullptr) return false;
+  return !(has_residual && g.act == Activation::kRelu6);
+}
+
+at::Tensor library_forward(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
+                           const std::optional<at::Tensor>& residual, const ConvGeometry& g, at::MemoryFormat fmt) {
+  const std::vector<int64_t> padding(g.padding.begin(), g.padding.end()), stride(g.stride.begin(), g.stride.end()),
+      dilation(g.dilation.begin(), g.dilation.end());
+  c10::List<std::optional<at::Scalar>> scalars;
+  std::string unary = "none";
+  if (g.act == Activation::kRelu) unary = "relu";
+  if (g.act == Activation::kRelu6) {
+    unary = "hardtanh";
+    scalars.push_back(at::Scalar(0.0));
+    scalars.push_back(at::Scalar(6.0));
+  }
+  const c10::IValue bias = b.has_value() ? c10::IValue(b->contiguous()) : c10::IValue();
+  torch::jit::Stack stack;
+  if (residual.has_value()) {
+    stack = {x.contiguous(fmt), residual->contiguous(fmt), w.contiguous(), bias, padding, stride, dilation, g.groups,
+             std::string("add"), c10::IValue(),
+             g.act == Activation::kNone ? c10::IValue() : c10::IValue(unary), scalars, c10::IValue()};
+    onednn_op("binary")->callBoxed(&stack);
+  } else {
+    stack = {x.contiguous(fmt), w.contiguous(), bias, padding, stride, dilation, g.groups, unary, scalars,
+             std::string("")};
+    onednn_op("")->callBoxed(&stack);
+  }
+  at::Tensor out = stack.back().toTensor();
+  return out.is_contiguous(fmt) ? out : out.contiguous(fmt);  // oneDNN keeps the format; this only guards it
+}
+
+// Measured (bench/NOTES-conv_bn_relu.md, single-thread CPU time): our direct kernel beats oneDNN only where the
+// reduction per output is short (Cin/groups·KH·KW <= 32, e.g. the homework's 3→16 3×3 layer), the stride is 1 (its
+// strip gather is contiguous) and there are 4..16 output channels per group; oneDNN wins on ResNet-sized layers,
+// strided stems and depthwise convolutions.
+bool direct_is_faster(const ConvGeometry& g) {
+  const int64_t k = (g.cin / g.groups) * g.kh * g.kw, cout_g = g.cout / g.groups;
+  return k <= 32 && g.stride[0] == 1 && g.stride[1] == 1 && cout_g >= 4 && cout_g <= 16;
+}
+
+at::Tensor conv2d_bias_act_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                               int64_t groups, int64_t activation, const std::optional<at::Tensor>& residual) {
+  const ConvGeometry g =
+      check_conv2d_bias_act_args(input, weight, bias, stride, padding, dilation, groups, activation, residual);
+  const auto fmt = output_memory_format(input);
+  const ConvPath requested = requested_conv_path();
+  const bool library_ok = library_supports(input, g, residual.has_value());
+  const bool use_library =
+      library_ok && (requested == ConvPath::kLibrary || (requested == ConvPath::kAuto && !direct_is_faster(g)));
+  if (g.n == 0 || g.cout == 0 || g.oh * g.ow == 0 || !use_library) {
+    at::Tensor out = at::empty({g.n, g.cout, g.oh, g.ow}, input.options().memory_format(fmt));
+    if (out.numel() == 0) return out;
+    const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+    const at::Tensor r = residual.has_value() ? *residual : at::Tensor();
+    conv_bias_act_direct_cpu(input.contiguous(), weight.contiguous(), b, r, out, g);
+    return out;
+  }
+  return library_forward(input, weight, bias, residual, g, fmt);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyops, CPU, m) {
+  m.impl("conv2d_bias_act", &conv2d_bias_act_cpu);
+  m.impl("conv_bn_fold", &conv_bn_fold_cpu);
+  m.impl("conv_act_backward", &conv_act_backward_cpu);
+}
+
+}  // namespace pyops

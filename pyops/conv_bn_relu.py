@@ -1,0 +1,279 @@
+"""Fused convolution + eval-mode BatchNorm + residual + ReLU: one pass over the output.
+
+    conv2d_bn_relu(x, W, b, γ, β, μ, σ², ε) = relu(γ·(conv2d(x, W) + b − μ)/√(σ²+ε) + β + residual)
+    conv2d_bias_act(x, W', b')             = act(conv2d(x, W') + b' + residual),  act ∈ {none, relu, relu6}
+
+conv2d_bn_relu folds the BN into (W', b') with a small kernel (scale = γ/√(σ²+ε) in float64, W' = W·scale,
+b' = (b − μ)·scale + β) and then runs conv2d_bias_act, the kernel that pyops.nn's fused modules call with weights
+folded once. The BN statistics are frozen (torchvision's FrozenBatchNorm2d semantics): gradients flow to the input,
+weight, bias, residual and γ, β, never to μ, σ².
+
+Main loops (PYOPS_CONV_PATH forces one; default `auto` picks per shape, see bench/NOTES-conv_bn_relu.md):
+  CPU   `direct`  ours, bias/residual/activation applied to each L1-resident tile before its only store;
+        `library` oneDNN's convolution with the same epilogue as its post-ops (fp32).
+  CUDA  `ours`    our tiled implicit GEMM, fp32 FMA (never TF32), epilogue fused;
+        `cudnn`   cuDNN runtime fusion (torch.cudnn_convolution_relu / _add_relu), TF32 as torch's conv allows it.
+"""
+import torch
+from torch.utils.flop_counter import conv_flop_count, register_flop_formula
+
+from ._checks import check_floating, check_tensor
+
+ACTIVATIONS = {"none": 0, "relu": 1, "relu6": 2}
+
+
+def _pair(v, name, minimum):
+    if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, (tuple, list)) and len(v) == 2)):
+        raise TypeError(f"argument '{name}' must be an int or a pair of ints, got {v!r}")
+    pair = (v, v) if isinstance(v, int) else tuple(v)
+    if not all(isinstance(e, int) and not isinstance(e, bool) for e in pair):
+        raise TypeError(f"argument '{name}' must be an int or a pair of ints, got {v!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"argument '{name}' must be >= {minimum}, got {v!r}")
+    return list(pair)
+
+
+def _check_channel_vector(t, name, channels, x):
+    if t is None:
+        return
+    check_floating(t, name)
+    if t.device != x.device:
+        raise ValueError(f"argument '{name}' is on {t.device} but 'x' is on {x.device}")
+    if t.dim() != 1 or t.shape[0] != channels:
+        raise ValueError(f"argument '{name}' must have shape ({channels},) (one value per output channel), "
+                         f"got {tuple(t.shape)}")
+
+
+def output_shape(x, weight, stride, padding, dilation):
+    """(N, Cout, OH, OW) of conv2d(x, weight) with the given (validated) pairs."""
+    n, _, h, w = x.shape
+    kh, kw = weight.shape[2], weight.shape[3]
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return (n, weight.shape[0], oh, ow)
+
+
+def output_memory_format(x):
+    """The output keeps x's layout: channels_last iff x is channels_last-contiguous and not NCHW-contiguous."""
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+def _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual):
+    """Validates conv2d_bias_act's arguments; returns (stride, padding, dilation) as lists of two ints."""
+    check_floating(x, "x")
+    if x.dim() != 4:
+        raise ValueError(f"argument 'x' must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    check_floating(weight, "weight")
+    if weight.dim() != 4:
+        raise ValueError(f"argument 'weight' must be 4-D (Cout, Cin/groups, KH, KW), got shape {tuple(weight.shape)}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"argument 'weight' has dtype {weight.dtype} but 'x' has dtype {x.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"argument 'weight' is on {weight.device} but 'x' is on {x.device}")
+    stride, padding, dilation = _pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"argument 'groups' must be an int >= 1, got {groups!r}")
+    cin, cout = x.shape[1], weight.shape[0]
+    if cin % groups != 0 or cout % groups != 0:
+        raise ValueError(f"argument 'groups' = {groups} must divide the input channels ({cin}) and the output "
+                         f"channels ({cout})")
+    if weight.shape[1] * groups != cin:
+        raise ValueError(f"argument 'weight' of shape {tuple(weight.shape)} expects {weight.shape[1] * groups} input "
+                         f"channels (groups={groups}), but 'x' has {cin} channels")
+    for i, k in enumerate(weight.shape[2:]):
+        if x.shape[2 + i] + 2 * padding[i] < dilation[i] * (k - 1) + 1:
+            raise ValueError(f"argument 'x' of spatial size {tuple(x.shape[2:])} plus padding {padding} is smaller "
+                             f"than the dilated kernel")
+    _check_channel_vector(bias, "bias", cout, x)
+    if bias is not None and bias.dtype != x.dtype:
+        raise TypeError(f"argument 'bias' has dtype {bias.dtype} but 'x' has dtype {x.dtype}")
+    if residual is not None:
+        check_tensor(residual, "residual")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"argument 'residual' has dtype {residual.dtype} but 'x' has dtype {x.dtype}")
+        if residual.device != x.device:
+            raise ValueError(f"argument 'residual' is on {residual.device} but 'x' is on {x.device}")
+        shape = output_shape(x, weight, stride, padding, dilation)
+        if tuple(residual.shape) != shape:
+            raise ValueError(f"argument 'residual' must have the output's shape {shape}, got {tuple(residual.shape)}")
+    return stride, padding, dilation
+
+
+def _check_bn_args(weight, bn_weight, bn_bias, running_mean, running_var, eps):
+    cout = weight.shape[0]
+    for t, name in ((running_mean, "running_mean"), (running_var, "running_var")):
+        if t is None:
+            raise TypeError(f"argument '{name}' is required (eval-mode BatchNorm folds its running statistics)")
+        _check_channel_vector(t, name, cout, weight)
+    _check_channel_vector(bn_weight, "bn_weight", cout, weight)
+    _check_channel_vector(bn_bias, "bn_bias", cout, weight)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0 or eps == float("inf"):
+        raise ValueError(f"argument 'eps' must be a finite number >= 0, got {eps!r}")
+
+
+def conv2d_bias_act(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, activation="relu",
+                    residual=None):
+    """act(conv2d(x, weight) + bias + residual), the output written once.
+
+    Args:
+        x: (N, Cin, H, W), float32/float64 (+ float16/bfloat16), NCHW, channels_last or any strides.
+        weight: (Cout, Cin/groups, KH, KW), x's dtype and device (typically BN already folded in).
+        bias: (Cout,) or None.
+        stride, padding, dilation: int or pair, as F.conv2d. groups: int dividing Cin and Cout.
+        activation: "none", "relu" or "relu6", applied after the residual add.
+        residual: (N, Cout, OH, OW) or None.
+    Returns:
+        (N, Cout, OH, OW) in x's dtype and memory format.
+    """
+    stride, padding, dilation = _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"argument 'activation' must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    return torch.ops.pyops.conv2d_bias_act(x, weight, bias, stride, padding, dilation, groups,
+                                           ACTIVATIONS[activation], residual)
+
+
+def conv2d_bn_relu(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps=1e-5, stride=1, padding=0,
+                   dilation=1, groups=1, relu=True, residual=None):
+    """relu(bn(conv2d(x, weight, bias)) + residual) with BatchNorm in eval form, in one pass over the output.
+
+    Args:
+        x: (N, Cin, H, W); weight: (Cout, Cin/groups, KH, KW); bias: (Cout,) or None.
+        bn_weight, bn_bias: γ, β of shape (Cout,), or None (affine=False: γ = 1, β = 0).
+        running_mean, running_var: μ, σ² of shape (Cout,), any floating dtype (folded in float64).
+        eps: ε added to σ². stride, padding, dilation, groups: as F.conv2d.
+        relu: apply the ReLU (False: bn(conv) + residual only).
+        residual: (N, Cout, OH, OW) added before the ReLU (ResNet's shortcut), or None.
+    Returns:
+        (N, Cout, OH, OW) in x's dtype and memory format.
+    """
+    stride, padding, dilation = _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual)
+    _check_bn_args(weight, bn_weight, bn_bias, running_mean, running_var, eps)
+    return torch.ops.pyops.conv2d_bn_relu(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, float(eps),
+                                          stride, padding, dilation, groups, bool(relu), residual)
+
+
+# ---- fake (meta) kernels: shapes, dtypes and memory formats exactly as the real kernels produce them ----
+
+@torch.library.register_fake("pyops::conv2d_bias_act")
+def _conv2d_bias_act_fake(x, weight, bias, stride, padding, dilation, groups, activation, residual):
+    stride, padding, dilation = _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual)
+    torch._check(0 <= activation <= 2, lambda: f"argument 'activation' must be 0, 1 or 2, got {activation}")
+    return torch.empty(output_shape(x, weight, stride, padding, dilation), dtype=x.dtype, device=x.device,
+                       memory_format=output_memory_format(x))
+
+
+@torch.library.register_fake("pyops::conv2d_bn_relu")
+def _conv2d_bn_relu_fake(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, stride, padding,
+                         dilation, groups, relu, residual=None):
+    _check_bn_args(weight, bn_weight, bn_bias, running_mean, running_var, eps)
+    return _conv2d_bias_act_fake(x, weight, bias, stride, padding, dilation, groups, int(relu), residual)
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("pyops::conv_bn_fold")
+def _conv_bn_fold_fake(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps):
+    _check_bn_args(weight, bn_weight, bn_bias, running_mean, running_var, eps)
+    c = weight.shape[0]
+    return (weight.new_empty(weight.shape), weight.new_empty((c,)), weight.new_empty((c,), dtype=_acc_dtype(weight.dtype)))
+
+
+@torch.library.register_fake("pyops::conv_act_backward")
+def _conv_act_backward_fake(grad, output, scale, activation, unscaled_too):
+    torch._check(grad.shape == output.shape, lambda: "conv_act_backward: 'grad' and 'output' differ in shape")
+    fmt = output_memory_format(output)
+    second = scale is not None and unscaled_too
+    like = dict(dtype=output.dtype, device=output.device)
+    return (torch.empty(output.shape, memory_format=fmt, **like),
+            torch.empty(output.shape, memory_format=fmt, **like) if second else torch.empty((0,), **like))
+
+
+# ---- autograd: the activation mask (and BN scale) applied to grad_output in one pass, then ATen's conv backward ----
+
+def _conv_backward(grad_conv, x, weight, has_bias, stride, padding, dilation, groups, needs):
+    """(grad_x, grad_weight, grad_bias) of conv2d for the given grad of its output; None where not needed."""
+    if not any(needs):
+        return None, None, None
+    gx, gw, gb = torch.ops.aten.convolution_backward(
+        grad_conv, x, weight, [weight.shape[0]] if has_bias else None, stride, padding, dilation, False, [0, 0],
+        groups, list(needs))
+    return (gx if needs[0] else None), (gw if needs[1] else None), (gb if needs[2] else None)
+
+
+def _bias_act_setup(ctx, inputs, output):
+    x, weight, bias, stride, padding, dilation, groups, activation, residual = inputs
+    ctx.save_for_backward(x, weight, output)
+    ctx.conv = (stride, padding, dilation, groups)
+    ctx.activation, ctx.has_bias = activation, bias is not None
+
+
+def _bias_act_backward(ctx, grad):
+    x, weight, output = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.conv
+    if ctx.activation == ACTIVATIONS["none"]:
+        grad_pre = grad
+    else:
+        grad_pre, _ = torch.ops.pyops.conv_act_backward(grad, output, None, ctx.activation, False)
+    n = ctx.needs_input_grad
+    gx, gw, gb = _conv_backward(grad_pre, x, weight, ctx.has_bias, stride, padding, dilation, groups,
+                                (n[0], n[1], n[2] and ctx.has_bias))
+    return gx, gw, gb, None, None, None, None, None, (grad_pre if n[8] else None)
+
+
+torch.library.register_autograd("pyops::conv2d_bias_act", _bias_act_backward, setup_context=_bias_act_setup)
+
+
+def _bn_setup(ctx, inputs, output):
+    x, weight, bias, bn_weight, bn_bias, mean, var, eps, stride, padding, dilation, groups, relu = inputs[:13]
+    ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, mean, var, output)
+    ctx.eps, ctx.conv, ctx.relu = eps, (stride, padding, dilation, groups), relu
+
+
+def _bn_backward(ctx, grad):
+    """With z = conv(x, W) + b, y = act(scale·(z − μ) + β + residual) and g = grad·act'(y) (one fused pass gives
+    both g·scale and g): dz = g·scale feeds ATen's conv backward (input, weight, bias); d residual = g;
+    dβ = Σ_nhw g; dγ = Σ_nhw g·(z − μ)/√(σ²+ε), using Σ_nhw g·conv(x, W) = Σ_{ic,kh,kw} W ⊙ conv_weight_grad(x, g)
+    so that z is never recomputed."""
+    x, weight, bias, bn_weight, bn_bias, mean, var, output = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.conv
+    n = ctx.needs_input_grad
+    needs_residual = len(n) > 13 and n[13]  # residual=None may be left out of the call
+    need_bn_weight = n[3] and bn_weight is not None
+    need_unscaled = needs_residual or need_bn_weight or (n[4] and bn_bias is not None)
+    _, _, scale = torch.ops.pyops.conv_bn_fold(weight, bias, bn_weight, bn_bias, mean, var, ctx.eps)
+    grad_conv, grad_pre = torch.ops.pyops.conv_act_backward(grad, output, scale, int(ctx.relu), need_unscaled)
+    gx, gw, gb = _conv_backward(grad_conv, x, weight, bias is not None, stride, padding, dilation, groups,
+                                (n[0], n[1], n[2] and bias is not None))
+    g_bn_weight = g_bn_bias = None
+    if need_unscaled and (need_bn_weight or n[4]):
+        sum_pre = grad_pre.sum((0, 2, 3), dtype=_acc_dtype(grad.dtype))
+        if n[4] and bn_bias is not None:
+            g_bn_bias = sum_pre.to(bn_bias.dtype)
+        if need_bn_weight:
+            _, gw_raw, _ = _conv_backward(grad_pre, x, weight, False, stride, padding, dilation, groups,
+                                          (False, True, False))
+            acc = _acc_dtype(grad.dtype)
+            centered = (bias.to(acc) if bias is not None else 0) - mean.to(acc)
+            sum_pre_z = (weight.to(acc) * gw_raw.to(acc)).sum((1, 2, 3)) + centered * sum_pre
+            g_bn_weight = (sum_pre_z * torch.rsqrt(var.to(acc) + ctx.eps)).to(bn_weight.dtype)
+    grads = (gx, gw, gb, g_bn_weight, g_bn_bias, None, None, None, None, None, None, None, None,
+             grad_pre if needs_residual else None)
+    return grads[:len(n)]
+
+
+torch.library.register_autograd("pyops::conv2d_bn_relu", _bn_backward, setup_context=_bn_setup)
+
+
+# ---- FlopCounterMode: 2·multiply-adds of the convolution (PyTorch's convention; the epilogue is not counted) ----
+
+@register_flop_formula(torch.ops.pyops.conv2d_bias_act)
+def _bias_act_flops(x_shape, w_shape, *args, out_shape=None, **kwargs):
+    return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
+
+
+@register_flop_formula(torch.ops.pyops.conv2d_bn_relu)
+def _bn_relu_flops(x_shape, w_shape, *args, out_shape=None, **kwargs):
+    return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)

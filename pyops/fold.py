@@ -1,0 +1,101 @@
+"""Exact BatchNorm folding: a Conv1d/2d/3d or Linear followed by an eval-mode BatchNorm becomes one layer.
+
+In eval mode BatchNorm is the per-channel affine map y = (z − μ)·γ/√(σ²+ε) + β, so for z = W·x + b:
+    W' = W·s (s = γ/√(σ²+ε), per output channel),   b' = (b − μ)·s + β.
+"""
+import sys
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+FOLDABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def frozen_batchnorm_class():
+    """torchvision.ops.misc.FrozenBatchNorm2d if torchvision is already imported, else None.
+
+    (If torchvision was never imported, no FrozenBatchNorm2d can exist: we never import it ourselves.)"""
+    misc = sys.modules.get("torchvision.ops.misc")
+    return getattr(misc, "FrozenBatchNorm2d", None)
+
+
+def is_batchnorm(module):
+    """True for the norms fold_bn accepts: BatchNorm1d/2d/3d, SyncBatchNorm, torchvision's FrozenBatchNorm2d."""
+    frozen = frozen_batchnorm_class()
+    return isinstance(module, _BatchNorm) or (frozen is not None and isinstance(module, frozen))
+
+
+def batchnorm_affine(bn):
+    """(scale, shift), float64 tensors of shape (C,): bn(z) = z·scale + shift per channel, for an eval-mode bn.
+
+    ValueError if bn would use batch statistics (training mode, or track_running_stats=False)."""
+    if not is_batchnorm(bn):
+        raise TypeError(f"argument 'bn' must be a BatchNorm1d/2d/3d, SyncBatchNorm or torchvision FrozenBatchNorm2d, "
+                        f"got {type(bn).__name__}")
+    if isinstance(bn, _BatchNorm):
+        if bn.training:
+            raise ValueError("argument 'bn' is in training mode (it normalizes with batch statistics, which cannot be "
+                             "folded): call bn.eval() first")
+        if bn.running_mean is None or bn.running_var is None:
+            raise ValueError("argument 'bn' has no running statistics (track_running_stats=False): it always "
+                             "normalizes with batch statistics, which cannot be folded")
+    with torch.no_grad():
+        mean, var = bn.running_mean.double(), bn.running_var.double()
+        inv_std = torch.rsqrt(var + bn.eps)
+        gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(mean)  # affine=False: γ=1, β=0
+        beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(mean)
+        scale = gamma * inv_std
+        return scale, beta - mean * scale
+
+
+def out_channels(layer):
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
+def fold_bn(layer, bn):
+    """A new layer computing bn(layer(x)) exactly (up to rounding) for an eval-mode BatchNorm `bn`.
+
+    layer: nn.Conv1d / nn.Conv2d / nn.Conv3d (any stride, padding, padding_mode, dilation, groups) or nn.Linear.
+        ConvTranspose layers are not supported (their output channels sit on weight dim 1).
+    bn: nn.BatchNorm1d/2d/3d or nn.SyncBatchNorm in eval mode with running statistics (affine or not), or
+        torchvision.ops.misc.FrozenBatchNorm2d; bn's channel count must equal the layer's output channels.
+    Returns a fresh module of the layer's base class (nn.Conv2d, nn.Linear, ...) with the same hyper-parameters,
+    weight W·s and bias (b − μ)·s + β (a trainable Parameter even where layer.bias is None), s = γ/√(σ²+ε).
+    The arithmetic runs in float64 and is rounded once to the layer's dtypes (fp16/bf16 weights included); the weight
+    keeps its memory layout (e.g. channels_last) and device; requires_grad flags and the training flag are kept.
+    Neither argument is modified.
+    ValueError: bn in training mode, bn without running statistics, or channel counts that differ.
+    TypeError: an unsupported layer or norm type.
+    """
+    if not isinstance(layer, FOLDABLE_LAYERS):
+        raise TypeError(f"argument 'layer' must be an nn.Conv1d, nn.Conv2d, nn.Conv3d or nn.Linear, "
+                        f"got {type(layer).__name__}")
+    scale, shift = batchnorm_affine(bn)
+    if scale.numel() != out_channels(layer):
+        raise ValueError(f"argument 'bn' has {scale.numel()} channels but argument 'layer' has "
+                         f"{out_channels(layer)} output channels")
+    weight, bias = layer.weight, layer.bias
+    with torch.no_grad():
+        scale, shift = scale.to(weight.device), shift.to(weight.device)
+        channel_shape = (-1,) + (1,) * (weight.dim() - 1)
+        new_weight = torch.empty_like(weight)  # same dtype, device and strides (channels_last stays channels_last)
+        new_weight.copy_(weight.double() * scale.view(channel_shape))
+        old_bias = bias.double() if bias is not None else torch.zeros_like(scale)
+        new_bias = (old_bias * scale + shift).to(bias.dtype if bias is not None else weight.dtype)
+
+    folded = empty_like_layer(layer)
+    folded.weight = nn.Parameter(new_weight, requires_grad=weight.requires_grad)
+    folded.bias = nn.Parameter(new_bias, requires_grad=bias.requires_grad if bias is not None else True)
+    return folded.train(layer.training)
+
+
+def empty_like_layer(layer):
+    """A module of layer's base class with layer's hyper-parameters and a bias, its parameters on the meta device
+    (no memory, no initialization: the caller installs them)."""
+    if isinstance(layer, nn.Linear):
+        return nn.Linear(layer.in_features, layer.out_features, bias=True, device="meta")
+    base = next(cls for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d) if isinstance(layer, cls))
+    return base(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride, padding=layer.padding,
+                dilation=layer.dilation, groups=layer.groups, bias=True, padding_mode=layer.padding_mode,
+                device="meta")

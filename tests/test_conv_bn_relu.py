@@ -1,0 +1,301 @@
+"""pyops.conv2d_bn_relu and conv2d_bias_act against float64 references, on every main loop (PYOPS_CONV_PATH)."""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import pyops
+from pyops import reference
+from pyops.conv_bn_relu import conv2d_bias_act
+from conftest import tolerances
+
+PATHS = {"cpu": ["direct", "library"], "cuda": ["ours", "cudnn"]}
+
+
+@pytest.fixture(params=[0, 1], ids=["path0", "path1"])
+def path(request, device, monkeypatch):
+    """Forces each main loop of the device in turn (CPU: direct, library; CUDA: ours, cudnn)."""
+    name = PATHS[device][request.param]
+    monkeypatch.setenv("PYOPS_CONV_PATH", name)
+    return name
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(shape, seed, scale=1.0):
+    return torch.randn(shape, generator=gen(seed), dtype=torch.float64) * scale
+
+
+def random_case(seed):
+    """A seeded random convolution: stride, padding, dilation, groups (incl. depthwise), optional parts."""
+    rng = random.Random(seed)
+    groups = rng.choice([1, 1, 2, 3, "depthwise"])
+    cin_g = 1 if groups == "depthwise" else rng.randint(1, 5)
+    groups = rng.randint(2, 6) if groups == "depthwise" else groups
+    cout_g = 1 if cin_g == 1 and rng.random() < 0.5 else rng.randint(1, 6)
+    k = (rng.randint(1, 5), rng.randint(1, 5))
+    stride, padding, dilation = (rng.randint(1, 3), rng.randint(1, 3)), (rng.randint(0, 2), rng.randint(0, 2)), \
+        (rng.randint(1, 2), rng.randint(1, 2))
+    size = [max(rng.randint(3, 14), dilation[i] * (k[i] - 1) + 1 - 2 * padding[i]) for i in range(2)]
+    cin, cout = cin_g * groups, cout_g * groups
+    t = dict(
+        x=randn((rng.randint(1, 3), cin, *size), seed), weight=randn((cout, cin_g, *k), seed + 1, 0.5),
+        bias=randn((cout,), seed + 2) if rng.random() < 0.6 else None,
+        bn_weight=randn((cout,), seed + 3) if rng.random() < 0.7 else None,
+        running_mean=randn((cout,), seed + 5), running_var=torch.rand(cout, generator=gen(seed + 6), dtype=torch.float64) + 0.3)
+    t["bn_bias"] = randn((cout,), seed + 4) if t["bn_weight"] is not None else None
+    conv = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    out_shape = reference.conv2d_bias_act(t["x"], t["weight"], None, activation="none", **conv).shape
+    t["residual"] = randn(out_shape, seed + 7) if rng.random() < 0.5 else None
+    return t, dict(conv, eps=rng.choice([1e-5, 1e-3]), relu=rng.random() < 0.8)
+
+
+def cast(tensors, dtype, device):
+    return {k: (v.to(device=device, dtype=dtype) if v is not None else None) for k, v in tensors.items()}
+
+
+def magnitude(t, kw):
+    """Largest Σ|term| of any output: the scale fp rounding errors are relative to."""
+    ab = {k: (v.abs() if v is not None else None) for k, v in t.items()}
+    scale = (ab["bn_weight"] if ab["bn_weight"] is not None else 1) / (t["running_var"] + kw["eps"]).sqrt()
+    w = ab["weight"] * torch.as_tensor(scale).reshape(-1, 1, 1, 1)
+    conv = {k: kw[k] for k in ("stride", "padding", "dilation", "groups")}
+    return float(F.conv2d(ab["x"], w, None, **conv).abs().max()) + 10.0
+
+
+def check_close(out, ref, dtype, mag):
+    rtol, atol = tolerances(dtype)
+    torch.testing.assert_close(out.double().cpu(), ref.double().cpu(), rtol=rtol, atol=max(atol, rtol * mag))
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_conv2d_bn_relu_matches_float64_reference(device, path, seed):
+    t, kw = random_case(seed)
+    ref = reference.conv2d_bn_relu(**t, **kw)
+    dtypes = [torch.float32, torch.float64] + ([torch.float16, torch.bfloat16] if device == "cuda" else [])
+    for dtype in dtypes:
+        # reduced precision: the reference sees the same rounded inputs; the statistics stay float32
+        td = cast(t, dtype, device)
+        for k in ("bn_weight", "bn_bias", "running_mean", "running_var"):
+            if td[k] is not None and dtype in (torch.float16, torch.bfloat16):
+                td[k] = t[k].to(device=device, dtype=torch.float32)
+        out = pyops.conv2d_bn_relu(**td, **kw)
+        assert out.shape == ref.shape and out.dtype == dtype and out.device.type == device
+        ref_d = reference.conv2d_bn_relu(**{k: (v.double().cpu() if v is not None else None) for k, v in td.items()},
+                                         **kw)
+        check_close(out, ref_d, dtype, magnitude(t, kw))
+
+
+@pytest.mark.parametrize("activation", ["none", "relu", "relu6"])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_conv2d_bias_act_matches_float64_reference(device, path, activation, with_residual):
+    x, w, b = randn((2, 6, 9, 8), 1, 3.0), randn((8, 3, 3, 3), 2), randn((8,), 3, 3.0)  # relu6 clips often
+    r = randn((2, 8, 9, 8), 4, 3.0) if with_residual else None
+    ref = reference.conv2d_bias_act(x, w, b, 1, 1, 1, 2, activation, r)
+    for dtype in (torch.float32, torch.float64):
+        c = lambda v: v.to(device=device, dtype=dtype) if v is not None else None  # noqa: E731
+        out = conv2d_bias_act(c(x), c(w), c(b), 1, 1, 1, 2, activation, c(r))
+        check_close(out, ref, dtype, 200.0)
+
+
+def test_homework_and_resnet_shapes(device, path):
+    """The homework's 3→16 and 16→16 layers on 32×32 and a ResNet-50 3×3 64→64 layer with its residual."""
+    for seed, (cin, cout, k, h, res) in enumerate([(3, 16, 3, 32, False), (16, 16, 3, 32, False),
+                                                    (64, 64, 3, 20, True), (64, 64, 1, 12, False)]):
+        x, w = randn((2, cin, h, h), seed), randn((cout, cin, k, k), seed + 1, (cin * k * k) ** -0.5)
+        stats = [randn((cout,), seed + i) for i in (2, 3, 4)] + [torch.rand(cout, dtype=torch.float64) + 0.5]
+        r = randn((2, cout, h, h), seed + 5) if res else None
+        ref = reference.conv2d_bn_relu(x, w, None, *stats, padding=k // 2, residual=r)
+        out = pyops.conv2d_bn_relu(x.float().to(device), w.float().to(device), None,
+                                   *[s.float().to(device) for s in stats], padding=k // 2,
+                                   residual=r.float().to(device) if res else None)
+        check_close(out, ref, torch.float32, 50.0)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+def test_layouts(device, path, layout):
+    base = randn((2, 6, 13, 22), 3)
+    w, b, r = randn((4, 6, 3, 3), 4), randn((4,), 5), randn((2, 4, 13, 11), 6)
+    if layout == "channels_last":
+        x, res = base[:, :, :, :11].contiguous(memory_format=torch.channels_last), r.contiguous(
+            memory_format=torch.channels_last)
+    else:  # non-contiguous views of input and residual
+        x, res = base[:, :, :, ::2], torch.cat([r, r], 2)[:, :, ::2]
+    ref = reference.conv2d_bias_act(x.contiguous(), w, b, 1, 1, activation="relu", residual=res.contiguous())
+    for dtype in (torch.float32, torch.float64):
+        out = conv2d_bias_act(x.to(device, dtype), w.to(device, dtype), b.to(device, dtype), 1, 1,
+                              activation="relu", residual=res.to(device, dtype))
+        check_close(out, ref, dtype, 50.0)
+        # the output keeps the input's memory format, as F.conv2d does
+        assert out.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+        assert out.is_contiguous() == (layout != "channels_last")
+
+
+def test_empty_batch(device, path):
+    x, w = torch.randn(0, 4, 8, 8, device=device), torch.randn(6, 4, 3, 3, device=device)
+    stats = [torch.randn(6, device=device) for _ in range(3)] + [torch.rand(6, device=device) + 1]
+    out = pyops.conv2d_bn_relu(x, w, None, *stats, padding=1)
+    assert out.shape == (0, 6, 8, 8)
+    out = conv2d_bias_act(x, w, None, 2, 1, residual=torch.empty(0, 6, 4, 4, device=device))
+    assert out.shape == (0, 6, 4, 4)
+
+
+def grad_inputs(device):
+    torch.manual_seed(0)
+    d = dict(dtype=torch.float64, device=device)
+    x = torch.randn(2, 4, 7, 6, **d)
+    w = torch.randn(6, 2, 3, 3, **d)
+    b, g, beta = torch.randn(6, **d), torch.randn(6, **d), torch.randn(6, **d)
+    mean, var = torch.randn(6, **d), torch.rand(6, **d) + 0.5
+    r = torch.randn(2, 6, 4, 6, **d)
+    return x, w, b, g, beta, mean, var, r
+
+
+def test_gradients_match_autograd_reference(device, path):
+    """Every gradient (input, weight, bias, γ, β, residual) equals autograd through the unfused reference."""
+    x, w, b, g, beta, mean, var, r = grad_inputs(device)
+    conv = dict(stride=(2, 1), padding=1, dilation=1, groups=2)
+    leaves = [t.requires_grad_() for t in (x, w, b, g, beta, r)]
+    gy = torch.randn(2, 6, 4, 6, dtype=torch.float64, device=device)
+    for relu in (True, False):
+        out = pyops.conv2d_bn_relu(x, w, b, g, beta, mean, var, 1e-3, relu=relu, residual=r, **conv)
+        ref = reference.conv2d_bn_relu(x, w, b, g, beta, mean, var, 1e-3, relu=relu, residual=r, **conv)
+        got = torch.autograd.grad(out, leaves, gy)
+        want = torch.autograd.grad(ref, leaves, gy)
+        for a, e, name in zip(got, want, ["x", "weight", "bias", "bn_weight", "bn_bias", "residual"]):
+            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10, msg=lambda m: f"grad of {name}: {m}")
+    for act in ("none", "relu", "relu6"):
+        leaves3 = [x, w, b, r]
+        out = conv2d_bias_act(x * 3, w, b, activation=act, residual=r, **conv)
+        ref = reference.conv2d_bias_act(x * 3, w, b, activation=act, residual=r, **conv)
+        for a, e in zip(torch.autograd.grad(out, leaves3, gy), torch.autograd.grad(ref, leaves3, gy)):
+            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
+def test_gradcheck(device):
+    x, w, b, g, beta, mean, var, r = grad_inputs(device)
+    # small slices keep gradcheck's numerical Jacobian cheap on this 2-core CPU
+    x, w, b, g, beta, mean, var, r = x[:1, :, :5, :4], w[:4], b[:4], g[:4], beta[:4], mean[:4], var[:4], r[:1, :4, :3, :4]
+    x, w, b, g, beta, r = (t.detach().clone().requires_grad_() for t in (x, w, b, g, beta, r))
+    assert torch.autograd.gradcheck(
+        lambda *a: pyops.conv2d_bn_relu(a[0], a[1], a[2], a[3], a[4], mean, var, 1e-5, (2, 1), 1, 1, 2, True, a[5]),
+        (x, w, b, g, beta, r))
+    assert torch.autograd.gradcheck(
+        lambda *a: conv2d_bias_act(*a[:3], (2, 1), 1, 1, 2, "relu6", a[3]), (x * 4, w, b, r))
+
+
+def test_opcheck(device):
+    x, w, b, g, beta, mean, var, r = grad_inputs(device)
+    x, w, b, g, beta = (t.requires_grad_() for t in (x, w, b, g, beta))
+    ops = torch.ops.pyops
+    cases = [
+        (ops.conv2d_bn_relu, (x, w, b, g, beta, mean, var, 1e-5, [2, 1], [1, 1], [1, 1], 2, True, r)),
+        (ops.conv2d_bn_relu, (x.float().contiguous(memory_format=torch.channels_last), w.float(), None, None, None,
+                              mean.float(), var.float(), 1e-5, [1, 1], [0, 0], [1, 1], 1 if w.shape[1] == 4 else 2,
+                              False, None)),
+        (ops.conv2d_bias_act, (x, w, b, [1, 1], [1, 1], [1, 1], 2, 2, None)),
+        (ops.conv2d_bias_act, (x, w, None, [2, 1], [1, 1], [1, 1], 2, 1, r.requires_grad_())),
+        (ops.conv_bn_fold, (w.detach(), b.detach(), g.detach(), None, mean, var, 1e-5)),
+        (ops.conv_act_backward, (r.detach(), r.detach() * 2, g.detach(), 1, True)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_flop_counter_counts_the_convolution(device):
+    x, w, b, g, beta, mean, var, r = grad_inputs(device)
+    with FlopCounterMode(display=False) as ours:
+        pyops.conv2d_bn_relu(x, w, b, g, beta, mean, var, stride=(2, 1), padding=1, groups=2, residual=r)
+        conv2d_bias_act(x, w, b, (2, 1), 1, 1, 2, "relu", r)
+    with FlopCounterMode(display=False) as theirs:
+        F.conv2d(x, w, b, (2, 1), 1, 1, 2)
+    assert ours.get_total_flops() == 2 * theirs.get_total_flops() == 2 * 2 * (2 * 6 * 4 * 6) * (2 * 3 * 3)
+
+
+def test_torch_compile_fullgraph(device):
+    x, w, b, g, beta, mean, var, r = (t.float() for t in grad_inputs(device))
+
+    def block(x, w, b, r):
+        return pyops.conv2d_bn_relu(x, w, b, g, beta, mean, var, 1e-5, stride=(2, 1), padding=1, groups=2,
+                                    residual=r) * 2
+
+    compiled = torch.compile(block, fullgraph=True)
+    want = block(x, w, b, r)
+    torch.testing.assert_close(compiled(x, w, b, r), want, rtol=1e-6, atol=1e-6)
+
+
+# ---- bad input: a Python exception that names the problem ----
+
+def bad_cases():
+    x, w = torch.randn(2, 4, 8, 8), torch.randn(6, 4, 3, 3)
+    stats = dict(bn_weight=torch.ones(6), bn_bias=torch.zeros(6), running_mean=torch.zeros(6),
+                 running_var=torch.ones(6))
+    return [
+        ("wrong rank", dict(x=torch.randn(4, 8, 8)), ValueError, "'x' must be 4-D"),
+        ("weight rank", dict(weight=torch.randn(6, 4, 3)), ValueError, "'weight' must be 4-D"),
+        ("channel mismatch", dict(x=torch.randn(2, 5, 8, 8)), ValueError, "expects 4 input channels"),
+        ("stats length", dict(running_var=torch.ones(5)), ValueError, "'running_var' must have shape \\(6,\\)"),
+        ("mean length", dict(running_mean=torch.ones(7)), ValueError, "'running_mean'"),
+        ("bn_weight length", dict(bn_weight=torch.ones(3)), ValueError, "'bn_weight'"),
+        ("bias length", dict(bias=torch.ones(4)), ValueError, "'bias'"),
+        ("dtype mismatch", dict(weight=w.double()), TypeError, "'weight' has dtype torch.float64"),
+        ("integer input", dict(x=torch.ones(2, 4, 8, 8, dtype=torch.int64)), TypeError, "'x' must be a floating"),
+        ("device mismatch", dict(weight=w.to("meta")), ValueError, "'weight' is on meta"),
+        ("stride 0", dict(stride=0), ValueError, "'stride' must be >= 1"),
+        ("negative padding", dict(padding=(1, -1)), ValueError, "'padding' must be >= 0"),
+        ("dilation 0", dict(dilation=0), ValueError, "'dilation' must be >= 1"),
+        ("groups not dividing", dict(groups=3), ValueError, "'groups' = 3 must divide"),
+        ("residual shape", dict(residual=torch.randn(2, 6, 7, 8)), ValueError, "'residual' must have the output"),
+        ("residual dtype", dict(residual=torch.randn(2, 6, 6, 6, dtype=torch.float64)), TypeError, "'residual'"),
+        ("kernel too large", dict(x=torch.randn(2, 4, 2, 2)), ValueError, "smaller than the dilated kernel"),
+        ("negative eps", dict(eps=-1.0), ValueError, "'eps'"),
+    ], dict(x=x, weight=w, bias=None, **stats)
+
+
+@pytest.mark.parametrize("case", range(len(bad_cases()[0])), ids=[c[0] for c in bad_cases()[0]])
+def test_bad_input_names_the_problem(case):
+    (_, change, exc, match), args = bad_cases()[0][case], bad_cases()[1]
+    args.update(change)
+    with pytest.raises(exc, match=match):
+        pyops.conv2d_bn_relu(**args)
+
+
+def test_bad_input_in_cpp_too():
+    """The op itself (no Python wrapper) checks again, naming the argument."""
+    x, w, m, v = torch.randn(2, 4, 8, 8), torch.randn(6, 4, 3, 3), torch.zeros(6), torch.ones(6)
+    op = torch.ops.pyops.conv2d_bn_relu
+    with pytest.raises(ValueError, match="'running_var'"):
+        op(x, w, None, None, None, m, torch.ones(5), 1e-5, [1, 1], [1, 1], [1, 1], 1, True)
+    with pytest.raises(ValueError, match="'stride'"):
+        op(x, w, None, None, None, m, v, 1e-5, [0, 1], [1, 1], [1, 1], 1, True)
+    with pytest.raises(ValueError, match="'padding'"):
+        op(x, w, None, None, None, m, v, 1e-5, [1, 1], [-1, 1], [1, 1], 1, True)
+    with pytest.raises(ValueError, match="'groups'"):
+        op(x, w, None, None, None, m, v, 1e-5, [1, 1], [1, 1], [1, 1], 3, True)
+    with pytest.raises(TypeError, match="'weight' has dtype"):
+        op(x, w.double(), None, None, None, m, v, 1e-5, [1, 1], [1, 1], [1, 1], 1, True)
+    with pytest.raises(ValueError, match="'activation'"):
+        torch.ops.pyops.conv2d_bias_act(x, w, None, [1, 1], [1, 1], [1, 1], 1, 5, None)
+    with pytest.raises(ValueError, match="'activation'"):
+        conv2d_bias_act(x, w, activation="gelu")
+
+
+def test_bad_path_env(monkeypatch):
+    monkeypatch.setenv("PYOPS_CONV_PATH", "fastest")
+    with pytest.raises(ValueError, match="PYOPS_CONV_PATH"):
+        conv2d_bias_act(torch.randn(1, 2, 4, 4), torch.randn(2, 2, 1, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_accumulates_in_fp32(device, path, dtype):
+    """float16/bfloat16 inputs (our direct kernel on CPU, both paths on CUDA) accumulate in fp32."""
+    x, w, b, r = randn((2, 8, 10, 9), 11), randn((12, 4, 3, 3), 12, 0.3), randn((12,), 13), randn((2, 12, 10, 9), 14)
+    q = lambda t: t.to(dtype)  # noqa: E731  (the reference sees the same rounded inputs)
+    ref = reference.conv2d_bias_act(q(x).double(), q(w).double(), q(b).double(), 1, 1, 1, 2, "relu", q(r).double())
+    out = conv2d_bias_act(q(x).to(device), q(w).to(device), q(b).to(device), 1, 1, 1, 2, "relu", q(r).to(device))
+    assert out.dtype == dtype
+    check_close(out, ref, dtype, 20.0)

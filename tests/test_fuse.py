@@ -1,0 +1,472 @@
+"""pyops.fold_bn, pyops.fuse and the fused modules of pyops.nn against the unfused PyTorch models they replace."""
+import copy
+import itertools
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from conftest import tolerances
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+import pyops
+from pyops.demo.conv_bn_relu import HomeworkNet, homework_setup, max_squared_error, randomize_batchnorms_
+from pyops.nn import ConvBNReLU2d, LinearBNReLU
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def randomized(model, seed=0):
+    return randomize_batchnorms_(model, gen(seed)).eval()
+
+
+def state_snapshot(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def assert_state_equal(module, snapshot):
+    state = module.state_dict()
+    assert state.keys() == snapshot.keys()
+    for k, v in snapshot.items():
+        assert torch.equal(state[k], v), f"{k} was modified"
+
+
+def assert_no_batchnorm(model):
+    norms = [name for name, m in model.named_modules() if isinstance(m, (_BatchNorm, FrozenBatchNorm2d))]
+    assert not norms, f"BatchNorms left: {norms}"
+
+
+def assert_close_relative(actual, expected, rtol):
+    """max |actual - expected| <= rtol * max |expected| (outputs of deep networks: one scale for all entries)."""
+    err = (actual - expected).abs().max().item()
+    assert err <= rtol * expected.abs().max().item(), f"max abs error {err} vs scale {expected.abs().max().item()}"
+
+
+# --- (a) the homework's network -----------------------------------------------------------------------------------
+
+def test_homework_network_meets_the_criterion(device):
+    model, fused, inputs = homework_setup(seed=0, batches=5, batch_size=100)
+    model, fused = model.to(device), fused.to(device)
+    assert_no_batchnorm(fused)
+    kinds = [type(m) for m in fused.modules()]
+    assert kinds.count(ConvBNReLU2d) == 2 and kinds.count(LinearBNReLU) == 1
+    error = max_squared_error(model, fused, [x.to(device) for x in inputs])
+    assert error < 1e-8
+
+
+# --- (b) fold_bn --------------------------------------------------------------------------------------------------
+
+LAYERS = {
+    "conv1d": (lambda bias: nn.Conv1d(4, 6, 3, stride=2, padding=1, bias=bias), nn.BatchNorm1d, (3, 4, 11)),
+    "conv2d": (lambda bias: nn.Conv2d(4, 6, 3, padding=2, dilation=2, bias=bias), nn.BatchNorm2d, (3, 4, 9, 8)),
+    "conv3d": (lambda bias: nn.Conv3d(4, 6, (1, 3, 3), padding=(0, 1, 1), bias=bias), nn.BatchNorm3d, (2, 4, 3, 5, 6)),
+    "linear": (lambda bias: nn.Linear(7, 6, bias=bias), nn.BatchNorm1d, (5, 7)),
+}
+
+
+def make_pair(kind, bias=True, affine=True, dtype=torch.float64, seed=0):
+    make_layer, make_bn, input_shape = LAYERS[kind]
+    torch.manual_seed(seed)
+    layer, bn = make_layer(bias).to(dtype), make_bn(6, affine=affine).to(dtype)
+    randomized(bn, seed)
+    return layer.eval(), bn, torch.randn(input_shape, dtype=dtype, generator=gen(seed + 1))
+
+
+@pytest.mark.parametrize("kind,bias,affine", list(itertools.product(LAYERS, [True, False], [True, False])))
+def test_fold_bn_is_exact_in_float64(kind, bias, affine):
+    layer, bn, x = make_pair(kind, bias, affine)
+    before = (state_snapshot(layer), state_snapshot(bn))
+    folded = pyops.fold_bn(layer, bn)
+    assert type(folded) is type(layer) and folded is not layer
+    assert isinstance(folded.bias, nn.Parameter) and folded.bias.requires_grad
+    rtol, atol = tolerances(torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), bn(layer(x)), rtol=rtol, atol=atol)
+    assert_state_equal(layer, before[0])
+    assert_state_equal(bn, before[1])
+    assert (layer.bias is None) == (not bias) and not bn.training
+
+
+def test_fold_bn_fp32_on_device(device):
+    layer, bn, x = make_pair("conv2d", dtype=torch.float32)
+    layer, bn, x = layer.to(device), bn.to(device), x.to(device)
+    folded = pyops.fold_bn(layer, bn)
+    assert folded.weight.device == layer.weight.device
+    expected = bn.double()(layer.double()(x.double()))
+    rtol, atol = tolerances(torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x).double(), expected, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fold_bn_half_precision_weights_are_rounded_once_from_float64(dtype):
+    layer64, bn64, _ = make_pair("conv2d")
+    layer, bn = copy.deepcopy(layer64).to(dtype), copy.deepcopy(bn64).to(dtype)
+    folded = pyops.fold_bn(layer, bn)
+    assert folded.weight.dtype == dtype and folded.bias.dtype == dtype
+    # the float64 fold of the same (rounded) half-precision values, rounded once: equal to the last bit
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    weight = (layer.weight.double() * scale[:, None, None, None]).to(dtype)
+    bias = ((layer.bias.double() - bn.running_mean.double()) * scale + bn.bias.double()).to(dtype)
+    assert torch.equal(folded.weight, weight) and torch.equal(folded.bias, bias)
+
+
+def test_fold_bn_keeps_channels_last_layout():
+    for kind, fmt in (("conv2d", torch.channels_last), ("conv3d", torch.channels_last_3d)):
+        layer, bn, x = make_pair(kind)
+        layer.weight.data = layer.weight.data.contiguous(memory_format=fmt)
+        folded = pyops.fold_bn(layer, bn)
+        assert folded.weight.is_contiguous(memory_format=fmt) and not folded.weight.is_contiguous()
+        with torch.no_grad():
+            torch.testing.assert_close(folded(x), bn(layer(x)), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("groups,out_channels", [(2, 6), (4, 8), (4, 4)])  # grouped, grouped, depthwise
+def test_fold_bn_grouped_convolutions(groups, out_channels):
+    layer = nn.Conv2d(4, out_channels, 3, padding=1, groups=groups).double()
+    bn = randomized(nn.BatchNorm2d(out_channels).double())
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64, generator=gen())
+    with torch.no_grad():
+        torch.testing.assert_close(pyops.fold_bn(layer, bn)(x), bn(layer(x)), rtol=1e-10, atol=1e-12)
+
+
+def test_fold_bn_accepts_frozen_batchnorm():
+    layer, _, x = make_pair("conv2d", bias=False)
+    frozen = FrozenBatchNorm2d(6, eps=1e-3).double()
+    for buffer in (frozen.weight, frozen.bias, frozen.running_mean):
+        buffer.copy_(torch.randn(6, generator=gen(2)))
+    frozen.running_var.copy_(torch.rand(6, generator=gen(3)) + 0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(pyops.fold_bn(layer, frozen)(x), frozen(layer(x)), rtol=1e-10, atol=1e-12)
+
+
+def test_fold_bn_keeps_hyper_parameters_and_flags():
+    layer = nn.Conv2d(4, 6, 3, stride=2, padding=1, padding_mode="reflect").double()
+    layer.weight.requires_grad_(False)
+    bn = randomized(nn.BatchNorm2d(6).double())
+    folded = pyops.fold_bn(layer, bn)
+    assert (folded.stride, folded.padding, folded.padding_mode) == ((2, 2), (1, 1), "reflect")
+    assert not folded.weight.requires_grad and folded.bias.requires_grad
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64, generator=gen())
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), bn(layer(x)), rtol=1e-10, atol=1e-12)
+
+
+def test_fold_bn_rejects_bad_arguments():
+    layer, bn, _ = make_pair("conv2d")
+    with pytest.raises(ValueError, match="training mode"):
+        pyops.fold_bn(layer, copy.deepcopy(bn).train())
+    with pytest.raises(ValueError, match="running statistics"):
+        pyops.fold_bn(layer, nn.BatchNorm2d(6, track_running_stats=False).eval())
+    with pytest.raises(ValueError, match="channels"):
+        pyops.fold_bn(layer, nn.BatchNorm2d(5).eval())
+    with pytest.raises(TypeError, match="layer"):
+        pyops.fold_bn(nn.ConvTranspose2d(4, 6, 3), bn)
+    with pytest.raises(TypeError, match="bn"):
+        pyops.fold_bn(layer, nn.LayerNorm(6))
+
+
+# --- pyops.nn modules ---------------------------------------------------------------------------------------------
+
+def conv_bn(cin=4, cout=6, seed=0, **conv_args):
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(cin, cout, 3, **conv_args).double().eval()
+    return conv, randomized(nn.BatchNorm2d(cout).double(), seed)
+
+
+@pytest.mark.parametrize("relu,activation", [(True, "relu"), (nn.ReLU(inplace=True), "relu"), ("relu6", "relu6"),
+                                             (nn.ReLU6(), "relu6"), (False, "none")])
+def test_conv_bn_relu_module_matches_the_unfused_chain(relu, activation):
+    conv, bn = conv_bn(padding=1, stride=2)
+    fused = ConvBNReLU2d.from_modules(conv, bn, relu)
+    assert fused.activation == activation
+    act = {"relu": F.relu, "relu6": F.relu6, "none": lambda t: t}[activation]
+    x = torch.randn(2, 4, 9, 9, dtype=torch.float64, generator=gen()) * 3
+    residual = torch.randn(2, 6, 5, 5, dtype=torch.float64, generator=gen(1)) * 3
+    broadcast = torch.randn(6, 1, 1, dtype=torch.float64, generator=gen(2))
+    with torch.no_grad():
+        for res in (None, residual, broadcast):
+            expected = act(bn(conv(x)) + (0 if res is None else res))
+            torch.testing.assert_close(fused(x, res), expected, rtol=1e-10, atol=1e-12)
+        for res in (None, residual[0], broadcast):  # unbatched input, as nn.Conv2d takes
+            expected = act(bn(conv(x[:1]))[0] + (0 if res is None else res))
+            torch.testing.assert_close(fused(x[0], res), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_conv_bn_relu_module_repr_and_state_dict():
+    conv = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False).eval()
+    bn = randomized(nn.BatchNorm2d(64))
+    fused = ConvBNReLU2d.from_modules(conv, bn)
+    assert repr(fused) == ("ConvBNReLU2d(3, 64, kernel_size=(7, 7), stride=(2, 2), padding=(3, 3), bias=True, "
+                           "activation=relu)")
+    assert set(fused.state_dict()) == {"weight", "bias"}
+    fresh = ConvBNReLU2d(3, 64, 7, stride=2, padding=3)
+    fresh.load_state_dict(fused.state_dict())
+    x = torch.rand(1, 3, 32, 32, generator=gen())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), fused(x), rtol=0, atol=0)
+    assert fused.double().weight.dtype == torch.float64  # parameters follow .to()/.double()/.half()
+
+
+def test_conv_bn_relu_module_same_padding_and_rejections():
+    conv, bn = conv_bn(padding="same", dilation=2)
+    fused = ConvBNReLU2d.from_modules(conv, bn)
+    assert fused.padding == (2, 2)
+    x = torch.randn(1, 4, 8, 8, dtype=torch.float64, generator=gen())
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), F.relu(bn(conv(x))), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="padding_mode"):
+        ConvBNReLU2d.from_modules(*conv_bn(padding=1, padding_mode="circular"))
+    with pytest.raises(ValueError, match="same"):
+        ConvBNReLU2d.from_modules(nn.Conv2d(4, 6, 2, padding="same").eval(), nn.BatchNorm2d(6).eval())
+    with pytest.raises(ValueError, match="relu"):
+        ConvBNReLU2d.from_modules(conv, bn, relu="gelu")
+    with pytest.raises(TypeError, match="conv"):
+        ConvBNReLU2d.from_modules(nn.Conv1d(4, 6, 3), nn.BatchNorm1d(6).eval())
+
+
+@pytest.mark.parametrize("relu", [True, "relu6", False])
+def test_linear_bn_relu_module_matches_the_unfused_chain(relu):
+    torch.manual_seed(0)
+    linear, bn = nn.Linear(7, 6).double(), randomized(nn.BatchNorm1d(6).double())
+    fused = LinearBNReLU.from_modules(linear, bn, relu)
+    act = {True: F.relu, "relu6": F.relu6, False: lambda t: t}[relu]
+    x = torch.randn(5, 7, dtype=torch.float64, generator=gen()) * 3
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), act(bn(linear(x))), rtol=1e-10, atol=1e-12)
+
+
+# --- (e) gradients with frozen statistics ------------------------------------------------------------------------
+
+def test_conv_bn_relu_gradients_match_eval_mode_batchnorm(device):
+    conv, bn = conv_bn(cin=3, cout=5, padding=1)
+    conv, bn = conv.to(device), bn.to(device)
+    fused = ConvBNReLU2d.from_modules(conv, bn)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=gen()).to(device).requires_grad_()
+    residual = torch.randn(2, 5, 6, 6, dtype=torch.float64, generator=gen(1)).to(device).requires_grad_()
+    grad_out = torch.randn(2, 5, 6, 6, dtype=torch.float64, generator=gen(2)).to(device)
+
+    expected = torch.autograd.grad(F.relu(bn(conv(x)) + residual), (x, residual, conv.weight, conv.bias), grad_out)
+    got = torch.autograd.grad(fused(x, residual), (x, residual, fused.weight, fused.bias), grad_out)
+    scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
+    # W' = W·s and b' = (b − μ)·s + β, so dL/dW = dL/dW'·s and dL/db = dL/db'·s per output channel
+    for e, g in zip(expected, (got[0], got[1], got[2] * scale[:, None, None, None], got[3] * scale)):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+    assert bn.weight.grad is None and bn.running_mean.grad is None  # statistics and affine frozen
+
+
+def test_fused_module_gradcheck():
+    conv, bn = conv_bn(cin=2, cout=3, padding=1)
+    fused = ConvBNReLU2d.from_modules(conv, bn)
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64, generator=gen(), requires_grad=True)
+    residual = torch.randn(1, 3, 5, 5, dtype=torch.float64, generator=gen(1), requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, r, w, b: torch.func.functional_call(fused, {"weight": w, "bias": b},
+                                                                                   (x, r)),
+                                    (x, residual, fused.weight, fused.bias), fast_mode=True)
+    linear = LinearBNReLU.from_modules(nn.Linear(4, 3).double(), randomized(nn.BatchNorm1d(3).double()))
+    xl = torch.randn(5, 4, dtype=torch.float64, generator=gen(), requires_grad=True)
+    assert torch.autograd.gradcheck(linear, (xl,), fast_mode=True)
+
+
+# --- (c) torchvision models ----------------------------------------------------------------------------------------
+
+MODELS = {"resnet18": (2, 3, 64, 64), "mobilenet_v2": (2, 3, 64, 64), "vgg11_bn": (1, 3, 64, 64)}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fuse_torchvision_models(name, device):
+    torch.manual_seed(0)
+    model = randomized(getattr(torchvision.models, name)(weights=None)).to(device)
+    snapshot = state_snapshot(model)
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    fused = pyops.fuse(model)
+    assert_no_batchnorm(fused)
+    assert not any(isinstance(m, nn.Conv2d) for m in fused.modules())  # every conv had a BN after it
+    assert sum(isinstance(m, ConvBNReLU2d) for m in fused.modules()) == convs
+    assert not any(m.training for m in fused.modules())
+    x = torch.rand(MODELS[name], generator=gen()).to(device)
+    with torch.no_grad():
+        assert_close_relative(fused(x), model(x), 1e-4)
+    assert_state_equal(model, snapshot)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fuse_resnet18_half_precision_channels_last(dtype, device):
+    model = randomized(torchvision.models.resnet18()).to(device)
+    x = torch.rand(1, 3, 32, 32, generator=gen()).to(device)
+    with torch.no_grad():
+        reference = model.double()(x.double())
+        model = model.to(dtype, memory_format=torch.channels_last)
+        x = x.to(dtype, memory_format=torch.channels_last)
+        fused = pyops.fuse(model)
+        eager_error = (model(x).double() - reference).abs().max().item()
+        fused_error = (fused(x).double() - reference).abs().max().item()
+    # fusion rounds fewer intermediates than eager: no worse than eager's own error, or 1% of the output scale
+    assert fused_error <= max(2 * eager_error, 1e-2 * reference.abs().max().item())
+
+
+def test_fuse_resnet_fuses_residual_adds_and_relus():
+    model = randomized(torchvision.models.resnet18())
+    fused = pyops.fuse(model)
+    calls = [n for n in fused.graph.nodes if n.op == "call_module"]
+    assert sum("residual" in n.kwargs for n in calls) == 8  # one per BasicBlock
+    assert not any(n.target in (operator.add, torch.add) for n in fused.graph.nodes)
+    activations = [fused.get_submodule(n.target).activation for n in calls if isinstance(
+        fused.get_submodule(n.target), ConvBNReLU2d)]
+    assert activations.count("none") == 3  # the downsample shortcuts; everything else ends in a ReLU
+    assert not any(isinstance(m, nn.ReLU) for m in fused.modules())
+
+
+# --- (d) graph patterns, in-place, errors, the fallback ------------------------------------------------------------
+
+class FunctionalBlocks(nn.Module):
+    """Chains written with every ReLU spelling, residual adds (same-shape and broadcast), and links that must not
+    fuse: a conv output with two users, a BN output with two users, a conv module called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(8 if i else 3, 8, 3, padding=1) for i in range(8))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(8) for _ in range(9))
+        self.frozen = FrozenBatchNorm2d(8)
+        self.offset = nn.Parameter(torch.randn(8, 1, 1))
+        self.relu6 = nn.ReLU6(inplace=True)
+
+    def forward(self, x):
+        c, b = self.convs, self.bns
+        x = F.relu(b[0](c[0](x)), inplace=True)
+        x = torch.relu(b[1](c[1](x)) + x)
+        x = self.relu6(torch.add(x, b[2](c[2](x))))
+        x = b[3](c[3](x)).relu_()
+        y = c[4](x)
+        x = b[4](y) + y  # conv output used twice: BN stays
+        z = b[5](c[5](x))
+        x = F.relu(z) * z  # BN output used twice: fold only, the ReLU stays
+        x = F.relu6(b[6](c[6](x)) + self.offset)  # broadcast residual
+        x = F.relu(b[7](c[7](x))) + F.relu(b[8](c[7](x)))  # one conv, two BNs
+        x = F.relu(self.frozen(c[1](x)))  # c[1] called again, FrozenBatchNorm2d
+        return x * self.convs[0].weight.mean()  # a weight read directly: its conv must keep its name
+
+
+def test_fuse_graph_patterns():
+    torch.manual_seed(0)
+    model = randomized(FunctionalBlocks()).double()
+    for buffer, low, high in (("running_var", 0.5, 2.0), ("running_mean", -0.5, 0.5), ("weight", 0.5, 1.5),
+                              ("bias", -0.5, 0.5)):
+        getattr(model.frozen, buffer).uniform_(low, high, generator=gen())
+    fused = pyops.fuse(model)
+    norms = [name for name, m in fused.named_modules() if isinstance(m, _BatchNorm)]
+    assert norms == ["bns.4"]  # the only BN whose input (a conv output) has another user
+    activations = sorted(m.activation for m in fused.modules() if isinstance(m, ConvBNReLU2d))
+    assert activations == sorted(["relu", "relu", "relu6", "relu", "none", "relu6", "relu", "relu", "relu"])
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=gen())
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-10, atol=1e-10)
+    refused = pyops.fuse(fused)  # fusing again changes nothing
+    with torch.no_grad():
+        torch.testing.assert_close(refused(x), model(x), rtol=1e-10, atol=1e-10)
+
+
+def conv_bn_sequential():
+    torch.manual_seed(0)
+    return randomized(nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU6(inplace=True),
+        nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"), nn.BatchNorm2d(8), nn.ReLU(),  # fold only
+        nn.Sequential(nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4)),
+        nn.Flatten(), nn.Linear(4 * 8 * 8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 5), nn.BatchNorm1d(5),
+    ).double())
+
+
+def test_fuse_sequential():
+    model = conv_bn_sequential()
+    snapshot = state_snapshot(model)
+    fused = pyops.fuse(model)
+    assert_no_batchnorm(fused)
+    kinds = [type(m).__name__ for m in fused.modules() if not list(m.children())]
+    assert kinds == ["ConvBNReLU2d", "ConvBNReLU2d", "Conv2d", "ReLU", "ConvBNReLU2d", "Flatten", "LinearBNReLU",
+                     "LinearBNReLU"]
+    x = torch.rand(3, 3, 8, 8, dtype=torch.float64, generator=gen())
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-10, atol=1e-10)
+    assert_state_equal(model, snapshot)
+
+
+def test_fuse_conv1d_and_conv3d_chains_fold_only():
+    torch.manual_seed(0)
+    for model, shape in ((nn.Sequential(nn.Conv1d(3, 5, 3), nn.BatchNorm1d(5), nn.ReLU()), (2, 3, 9)),
+                         (nn.Sequential(nn.Conv3d(3, 5, 3), nn.BatchNorm3d(5), nn.ReLU()), (2, 3, 5, 5, 5))):
+        model = randomized(model.double())
+        fused = pyops.fuse(model)
+        assert_no_batchnorm(fused)
+        x = torch.randn(shape, dtype=torch.float64, generator=gen())
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), model(x), rtol=1e-10, atol=1e-12)
+
+
+class DataDependent(nn.Module):
+    """Untraceable: control flow on a tensor value."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = conv_bn_sequential()
+
+    def forward(self, x):
+        y = self.body(x)
+        return y if y.sum() > 0 else -y
+
+
+def test_fuse_untraceable_model_falls_back_to_sequentials():
+    model = randomized(DataDependent())
+    fused_names = r"body\.0, body\.3, body\.6, body\.11, body\.14, body\.9\.0$"
+    with pytest.warns(UserWarning, match=r"could not trace DataDependent.*: " + fused_names):
+        fused = pyops.fuse(model)
+    assert type(fused) is DataDependent and fused is not model
+    assert_no_batchnorm(fused)
+    assert any(isinstance(m, _BatchNorm) for m in model.modules())
+    x = torch.rand(3, 3, 8, 8, dtype=torch.float64, generator=gen())
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-10, atol=1e-10)
+
+
+def test_fuse_inplace():
+    model = randomized(DataDependent())
+    x = torch.rand(3, 3, 8, 8, dtype=torch.float64, generator=gen())
+    with torch.no_grad():
+        expected = model(x)
+    with pytest.warns(UserWarning, match="could not trace"):
+        fused = pyops.fuse(model, inplace=True)
+    assert fused is model  # untraceable: rewritten in place
+    assert_no_batchnorm(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-10, atol=1e-10)
+
+    resnet = randomized(torchvision.models.resnet18())
+    fused = pyops.fuse(resnet, inplace=True)  # traceable: no copy, the unfused modules are shared
+    assert fused.fc is resnet.fc and fused.maxpool is resnet.maxpool
+    assert pyops.fuse(resnet).fc is not resnet.fc
+
+
+def test_fuse_rejects_training_mode():
+    with pytest.raises(ValueError, match="training mode"):
+        pyops.fuse(HomeworkNet())
+    model = HomeworkNet().eval()
+    model.bn2.train()
+    with pytest.raises(ValueError, match="bn2"):
+        pyops.fuse(model)
+    with pytest.raises(TypeError, match="model"):
+        pyops.fuse(lambda x: x)
+
+
+def test_fused_model_compiles_without_graph_breaks():
+    model = conv_bn_sequential().float()
+    fused = pyops.fuse(model)
+    x = torch.rand(3, 3, 8, 8, generator=gen())
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")  # dynamo + AOT autograd, no codegen
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
