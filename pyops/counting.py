@@ -248,7 +248,10 @@ for _name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_produc
 def _conv_args_work(a, out):
     """conv_work of a pyops conv op whose schema has input, weight, bias, stride, padding, dilation, groups."""
     spatial = a["input"].dim() - 2
-    expand = lambda v: list(v) * spatial if len(v) == 1 else list(v)  # noqa: E731  (pyops accepts one int for all)
+    def expand(v):  # conv1d's schema takes ints, the 2-d ops int[2]; one value stands for every spatial dim
+        v = [v] if isinstance(v, int) else list(v)
+        return v * spatial if len(v) == 1 else v
+
     return conv_work(_shape(a["input"]), _shape(a["weight"]), _shape(out), a["bias"] is not None,
                      expand(a["stride"]), expand(a["padding"]), expand(a["dilation"]))
 

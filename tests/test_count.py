@@ -5,7 +5,7 @@ import math
 import os
 import subprocess
 import sys
-from typing import List, Optional
+from typing import List
 
 import pytest
 import torch
@@ -261,37 +261,7 @@ def test_pyops_op_without_counter_warns():
     assert [r.kind for r in count.by_layer] == ["other"]
 
 
-# Stand-ins with the fixed schemas of the fused pyops ops (implemented in other branches), counted by the very
-# counters registered for "pyops::conv2d_bn_relu" / "pyops::conv2d_bias_act" / "pyops::conv1d".
-@torch.library.custom_op("pyops_test::conv2d_bn_relu", mutates_args=())
-def _conv2d_bn_relu(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], bn_weight: torch.Tensor,
-                    bn_bias: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, eps: float,
-                    stride: List[int], padding: List[int], dilation: List[int], groups: int, relu: bool,
-                    residual: Optional[torch.Tensor]) -> torch.Tensor:
-    y = F.batch_norm(F.conv2d(input, weight, bias, stride, padding, dilation, groups), running_mean, running_var,
-                     bn_weight, bn_bias, False, 0.0, eps)
-    y = y + residual if residual is not None else y
-    return y.relu() if relu else y
-
-
-@torch.library.custom_op("pyops_test::conv2d_bias_act", mutates_args=())
-def _conv2d_bias_act(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: List[int],
-                     padding: List[int], dilation: List[int], groups: int, activation: str,
-                     residual: Optional[torch.Tensor]) -> torch.Tensor:
-    y = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
-    return (y + residual if residual is not None else y).relu()
-
-
-@torch.library.custom_op("pyops_test::conv1d", mutates_args=())
-def _conv1d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: List[int],
-            padding: List[int], dilation: List[int], groups: int) -> torch.Tensor:
-    return F.conv1d(input, weight, bias, stride, padding, dilation, groups)
-
-
-for _name in ("conv2d_bn_relu", "conv2d_bias_act", "conv1d"):
-    counting.register_op_counter(f"pyops_test::{_name}", counting._COUNTERS[f"pyops::{_name}"])
-
-
+# The fused pyops ops, counted by the counters registered for them: the same convolution rows as the unfused layers.
 class ConvBNReLU(nn.Module):
     def __init__(self, bias):
         super().__init__()
@@ -309,8 +279,8 @@ class FusedConvBNReLU(nn.Module):
 
     def forward(self, x, residual=None):
         c, bn = self.original.conv, self.original.bn
-        return torch.ops.pyops_test.conv2d_bn_relu(x, c.weight, c.bias, bn.weight, bn.bias, bn.running_mean,
-                                                  bn.running_var, bn.eps, [2], [1], [1], 2, True, residual)
+        return torch.ops.pyops.conv2d_bn_relu(x, c.weight, c.bias, bn.weight, bn.bias, bn.running_mean,
+                                             bn.running_var, bn.eps, [2, 2], [1, 1], [1, 1], 2, True, residual)
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -334,9 +304,9 @@ def test_conv2d_bias_act_and_conv1d_counters():
 
     class Net(nn.Module):
         def forward(self, x):
-            y = torch.ops.pyops_test.conv2d_bias_act(x, w, b, [1], [1], [1], 1, "relu", residual)
-            z = torch.ops.pyops_test.conv2d_bias_act(x, w, None, [1], [1], [1], 1, "relu", None)
-            return y + z, torch.ops.pyops_test.conv1d(x.flatten(2), torch.randn(4, 3, 5), None, [2], [0], [3], 1)
+            y = torch.ops.pyops.conv2d_bias_act(x, w, b, [1, 1], [1, 1], [1, 1], 1, 1, residual)
+            z = torch.ops.pyops.conv2d_bias_act(x, w, None, [1, 1], [1, 1], [1, 1], 1, 1, None)
+            return y + z, torch.ops.pyops.conv1d(x.flatten(2), torch.randn(4, 3, 5), None, 2, 0, 3, 1)
 
     rows = pyops.count_ops(Net(), x).by_layer
     # per output 3·3·3 = 27 products; conv1d: length floor((64 − 12 − 1)/2) + 1 = 26, 4 channels, 3·5 products
@@ -496,3 +466,28 @@ def test_report_on_fake_results(tmp_path):
     assert "Geometric mean speed-up over all rows: 0.79x" in md and "lonely" in md
     png = (tmp_path / "out" / "summary.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+
+
+def test_fused_resnet_counts_the_same_convolution_products():
+    """pyops.fuse folds each BN into its conv (a bias appears), so per output: the same products, one more add."""
+    model = torchvision.models.resnet18(weights=None).eval()
+    x = torch.randn(1, 3, 64, 64)
+    plain, fused = pyops.count_ops(model, x), pyops.count_ops(pyops.fuse(model), x)
+    plain_conv = [r for r in plain.by_layer if r.kind == "conv"]
+    fused_conv = [r for r in fused.by_layer if r.kind == "conv"]
+    assert len(plain_conv) == len(fused_conv) == 20
+    assert sum(r.mults for r in fused_conv) == sum(r.mults for r in plain_conv)
+    outputs = sum(math.prod(r.output_shape) for r in plain_conv)  # resnet18's convs have no bias of their own
+    assert sum(r.adds for r in fused_conv) == sum(r.adds for r in plain_conv) + outputs
+    assert fused.linear == plain.linear
+
+
+def test_flop_counter_mode_sees_the_pyops_convolutions():
+    x, w = torch.randn(2, 4, 9, 9), torch.randn(6, 4, 3, 3)
+    with FlopCounterMode(display=False) as ours:
+        torch.ops.pyops.conv2d_bias_act(x, w, None, [1, 1], [1, 1], [1, 1], 1, 1, None)
+        pyops.conv1d(x.flatten(2), torch.randn(5, 4, 3))
+    with FlopCounterMode(display=False) as theirs:
+        F.conv2d(x, w, None, 1, 1)
+        F.conv1d(x.flatten(2), torch.randn(5, 4, 3))
+    assert ours.get_total_flops() == theirs.get_total_flops() > 0
