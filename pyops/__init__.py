@@ -11,10 +11,15 @@ from . import conv_bn_relu  # noqa: F401  (registers the fused conv ops' fake ke
 from . import nn
 from .conv1d import conv1d
 from .conv_bn_relu import conv2d_bn_relu
+from .convolutionalize import convolutionalize
 from .counting import OpCount, count_ops
 from .fold import fold_bn
 from .fuse import fuse
+from .lse_pool import lse_pool2d
+from .sliding import sliding_classify
+from .sliding_head import sliding_head
 from .smooth_max import smooth_max
 
-__all__ = ["build_info", "conv1d", "conv2d_bn_relu", "count_ops", "fold_bn", "fuse", "nn", "OpCount", "smooth_max"]
+__all__ = ["build_info", "conv1d", "conv2d_bn_relu", "convolutionalize", "count_ops", "fold_bn", "fuse", "lse_pool2d",
+           "nn", "OpCount", "sliding_classify", "sliding_head", "smooth_max"]
 __version__ = "0.1.0"

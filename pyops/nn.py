@@ -3,6 +3,7 @@
 Conv1d: a subclass of torch.nn.Conv1d (same constructor, parameters, state_dict) computed by pyops.conv1d.
 ConvBNReLU2d: Conv2d → BatchNorm2d (→ residual add) (→ ReLU/ReLU6) as one fused kernel (pyops.conv2d_bias_act).
 LinearBNReLU: Linear → BatchNorm1d (→ ReLU/ReLU6) as one GEMM with the activation applied in place.
+SlidingClassifier: a crop classifier applied densely to whole images (pyops.sliding_classify as a module).
 The fused modules fold the BatchNorm once, at construction (inference, or fine-tuning with frozen BatchNorm
 statistics), and keep the folded weight and bias as Parameters, so .to(), .half(), state_dict() and optimizers
 treat them like the layers they replace.
@@ -16,7 +17,9 @@ from torch.nn.modules.utils import _pair
 
 from .conv1d import conv1d
 from .conv_bn_relu import conv2d_bias_act
+from .convolutionalize import convolutionalize
 from .fold import fold_bn
+from .sliding import DEFAULT_MAX_MEMORY, _pair as _pair_arg, classify_fcn
 
 
 class Conv1d(torch.nn.Conv1d):
@@ -205,3 +208,23 @@ class LinearBNReLU(nn.Module):
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias=True, " \
                f"activation={self.activation}"
+
+
+class SlidingClassifier(nn.Module):
+    """A crop classifier applied densely: pyops.sliding_classify in module form, converted once and reused.
+
+    SlidingClassifier(model, window, stride=1): model maps (B, C, h, w) crops to (B, classes) (see
+    pyops.convolutionalize); the module holds its fully convolutional copy (`fcn`), not the model.
+    forward(images (B, C, H, W), max_memory=4 GiB, precision="fp32") → (B, classes, ⌊(H−h)/s⌋+1, ⌊(W−w)/s⌋+1).
+    """
+
+    def __init__(self, model, window, stride=1):
+        super().__init__()
+        self.fcn = convolutionalize(model, window)
+        self.stride = _pair_arg(stride, "stride")
+
+    def forward(self, images, max_memory=DEFAULT_MAX_MEMORY, precision="fp32"):
+        return classify_fcn(self.fcn, images, self.stride, max_memory, precision)
+
+    def extra_repr(self):
+        return f"window={self.fcn.window}, stride={self.stride}, total_stride={self.fcn.stride}"

@@ -72,3 +72,105 @@ def conv2d_bn_relu(x, weight, bias, bn_weight, bn_bias, running_mean, running_va
     if residual is not None:
         y = y + residual
     return torch.relu(y) if relu else y
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Problem 5: sliding-window classification (pyops.sliding, pyops.sliding_head, pyops.lse_pool2d).
+
+class HomeworkNet1(torch.nn.Module):
+    """The homework's crop classifier Net1, written as a user would (flatten through `view`).
+
+    features: Conv(3→c0, k7), ReLU, Conv(c0→c1, k3), ReLU, Conv(c1→c2, k3), ReLU, Conv(c2→c3, k3), ReLU,
+    Conv(c3→c4, k3); a 32×32 crop gives a (c4, 18, 18) map. classifier: Linear(c4·18·18→hidden), ReLU,
+    Linear(hidden→hidden), ReLU, Linear(hidden→classes). Input (B, 3, 32, 32) → (B, classes).
+    """
+
+    def __init__(self, channels=(64, 192, 384, 256, 256), hidden=4096, classes=10, window=32):
+        super().__init__()
+        nn = torch.nn
+        layers, cin = [], 3
+        for i, (c, k) in enumerate(zip(channels, (7, 3, 3, 3, 3))):
+            layers += [nn.Conv2d(cin, c, k)] + ([nn.ReLU()] if i < len(channels) - 1 else [])
+            cin = c
+        self.features = nn.Sequential(*layers)
+        side = window - 6 - 2 * 4
+        self.classifier = nn.Sequential(nn.Linear(cin * side * side, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
+                                        nn.ReLU(), nn.Linear(hidden, classes))
+
+    def forward(self, x):
+        x = self.features(x)
+        x = x.view(x.size(0), -1)
+        return self.classifier(x)
+
+
+def homework_net1(small=False, dtype=torch.float32, seed=0):
+    """Net1 with random weights (eval mode). small=True: the same layer structure with channels 8-12-16-16-16 and
+    64 hidden units (the full one holds 340M weights in its first Linear: 1.36 GB in fp32)."""
+    torch.manual_seed(seed)
+    net = HomeworkNet1(channels=(8, 12, 16, 16, 16), hidden=64) if small else HomeworkNet1()
+    return net.to(dtype).eval()
+
+
+def homework_net2(net1):
+    """The homework's hand-written Net2: Net1's features, then its Linears as plain nn.Conv2d layers (the first with
+    an 18×18 kernel, the others 1×1), weights reshaped. Input (B, 3, H, W) → (B, classes, H − 31, W − 31)."""
+    nn = torch.nn
+    fc1, fc2, fc3 = (m for m in net1.classifier if isinstance(m, nn.Linear))
+    c = net1.features[-1].out_channels
+    side = int(round((fc1.in_features // c) ** 0.5))
+    convs = [nn.Conv2d(c, fc1.out_features, side), nn.Conv2d(fc2.in_features, fc2.out_features, 1),
+             nn.Conv2d(fc3.in_features, fc3.out_features, 1)]
+    for conv, fc in zip(convs, (fc1, fc2, fc3)):
+        conv.to(fc.weight.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(fc.weight.view(conv.weight.shape))
+            conv.bias.copy_(fc.bias)
+    return nn.Sequential(net1.features, convs[0], nn.ReLU(), convs[1], nn.ReLU(), convs[2]).eval()
+
+
+def crop_loop(model, images, window, stride=1):
+    """The per-crop loop a user would write: model on each h×w crop at offsets 0, s, 2s, …, one crop at a time.
+    images (B, C, H, W) → (B, classes, ⌊(H−h)/s⌋+1, ⌊(W−w)/s⌋+1)."""
+    (h, w), (sy, sx) = _pair(window), _pair(stride)
+    H, W = images.shape[-2:]
+    rows = []
+    with torch.no_grad():
+        for y in range(0, H - h + 1, sy):
+            rows.append(torch.stack([model(images[:, :, y:y + h, x:x + w]) for x in range(0, W - w + 1, sx)], -1))
+    return torch.stack(rows, -2)
+
+
+def crop_batch(model, images, window, stride=1):
+    """All crops in one batched call (unfold): the loop without its per-call overhead, at the memory cost of every
+    crop at once. Same result layout as crop_loop."""
+    (h, w), (sy, sx) = _pair(window), _pair(stride)
+    B, C = images.shape[:2]
+    crops = images.unfold(2, h, sy).unfold(3, w, sx)  # (B, C, ny, nx, h, w)
+    ny, nx = crops.shape[2:4]
+    with torch.no_grad():
+        scores = model(crops.permute(0, 2, 3, 1, 4, 5).reshape(B * ny * nx, C, h, w))
+    return scores.view(B, ny, nx, -1).permute(0, 3, 1, 2)
+
+
+def sliding_head(features, weights, biases, relu):
+    """The converted head as plain convolutions: conv(weights[0]) then 1×1 convs, each + bias, ReLU where relu[i]."""
+    x = features
+    for w, b, r in zip(weights, biases, relu):
+        x = torch.nn.functional.conv2d(x, w, b)
+        if r:
+            x = torch.relu(x)
+    return x
+
+
+def lse_pool2d(scores, beta):
+    """(1/β)·log(mean over H×W of exp(β·s)); the mean at β = 0, the max / min at β = ±inf. (B, C, H, W) → (B, C)."""
+    flat = scores.flatten(2)
+    if beta == 0:
+        return flat.mean(-1)
+    if math.isinf(beta):
+        return flat.amax(-1) if beta > 0 else flat.amin(-1)
+    return (torch.logsumexp(beta * flat, -1) - math.log(flat.shape[-1])) / beta
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)

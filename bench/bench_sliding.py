@@ -1,0 +1,103 @@
+"""Sliding-window classification with the homework's Net1 (random weights): pyops (SlidingClassifier, converted
+once) vs the per-crop loop a user would write, the same crops in one batched call, and the hand-written Net2 (the
+converted model as plain nn.Conv2d layers). The head op alone vs the same head as torch convolutions.
+
+flops: the fewest operations of the case, i.e. the FCN's (FlopCounterMode on Net2; the 18×18 layer dominates with
+82,944·4,096 multiply-adds per output position). The loops do more work (every crop's features from scratch).
+"""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import pyops
+from pyops import reference
+
+
+@pytest.fixture(scope="module")
+def models(request):
+    """(net1, net2, SlidingClassifier) on the bench device, built once: each holds 1.36 GB in its 18×18 layer."""
+    dev = request.config.getoption("--device")
+    if dev == "cuda" and not torch.cuda.is_available():
+        pytest.skip("--device cuda without a CUDA device")
+    net1 = reference.homework_net1().to(dev)
+    net2 = reference.homework_net2(net1)
+    return net1, net2, pyops.nn.SlidingClassifier(net1, 32)
+
+
+def fcn_flops(net2, x):
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net2(x)
+    return counter.get_total_flops()
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def image(shape, device):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
+
+
+CPU_IMPLS = ["pyops", "torch Net2", "crops batched", "per-crop loop"]
+
+
+def run_case(measure, models, x, impl, case):
+    net1, net2, clf = models
+    fns = {"pyops": lambda: clf(x), "torch Net2": lambda: net2(x),
+           "crops batched": lambda: reference.crop_batch(net1, x, 32),
+           "per-crop loop": lambda: reference.crop_loop(net1, x, 32)}
+    with torch.no_grad():
+        measure(case, impl, fns[impl], flops=fcn_flops(net2, x))
+
+
+@pytest.mark.benchmark(min_rounds=1)  # the loop takes tens of seconds on the CPU
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def bench_net1_48x48_cpu(measure, models, device, impl):
+    if device != "cpu":
+        pytest.skip("the CPU case (the CUDA cases are bench_net1_64x64_cuda / bench_net1_128x128_cuda)")
+    run_case(measure, models, image((1, 3, 48, 48), device), impl, "Net1 48x48 B=1 fp32 (289 crops)")
+
+
+@pytest.mark.parametrize("impl", ["pyops", "torch conv head"])
+def bench_head_only(measure, models, device, impl):
+    """The 18×18 + 1×1 + 1×1 head on Net1's 34×34 feature map (a 48×48 image): the op vs torch convolutions."""
+    _, _, clf = models
+    convs = [m for m in clf.fcn.head if isinstance(m, torch.nn.Conv2d)]
+    weights, biases, relu = [c.weight for c in convs], [c.bias for c in convs], [True, True, False]
+    f = image((1, 256, 34, 34), device)
+    fns = {"pyops": lambda: pyops.sliding_head(f, weights, biases, relu),
+           "torch conv head": lambda: reference.sliding_head(f, weights, biases, relu)}
+    with torch.no_grad():
+        flops = 2 * 17 * 17 * sum(w.numel() for w in weights)
+        measure("Net1 head on 34x34 features fp32", impl, fns[impl], flops=flops)
+
+
+@pytest.mark.parametrize("impl", ["pyops", "torch Net2", "per-crop loop"])
+def bench_net1_64x64_cuda(measure, models, device, impl):
+    if device != "cuda":
+        pytest.skip("CUDA case")
+    run_case(measure, models, image((4, 3, 64, 64), device), impl, "Net1 64x64 B=4 fp32 (1089 crops)")
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+@pytest.mark.parametrize("impl", ["pyops", "torch Net2 fp32", "torch Net2 same precision"])
+def bench_net1_128x128_cuda(measure, benchmark, models, device, precision, impl):
+    if device != "cuda":
+        pytest.skip("CUDA case")
+    _, net2, clf = models
+    x = image((1, 3, 128, 128), device)
+    with torch.no_grad():
+        ref = net2(x)
+
+    def net2_reduced():
+        if precision == "tf32":
+            with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
+                return net2(x)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return net2(x)
+
+    fns = {"pyops": lambda: clf(x, precision=precision), "torch Net2 fp32": lambda: net2(x),
+           "torch Net2 same precision": net2_reduced}
+    with torch.no_grad():
+        benchmark.extra_info["rel_err"] = rel_err(fns[impl](), ref)
+        measure(f"Net1 128x128 B=1 pyops {precision} vs fp32 Net2", impl, fns[impl], flops=fcn_flops(net2, x))

@@ -1,0 +1,116 @@
+// Schema and the device-independent half of sliding_head: argument checks, the position tiling, and the GEMM
+// chain through the vendor library (at::mm_out into preallocated buffers). The device files supply im2col and the
+// fused bias+ReLU epilogue (see sliding_head.h).
+#include "ops/sliding_head/sliding_head.h"
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "common/checks.h"
+
+namespace pyops {
+
+HeadGeometry check_sliding_head_args(const at::Tensor& features, at::TensorList weights, at::TensorList biases,
+                                     at::IntArrayRef relu) {
+  check_floating(features, "features");
+  check_dim(features, 4, "features");
+  const int64_t layers = static_cast<int64_t>(weights.size());
+  TORCH_CHECK_VALUE(layers > 0, "pyops.sliding_head: argument 'weights' must hold at least one layer");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(biases.size()) == layers, "pyops.sliding_head: argument 'biases' has ",
+                    biases.size(), " entries but 'weights' has ", layers);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(relu.size()) == layers, "pyops.sliding_head: argument 'relu' has ",
+                    relu.size(), " entries but 'weights' has ", layers);
+  int64_t in_channels = features.size(1);
+  for (int64_t i = 0; i < layers; ++i) {
+    const at::Tensor& w = weights[i];
+    const at::Tensor& b = biases[i];
+    TORCH_CHECK_VALUE(w.dim() == 4, "pyops.sliding_head: argument 'weights[", i,
+                      "]' must be a 4-d conv weight (out, in, kh, kw), got shape ", w.sizes());
+    check_same_dtype(w, features, "weights[i]", "features");
+    check_same_device(w, features, "weights[i]", "features");
+    TORCH_CHECK_VALUE(w.size(1) == in_channels, "pyops.sliding_head: argument 'weights[", i, "]' expects ", w.size(1),
+                      " input channels but ", i == 0 ? "'features' has " : "the previous layer gives ", in_channels);
+    TORCH_CHECK_VALUE(i == 0 || (w.size(2) == 1 && w.size(3) == 1), "pyops.sliding_head: argument 'weights[", i,
+                      "]' must be a 1x1 kernel (only the first layer has a spatial kernel), got shape ", w.sizes());
+    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == w.size(0), "pyops.sliding_head: argument 'biases[", i,
+                      "]' must have shape (", w.size(0), ",), got ", b.sizes());
+    check_same_dtype(b, features, "biases[i]", "features");
+    check_same_device(b, features, "biases[i]", "features");
+    TORCH_CHECK_VALUE(relu[i] == 0 || relu[i] == 1, "pyops.sliding_head: argument 'relu[", i,
+                      "]' must be 0 or 1, got ", relu[i]);
+    in_channels = w.size(0);
+  }
+  const at::Tensor& w0 = weights[0];
+  HeadGeometry g{features.size(0), features.size(1), features.size(2), features.size(3), w0.size(2), w0.size(3), 0, 0};
+  TORCH_CHECK_VALUE(g.kh <= g.in_h && g.kw <= g.in_w, "pyops.sliding_head: argument 'features' has a ", g.in_h, "x",
+                    g.in_w, " map, smaller than the ", g.kh, "x", g.kw, " kernel of 'weights[0]'");
+  g.out_h = g.in_h - g.kh + 1;
+  g.out_w = g.in_w - g.kw + 1;
+  return g;
+}
+
+int64_t sliding_head_tile(const HeadGeometry& g, at::TensorList weights, int64_t element_size,
+                          int64_t workspace_bytes) {
+  int64_t widest = 0;
+  for (const at::Tensor& w : weights) widest = std::max(widest, w.size(0));
+  // Per position: one column of cols and one of each of the two ping-pong activation buffers.
+  const int64_t per_position = (g.patch() + 2 * widest) * element_size;
+  return std::clamp<int64_t>(workspace_bytes / per_position, 1, std::max<int64_t>(g.positions(), 1));
+}
+
+at::Tensor sliding_head_run(const at::Tensor& features, at::TensorList weights, at::TensorList biases,
+                            at::IntArrayRef relu, int64_t workspace_bytes, const HeadKernels& kernels) {
+  TORCH_CHECK_VALUE(workspace_bytes > 0, "pyops.sliding_head: argument 'workspace_bytes' must be positive, got ",
+                    workspace_bytes);
+  const HeadGeometry g = check_sliding_head_args(features, weights, biases, relu);
+  const int64_t layers = static_cast<int64_t>(weights.size());
+  at::Tensor out = at::empty({g.batch, weights[layers - 1].size(0), g.out_h, g.out_w}, features.options());
+  if (out.numel() == 0) return out;
+
+  const at::Tensor f = features.contiguous();
+  std::vector<at::Tensor> w2d, bias;
+  int64_t widest = 0;
+  for (int64_t i = 0; i < layers; ++i) {
+    w2d.push_back(weights[i].contiguous().view({weights[i].size(0), -1}));  // a view: no copy of the weights
+    bias.push_back(biases[i].contiguous());
+    widest = std::max(widest, weights[i].size(0));
+  }
+  const int64_t tile = sliding_head_tile(g, weights, features.element_size(), workspace_bytes);
+  // Flat buffers, allocated once and viewed as contiguous (count, columns) matrices for each tile (the last one
+  // may be shorter), so every GEMM writes into memory it already owns.
+  at::Tensor cols_buf = at::empty({g.patch() * tile}, f.options());
+  at::Tensor ping = at::empty({widest * tile}, f.options()), pong = at::empty({widest * tile}, f.options());
+  auto as_matrix = [](at::Tensor& buf, int64_t count, int64_t columns) {
+    return buf.narrow(0, 0, count * columns).view({count, columns});
+  };
+
+  for (int64_t p0 = 0; p0 < g.positions(); p0 += tile) {
+    const int64_t count = std::min(tile, g.positions() - p0);
+    at::Tensor cols = as_matrix(cols_buf, count, g.patch());
+    kernels.im2col(f, cols, g, p0, count);
+    at::Tensor src = cols;
+    for (int64_t i = 0; i < layers; ++i) {
+      at::Tensor& buf = (i % 2 == 0) ? ping : pong;
+      at::Tensor act = as_matrix(buf, count, w2d[i].size(0));
+      at::mm_out(act, src, w2d[i].t());  // the transposed view: BLAS reads W row-major as W^T, no copy
+      if (i + 1 < layers) {
+        kernels.bias_act(act, bias[i], relu[i] != 0);
+      } else {
+        kernels.bias_act_nchw(act, bias[i], relu[i] != 0, out, p0);
+      }
+      src = act;
+    }
+  }
+  return out;
+}
+
+TORCH_LIBRARY_FRAGMENT(pyops, m) {
+  // relu: one 0/1 flag per layer. allow_tf32: fp32 GEMMs may use TF32 (CUDA only; off means exact fp32 whatever
+  // the global flags say). workspace_bytes: bound on the im2col and activation buffers (tiles positions).
+  m.def("sliding_head(Tensor features, Tensor[] weights, Tensor[] biases, int[] relu, bool allow_tf32=False, "
+        "int workspace_bytes=268435456) -> Tensor");
+}
+
+}  // namespace pyops

@@ -1,0 +1,111 @@
+// CPU halves of sliding_head: im2col of a tile of positions and the fused bias+ReLU epilogues. All are parallel
+// over rows (positions / channels) and stream contiguous runs (std::copy, at::vec along the channels).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "common/cpu_vec.h"
+#include "ops/sliding_head/sliding_head.h"
+
+namespace pyops {
+namespace {
+
+// cols[j, k] = f[b, c, y + ky, x + kx] for p0 + j = (b, y, x) and k = (c, ky, kx): each row of cols is the patch
+// of one position, C * kh runs of kw contiguous elements.
+template <typename scalar_t>
+void im2col_kernel(const scalar_t* f, scalar_t* cols, const HeadGeometry& g, int64_t p0, int64_t count) {
+  const int64_t patch = g.patch();
+  at::parallel_for(0, count, std::max<int64_t>(1, 32768 / patch), [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t p = p0 + j;
+      const int64_t b = p / g.out_hw(), y = (p % g.out_hw()) / g.out_w, x = p % g.out_w;
+      scalar_t* row = cols + j * patch;
+      for (int64_t c = 0; c < g.channels; ++c) {
+        const scalar_t* plane = f + ((b * g.channels + c) * g.in_h + y) * g.in_w + x;
+        for (int64_t ky = 0; ky < g.kh; ++ky, row += g.kw) std::copy(plane + ky * g.in_w, plane + ky * g.in_w + g.kw, row);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+inline Vectorized<scalar_t> bias_act_vec(const Vectorized<scalar_t>& v, const Vectorized<scalar_t>& b, bool relu) {
+  const Vectorized<scalar_t> s = v + b;
+  return relu ? at::vec::maximum(s, Vectorized<scalar_t>(scalar_t(0))) : s;
+}
+
+// act[j, n] = act(act[j, n] + bias[n]) in place: rows in parallel, vectorized along the channels.
+template <typename scalar_t>
+void bias_act_kernel(scalar_t* act, const scalar_t* bias, bool relu, int64_t count, int64_t channels) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t V = Vec::size();
+  at::parallel_for(0, count, std::max<int64_t>(1, 32768 / channels), [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      scalar_t* row = act + j * channels;
+      int64_t n = 0;
+      for (; n + V <= channels; n += V) bias_act_vec(Vec::loadu(row + n), Vec::loadu(bias + n), relu).store(row + n);
+      if (n < channels) {
+        const int64_t rest = channels - n;
+        bias_act_vec(Vec::loadu(row + n, rest), Vec::loadu(bias + n, rest), relu).store(row + n, rest);
+      }
+    }
+  });
+}
+
+// out[b, n, yx] = act(acc[j, n] + bias[n]) with p0 + j = b * out_hw + yx: the (positions, channels) tile transposed
+// into NCHW. Parallel over channels; each writes runs of consecutive positions (one run per image in the tile).
+template <typename scalar_t>
+void bias_act_nchw_kernel(const scalar_t* acc_tile, const scalar_t* bias, bool relu, scalar_t* out, int64_t count,
+                          int64_t channels, int64_t p0, int64_t out_hw) {
+  using acc = acc_t<scalar_t>;
+  at::parallel_for(0, channels, std::max<int64_t>(1, 32768 / count), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const acc bn = static_cast<acc>(bias[n]);
+      for (int64_t j = 0; j < count;) {
+        const int64_t b = (p0 + j) / out_hw, yx = (p0 + j) % out_hw;
+        const int64_t run = std::min(count - j, out_hw - yx);
+        scalar_t* dst = out + (b * channels + n) * out_hw + yx;
+        for (int64_t i = 0; i < run; ++i) {
+          const acc v = static_cast<acc>(acc_tile[(j + i) * channels + n]) + bn;
+          dst[i] = static_cast<scalar_t>(relu && v < acc(0) ? acc(0) : v);
+        }
+        j += run;
+      }
+    }
+  });
+}
+
+void im2col_cpu(const at::Tensor& features, at::Tensor& cols, const HeadGeometry& g, int64_t p0, int64_t count) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "sliding_head_im2col_cpu", [&] {
+    im2col_kernel(features.const_data_ptr<scalar_t>(), cols.mutable_data_ptr<scalar_t>(), g, p0, count);
+  });
+}
+
+void bias_act_cpu(at::Tensor& act, const at::Tensor& bias, bool relu) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, act.scalar_type(), "sliding_head_bias_act_cpu", [&] {
+    bias_act_kernel(act.mutable_data_ptr<scalar_t>(), bias.const_data_ptr<scalar_t>(), relu, act.size(0),
+                    act.size(1));
+  });
+}
+
+void bias_act_nchw_cpu(const at::Tensor& acc, const at::Tensor& bias, bool relu, at::Tensor& out, int64_t p0) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, acc.scalar_type(), "sliding_head_bias_act_nchw_cpu", [&] {
+    bias_act_nchw_kernel(acc.const_data_ptr<scalar_t>(), bias.const_data_ptr<scalar_t>(), relu,
+                         out.mutable_data_ptr<scalar_t>(), acc.size(0), acc.size(1), p0, out.size(2) * out.size(3));
+  });
+}
+
+// allow_tf32 has no meaning on the CPU: its fp32 GEMMs are always exact fp32.
+at::Tensor sliding_head_cpu(const at::Tensor& features, at::TensorList weights, at::TensorList biases,
+                            at::IntArrayRef relu, bool /*allow_tf32*/, int64_t workspace_bytes) {
+  return sliding_head_run(features, weights, biases, relu, workspace_bytes, HeadKernels{&im2col_cpu, &bias_act_cpu, &bias_act_nchw_cpu});
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyops, CPU, m) { m.impl("sliding_head", &sliding_head_cpu); }
+
+}  // namespace pyops

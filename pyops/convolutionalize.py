@@ -1,0 +1,304 @@
+"""convolutionalize: a crop classifier (features → flatten → Linear head) as a fully convolutional network.
+
+The model is traced with torch.fx. The node that flattens the feature map (torch.flatten, nn.Flatten, Tensor.view /
+reshape / flatten) splits it: everything before is the feature extractor, kept as is; after it may only come Linear,
+ReLU, Dropout, BatchNorm1d and Identity. The first Linear becomes a Conv2d whose kernel is the feature map of one
+window (weights reshaped, not retrained), later Linears 1×1 convs; BatchNorm1d layers (eval statistics) fold into
+the neighbouring Linear. The converted module runs its head as one pyops::sliding_head op.
+"""
+import copy
+
+import torch
+import torch.fx
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from .sliding_head import DEFAULT_WORKSPACE, PRECISIONS, sliding_head
+
+_FLATTEN_METHODS = ("view", "reshape", "flatten")
+_RELUS = (torch.relu, nn.functional.relu)
+_DROPOUTS = (nn.functional.dropout,)
+# A large multiple of every plausible total stride: the feature map of a window grown by it grows by it / stride.
+_STRIDE_PROBE = 2 ** 10 * 3 ** 2 * 5 * 7
+
+
+class FullyConvolutional(nn.Module):
+    """features → head, where head = Conv2d(kernel = one window's feature map) → [ReLU/Dropout] → 1×1 Conv2d …
+
+    Attributes: window (h, w); stride (Sy, Sx): the features' total downsampling (output (i, j) is the window at
+    offset (i·Sy, j·Sx)); in_channels; padded: the features pad somewhere (then output ≠ per-crop evaluation near
+    the crop borders). forward: (B, C, H, W) → (B, classes, ⌊(H−h)/Sy⌋+1, ⌊(W−w)/Sx⌋+1).
+    """
+
+    def __init__(self, features, head, window, stride, in_channels, padded):
+        super().__init__()
+        self.features, self.head = features, head
+        self.window, self.stride, self.in_channels, self.padded = window, stride, in_channels, padded
+        self._cast_cache = {}
+
+    def forward(self, x, precision="fp32", workspace_bytes=DEFAULT_WORKSPACE):
+        if precision not in PRECISIONS:
+            raise ValueError(f"argument 'precision' must be one of {PRECISIONS}, got {precision!r}")
+        with _cudnn_tf32(precision == "tf32"):
+            f = self.features(x)
+        if self.training or (torch.is_grad_enabled() and (x.requires_grad or any(
+                p.requires_grad for p in self.head.parameters()))):
+            return self.head(f)  # training / gradients: plain modules (the op is inference only)
+        weights, biases, relu = self._head_operands(precision, f.dtype)
+        return sliding_head(f, weights, biases, relu, precision, workspace_bytes)
+
+    def _head_operands(self, precision, dtype):
+        convs, relu = [], []  # relu[i]: a ReLU follows conv i (Dropout between is the identity in eval)
+        for m in self.head:
+            if isinstance(m, nn.Conv2d):
+                convs.append(m)
+                relu.append(False)
+            elif isinstance(m, nn.ReLU):
+                relu[-1] = True
+        weights = [c.weight for c in convs]
+        biases = [c.bias if c.bias is not None else torch.zeros_like(c.weight[:, 0, 0, 0]) for c in convs]
+        if precision != "bf16" or dtype == torch.bfloat16:
+            return weights, biases, relu
+        # bf16: the operands are cast once and kept until a weight changes (replaced, or its version counter moves).
+        key = tuple((t.device, t.data_ptr(), t._version) for t in weights + biases)
+        if self._cast_cache.get("key") != key:
+            self._cast_cache = {"key": key, "w": [w.detach().to(torch.bfloat16) for w in weights],
+                                "b": [b.detach().to(torch.bfloat16) for b in biases]}
+        return self._cast_cache["w"], self._cast_cache["b"], relu
+
+
+class _cudnn_tf32:
+    """Sets torch.backends.cudnn.allow_tf32 for the features (precision="tf32" on, otherwise off: exact fp32)."""
+
+    def __init__(self, allow):
+        self.allow = allow
+
+    def __enter__(self):
+        self.saved = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = self.allow
+
+    def __exit__(self, *exc):
+        torch.backends.cudnn.allow_tf32 = self.saved
+
+
+def convolutionalize(model, window):
+    """A fully convolutional copy of a crop classifier (the input model is not modified).
+
+    Args:
+        model: nn.Module mapping (B, C, h, w) crops to (B, classes): features, a flatten, then Linear layers with
+            ReLU/Dropout/BatchNorm1d between (BatchNorm uses its running statistics, i.e. eval semantics).
+        window: int or (h, w), the crop size the classifier takes.
+    Returns:
+        FullyConvolutional in eval mode: (B, C, H, W) → (B, classes, ⌊(H−h)/Sy⌋+1, ⌊(W−w)/Sx⌋+1), with no
+        nn.Linear left. Raises ValueError naming the layer it cannot convert.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"argument 'model' must be an nn.Module, got {type(model).__name__}")
+    window = _window(window)
+    try:
+        traced = torch.fx.symbolic_trace(model)
+    except Exception as e:  # noqa: BLE001  (any tracing failure is reported as what it is)
+        raise ValueError(f"argument 'model': torch.fx cannot trace {type(model).__name__} ({e}); "
+                         "convolutionalize needs a traceable features → flatten → Linear model") from e
+    flatten = _find_flatten(traced)
+    features = _features_module(traced, flatten)
+    ops = _head_ops(traced, flatten)
+    in_channels = _input_channels(features)
+    fmap, stride = _feature_geometry(features, in_channels, window, model)
+    head = _build_head(ops, fmap)
+    fcn = FullyConvolutional(copy.deepcopy(features), head, window, stride, in_channels, _is_padded(features))
+    return fcn.eval()
+
+
+def _window(window):
+    w = (window, window) if isinstance(window, int) and not isinstance(window, bool) else tuple(window)
+    if len(w) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in w):
+        raise ValueError(f"argument 'window' must be a positive int or a pair of them, got {window!r}")
+    return w
+
+
+def _node_label(traced, node):
+    if node.op == "call_module":
+        return f"'{node.target}' ({type(traced.get_submodule(node.target)).__name__})"
+    name = getattr(node.target, "__name__", str(node.target))
+    return f"'{node.name}' ({node.op} {name})"
+
+
+def _is_flatten(traced, node):
+    if node.op == "call_function":
+        return node.target is torch.flatten
+    if node.op == "call_method":
+        return node.target in _FLATTEN_METHODS
+    return node.op == "call_module" and isinstance(traced.get_submodule(node.target), nn.Flatten)
+
+
+def _find_flatten(traced):
+    for node in traced.graph.nodes:
+        if _is_flatten(traced, node):
+            return node
+    raise ValueError("argument 'model' has no flatten (torch.flatten, nn.Flatten, view or reshape) followed by a "
+                     "Linear head: there is nothing to convolutionalize")
+
+
+def _features_module(traced, flatten):
+    """A GraphModule computing the flatten's input: the feature extractor."""
+    graph, env = torch.fx.Graph(), {}
+    for node in traced.graph.nodes:
+        if node is flatten:
+            graph.output(env[flatten.args[0]])
+            break
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    features = torch.fx.GraphModule(traced, graph)
+    features.graph.eliminate_dead_code()  # e.g. the x.size(0) that fed a view
+    features.recompile()
+    return features
+
+
+def _head_ops(traced, flatten):
+    """The chain after the flatten as [("linear"|"relu"|"dropout"|"bn", module or None, label)], checked."""
+    ops, node = [], flatten
+    while True:
+        users = list(node.users)
+        if len(users) != 1:
+            raise ValueError(f"argument 'model': {_node_label(traced, node)} after the flatten feeds {len(users)} "
+                             "nodes; convolutionalize needs one chain of Linear/ReLU/Dropout/BatchNorm1d layers")
+        nxt = users[0]
+        if nxt.op == "output":
+            break
+        if not nxt.args or nxt.args[0] is not node:
+            raise ValueError(f"argument 'model': cannot convert layer {_node_label(traced, nxt)}: it does not take "
+                             "the previous layer's output as its input")
+        label = _node_label(traced, nxt)
+        mod = traced.get_submodule(nxt.target) if nxt.op == "call_module" else None
+        if isinstance(mod, nn.Linear):
+            ops.append(("linear", mod, label))
+        elif isinstance(mod, nn.ReLU) or (nxt.op == "call_function" and nxt.target in _RELUS) or (
+                nxt.op == "call_method" and nxt.target in ("relu", "relu_")):
+            ops.append(("relu", None, label))
+        elif isinstance(mod, nn.Dropout) or (nxt.op == "call_function" and nxt.target in _DROPOUTS):
+            ops.append(("dropout", mod, label))
+        elif isinstance(mod, nn.BatchNorm1d):
+            ops.append(("bn", mod, label))
+        elif not isinstance(mod, nn.Identity):
+            raise ValueError(f"argument 'model': cannot convert layer {label} after the flatten: only Linear, ReLU, "
+                             "Dropout, BatchNorm1d and Identity may follow it")
+        node = nxt
+    if not any(kind == "linear" for kind, _, _ in ops):
+        raise ValueError("argument 'model' has no Linear layer after its flatten: there is nothing to convolutionalize")
+    first_linear = next(i for i, op in enumerate(ops) if op[0] == "linear")
+    for kind, _, label in ops[:first_linear]:
+        if kind == "relu":
+            raise ValueError(f"argument 'model': cannot convert layer {label}: a ReLU between the flatten and the "
+                             "first Linear is not supported (move it before the flatten)")
+    return ops
+
+
+def _input_channels(features):
+    for node in features.graph.nodes:
+        if node.op == "call_module":
+            mod = features.get_submodule(node.target)
+            if isinstance(mod, nn.Conv2d):
+                return mod.in_channels
+            if isinstance(mod, nn.BatchNorm2d):
+                return mod.num_features
+    raise ValueError("argument 'model': cannot infer the input channels (no Conv2d/BatchNorm2d in the features)")
+
+
+def fake_run(module, shape, dtype, device):
+    """module on a fake (B, C, H, W) input: shapes only, no memory, no compute."""
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        return module(torch.empty(shape, dtype=dtype, device=device))
+
+
+def _feature_geometry(features, in_channels, window, model):
+    """((C, fh, fw) of one window, (Sy, Sx) total stride), from fake runs of the features."""
+    p = next(model.parameters(), None)
+    dtype, device = (p.dtype, p.device) if p is not None else (torch.float32, torch.device("cpu"))
+    h, w = window
+    try:
+        f = fake_run(features, (1, in_channels, h, w), dtype, device)
+        g = fake_run(features, (1, in_channels, h + _STRIDE_PROBE, w + _STRIDE_PROBE), dtype, device)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"argument 'window' = {window}: the features cannot run on a {h}x{w} crop ({e})") from e
+    if f.dim() != 4:
+        raise ValueError(f"argument 'model': the features give a {f.dim()}-d tensor {tuple(f.shape)} before the "
+                         "flatten; convolutionalize needs a (B, C, h, w) feature map")
+    stride = []
+    for grown, base in ((g.shape[2], f.shape[2]), (g.shape[3], f.shape[3])):
+        steps = grown - base
+        if steps <= 0 or _STRIDE_PROBE % steps:
+            raise ValueError("argument 'model': the features have no integer total stride; cannot convolutionalize")
+        stride.append(_STRIDE_PROBE // steps)
+    return tuple(f.shape[1:]), tuple(stride)
+
+
+def _build_head(ops, fmap):
+    """nn.Sequential of Conv2d / ReLU / Dropout equal to the Linear chain on a (C, fh, fw) map."""
+    C, fh, fw = fmap
+    layers, pending_in = [], None  # pending_in: an affine (scale, shift) of a BatchNorm waiting for its Linear
+    first, last_conv = True, None
+    for kind, mod, label in ops:
+        if kind == "linear":
+            W = mod.weight.detach()
+            b = mod.bias.detach() if mod.bias is not None else torch.zeros_like(W[:, 0])
+            if first and W.shape[1] != C * fh * fw:
+                raise ValueError(f"argument 'window': layer {label} takes {W.shape[1]} inputs but the features give "
+                                 f"{C}x{fh}x{fw} = {C * fh * fw} for this window")
+            if pending_in is not None:  # Linear(scale·x + shift) = (W·diag(scale)) x + (W shift + b)
+                scale, shift = pending_in
+                b = b + W @ shift
+                W = W * scale
+                pending_in = None
+            kernel = (fh, fw) if first else (1, 1)
+            conv = nn.Conv2d(W.shape[1] // (kernel[0] * kernel[1]), W.shape[0], kernel).to(W.device, W.dtype)
+            with torch.no_grad():
+                conv.weight.copy_(W.reshape(conv.weight.shape))
+                conv.bias.copy_(b)
+            layers.append(conv)
+            last_conv, first = conv, False
+        elif kind == "bn":
+            scale, shift = _bn_affine(mod)
+            if layers and layers[-1] is last_conv:  # right after a Linear: fold into its output
+                with torch.no_grad():
+                    last_conv.weight.mul_(scale.view(-1, 1, 1, 1))
+                    last_conv.bias.mul_(scale).add_(shift)
+            elif pending_in is None:  # before a Linear: fold into its input
+                pending_in = (scale, shift)
+            else:
+                raise ValueError(f"argument 'model': cannot convert layer {label}: two BatchNorm1d in a row")
+        elif kind == "relu":
+            if pending_in is not None:
+                raise ValueError(f"argument 'model': cannot convert layer {label}: it separates a BatchNorm1d from "
+                                 "the Linear it would fold into")
+            layers.append(nn.ReLU())
+        else:  # dropout: identity in eval; kept so the module reads like the original
+            layers.append(nn.Dropout(mod.p if mod is not None else 0.5))
+    if pending_in is not None:
+        raise ValueError("argument 'model': a BatchNorm1d at the end of the head has no Linear to fold into")
+    return nn.Sequential(*layers)
+
+
+def _bn_affine(bn):
+    """BatchNorm1d in eval as y = scale·x + shift (running statistics)."""
+    if bn.running_mean is None:
+        raise ValueError("argument 'model': a BatchNorm1d without running statistics cannot be folded")
+    scale = torch.rsqrt(bn.running_var.detach() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.detach()
+    shift = -bn.running_mean.detach() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.detach()
+    return scale, shift
+
+
+def _is_padded(features):
+    """True when a conv or pooling of the features pads (or rounds up): then the FCN sees image pixels where the
+    per-crop evaluation sees zeros / nothing, near the crop borders."""
+    for m in features.modules():
+        pad = getattr(m, "padding", 0)
+        if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+            if pad == "same" or (pad != "valid" and any(p != 0 for p in (pad if isinstance(pad, tuple) else (pad,)))):
+                return True
+            if getattr(m, "ceil_mode", False):
+                return True
+    return False

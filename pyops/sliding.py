@@ -1,0 +1,261 @@
+"""sliding_classify: a crop classifier applied densely to whole images, equal to evaluating it on every crop.
+
+How (exact=False, the default): the classifier is convolutionalized once (pyops.convolutionalize) and the fully
+convolutional network (FCN) runs on the image. Its output (i, j) is the crop at offset (i·Sy, j·Sx), where (Sy, Sx)
+is the features' total stride (the product of the pooling / conv strides). Requested offsets that are not multiples
+of it come from shift-and-stitch: the FCN runs on the image shifted by each residue (ry, rx) = offset mod S that the
+requested stride needs, and the maps are interleaved. We chose it over the à-trous (dilation) rewrite because it
+needs no change to the features (any traced feature extractor works as is, pooling with floor rounding included)
+and does exactly the work of the requested offsets (the à-trous network computes all S² residues even when a
+stride only needs some); both cost the same per output.
+
+Exactness: for features without padding, every FCN output equals the per-crop evaluation (same inputs, same
+operations; only the floating-point summation order may differ). Features that pad (or pool with ceil_mode) see
+the neighbouring image pixels where a crop sees zeros, so outputs differ within the receptive field of the crop
+borders; exact=True evaluates the crops themselves instead, in batches sized to the memory bound.
+
+Memory: the output map is tiled (tiles of output positions plus the input halo they need, and batch chunks) so that
+the estimated peak of the activations stays under max_memory; tiled and untiled results are identical up to the
+summation order of the vendor convolutions (bitwise in practice on CPU; ≤ 1e-12 relative in float64).
+"""
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ._checks import check_floating
+from .convolutionalize import FullyConvolutional, _cudnn_tf32, _window, convolutionalize, fake_run
+from .sliding_head import PRECISIONS
+
+DEFAULT_MAX_MEMORY = 4 << 30
+# Bound of the head op's im2col/activation workspace (the GEMMs are efficient well below it).
+_HEAD_WORKSPACE = {"cpu": 256 << 20, "cuda": 1 << 30}
+_MIN_GEMM_POSITIONS = 64
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """How one FCN pass is split: `batch` images × `rows` × `cols` output positions per tile, `tiles` tiles, and
+    the estimated peak bytes of one tile plus the whole output (what max_memory bounds)."""
+    batch: int
+    rows: int
+    cols: int
+    tiles: int
+    peak_bytes: int
+    head_workspace: int
+
+
+def sliding_classify(model, images, window, stride=1, exact=False, max_memory=DEFAULT_MAX_MEMORY, precision="fp32"):
+    """Scores of every crop at offsets 0, s, 2s, … of each image, equal to `model` on each crop (inference only).
+
+    Args:
+        model: a crop classifier nn.Module ((B, C, h, w) → (B, classes)) as pyops.convolutionalize takes it, or
+            a FullyConvolutional it returned (reused, not converted again). Evaluated with eval semantics.
+        images: (B, C, H, W) floating tensor, H ≥ h and W ≥ w; any strides.
+        window: int or (h, w), the crop size.
+        stride: int or (sy, sx) ≥ 1, the step between crops.
+        exact: evaluate the crops themselves (batched) instead of the FCN: for features with padding.
+        max_memory: bound in bytes on the activations of one pass (default 4 GiB; weights not counted).
+        precision: "fp32" (exact, TF32 off), "tf32" or "bf16" (CUDA speed; the head's GEMMs in reduced precision).
+    Returns:
+        (B, classes, ⌊(H−h)/sy⌋+1, ⌊(W−w)/sx⌋+1) in images' dtype.
+    """
+    window = _window(window)
+    if exact:
+        _check_common(images, window, stride, max_memory, precision)
+        if precision == "bf16":
+            raise ValueError("argument 'precision' = 'bf16' applies to the FCN head; exact=True runs the model as is")
+        if not isinstance(model, nn.Module) or isinstance(model, FullyConvolutional):
+            raise TypeError("argument 'model' must be the crop classifier (nn.Module) for exact=True")
+        return _crop_batches(model, images, window, _pair(stride, "stride"), max_memory, precision)
+    fcn = model if isinstance(model, FullyConvolutional) else convolutionalize(model, window)
+    if fcn.window != window:
+        raise ValueError(f"argument 'window' = {window} differs from the window {fcn.window} the model was "
+                         "converted for")
+    return classify_fcn(fcn, images, stride, max_memory, precision)
+
+
+def classify_fcn(fcn, images, stride=1, max_memory=DEFAULT_MAX_MEMORY, precision="fp32"):
+    """sliding_classify with an already converted FullyConvolutional (shift-and-stitch over tiled FCN passes)."""
+    _check_common(images, fcn.window, stride, max_memory, precision)
+    if images.shape[1] != fcn.in_channels:
+        raise ValueError(f"argument 'images' has {images.shape[1]} channels but the model takes {fcn.in_channels}")
+    param = next(fcn.parameters())
+    if images.dtype != param.dtype or images.device != param.device:
+        raise TypeError(f"argument 'images' is {images.dtype} on {images.device} but the model is {param.dtype} on "
+                        f"{param.device}")
+    if fcn.padded:
+        warnings.warn("pyops.sliding_classify: the model's features pad, so the fully convolutional scores differ "
+                      "from per-crop evaluation near the crop borders; pass exact=True to evaluate the crops",
+                      stacklevel=3)
+    (h, w), (sy, sx), (Sy, Sx) = fcn.window, _pair(stride, "stride"), fcn.stride
+    B, _, H, W = images.shape
+    offs_y = torch.arange(0, H - h + 1, sy)
+    offs_x = torch.arange(0, W - w + 1, sx)
+    if B == 0:
+        classes = [m for m in fcn.head if isinstance(m, nn.Conv2d)][-1].out_channels
+        return images.new_empty(0, classes, len(offs_y), len(offs_x))
+    # One plan for every residue: the shifted images are no larger than the whole one, and a plan's tiles fit
+    # the bound on any smaller image too.
+    plan = cached_plan(fcn, images.shape, images.dtype, images.device, max_memory)
+    out = None
+    with torch.no_grad():
+        for ry in sorted(set((offs_y % Sy).tolist())):
+            iy = torch.nonzero(offs_y % Sy == ry).flatten()
+            for rx in sorted(set((offs_x % Sx).tolist())):
+                ix = torch.nonzero(offs_x % Sx == rx).flatten()
+                # The image shifted by (ry, rx), cut to the last crop this residue needs.
+                last_y, last_x = offs_y[iy[-1]].item(), offs_x[ix[-1]].item()
+                shifted = images[:, :, ry:last_y + h, rx:last_x + w]
+                scores = fcn_map(fcn, shifted, plan, precision)
+                jy, jx = (offs_y[iy] - ry) // Sy, (offs_x[ix] - rx) // Sx
+                if out is None:
+                    out = scores.new_empty(B, scores.shape[1], len(offs_y), len(offs_x))
+                out[:, :, iy[:, None], ix[None, :]] = scores[:, :, jy[:, None], jx[None, :]]
+    return out
+
+
+def fcn_map(fcn, x, plan, precision="fp32"):
+    """The FCN on x (B, C, H, W) → (B, classes, ⌊(H−h)/Sy⌋+1, ⌊(W−w)/Sx⌋+1), computed tile by tile per the
+    TilePlan (of plan_tiles): a tile of output rows [i0, i1) needs input rows [i0·Sy, (i1−1)·Sy + h)."""
+    (h, w), (Sy, Sx) = fcn.window, fcn.stride
+    B, _, H, W = x.shape
+    my, mx = (H - h) // Sy + 1, (W - w) // Sx + 1
+    out = None
+    for b0 in range(0, B, plan.batch):
+        for i0 in range(0, my, plan.rows):
+            i1 = min(my, i0 + plan.rows)
+            for j0 in range(0, mx, plan.cols):
+                j1 = min(mx, j0 + plan.cols)
+                tile = x[b0:b0 + plan.batch, :, i0 * Sy:(i1 - 1) * Sy + h, j0 * Sx:(j1 - 1) * Sx + w]
+                scores = fcn(tile, precision, plan.head_workspace)
+                if plan.batch >= B and plan.rows >= my and plan.cols >= mx:
+                    return scores  # one tile covers x
+                if out is None:
+                    out = scores.new_empty(B, scores.shape[1], my, mx)
+                out[b0:b0 + plan.batch, :, i0:i1, j0:j1] = scores
+    return out
+
+
+def cached_plan(fcn, shape, dtype, device, max_memory):
+    """plan_tiles, remembered per (shape, dtype, device, bound) on the FullyConvolutional: a module applied to
+    same-sized images plans once (the fake runs cost milliseconds per call)."""
+    key = (tuple(shape), dtype, torch.device(device), max_memory)
+    cache = fcn.__dict__.setdefault("_plans", {})
+    if key not in cache:
+        if len(cache) >= 32:
+            cache.clear()
+        cache[key] = plan_tiles(fcn, shape, dtype, device, max_memory)
+    return cache[key]
+
+
+def plan_tiles(fcn, shape, dtype, device, max_memory=DEFAULT_MAX_MEMORY):
+    """The largest tiles whose estimated peak memory fits max_memory.
+
+    Shrinks, in this order: the head op's workspace (positions per GEMM, down to _MIN_GEMM_POSITIONS: no recompute),
+    the spatial tile (halving its longer side: each tile recomputes the features of its halo), the batch chunk,
+    and finally the workspace below _MIN_GEMM_POSITIONS. The estimate comes from fake runs of the features (no
+    memory, no compute): the input tile, plus the larger of the largest input+output of any feature layer and the
+    feature map + the head's workspace + the tile's scores, plus the whole output map. Raises ValueError when even
+    one position of one image does not fit."""
+    (h, w), (Sy, Sx) = fcn.window, fcn.stride
+    B, C, H, W = shape
+    my, mx = (H - h) // Sy + 1, (W - w) // Sx + 1
+    elem = torch.empty(0, dtype=dtype).element_size()
+    head_convs = [m for m in fcn.head if isinstance(m, nn.Conv2d)]
+    classes, widest = head_convs[-1].out_channels, max(c.out_channels for c in head_convs)
+    per_position = (head_convs[0].weight[0].numel() + 2 * widest) * elem  # what the op holds per GEMM column
+    out_bytes = B * classes * my * mx * elem
+    cap = min(_HEAD_WORKSPACE.get(torch.device(device).type, 256 << 20), max_memory // 4)
+    b, rows, cols = B, my, mx
+    gemm_positions = max(1, min(B * my * mx, cap // per_position))
+    while True:
+        in_shape = (b, C, (rows - 1) * Sy + h, (cols - 1) * Sx + w)
+        feat_peak, fmap_bytes = _layer_peak(fcn.features, in_shape, dtype, device)
+        positions = b * rows * cols
+        gemm_positions = min(gemm_positions, positions)
+        head_peak = fmap_bytes + gemm_positions * per_position + positions * classes * elem
+        peak = math.prod(in_shape) * elem + max(feat_peak, head_peak) + out_bytes
+        if peak <= max_memory:
+            tiles = math.ceil(B / b) * math.ceil(my / rows) * math.ceil(mx / cols)
+            return TilePlan(b, rows, cols, tiles, peak, gemm_positions * per_position)
+        if gemm_positions > _MIN_GEMM_POSITIONS and head_peak > feat_peak:
+            gemm_positions = max(_MIN_GEMM_POSITIONS, gemm_positions // 2)
+        elif rows > 1 or cols > 1:
+            if rows >= cols:
+                rows = (rows + 1) // 2
+            else:
+                cols = (cols + 1) // 2
+        elif b > 1:
+            b = (b + 1) // 2
+        elif gemm_positions > 1:
+            gemm_positions //= 2
+        else:
+            raise ValueError(f"argument 'max_memory' = {max_memory} bytes is below the {peak} bytes that one output "
+                             "position of one image needs")
+
+
+def _layer_peak(module, shape, dtype, device):
+    """(largest input + output bytes of any leaf module, bytes of the final output) of module on a fake input."""
+    peak = [0]
+
+    def hook(mod, inputs, output):
+        size = sum(t.numel() * t.element_size() for t in (*inputs, output) if isinstance(t, torch.Tensor))
+        peak[0] = max(peak[0], size)
+
+    leaves = [m for m in module.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        out = fake_run(module, shape, dtype, device)
+    finally:
+        for hd in handles:
+            hd.remove()
+    out_bytes = out.numel() * out.element_size()
+    return max(peak[0], out_bytes), out_bytes
+
+
+def _crop_batches(model, images, window, stride, max_memory, precision):
+    """exact=True: the model on the crops themselves, gathered (unfold) in batches whose estimated peak fits."""
+    (h, w), (sy, sx) = window, stride
+    B, C = images.shape[:2]
+    crops = images.unfold(2, h, sy).unfold(3, w, sx).permute(0, 2, 3, 1, 4, 5)  # (B, ny, nx, C, h, w), a view
+    ny, nx = crops.shape[1:3]
+    n = B * ny * nx
+    peak_one, out_one = _layer_peak(model, (1, C, h, w), images.dtype, images.device)
+    per_crop = peak_one + C * h * w * images.element_size()  # + the gathered crop itself
+    out_bytes = out_one * n
+    chunk = (max_memory - out_bytes) // per_crop
+    if chunk < 1:
+        raise ValueError(f"argument 'max_memory' = {max_memory} bytes is below the {per_crop + out_bytes} bytes "
+                         "that one crop needs")
+    parts = []
+    with torch.no_grad(), _cudnn_tf32(precision == "tf32"):
+        for c0 in range(0, n, chunk):
+            k = torch.arange(c0, min(n, c0 + chunk), device=images.device)
+            parts.append(model(crops[k // (ny * nx), (k // nx) % ny, k % nx]))  # gathers only this chunk
+    scores = torch.cat(parts)
+    return scores.view(B, ny, nx, -1).permute(0, 3, 1, 2)
+
+
+def _pair(v, name):
+    p = (v, v) if isinstance(v, int) and not isinstance(v, bool) else tuple(v) if isinstance(v, (tuple, list)) else ()
+    if len(p) != 2 or not all(isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in p):
+        raise ValueError(f"argument '{name}' must be a positive int or a pair of them, got {v!r}")
+    return p
+
+
+def _check_common(images, window, stride, max_memory, precision):
+    check_floating(images, "images")
+    if images.dim() != 4:
+        raise ValueError(f"argument 'images' must have 4 dimensions (B, C, H, W), got shape {tuple(images.shape)}")
+    h, w = window
+    if images.shape[2] < h or images.shape[3] < w:
+        raise ValueError(f"argument 'images' is {images.shape[2]}x{images.shape[3]}, smaller than the {h}x{w} "
+                         "argument 'window'")
+    _pair(stride, "stride")
+    if isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory <= 0:
+        raise ValueError(f"argument 'max_memory' must be a positive int (bytes), got {max_memory!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"argument 'precision' must be one of {PRECISIONS}, got {precision!r}")

@@ -1,0 +1,81 @@
+"""lse_pool2d: (1/β)·log(mean exp(β·s)) over H×W, against the logsumexp reference; limits and gradients."""
+import math
+
+import pytest
+import torch
+
+import pyops
+from pyops import reference
+from conftest import tolerances
+
+
+def rand(shape, dtype=torch.float64, device="cpu", seed=0, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(device, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("beta", [0.5, 1.0, 4.0, -2.0])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 10, 1, 1), (4, 2, 33, 17)])
+def test_matches_reference(device, dtype, beta, shape):
+    s = rand(shape, dtype, device, seed=sum(shape))
+    out = pyops.lse_pool2d(s, beta)
+    ref = reference.lse_pool2d(s.double().cpu(), beta)
+    assert out.shape == shape[:2] and out.dtype == dtype
+    rtol, atol = tolerances(dtype)
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=rtol, atol=atol)
+
+
+def test_limits(device):
+    s = rand((3, 4, 6, 5), device=device, seed=1)
+    mx, mean = s.flatten(2).amax(-1), s.flatten(2).mean(-1)
+    assert torch.equal(pyops.lse_pool2d(s, math.inf), mx)
+    assert torch.equal(pyops.lse_pool2d(s, -math.inf), s.flatten(2).amin(-1))
+    assert torch.equal(pyops.lse_pool2d(s, 0.0), mean)
+    # between mean and max, monotone in β, and converging to both ends
+    prev = mean
+    for beta in (1e-3, 0.1, 1.0, 10.0, 100.0):
+        cur = pyops.lse_pool2d(s, beta)
+        assert (cur >= prev - 1e-12).all() and (cur <= mx + 1e-12).all()
+        prev = cur
+    assert (pyops.lse_pool2d(s, 1e4) - mx).abs().max() < math.log(30) / 1e4 + 1e-12
+    assert (pyops.lse_pool2d(s, 1e-6) - mean).abs().max() < 1e-4
+
+
+def test_layouts(device):
+    s = rand((2, 3, 6, 5), device=device, seed=2)
+    ref = pyops.lse_pool2d(s, 1.5)
+    torch.testing.assert_close(pyops.lse_pool2d(s.to(memory_format=torch.channels_last), 1.5), ref)
+    torch.testing.assert_close(pyops.lse_pool2d(s.transpose(2, 3), 1.5), ref)
+    assert pyops.lse_pool2d(s[:0], 1.5).shape == (0, 3)
+
+
+@pytest.mark.parametrize("beta", [1.5, -0.7, 0.0, math.inf])
+def test_gradcheck(device, beta):
+    s = rand((2, 3, 4, 3), device=device, seed=3).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: pyops.lse_pool2d(t, beta), (s,))
+
+
+def test_gradient_is_softmax_over_positions():
+    s = rand((2, 3, 4, 5), seed=4).requires_grad_()
+    (g,) = torch.autograd.grad(pyops.lse_pool2d(s, 2.0).sum(), s)
+    torch.testing.assert_close(g, torch.softmax(2.0 * s.detach().flatten(2), -1).view_as(s), rtol=1e-12, atol=1e-14)
+
+
+def test_torch_compile_fullgraph():
+    s = rand((2, 3, 4, 5), torch.float32, seed=5)
+    f = torch.compile(lambda t: pyops.lse_pool2d(t, 3.0), fullgraph=True)
+    torch.testing.assert_close(f(s), pyops.lse_pool2d(s, 3.0))
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="scores"):
+        pyops.lse_pool2d(torch.randn(3, 4, 5), 1.0)
+    with pytest.raises(TypeError, match="scores"):
+        pyops.lse_pool2d(torch.ones(1, 2, 3, 3, dtype=torch.int64), 1.0)
+    with pytest.raises(ValueError, match="beta"):
+        pyops.lse_pool2d(torch.randn(1, 2, 3, 3), math.nan)
+    with pytest.raises(TypeError, match="beta"):
+        pyops.lse_pool2d(torch.randn(1, 2, 3, 3), "2")
+    with pytest.raises(ValueError, match="empty"):
+        pyops.lse_pool2d(torch.randn(1, 2, 0, 3), 1.0)

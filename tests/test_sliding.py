@@ -1,0 +1,342 @@
+"""convolutionalize / sliding_classify / SlidingClassifier / the sliding_head op, against the per-crop loop."""
+
+import pytest
+import torch
+from torch import nn
+
+import pyops
+from pyops import reference
+from pyops.sliding import plan_tiles
+from conftest import tolerances
+
+
+def rand(shape, dtype=torch.float64, device="cpu", seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(device, dtype)
+
+
+def mse(a, b):
+    return (a.double() - b.double()).pow(2).mean().item()
+
+
+def randomize_bn(model, seed=1):
+    """Non-trivial running statistics and affine parameters, so folding them is actually tested."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.randn(m.num_features, generator=g))
+                m.bias.copy_(torch.randn(m.num_features, generator=g))
+    return model
+
+
+class PoolNet(nn.Module):
+    """A 24×24 crop classifier whose features downsample by 4 (two MaxPool2d(2)) and hold a BatchNorm2d; its head
+    has a BatchNorm1d after the first Linear and Dropout; flattens with torch.flatten."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(6, 8, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3))
+        self.fc1, self.bn = nn.Linear(8 * 2 * 2, 16), nn.BatchNorm1d(16)
+        self.drop, self.fc2 = nn.Dropout(0.3), nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = torch.flatten(self.features(x), 1)
+        return self.fc2(self.drop(torch.relu(self.bn(self.fc1(x)))))
+
+
+def strided_net():
+    """A 21×21 crop classifier with a strided conv and an AvgPool2d (total stride 6), a BatchNorm1d before its
+    second Linear, flattened by nn.Flatten."""
+    return nn.Sequential(nn.Conv2d(3, 5, 3, stride=2), nn.ReLU(), nn.AvgPool2d(3), nn.Conv2d(5, 6, 2), nn.Flatten(),
+                         nn.Linear(6 * 2 * 2, 12), nn.ReLU(), nn.BatchNorm1d(12), nn.Linear(12, 4))
+
+
+def padded_net():
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1),
+                         nn.Flatten(), nn.Linear(4 * 8 * 8, 6), nn.ReLU(), nn.Linear(6, 3))
+
+
+def eval64(model):
+    torch.manual_seed(0)
+    return randomize_bn(model).double().eval()
+
+
+# ---- convolutionalize ---------------------------------------------------------------------------------------------
+
+def test_net1_convolutionalize_equal_on_32x32():
+    net1 = reference.homework_net1(small=True, dtype=torch.float64)
+    before = {k: v.clone() for k, v in net1.state_dict().items()}
+    fcn = pyops.convolutionalize(net1, 32)
+    assert not any(isinstance(m, nn.Linear) for m in fcn.modules())
+    assert fcn.stride == (1, 1) and fcn.window == (32, 32) and not fcn.padded
+    x = rand((3, 3, 32, 32))
+    with torch.no_grad():
+        out, ref = fcn(x), net1(x)
+    assert out.shape == (3, 10, 1, 1)
+    assert mse(out.flatten(1), ref) < 1e-12
+    torch.testing.assert_close(out.flatten(1), ref, rtol=1e-10, atol=1e-12)
+    # the input model is untouched: same modules, same values, and no shared parameter storage
+    assert isinstance(net1.classifier[0], nn.Linear)
+    assert all(torch.equal(before[k], v) for k, v in net1.state_dict().items())
+    ours = {p.data_ptr() for p in fcn.parameters()}
+    assert not ours & {p.data_ptr() for p in net1.parameters()}
+
+
+def test_homework_36x38_map_equals_crop_loop():
+    net1 = reference.homework_net1(small=True, dtype=torch.float64)
+    x = rand((2, 3, 36, 38), seed=1)
+    scores = pyops.sliding_classify(net1, x, 32)
+    ref = reference.crop_loop(net1, x, 32)
+    assert scores.shape == (2, 10, 5, 7) == ref.shape
+    assert mse(scores, ref) < 1e-12
+    torch.testing.assert_close(scores, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_full_size_net1_36x38():
+    """The homework's Net1 at full size (340M weights in its first Linear), fp32: one pass vs the 35 crops (in one
+    batched call here: the one-crop-at-a-time loop reads the 1.36 GB Linear 35 times; the small Net1 tests it)."""
+    net1 = reference.homework_net1()
+    x = rand((1, 3, 36, 38), torch.float32, seed=2)
+    scores = pyops.sliding_classify(net1, x, 32)
+    ref = reference.crop_batch(net1, x, 32)
+    assert scores.shape == (1, 10, 5, 7)
+    assert mse(scores, ref) < 1e-12
+    torch.testing.assert_close(scores, ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("make,window,size", [(PoolNet, 24, (31, 33)), (strided_net, 21, (29, 32))])
+@pytest.mark.parametrize("stride", [1, 2, 3, 4, (2, 3)])
+def test_downsampling_features_equal_crop_loop_at_every_offset(make, window, size, stride):
+    model = eval64(make())
+    x = rand((1, 3) + size, seed=3)
+    scores = pyops.sliding_classify(model, x, window, stride)
+    ref = reference.crop_loop(model, x, window, stride)
+    assert scores.shape == ref.shape
+    torch.testing.assert_close(scores, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_total_stride_is_inferred():
+    assert pyops.convolutionalize(eval64(PoolNet()), 24).stride == (4, 4)
+    assert pyops.convolutionalize(eval64(strided_net()), 21).stride == (6, 6)
+
+
+def test_padded_network_exact_equals_loop_and_fcn_warns():
+    model = eval64(padded_net())
+    x = rand((2, 3, 23, 20), seed=4)
+    ref = reference.crop_loop(model, x, 16, 2)
+    exact = pyops.sliding_classify(model, x, 16, 2, exact=True, max_memory=200_000)  # several crop batches
+    torch.testing.assert_close(exact, ref, rtol=1e-10, atol=1e-12)
+    with pytest.warns(UserWarning, match="exact=True"):
+        approx = pyops.sliding_classify(model, x, 16, 2)
+    # the documented difference: the FCN sees neighbouring pixels where a crop sees zero padding
+    assert approx.shape == ref.shape and (approx - ref).abs().max() > 1e-6
+
+
+def test_linear_between_conversions_keeps_the_model_traceable_forms():
+    """view, reshape, nn.Flatten, torch.flatten and Tensor.flatten all split the model."""
+    for flat in (lambda t: t.view(t.size(0), -1), lambda t: t.reshape(t.shape[0], -1), lambda t: t.flatten(1)):
+        class M(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv, self.fc = nn.Conv2d(2, 3, 3), nn.Linear(3 * 4 * 4, 2)
+
+            def forward(self, x):
+                return self.fc(flat(torch.relu(self.conv(x))))
+
+        m = eval64(M())
+        x = rand((1, 2, 9, 8), seed=5)
+        torch.testing.assert_close(pyops.sliding_classify(m, x, 6), reference.crop_loop(m, x, 6),
+                                   rtol=1e-10, atol=1e-12)
+
+
+# ---- tiling and the memory bound ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make,window,small", [
+    (lambda: reference.homework_net1(small=True, dtype=torch.float64), 32, 1 << 20), (PoolNet, 24, 500_000)])
+def test_tiled_equals_untiled(make, window, small):
+    model = eval64(make())
+    x = rand((2, 3, 52, 57), seed=6)
+    fcn = pyops.convolutionalize(model, window)
+    plan = plan_tiles(fcn, x.shape, x.dtype, x.device, small)
+    assert plan_tiles(fcn, x.shape, x.dtype, x.device).tiles == 1
+    assert plan.tiles > 1 and plan.peak_bytes <= small
+    tiled = pyops.sliding_classify(fcn, x, window, max_memory=small)
+    untiled = pyops.sliding_classify(fcn, x, window)
+    torch.testing.assert_close(tiled, untiled, rtol=1e-12, atol=1e-14)
+
+
+def test_memory_bound_respected_on_a_large_image():
+    fcn = pyops.convolutionalize(reference.homework_net1(small=True), 32)
+    shape = (2, 3, 1024, 1024)
+    bound = 128 << 20  # the (2, 10, 993, 993) output itself takes 79 MB
+    untiled = plan_tiles(fcn, shape, torch.float32, "cpu", 1 << 40)
+    plan = plan_tiles(fcn, shape, torch.float32, "cpu", bound)
+    assert untiled.tiles == 1 and untiled.peak_bytes > 3 * bound  # the whole image would not fit
+    assert plan.peak_bytes <= bound and plan.tiles > 1
+    # the estimate covers at least the activations a tile really holds: its input, feature map and scores
+    rows, cols = plan.rows, plan.cols
+    tile_in = plan.batch * 3 * (rows + 31) * (cols + 31) * 4
+    tile_fmap = plan.batch * 16 * (rows + 17) * (cols + 17) * 4
+    assert plan.peak_bytes >= tile_in + tile_fmap
+    with pytest.raises(ValueError, match="max_memory"):
+        plan_tiles(fcn, shape, torch.float32, "cpu", 10_000)
+
+
+# ---- module form, precision, layouts ------------------------------------------------------------------------------
+
+def test_sliding_classifier_module(device):
+    net1 = reference.homework_net1(small=True).to(device)
+    clf = pyops.nn.SlidingClassifier(net1, 32, stride=2)
+    assert not any(isinstance(m, nn.Linear) for m in clf.modules())
+    x = rand((2, 3, 41, 37), torch.float32, device, seed=8)
+    out = clf(x)
+    ref = reference.crop_loop(net1, x, 32, 2)
+    rtol, atol = tolerances(torch.float32)
+    torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
+    torch.testing.assert_close(clf(x[:1]), ref[:1], rtol=rtol, atol=atol)  # reused, converted once
+
+
+def test_layouts_and_empty_batch(device):
+    net1 = reference.homework_net1(small=True).to(device)
+    x = rand((2, 3, 40, 36), torch.float32, device, seed=9)
+    ref = pyops.sliding_classify(net1, x, 32)
+    for variant in (x.to(memory_format=torch.channels_last), x.transpose(2, 3).contiguous().transpose(2, 3)):
+        torch.testing.assert_close(pyops.sliding_classify(net1, variant, 32), ref, rtol=1e-5, atol=1e-6)
+    empty = pyops.sliding_classify(net1, x[:0], 32)
+    assert empty.shape == (0, 10, 9, 5)
+
+
+def test_precisions(device):
+    net1 = reference.homework_net1(small=True).to(device)
+    x = rand((1, 3, 44, 40), torch.float32, device, seed=10)
+    ref = reference.crop_loop(net1.double(), x.double(), 32).float()
+    net1.float()
+    fp32 = pyops.sliding_classify(net1, x, 32)
+    torch.testing.assert_close(fp32, ref, rtol=1e-5, atol=1e-6)
+    tf32 = pyops.sliding_classify(net1, x, 32, precision="tf32")
+    torch.testing.assert_close(tf32, ref, rtol=1e-2, atol=1e-3)
+    bf16 = pyops.sliding_classify(net1, x, 32, precision="bf16")
+    assert bf16.dtype == torch.float32
+    rel = ((bf16 - ref).norm() / ref.norm()).item()
+    assert rel < 2e-2
+    if device == "cpu":
+        assert torch.equal(tf32, fp32)  # no TF32 on the CPU
+
+
+# ---- the sliding_head op ------------------------------------------------------------------------------------------
+
+def head_operands(dtype, device, channels=5, kernel=(4, 3), widths=(7, 6, 3), seed=11):
+    g = torch.Generator().manual_seed(seed)
+    weights, biases, cin = [], [], channels
+    for i, n in enumerate(widths):
+        k = kernel if i == 0 else (1, 1)
+        weights.append((torch.randn(n, cin, *k, generator=g, dtype=torch.float64) * 0.3).to(device, dtype))
+        biases.append(torch.randn(n, generator=g, dtype=torch.float64).to(device, dtype))
+        cin = n
+    return weights, biases
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("relu", [(1, 1, 0), (0, 1, 1), (1,)])
+@pytest.mark.parametrize("workspace", [1, 2000, 256 << 20])  # 1 position per tile, tiles across images, one tile
+def test_sliding_head_matches_conv_head(device, dtype, relu, workspace):
+    widths = (7, 6, 3)[:len(relu)]
+    weights, biases = head_operands(dtype, device, widths=widths)
+    f = rand((3, 5, 9, 8), dtype, device, seed=12)
+    out = pyops.sliding_head(f, weights, biases, relu, workspace_bytes=workspace)
+    ref = reference.sliding_head(f.double(), [w.double() for w in weights], [b.double() for b in biases], relu)
+    assert out.shape == (3, widths[-1], 6, 6) and out.dtype == dtype
+    rtol, atol = tolerances(dtype)
+    torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol)
+
+
+def test_sliding_head_layouts_and_empty(device):
+    weights, biases = head_operands(torch.float32, device)
+    f = rand((2, 5, 9, 8), torch.float32, device, seed=13)
+    ref = pyops.sliding_head(f, weights, biases)
+    torch.testing.assert_close(pyops.sliding_head(f.to(memory_format=torch.channels_last), weights, biases), ref)
+    strided = rand((2, 5, 9, 16), torch.float32, device, seed=13)[..., ::2]
+    torch.testing.assert_close(pyops.sliding_head(strided, weights, biases),
+                               pyops.sliding_head(strided.contiguous(), weights, biases))
+    assert pyops.sliding_head(f[:0], weights, biases).shape == (0, 3, 6, 6)
+    no_bias = pyops.sliding_head(f, weights, None)
+    torch.testing.assert_close(no_bias, reference.sliding_head(f, weights, [None] * 3, (1, 1, 0)),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_sliding_head_opcheck(device):
+    weights, biases = head_operands(torch.float32, device)
+    f = rand((2, 5, 9, 8), torch.float32, device, seed=14)
+    for args in [(f, weights, biases, [1, 1, 0]), (f.double(), [w.double() for w in weights],
+                                                   [b.double() for b in biases], [0, 1, 0], False, 4000)]:
+        torch.library.opcheck(torch.ops.pyops.sliding_head.default, args,
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_sliding_head_flop_count():
+    weights, biases = head_operands(torch.float32, "cpu")
+    f = rand((2, 5, 9, 8), torch.float32, seed=15)
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+        pyops.sliding_head(f, weights, biases)
+    positions = 2 * 6 * 6
+    assert counter.get_total_flops() == 2 * positions * (7 * 5 * 4 * 3 + 6 * 7 + 3 * 6)
+
+
+def test_sliding_head_torch_compile():
+    weights, biases = head_operands(torch.float32, "cpu")
+    f = rand((2, 5, 9, 8), torch.float32, seed=16)
+
+    def head(x):
+        return torch.ops.pyops.sliding_head(x * 2, weights, biases, [1, 1, 0])
+
+    torch.testing.assert_close(torch.compile(head, fullgraph=True)(f), head(f))
+
+
+# ---- bad inputs ---------------------------------------------------------------------------------------------------
+
+def test_bad_inputs():
+    net1 = reference.homework_net1(small=True)
+    with pytest.raises(ValueError, match="window"):
+        pyops.sliding_classify(net1, torch.randn(1, 3, 31, 40), 32)
+    with pytest.raises(ValueError, match="channels"):
+        pyops.sliding_classify(net1, torch.randn(1, 4, 40, 40), 32)
+    with pytest.raises(ValueError, match="no flatten|no Linear"):
+        pyops.convolutionalize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), 8)
+    with pytest.raises(ValueError, match="no Linear"):
+        pyops.convolutionalize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()), 8)
+    with pytest.raises(ValueError, match=r"'2' \(Sigmoid\)"):
+        pyops.convolutionalize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Sigmoid(), nn.Linear(144, 2)), 8)
+    with pytest.raises(ValueError, match=r"'classifier.0' \(Linear\).*window"):
+        pyops.convolutionalize(net1, 30)
+    with pytest.raises(ValueError, match="window"):
+        pyops.convolutionalize(net1, (32, 0))
+    with pytest.raises(ValueError, match="stride"):
+        pyops.sliding_classify(net1, torch.randn(1, 3, 40, 40), 32, stride=0)
+    with pytest.raises(ValueError, match="precision"):
+        pyops.sliding_classify(net1, torch.randn(1, 3, 40, 40), 32, precision="fp8")
+    with pytest.raises(TypeError, match="images"):
+        pyops.sliding_classify(net1, torch.randn(1, 3, 40, 40, dtype=torch.float64), 32)
+    with pytest.raises(TypeError, match="images"):
+        pyops.sliding_classify(net1, torch.ones(1, 3, 40, 40, dtype=torch.int64), 32)
+
+
+def test_sliding_head_bad_inputs_python_and_cpp():
+    weights, biases = head_operands(torch.float32, "cpu")
+    f = torch.randn(2, 5, 9, 8)
+    op = torch.ops.pyops.sliding_head
+    for call in (pyops.sliding_head, lambda *a: op(*a)):
+        with pytest.raises(ValueError, match=r"weights\[0\].*input channels"):
+            call(f[:, :4], weights, biases, [1, 1, 0])
+        with pytest.raises(ValueError, match="smaller than"):
+            call(f[:, :, :3], weights, biases, [1, 1, 0])
+        with pytest.raises(ValueError, match="biases"):
+            call(f, weights, biases[:2], [1, 1, 0])
+        with pytest.raises(ValueError, match=r"weights\[1\].*1x1"):
+            call(f, [weights[0], weights[1].expand(6, 7, 2, 1), weights[2]], biases, [1, 1, 0])
+        with pytest.raises(TypeError, match=r"weights"):
+            call(f, [weights[0].double()] + weights[1:], biases, [1, 1, 0])
+    with pytest.raises(ValueError, match="workspace_bytes"):
+        op(f, weights, biases, [1, 1, 0], False, 0)
