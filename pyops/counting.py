@@ -277,6 +277,14 @@ def _count_conv1d(a, out):
     return [_conv_args_work(a, out)]
 
 
+@register_op_counter("pyops::sliding_head")
+def _count_sliding_head(a, out):
+    # the converted head: the large-kernel conv, then 1x1 convs, each a convolution over every output position
+    n, _, oh, ow = _shape(out)
+    return [matmul_work("conv", n * w.shape[0] * oh * ow, w.shape[1] * w.shape[2] * w.shape[3], True)
+            for w in a["weights"]]
+
+
 @register_op_counter("pyops::smooth_max")
 def _count_smooth_max(a, out):
     x = a["x"]

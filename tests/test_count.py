@@ -491,3 +491,12 @@ def test_flop_counter_mode_sees_the_pyops_convolutions():
         F.conv2d(x, w, None, 1, 1)
         F.conv1d(x.flatten(2), torch.randn(5, 4, 3))
     assert ours.get_total_flops() == theirs.get_total_flops() > 0
+
+
+def test_sliding_head_counts_as_its_convolutions():
+    net = pyops.reference.homework_net1(small=True)
+    fcn = pyops.convolutionalize(net, (32, 32))
+    x = torch.randn(1, 3, 36, 38)
+    plain = pyops.count_ops(pyops.reference.homework_net2(net), x)
+    ours = pyops.count_ops(fcn, x)
+    assert ours.conv == plain.conv > 0 and ours.linear == plain.linear == 0
