@@ -61,11 +61,12 @@ def measure(benchmark, device):
     case: what is computed (shape, dtype, pass), shared by pyops and its baselines so the report can pair them.
     impl: "pyops" for ours, anything else names the baseline (e.g. "torch.logsumexp").
     bytes / flops: the fewest bytes moved / floating-point operations of the case, for achieved rates.
+    warmup: untimed calls first (fewer for cases that take seconds a call).
     """
 
-    def run(case, impl, fn, *, bytes=None, flops=None):
+    def run(case, impl, fn, *, bytes=None, flops=None, warmup=3):
         timed = synchronized(fn, device)
-        for _ in range(3):  # warm-up outside the timer: allocator, first touch, cuDNN/cuBLAS heuristics
+        for _ in range(warmup):  # outside the timer: allocator, first touch, cuDNN/cuBLAS heuristics
             timed()
         benchmark.group = case
         benchmark.extra_info.update(case=case, impl=impl, device=device, bytes=bytes, flops=flops,
