@@ -75,7 +75,9 @@ def test_forward_and_gradients_match_torch(device, dtype, config):
 @pytest.mark.parametrize("config", [(2, 128, 128, 300, 4, 1, 3, 1, 128), (2, 256, 260, 90, 3, 1, 1, 1, 1),
                                     (3, 64, 70, 257, 5, 1, 2, 2, 2), (5, 1, 1, 3001, 9, 1, 4, 1, 1),
                                     (2, 32, 32, 200, 3, 3, 1, 1, 1)], ids=str)
-def test_large_shapes_match_torch(device, config):
+@pytest.mark.parametrize("path", ["auto", "direct", "library"])
+def test_large_shapes_match_torch(device, config, path, monkeypatch):
+    monkeypatch.setenv("PYOPS_CONV1D_PATH", path)  # CPU main loop: every path on every shape (ignored on CUDA)
     n, cin, cout, length, k, stride, padding, dilation, groups = config
     g = torch.Generator().manual_seed(13)
     x, w = rand((n, cin, length), torch.float32, device, g), rand((cout, cin // groups, k), torch.float32, device, g)
@@ -345,3 +347,9 @@ def test_backward_ops_check_their_arguments():
     # strided: several input lengths give the same output length; the explicit length makes them round-trip
     for length in (9, 10):
         assert ops.conv1d_backward_input(rand((2, 3, 4)), w, length, 2, 0, 1, 1).shape == (2, 4, length)
+
+
+def test_bad_path_env_is_an_error(monkeypatch):
+    monkeypatch.setenv("PYOPS_CONV1D_PATH", "fastest")
+    with pytest.raises(ValueError, match="PYOPS_CONV1D_PATH"):
+        pyops.conv1d(torch.randn(1, 2, 8), torch.randn(2, 2, 3))
