@@ -13,6 +13,14 @@ def check_floating(x, name):
         raise TypeError(f"argument '{name}' must be a floating-point tensor, got {x.dtype}")
 
 
+def check_like(t, ref, name, ref_name):
+    """t must share ref's dtype (else TypeError) and device (else ValueError), as the C++ checks require."""
+    if t.dtype != ref.dtype:
+        raise TypeError(f"argument '{name}' has dtype {t.dtype} but '{ref_name}' has dtype {ref.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"argument '{name}' is on {t.device} but '{ref_name}' is on {ref.device}")
+
+
 def wrap_dim(dim, ndim, name="dim"):
     """A possibly negative dim wrapped into [0, ndim) (a 0-d tensor takes 0 and -1), else IndexError."""
     if isinstance(dim, bool) or not isinstance(dim, int):

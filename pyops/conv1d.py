@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
-from ._checks import check_floating, check_tensor
+from ._checks import check_floating, check_like, check_tensor
 
 _ops = torch.ops.pyops
 
@@ -32,19 +32,13 @@ def _check_tensors(x, weight, bias):
         raise ValueError(f"argument 'input' must be (N, C_in, L) or unbatched (C_in, L), got shape {tuple(x.shape)}")
     if weight.dim() != 3:
         raise ValueError(f"argument 'weight' must be 3-D (C_out, C_in / groups, K), got shape {tuple(weight.shape)}")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"argument 'weight' has dtype {weight.dtype} but 'input' has dtype {x.dtype}")
-    if weight.device != x.device:
-        raise ValueError(f"argument 'weight' is on {weight.device} but 'input' is on {x.device}")
+    check_like(weight, x, "weight", "input")
     if bias is not None:
         check_tensor(bias, "bias")
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"argument 'bias' must have shape ({weight.shape[0]},) (one per output channel), "
                              f"got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"argument 'bias' has dtype {bias.dtype} but 'input' has dtype {x.dtype}")
-        if bias.device != x.device:
-            raise ValueError(f"argument 'bias' is on {bias.device} but 'input' is on {x.device}")
+        check_like(bias, x, "bias", "input")
 
 
 def _check_geometry(in_channels, length, weight, stride, padding, dilation, groups):

@@ -17,7 +17,7 @@ Main loops (PYOPS_CONV_PATH forces one; default `auto` picks per shape, see benc
 import torch
 from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
-from ._checks import check_floating, check_tensor
+from ._checks import check_floating, check_like, check_tensor
 
 ACTIVATIONS = {"none": 0, "relu": 1, "relu6": 2}
 
@@ -67,10 +67,7 @@ def _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residua
     check_floating(weight, "weight")
     if weight.dim() != 4:
         raise ValueError(f"argument 'weight' must be 4-D (Cout, Cin/groups, KH, KW), got shape {tuple(weight.shape)}")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"argument 'weight' has dtype {weight.dtype} but 'x' has dtype {x.dtype}")
-    if weight.device != x.device:
-        raise ValueError(f"argument 'weight' is on {weight.device} but 'x' is on {x.device}")
+    check_like(weight, x, "weight", "x")
     stride, padding, dilation = _pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1)
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"argument 'groups' must be an int >= 1, got {groups!r}")
@@ -90,10 +87,7 @@ def _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residua
         raise TypeError(f"argument 'bias' has dtype {bias.dtype} but 'x' has dtype {x.dtype}")
     if residual is not None:
         check_tensor(residual, "residual")
-        if residual.dtype != x.dtype:
-            raise TypeError(f"argument 'residual' has dtype {residual.dtype} but 'x' has dtype {x.dtype}")
-        if residual.device != x.device:
-            raise ValueError(f"argument 'residual' is on {residual.device} but 'x' is on {x.device}")
+        check_like(residual, x, "residual", "x")
         shape = output_shape(x, weight, stride, padding, dilation)
         if tuple(residual.shape) != shape:
             raise ValueError(f"argument 'residual' must have the output's shape {shape}, got {tuple(residual.shape)}")

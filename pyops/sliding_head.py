@@ -8,7 +8,7 @@ only (no autograd). See csrc/ops/sliding_head/sliding_head.h for the algorithm.
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from ._checks import check_floating
+from ._checks import check_floating, check_like
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 DEFAULT_WORKSPACE = 256 << 20
@@ -36,11 +36,8 @@ def _check_args(features, weights, biases, relu):
                              f"kernel), got shape {tuple(w.shape)}")
         if b.shape != (w.shape[0],):
             raise ValueError(f"argument 'biases[{i}]' must have shape ({w.shape[0]},), got {tuple(b.shape)}")
-        for name, t in ((f"weights[{i}]", w), (f"biases[{i}]", b)):
-            if t.dtype != features.dtype:
-                raise TypeError(f"argument '{name}' has dtype {t.dtype} but 'features' has {features.dtype}")
-            if t.device != features.device:
-                raise ValueError(f"argument '{name}' is on {t.device} but 'features' is on {features.device}")
+        check_like(w, features, f"weights[{i}]", "features")
+        check_like(b, features, f"biases[{i}]", "features")
         cin = w.shape[0]
     kh, kw = weights[0].shape[2:]
     if kh > features.shape[2] or kw > features.shape[3]:
