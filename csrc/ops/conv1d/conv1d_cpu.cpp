@@ -46,12 +46,13 @@ at::Tensor conv1d_cpu(const at::Tensor& input, const at::Tensor& weight, const s
                       int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
   const Conv1dGeometry g = check_conv1d(input, weight, bias, stride, padding, dilation, groups);
   check_cpu_dtype(input, "input");
-  at::Tensor out = at::empty({g.batch, g.out_channels, g.out_length}, input.options());
-  if (out.numel() == 0) return out;
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-  if (use_library(g)) {
+  const bool empty = g.batch * g.out_channels * g.out_length == 0;
+  if (!empty && use_library(g)) {  // ATen allocates its own output: decide before allocating ours
     return at::convolution(input, weight, b, {stride}, {padding}, {dilation}, false, {0}, groups);
   }
+  at::Tensor out = at::empty({g.batch, g.out_channels, g.out_length}, input.options());
+  if (empty) return out;
   correlate_cpu(input.contiguous(), weight.contiguous(), b, out,
                 {g.batch, g.in_channels, g.in_length, g.out_channels, g.kernel_size, g.out_length, stride, dilation,
                  -padding, groups});
@@ -66,13 +67,14 @@ at::Tensor conv1d_backward_input_cpu(const at::Tensor& grad_output, const at::Te
   const Conv1dGeometry g =
       check_conv1d_backward_input(grad_output, weight, input_length, stride, padding, dilation, groups);
   check_cpu_dtype(grad_output, "grad_output");
-  at::Tensor grad_input = at::empty({g.batch, g.in_channels, g.in_length}, grad_output.options());
-  if (grad_input.numel() == 0) return grad_input;
-  if (use_library(g)) {  // the transposed convolution, output_padding chosen so the length round-trips
+  const bool empty = g.batch * g.in_channels * g.in_length == 0;
+  if (!empty && use_library(g)) {  // the transposed convolution, output_padding chosen so the length round-trips
     const int64_t natural = (grad_output.size(2) - 1) * stride - 2 * padding + dilation * (weight.size(2) - 1) + 1;
     return at::conv_transpose1d(grad_output, weight, {}, {stride}, {padding}, {input_length - natural}, groups,
                                 {dilation});
   }
+  at::Tensor grad_input = at::empty({g.batch, g.in_channels, g.in_length}, grad_output.options());
+  if (empty) return grad_input;
   const int64_t cg = g.in_per_group(), og = g.out_per_group(), k = g.kernel_size;
   const at::Tensor flipped =
       weight.contiguous().view({groups, og, cg, k}).transpose(1, 2).flip({3}).reshape({groups * cg, og, k}).contiguous();
