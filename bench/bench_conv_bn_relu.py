@@ -2,8 +2,9 @@
 and vs torch.compile of that Sequential, on ResNet-50 layer shapes (CPU: batch 8 fp32 NCHW; CUDA: batch 32 in fp32,
 fp16 channels_last and bf16 channels_last), plus a residual block (add + relu) and the homework's small layers.
 
-On CUDA the case also times our implicit GEMM (PYOPS_CONV_PATH=ours) as "pyops" against the cuDNN-fused baseline
-(torch.cudnn_convolution_relu on folded weights) in separate "[ours]" cases.
+On CUDA, two more comparisons against the cuDNN-fused baseline (torch.cudnn_convolution_relu on folded weights):
+"[module]" cases time pyops.nn.ConvBNReLU2d (BN folded once, the default path: what fuse() builds) and "[ours]"
+cases our implicit GEMM (PYOPS_CONV_PATH=ours).
 """
 import os
 
@@ -125,4 +126,24 @@ def bench_ours_vs_cudnn(measure, device, shape, impl, variant, monkeypatch):
     cin, cout, k, stride, h = shape
     with torch.no_grad():
         measure(f"[ours] conv-bn-relu {cin}->{cout} k{k} s{stride} {h}x{h} b{x.shape[0]} {name}", impl, fn,
+                flops=flops, bytes=moved)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", range(3), ids=["v0", "v1", "v2"])
+@pytest.mark.parametrize("impl", ["pyops", "cudnn-fused"])
+@pytest.mark.parametrize("shape", RESNET_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def bench_module_vs_cudnn(measure, device, shape, impl, variant):
+    """pyops.nn.ConvBNReLU2d (what fuse() builds: BN folded once, default path) against cuDNN's runtime fusion on
+    the same folded weights: the dispatcher's promise is never to be slower (CUDA only)."""
+    if device != "cuda":
+        pytest.skip("the module vs cuDNN is a CUDA comparison")
+    name, dtype, fmt = VARIANTS[device][variant]
+    block, x = make_block(shape, device, dtype, fmt)
+    module = pyops.nn.ConvBNReLU2d.from_modules(block[0], block[1])
+    fn = (lambda: module(x)) if impl == "pyops" else cudnn_fused_fn(block, x)
+    flops, moved = counts(shape, x.shape[0], x.element_size())
+    cin, cout, k, stride, h = shape
+    with torch.no_grad():
+        measure(f"[module] conv-bn-relu {cin}->{cout} k{k} s{stride} {h}x{h} b{x.shape[0]} {name}", impl, fn,
                 flops=flops, bytes=moved)

@@ -20,7 +20,7 @@ def models(request):
     if dev == "cuda" and not torch.cuda.is_available():
         pytest.skip("--device cuda without a CUDA device")
     net1 = reference.homework_net1().to(dev)
-    net2 = reference.homework_net2(net1)
+    net2 = reference.homework_net2(net1)  # on net1's device
     return net1, net2, pyops.nn.SlidingClassifier(net1, 32)
 
 
@@ -74,6 +74,7 @@ def bench_head_only(measure, models, device, impl):
         measure("Net1 head on 34x34 features fp32", impl, fns[impl], flops=flops)
 
 
+@pytest.mark.benchmark(min_rounds=3)  # the loop takes ~1 s a call on an H200
 @pytest.mark.parametrize("impl", ["pyops", "torch Net2", "per-crop loop"])
 def bench_net1_64x64_cuda(measure, models, device, impl):
     if device != "cuda":
@@ -81,6 +82,7 @@ def bench_net1_64x64_cuda(measure, models, device, impl):
     run_case(measure, models, image((4, 3, 64, 64), device), impl, "Net1 64x64 B=4 fp32 (1089 crops)")
 
 
+@pytest.mark.benchmark(min_rounds=3)  # the fp32 Net2 takes ~180 ms a call
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
 @pytest.mark.parametrize("impl", ["pyops", "torch Net2 fp32", "torch Net2 same precision"])
 def bench_net1_128x128_cuda(measure, benchmark, models, device, precision, impl):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 from ._checks import check_floating, check_like, check_tensor
+from ._dispatch import call_op
 
 _ops = torch.ops.pyops
 
@@ -91,7 +92,7 @@ def conv1d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     else:
         padding = _int_arg(padding, "padding", 0)
     _check_geometry(x.shape[1], x.shape[2], weight, stride, padding, dilation, groups)
-    out = _ops.conv1d(x, weight, bias, stride, padding, dilation, groups)
+    out = call_op(_ops.conv1d.default, x, weight, bias, stride, padding, dilation, groups)
     return out.squeeze(0) if unbatched else out
 
 
@@ -133,9 +134,9 @@ def _conv1d_backward(ctx, grad):
     x, weight = ctx.saved_tensors
     grad_x = grad_w = grad_b = None
     if ctx.needs_input_grad[0]:
-        grad_x = _ops.conv1d_backward_input(grad, weight, x.shape[2], *ctx.hyper)
+        grad_x = call_op(_ops.conv1d_backward_input.default, grad, weight, x.shape[2], *ctx.hyper)
     if ctx.needs_input_grad[1]:
-        grad_w = _ops.conv1d_backward_weight(grad, x, weight.shape[2], *ctx.hyper)
+        grad_w = call_op(_ops.conv1d_backward_weight.default, grad, x, weight.shape[2], *ctx.hyper)
     if ctx.needs_input_grad[2]:
         grad_b = grad.sum((0, 2))
     return grad_x, grad_w, grad_b, None, None, None, None
@@ -156,9 +157,9 @@ def _backward_input_backward(ctx, gg):
     grad_output, weight = ctx.saved_tensors
     g_gy = g_w = None
     if ctx.needs_input_grad[0]:
-        g_gy = _ops.conv1d(gg, weight, None, *ctx.hyper)
+        g_gy = call_op(_ops.conv1d.default, gg, weight, None, *ctx.hyper)
     if ctx.needs_input_grad[1]:
-        g_w = _ops.conv1d_backward_weight(grad_output, gg, weight.shape[2], *ctx.hyper)
+        g_w = call_op(_ops.conv1d_backward_weight.default, grad_output, gg, weight.shape[2], *ctx.hyper)
     return g_gy, g_w, None, None, None, None, None
 
 
@@ -178,9 +179,9 @@ def _backward_weight_backward(ctx, gg):
     grad_output, x = ctx.saved_tensors
     g_gy = g_x = None
     if ctx.needs_input_grad[0]:
-        g_gy = _ops.conv1d(x, gg, None, *ctx.hyper)
+        g_gy = call_op(_ops.conv1d.default, x, gg, None, *ctx.hyper)
     if ctx.needs_input_grad[1]:
-        g_x = _ops.conv1d_backward_input(grad_output, gg, x.shape[2], *ctx.hyper)
+        g_x = call_op(_ops.conv1d_backward_input.default, grad_output, gg, x.shape[2], *ctx.hyper)
     return g_gy, g_x, None, None, None, None, None
 
 

@@ -121,7 +121,7 @@ def homework_net2(net1):
     convs = [nn.Conv2d(c, fc1.out_features, side), nn.Conv2d(fc2.in_features, fc2.out_features, 1),
              nn.Conv2d(fc3.in_features, fc3.out_features, 1)]
     for conv, fc in zip(convs, (fc1, fc2, fc3)):
-        conv.to(fc.weight.dtype)
+        conv.to(device=fc.weight.device, dtype=fc.weight.dtype)  # where net1 lives
         with torch.no_grad():
             conv.weight.copy_(fc.weight.view(conv.weight.shape))
             conv.bias.copy_(fc.bias)

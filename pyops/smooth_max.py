@@ -9,6 +9,7 @@ import math
 import torch
 
 from ._checks import check_floating, wrap_dim
+from ._dispatch import call_op
 
 
 def _check_args(x, beta, dim):
@@ -38,7 +39,7 @@ def smooth_max(x, beta=1.0, dim=-1, keepdim=False):
         x's shape without `dim` (or with size 1 there when keepdim), x's dtype.
     """
     _check_args(x, beta, dim)
-    return torch.ops.pyops.smooth_max(x, float(beta), dim, keepdim)
+    return call_op(torch.ops.pyops.smooth_max.default, x, float(beta), dim, keepdim)
 
 
 def _reduced_shape(x, dim, keepdim):
@@ -76,7 +77,7 @@ def _backward(ctx, grad):
     x, result = ctx.saved_tensors
     grad_x = None
     if ctx.needs_input_grad[0]:
-        grad_x = torch.ops.pyops.smooth_max_backward(grad, x, result, ctx.beta, ctx.dim, ctx.keepdim)
+        grad_x = call_op(torch.ops.pyops.smooth_max_backward.default, grad, x, result, ctx.beta, ctx.dim, ctx.keepdim)
     return grad_x, None, None, None
 
 
@@ -96,7 +97,7 @@ def _double_backward(ctx, gg):
     grad, x, result = ctx.saved_tensors
     beta, dim, keepdim = ctx.beta, ctx.dim, ctx.keepdim
     d = wrap_dim(dim, x.dim())
-    p = torch.ops.pyops.smooth_max_backward(torch.ones_like(grad), x, result, beta, dim, keepdim)
+    p = call_op(torch.ops.pyops.smooth_max_backward.default, torch.ones_like(grad), x, result, beta, dim, keepdim)
     gg_p = gg * p
     g_grad = g_x = g_result = None
     if ctx.needs_input_grad[0]:

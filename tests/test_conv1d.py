@@ -77,7 +77,7 @@ def test_forward_and_gradients_match_torch(device, dtype, config):
                                     (2, 32, 32, 200, 3, 3, 1, 1, 1)], ids=str)
 @pytest.mark.parametrize("path", ["auto", "direct", "library"])
 def test_large_shapes_match_torch(device, config, path, monkeypatch):
-    monkeypatch.setenv("PYOPS_CONV1D_PATH", path)  # CPU main loop: every path on every shape (ignored on CUDA)
+    monkeypatch.setenv("PYOPS_CONV1D_PATH", path)  # CPU main loop: every path on every shape (CPU: oneDNN or ours; CUDA: cuDNN or ours)
     n, cin, cout, length, k, stride, padding, dilation, groups = config
     g = torch.Generator().manual_seed(13)
     x, w = rand((n, cin, length), torch.float32, device, g), rand((cout, cin // groups, k), torch.float32, device, g)
@@ -154,19 +154,26 @@ def grads_of(x, w, b, args, grad_out):
 
 @pytest.mark.parametrize("config", [(4, 64, 64, 257, 3, 1, 1, 1, 1), (2, 16, 16, 1000, 4, 1, 3, 1, 16),
                                     (37, 1, 1, 2000, 9, 1, 4, 1, 1), (3, 8, 8, 300, 3, 2, 1, 2, 2)], ids=str)
-def test_deterministic_across_runs_and_thread_counts(device, config):
+@pytest.mark.parametrize("path", ["auto", "direct", "library"])
+def test_deterministic_across_runs_and_thread_counts(device, config, path, monkeypatch):
+    """Our kernels are bitwise reproducible across runs and thread counts as they are. The library path is what
+    ATen offers: reproducible across runs at one thread count (oneDNN splits reductions by thread count), and on
+    CUDA when asked through torch.backends.cudnn.deterministic, as F.conv1d is."""
+    monkeypatch.setenv("PYOPS_CONV1D_PATH", path)
     n, cin, cout, length, k, stride, padding, dilation, groups = config
     g = torch.Generator().manual_seed(6)
-    x, w, b = rand((n, cin, length), torch.float32, device, g), rand((cout, cin // groups, k), torch.float32, device, g), rand((cout,), torch.float32, device, g)
+    x, w = rand((n, cin, length), torch.float32, device, g), rand((cout, cin // groups, k), torch.float32, device, g)
+    b = rand((cout,), torch.float32, device, g)
     args = (stride, padding, dilation, groups)
     y = pyops.conv1d(x, w, b, *args)
     grad_out = rand(y.shape, torch.float32, device, g)
     threads = torch.get_num_threads()
     try:
         runs = []
-        for t in ([2, 2, 1] if device == "cpu" else [threads, threads]):
-            torch.set_num_threads(t)
-            runs.append(grads_of(x, w, b, args, grad_out))
+        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=path != "direct"):
+            for t in ([2, 2, 1] if device == "cpu" and path != "library" else [threads, threads]):
+                torch.set_num_threads(t)
+                runs.append(grads_of(x, w, b, args, grad_out))
     finally:
         torch.set_num_threads(threads)
     for other in runs[1:]:

@@ -95,6 +95,15 @@ def test_homework_36x38_map_equals_crop_loop():
     torch.testing.assert_close(scores, ref, rtol=1e-10, atol=1e-12)
 
 
+def test_hand_written_net2_lives_with_net1_and_equals_crop_loop(device):
+    net1 = reference.homework_net1(small=True, dtype=torch.float64).to(device)
+    net2 = reference.homework_net2(net1)
+    assert all(p.device == net1.features[0].weight.device for p in net2.parameters())
+    x = rand((1, 3, 36, 38), seed=3).to(device)
+    with torch.no_grad():
+        torch.testing.assert_close(net2(x), reference.crop_loop(net1, x, 32), rtol=1e-10, atol=1e-12)
+
+
 def test_full_size_net1_36x38():
     """The homework's Net1 at full size (340M weights in its first Linear), fp32: one pass vs the 35 crops (in one
     batched call here: the one-crop-at-a-time loop reads the 1.36 GB Linear 35 times; the small Net1 tests it)."""

@@ -37,6 +37,23 @@ Conv1dGeometry check_conv1d_backward_weight(const at::Tensor& grad_output, const
                                             int64_t kernel_size, int64_t stride, int64_t padding, int64_t dilation,
                                             int64_t groups);
 
+// Whether the library convolution (ATen: oneDNN on CPU, cuDNN on CUDA) runs instead of our kernels.
+// PYOPS_CONV1D_PATH=direct|library forces one (read per call, so tests can force each path); auto, the default,
+// takes the library for dense layers only, where bench/ shows it faster (bench/NOTES-conv1d.md):
+//   CPU:  groups == 1 with >= 32 channels in and out;
+//   CUDA: groups == 1 with >= 32 channels in or out (depthwise and small-channel layers stay ours).
+bool conv1d_use_library(const Conv1dGeometry& g, bool cuda);
+// The three ops through the library (bias may be undefined). They follow torch's flags as F.conv1d does: TF32
+// (torch.backends.cudnn.allow_tf32) and determinism (torch.backends.cudnn.deterministic or
+// torch.use_deterministic_algorithms; cuDNN's default algorithms may add in a run-dependent order). Our own
+// kernels are deterministic whatever the flags.
+at::Tensor library_conv1d(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                          const Conv1dGeometry& g);
+at::Tensor library_conv1d_backward_input(const at::Tensor& grad_output, const at::Tensor& weight,
+                                         const Conv1dGeometry& g);
+at::Tensor library_conv1d_backward_weight(const at::Tensor& grad_output, const at::Tensor& input,
+                                          const Conv1dGeometry& g);
+
 // The correlation above on contiguous CPU tensors (float32/float64); bias may be undefined.
 struct CorrelationShape {
   int64_t batch, in_channels, in_length, out_channels, kernel_size, out_length;

@@ -4,9 +4,6 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
-
 #include "ops/conv1d/conv1d.h"
 
 namespace pyops {
@@ -17,19 +14,7 @@ void check_cpu_dtype(const at::Tensor& t, const char* name) {
                    "' has dtype ", t.scalar_type(), "; the CPU kernels support float32 and float64");
 }
 
-// Which main loop runs: PYOPS_CONV1D_PATH=direct|library forces one; auto (the default) takes the library for dense
-// layers (groups == 1, >= 32 channels in and out): measured on the 2-core CPU, 2026-11-27, N=4 C=128->128 L=1024
-// k=3: our direct forward 6.9 ms vs oneDNN 3.8 ms, fwd+bwd 21.0 vs 14.4 ms; depthwise and single-channel layers
-// are 3-21x faster on ours. Read per call so tests can force each path.
-bool use_library(const Conv1dGeometry& g) {
-  const char* env = std::getenv("PYOPS_CONV1D_PATH");
-  if (env != nullptr && std::strcmp(env, "direct") == 0) return false;
-  if (env != nullptr && std::strcmp(env, "library") == 0) return true;
-  TORCH_CHECK_VALUE(env == nullptr || std::strcmp(env, "auto") == 0 || env[0] == '\0',
-                    "pyops.conv1d: environment variable PYOPS_CONV1D_PATH must be auto, direct or library, got '",
-                    env, "'");
-  return g.groups == 1 && g.in_channels >= 32 && g.out_channels >= 32;
-}
+bool use_library(const Conv1dGeometry& g) { return conv1d_use_library(g, /*cuda=*/false); }
 
 // grad_output of a strided convolution with zeros between its samples, (N, C, (L-1)*stride + 1): every backward
 // op then is a stride-1 correlation. The zeros cost stride times the work, only where stride > 1.
@@ -49,7 +34,7 @@ at::Tensor conv1d_cpu(const at::Tensor& input, const at::Tensor& weight, const s
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   const bool empty = g.batch * g.out_channels * g.out_length == 0;
   if (!empty && use_library(g)) {  // ATen allocates its own output: decide before allocating ours
-    return at::convolution(input, weight, b, {stride}, {padding}, {dilation}, false, {0}, groups);
+    return library_conv1d(input, weight, b, g);
   }
   at::Tensor out = at::empty({g.batch, g.out_channels, g.out_length}, input.options());
   if (empty) return out;
@@ -68,11 +53,7 @@ at::Tensor conv1d_backward_input_cpu(const at::Tensor& grad_output, const at::Te
       check_conv1d_backward_input(grad_output, weight, input_length, stride, padding, dilation, groups);
   check_cpu_dtype(grad_output, "grad_output");
   const bool empty = g.batch * g.in_channels * g.in_length == 0;
-  if (!empty && use_library(g)) {  // the transposed convolution, output_padding chosen so the length round-trips
-    const int64_t natural = (grad_output.size(2) - 1) * stride - 2 * padding + dilation * (weight.size(2) - 1) + 1;
-    return at::conv_transpose1d(grad_output, weight, {}, {stride}, {padding}, {input_length - natural}, groups,
-                                {dilation});
-  }
+  if (!empty && use_library(g)) return library_conv1d_backward_input(grad_output, weight, g);
   at::Tensor grad_input = at::empty({g.batch, g.in_channels, g.in_length}, grad_output.options());
   if (empty) return grad_input;
   const int64_t cg = g.in_per_group(), og = g.out_per_group(), k = g.kernel_size;
@@ -90,12 +71,10 @@ at::Tensor conv1d_backward_weight_cpu(const at::Tensor& grad_output, const at::T
   const Conv1dGeometry g =
       check_conv1d_backward_weight(grad_output, input, kernel_size, stride, padding, dilation, groups);
   check_cpu_dtype(grad_output, "grad_output");
+  const bool empty = g.batch * g.out_channels * g.in_per_group() == 0;
+  if (!empty && use_library(g)) return library_conv1d_backward_weight(grad_output, input, g);
   at::Tensor grad_weight = at::empty({g.out_channels, g.in_per_group(), kernel_size}, input.options());
   if (grad_weight.numel() == 0) return grad_weight;
-  if (use_library(g)) {  // ATen's weight gradient alone (the weight argument only gives its shape)
-    return std::get<1>(at::convolution_backward(grad_output, input, grad_weight, std::nullopt, {stride}, {padding},
-                                                {dilation}, false, {0}, groups, {false, true, false}));
-  }
   correlate_weight_cpu(upsample_by_stride(grad_output, stride), input.contiguous(), grad_weight, dilation, -padding,
                        groups);
   return grad_weight;

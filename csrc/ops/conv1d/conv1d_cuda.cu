@@ -1,7 +1,8 @@
-// CUDA entries of conv1d and its backward ops, and the general path (any stride, dilation, groups). Depthwise
-// stride-1 layers take the fast path in conv1d_cuda_depthwise.cu. All kernels accumulate in fp32 (fp64 for fp64),
-// never use tensor cores (so fp32 is exact fp32, TF32 never enters), and reduce grad_weight in two deterministic
-// stages: per-block partials in a fixed order, then a fixed-order sum over the blocks.
+// CUDA entries of conv1d and its backward ops, and our general path (any stride, dilation, groups). Depthwise
+// stride-1 layers take the fast path in conv1d_cuda_depthwise.cu; dense layers go to cuDNN (conv1d_use_library,
+// which follows torch's TF32 flags as F.conv1d does). Our kernels accumulate in fp32 (fp64 for fp64), never use
+// tensor cores (fp32 is exact fp32), and reduce grad_weight in two deterministic stages: per-block partials in a
+// fixed order, then a fixed-order sum over the blocks.
 //   forward:    one thread per output element, a loop over the group's input channels and taps
 //   grad_input: one thread per input element, a loop over the output channels and the taps that reach it
 //   grad_weight: block (weight element, chunk of the (batch, position) pairs), block_sum, then sum_chunks_kernel
@@ -99,10 +100,14 @@ at::Tensor conv1d_cuda(const at::Tensor& input, const at::Tensor& weight, const 
                        int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
   const Conv1dGeometry g = check_conv1d(input, weight, bias, stride, padding, dilation, groups);
   const c10::cuda::CUDAGuard guard(input.device());
-  at::Tensor out = at::empty({g.batch, g.out_channels, g.out_length}, input.options());
-  if (out.numel() == 0) return out;
-  const at::Tensor x = input.contiguous(), w = weight.contiguous();
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  const bool empty = g.batch * g.out_channels * g.out_length == 0;
+  if (!empty && conv1d_use_library(g, /*cuda=*/true)) {
+    return library_conv1d(input, weight, b, g);
+  }
+  at::Tensor out = at::empty({g.batch, g.out_channels, g.out_length}, input.options());
+  if (empty) return out;
+  const at::Tensor x = input.contiguous(), w = weight.contiguous();
   if (depthwise_fast_path(g)) {
     depthwise_correlate_cuda(x, w, b, out, dilation, -padding, /*flip=*/false);
     return out;
@@ -121,8 +126,12 @@ at::Tensor conv1d_backward_input_cuda(const at::Tensor& grad_output, const at::T
   const Conv1dGeometry g =
       check_conv1d_backward_input(grad_output, weight, input_length, stride, padding, dilation, groups);
   const c10::cuda::CUDAGuard guard(grad_output.device());
+  const bool empty = g.batch * g.in_channels * g.in_length == 0;
+  if (!empty && conv1d_use_library(g, /*cuda=*/true)) {
+    return library_conv1d_backward_input(grad_output, weight, g);
+  }
   at::Tensor grad_input = at::empty({g.batch, g.in_channels, g.in_length}, grad_output.options());
-  if (grad_input.numel() == 0) return grad_input;
+  if (empty) return grad_input;
   const at::Tensor gy = grad_output.contiguous(), w = weight.contiguous();
   if (depthwise_fast_path(g)) {
     depthwise_correlate_cuda(gy, w, at::Tensor(), grad_input, dilation, padding - dilation * (g.kernel_size - 1),
@@ -143,6 +152,10 @@ at::Tensor conv1d_backward_weight_cuda(const at::Tensor& grad_output, const at::
   const Conv1dGeometry g =
       check_conv1d_backward_weight(grad_output, input, kernel_size, stride, padding, dilation, groups);
   const c10::cuda::CUDAGuard guard(input.device());
+  const bool empty = g.batch * g.out_channels * g.in_per_group() == 0;
+  if (!empty && conv1d_use_library(g, /*cuda=*/true)) {
+    return library_conv1d_backward_weight(grad_output, input, g);
+  }
   at::Tensor grad_weight = at::empty({g.out_channels, g.in_per_group(), kernel_size}, input.options());
   if (grad_weight.numel() == 0) return grad_weight;
   if (g.batch == 0) return grad_weight.zero_();
