@@ -155,7 +155,8 @@ class ConvBNReLU2d(nn.Module):
                                   activation="none")
             return apply_activation_(out + residual, self.activation)
         # Straight to the op: it checks every argument itself (its errors name them), and skipping the functional
-        # wrapper's Python checks saves ~10 µs a layer, which on a GPU is the kernel time of a small layer.
+        # wrapper's Python checks saves 10-15 µs a layer (measured on the CPU with a tiny input), about the kernel
+        # time of a small fp16 layer on a GPU.
         return call_op(torch.ops.pyops.conv2d_bias_act.default, x, self.weight, self.bias, self.stride, self.padding,
                        self.dilation, self.groups, ACTIVATION_CODES[self.activation], residual)
 
