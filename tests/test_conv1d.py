@@ -77,7 +77,7 @@ def test_forward_and_gradients_match_torch(device, dtype, config):
                                     (2, 32, 32, 200, 3, 3, 1, 1, 1)], ids=str)
 @pytest.mark.parametrize("path", ["auto", "direct", "library"])
 def test_large_shapes_match_torch(device, config, path, monkeypatch):
-    monkeypatch.setenv("PYOPS_CONV1D_PATH", path)  # CPU main loop: every path on every shape (CPU: oneDNN or ours; CUDA: cuDNN or ours)
+    monkeypatch.setenv("PYOPS_CONV1D_PATH", path)  # every path on every shape: ours, or oneDNN (CPU) / cuDNN (CUDA)
     n, cin, cout, length, k, stride, padding, dilation, groups = config
     g = torch.Generator().manual_seed(13)
     x, w = rand((n, cin, length), torch.float32, device, g), rand((cout, cin // groups, k), torch.float32, device, g)
@@ -156,9 +156,9 @@ def grads_of(x, w, b, args, grad_out):
                                     (37, 1, 1, 2000, 9, 1, 4, 1, 1), (3, 8, 8, 300, 3, 2, 1, 2, 2)], ids=str)
 @pytest.mark.parametrize("path", ["auto", "direct", "library"])
 def test_deterministic_across_runs_and_thread_counts(device, config, path, monkeypatch):
-    """Our kernels are bitwise reproducible across runs and thread counts as they are. The library path is what
-    ATen offers: reproducible across runs at one thread count (oneDNN splits reductions by thread count), and on
-    CUDA when asked through torch.backends.cudnn.deterministic, as F.conv1d is."""
+    """Our kernels (`direct`) are bitwise reproducible across runs and thread counts as they are. The library path
+    (`library`, and `auto` on dense layers) is what ATen offers: reproducible across runs at one thread count
+    (oneDNN splits reductions by thread count), on CUDA when asked through torch.backends.cudnn.deterministic."""
     monkeypatch.setenv("PYOPS_CONV1D_PATH", path)
     n, cin, cout, length, k, stride, padding, dilation, groups = config
     g = torch.Generator().manual_seed(6)
@@ -171,7 +171,7 @@ def test_deterministic_across_runs_and_thread_counts(device, config, path, monke
     try:
         runs = []
         with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=path != "direct"):
-            for t in ([2, 2, 1] if device == "cpu" and path != "library" else [threads, threads]):
+            for t in ([2, 2, 1] if device == "cpu" and path == "direct" else [threads, threads]):
                 torch.set_num_threads(t)
                 runs.append(grads_of(x, w, b, args, grad_out))
     finally:
