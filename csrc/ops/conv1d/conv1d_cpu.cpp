@@ -14,8 +14,6 @@ void check_cpu_dtype(const at::Tensor& t, const char* name) {
                    "' has dtype ", t.scalar_type(), "; the CPU kernels support float32 and float64");
 }
 
-bool use_library(const Conv1dGeometry& g) { return conv1d_use_library(g, /*cuda=*/false); }
-
 // grad_output of a strided convolution with zeros between its samples, (N, C, (L-1)*stride + 1): every backward
 // op then is a stride-1 correlation. The zeros cost stride times the work, only where stride > 1.
 at::Tensor upsample_by_stride(const at::Tensor& grad_output, int64_t stride) {
@@ -33,7 +31,8 @@ at::Tensor conv1d_cpu(const at::Tensor& input, const at::Tensor& weight, const s
   check_cpu_dtype(input, "input");
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   const bool empty = g.batch * g.out_channels * g.out_length == 0;
-  if (!empty && use_library(g)) {  // ATen allocates its own output: decide before allocating ours
+  // ATen allocates its own output: decide before allocating ours
+  if (!empty && conv1d_use_library(g, /*cuda=*/false)) {
     return library_conv1d(input, weight, b, g);
   }
   at::Tensor out = at::empty({g.batch, g.out_channels, g.out_length}, input.options());
@@ -53,7 +52,7 @@ at::Tensor conv1d_backward_input_cpu(const at::Tensor& grad_output, const at::Te
       check_conv1d_backward_input(grad_output, weight, input_length, stride, padding, dilation, groups);
   check_cpu_dtype(grad_output, "grad_output");
   const bool empty = g.batch * g.in_channels * g.in_length == 0;
-  if (!empty && use_library(g)) return library_conv1d_backward_input(grad_output, weight, g);
+  if (!empty && conv1d_use_library(g, /*cuda=*/false)) return library_conv1d_backward_input(grad_output, weight, g);
   at::Tensor grad_input = at::empty({g.batch, g.in_channels, g.in_length}, grad_output.options());
   if (empty) return grad_input;
   const int64_t cg = g.in_per_group(), og = g.out_per_group(), k = g.kernel_size;
@@ -72,7 +71,7 @@ at::Tensor conv1d_backward_weight_cpu(const at::Tensor& grad_output, const at::T
       check_conv1d_backward_weight(grad_output, input, kernel_size, stride, padding, dilation, groups);
   check_cpu_dtype(grad_output, "grad_output");
   const bool empty = g.batch * g.out_channels * g.in_per_group() == 0;
-  if (!empty && use_library(g)) return library_conv1d_backward_weight(grad_output, input, g);
+  if (!empty && conv1d_use_library(g, /*cuda=*/false)) return library_conv1d_backward_weight(grad_output, input, g);
   at::Tensor grad_weight = at::empty({g.out_channels, g.in_per_group(), kernel_size}, input.options());
   if (grad_weight.numel() == 0) return grad_weight;
   correlate_weight_cpu(upsample_by_stride(grad_output, stride), input.contiguous(), grad_weight, dilation, -padding,
