@@ -98,6 +98,10 @@ class ConvBNReLU2d(nn.Module):
     activation: "none", "relu" or "relu6".
     Gradients flow to x, weight, bias and residual; the BatchNorm statistics are frozen in weight and bias (the
     semantics of torchvision's FrozenBatchNorm2d).
+
+    CPU inference (fp32 NCHW, nothing requiring grad, not compiling) on a layer where it pays (see _packed_weight)
+    packs the weight once into oneDNN's blocked layout for the input's shape and reuses it while the shape and the
+    weight stay the same: one extra copy of the weight, rebuilt when either changes, never saved or copied.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
@@ -113,6 +117,7 @@ class ConvBNReLU2d(nn.Module):
         factory = dict(device=device, dtype=dtype)
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size, **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory))
+        self._pack_cache = None  # (key, packed weight); see _packed_weight
         if self.weight.device.type != "meta":
             self.reset_parameters()
 
@@ -146,6 +151,41 @@ class ConvBNReLU2d(nn.Module):
                    zip(x.shape[-2:], self.padding, self.dilation, self.kernel_size, self.stride)]
         return (*x.shape[:-3], self.out_channels, *spatial)
 
+    def _packed_weight(self, x, residual):
+        """The weight packed by pyops::conv2d_pack_weight for x's shape, or None where the packed path does not
+        apply or does not pay.
+
+        It applies to CPU fp32 NCHW inference only (the packed tensor is opaque to autograd and torch.compile).
+        Measured per layer on this project's CPU (bench/NOTES-conv_bn_relu.md), packing gains 5-65 % on
+        ResNet's 3×3 layers with ≥ 64 input channels (most at batch 1 and in the deep layers), but loses 10-35 % on 1×1
+        layers at batch 8 and ~25 % on the 3-channel 7×7 stem: oneDNN's chosen blocked layout then costs more than
+        the per-call reorder of a small weight it replaces. Hence: spatial kernels, ≥ 16 input channels, groups 1.
+        """
+        if (x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32
+                or self.weight.device.type != "cpu" or self.groups != 1 or self.in_channels < 16
+                or self.kernel_size == (1, 1) or x.dim() != 4 or x.numel() == 0
+                or torch.compiler.is_compiling() or not torch.backends.mkldnn.is_available()):
+            return None
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(x, self.weight, self.bias, residual):
+            return None
+        key = (tuple(x.shape), self.weight.data_ptr(), self.weight._version)
+        cache = getattr(self, "_pack_cache", None)  # (modules pickled before this attribute existed lack it)
+        if cache is None or cache[0] != key:
+            self._pack_cache = None  # free the old packing before making the new one
+            packed = torch.ops.pyops.conv2d_pack_weight.default(x, self.weight, self.stride, self.padding,
+                                                               self.dilation, self.groups)
+            cache = self._pack_cache = (key, packed)
+        return cache[1]
+
+    def _apply(self, fn, recurse=True):
+        self._pack_cache = None  # .to()/.half()/.cuda() replace the weight
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        state["_pack_cache"] = None  # an MKLDNN tensor can be neither deep-copied nor pickled; it is rebuilt
+        return state
+
     def forward(self, x, residual=None):
         if x.dim() == 3 and (residual is None or residual.dim() <= 3):  # unbatched (C, H, W), as nn.Conv2d takes
             batched_residual = residual.unsqueeze(0) if residual is not None and residual.dim() == 3 else residual
@@ -157,6 +197,11 @@ class ConvBNReLU2d(nn.Module):
         # Straight to the op: it checks every argument itself (its errors name them), and skipping the functional
         # wrapper's Python checks saves 10-15 µs a layer (measured on the CPU with a tiny input), about the kernel
         # time of a small fp16 layer on a GPU.
+        packed = self._packed_weight(x, residual)
+        if packed is not None:
+            return torch.ops.pyops.conv2d_bias_act_packed.default(
+                x, self.weight, packed, self.bias, self.stride, self.padding, self.dilation,
+                self.groups, ACTIVATION_CODES[self.activation], residual)
         return call_op(torch.ops.pyops.conv2d_bias_act.default, x, self.weight, self.bias, self.stride, self.padding,
                        self.dilation, self.groups, ACTIVATION_CODES[self.activation], residual)
 

@@ -2,6 +2,7 @@
 import copy
 import itertools
 import operator
+import pickle
 
 import pytest
 import torch
@@ -228,6 +229,103 @@ def test_conv_bn_relu_module_same_padding_and_rejections():
         ConvBNReLU2d.from_modules(conv, bn, relu="gelu")
     with pytest.raises(TypeError, match="conv"):
         ConvBNReLU2d.from_modules(nn.Conv1d(4, 6, 3), nn.BatchNorm1d(6).eval())
+
+
+# --- the CPU packed-weight path of ConvBNReLU2d (fp32 inference: the weight packed once in oneDNN's layout) ----------
+
+def fp32_conv_bn(cin=32, cout=24, k=3, seed=0, **conv_args):
+    torch.manual_seed(seed)
+    return nn.Conv2d(cin, cout, k, **conv_args).eval(), randomized(nn.BatchNorm2d(cout), seed)
+
+
+def float64_chain(conv, bn, activation):
+    """The unfused chain in float64 (a copy: conv and bn stay fp32)."""
+    conv64, bn64 = copy.deepcopy(conv).double(), copy.deepcopy(bn).double()
+    act = {"relu": F.relu, "relu6": F.relu6, "none": lambda t: t}[activation]
+    return lambda x, residual=None: act(bn64(conv64(x.double())) + (0 if residual is None else residual.double()))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("relu", [True, "relu6", False])
+@pytest.mark.parametrize("conv_args", [dict(padding=1), dict(stride=2, padding=1), dict(dilation=2, padding=2),
+                                       dict(padding=0)], ids=["p1", "s2", "d2", "p0"])
+def test_conv_bn_relu_module_packed_cpu_path(conv_args, relu, layout):
+    """Packed (fp32, CPU, no grad): float64-chain values within fp32 tolerance, with and without a residual (ReLU6
+    after a residual is a case oneDNN cannot fuse, computed by our direct kernel); the output is channels_last, as
+    PyTorch's convolution with a channels_last weight returns."""
+    conv, bn = fp32_conv_bn(**conv_args)
+    fused = ConvBNReLU2d.from_modules(conv, bn, relu)
+    chain = float64_chain(conv, bn, fused.activation)
+    x = torch.randn(2, 32, 11, 13, generator=gen()) * 2
+    x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+    out_shape = chain(x).shape
+    with torch.no_grad():
+        for residual in (None, torch.randn(out_shape, generator=gen(1))):
+            out = fused(x, residual)
+            assert fused._pack_cache is not None, "the packed path was not taken"
+            assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
+            assert_close_relative(out.double(), chain(x, residual), 2e-6)
+
+
+def test_packed_weight_follows_input_shape_and_weight_updates():
+    conv, bn = fp32_conv_bn(padding=1)
+    fused = ConvBNReLU2d.from_modules(conv, bn)
+    expected = lambda x: F.conv2d(x.double(), fused.weight.double(), fused.bias.double(), padding=1).relu()
+    with torch.no_grad():
+        for shape in [(1, 32, 8, 8), (3, 32, 10, 6), (1, 32, 8, 8)]:
+            x = torch.randn(shape, generator=gen())
+            assert_close_relative(fused(x).double(), expected(x), 2e-6)
+            assert fused._pack_cache[0][0] == shape  # one packing at a time, for the latest shape
+        fused.weight.mul_(-0.5)  # an in-place update (optimizer step, load_state_dict) must repack
+        assert_close_relative(fused(x).double(), expected(x), 2e-6)
+    with torch.inference_mode():
+        y_inference = fused(x)
+    with torch.no_grad():  # a packing made under inference_mode serves later no_grad calls too
+        torch.testing.assert_close(fused(x), y_inference, rtol=0, atol=0)
+
+
+def test_packed_module_copies_pickles_converts_and_trains():
+    conv, bn = fp32_conv_bn(padding=1)
+    fused = ConvBNReLU2d.from_modules(conv, bn)
+    x = torch.randn(2, 32, 9, 9, generator=gen())
+    with torch.no_grad():
+        y = fused(x)
+    assert fused._pack_cache is not None
+    for clone in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
+        assert clone._pack_cache is None  # an MKLDNN tensor is neither copied nor pickled; it is rebuilt
+        with torch.no_grad():
+            torch.testing.assert_close(clone(x), y, rtol=0, atol=0)
+    as64 = copy.deepcopy(fused)
+    with torch.no_grad():
+        as64(x)
+    as64.double()
+    assert as64._pack_cache is None
+    with torch.no_grad():
+        assert_close_relative(as64(x.double()), y.double(), 2e-6)
+    # With grad needed the packed path is skipped: gradients flow as through the unpacked op.
+    xg = x.clone().requires_grad_()
+    out = fused(xg)
+    assert out.grad_fn is not None
+    out.sum().backward()
+    assert xg.grad is not None and fused.weight.grad is not None
+    torch.testing.assert_close(out.detach(), y.contiguous(), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_ops_reject_bad_arguments():
+    x, w = torch.randn(1, 4, 6, 6), torch.randn(8, 4, 3, 3)
+    conv = ([1, 1], [1, 1], [1, 1], 1)
+    packed = torch.ops.pyops.conv2d_pack_weight(x, w, *conv)
+    run = torch.ops.pyops.conv2d_bias_act_packed
+    with pytest.raises(ValueError, match="packed_weight"):
+        run(x, w, w, None, *conv, 1, None)  # a dense tensor, not conv2d_pack_weight's result
+    with pytest.raises(ValueError, match="packed_weight"):
+        run(x, torch.randn(8, 4, 5, 5), packed, None, *conv, 1, None)  # packed for another weight
+    with pytest.raises(ValueError, match="channels"):
+        run(torch.randn(1, 3, 6, 6), w, packed, None, *conv, 1, None)
+    with pytest.raises(ValueError, match="float32"):
+        torch.ops.pyops.conv2d_pack_weight(x.double(), w.double(), *conv)
+    with pytest.raises(ValueError, match="stride"):
+        torch.ops.pyops.conv2d_pack_weight(x, w, [0, 1], [1, 1], [1, 1], 1)
 
 
 @pytest.mark.parametrize("relu", [True, "relu6", False])

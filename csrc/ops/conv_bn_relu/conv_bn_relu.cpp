@@ -142,6 +142,14 @@ TORCH_LIBRARY_FRAGMENT(pyops, m) {
   m.def(
       "conv2d_bias_act(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "
       "int groups, int activation, Tensor? residual) -> Tensor");
+  // CPU inference with a weight packed once into oneDNN's blocked layout for inputs shaped like `input` (an opaque
+  // MKLDNN tensor; not for autograd or torch.compile): conv2d_bias_act_packed takes it next to the dense weight.
+  m.def(
+      "conv2d_pack_weight(Tensor input, Tensor weight, int[2] stride, int[2] padding, int[2] dilation, int groups) "
+      "-> Tensor");
+  m.def(
+      "conv2d_bias_act_packed(Tensor input, Tensor weight, Tensor packed_weight, Tensor? bias, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, int activation, Tensor? residual) -> Tensor");
   // (w·scale, (b − μ)·scale + β, scale) with scale = γ/√(σ²+ε), computed in float64, returned in weight's dtype
   // (scale in the accumulation dtype: float64 for float64 weights, float32 otherwise).
   m.def(
