@@ -35,7 +35,7 @@ demo: build
 bench: build
 	mkdir -p bench/results
 	$(VPY) -m pytest bench --device cpu $(BENCH_FLAGS) --benchmark-json=bench/results/cpu.json -p no:cacheprovider
-	$(VPY) bench/report.py bench/results/cpu.json --out bench/results
+	$(VPY) bench/report.py bench/results/cpu.json --out bench/results --stat min
 
 # For the lent GPU machine: its own python3 and torch as they are (no venv, nothing installed), the extension built
 # in place for the visible GPU, the whole test suite with CUDA present, the CUDA benchmarks, a short table last.

@@ -1,10 +1,13 @@
 """pyops.conv2d_bn_relu (BN folded on the fly, one pass over the output) vs eager nn.Sequential(conv, bn, relu).eval()
 and vs torch.compile of that Sequential, on ResNet-50 layer shapes (CPU: batch 8 fp32 NCHW; CUDA: batch 32 in fp32,
 fp16 channels_last and bf16 channels_last), plus a residual block (add + relu) and the homework's small layers.
+torch.compile runs with inductor's freezing on the CPU (weights folded and prepacked: the strongest CPU peer, as in
+shared/anchors/cpu-compile-2026-11-27.txt) and in its default mode on CUDA.
 
-On CUDA, two more comparisons against the cuDNN-fused baseline (torch.cudnn_convolution_relu on folded weights):
-"[module]" cases time pyops.nn.ConvBNReLU2d (BN folded once, the default path: what fuse() builds) and "[ours]"
-cases our implicit GEMM (PYOPS_CONV_PATH=ours).
+"[module]" cases time pyops.nn.ConvBNReLU2d (BN folded once, the default path: what fuse() builds): on the CPU
+against eager and torch.compile (the module packs its weight once; see ConvBNReLU2d._packed_weight), on CUDA against
+the cuDNN-fused baseline (torch.cudnn_convolution_relu on the same folded weights). "[ours]" cases (CUDA) time our
+implicit GEMM (PYOPS_CONV_PATH=ours) against that baseline.
 """
 import os
 
@@ -59,7 +62,7 @@ def pyops_fn(block, x, residual=None):
 def compiled_fn(block, x, key, residual=None):
     if key not in _compiled:
         f = (lambda t, r: F.relu(block[1](block[0](t)) + r)) if residual is not None else block
-        _compiled[key] = torch.compile(f)
+        _compiled[key] = torch.compile(f, options={"freezing": True}) if x.device.type == "cpu" else torch.compile(f)
     c = _compiled[key]
     return (lambda: c(x, residual)) if residual is not None else (lambda: c(x))
 
@@ -129,19 +132,28 @@ def bench_ours_vs_cudnn(measure, device, shape, impl, variant, monkeypatch):
                 flops=flops, bytes=moved)
 
 
-@pytest.mark.cuda
+MODULE_BASELINES = {"cpu": ["eager", "torch.compile"], "cuda": ["cudnn-fused"]}
+
+
 @pytest.mark.parametrize("variant", range(3), ids=["v0", "v1", "v2"])
-@pytest.mark.parametrize("impl", ["pyops", "cudnn-fused"])
+@pytest.mark.parametrize("impl", ["pyops", "eager", "torch.compile", "cudnn-fused"])
 @pytest.mark.parametrize("shape", RESNET_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def bench_module_vs_cudnn(measure, device, shape, impl, variant):
-    """pyops.nn.ConvBNReLU2d (what fuse() builds: BN folded once, default path) against cuDNN's runtime fusion on
-    the same folded weights: the dispatcher's promise is never to be slower (CUDA only)."""
-    if device != "cuda":
-        pytest.skip("the module vs cuDNN is a CUDA comparison")
+def bench_module(measure, device, shape, impl, variant):
+    """pyops.nn.ConvBNReLU2d, what fuse() builds (BN folded once; on the CPU the weight packed once), against the
+    unfused Sequential and torch.compile (CPU), or cuDNN's runtime fusion on the same folded weights (CUDA: the
+    dispatcher's promise is never to be slower)."""
+    if variant >= len(VARIANTS[device]):
+        pytest.skip(f"{device} has {len(VARIANTS[device])} dtype variants")
+    if impl != "pyops" and impl not in MODULE_BASELINES[device]:
+        pytest.skip(f"{impl} is not a {device} baseline of the module")
+    if impl == "torch.compile" and os.environ.get("PYOPS_BENCH_NO_COMPILE") == "1":
+        pytest.skip("PYOPS_BENCH_NO_COMPILE=1")
     name, dtype, fmt = VARIANTS[device][variant]
     block, x = make_block(shape, device, dtype, fmt)
     module = pyops.nn.ConvBNReLU2d.from_modules(block[0], block[1])
-    fn = (lambda: module(x)) if impl == "pyops" else cudnn_fused_fn(block, x)
+    fn = {"pyops": lambda: (lambda: module(x)), "eager": lambda: (lambda: block(x)),
+          "torch.compile": lambda: compiled_fn(block, x, (shape, name)),
+          "cudnn-fused": lambda: cudnn_fused_fn(block, x)}[impl]()
     flops, moved = counts(shape, x.shape[0], x.element_size())
     cin, cout, k, stride, h = shape
     with torch.no_grad():

@@ -58,17 +58,18 @@ def measure(benchmark, device):
     impl: "pyops" for ours, anything else names the baseline (e.g. "torch.logsumexp").
     bytes / flops: the fewest bytes moved / floating-point operations of the case, for achieved rates.
     warmup: untimed calls first (fewer for cases that take seconds a call).
+    extra: more facts for extra_info (e.g. rel_err of an inexact algorithm).
     """
     if device == "cuda":  # pytest-benchmark's own knobs, set here so no CUDA run can time launches alone
         benchmark._timer = cuda_timer
         benchmark._min_time = max(benchmark._min_time, 1e-3)  # rounds of >= 1 ms: many calls per round
 
-    def run(case, impl, fn, *, bytes=None, flops=None, warmup=3):
+    def run(case, impl, fn, *, bytes=None, flops=None, warmup=3, **extra):
         for _ in range(warmup):  # outside the timer: allocator, first touch, cuDNN/cuBLAS heuristics
             fn()
         benchmark.group = case
         benchmark.extra_info.update(case=case, impl=impl, device=device, bytes=bytes, flops=flops,
-                                    peak_mem=peak_memory(fn, device))
+                                    peak_mem=peak_memory(fn, device), **extra)
         return benchmark(fn)
 
     return run

@@ -437,7 +437,7 @@ def test_cli_model_failure_exit_1(capsys):
 # ---- bench/report.py --------------------------------------------------------------------------------------------
 
 def fake_benchmark(case, impl, median, **info):
-    return {"name": f"bench[{impl}]", "group": case, "stats": {"median": median},
+    return {"name": f"bench[{impl}]", "group": case, "stats": {"median": median, "min": median / 2},
             "extra_info": {"case": case, "impl": impl, "bytes": None, "flops": None, "peak_mem": None, **info}}
 
 
@@ -466,6 +466,10 @@ def test_report_on_fake_results(tmp_path):
     assert "Geometric mean speed-up over all rows: 0.79x" in md and "lonely" in md
     png = (tmp_path / "out" / "summary.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    # --stat min reports each benchmark's fastest round instead (fake minima: half the medians)
+    assert load_report().main([str(path), "--out", str(tmp_path / "min"), "--stat", "min", "--quiet"]) == 0
+    md = (tmp_path / "min" / "summary.md").read_text()
+    assert "pytest-benchmark minima" in md and "| conv 3x3 | 1.000 ms | torch.conv2d | 2.500 ms | 2.50x" in md
 
 
 def test_fused_resnet_counts_the_same_convolution_products():
