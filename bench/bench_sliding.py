@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import pyops
 from pyops import reference
+from pyops.fft_conv import FFTConv2d
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +73,28 @@ def bench_head_only(measure, models, device, impl):
     with torch.no_grad():
         flops = 2 * 17 * 17 * sum(w.numel() for w in weights)
         measure("Net1 head on 34x34 features fp32", impl, fns[impl], flops=flops)
+
+
+@pytest.fixture(scope="module")
+def fft_layer(models):
+    """Net1's 18×18 layer (256 → 4096) as pyops.fft_conv.FFTConv2d: its spectra (5.3 GiB in fp32, T = 36) made once
+    (~35 s on the 2-core CPU)."""
+    conv = next(m for m in models[2].fcn.head if isinstance(m, torch.nn.Conv2d))
+    return conv, FFTConv2d(conv.weight.detach(), conv.bias.detach())
+
+
+@pytest.mark.parametrize("impl", ["pyops", "torch conv2d"])
+def bench_large_kernel_layer_fft(measure, fft_layer, device, impl, batch=1):
+    """Issue 5's stretch: the 18×18 layer by FFT (fewer operations; not the default) vs the direct convolution
+    (oneDNN / cuDNN), on the 34×34 feature map of 48×48 images. The FFT's relative error to the float64 result is
+    recorded next to the direct fp32 convolution's (extra_info rel_err)."""
+    conv, layer = fft_layer
+    f = image((batch, 256, 34, 34), device)
+    fns = {"pyops": lambda: layer(f), "torch conv2d": lambda: torch.nn.functional.conv2d(f, conv.weight, conv.bias)}
+    with torch.no_grad():
+        ref = torch.nn.functional.conv2d(f.double(), conv.weight.double(), conv.bias.double())
+        measure(f"Net1 18x18 layer 256->4096 on 34x34 features B={batch} fp32 (FFT, T={layer.fft_size})", impl,
+                fns[impl], flops=2 * batch * 17 * 17 * conv.weight.numel(), rel_err=rel_err(fns[impl](), ref))
 
 
 @pytest.mark.benchmark(min_rounds=3)  # the loop takes ~1 s a call on an H200

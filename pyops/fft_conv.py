@@ -1,0 +1,96 @@
+"""The large-kernel layer of a sliding head by FFT: far fewer operations than the direct convolution.
+
+Issue 5's stretch. The converted classifier's first layer is a valid cross-correlation with a kernel as large as
+the crop's feature map (Net1: 256 → 4096 channels, 18×18). Direct: C·kh·kw multiply-adds per output value and
+channel. By FFT, with overlap-save tiles of T×T input positions (output tiles of (T−kh+1)×(T−kw+1)):
+
+    out_tile[b, o] = irfft2( Σ_c rfft2(x_tile[b, c]) · conj(rfft2(w[o, c] zero-padded to T×T)) ), first rows/cols
+
+(a circular correlation of size T equals the linear one on the positions that do not wrap). Per tile: C real FFTs
+in, one complex GEMM per frequency bin ((tiles, C) × (C, O), T·(T/2+1) bins), O inverse FFTs. The weight spectra
+are computed once: T·(T/2+1)·C·O complex values, ~T²/(2·kh·kw) times the weight's memory (Net1 with T = 36:
+5.3 GiB next to its 1.27 GiB weight, ~35 s to compute on our 2-core CPU). Measured on that CPU for a 48×48 image's
+34×34 features: 0.50 s vs 2.2 s for the direct convolution (4.4×; bench/NOTES-sliding.md). The memory and the
+set-up time are why it is a module to opt into, not the default of sliding_classify.
+
+Exactness: not bitwise the direct sum, but as close to the float64 result as fp32's own direct convolution is:
+max error 1.4-2.7e-7 of the output's scale in fp32 where F.conv2d in fp32 gives 1.8e-7-1.8e-6 (the FFT's error
+grows with log T, a direct sum's with the reduction length; tests/test_fft_conv.py bounds both at 2e-6); fp64
+inputs are transformed in complex128 (~1e-15).
+"""
+import torch
+
+_FAST_SIZES = sorted({2**a * 3**b * 5**c for a in range(9) for b in range(6) for c in range(4)})
+
+
+def default_fft_size(kernel):
+    """The smallest size with only factors 2, 3, 5 that is ≥ 2·kernel − 2 (output tiles about as wide as the
+    kernel: fewer tiles than a smaller FFT, fewer spectra bins than a larger one)."""
+    return next(n for n in _FAST_SIZES if n >= max(2 * kernel - 2, kernel))
+
+
+class FFTConv2d(torch.nn.Module):
+    """Valid cross-correlation of (B, C, H, W) with a (O, C, kh, kw) weight, plus bias: (B, O, H−kh+1, W−kw+1).
+
+    weight, bias: as nn.Conv2d's (stride 1, no padding, no dilation, groups 1); float32 or float64.
+    fft_size: T (≥ kh and kw), default default_fft_size(max(kh, kw)).
+    The weight's spectra (T·(T/2+1), C, O) are computed once here (in chunks of output channels) and kept; the
+    weight itself is not. Inference only (no autograd through the cached spectra).
+    """
+
+    def __init__(self, weight, bias=None, fft_size=None):
+        super().__init__()
+        if weight.dim() != 4 or not weight.is_floating_point() or weight.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"argument 'weight' must be a float32/float64 (O, C, kh, kw) tensor, got "
+                             f"{weight.dtype} of shape {tuple(weight.shape)}")
+        out_ch, in_ch, kh, kw = weight.shape
+        size = default_fft_size(max(kh, kw)) if fft_size is None else int(fft_size)
+        if size < max(kh, kw):
+            raise ValueError(f"argument 'fft_size' = {size} must be >= the kernel size {(kh, kw)}")
+        if bias is not None and bias.shape != (out_ch,):
+            raise ValueError(f"argument 'bias' must have shape ({out_ch},), got {tuple(bias.shape)}")
+        self.kernel_size, self.fft_size, self.in_channels, self.out_channels = (kh, kw), size, in_ch, out_ch
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        spectra = torch.empty(size * (size // 2 + 1), in_ch, out_ch, device=weight.device,
+                              dtype=torch.complex64 if weight.dtype == torch.float32 else torch.complex128)
+        with torch.no_grad():
+            chunk = max(1, (64 << 20) // max(1, in_ch * size * size * weight.element_size()))  # ~64 MB of padding
+            for o in range(0, out_ch, chunk):
+                w = weight[o:o + chunk]
+                # conj(rfft2(w)) turns the FFT's convolution into the cross-correlation conv2d computes
+                spec = torch.fft.rfft2(w, s=(size, size)).conj()  # (o, C, T, T/2+1)
+                spectra[:, :, o:o + w.shape[0]] = spec.flatten(2).permute(2, 1, 0)
+        self.register_buffer("spectra", spectra, persistent=False)
+
+    def forward(self, x):
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"argument 'x' must have shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        if x.dtype != self.spectra.real.dtype or x.device != self.spectra.device:
+            raise ValueError(f"argument 'x' must be {self.spectra.real.dtype} on {self.spectra.device}, got "
+                             f"{x.dtype} on {x.device}")
+        (kh, kw), size = self.kernel_size, self.fft_size
+        b, c, h, w = x.shape
+        if h < kh or w < kw:
+            raise ValueError(f"argument 'x' has a {h}x{w} map, smaller than the {kh}x{kw} kernel")
+        oh, ow = h - kh + 1, w - kw + 1
+        th, tw = size - kh + 1, size - kw + 1  # output positions per tile
+        ny, nx = -(-oh // th), -(-ow // tw)
+        # Tiles of T×T input positions at steps of the output tile; zero padding past the map's end feeds only
+        # output positions that are cut off below.
+        padded = torch.nn.functional.pad(x, (0, nx * tw + kw - 1 - w, 0, ny * th + kh - 1 - h))
+        tiles = padded.unfold(2, size, th).unfold(3, size, tw)  # (B, C, ny, nx, T, T)
+        tiles = tiles.permute(0, 2, 3, 1, 4, 5).reshape(b * ny * nx, c, size, size)
+        spec = torch.fft.rfft2(tiles)  # (tiles, C, T, T/2+1)
+        spec = spec.flatten(2).permute(2, 0, 1)  # (bins, tiles, C)
+        prod = torch.bmm(spec, self.spectra)  # (bins, tiles, O): one complex GEMM per frequency bin
+        prod = prod.permute(1, 2, 0).reshape(b * ny * nx, self.out_channels, size, size // 2 + 1)
+        out = torch.fft.irfft2(prod, s=(size, size))[..., :th, :tw]  # (tiles, O, th, tw)
+        out = out.reshape(b, ny, nx, self.out_channels, th, tw).permute(0, 3, 1, 4, 2, 5)
+        out = out.reshape(b, self.out_channels, ny * th, nx * tw)[:, :, :oh, :ow]
+        if self.bias is not None:
+            out = out + self.bias.view(1, -1, 1, 1)
+        return out.contiguous()
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"fft_size={self.fft_size}, bias={self.bias is not None}")
