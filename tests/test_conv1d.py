@@ -85,6 +85,20 @@ def test_large_shapes_match_torch(device, config, path, monkeypatch):
                          torch.float32)
 
 
+# Dense float32 layers whose weight gradient runs as per-tap GEMMs on CPU (conv1d_cpu_gemm.cpp): dilation, 'same'
+# padding, strides over odd lengths (the input split into phases), every tap reading only padding (stride 8 over
+# length 4), a pointwise filter, and a batch of 17 with 512 channels (two chunks of the batched GEMM).
+@pytest.mark.parametrize("config", [(3, 40, 36, 50, 3, 1, "same", 2, 1), (2, 32, 48, 61, 4, 2, 5, 1, 1),
+                                    (2, 33, 64, 40, 3, 3, 2, 2, 1), (2, 32, 32, 4, 3, 8, 3, 1, 1),
+                                    (2, 64, 32, 30, 1, 1, 0, 1, 1), (17, 512, 512, 8, 3, 1, 1, 1, 1)], ids=str)
+def test_dense_gemm_weight_gradient_matches_torch(device, config):
+    n, cin, cout, length, k, stride, padding, dilation, groups = config
+    g = torch.Generator().manual_seed(17)
+    x, w = rand((n, cin, length), torch.float32, device, g), rand((cout, cin, k), torch.float32, device, g)
+    assert_matches_torch(x, w, rand((cout,), torch.float32, device, g), (stride, padding, dilation, groups),
+                         torch.float32)
+
+
 @pytest.mark.parametrize("k,dilation", [(4, 1), (3, 2), (2, 3), (5, 1), (1, 1)])
 def test_same_padding_matches_torch_including_asymmetric(device, k, dilation):
     g = torch.Generator().manual_seed(k)

@@ -43,7 +43,8 @@ Conv1dGeometry check_conv1d_backward_weight(const at::Tensor& grad_output, const
 //   CPU:  groups == 1 with >= 32 channels in and out;
 //   CUDA: groups == 1 with >= 32 channels in or out (depthwise and small-channel layers stay ours).
 bool conv1d_use_library(const Conv1dGeometry& g, bool cuda);
-// The three ops through the library (bias may be undefined). They follow torch's flags as F.conv1d does: TF32
+// The three ops through the library (bias may be undefined); on CPU the dense float32 weight gradient takes the
+// per-tap GEMMs below instead, which are faster than oneDNN's. They follow torch's flags as F.conv1d does: TF32
 // (torch.backends.cudnn.allow_tf32) and determinism (torch.backends.cudnn.deterministic or
 // torch.use_deterministic_algorithms; cuDNN's default algorithms may add in a run-dependent order). Our own
 // kernels are deterministic whatever the flags.
@@ -65,5 +66,11 @@ void correlate_cpu(const at::Tensor& in, const at::Tensor& w, const at::Tensor& 
 // reduced over the batch in a fixed order whatever the thread count.
 void correlate_weight_cpu(const at::Tensor& gy, const at::Tensor& x, at::Tensor& grad_weight, int64_t dilation,
                           int64_t offset, int64_t groups);
+
+// grad_weight of a dense (groups == 1) CPU layer as per-tap GEMMs through ATen's BLAS (conv1d_cpu_gemm.cpp), and
+// whether that is faster than the library's weight gradient for this layer and dtype.
+bool gemm_backward_weight_faster(const Conv1dGeometry& g, at::ScalarType dtype);
+at::Tensor gemm_conv1d_backward_weight(const at::Tensor& grad_output, const at::Tensor& input,
+                                       const Conv1dGeometry& g);
 
 }  // namespace pyops

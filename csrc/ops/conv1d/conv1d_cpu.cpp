@@ -1,6 +1,7 @@
 // CPU entries of conv1d and its backward ops: checks, contiguous operands, and the rewrites that turn each op into
 // one of the two CPU correlation kernels (conv1d_cpu_correlate.cpp, conv1d_cpu_weight.cpp) -- or, for dense layers
-// where oneDNN's GEMM-based convolution is faster (bench/NOTES-conv1d.md), into ATen's convolution.
+// where oneDNN's GEMM-based convolution is faster (bench/NOTES-conv1d.md), into ATen's convolution, except the
+// float32 weight gradient, which per-tap GEMMs compute faster still (conv1d_cpu_gemm.cpp).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -71,7 +72,10 @@ at::Tensor conv1d_backward_weight_cpu(const at::Tensor& grad_output, const at::T
       check_conv1d_backward_weight(grad_output, input, kernel_size, stride, padding, dilation, groups);
   check_cpu_dtype(grad_output, "grad_output");
   const bool empty = g.batch * g.out_channels * g.in_per_group() == 0;
-  if (!empty && conv1d_use_library(g, /*cuda=*/false)) return library_conv1d_backward_weight(grad_output, input, g);
+  if (!empty && conv1d_use_library(g, /*cuda=*/false)) {
+    return gemm_backward_weight_faster(g, input.scalar_type()) ? gemm_conv1d_backward_weight(grad_output, input, g)
+                                                               : library_conv1d_backward_weight(grad_output, input, g);
+  }
   at::Tensor grad_weight = at::empty({g.out_channels, g.in_per_group(), kernel_size}, input.options());
   if (grad_weight.numel() == 0) return grad_weight;
   correlate_weight_cpu(upsample_by_stride(grad_output, stride), input.contiguous(), grad_weight, dilation, -padding,
