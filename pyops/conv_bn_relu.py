@@ -267,7 +267,7 @@ torch.library.register_autograd("pyops::conv2d_bn_relu", _bn_backward, setup_con
 
 # ---- FlopCounterMode: 2·multiply-adds of the convolution (PyTorch's convention; the epilogue is not counted) ----
 
-@register_flop_formula(torch.ops.pyops.conv2d_bias_act)
+@register_flop_formula([torch.ops.pyops.conv2d_bias_act, torch.ops.pyops.conv2d_bias_act_packed])
 def _bias_act_flops(x_shape, w_shape, *args, out_shape=None, **kwargs):
     return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
 
