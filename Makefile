@@ -32,9 +32,14 @@ test: build
 demo: build
 	$(VPY) -m pyops
 
+# glibc's malloc hands large freed blocks back to the kernel, so a fresh output of a few MB can cost thousands of page
+# faults on one call and none on the next: that made single CPU timings 1-5x slower at random (bench/NOTES.md). The
+# two thresholds keep freed memory in the heap, the steady state a tuned allocator (jemalloc, tcmalloc) gives.
+BENCH_MALLOC := MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824
+
 bench: build
 	mkdir -p bench/results
-	$(VPY) -m pytest bench --device cpu $(BENCH_FLAGS) --benchmark-json=bench/results/cpu.json -p no:cacheprovider
+	$(BENCH_MALLOC) $(VPY) -m pytest bench --device cpu $(BENCH_FLAGS) --benchmark-json=bench/results/cpu.json -p no:cacheprovider
 	$(VPY) bench/report.py bench/results/cpu.json --out bench/results --stat min
 
 # For the lent GPU machine: its own python3 and torch as they are (no venv, nothing installed), the extension built

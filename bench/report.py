@@ -7,8 +7,10 @@ involved); with --peak-bandwidth / --peak-flops (or cases named "peak: ..." in t
 given as a fraction of the machine's measured peak (bench/bench_peak.py measures copy bandwidth and the fp32 GEMM
 rate in every run). Times are medians, or with --stat min the fastest round: on a VM whose speed drifts 2-5x
 over seconds (our 2-core CPU machine) a median depends on when each benchmark happened to run, while the fastest
-round of each is what the code can do (timeit's advice); `make bench` uses min on the CPU. summary.png draws each
-row's speed-up on a log scale with 1x marked.
+round of each is what the code can do (timeit's advice); `make bench` uses min on the CPU. Given several result
+files (runs at different times), a case measured in more than one keeps each implementation's best time, so every
+implementation gets the same chances at the machine's fast phases. summary.png draws each row's speed-up on a log
+scale with 1x marked.
 
 usage: python bench/report.py RESULTS.json [MORE.json ...] [--out DIR] [--stat median|min] [--quiet]
 """
@@ -82,7 +84,9 @@ def summarize(rows, peak_bw=None, peak_flops=None):
     for case, impl, t, info in rows:
         if case.startswith("peak:"):
             continue
-        by_case.setdefault(case, {})[impl] = (t, info)
+        entry = by_case.setdefault(case, {})
+        if impl not in entry or t < entry[impl][0]:  # several runs of one case: each implementation's best
+            entry[impl] = (t, info)
     out = []
     for case, impls in by_case.items():
         if "pyops" not in impls:

@@ -470,6 +470,14 @@ def test_report_on_fake_results(tmp_path):
     assert load_report().main([str(path), "--out", str(tmp_path / "min"), "--stat", "min", "--quiet"]) == 0
     md = (tmp_path / "min" / "summary.md").read_text()
     assert "pytest-benchmark minima" in md and "| conv 3x3 | 1.000 ms | torch.conv2d | 2.500 ms | 2.50x" in md
+    # two runs: each implementation keeps its best time (here the baseline improved in the second run)
+    second = dict(data, benchmarks=[fake_benchmark("conv 3x3", "pyops", 0.003),
+                                    fake_benchmark("conv 3x3", "torch.conv2d", 0.004)])
+    path2 = tmp_path / "fake2.json"
+    path2.write_text(json.dumps(second))
+    assert load_report().main([str(path), str(path2), "--out", str(tmp_path / "two"), "--quiet"]) == 0
+    md = (tmp_path / "two" / "summary.md").read_text()
+    assert "| conv 3x3 | 2.000 ms | torch.conv2d | 4.000 ms | 2.00x" in md
 
 
 def test_fused_resnet_counts_the_same_convolution_products():
