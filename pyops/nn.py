@@ -99,9 +99,11 @@ class ConvBNReLU2d(nn.Module):
     Gradients flow to x, weight, bias and residual; the BatchNorm statistics are frozen in weight and bias (the
     semantics of torchvision's FrozenBatchNorm2d).
 
-    CPU inference (fp32 NCHW, nothing requiring grad, not compiling) on a layer where it pays (see _packed_weight)
-    packs the weight once into oneDNN's blocked layout for the input's shape and reuses it while the shape and the
-    weight stay the same: one extra copy of the weight, rebuilt when either changes, never saved or copied.
+    CPU inference (fp32, nothing requiring grad, not compiling) on a layer where it pays (see _packed_weight) packs
+    the weight once into oneDNN's blocked layout for the input's shape and reuses it while the shape and the weight
+    stay the same: one extra copy of the weight, rebuilt when either changes, never saved or copied. That path
+    computes in channels_last and returns a channels_last output (same values), as a PyTorch convolution with a
+    channels_last weight does; a fused network thus stays channels_last from its first packed layer on.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
@@ -155,7 +157,8 @@ class ConvBNReLU2d(nn.Module):
         """The weight packed by pyops::conv2d_pack_weight for x's shape, or None where the packed path does not
         apply or does not pay.
 
-        It applies to CPU fp32 NCHW inference only (the packed tensor is opaque to autograd and torch.compile).
+        It applies to CPU fp32 inference only (the packed tensor is opaque to autograd and torch.compile), with an
+        input in either memory format (oneDNN converts an NCHW one itself).
         Measured per layer on this project's CPU (bench/NOTES-conv_bn_relu.md), packing gains 5-65 % on
         ResNet's 3×3 layers with ≥ 64 input channels (most at batch 1 and in the deep layers), but loses 10-35 % on 1×1
         layers at batch 8 and ~25 % on the 3-channel 7×7 stem: oneDNN's chosen blocked layout then costs more than
@@ -182,7 +185,7 @@ class ConvBNReLU2d(nn.Module):
         return super()._apply(fn, recurse)
 
     def __getstate__(self):
-        state = super().__getstate__().copy()
+        state = self.__dict__.copy()
         state["_pack_cache"] = None  # an MKLDNN tensor can be neither deep-copied nor pickled; it is rebuilt
         return state
 
