@@ -159,13 +159,14 @@ class ConvBNReLU2d(nn.Module):
 
         It applies to CPU fp32 inference only (the packed tensor is opaque to autograd and torch.compile), with an
         input in either memory format (oneDNN converts an NCHW one itself).
-        Measured per layer on this project's CPU (bench/NOTES-conv_bn_relu.md), packing gains 5-65 % on
+        Measured per layer on this project's CPU (bench/NOTES-conv_bn_relu.md), packing gains up to 65 % on
         ResNet's 3×3 layers with ≥ 64 input channels (most at batch 1 and in the deep layers), but loses 10-35 % on 1×1
-        layers at batch 8 and ~25 % on the 3-channel 7×7 stem: oneDNN's chosen blocked layout then costs more than
-        the per-call reorder of a small weight it replaces. Hence: spatial kernels, ≥ 16 input channels, groups 1.
+        layers at batch 8, ~25 % on the 3-channel 7×7 stem and ~10 % on the homework's 16→16 3×3 layer (32
+        channels: even): oneDNN's chosen blocked layout then costs more than the per-call reorder of a small weight
+        it replaces. Hence: spatial kernels, ≥ 64 input channels, groups 1.
         """
         if (x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32
-                or self.weight.device.type != "cpu" or self.groups != 1 or self.in_channels < 16
+                or self.weight.device.type != "cpu" or self.groups != 1 or self.in_channels < 64
                 or self.kernel_size == (1, 1) or x.dim() != 4 or x.numel() == 0
                 or torch.compiler.is_compiling() or not torch.backends.mkldnn.is_available()):
             return None

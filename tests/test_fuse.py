@@ -233,7 +233,7 @@ def test_conv_bn_relu_module_same_padding_and_rejections():
 
 # --- the CPU packed-weight path of ConvBNReLU2d (fp32 inference: the weight packed once in oneDNN's layout) ----------
 
-def fp32_conv_bn(cin=32, cout=24, k=3, seed=0, **conv_args):
+def fp32_conv_bn(cin=64, cout=24, k=3, seed=0, **conv_args):
     torch.manual_seed(seed)
     return nn.Conv2d(cin, cout, k, **conv_args).eval(), randomized(nn.BatchNorm2d(cout), seed)
 
@@ -256,7 +256,7 @@ def test_conv_bn_relu_module_packed_cpu_path(conv_args, relu, layout):
     conv, bn = fp32_conv_bn(**conv_args)
     fused = ConvBNReLU2d.from_modules(conv, bn, relu)
     chain = float64_chain(conv, bn, fused.activation)
-    x = torch.randn(2, 32, 11, 13, generator=gen()) * 2
+    x = torch.randn(2, 64, 11, 13, generator=gen()) * 2
     x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
     out_shape = chain(x).shape
     with torch.no_grad():
@@ -272,7 +272,7 @@ def test_packed_weight_follows_input_shape_and_weight_updates():
     fused = ConvBNReLU2d.from_modules(conv, bn)
     expected = lambda x: F.conv2d(x.double(), fused.weight.double(), fused.bias.double(), padding=1).relu()
     with torch.no_grad():
-        for shape in [(1, 32, 8, 8), (3, 32, 10, 6), (1, 32, 8, 8)]:
+        for shape in [(1, 64, 8, 8), (3, 64, 10, 6), (1, 64, 8, 8)]:
             x = torch.randn(shape, generator=gen())
             assert_close_relative(fused(x).double(), expected(x), 2e-6)
             assert fused._pack_cache[0][0] == shape  # one packing at a time, for the latest shape
@@ -287,7 +287,7 @@ def test_packed_weight_follows_input_shape_and_weight_updates():
 def test_packed_module_copies_pickles_converts_and_trains():
     conv, bn = fp32_conv_bn(padding=1)
     fused = ConvBNReLU2d.from_modules(conv, bn)
-    x = torch.randn(2, 32, 9, 9, generator=gen())
+    x = torch.randn(2, 64, 9, 9, generator=gen())
     with torch.no_grad():
         y = fused(x)
     assert fused._pack_cache is not None
@@ -309,6 +309,25 @@ def test_packed_module_copies_pickles_converts_and_trains():
     out.sum().backward()
     assert xg.grad is not None and fused.weight.grad is not None
     torch.testing.assert_close(out.detach(), y.contiguous(), rtol=1e-5, atol=1e-5)
+
+
+def test_packing_only_where_it_pays():
+    """The measured rule: 3×3-like layers with >= 64 input channels and groups 1 pack; a 16-channel layer, a 1×1
+    layer, a grouped layer, fp64 and calls that need grad do not (their results come from the unpacked op)."""
+    cases = [(fp32_conv_bn(cin=16, padding=1), 16, False), (fp32_conv_bn(k=1), 64, False),
+             (fp32_conv_bn(padding=1, groups=4), 64, False), (fp32_conv_bn(padding=1), 64, True)]
+    for (conv, bn), cin, packs in cases:
+        fused = ConvBNReLU2d.from_modules(conv, bn)
+        with torch.no_grad():
+            fused(torch.randn(1, cin, 8, 8, generator=gen()))
+        assert (fused._pack_cache is not None) == packs, (cin, conv)
+    fresh = ConvBNReLU2d.from_modules(*fp32_conv_bn(padding=1))
+    fresh(torch.randn(1, 64, 8, 8, generator=gen()))  # grad mode, parameters requiring grad: the autograd path
+    assert fresh._pack_cache is None
+    as64 = copy.deepcopy(fused).double()
+    with torch.no_grad():
+        as64(torch.randn(1, 64, 8, 8, generator=gen(), dtype=torch.float64))
+    assert as64._pack_cache is None
 
 
 def test_packed_ops_reject_bad_arguments():
