@@ -1,6 +1,7 @@
 """Sliding-window classification with the homework's Net1 (random weights): pyops (SlidingClassifier, converted
 once) vs the per-crop loop a user would write, the same crops in one batched call, and the hand-written Net2 (the
-converted model as plain nn.Conv2d layers). The head op alone vs the same head as torch convolutions.
+converted model as plain nn.Conv2d layers). The head op alone vs the same head as torch convolutions. The 18×18
+layer by FFT (pyops.fft_conv, opt-in; issue 5's stretch) vs the direct convolution, with its error recorded.
 
 flops: the fewest operations of the case, i.e. the FCN's (FlopCounterMode on Net2; the 18×18 layer dominates with
 82,944·4,096 multiply-adds per output position). The loops do more work (every crop's features from scratch).
@@ -84,11 +85,11 @@ def fft_layer(models):
 
 
 @pytest.mark.parametrize("impl", ["pyops", "torch conv2d"])
-def bench_large_kernel_layer_fft(measure, fft_layer, device, impl, batch=1):
+def bench_large_kernel_layer_fft(measure, fft_layer, device, impl):
     """Issue 5's stretch: the 18×18 layer by FFT (fewer operations; not the default) vs the direct convolution
     (oneDNN / cuDNN), on the 34×34 feature map of 48×48 images. The FFT's relative error to the float64 result is
     recorded next to the direct fp32 convolution's (extra_info rel_err)."""
-    conv, layer = fft_layer
+    conv, layer, batch = *fft_layer, 1
     f = image((batch, 256, 34, 34), device)
     fns = {"pyops": lambda: layer(f), "torch conv2d": lambda: torch.nn.functional.conv2d(f, conv.weight, conv.bias)}
     with torch.no_grad():
