@@ -160,15 +160,19 @@ class ConvBNReLU2d(nn.Module):
         It applies to CPU fp32 inference only (the packed tensor is opaque to autograd and torch.compile), with an
         input in either memory format (oneDNN converts an NCHW one itself).
         Measured per layer on this project's CPU (bench/NOTES-conv_bn_relu.md), packing gains up to 65 % on
-        ResNet's 3×3 layers with ≥ 64 input channels (most at batch 1 and in the deep layers), but loses 10-35 % on 1×1
-        layers at batch 8, ~25 % on the 3-channel 7×7 stem and ~10 % on the homework's 16→16 3×3 layer (32
-        channels: even): oneDNN's chosen blocked layout then costs more than the per-call reorder of a small weight
-        it replaces. Hence: spatial kernels, ≥ 64 input channels, groups 1.
+        ResNet's 3×3 layers with ≥ 64 input channels (most at batch 1 and in the deep layers), but loses ~25 % on the
+        3-channel 7×7 stem and ~10 % on the homework's 16→16 3×3 layer (32 channels: even): oneDNN's chosen blocked
+        layout then costs more than the per-call reorder of a small weight it replaces. 1×1 layers lose 10-35 % at
+        batch 8 on an NCHW input (the conversion to channels_last is then most of the work) and gain 5-70 % on a
+        channels_last one (a fused network's inner layers). Hence: ≥ 64 input channels, groups 1, and a spatial
+        kernel or a channels_last input.
         """
         if (x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32
                 or self.weight.device.type != "cpu" or self.groups != 1 or self.in_channels < 64
-                or self.kernel_size == (1, 1) or x.dim() != 4 or x.numel() == 0
-                or torch.compiler.is_compiling() or not torch.backends.mkldnn.is_available()):
+                or x.dim() != 4 or x.numel() == 0 or torch.compiler.is_compiling()
+                or not torch.backends.mkldnn.is_available()):
+            return None
+        if self.kernel_size == (1, 1) and (x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last)):
             return None
         if torch.is_grad_enabled() and torch._C._any_requires_grad(x, self.weight, self.bias, residual):
             return None

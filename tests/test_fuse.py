@@ -312,15 +312,21 @@ def test_packed_module_copies_pickles_converts_and_trains():
 
 
 def test_packing_only_where_it_pays():
-    """The measured rule: 3×3-like layers with >= 64 input channels and groups 1 pack; a 16-channel layer, a 1×1
-    layer, a grouped layer, fp64 and calls that need grad do not (their results come from the unpacked op)."""
-    cases = [(fp32_conv_bn(cin=16, padding=1), 16, False), (fp32_conv_bn(k=1), 64, False),
-             (fp32_conv_bn(padding=1, groups=4), 64, False), (fp32_conv_bn(padding=1), 64, True)]
-    for (conv, bn), cin, packs in cases:
+    """The measured rule: layers with >= 64 input channels and groups 1 pack when their kernel is spatial or their
+    input channels_last; a 16-channel layer, a 1×1 layer on an NCHW input, a grouped layer, fp64 and calls that need
+    grad do not (their results come from the unpacked op)."""
+    cl = torch.channels_last
+    cases = [(fp32_conv_bn(cin=16, padding=1), 16, torch.contiguous_format, False),
+             (fp32_conv_bn(k=1), 64, torch.contiguous_format, False), (fp32_conv_bn(k=1), 64, cl, True),
+             (fp32_conv_bn(padding=1, groups=4), 64, torch.contiguous_format, False),
+             (fp32_conv_bn(padding=1), 64, torch.contiguous_format, True), (fp32_conv_bn(padding=1), 64, cl, True)]
+    for (conv, bn), cin, layout, packs in cases:
         fused = ConvBNReLU2d.from_modules(conv, bn)
+        x = torch.randn(2, cin, 8, 8, generator=gen()).contiguous(memory_format=layout)
         with torch.no_grad():
-            fused(torch.randn(1, cin, 8, 8, generator=gen()))
-        assert (fused._pack_cache is not None) == packs, (cin, conv)
+            out = fused(x)
+            assert (fused._pack_cache is not None) == packs, (cin, conv, layout)
+            assert_close_relative(out.double(), float64_chain(conv, bn, "relu")(x), 2e-6)
     fresh = ConvBNReLU2d.from_modules(*fp32_conv_bn(padding=1))
     fresh(torch.randn(1, 64, 8, 8, generator=gen()))  # grad mode, parameters requiring grad: the autograd path
     assert fresh._pack_cache is None
