@@ -36,6 +36,11 @@ def setup(name, dtype_name, device):
     return x, w, b, (stride, padding, 1, groups), label, macs, io
 
 
+def fwd_bwd_step(f, x, w, b, args, grad):
+    """One forward and all three gradients of conv f (x, w, b requiring grad), as the fwd+bwd cases time it."""
+    return lambda: torch.autograd.grad(f(x, w, b, *args), (x, w, b), grad)
+
+
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("name,dtype_name", PARAMS)
 def bench_forward(measure, device, impl, name, dtype_name):
@@ -52,9 +57,6 @@ def bench_forward_backward(measure, device, impl, name, dtype_name):
     x, w, b = x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
     f = IMPLS[impl]
     grad = torch.randn_like(f(x, w, b, *args))
-
-    def step():
-        return torch.autograd.grad(f(x, w, b, *args), (x, w, b), grad)
-
+    step = fwd_bwd_step(f, x, w, b, args, grad)
     # fewest bytes: the forward reads x and writes y; grad_input reads gy and writes gx; grad_weight reads gy and x
     measure(f"conv1d fwd+bwd {label}", impl, step, bytes=3 * io, flops=6 * macs)

@@ -59,8 +59,7 @@ def conv1d_cases():
         x, w, b = x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
         grad = torch.randn_like(pyops.conv1d(x, w, b, *args))
         yield (f"conv1d fwd+bwd {label}",
-               {impl: (lambda f=f, x=x, w=w, b=b, args=args, grad=grad:
-                       torch.autograd.grad(f(x, w, b, *args), (x, w, b), grad))
+               {impl: bench_conv1d.fwd_bwd_step(f, x, w, b, args, grad)
                 for impl, f in sorted(bench_conv1d.IMPLS.items(), key=lambda item: item[0] == "pyops")})
 
 

@@ -2,6 +2,11 @@
 import torch
 
 
+def records_grad(*args):
+    """Whether autograd records a call with these arguments: grad mode on and some argument requiring grad."""
+    return torch.is_grad_enabled() and torch._C._any_requires_grad(*args)
+
+
 def call_op(op, *args):
     """op(*args), skipping the Python autograd layer when that layer has nothing to do.
 
@@ -10,7 +15,7 @@ def call_op(op, *args):
     take on a GPU, and the difference between fused and eager models there. In that case this calls the op below
     autograd directly. Under torch.compile the tracer sees the op exactly as registered.
     """
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)):
+    if torch.compiler.is_compiling() or records_grad(*args):
         return op(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from ._dispatch import call_op
+from ._dispatch import call_op, records_grad
 from .conv1d import conv1d
 from .conv_bn_relu import ACTIVATIONS as ACTIVATION_CODES, conv2d_bias_act
 from .convolutionalize import convolutionalize
@@ -174,14 +174,14 @@ class ConvBNReLU2d(nn.Module):
             return None
         if self.kernel_size == (1, 1) and (x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last)):
             return None
-        if torch.is_grad_enabled() and torch._C._any_requires_grad(x, self.weight, self.bias, residual):
+        if records_grad(x, self.weight, self.bias, residual):
             return None
         key = (tuple(x.shape), self.weight.data_ptr(), self.weight._version)
         cache = getattr(self, "_pack_cache", None)  # (modules pickled before this attribute existed lack it)
         if cache is None or cache[0] != key:
             self._pack_cache = None  # free the old packing before making the new one
-            packed = torch.ops.pyops.conv2d_pack_weight.default(x, self.weight, self.stride, self.padding,
-                                                               self.dilation, self.groups)
+            packed = call_op(torch.ops.pyops.conv2d_pack_weight.default, x, self.weight, self.stride, self.padding,
+                             self.dilation, self.groups)
             cache = self._pack_cache = (key, packed)
         return cache[1]
 
@@ -207,9 +207,9 @@ class ConvBNReLU2d(nn.Module):
         # time of a small fp16 layer on a GPU.
         packed = self._packed_weight(x, residual)
         if packed is not None:
-            return torch.ops.pyops.conv2d_bias_act_packed.default(
-                x, self.weight, packed, self.bias, self.stride, self.padding, self.dilation,
-                self.groups, ACTIVATION_CODES[self.activation], residual)
+            return call_op(torch.ops.pyops.conv2d_bias_act_packed.default, x, self.weight, packed, self.bias,
+                           self.stride, self.padding, self.dilation, self.groups, ACTIVATION_CODES[self.activation],
+                           residual)
         return call_op(torch.ops.pyops.conv2d_bias_act.default, x, self.weight, self.bias, self.stride, self.padding,
                        self.dilation, self.groups, ACTIVATION_CODES[self.activation], residual)
 
