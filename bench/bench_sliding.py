@@ -99,19 +99,36 @@ def bench_large_kernel_layer_fft(measure, fft_layer, device, impl):
 
 
 @pytest.mark.benchmark(min_rounds=3)  # the loop takes ~1 s a call on an H200
+@pytest.mark.parametrize("algorithm", ["direct", "fft"])
 @pytest.mark.parametrize("impl", ["pyops", "torch Net2", "per-crop loop"])
-def bench_net1_64x64_cuda(measure, models, device, impl):
+def bench_net1_64x64_cuda(measure, benchmark, models, device, impl, algorithm):
+    """Exact fp32 at 64x64, batch 4: the direct head (the default) and the FFT head (algorithm="fft") against the
+    per-crop loop (timed once, with the direct case) and Net2; pyops' relative difference to the fp32 Net2 is
+    recorded (the FFT layer's own error to float64 is bench_large_kernel_layer_fft's)."""
     if device != "cuda":
         pytest.skip("CUDA case")
-    run_case(measure, models, image((4, 3, 64, 64), device), impl, "Net1 64x64 B=4 fp32 (1089 crops)")
+    if impl == "per-crop loop" and algorithm == "fft":
+        pytest.skip("the loop is timed once, in the direct case")
+    net1, net2, clf = models
+    x = image((4, 3, 64, 64), device)
+    case = "Net1 64x64 B=4 fp32 (1089 crops)" + (", FFT head" if algorithm == "fft" else "")
+    if impl == "pyops":
+        with torch.no_grad():
+            benchmark.extra_info["rel_diff_vs_net2"] = rel_err(clf(x, algorithm=algorithm), net2(x))
+    fns = {"pyops": lambda: clf(x, algorithm=algorithm), "torch Net2": lambda: net2(x),
+           "per-crop loop": lambda: reference.crop_loop(net1, x, 32)}
+    with torch.no_grad():
+        measure(case, impl, fns[impl], flops=fcn_flops(net2, x), warmup=0 if impl == "per-crop loop" else 1)
 
 
 @pytest.mark.benchmark(min_rounds=3)  # the fp32 Net2 takes ~180 ms a call
-@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+@pytest.mark.parametrize("precision", ["tf32", "bf16", "fp32 FFT"])
 @pytest.mark.parametrize("impl", ["pyops", "torch Net2 fp32", "torch Net2 same precision"])
 def bench_net1_128x128_cuda(measure, benchmark, models, device, precision, impl):
     if device != "cuda":
         pytest.skip("CUDA case")
+    if precision == "fp32 FFT" and impl == "torch Net2 same precision":
+        pytest.skip("the same precision is fp32: the 'torch Net2 fp32' row")
     _, net2, clf = models
     x = image((1, 3, 128, 128), device)
     with torch.no_grad():
@@ -124,8 +141,8 @@ def bench_net1_128x128_cuda(measure, benchmark, models, device, precision, impl)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             return net2(x)
 
-    fns = {"pyops": lambda: clf(x, precision=precision), "torch Net2 fp32": lambda: net2(x),
-           "torch Net2 same precision": net2_reduced}
+    ours = (lambda: clf(x, algorithm="fft")) if precision == "fp32 FFT" else (lambda: clf(x, precision=precision))
+    fns = {"pyops": ours, "torch Net2 fp32": lambda: net2(x), "torch Net2 same precision": net2_reduced}
     with torch.no_grad():
         benchmark.extra_info["rel_err"] = rel_err(fns[impl](), ref)
         measure(f"Net1 128x128 B=1 pyops {precision} vs fp32 Net2", impl, fns[impl], flops=fcn_flops(net2, x))

@@ -1,8 +1,10 @@
 """1-D convolution with a backward of our own: grad_input is a transposed convolution (torch.ops.pyops.
 conv1d_backward_input), grad_weight a correlation of grad_output with the input (torch.ops.pyops.
-conv1d_backward_weight), grad_bias the sum of grad_output over batch and length (torch.sum). Only the gradients
-that are needed are computed. The backward ops are linear in each argument, so their own gradients are again
-pyops conv1d ops, and double backward works.
+conv1d_backward_weight), grad_bias the sum of grad_output over batch and length. When a layer has a bias, autograd
+asks for grad_weight and grad_bias together (torch.ops.pyops.conv1d_backward_weight_bias), so a kernel can take
+both from one read of grad_output (the CUDA depthwise one does). Only the gradients that are needed are computed.
+The backward ops are linear in each argument, so their own gradients are again pyops conv1d ops, and double
+backward works.
 """
 import torch
 import torch.nn.functional as F
@@ -123,7 +125,14 @@ def _conv1d_backward_weight_fake(grad_output, x, kernel_size, stride, padding, d
     return x.new_empty((grad_output.shape[1], x.shape[1] // groups, kernel_size))
 
 
-# Autograd. conv1d(x, w, b): grad_x = backward_input(gy, w), grad_w = backward_weight(gy, x), grad_b = sum gy.
+@torch.library.register_fake("pyops::conv1d_backward_weight_bias")
+def _conv1d_backward_weight_bias_fake(grad_output, x, kernel_size, stride, padding, dilation, groups):
+    grad_weight = _conv1d_backward_weight_fake(grad_output, x, kernel_size, stride, padding, dilation, groups)
+    return grad_weight, grad_output.new_empty((grad_output.shape[1],))
+
+
+# Autograd. conv1d(x, w, b): grad_x = backward_input(gy, w), grad_w = backward_weight(gy, x), grad_b = sum gy
+# (grad_w and grad_b together by backward_weight_bias, which reads gy once where a kernel fuses them).
 def _setup_conv1d(ctx, inputs, output):
     x, weight, bias, stride, padding, dilation, groups = inputs
     ctx.save_for_backward(x, weight)
@@ -135,9 +144,11 @@ def _conv1d_backward(ctx, grad):
     grad_x = grad_w = grad_b = None
     if ctx.needs_input_grad[0]:
         grad_x = call_op(_ops.conv1d_backward_input.default, grad, weight, x.shape[2], *ctx.hyper)
-    if ctx.needs_input_grad[1]:
+    if ctx.needs_input_grad[1] and ctx.needs_input_grad[2]:
+        grad_w, grad_b = call_op(_ops.conv1d_backward_weight_bias.default, grad, x, weight.shape[2], *ctx.hyper)
+    elif ctx.needs_input_grad[1]:
         grad_w = call_op(_ops.conv1d_backward_weight.default, grad, x, weight.shape[2], *ctx.hyper)
-    if ctx.needs_input_grad[2]:
+    elif ctx.needs_input_grad[2]:
         grad_b = grad.sum((0, 2))
     return grad_x, grad_w, grad_b, None, None, None, None
 
@@ -189,6 +200,23 @@ torch.library.register_autograd("pyops::conv1d_backward_weight", _backward_weigh
                                 setup_context=_setup_backward_weight)
 
 
+# backward_weight_bias(gy, x) = (backward_weight(gy, x), gy summed over batch and length): the first part's
+# gradients as above, the second's is gg_bias broadcast over gy.
+def _backward_weight_bias_backward(ctx, gg_weight, gg_bias):
+    grad_output, x = ctx.saved_tensors
+    g_gy = g_x = None
+    if gg_weight is not None:
+        g_gy, g_x = _backward_weight_backward(ctx, gg_weight)[:2]
+    if ctx.needs_input_grad[0] and gg_bias is not None:
+        spread = gg_bias[None, :, None].expand_as(grad_output)
+        g_gy = spread if g_gy is None else g_gy + spread
+    return g_gy, g_x, None, None, None, None, None
+
+
+torch.library.register_autograd("pyops::conv1d_backward_weight_bias", _backward_weight_bias_backward,
+                                setup_context=_setup_backward_weight)
+
+
 # FlopCounterMode: 2·MACs of the real (not zero-upsampled) products, the same count for all three ops.
 def _conv_flops(batch, out_channels, out_length, in_per_group, kernel_size):
     return 2 * batch * out_channels * out_length * in_per_group * kernel_size
@@ -207,3 +235,9 @@ def _conv1d_backward_input_flops(gy_shape, w_shape, *args, out_shape=None, **kwa
 @register_flop_formula(_ops.conv1d_backward_weight)
 def _conv1d_backward_weight_flops(gy_shape, x_shape, *args, out_shape=None, **kwargs):
     return _conv_flops(gy_shape[0], gy_shape[1], gy_shape[2], out_shape[1], out_shape[2])
+
+
+@register_flop_formula(_ops.conv1d_backward_weight_bias)
+def _conv1d_backward_weight_bias_flops(gy_shape, x_shape, *args, out_shape=None, **kwargs):
+    w_shape = out_shape[0]  # (grad_weight, grad_bias): the bias's sum is no multiply-add
+    return _conv_flops(gy_shape[0], gy_shape[1], gy_shape[2], w_shape[1], w_shape[2])

@@ -13,7 +13,18 @@ import torch.fx
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from ._derived import DerivedWeights
+from .fft_conv import FFTConv2d
 from .sliding_head import DEFAULT_WORKSPACE, PRECISIONS, sliding_head
+
+ALGORITHMS = ("auto", "direct", "fft")
+# algorithm="auto" takes the FFT for first head layers at least this large on CUDA (fp32 / float64 at precision
+# "fp32"). Measured on an H200 with Net1's 18x18 layer (bench/NOTES-sliding.md): the FFT head 19.8x the direct
+# layer on a 34x34 map, 2.6x our direct head and 1.55x cuDNN's Net2 at 64x64 B=4, 9.4x Net2 at 128x128, with a
+# relative error of 3.7e-7 (cuDNN's fp32 convolution: 1.8e-7). Smaller kernels save fewer operations and were not
+# measured. On the CPU the direct head stays the default: the FFT also wins there (4.4-5.6x on the layer), but its
+# weight spectra take ~35 s to make on a 2-core machine and ~4x the layer's weight memory.
+_AUTO_FFT_MIN_KERNEL = 16
 
 _FLATTEN_METHODS = ("view", "reshape", "flatten")
 _RELUS = (torch.relu, nn.functional.relu)
@@ -22,12 +33,19 @@ _DROPOUTS = (nn.functional.dropout,)
 _STRIDE_PROBE = 2 ** 10 * 3 ** 2 * 5 * 7
 
 
-class FullyConvolutional(nn.Module):
+class FullyConvolutional(DerivedWeights):
     """features → head, where head = Conv2d(kernel = one window's feature map) → [ReLU/Dropout] → 1×1 Conv2d …
 
     Attributes: window (h, w); stride (Sy, Sx): the features' total downsampling (output (i, j) is the window at
     offset (i·Sy, j·Sx)); in_channels; padded: the features pad somewhere (then output ≠ per-crop evaluation near
     the crop borders). forward: (B, C, H, W) → (B, classes, ⌊(H−h)/Sy⌋+1, ⌊(W−w)/Sx⌋+1).
+
+    forward(x, precision="fp32", workspace_bytes, algorithm="auto"): the head's first (large-kernel) layer by the
+    direct convolution (algorithm="direct": im2col + GEMM in the sliding_head op) or by pyops.fft_conv.FFTConv2d
+    (algorithm="fft": far fewer operations, fp32 or float64 only, error of the order of fp32's own direct sum; its
+    weight spectra, ~T²/(2·kh·kw) times the layer's weight memory, are made on first use and kept until the weight
+    changes or the module is moved). "auto" (see resolve_algorithm) takes the FFT on CUDA for kernels of at least
+    16×16 at precision "fp32", else the direct head. The 1×1 layers after it run in the sliding_head op either way.
     """
 
     def __init__(self, features, head, window, stride, in_channels, padded):
@@ -36,16 +54,43 @@ class FullyConvolutional(nn.Module):
         self.window, self.stride, self.in_channels, self.padded = window, stride, in_channels, padded
         self._cast_cache = {}
 
-    def forward(self, x, precision="fp32", workspace_bytes=DEFAULT_WORKSPACE):
+    def forward(self, x, precision="fp32", workspace_bytes=DEFAULT_WORKSPACE, algorithm="auto"):
         if precision not in PRECISIONS:
             raise ValueError(f"argument 'precision' must be one of {PRECISIONS}, got {precision!r}")
+        algorithm = self.resolve_algorithm(algorithm, precision, x)
         with _cudnn_tf32(precision == "tf32"):
             f = self.features(x)
         if self.training or (torch.is_grad_enabled() and (x.requires_grad or any(
                 p.requires_grad for p in self.head.parameters()))):
             return self.head(f)  # training / gradients: plain modules (the op is inference only)
         weights, biases, relu = self._head_operands(precision, f.dtype)
-        return sliding_head(f, weights, biases, relu, precision, workspace_bytes)
+        if algorithm == "direct":
+            return sliding_head(f, weights, biases, relu, precision, workspace_bytes)
+        if f.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"argument 'algorithm' = 'fft' takes float32 or float64 inputs, got {f.dtype}")
+        with torch.no_grad():
+            y = self._fft_layer(weights[0])(f).add_(biases[0].view(1, -1, 1, 1))
+            if relu[0]:
+                y.relu_()
+        if len(weights) == 1:
+            return y
+        return sliding_head(y, weights[1:], biases[1:], relu[1:], precision, workspace_bytes)
+
+    def resolve_algorithm(self, algorithm, precision, x):
+        """"direct" or "fft" for input x: algorithm itself once checked, or what "auto" picks (the FFT on CUDA for
+        float32/float64 at precision "fp32" when the first head layer's kernel is at least 16×16)."""
+        check_algorithm(algorithm, precision)
+        if algorithm != "auto":
+            return algorithm
+        first = next(m for m in self.head if isinstance(m, nn.Conv2d))
+        fft = (x.is_cuda and precision == "fp32" and x.dtype in (torch.float32, torch.float64)
+               and min(first.kernel_size) >= _AUTO_FFT_MIN_KERNEL)
+        return "fft" if fft else "direct"
+
+    def _fft_layer(self, weight):
+        """FFTConv2d(weight) (no bias: a bias-free head gets a fresh zero bias each call), made once and kept while
+        the weight stays the same tensor (data pointer and version): one set of spectra at a time."""
+        return self.derived("fft", (weight,), lambda: FFTConv2d(weight.detach()))
 
     def _head_operands(self, precision, dtype):
         convs, relu = [], []  # relu[i]: a ReLU follows conv i (Dropout between is the identity in eval)
@@ -65,6 +110,14 @@ class FullyConvolutional(nn.Module):
             self._cast_cache = {"key": key, "w": [w.detach().to(torch.bfloat16) for w in weights],
                                 "b": [b.detach().to(torch.bfloat16) for b in biases]}
         return self._cast_cache["w"], self._cast_cache["b"], relu
+
+
+def check_algorithm(algorithm, precision):
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"argument 'algorithm' must be one of {ALGORITHMS}, got {algorithm!r}")
+    if algorithm == "fft" and precision != "fp32":
+        raise ValueError(f"argument 'algorithm' = 'fft' computes in the input's precision (fp32 or float64); "
+                         f"argument 'precision' must be 'fp32', got {precision!r}")
 
 
 class _cudnn_tf32:

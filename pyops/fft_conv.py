@@ -10,8 +10,9 @@ channel. By FFT, with overlap-save tiles of T×T input positions (output tiles o
 in, one complex GEMM per frequency bin ((tiles, C) × (C, O), T·(T/2+1) bins), O inverse FFTs. The weight spectra
 are computed once: T·(T/2+1)·C·O complex values, ~T²/(2·kh·kw) times the weight's memory (Net1 with T = 36:
 5.3 GiB next to its 1.27 GiB weight, ~35 s to compute on our 2-core CPU). Measured on that CPU for a 48×48 image's
-34×34 features: 0.50 s vs 2.2 s for the direct convolution (4.4×; bench/NOTES-sliding.md). The memory and the
-set-up time are why it is a module to opt into, not the default of sliding_classify.
+34×34 features: 0.50 s vs 2.2 s for the direct convolution (4.4×); on an H200: 1.5 ms vs cuDNN's 29.6 ms (19.8×;
+bench/NOTES-sliding.md). sliding_classify takes it by default on CUDA (algorithm="auto"), where the spectra take
+milliseconds to make; on the CPU their set-up time and memory keep it opt-in (algorithm="fft").
 
 Exactness: not bitwise the direct sum, but as close to the float64 result as fp32's own direct convolution is:
 max error 1.4-2.7e-7 of the output's scale in fp32 where F.conv2d in fp32 gives 1.8e-7-1.8e-6 (the FFT's error
@@ -27,6 +28,34 @@ def default_fft_size(kernel):
     """The smallest size with only factors 2, 3, 5 that is ≥ 2·kernel − 2 (output tiles about as wide as the
     kernel: fewer tiles than a smaller FFT, fewer spectra bins than a larger one)."""
     return next(n for n in _FAST_SIZES if n >= max(2 * kernel - 2, kernel))
+
+
+class _fp32_matmul:
+    """Full fp32 matmuls inside (no TF32, whatever torch.backends.cuda.matmul.allow_tf32 says outside)."""
+
+    def __enter__(self):
+        self.saved = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.saved
+
+
+def fft_workspace_bytes(in_channels, out_channels, fft_size, kernel_size, element_size):
+    """Estimated peak bytes FFTConv2d.forward allocates per overlap-save tile: the tile, its spectra (and their
+    transposed copy), the per-bin products (and theirs), the inverse transforms and the cropped output copies."""
+    (kh, kw), bins = kernel_size, fft_size * (fft_size // 2 + 1)
+    th, tw = fft_size - kh + 1, fft_size - kw + 1
+    complex_size = 2 * element_size
+    return (in_channels * fft_size ** 2 * element_size + 2 * in_channels * bins * complex_size
+            + 2 * out_channels * bins * complex_size + out_channels * fft_size ** 2 * element_size
+            + 2 * out_channels * th * tw * element_size)
+
+
+def fft_tile_counts(out_h, out_w, fft_size, kernel_size):
+    """(ny, nx): overlap-save tiles of an (out_h, out_w) output map."""
+    (kh, kw) = kernel_size
+    return -(-out_h // (fft_size - kh + 1)), -(-out_w // (fft_size - kw + 1))
 
 
 class FFTConv2d(torch.nn.Module):
@@ -74,7 +103,7 @@ class FFTConv2d(torch.nn.Module):
             raise ValueError(f"argument 'x' has a {h}x{w} map, smaller than the {kh}x{kw} kernel")
         oh, ow = h - kh + 1, w - kw + 1
         th, tw = size - kh + 1, size - kw + 1  # output positions per tile
-        ny, nx = -(-oh // th), -(-ow // tw)
+        ny, nx = fft_tile_counts(oh, ow, size, (kh, kw))
         # Tiles of T×T input positions at steps of the output tile; zero padding past the map's end feeds only
         # output positions that are cut off below.
         padded = torch.nn.functional.pad(x, (0, nx * tw + kw - 1 - w, 0, ny * th + kh - 1 - h))
@@ -82,7 +111,8 @@ class FFTConv2d(torch.nn.Module):
         tiles = tiles.permute(0, 2, 3, 1, 4, 5).reshape(b * ny * nx, c, size, size)
         spec = torch.fft.rfft2(tiles)  # (tiles, C, T, T/2+1)
         spec = spec.flatten(2).permute(2, 0, 1)  # (bins, tiles, C)
-        prod = torch.bmm(spec, self.spectra)  # (bins, tiles, O): one complex GEMM per frequency bin
+        with _fp32_matmul():
+            prod = torch.bmm(spec, self.spectra)  # (bins, tiles, O): one complex GEMM per frequency bin
         prod = prod.permute(1, 2, 0).reshape(b * ny * nx, self.out_channels, size, size // 2 + 1)
         out = torch.fft.irfft2(prod, s=(size, size))[..., :th, :tw]  # (tiles, O, th, tw)
         out = out.reshape(b, ny, nx, self.out_channels, th, tw).permute(0, 3, 1, 4, 2, 5)

@@ -9,12 +9,14 @@ statistics), and keep the folded weight and bias as Parameters, so .to(), .half(
 treat them like the layers they replace.
 """
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from ._derived import DerivedWeights
 from ._dispatch import call_op, records_grad
 from .conv1d import conv1d
 from .conv_bn_relu import ACTIVATIONS as ACTIVATION_CODES, conv2d_bias_act
@@ -39,6 +41,8 @@ class Conv1d(torch.nn.Conv1d):
 
 
 ACTIVATIONS = ("none", "relu", "relu6")
+_CUDNN_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CUDNN_PATHS = ("auto", "", "cudnn")  # PYOPS_CONV_PATH values whose CUDA path is cuDNN
 
 
 def activation_name(relu):
@@ -88,7 +92,7 @@ def explicit_padding(conv):
     return tuple(conv.padding)
 
 
-class ConvBNReLU2d(nn.Module):
+class ConvBNReLU2d(DerivedWeights):
     """act(conv2d(x, weight) + bias [+ residual]) in one fused kernel, with a BatchNorm already folded into
     weight and bias (see from_modules).
 
@@ -104,6 +108,10 @@ class ConvBNReLU2d(nn.Module):
     stay the same: one extra copy of the weight, rebuilt when either changes, never saved or copied. That path
     computes in channels_last and returns a channels_last output (same values), as a PyTorch convolution with a
     channels_last weight does; a fused network thus stays channels_last from its first packed layer on.
+
+    CUDA inference on the default (cuDNN) path calls cuDNN's fused convolution straight from forward (see
+    _cudnn_forward): the same kernel and the same values as the op, without the op's host path, which is the bound
+    for small fp16/bf16 layers.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
@@ -119,7 +127,6 @@ class ConvBNReLU2d(nn.Module):
         factory = dict(device=device, dtype=dtype)
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size, **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory))
-        self._pack_cache = None  # (key, packed weight); see _packed_weight
         if self.weight.device.type != "meta":
             self.reset_parameters()
 
@@ -176,23 +183,54 @@ class ConvBNReLU2d(nn.Module):
             return None
         if records_grad(x, self.weight, self.bias, residual):
             return None
-        key = (tuple(x.shape), self.weight.data_ptr(), self.weight._version)
-        cache = getattr(self, "_pack_cache", None)  # (modules pickled before this attribute existed lack it)
-        if cache is None or cache[0] != key:
-            self._pack_cache = None  # free the old packing before making the new one
-            packed = call_op(torch.ops.pyops.conv2d_pack_weight.default, x, self.weight, self.stride, self.padding,
-                             self.dilation, self.groups)
-            cache = self._pack_cache = (key, packed)
-        return cache[1]
+        return self.derived(("packed", tuple(x.shape)), (self.weight,), lambda: call_op(
+            torch.ops.pyops.conv2d_pack_weight.default, x, self.weight, self.stride, self.padding, self.dilation,
+            self.groups))
 
-    def _apply(self, fn, recurse=True):
-        self._pack_cache = None  # .to()/.half()/.cuda() replace the weight
-        return super()._apply(fn, recurse)
+    def _cudnn_forward(self, x, residual):
+        """act(conv2d(x) + bias [+ residual]) by cuDNN called from here, or None where this path does not apply.
 
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_pack_cache"] = None  # an MKLDNN tensor can be neither deep-copied nor pickled; it is rebuilt
-        return state
+        The op's CUDA default (PYOPS_CONV_PATH auto or cudnn) is cuDNN's runtime fusion, torch.cudnn_convolution_relu
+        / torch.cudnn_convolution_add_relu, for ReLU in fp32/fp16/bf16 (TF32 as torch.backends.cudnn.allow_tf32
+        says, as for F.conv2d), and cuDNN's convolution with the epilogue in place for no activation. Reaching it
+        through the registered op costs 20-40 µs of host time a call on the GPU machines we measured (the boxed op
+        call, its argument checks): more than the kernels of a small fp16 layer take, so a fused fp16 network was
+        bound by the host (bench/NOTES-conv_bn_relu.md). For inference this calls the same cuDNN functions directly,
+        after checks that cost a few µs. Everything else goes to the op: autograd, torch.compile, dispatch modes
+        (count_ops, FlopCounterMode), ReLU6, float64, other paths, inputs that are neither NCHW- nor
+        channels_last-contiguous, and any input cuDNN refuses (the op's checks then name the bad argument).
+        """
+        weight = self.weight
+        if (not x.is_cuda or x.dtype is not weight.dtype or x.dtype not in _CUDNN_FUSED_DTYPES
+                or self.activation == "relu6" or x.dim() != 4 or x.shape[1] != self.in_channels or x.numel() == 0
+                or (torch.is_grad_enabled() and torch._C._any_requires_grad(x, weight, self.bias, residual))
+                or torch._C._len_torch_dispatch_stack() or torch.compiler.is_compiling()
+                or os.environ.get("PYOPS_CONV_PATH", "auto") not in _CUDNN_PATHS):
+            return None
+        # The op's layout rule: the output is channels_last iff x is channels_last- and not NCHW-contiguous. cuDNN
+        # returns the layout its operands share, so the weight (and residual) must be in x's.
+        if x.is_contiguous():
+            fmt = torch.contiguous_format
+        elif x.is_contiguous(memory_format=torch.channels_last):
+            fmt = torch.channels_last
+        else:
+            return None
+        if not weight.is_contiguous(memory_format=fmt):
+            weight = self.derived(("layout", fmt), (self.weight,),
+                                  lambda: self.weight.contiguous(memory_format=fmt))
+        if residual is not None and (residual.dtype is not x.dtype or not residual.is_contiguous(memory_format=fmt)):
+            return None
+        try:
+            if self.activation == "none":
+                out = F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+                return out if residual is None else out.add_(residual)
+            if residual is None:
+                return torch.cudnn_convolution_relu(x, weight, self.bias, self.stride, self.padding, self.dilation,
+                                                    self.groups)
+            return torch.cudnn_convolution_add_relu(x, weight, residual, 1.0, self.bias, self.stride, self.padding,
+                                                    self.dilation, self.groups)
+        except RuntimeError:
+            return None  # e.g. another device or an input smaller than the kernel: the op raises a clear error
 
     def forward(self, x, residual=None):
         if x.dim() == 3 and (residual is None or residual.dim() <= 3):  # unbatched (C, H, W), as nn.Conv2d takes
@@ -205,6 +243,9 @@ class ConvBNReLU2d(nn.Module):
         # Straight to the op: it checks every argument itself (its errors name them), and skipping the functional
         # wrapper's Python checks saves 10-15 µs a layer (measured on the CPU with a tiny input), about the kernel
         # time of a small fp16 layer on a GPU.
+        out = self._cudnn_forward(x, residual)
+        if out is not None:
+            return out
         packed = self._packed_weight(x, residual)
         if packed is not None:
             return call_op(torch.ops.pyops.conv2d_bias_act_packed.default, x, self.weight, packed, self.bias,
@@ -272,7 +313,9 @@ class SlidingClassifier(nn.Module):
 
     SlidingClassifier(model, window, stride=1): model maps (B, C, h, w) crops to (B, classes) (see
     pyops.convolutionalize); the module holds its fully convolutional copy (`fcn`), not the model.
-    forward(images (B, C, H, W), max_memory=4 GiB, precision="fp32") → (B, classes, ⌊(H−h)/s⌋+1, ⌊(W−w)/s⌋+1).
+    forward(images (B, C, H, W), max_memory=4 GiB, precision="fp32", algorithm="auto")
+        → (B, classes, ⌊(H−h)/s⌋+1, ⌊(W−w)/s⌋+1); algorithm as in sliding_classify (FFT spectra are kept on the
+        module's fcn after the first call that uses them).
     """
 
     def __init__(self, model, window, stride=1):
@@ -280,8 +323,8 @@ class SlidingClassifier(nn.Module):
         self.fcn = convolutionalize(model, window)
         self.stride = _pair_arg(stride, "stride")
 
-    def forward(self, images, max_memory=DEFAULT_MAX_MEMORY, precision="fp32"):
-        return classify_fcn(self.fcn, images, self.stride, max_memory, precision)
+    def forward(self, images, max_memory=DEFAULT_MAX_MEMORY, precision="fp32", algorithm="auto"):
+        return classify_fcn(self.fcn, images, self.stride, max_memory, precision, algorithm)
 
     def extra_repr(self):
         return f"window={self.fcn.window}, stride={self.stride}, total_stride={self.fcn.stride}"

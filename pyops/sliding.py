@@ -27,6 +27,7 @@ from torch import nn
 
 from ._checks import check_floating
 from .convolutionalize import FullyConvolutional, _cudnn_tf32, _window, convolutionalize, fake_run
+from .fft_conv import default_fft_size, fft_tile_counts, fft_workspace_bytes
 from .sliding_head import PRECISIONS
 
 DEFAULT_MAX_MEMORY = 4 << 30
@@ -47,7 +48,8 @@ class TilePlan:
     head_workspace: int
 
 
-def sliding_classify(model, images, window, stride=1, exact=False, max_memory=DEFAULT_MAX_MEMORY, precision="fp32"):
+def sliding_classify(model, images, window, stride=1, exact=False, max_memory=DEFAULT_MAX_MEMORY, precision="fp32",
+                     algorithm="auto"):
     """Scores of every crop at offsets 0, s, 2s, … of each image, equal to `model` on each crop (inference only).
 
     Args:
@@ -59,12 +61,19 @@ def sliding_classify(model, images, window, stride=1, exact=False, max_memory=DE
         exact: evaluate the crops themselves (batched) instead of the FCN: for features with padding.
         max_memory: bound in bytes on the activations of one pass (default 4 GiB; weights not counted).
         precision: "fp32" (exact, TF32 off), "tf32" or "bf16" (CUDA speed; the head's GEMMs in reduced precision).
+        algorithm: the head's large-kernel layer by "direct" convolution (im2col + GEMM) or by "fft" (fp32/float64,
+            far fewer operations, error of the order of fp32's direct sum; its weight spectra, ~4x the layer's
+            weight memory for Net1, are kept on the converted model). "auto" (the default): the FFT on CUDA for
+            kernels of at least 16x16 at precision "fp32" (measured faster there), else direct; see
+            FullyConvolutional.resolve_algorithm and bench/NOTES-sliding.md.
     Returns:
         (B, classes, ⌊(H−h)/sy⌋+1, ⌊(W−w)/sx⌋+1) in images' dtype.
     """
     window = _window(window)
     if exact:
         _check_common(images, window, stride, max_memory, precision)
+        if algorithm not in ("auto", "direct"):
+            raise ValueError("argument 'algorithm' applies to the FCN head; exact=True runs the model as is")
         if precision == "bf16":
             raise ValueError("argument 'precision' = 'bf16' applies to the FCN head; exact=True runs the model as is")
         if not isinstance(model, nn.Module) or isinstance(model, FullyConvolutional):
@@ -74,12 +83,13 @@ def sliding_classify(model, images, window, stride=1, exact=False, max_memory=DE
     if fcn.window != window:
         raise ValueError(f"argument 'window' = {window} differs from the window {fcn.window} the model was "
                          "converted for")
-    return classify_fcn(fcn, images, stride, max_memory, precision)
+    return classify_fcn(fcn, images, stride, max_memory, precision, algorithm)
 
 
-def classify_fcn(fcn, images, stride=1, max_memory=DEFAULT_MAX_MEMORY, precision="fp32"):
+def classify_fcn(fcn, images, stride=1, max_memory=DEFAULT_MAX_MEMORY, precision="fp32", algorithm="auto"):
     """sliding_classify with an already converted FullyConvolutional (shift-and-stitch over tiled FCN passes)."""
     _check_common(images, fcn.window, stride, max_memory, precision)
+    algorithm = fcn.resolve_algorithm(algorithm, precision, images)
     if images.shape[1] != fcn.in_channels:
         raise ValueError(f"argument 'images' has {images.shape[1]} channels but the model takes {fcn.in_channels}")
     param = next(fcn.parameters())
@@ -99,7 +109,7 @@ def classify_fcn(fcn, images, stride=1, max_memory=DEFAULT_MAX_MEMORY, precision
         return images.new_empty(0, classes, len(offs_y), len(offs_x))
     # One plan for every residue: the shifted images are no larger than the whole one, and a plan's tiles fit
     # the bound on any smaller image too.
-    plan = cached_plan(fcn, images.shape, images.dtype, images.device, max_memory)
+    plan = cached_plan(fcn, images.shape, images.dtype, images.device, max_memory, algorithm)
     out = None
     with torch.no_grad():
         for ry in sorted(set((offs_y % Sy).tolist())):
@@ -109,7 +119,7 @@ def classify_fcn(fcn, images, stride=1, max_memory=DEFAULT_MAX_MEMORY, precision
                 # The image shifted by (ry, rx), cut to the last crop this residue needs.
                 last_y, last_x = offs_y[iy[-1]].item(), offs_x[ix[-1]].item()
                 shifted = images[:, :, ry:last_y + h, rx:last_x + w]
-                scores = fcn_map(fcn, shifted, plan, precision)
+                scores = fcn_map(fcn, shifted, plan, precision, algorithm)
                 jy, jx = (offs_y[iy] - ry) // Sy, (offs_x[ix] - rx) // Sx
                 if out is None:
                     out = scores.new_empty(B, scores.shape[1], len(offs_y), len(offs_x))
@@ -117,7 +127,7 @@ def classify_fcn(fcn, images, stride=1, max_memory=DEFAULT_MAX_MEMORY, precision
     return out
 
 
-def fcn_map(fcn, x, plan, precision="fp32"):
+def fcn_map(fcn, x, plan, precision="fp32", algorithm="direct"):
     """The FCN on x (B, C, H, W) → (B, classes, ⌊(H−h)/Sy⌋+1, ⌊(W−w)/Sx⌋+1), computed tile by tile per the
     TilePlan (of plan_tiles): a tile of output rows [i0, i1) needs input rows [i0·Sy, (i1−1)·Sy + h)."""
     (h, w), (Sy, Sx) = fcn.window, fcn.stride
@@ -130,7 +140,7 @@ def fcn_map(fcn, x, plan, precision="fp32"):
             for j0 in range(0, mx, plan.cols):
                 j1 = min(mx, j0 + plan.cols)
                 tile = x[b0:b0 + plan.batch, :, i0 * Sy:(i1 - 1) * Sy + h, j0 * Sx:(j1 - 1) * Sx + w]
-                scores = fcn(tile, precision, plan.head_workspace)
+                scores = fcn(tile, precision, plan.head_workspace, algorithm)
                 if plan.batch >= B and plan.rows >= my and plan.cols >= mx:
                     return scores  # one tile covers x
                 if out is None:
@@ -139,19 +149,19 @@ def fcn_map(fcn, x, plan, precision="fp32"):
     return out
 
 
-def cached_plan(fcn, shape, dtype, device, max_memory):
-    """plan_tiles, remembered per (shape, dtype, device, bound) on the FullyConvolutional: a module applied to
-    same-sized images plans once (the fake runs cost milliseconds per call)."""
-    key = (tuple(shape), dtype, torch.device(device), max_memory)
+def cached_plan(fcn, shape, dtype, device, max_memory, algorithm="direct"):
+    """plan_tiles, remembered per (shape, dtype, device, bound, algorithm) on the FullyConvolutional: a module
+    applied to same-sized images plans once (the fake runs cost milliseconds per call)."""
+    key = (tuple(shape), dtype, torch.device(device), max_memory, algorithm)
     cache = fcn.__dict__.setdefault("_plans", {})
     if key not in cache:
         if len(cache) >= 32:
             cache.clear()
-        cache[key] = plan_tiles(fcn, shape, dtype, device, max_memory)
+        cache[key] = plan_tiles(fcn, shape, dtype, device, max_memory, algorithm)
     return cache[key]
 
 
-def plan_tiles(fcn, shape, dtype, device, max_memory=DEFAULT_MAX_MEMORY):
+def plan_tiles(fcn, shape, dtype, device, max_memory=DEFAULT_MAX_MEMORY, algorithm="direct"):
     """The largest tiles whose estimated peak memory fits max_memory.
 
     Shrinks, in this order: the head op's workspace (positions per GEMM, down to _MIN_GEMM_POSITIONS: no recompute),
@@ -159,7 +169,8 @@ def plan_tiles(fcn, shape, dtype, device, max_memory=DEFAULT_MAX_MEMORY):
     and finally the workspace below _MIN_GEMM_POSITIONS. The estimate comes from fake runs of the features (no
     memory, no compute): the input tile, plus the larger of the largest input+output of any feature layer and the
     feature map + the head's workspace + the tile's scores, plus the whole output map. Raises ValueError when even
-    one position of one image does not fit."""
+    one position of one image does not fit. With algorithm="fft" the head also holds the FFT layer's workspace
+    (fft_workspace_bytes per overlap-save tile) and its full output map."""
     (h, w), (Sy, Sx) = fcn.window, fcn.stride
     B, C, H, W = shape
     my, mx = (H - h) // Sy + 1, (W - w) // Sx + 1
@@ -167,6 +178,11 @@ def plan_tiles(fcn, shape, dtype, device, max_memory=DEFAULT_MAX_MEMORY):
     head_convs = [m for m in fcn.head if isinstance(m, nn.Conv2d)]
     classes, widest = head_convs[-1].out_channels, max(c.out_channels for c in head_convs)
     per_position = (head_convs[0].weight[0].numel() + 2 * widest) * elem  # what the op holds per GEMM column
+    first = head_convs[0]
+    if algorithm == "fft":  # the op then runs the 1x1 layers only: its im2col copies one position's channels
+        per_position = 3 * widest * elem
+        fft_size = default_fft_size(max(first.kernel_size))
+        fft_tile = fft_workspace_bytes(first.in_channels, first.out_channels, fft_size, first.kernel_size, elem)
     out_bytes = B * classes * my * mx * elem
     cap = min(_HEAD_WORKSPACE.get(torch.device(device).type, 256 << 20), max_memory // 4)
     b, rows, cols = B, my, mx
@@ -177,6 +193,9 @@ def plan_tiles(fcn, shape, dtype, device, max_memory=DEFAULT_MAX_MEMORY):
         positions = b * rows * cols
         gemm_positions = min(gemm_positions, positions)
         head_peak = fmap_bytes + gemm_positions * per_position + positions * classes * elem
+        if algorithm == "fft":
+            ny, nx = fft_tile_counts(rows, cols, fft_size, first.kernel_size)
+            head_peak += b * ny * nx * fft_tile + positions * first.out_channels * elem
         peak = math.prod(in_shape) * elem + max(feat_peak, head_peak) + out_bytes
         if peak <= max_memory:
             tiles = math.ceil(B / b) * math.ceil(my / rows) * math.ceil(mx / cols)

@@ -271,10 +271,11 @@ def test_nn_conv1d_trains_like_torch(device, padding_mode):
 
 def test_opcheck_all_ops(device):
     g = torch.Generator().manual_seed(11)
-    for stride, padding, dilation, groups in [(1, 1, 1, 1), (2, 3, 2, 2)]:
+    # (C_out, stride, padding, dilation, groups): general, strided grouped, depthwise (the fused CUDA kernels)
+    for cout, stride, padding, dilation, groups in [(6, 1, 1, 1, 1), (6, 2, 3, 2, 2), (4, 1, 2, 1, 4)]:
         x = rand((2, 4, 23), device=device, gen=g).requires_grad_()
-        w = rand((6, 4 // groups, 3), device=device, gen=g).requires_grad_()
-        b = rand((6,), device=device, gen=g).requires_grad_()
+        w = rand((cout, 4 // groups, 3), device=device, gen=g).requires_grad_()
+        b = rand((cout,), device=device, gen=g).requires_grad_()
         hyper = (stride, padding, dilation, groups)
         y = ops.conv1d(x, w, b, *hyper)
         gy = rand(y.shape, device=device, gen=g).requires_grad_()
@@ -282,6 +283,26 @@ def test_opcheck_all_ops(device):
         torch.library.opcheck(ops.conv1d, (x, w, None, *hyper))
         torch.library.opcheck(ops.conv1d_backward_input, (gy, w, 23, *hyper))
         torch.library.opcheck(ops.conv1d_backward_weight, (gy, x, 3, *hyper))
+        torch.library.opcheck(ops.conv1d_backward_weight_bias, (gy, x, 3, *hyper))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k,dilation,padding", [(2, 1, 1), (3, 1, 1), (4, 1, 3), (5, 1, 2), (7, 1, 0), (3, 2, 2),
+                                                (8, 1, 7), (9, 1, 4)])
+def test_backward_weight_bias_is_both_gradients_in_one_call(device, dtype, k, dilation, padding):
+    """grad_weight exactly as conv1d_backward_weight gives it (same kernel, same order), grad_bias the sum of
+    grad_output over batch and length; depthwise layers of every filter width the CUDA kernels specialize, a
+    single-channel one, and a grouped one."""
+    g = torch.Generator().manual_seed(k)
+    for n, cin, cout, groups, length in [(3, 16, 16, 16, 1500), (2, 1, 1, 1, 2100), (2, 4, 6, 2, 40)]:
+        x = rand((n, cin, length), dtype, device, g)
+        gy = rand((n, cout, (length + 2 * padding - dilation * (k - 1) - 1) + 1), dtype, device, g)
+        hyper = (1, padding, dilation, groups)
+        grad_weight, grad_bias = ops.conv1d_backward_weight_bias(gy, x, k, *hyper)
+        assert torch.equal(grad_weight, ops.conv1d_backward_weight(gy, x, k, *hyper))
+        rtol, atol = tolerances(dtype)
+        torch.testing.assert_close(grad_bias.double(), gy.double().sum((0, 2)), rtol=rtol, atol=atol * length)
+        assert grad_bias.dtype == dtype and grad_bias.shape == (cout,)
 
 
 def test_torch_compile_forward_backward(device):
@@ -300,7 +321,7 @@ def test_torch_compile_forward_backward(device):
         torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
 
 
-def test_flop_counter_counts_all_three_ops():
+def test_flop_counter_counts_every_op():
     from torch.utils.flop_counter import FlopCounterMode
     x = torch.randn(2, 4, 30, requires_grad=True)
     w = torch.randn(6, 2, 3, requires_grad=True)
@@ -311,6 +332,10 @@ def test_flop_counter_counts_all_three_ops():
     assert flops[ops.conv1d] == 2 * macs
     assert flops[ops.conv1d_backward_input] == 2 * macs
     assert flops[ops.conv1d_backward_weight] == 2 * macs
+    b = torch.randn(6, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:  # with a bias, one op gives the weight and bias gradients
+        pyops.conv1d(x, w, b, 2, 1, 1, 2).sum().backward()
+    assert counter.get_flop_counts()["Global"][ops.conv1d_backward_weight_bias] == 2 * macs
 
 
 BAD_INPUTS = [

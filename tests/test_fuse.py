@@ -11,6 +11,7 @@ import torchvision
 from conftest import tolerances
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import pyops
@@ -262,7 +263,7 @@ def test_conv_bn_relu_module_packed_cpu_path(conv_args, relu, layout):
     with torch.no_grad():
         for residual in (None, torch.randn(out_shape, generator=gen(1))):
             out = fused(x, residual)
-            assert fused._pack_cache is not None, "the packed path was not taken"
+            assert fused._derived is not None, "the packed path was not taken"
             assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
             assert_close_relative(out.double(), chain(x, residual), 2e-6)
 
@@ -275,7 +276,7 @@ def test_packed_weight_follows_input_shape_and_weight_updates():
         for shape in [(1, 64, 8, 8), (3, 64, 10, 6), (1, 64, 8, 8)]:
             x = torch.randn(shape, generator=gen())
             assert_close_relative(fused(x).double(), expected(x), 2e-6)
-            assert fused._pack_cache[0][0] == shape  # one packing at a time, for the latest shape
+            assert fused._derived[0][0] == ("packed", shape)  # one packing at a time, for the latest shape
         fused.weight.mul_(-0.5)  # an in-place update (optimizer step, load_state_dict) must repack
         assert_close_relative(fused(x).double(), expected(x), 2e-6)
     with torch.inference_mode():
@@ -290,16 +291,16 @@ def test_packed_module_copies_pickles_converts_and_trains():
     x = torch.randn(2, 64, 9, 9, generator=gen())
     with torch.no_grad():
         y = fused(x)
-    assert fused._pack_cache is not None
+    assert fused._derived is not None
     for clone in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
-        assert clone._pack_cache is None  # an MKLDNN tensor is neither copied nor pickled; it is rebuilt
+        assert clone._derived is None  # an MKLDNN tensor is neither copied nor pickled; it is rebuilt
         with torch.no_grad():
             torch.testing.assert_close(clone(x), y, rtol=0, atol=0)
     as64 = copy.deepcopy(fused)
     with torch.no_grad():
         as64(x)
     as64.double()
-    assert as64._pack_cache is None
+    assert as64._derived is None
     with torch.no_grad():
         assert_close_relative(as64(x.double()), y.double(), 2e-6)
     # With grad needed the packed path is skipped: gradients flow as through the unpacked op.
@@ -325,15 +326,15 @@ def test_packing_only_where_it_pays():
         x = torch.randn(2, cin, 8, 8, generator=gen()).contiguous(memory_format=layout)
         with torch.no_grad():
             out = fused(x)
-            assert (fused._pack_cache is not None) == packs, (cin, conv, layout)
+            assert (fused._derived is not None) == packs, (cin, conv, layout)
             assert_close_relative(out.double(), float64_chain(conv, bn, "relu")(x), 2e-6)
     fresh = ConvBNReLU2d.from_modules(*fp32_conv_bn(padding=1))
     fresh(torch.randn(1, 64, 8, 8, generator=gen()))  # grad mode, parameters requiring grad: the autograd path
-    assert fresh._pack_cache is None
+    assert fresh._derived is None
     as64 = copy.deepcopy(fused).double()
     with torch.no_grad():
         as64(torch.randn(1, 64, 8, 8, generator=gen(), dtype=torch.float64))
-    assert as64._pack_cache is None
+    assert as64._derived is None
 
 
 def test_packed_ops_reject_bad_arguments():
@@ -351,6 +352,76 @@ def test_packed_ops_reject_bad_arguments():
         torch.ops.pyops.conv2d_pack_weight(x.double(), w.double(), *conv)
     with pytest.raises(ValueError, match="stride"):
         torch.ops.pyops.conv2d_pack_weight(x, w, [0, 1], [1, 1], [1, 1], 1)
+
+
+# --- the CUDA inference path of ConvBNReLU2d (cuDNN called from forward, without the op's host path) -------------
+
+class CallCounter:
+    """Wraps a function and counts its calls (to see which path a module took)."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,layout", [(torch.float32, "nchw"), (torch.float32, "channels_last"),
+                                          (torch.float16, "channels_last"), (torch.bfloat16, "channels_last"),
+                                          (torch.float16, "nchw")])
+@pytest.mark.parametrize("relu", [True, False, "relu6"])
+def test_conv_bn_relu_module_cuda_inference_path(dtype, layout, relu, monkeypatch):
+    """CUDA inference calls cuDNN from forward (runtime fusion for ReLU, the convolution for no activation; ReLU6 goes
+    to the op): the op's values and layout, with and without a residual; an NCHW weight meets a channels_last input
+    converted once; with grad, under a dispatch mode or with PYOPS_CONV_PATH=ours the op runs instead."""
+    conv, bn = fp32_conv_bn(cin=32, cout=24, padding=1, stride=2)
+    fused = ConvBNReLU2d.from_modules(conv, bn, relu).to("cuda", dtype)
+    chain_cpu = float64_chain(conv, bn, fused.activation)
+    chain = lambda t, r=None: chain_cpu(t.cpu(), None if r is None else r.cpu()).cuda()  # noqa: E731
+    x = (torch.randn(2, 32, 15, 17, generator=gen()) * 2).to("cuda", dtype)
+    x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    residual = torch.randn(chain(x).shape, generator=gen(1)).to("cuda", dtype).contiguous(memory_format=fmt)
+    spies = {name: CallCounter(getattr(torch, name)) for name in ("cudnn_convolution_relu",
+                                                                   "cudnn_convolution_add_relu")}
+    spies["conv2d"] = CallCounter(F.conv2d)
+    for name, spy in spies.items():
+        monkeypatch.setattr(F if name == "conv2d" else torch, name, spy)
+    direct = {"relu": 1, "none": 1, "relu6": 0}[fused.activation]
+
+    def direct_calls(fn):  # fn(), and how many of the direct cuDNN calls it made
+        before = sum(spy.calls for spy in spies.values())
+        out = fn()
+        return out, sum(spy.calls for spy in spies.values()) - before
+
+    rtol, _ = tolerances(dtype)
+    tol = 3 * rtol if dtype != torch.float32 else 2e-6
+    op = torch.ops.pyops.conv2d_bias_act.default
+    with torch.no_grad():
+        for r in (None, residual):
+            out, calls = direct_calls(lambda: fused(x, r))
+            assert calls == direct
+            assert out.dtype == dtype and out.is_contiguous(memory_format=fmt)
+            via_op = op(x, fused.weight, fused.bias, fused.stride, fused.padding, fused.dilation, fused.groups,
+                        {"relu": 1, "none": 0, "relu6": 2}[fused.activation], r)
+            torch.testing.assert_close(out, via_op, rtol=rtol, atol=rtol)
+            assert_close_relative(out.double(), chain(x, r), tol)
+        if layout == "channels_last":  # the weight (NCHW, from fold_bn) was converted once for the channels_last input
+            assert (fused._derived is not None) == bool(direct)
+        monkeypatch.setenv("PYOPS_CONV_PATH", "ours")
+        out, calls = direct_calls(lambda: fused(x))
+        assert calls == 0
+        assert_close_relative(out.double(), chain(x), tol)
+        monkeypatch.delenv("PYOPS_CONV_PATH")
+        with FlopCounterMode(display=False) as counter:
+            _, calls = direct_calls(lambda: fused(x))
+        assert calls == 0 and counter.get_total_flops() > 0
+        with pytest.raises(ValueError, match="channels"):  # left to the op, whose error names the argument
+            fused(torch.randn(2, 31, 15, 17, device="cuda", dtype=dtype))
+    _, calls = direct_calls(lambda: fused(x.requires_grad_()).sum().backward())
+    assert calls == 0 and x.grad is not None
 
 
 @pytest.mark.parametrize("relu", [True, "relu6", False])

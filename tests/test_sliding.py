@@ -235,6 +235,90 @@ def test_precisions(device):
         assert torch.equal(tf32, fp32)  # no TF32 on the CPU
 
 
+# ---- the FFT head (algorithm="fft") -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("stride", [1, 3])
+def test_fft_algorithm_equals_crop_loop(device, dtype, stride):
+    """The head's large-kernel layer by FFT: the crop loop's scores within the dtype's tolerance (fp32: the FFT's
+    error is of the order of fp32's direct sum), at stride 1 and with shift-and-stitch; the module keeps its
+    spectra between calls and drops them when moved."""
+    torch.manual_seed(0)
+    net1 = reference.homework_net1(small=True).to(device, dtype)
+    x = rand((2, 3, 45, 38), dtype, device, seed=21)
+    ref = reference.crop_loop(net1.double(), x.double(), 32, stride)
+    net1.to(dtype)
+    clf = pyops.nn.SlidingClassifier(net1, 32, stride=stride)
+    out = clf(x, algorithm="fft")
+    rtol, atol = tolerances(dtype)
+    assert out.dtype == dtype and out.shape == ref.shape
+    torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol * ref.abs().max().item())
+    spectra = clf.fcn._derived[1].spectra
+    torch.testing.assert_close(clf(x[:1], algorithm="fft"), out[:1], rtol=rtol, atol=atol * ref.abs().max().item())
+    assert clf.fcn._derived[1].spectra is spectra  # made once
+    torch.testing.assert_close(pyops.sliding_classify(net1, x, 32, stride, algorithm="fft"), out, rtol=rtol,
+                               atol=atol * ref.abs().max().item())
+    clf.to(torch.float64 if dtype == torch.float32 else torch.float32)
+    assert clf.fcn._derived is None
+
+
+def test_auto_algorithm_rule(device):
+    """auto: the FFT on CUDA for a first head layer of at least 16x16 at precision fp32 (float32/float64), else
+    the direct head (the CPU, reduced precisions, smaller kernels)."""
+    large = pyops.convolutionalize(reference.homework_net1(small=True), 32)  # an 18x18 first head layer
+    small = pyops.convolutionalize(eval64(PoolNet()).float(), 24)  # a 2x2 one
+    x = rand((1, 3, 40, 40), torch.float32, device)
+    on_cuda = device == "cuda"
+    assert large.resolve_algorithm("auto", "fp32", x) == ("fft" if on_cuda else "direct")
+    assert large.resolve_algorithm("auto", "fp32", x.double()) == ("fft" if on_cuda else "direct")
+    assert large.resolve_algorithm("auto", "tf32", x) == "direct"
+    assert large.resolve_algorithm("auto", "bf16", x) == "direct"
+    assert small.resolve_algorithm("auto", "fp32", x) == "direct"
+    assert large.resolve_algorithm("fft", "fp32", x) == "fft" and small.resolve_algorithm("direct", "fp32", x) == \
+        "direct"
+
+
+def test_fft_algorithm_tiles_within_the_memory_bound():
+    """With a small max_memory the FFT head runs tile by tile (its workspace counted in the plan) and gives the
+    untiled result up to rounding (each tile's overlap-save grid starts at its own origin)."""
+    net1 = eval64(reference.homework_net1(small=True, dtype=torch.float64))
+    x = rand((2, 3, 70, 66), seed=22)
+    fcn = pyops.convolutionalize(net1, 32)
+    small = 8 << 20  # the untiled FFT head would take ~40 MB
+    plan = plan_tiles(fcn, x.shape, x.dtype, x.device, small, "fft")
+    assert plan.tiles > 1 and plan.peak_bytes <= small
+    tiled = pyops.sliding_classify(fcn, x, 32, max_memory=small, algorithm="fft")
+    untiled = pyops.sliding_classify(fcn, x, 32, algorithm="fft")
+    torch.testing.assert_close(tiled, untiled, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(untiled, pyops.sliding_classify(fcn, x, 32), rtol=1e-10, atol=1e-12)
+
+
+def test_fft_head_without_bias_equals_direct_and_keeps_its_spectra():
+    model = eval64(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14 * 14, 6, bias=False),
+                                 nn.ReLU(), nn.Linear(6, 3)))
+    fcn = pyops.convolutionalize(model, 16)
+    x = rand((1, 3, 20, 21), seed=23)
+    out = pyops.sliding_classify(fcn, x, 16, algorithm="fft")
+    spectra = fcn._derived[1].spectra
+    torch.testing.assert_close(out, pyops.sliding_classify(fcn, x, 16, algorithm="direct"), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out, reference.crop_loop(model, x, 16), rtol=1e-10, atol=1e-12)
+    pyops.sliding_classify(fcn, x, 16, algorithm="fft")
+    assert fcn._derived[1].spectra is spectra  # the zero bias made per call does not rebuild them
+
+
+def test_fft_algorithm_rejects_what_it_cannot_do():
+    net1 = reference.homework_net1(small=True)
+    x = rand((1, 3, 36, 36), torch.float32)
+    with pytest.raises(ValueError, match="algorithm"):
+        pyops.sliding_classify(net1, x, 32, algorithm="winograd")
+    with pytest.raises(ValueError, match="precision"):
+        pyops.sliding_classify(net1, x, 32, precision="bf16", algorithm="fft")
+    with pytest.raises(ValueError, match="algorithm"):
+        pyops.sliding_classify(net1, x, 32, exact=True, algorithm="fft")
+    with pytest.raises(ValueError, match="float32 or float64"):
+        pyops.sliding_classify(net1.bfloat16(), x.bfloat16(), 32, algorithm="fft")
+
+
 # ---- the sliding_head op ------------------------------------------------------------------------------------------
 
 def head_operands(dtype, device, channels=5, kernel=(4, 3), widths=(7, 6, 3), seed=11):

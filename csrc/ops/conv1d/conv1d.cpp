@@ -1,4 +1,4 @@
-// Schemas of conv1d and its two backward ops, and the argument checks every backend shares.
+// Schemas of conv1d and its backward ops, and the argument checks every backend shares.
 #include "ops/conv1d/conv1d.h"
 
 #include <ATen/ATen.h>
@@ -150,6 +150,10 @@ TORCH_LIBRARY_FRAGMENT(pyops, m) {
         "int dilation, int groups) -> Tensor");
   m.def("conv1d_backward_weight(Tensor grad_output, Tensor input, int kernel_size, int stride, int padding, "
         "int dilation, int groups) -> Tensor");
+  // (grad_weight, grad_bias = grad_output summed over batch and length): what autograd asks for when a layer has a
+  // bias, from one read of grad_output where a kernel fuses the two (CUDA depthwise), else one after the other.
+  m.def("conv1d_backward_weight_bias(Tensor grad_output, Tensor input, int kernel_size, int stride, int padding, "
+        "int dilation, int groups) -> (Tensor, Tensor)");
 }
 
 }  // namespace pyops

@@ -83,12 +83,22 @@ at::Tensor conv1d_backward_weight_cpu(const at::Tensor& grad_output, const at::T
   return grad_weight;
 }
 
+std::tuple<at::Tensor, at::Tensor> conv1d_backward_weight_bias_cpu(const at::Tensor& grad_output,
+                                                                   const at::Tensor& input, int64_t kernel_size,
+                                                                   int64_t stride, int64_t padding, int64_t dilation,
+                                                                   int64_t groups) {
+  at::Tensor grad_weight =
+      conv1d_backward_weight_cpu(grad_output, input, kernel_size, stride, padding, dilation, groups);
+  return {grad_weight, grad_output.sum(at::IntArrayRef{0, 2})};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyops, CPU, m) {
   m.impl("conv1d", &conv1d_cpu);
   m.impl("conv1d_backward_input", &conv1d_backward_input_cpu);
   m.impl("conv1d_backward_weight", &conv1d_backward_weight_cpu);
+  m.impl("conv1d_backward_weight_bias", &conv1d_backward_weight_bias_cpu);
 }
 
 }  // namespace pyops

@@ -161,7 +161,7 @@ at::Tensor conv1d_backward_weight_cuda(const at::Tensor& grad_output, const at::
   if (g.batch == 0) return grad_weight.zero_();
   const at::Tensor gy = grad_output.contiguous(), x = input.contiguous();
   if (depthwise_fast_path(g)) {
-    depthwise_weight_cuda(gy, x, grad_weight, dilation, padding);
+    depthwise_weight_cuda(gy, x, grad_weight, dilation, padding, /*grad_bias=*/nullptr);
     return grad_weight;
   }
   const int64_t weights = grad_weight.numel(), pairs = g.batch * g.out_length;
@@ -184,12 +184,32 @@ at::Tensor conv1d_backward_weight_cuda(const at::Tensor& grad_output, const at::
   return grad_weight;
 }
 
+std::tuple<at::Tensor, at::Tensor> conv1d_backward_weight_bias_cuda(const at::Tensor& grad_output,
+                                                                    const at::Tensor& input, int64_t kernel_size,
+                                                                    int64_t stride, int64_t padding,
+                                                                    int64_t dilation, int64_t groups) {
+  const Conv1dGeometry g =
+      check_conv1d_backward_weight(grad_output, input, kernel_size, stride, padding, dilation, groups);
+  const c10::cuda::CUDAGuard guard(input.device());
+  if (g.batch > 0 && g.out_channels > 0 && depthwise_fast_path(g) && !conv1d_use_library(g, /*cuda=*/true)) {
+    // one pass over grad_output for both (the separate sum re-read it: 63 µs of a 413 µs fwd+bwd on an H200)
+    at::Tensor grad_weight = at::empty({g.out_channels, 1, kernel_size}, input.options());
+    at::Tensor grad_bias = at::empty({g.out_channels}, input.options());
+    depthwise_weight_cuda(grad_output.contiguous(), input.contiguous(), grad_weight, dilation, padding, &grad_bias);
+    return {grad_weight, grad_bias};
+  }
+  at::Tensor grad_weight =
+      conv1d_backward_weight_cuda(grad_output, input, kernel_size, stride, padding, dilation, groups);
+  return {grad_weight, grad_output.sum(at::IntArrayRef{0, 2})};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyops, CUDA, m) {
   m.impl("conv1d", &conv1d_cuda);
   m.impl("conv1d_backward_input", &conv1d_backward_input_cuda);
   m.impl("conv1d_backward_weight", &conv1d_backward_weight_cuda);
+  m.impl("conv1d_backward_weight_bias", &conv1d_backward_weight_bias_cuda);
 }
 
 }  // namespace pyops

@@ -47,8 +47,9 @@ bool depthwise_fast_path(const Conv1dGeometry& g);
 // (offset = -padding) and, with the filter flipped, grad_input (offset = padding - dilation*(K-1)).
 void depthwise_correlate_cuda(const at::Tensor& in, const at::Tensor& w, const at::Tensor& bias, at::Tensor& out,
                               int64_t dilation, int64_t offset, bool flip);
-// grad_weight[c, 0, k] = sum_{n, l} gy[n, c, l] * x[n, c, l + k*dilation - padding], two-stage and deterministic.
+// grad_weight[c, 0, k] = sum_{n, l} gy[n, c, l] * x[n, c, l + k*dilation - padding], two-stage and deterministic;
+// with grad_bias, also grad_bias[c] = sum_{n, l} gy[n, c, l] from the same reads.
 void depthwise_weight_cuda(const at::Tensor& gy, const at::Tensor& x, at::Tensor& grad_weight, int64_t dilation,
-                           int64_t padding);
+                           int64_t padding, at::Tensor* grad_bias);
 
 }  // namespace pyops

@@ -1,0 +1,29 @@
+"""One derived form of a module's weights kept between calls: ConvBNReLU2d's packed (oneDNN) or re-laid-out weight,
+FullyConvolutional's FFT spectra."""
+from torch import nn
+
+
+class DerivedWeights(nn.Module):
+    """A module mixin holding at most one derived form of its weights: derived(kind, sources, make) returns make(),
+    made on first use and made again whenever kind changes or a source tensor does (another tensor, or the same
+    one updated in place: the key holds each source's device, dtype, data pointer and version). .to()/.cuda()/.half()
+    drop it; copies and pickles never carry it: it is rebuilt on use (an MKLDNN tensor cannot be pickled, and FFT
+    spectra can take gigabytes)."""
+
+    _derived = None  # ((kind, sources' keys), value); a class default, so older pickled modules have it too
+
+    def derived(self, kind, sources, make):
+        key = (kind, tuple((t.device, t.dtype, t.data_ptr(), t._version) for t in sources))
+        if self._derived is None or self._derived[0] != key:
+            self._derived = None  # free the old form before making the new one
+            self._derived = (key, make())
+        return self._derived[1]
+
+    def _apply(self, fn, recurse=True):
+        self._derived = None
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_derived"] = None
+        return state
