@@ -14,6 +14,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ._derived import DerivedWeights
+from ._flags import temporarily
 from .fft_conv import FFTConv2d
 from .sliding_head import DEFAULT_WORKSPACE, PRECISIONS, sliding_head
 
@@ -120,18 +121,10 @@ def check_algorithm(algorithm, precision):
                          f"argument 'precision' must be 'fp32', got {precision!r}")
 
 
-class _cudnn_tf32:
-    """Sets torch.backends.cudnn.allow_tf32 for the features (precision="tf32" on, otherwise off: exact fp32)."""
-
-    def __init__(self, allow):
-        self.allow = allow
-
-    def __enter__(self):
-        self.saved = torch.backends.cudnn.allow_tf32
-        torch.backends.cudnn.allow_tf32 = self.allow
-
-    def __exit__(self, *exc):
-        torch.backends.cudnn.allow_tf32 = self.saved
+def _cudnn_tf32(allow):
+    """torch.backends.cudnn.allow_tf32 = allow inside a block (for the features: precision="tf32" on, otherwise
+    off: exact fp32)."""
+    return temporarily(torch.backends.cudnn, "allow_tf32", allow)
 
 
 def convolutionalize(model, window):

@@ -21,6 +21,8 @@ inputs are transformed in complex128 (~1e-15).
 """
 import torch
 
+from ._flags import temporarily
+
 _FAST_SIZES = sorted({2**a * 3**b * 5**c for a in range(9) for b in range(6) for c in range(4)})
 
 
@@ -28,17 +30,6 @@ def default_fft_size(kernel):
     """The smallest size with only factors 2, 3, 5 that is ≥ 2·kernel − 2 (output tiles about as wide as the
     kernel: fewer tiles than a smaller FFT, fewer spectra bins than a larger one)."""
     return next(n for n in _FAST_SIZES if n >= max(2 * kernel - 2, kernel))
-
-
-class _fp32_matmul:
-    """Full fp32 matmuls inside (no TF32, whatever torch.backends.cuda.matmul.allow_tf32 says outside)."""
-
-    def __enter__(self):
-        self.saved = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-
-    def __exit__(self, *exc):
-        torch.backends.cuda.matmul.allow_tf32 = self.saved
 
 
 def fft_workspace_bytes(in_channels, out_channels, fft_size, kernel_size, element_size):
@@ -111,7 +102,7 @@ class FFTConv2d(torch.nn.Module):
         tiles = tiles.permute(0, 2, 3, 1, 4, 5).reshape(b * ny * nx, c, size, size)
         spec = torch.fft.rfft2(tiles)  # (tiles, C, T, T/2+1)
         spec = spec.flatten(2).permute(2, 0, 1)  # (bins, tiles, C)
-        with _fp32_matmul():
+        with temporarily(torch.backends.cuda.matmul, "allow_tf32", False):  # full fp32, whatever the caller set
             prod = torch.bmm(spec, self.spectra)  # (bins, tiles, O): one complex GEMM per frequency bin
         prod = prod.permute(1, 2, 0).reshape(b * ny * nx, self.out_channels, size, size // 2 + 1)
         out = torch.fft.irfft2(prod, s=(size, size))[..., :th, :tw]  # (tiles, O, th, tw)
