@@ -4,14 +4,15 @@ conv1d_backward_weight), grad_bias the sum of grad_output over batch and length.
 asks for grad_weight and grad_bias together (torch.ops.pyops.conv1d_backward_weight_bias), so a kernel can take
 both from one read of grad_output (the CUDA depthwise one does). Only the gradients that are needed are computed.
 The backward ops are linear in each argument, so their own gradients are again pyops conv1d ops, and double
-backward works.
+backward works. The autograd of all four ops is C++ (csrc/ops/conv1d/conv1d_autograd.cpp: a Python autograd kernel
+costs more host time than a small layer's kernels); this module adds argument handling, fake kernels and FLOP
+formulas.
 """
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 from ._checks import check_floating, check_like, check_tensor
-from ._dispatch import call_op
 
 _ops = torch.ops.pyops
 
@@ -94,7 +95,7 @@ def conv1d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     else:
         padding = _int_arg(padding, "padding", 0)
     _check_geometry(x.shape[1], x.shape[2], weight, stride, padding, dilation, groups)
-    out = call_op(_ops.conv1d.default, x, weight, bias, stride, padding, dilation, groups)
+    out = _ops.conv1d.default(x, weight, bias, stride, padding, dilation, groups)
     return out.squeeze(0) if unbatched else out
 
 
@@ -129,92 +130,6 @@ def _conv1d_backward_weight_fake(grad_output, x, kernel_size, stride, padding, d
 def _conv1d_backward_weight_bias_fake(grad_output, x, kernel_size, stride, padding, dilation, groups):
     grad_weight = _conv1d_backward_weight_fake(grad_output, x, kernel_size, stride, padding, dilation, groups)
     return grad_weight, grad_output.new_empty((grad_output.shape[1],))
-
-
-# Autograd. conv1d(x, w, b): grad_x = backward_input(gy, w), grad_w = backward_weight(gy, x), grad_b = sum gy
-# (grad_w and grad_b together by backward_weight_bias, which reads gy once where a kernel fuses them).
-def _setup_conv1d(ctx, inputs, output):
-    x, weight, bias, stride, padding, dilation, groups = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.hyper = (stride, padding, dilation, groups)
-
-
-def _conv1d_backward(ctx, grad):
-    x, weight = ctx.saved_tensors
-    grad_x = grad_w = grad_b = None
-    if ctx.needs_input_grad[0]:
-        grad_x = call_op(_ops.conv1d_backward_input.default, grad, weight, x.shape[2], *ctx.hyper)
-    if ctx.needs_input_grad[1] and ctx.needs_input_grad[2]:
-        grad_w, grad_b = call_op(_ops.conv1d_backward_weight_bias.default, grad, x, weight.shape[2], *ctx.hyper)
-    elif ctx.needs_input_grad[1]:
-        grad_w = call_op(_ops.conv1d_backward_weight.default, grad, x, weight.shape[2], *ctx.hyper)
-    elif ctx.needs_input_grad[2]:
-        grad_b = grad.sum((0, 2))
-    return grad_x, grad_w, grad_b, None, None, None, None
-
-
-torch.library.register_autograd("pyops::conv1d", _conv1d_backward, setup_context=_setup_conv1d)
-
-
-# backward_input(gy, w) = the adjoint of x -> conv1d(x, w): <gg, backward_input(gy, w)> = <gy, conv1d(gg, w)>,
-# so its gradients are conv1d(gg, w) for gy and backward_weight(gy, gg) for w.
-def _setup_backward_input(ctx, inputs, output):
-    grad_output, weight, input_length, stride, padding, dilation, groups = inputs
-    ctx.save_for_backward(grad_output, weight)
-    ctx.hyper = (stride, padding, dilation, groups)
-
-
-def _backward_input_backward(ctx, gg):
-    grad_output, weight = ctx.saved_tensors
-    g_gy = g_w = None
-    if ctx.needs_input_grad[0]:
-        g_gy = call_op(_ops.conv1d.default, gg, weight, None, *ctx.hyper)
-    if ctx.needs_input_grad[1]:
-        g_w = call_op(_ops.conv1d_backward_weight.default, grad_output, gg, weight.shape[2], *ctx.hyper)
-    return g_gy, g_w, None, None, None, None, None
-
-
-torch.library.register_autograd("pyops::conv1d_backward_input", _backward_input_backward,
-                                setup_context=_setup_backward_input)
-
-
-# backward_weight(gy, x) = the adjoint of w -> conv1d(x, w): <gg, backward_weight(gy, x)> = <gy, conv1d(x, gg)>,
-# so its gradients are conv1d(x, gg) for gy and backward_input(gy, gg) for x.
-def _setup_backward_weight(ctx, inputs, output):
-    grad_output, x, kernel_size, stride, padding, dilation, groups = inputs
-    ctx.save_for_backward(grad_output, x)
-    ctx.hyper = (stride, padding, dilation, groups)
-
-
-def _backward_weight_backward(ctx, gg):
-    grad_output, x = ctx.saved_tensors
-    g_gy = g_x = None
-    if ctx.needs_input_grad[0]:
-        g_gy = call_op(_ops.conv1d.default, x, gg, None, *ctx.hyper)
-    if ctx.needs_input_grad[1]:
-        g_x = call_op(_ops.conv1d_backward_input.default, grad_output, gg, x.shape[2], *ctx.hyper)
-    return g_gy, g_x, None, None, None, None, None
-
-
-torch.library.register_autograd("pyops::conv1d_backward_weight", _backward_weight_backward,
-                                setup_context=_setup_backward_weight)
-
-
-# backward_weight_bias(gy, x) = (backward_weight(gy, x), gy summed over batch and length): the first part's
-# gradients as above, the second's is gg_bias broadcast over gy.
-def _backward_weight_bias_backward(ctx, gg_weight, gg_bias):
-    grad_output, x = ctx.saved_tensors
-    g_gy = g_x = None
-    if gg_weight is not None:
-        g_gy, g_x = _backward_weight_backward(ctx, gg_weight)[:2]
-    if ctx.needs_input_grad[0] and gg_bias is not None:
-        spread = gg_bias[None, :, None].expand_as(grad_output)
-        g_gy = spread if g_gy is None else g_gy + spread
-    return g_gy, g_x, None, None, None, None, None
-
-
-torch.library.register_autograd("pyops::conv1d_backward_weight_bias", _backward_weight_bias_backward,
-                                setup_context=_setup_backward_weight)
 
 
 # FlopCounterMode: 2·MACs of the real (not zero-upsampled) products, the same count for all three ops.

@@ -129,6 +129,56 @@ def test_gradcheck_and_gradgradcheck_float64(device):
         assert torch.autograd.gradgradcheck(fn, (x, w, b))
 
 
+def test_gradgradcheck_without_bias_float64(device):
+    g = torch.Generator().manual_seed(4)
+    x = rand((2, 4, 12), device=device, gen=g).requires_grad_()
+    w = rand((6, 2, 3), device=device, gen=g).requires_grad_()
+    fn = lambda x, w: pyops.conv1d(x, w, None, 2, 1, 1, 2)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w))
+    assert torch.autograd.gradgradcheck(fn, (x, w))
+
+
+class OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Names of the pyops ops that run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "pyops":
+            self.names.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("needs,bias", [(needs, bias) for bias in (True, False)
+                                         for needs in [(True, False, False), (False, True, False), (True, True, False),
+                                                       (False, False, True), (False, True, True), (True, True, True)]
+                                         if bias or not needs[2]], ids=str)
+def test_backward_computes_only_the_needed_gradients(device, needs, bias):
+    """Each subset of (input, weight, bias) requiring grad gets exactly its gradients from exactly the ops that
+    give them: backward_input for the input, backward_weight alone or with the bias sum fused."""
+    need_x, need_w, need_b = needs
+    g = torch.Generator().manual_seed(9)
+    x, w = rand((2, 4, 17), device=device, gen=g), rand((6, 2, 3), device=device, gen=g)
+    b = rand((6,), device=device, gen=g) if bias else None
+    x.requires_grad_(need_x)
+    w.requires_grad_(need_w)
+    if b is not None:
+        b.requires_grad_(need_b)
+    y = pyops.conv1d(x, w, b, 2, 1, 1, 2)
+    gy = rand(y.shape, device=device, gen=g)
+    wanted = [t for t, need in zip((x, w, b), needs) if need]
+    with OpLog() as log:
+        got = torch.autograd.grad(y, wanted, gy)
+    expected = (["conv1d_backward_input"] if need_x else []) + (
+        ["conv1d_backward_weight_bias"] if need_w and need_b else ["conv1d_backward_weight"] if need_w else [])
+    assert sorted(log.names) == sorted(expected)
+    ref = torch.autograd.grad(F.conv1d(x, w, b, 2, 1, 1, 2), wanted, gy)
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+
+
 def test_non_contiguous_and_channels_last_inputs(device):
     g = torch.Generator().manual_seed(5)
     base = rand((3, 50, 8), device=device, gen=g)

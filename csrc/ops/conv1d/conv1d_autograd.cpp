@@ -1,0 +1,233 @@
+// Autograd of conv1d and its backward ops, registered in C++ at the Autograd key.
+//
+// Why C++ rather than torch.library.register_autograd: a Python autograd kernel costs about 100 µs of host time per
+// forward+backward step (CPU, 1x1x16 input: 252 µs vs F.conv1d's 148 µs), more than the kernels of a small layer
+// take on a GPU (the H200 single-channel fwd+bwd ran 0.64x F.conv1d for that reason, bench/NOTES-conv1d.md).
+//
+// The gradients (gy = grad_output, gg = the gradient flowing into a backward op's output):
+//   conv1d(x, w, b):          grad_x = backward_input(gy, w), grad_w = backward_weight(gy, x), grad_b = sum gy
+//                             (grad_w and grad_b together from backward_weight_bias, which a kernel may fuse).
+//   backward_input(gy, w):    the adjoint of x -> conv1d(x, w), so <gg, backward_input(gy, w)> = <gy, conv1d(gg, w)>:
+//                             grad_gy = conv1d(gg, w), grad_w = backward_weight(gy, gg).
+//   backward_weight(gy, x):   the adjoint of w -> conv1d(x, w): grad_gy = conv1d(x, gg), grad_x = backward_input(gy, gg).
+//   backward_weight_bias:     the above for its first output; its second (sum gy) sends gg_bias to gy broadcast.
+// Every gradient is again a pyops op called through the dispatcher, so double backward and torch.compile see ops.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+namespace pyops {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// The ops through the dispatcher: from a backward (grad mode per create_graph) they reach these autograd kernels
+// again; from a forward, under AutoDispatchBelowADInplaceOrView, the backend kernel.
+at::Tensor call_conv1d(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b, int64_t stride,
+                       int64_t padding, int64_t dilation, int64_t groups) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("pyops::conv1d", "").typed<at::Tensor(
+      const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t, int64_t, int64_t, int64_t)>();
+  return op.call(x, w, b, stride, padding, dilation, groups);
+}
+
+at::Tensor call_backward_input(const at::Tensor& gy, const at::Tensor& w, int64_t input_length, int64_t stride,
+                               int64_t padding, int64_t dilation, int64_t groups) {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("pyops::conv1d_backward_input", "").typed<at::Tensor(
+          const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t, int64_t, int64_t)>();
+  return op.call(gy, w, input_length, stride, padding, dilation, groups);
+}
+
+at::Tensor call_backward_weight(const at::Tensor& gy, const at::Tensor& x, int64_t kernel_size, int64_t stride,
+                                int64_t padding, int64_t dilation, int64_t groups) {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("pyops::conv1d_backward_weight", "").typed<at::Tensor(
+          const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t, int64_t, int64_t)>();
+  return op.call(gy, x, kernel_size, stride, padding, dilation, groups);
+}
+
+std::tuple<at::Tensor, at::Tensor> call_backward_weight_bias(const at::Tensor& gy, const at::Tensor& x,
+                                                             int64_t kernel_size, int64_t stride, int64_t padding,
+                                                             int64_t dilation, int64_t groups) {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("pyops::conv1d_backward_weight_bias", "").typed<
+          std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t, int64_t,
+                                             int64_t)>();
+  return op.call(gy, x, kernel_size, stride, padding, dilation, groups);
+}
+
+// stride, padding, dilation, groups: what every op takes after its tensors and length, kept in ctx->saved_data.
+struct Hyper {
+  int64_t stride, padding, dilation, groups;
+
+  void save(AutogradContext* ctx) const {
+    ctx->saved_data["stride"] = stride;
+    ctx->saved_data["padding"] = padding;
+    ctx->saved_data["dilation"] = dilation;
+    ctx->saved_data["groups"] = groups;
+  }
+  static Hyper load(AutogradContext* ctx) {
+    return {ctx->saved_data["stride"].toInt(), ctx->saved_data["padding"].toInt(),
+            ctx->saved_data["dilation"].toInt(), ctx->saved_data["groups"].toInt()};
+  }
+};
+
+// (grad_w, grad_b) of conv1d from gy and x, each only if needed; together from one op when both are.
+std::tuple<at::Tensor, at::Tensor> weight_and_bias_grads(const at::Tensor& gy, const at::Tensor& x,
+                                                         int64_t kernel_size, bool need_weight, bool need_bias,
+                                                         const Hyper& h) {
+  if (need_weight && need_bias) {
+    return call_backward_weight_bias(gy, x, kernel_size, h.stride, h.padding, h.dilation, h.groups);
+  }
+  at::Tensor grad_w, grad_b;
+  if (need_weight) grad_w = call_backward_weight(gy, x, kernel_size, h.stride, h.padding, h.dilation, h.groups);
+  if (need_bias) grad_b = gy.sum(at::IntArrayRef{0, 2});
+  return {grad_w, grad_b};
+}
+
+class Conv1dFunction : public torch::autograd::Function<Conv1dFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
+                            const std::optional<at::Tensor>& b, int64_t stride, int64_t padding, int64_t dilation,
+                            int64_t groups) {
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({x, w});
+    ctx->saved_data["has_bias"] = b.has_value() && b->defined();
+    Hyper{stride, padding, dilation, groups}.save(ctx);
+    at::AutoDispatchBelowADInplaceOrView below;
+    return call_conv1d(x, w, b, stride, padding, dilation, groups);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor& gy = grads[0];
+    variable_list out(7);
+    if (!gy.defined()) return out;
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &w = saved[1];
+    const Hyper h = Hyper::load(ctx);
+    if (ctx->needs_input_grad(0)) {
+      out[0] = call_backward_input(gy, w, x.size(2), h.stride, h.padding, h.dilation, h.groups);
+    }
+    // needs_input_grad counts tensor arguments only: with no bias there is no index 2
+    const bool need_bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2);
+    std::tie(out[1], out[2]) = weight_and_bias_grads(gy, x, w.size(2), ctx->needs_input_grad(1), need_bias, h);
+    return out;
+  }
+};
+
+class BackwardInputFunction : public torch::autograd::Function<BackwardInputFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gy, const at::Tensor& w, int64_t input_length,
+                            int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({gy, w});
+    Hyper{stride, padding, dilation, groups}.save(ctx);
+    at::AutoDispatchBelowADInplaceOrView below;
+    return call_backward_input(gy, w, input_length, stride, padding, dilation, groups);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor& gg = grads[0];
+    variable_list out(7);
+    if (!gg.defined()) return out;
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &gy = saved[0], &w = saved[1];
+    const Hyper h = Hyper::load(ctx);
+    if (ctx->needs_input_grad(0)) out[0] = call_conv1d(gg, w, std::nullopt, h.stride, h.padding, h.dilation, h.groups);
+    if (ctx->needs_input_grad(1)) {
+      out[1] = call_backward_weight(gy, gg, w.size(2), h.stride, h.padding, h.dilation, h.groups);
+    }
+    return out;
+  }
+};
+
+// backward_weight and backward_weight_bias: the same saved state and the same gradients for the weight part.
+variable_list backward_weight_grads(AutogradContext* ctx, const at::Tensor& gg_weight, const at::Tensor& gg_bias) {
+  variable_list out(7);
+  const variable_list saved = ctx->get_saved_variables();
+  const at::Tensor &gy = saved[0], &x = saved[1];
+  const Hyper h = Hyper::load(ctx);
+  if (gg_weight.defined()) {
+    if (ctx->needs_input_grad(0)) out[0] = call_conv1d(x, gg_weight, std::nullopt, h.stride, h.padding, h.dilation, h.groups);
+    if (ctx->needs_input_grad(1)) {
+      out[1] = call_backward_input(gy, gg_weight, x.size(2), h.stride, h.padding, h.dilation, h.groups);
+    }
+  }
+  if (gg_bias.defined() && ctx->needs_input_grad(0)) {
+    const at::Tensor spread = gg_bias.view({1, -1, 1}).expand_as(gy);
+    out[0] = out[0].defined() ? out[0] + spread : spread;
+  }
+  return out;
+}
+
+class BackwardWeightFunction : public torch::autograd::Function<BackwardWeightFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gy, const at::Tensor& x, int64_t kernel_size,
+                            int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({gy, x});
+    Hyper{stride, padding, dilation, groups}.save(ctx);
+    at::AutoDispatchBelowADInplaceOrView below;
+    return call_backward_weight(gy, x, kernel_size, stride, padding, dilation, groups);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return backward_weight_grads(ctx, grads[0], at::Tensor());
+  }
+};
+
+class BackwardWeightBiasFunction : public torch::autograd::Function<BackwardWeightBiasFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& gy, const at::Tensor& x, int64_t kernel_size,
+                               int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({gy, x});
+    Hyper{stride, padding, dilation, groups}.save(ctx);
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [grad_w, grad_b] = call_backward_weight_bias(gy, x, kernel_size, stride, padding, dilation, groups);
+    return {grad_w, grad_b};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return backward_weight_grads(ctx, grads[0], grads[1]);
+  }
+};
+
+at::Tensor conv1d_autograd(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
+                           int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
+  return Conv1dFunction::apply(x, w, b, stride, padding, dilation, groups);
+}
+
+at::Tensor conv1d_backward_input_autograd(const at::Tensor& gy, const at::Tensor& w, int64_t input_length,
+                                          int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
+  return BackwardInputFunction::apply(gy, w, input_length, stride, padding, dilation, groups);
+}
+
+at::Tensor conv1d_backward_weight_autograd(const at::Tensor& gy, const at::Tensor& x, int64_t kernel_size,
+                                           int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
+  return BackwardWeightFunction::apply(gy, x, kernel_size, stride, padding, dilation, groups);
+}
+
+std::tuple<at::Tensor, at::Tensor> conv1d_backward_weight_bias_autograd(const at::Tensor& gy, const at::Tensor& x,
+                                                                        int64_t kernel_size, int64_t stride,
+                                                                        int64_t padding, int64_t dilation,
+                                                                        int64_t groups) {
+  const variable_list grads = BackwardWeightBiasFunction::apply(gy, x, kernel_size, stride, padding, dilation, groups);
+  return {grads[0], grads[1]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyops, Autograd, m) {
+  m.impl("conv1d", &conv1d_autograd);
+  m.impl("conv1d_backward_input", &conv1d_backward_input_autograd);
+  m.impl("conv1d_backward_weight", &conv1d_backward_weight_autograd);
+  m.impl("conv1d_backward_weight_bias", &conv1d_backward_weight_bias_autograd);
+}
+
+}  // namespace pyops
