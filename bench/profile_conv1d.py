@@ -1,7 +1,8 @@
 """Where conv1d's forward+backward time goes on a GPU: each piece alone, timed with CUDA events (median of 50 back-to-
 back calls after a warm-up), next to the whole autograd step of pyops and of F.conv1d. Bytes are the fewest each piece
 must move; the copy rate is measured in the same run. A diagnostic for bench/NOTES-conv1d.md, not a benchmark of
-record (those are bench_conv1d.py's).
+record (those are bench_conv1d.py's). Each piece is timed under both PYOPS_CONV1D_DEPTHWISE layouts (elementwise, the
+default, and runs), which matter only on the depthwise path.
 
     python bench/profile_conv1d.py            # on a machine with CUDA
 """
@@ -41,7 +42,7 @@ def copy_rate():
 def main():
     peak = copy_rate()
     print(f"{torch.cuda.get_device_name()}, copy {peak:.0f} GB/s")
-    print("| case | piece | time | GB/s (% of copy) |\n|---|---|---|---|")
+    print("| case | piece | layout | time | GB/s (% of copy) |\n|---|---|---|---|---|")
     for name in ("depthwise causal large", "single channel"):
         _, n, cin, cout, length, k, stride, padding, groups, dtypes = CASES[name]
         for dt in dtypes:
@@ -69,9 +70,13 @@ def main():
                                                                gy), whole)
             pieces["F.conv1d fwd+bwd"] = (fwd_bwd_step(F.conv1d, xr, wr, br, (stride, padding, 1, groups), gy), whole)
             for piece, (fn, moved) in pieces.items():
-                ms = median_ms(fn)
-                rate = moved / ms / 1e6
-                print(f"| {name} {dt} | {piece} | {ms * 1e3:.1f} µs | {rate:.0f} ({100 * rate / peak:.0f} %) |")
+                for layout in ("elementwise", "runs"):
+                    os.environ["PYOPS_CONV1D_DEPTHWISE"] = layout  # read by the kernels' launchers on every call
+                    ms = median_ms(fn)
+                    rate = moved / ms / 1e6
+                    print(f"| {name} {dt} | {piece} | {layout} | {ms * 1e3:.1f} µs | {rate:.0f} "
+                          f"({100 * rate / peak:.0f} %) |")
+                os.environ.pop("PYOPS_CONV1D_DEPTHWISE")
 
 
 if __name__ == "__main__":

@@ -264,6 +264,42 @@ def test_half_precision(device, dtype):
             torch.testing.assert_close(o.double().cpu(), r, rtol=2e-2, atol=2e-2 * max(1.0, r.abs().max().item()))
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["elementwise", "runs"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("k", [2, 3, 4, 5, 7])
+def test_depthwise_cuda_layouts_match_torch(layout, dtype, k, monkeypatch):
+    """Both ways the CUDA depthwise kernels spread a tile over their threads (PYOPS_CONV1D_DEPTHWISE; `runs` covers
+    the 2-5 tap filters, 7 taps stays elementwise under either setting): forward and all three gradients against
+    float64, over lengths that end mid-run and mid-tile (tiles of 1024), odd lengths (rows not 16-byte aligned),
+    several tiles, causal, centred and over-wide paddings; and bitwise the same on a second run."""
+    monkeypatch.setenv("PYOPS_CONV1D_DEPTHWISE", layout)
+    g = torch.Generator().manual_seed(k)
+    for n, c, length, padding in [(2, 3, 2048, k - 1), (3, 5, 2051, k // 2), (1, 4, 9, 0), (2, 2, 1029, k - 1),
+                                  (1, 6, 3001, k + 1), (2, 8, 1024, 0)]:
+        x, w = rand((n, c, length), dtype, "cuda", g), rand((c, 1, k), dtype, "cuda", g)
+        b = rand((c,), dtype, "cuda", g)
+        args = (1, padding, 1, c)
+        ours, grad_out = forward_and_grads(pyops.conv1d, x, w, b, args)
+        ref, _ = forward_and_grads(reference.conv1d, x.double().cpu(), w.double().cpu(), b.double().cpu(), args,
+                                   grad_out.double().cpu())
+        rtol, atol = (2e-2, 2e-2) if dtype in (torch.float16, torch.bfloat16) else tolerances(dtype)
+        for name, o, r in zip(["output", "grad_input", "grad_weight", "grad_bias"], ours, ref):
+            assert o.dtype == dtype, name
+            torch.testing.assert_close(o.double().cpu(), r, rtol=rtol, atol=atol * max(1.0, r.abs().max().item()),
+                                       msg=lambda m: f"{name} (length {length}, padding {padding}): {m}")
+        again, _ = forward_and_grads(pyops.conv1d, x, w, b, args, grad_out)
+        assert all(torch.equal(a, o) for a, o in zip(again, ours))
+
+
+@pytest.mark.cuda
+def test_bad_depthwise_layout_env_is_an_error(monkeypatch):
+    monkeypatch.setenv("PYOPS_CONV1D_DEPTHWISE", "vectorized")
+    x, w = torch.randn(1, 4, 32, device="cuda"), torch.randn(4, 1, 3, device="cuda")
+    with pytest.raises(ValueError, match="PYOPS_CONV1D_DEPTHWISE must be elementwise or runs"):
+        pyops.conv1d(x, w, groups=4)
+
+
 def test_homework_network_gradients_equal_closed_form(device):
     """Problem 4: y_l = sigma(A_{w_l} y_{l-1} + b_l), last layer linear; gradients in explicit Toeplitz matrices."""
     g = torch.Generator().manual_seed(8)

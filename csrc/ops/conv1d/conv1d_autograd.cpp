@@ -9,7 +9,8 @@
 //                             (grad_w and grad_b together from backward_weight_bias, which a kernel may fuse).
 //   backward_input(gy, w):    the adjoint of x -> conv1d(x, w), so <gg, backward_input(gy, w)> = <gy, conv1d(gg, w)>:
 //                             grad_gy = conv1d(gg, w), grad_w = backward_weight(gy, gg).
-//   backward_weight(gy, x):   the adjoint of w -> conv1d(x, w): grad_gy = conv1d(x, gg), grad_x = backward_input(gy, gg).
+//   backward_weight(gy, x):   the adjoint of w -> conv1d(x, w):
+//                             grad_gy = conv1d(x, gg), grad_x = backward_input(gy, gg).
 //   backward_weight_bias:     the above for its first output; its second (sum gy) sends gg_bias to gy broadcast.
 // Every gradient is again a pyops op called through the dispatcher, so double backward and torch.compile see ops.
 #include <ATen/ATen.h>
@@ -153,7 +154,9 @@ variable_list backward_weight_grads(AutogradContext* ctx, const at::Tensor& gg_w
   const at::Tensor &gy = saved[0], &x = saved[1];
   const Hyper h = Hyper::load(ctx);
   if (gg_weight.defined()) {
-    if (ctx->needs_input_grad(0)) out[0] = call_conv1d(x, gg_weight, std::nullopt, h.stride, h.padding, h.dilation, h.groups);
+    if (ctx->needs_input_grad(0)) {
+      out[0] = call_conv1d(x, gg_weight, std::nullopt, h.stride, h.padding, h.dilation, h.groups);
+    }
     if (ctx->needs_input_grad(1)) {
       out[1] = call_backward_input(gy, gg_weight, x.size(2), h.stride, h.padding, h.dilation, h.groups);
     }

@@ -5,10 +5,22 @@
 // tap products per block and reduces the blocks' partials in a second pass in a fixed order (no atomics).
 // Nothing is allocated beyond the returned tensors except grad_weight's partials (chunks x C x (K + 1) floats, with
 // chunks <= N x ceil(L_out / 1024) and <= max(256, 4 x SMs / C)).
+//
+// Two ways to spread a tile over the threads (PYOPS_CONV1D_DEPTHWISE, read per call):
+//   elementwise (default): thread t computes positions t, t + 128, ...: one element load/store per output.
+//   runs: thread t computes a run of 16 / sizeof(T) consecutive positions (8 in bf16/fp16, 4 in fp32): one 16-byte
+//         global load or store per run, the window read from shared memory in 16-byte pieces. For dilation-1
+//         filters of 2-5 taps only (the specialized ones); others stay elementwise.
+// Why both: on an H200 the bf16 kernels took as long as the fp32 ones (bound by instructions per element, not by
+// bytes: 34 % of the copy rate in bf16 vs 68 % in fp32). Runs cut the instructions per output; they were written
+// without a GPU at hand, so they are opt-in until bench/profile_conv1d.py has timed both on one (it times each
+// piece under both settings) and the CUDA tests, which run both, have passed there.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "ops/conv1d/conv1d_cuda.cuh"
@@ -71,12 +83,55 @@ struct Taps {
   __device__ __forceinline__ static int dilation(int d) { return kTaps > 0 ? 1 : d; }
 };
 
-// grid: (rows = N*C, tiles of the output length)
-template <typename T, int kTaps>
+// Runs: kRun outputs per thread, so that their T values fill 16 bytes.
+template <typename T>
+constexpr int run_length() {
+  return 16 / static_cast<int>(sizeof(T));
+}
+
+// The window of one run: sm[0, kLen) read in 16-byte pieces (sm 16-byte aligned; kLen a multiple of the piece).
+__device__ __forceinline__ void load_shared16(const float* sm, float* v) {
+  const float4 q = *reinterpret_cast<const float4*>(sm);
+  v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+}
+__device__ __forceinline__ void load_shared16(const double* sm, double* v) {
+  const double2 q = *reinterpret_cast<const double2*>(sm);
+  v[0] = q.x, v[1] = q.y;
+}
+
+// A run's values as the 16 bytes of one store. (Copying a T array through a uint4 pointer instead compiled to
+// 4-byte stores.)
+__device__ __forceinline__ uint4 pack16(const float* v) {
+  return make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3]));
+}
+__device__ __forceinline__ uint4 pack16(const double* v) {
+  return make_uint4(__double2loint(v[0]), __double2hiint(v[0]), __double2loint(v[1]), __double2hiint(v[1]));
+}
+template <typename T>  // c10::Half, c10::BFloat16: 16-bit values in .x
+__device__ __forceinline__ uint4 pack16(const T* v) {
+  static_assert(sizeof(T) == 2, "pack16: 2-byte types here");
+  auto word = [&](int i) { return static_cast<unsigned>(v[i].x) | (static_cast<unsigned>(v[i + 1].x) << 16); };
+  return make_uint4(word(0), word(2), word(4), word(6));
+}
+
+template <typename acc, int kRun, int kTaps>
+struct RunWindow {
+  static constexpr int kPiece = 16 / static_cast<int>(sizeof(acc));
+  static constexpr int kLen = (kRun + kTaps - 1 + kPiece - 1) / kPiece * kPiece;  // >= kRun + kTaps - 1
+  acc v[kLen];
+  __device__ __forceinline__ explicit RunWindow(const acc* sm) {
+#pragma unroll
+    for (int i = 0; i < kLen; i += kPiece) load_shared16(sm + i, v + i);
+  }
+};
+
+// grid: (rows = N*C, tiles of the output length). kRuns: see the top of this file (kTaps > 0 only).
+template <typename T, int kTaps, bool kRuns>
 __global__ void __launch_bounds__(kConvThreads) depthwise_correlate_kernel(DepthwiseArgs<T> a) {
+  static_assert(!kRuns || kTaps > 0, "runs need a compile-time filter width");
   using acc = cuda_acc_t<T>;
   using F = Taps<kTaps>;
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc* sm = reinterpret_cast<acc*>(smem_raw);
   const int64_t row = blockIdx.x, c = row % a.channels;
   const int64_t l0 = static_cast<int64_t>(blockIdx.y) * kTile;
@@ -90,25 +145,47 @@ __global__ void __launch_bounds__(kConvThreads) depthwise_correlate_kernel(Depth
   const acc b = a.bias ? static_cast<acc>(a.bias[c]) : acc(0);
   __syncthreads();
   T* out = a.out + row * a.out_length + l0;
-  for (int j = threadIdx.x; j < count; j += kConvThreads) {  // consecutive threads, consecutive positions
-    acc s = b;
+  if constexpr (kRuns) {
+    constexpr int kRun = run_length<T>();
+    for (int j0 = threadIdx.x * kRun; j0 < count; j0 += kConvThreads * kRun) {
+      const RunWindow<acc, kRun, kTaps> win(sm + j0);
+      T vals[kRun];
 #pragma unroll
-    for (int k = 0; k < F::kUnroll; ++k)
-      if (F::used(k, a.taps)) s += taps[k] * sm[j + k * dilation];
-    out[j] = static_cast<T>(s);
+      for (int r = 0; r < kRun; ++r) {
+        acc s = b;
+#pragma unroll
+        for (int k = 0; k < kTaps; ++k) s += taps[k] * win.v[r + k];
+        vals[r] = static_cast<T>(s);
+      }
+      T* dst = out + j0;
+      if (j0 + kRun <= count && reinterpret_cast<uintptr_t>(dst) % 16 == 0) {
+        __stcg(reinterpret_cast<uint4*>(dst), pack16(vals));  // a plain uint4 store compiled to four 4-byte ones
+      } else {  // the tile's last, partial run, or a row that does not start 16-byte aligned
+        for (int r = 0; r < kRun && j0 + r < count; ++r) dst[r] = vals[r];
+      }
+    }
+  } else {
+    for (int j = threadIdx.x; j < count; j += kConvThreads) {  // consecutive threads, consecutive positions
+      acc s = b;
+#pragma unroll
+      for (int k = 0; k < F::kUnroll; ++k)
+        if (F::used(k, a.taps)) s += taps[k] * sm[j + k * dilation];
+      out[j] = static_cast<T>(s);
+    }
   }
 }
 
 // grid: (C, chunks). Block (c, chunk) sums gy * x-window products over its share of the (batch, tile) pairs into
 // partial[chunk, c, 0:taps], and with_bias the gy values themselves into partial[chunk, c, taps].
-template <typename T, int kTaps>
+template <typename T, int kTaps, bool kRuns>
 __global__ void __launch_bounds__(kConvThreads)
     depthwise_weight_partial_kernel(const T* __restrict__ gy, const T* __restrict__ x, cuda_acc_t<T>* partial,
                                     int64_t batch, int64_t channels, int64_t in_length, int64_t out_length, int taps,
                                     int dilation, int64_t offset, int64_t tiles, int64_t per_chunk, bool with_bias) {
+  static_assert(!kRuns || kTaps > 0, "runs need a compile-time filter width");
   using acc = cuda_acc_t<T>;
   using F = Taps<kTaps>;
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc* sm = reinterpret_cast<acc*>(smem_raw);
   constexpr int kWarps = kConvThreads / kWarpSize;
   __shared__ acc scratch[(kMaxTaps + 1) * kWarps];
@@ -126,12 +203,35 @@ __global__ void __launch_bounds__(kConvThreads)
     load_window(x + row * in_length, in_length, l0 + offset, count + (taps - 1) * dilation, sm);
     __syncthreads();
     const T* g = gy + row * out_length + l0;
-    for (int j = threadIdx.x; j < count; j += kConvThreads) {
-      const acc gv = static_cast<acc>(g[j]);
-      bias_sum += gv;
+    if constexpr (kRuns) {
+      constexpr int kRun = run_length<T>();
+      for (int j0 = threadIdx.x * kRun; j0 < count; j0 += kConvThreads * kRun) {
+        const RunWindow<acc, kRun, kTaps> win(sm + j0);
+        alignas(16) T vals[kRun];
+        const bool whole = j0 + kRun <= count;
+        if (whole && reinterpret_cast<uintptr_t>(g + j0) % 16 == 0) {
+          *reinterpret_cast<uint4*>(vals) = *reinterpret_cast<const uint4*>(g + j0);
+        } else {
+          for (int r = 0; r < kRun; ++r) vals[r] = j0 + r < count ? g[j0 + r] : T(0);
+        }
 #pragma unroll
-      for (int k = 0; k < F::kUnroll; ++k)
-        if (F::used(k, taps)) sums[k] += gv * sm[j + k * dilation];
+        for (int r = 0; r < kRun; ++r) {
+          // past the tile's end the window holds whatever shared memory held (possibly NaN): skip, not multiply by 0
+          if (!whole && j0 + r >= count) break;
+          const acc gv = static_cast<acc>(vals[r]);
+          bias_sum += gv;
+#pragma unroll
+          for (int k = 0; k < kTaps; ++k) sums[k] += gv * win.v[r + k];
+        }
+      }
+    } else {
+      for (int j = threadIdx.x; j < count; j += kConvThreads) {
+        const acc gv = static_cast<acc>(g[j]);
+        bias_sum += gv;
+#pragma unroll
+        for (int k = 0; k < F::kUnroll; ++k)
+          if (F::used(k, taps)) sums[k] += gv * sm[j + k * dilation];
+      }
     }
   }
   // All taps' (and the bias's) block sums at once, in a fixed order: each warp reduces its values by xor-shuffles
@@ -192,8 +292,31 @@ void with_taps(int64_t taps, int64_t dilation, Fn&& f) {
   f(std::integral_constant<int, 0>{});
 }
 
+// The tile's input window in shared memory, plus what a run's last 16-byte piece may read past it.
 size_t window_bytes(int64_t taps, int64_t dilation, size_t acc_size) {
-  return (kTile + (taps - 1) * dilation) * acc_size;
+  return (kTile + (taps - 1) * dilation) * acc_size + 16;
+}
+
+// PYOPS_CONV1D_DEPTHWISE: elementwise (default, also when unset or empty) or runs.
+bool use_runs() {
+  const char* env = std::getenv("PYOPS_CONV1D_DEPTHWISE");
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "elementwise") == 0) return false;
+  TORCH_CHECK_VALUE(std::strcmp(env, "runs") == 0,
+                    "pyops.conv1d: environment variable PYOPS_CONV1D_DEPTHWISE must be elementwise or runs, got '",
+                    env, "'");
+  return true;
+}
+
+// f(std::integral_constant<int, K>{}, std::bool_constant<R>{}): with_taps's K, and runs only where K > 0.
+template <typename Fn>
+void with_taps_and_layout(int64_t taps, int64_t dilation, Fn&& f) {
+  const bool runs = use_runs();
+  with_taps(taps, dilation, [&](auto fixed) {
+    if constexpr (decltype(fixed)::value > 0) {
+      if (runs) return f(fixed, std::true_type{});
+    }
+    f(fixed, std::false_type{});
+  });
 }
 
 }  // namespace
@@ -214,10 +337,9 @@ void depthwise_correlate_cuda(const at::Tensor& in, const at::Tensor& w, const a
                               bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
                               out.mutable_data_ptr<scalar_t>(), out.size(1), in.size(2), out.size(2), offset,
                               static_cast<int>(w.size(2)), static_cast<int>(dilation), flip};
-    with_taps(w.size(2), dilation, [&](auto taps) {
-      depthwise_correlate_kernel<scalar_t, decltype(taps)::value><<<dim3(rows, tiles), kConvThreads,
-                                                                    window_bytes(w.size(2), dilation, sizeof(acc)),
-                                                                    stream>>>(a);
+    with_taps_and_layout(w.size(2), dilation, [&](auto taps, auto runs) {
+      const auto kernel = depthwise_correlate_kernel<scalar_t, decltype(taps)::value, decltype(runs)::value>;
+      kernel<<<dim3(rows, tiles), kConvThreads, window_bytes(w.size(2), dilation, sizeof(acc)), stream>>>(a);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -240,10 +362,9 @@ void depthwise_weight_cuda(const at::Tensor& gy, const at::Tensor& x, at::Tensor
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pyops_conv1d_depthwise_weight_cuda", [&] {
     using acc = cuda_acc_t<scalar_t>;
-    with_taps(taps, dilation, [&](auto fixed) {
-      depthwise_weight_partial_kernel<scalar_t, decltype(fixed)::value><<<dim3(channels, chunks), kConvThreads,
-                                                                          window_bytes(taps, dilation, sizeof(acc)),
-                                                                          stream>>>(
+    with_taps_and_layout(taps, dilation, [&](auto fixed, auto runs) {
+      const auto kernel = depthwise_weight_partial_kernel<scalar_t, decltype(fixed)::value, decltype(runs)::value>;
+      kernel<<<dim3(channels, chunks), kConvThreads, window_bytes(taps, dilation, sizeof(acc)), stream>>>(
           gy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), partial.mutable_data_ptr<acc>(), batch,
           channels, x.size(2), gy.size(2), static_cast<int>(taps), static_cast<int>(dilation), -padding, tiles,
           per_chunk, grad_bias != nullptr);
