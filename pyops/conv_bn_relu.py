@@ -20,7 +20,6 @@ import torch
 from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from ._checks import check_floating, check_like, check_tensor
-from ._dispatch import call_op
 
 ACTIVATIONS = {"none": 0, "relu": 1, "relu6": 2}
 
@@ -126,8 +125,8 @@ def conv2d_bias_act(x, weight, bias=None, stride=1, padding=0, dilation=1, group
     stride, padding, dilation = _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual)
     if activation not in ACTIVATIONS:
         raise ValueError(f"argument 'activation' must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    return call_op(torch.ops.pyops.conv2d_bias_act.default, x, weight, bias, stride, padding, dilation, groups,
-                   ACTIVATIONS[activation], residual)
+    return torch.ops.pyops.conv2d_bias_act.default(x, weight, bias, stride, padding, dilation, groups,
+                                                   ACTIVATIONS[activation], residual)
 
 
 def conv2d_bn_relu(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps=1e-5, stride=1, padding=0,
@@ -146,8 +145,8 @@ def conv2d_bn_relu(x, weight, bias, bn_weight, bn_bias, running_mean, running_va
     """
     stride, padding, dilation = _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual)
     _check_bn_args(weight, bn_weight, bn_bias, running_mean, running_var, eps)
-    return call_op(torch.ops.pyops.conv2d_bn_relu.default, x, weight, bias, bn_weight, bn_bias, running_mean,
-                   running_var, float(eps), stride, padding, dilation, groups, bool(relu), residual)
+    return torch.ops.pyops.conv2d_bn_relu.default(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                                                  float(eps), stride, padding, dilation, groups, bool(relu), residual)
 
 
 # ---- fake (meta) kernels: shapes, dtypes and memory formats exactly as the real kernels produce them ----
@@ -188,81 +187,7 @@ def _conv_act_backward_fake(grad, output, scale, activation, unscaled_too):
             torch.empty(output.shape, memory_format=fmt, **like) if second else torch.empty((0,), **like))
 
 
-# ---- autograd: the activation mask (and BN scale) applied to grad_output in one pass, then ATen's conv backward ----
-
-def _conv_backward(grad_conv, x, weight, has_bias, stride, padding, dilation, groups, needs):
-    """(grad_x, grad_weight, grad_bias) of conv2d for the given grad of its output; None where not needed."""
-    if not any(needs):
-        return None, None, None
-    gx, gw, gb = torch.ops.aten.convolution_backward(
-        grad_conv, x, weight, [weight.shape[0]] if has_bias else None, stride, padding, dilation, False, [0, 0],
-        groups, list(needs))
-    return (gx if needs[0] else None), (gw if needs[1] else None), (gb if needs[2] else None)
-
-
-def _bias_act_setup(ctx, inputs, output):
-    x, weight, bias, stride, padding, dilation, groups, activation, residual = inputs
-    ctx.save_for_backward(x, weight, output)
-    ctx.conv = (stride, padding, dilation, groups)
-    ctx.activation, ctx.has_bias = activation, bias is not None
-
-
-def _bias_act_backward(ctx, grad):
-    x, weight, output = ctx.saved_tensors
-    stride, padding, dilation, groups = ctx.conv
-    if ctx.activation == ACTIVATIONS["none"]:
-        grad_pre = grad
-    else:
-        grad_pre, _ = call_op(torch.ops.pyops.conv_act_backward.default, grad, output, None, ctx.activation, False)
-    n = ctx.needs_input_grad
-    gx, gw, gb = _conv_backward(grad_pre, x, weight, ctx.has_bias, stride, padding, dilation, groups,
-                                (n[0], n[1], n[2] and ctx.has_bias))
-    return gx, gw, gb, None, None, None, None, None, (grad_pre if n[8] else None)
-
-
-torch.library.register_autograd("pyops::conv2d_bias_act", _bias_act_backward, setup_context=_bias_act_setup)
-
-
-def _bn_setup(ctx, inputs, output):
-    x, weight, bias, bn_weight, bn_bias, mean, var, eps, stride, padding, dilation, groups, relu = inputs[:13]
-    ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, mean, var, output)
-    ctx.eps, ctx.conv, ctx.relu = eps, (stride, padding, dilation, groups), relu
-
-
-def _bn_backward(ctx, grad):
-    """With z = conv(x, W) + b, y = act(scale·(z − μ) + β + residual) and g = grad·act'(y) (one fused pass gives
-    both g·scale and g): dz = g·scale feeds ATen's conv backward (input, weight, bias); d residual = g;
-    dβ = Σ_nhw g; dγ = Σ_nhw g·(z − μ)/√(σ²+ε), using Σ_nhw g·conv(x, W) = Σ_{ic,kh,kw} W ⊙ conv_weight_grad(x, g)
-    so that z is never recomputed."""
-    x, weight, bias, bn_weight, bn_bias, mean, var, output = ctx.saved_tensors
-    stride, padding, dilation, groups = ctx.conv
-    n = ctx.needs_input_grad
-    needs_residual = len(n) > 13 and n[13]  # residual=None may be left out of the call
-    need_bn_weight = n[3] and bn_weight is not None
-    need_unscaled = needs_residual or need_bn_weight or (n[4] and bn_bias is not None)
-    _, _, scale = call_op(torch.ops.pyops.conv_bn_fold.default, weight, bias, bn_weight, bn_bias, mean, var, ctx.eps)
-    grad_conv, grad_pre = call_op(torch.ops.pyops.conv_act_backward.default, grad, output, scale, int(ctx.relu),
-                                  need_unscaled)
-    gx, gw, gb = _conv_backward(grad_conv, x, weight, bias is not None, stride, padding, dilation, groups,
-                                (n[0], n[1], n[2] and bias is not None))
-    g_bn_weight = g_bn_bias = None
-    if need_unscaled and (need_bn_weight or n[4]):
-        sum_pre = grad_pre.sum((0, 2, 3), dtype=_acc_dtype(grad.dtype))
-        if n[4] and bn_bias is not None:
-            g_bn_bias = sum_pre.to(bn_bias.dtype)
-        if need_bn_weight:
-            _, gw_raw, _ = _conv_backward(grad_pre, x, weight, False, stride, padding, dilation, groups,
-                                          (False, True, False))
-            acc = _acc_dtype(grad.dtype)
-            centered = (bias.to(acc) if bias is not None else 0) - mean.to(acc)
-            sum_pre_z = (weight.to(acc) * gw_raw.to(acc)).sum((1, 2, 3)) + centered * sum_pre
-            g_bn_weight = (sum_pre_z * torch.rsqrt(var.to(acc) + ctx.eps)).to(bn_weight.dtype)
-    grads = (gx, gw, gb, g_bn_weight, g_bn_bias, None, None, None, None, None, None, None, None,
-             grad_pre if needs_residual else None)
-    return grads[:len(n)]
-
-
-torch.library.register_autograd("pyops::conv2d_bn_relu", _bn_backward, setup_context=_bn_setup)
+# ---- autograd: C++ (csrc/ops/conv_bn_relu/conv_bn_relu_autograd.cpp), BN statistics frozen ----
 
 
 # ---- FlopCounterMode: 2·multiply-adds of the convolution (PyTorch's convention; the epilogue is not counted) ----

@@ -17,7 +17,6 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from ._derived import DerivedWeights
-from ._dispatch import call_op, records_grad
 from .conv1d import conv1d
 from .conv_bn_relu import ACTIVATIONS as ACTIVATION_CODES, conv2d_bias_act
 from .convolutionalize import convolutionalize
@@ -181,11 +180,11 @@ class ConvBNReLU2d(DerivedWeights):
             return None
         if self.kernel_size == (1, 1) and (x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last)):
             return None
-        if records_grad(x, self.weight, self.bias, residual):
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(x, self.weight, self.bias, residual):
             return None
-        return self.derived(("packed", tuple(x.shape)), (self.weight,), lambda: call_op(
-            torch.ops.pyops.conv2d_pack_weight.default, x, self.weight, self.stride, self.padding, self.dilation,
-            self.groups))
+        pack = torch.ops.pyops.conv2d_pack_weight.default
+        return self.derived(("packed", tuple(x.shape)), (self.weight,),
+                            lambda: pack(x, self.weight, self.stride, self.padding, self.dilation, self.groups))
 
     def _cudnn_forward(self, x, residual):
         """act(conv2d(x) + bias [+ residual]) by cuDNN called from here, or None where this path does not apply.
@@ -248,11 +247,12 @@ class ConvBNReLU2d(DerivedWeights):
             return out
         packed = self._packed_weight(x, residual)
         if packed is not None:
-            return call_op(torch.ops.pyops.conv2d_bias_act_packed.default, x, self.weight, packed, self.bias,
-                           self.stride, self.padding, self.dilation, self.groups, ACTIVATION_CODES[self.activation],
-                           residual)
-        return call_op(torch.ops.pyops.conv2d_bias_act.default, x, self.weight, self.bias, self.stride, self.padding,
-                       self.dilation, self.groups, ACTIVATION_CODES[self.activation], residual)
+            return torch.ops.pyops.conv2d_bias_act_packed.default(x, self.weight, packed, self.bias, self.stride,
+                                                                  self.padding, self.dilation, self.groups,
+                                                                  ACTIVATION_CODES[self.activation], residual)
+        return torch.ops.pyops.conv2d_bias_act.default(x, self.weight, self.bias, self.stride, self.padding,
+                                                       self.dilation, self.groups, ACTIVATION_CODES[self.activation],
+                                                       residual)
 
     def extra_repr(self):
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"

@@ -9,7 +9,6 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from ._checks import check_floating, check_like
-from ._dispatch import call_op
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 DEFAULT_WORKSPACE = 256 << 20
@@ -77,8 +76,8 @@ def sliding_head(features, weights, biases=None, relu=None, precision="fp32", wo
         weights = [w.to(torch.bfloat16) for w in weights]
         biases = [b.to(torch.bfloat16) for b in biases]
     _check_args(features, weights, biases, relu)
-    out = call_op(torch.ops.pyops.sliding_head.default, features, weights, biases, [int(r) for r in relu],
-                  precision == "tf32", workspace_bytes)
+    out = torch.ops.pyops.sliding_head.default(features, weights, biases, [int(r) for r in relu],
+                                               precision == "tf32", workspace_bytes)
     return out.to(out_dtype)
 
 

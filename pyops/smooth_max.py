@@ -9,7 +9,6 @@ import math
 import torch
 
 from ._checks import check_floating, wrap_dim
-from ._dispatch import call_op
 
 
 def _check_args(x, beta, dim):
@@ -39,7 +38,7 @@ def smooth_max(x, beta=1.0, dim=-1, keepdim=False):
         x's shape without `dim` (or with size 1 there when keepdim), x's dtype.
     """
     _check_args(x, beta, dim)
-    return call_op(torch.ops.pyops.smooth_max.default, x, float(beta), dim, keepdim)
+    return torch.ops.pyops.smooth_max.default(x, float(beta), dim, keepdim)
 
 
 def _reduced_shape(x, dim, keepdim):
@@ -67,53 +66,4 @@ def _smooth_max_backward_fake(grad, x, result, beta, dim, keepdim):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def _setup_context(ctx, inputs, output):
-    x, beta, dim, keepdim = inputs
-    ctx.save_for_backward(x, output)
-    ctx.beta, ctx.dim, ctx.keepdim = beta, dim, keepdim
-
-
-def _backward(ctx, grad):
-    x, result = ctx.saved_tensors
-    grad_x = None
-    if ctx.needs_input_grad[0]:
-        grad_x = call_op(torch.ops.pyops.smooth_max_backward.default, grad, x, result, ctx.beta, ctx.dim, ctx.keepdim)
-    return grad_x, None, None, None
-
-
-torch.library.register_autograd("pyops::smooth_max", _backward, setup_context=_setup_context)
-
-
-# Double backward. smooth_max_backward(G, x, r) = G·p with p = exp(β(x − r)) (the softmax, r broadcast along dim),
-# taking r as an independent input; autograd then carries r's gradient through smooth_max's own backward, which
-# together gives the softmax Jacobian β·(diag p − p pᵀ). At β = ±inf p is piecewise constant: only G has a gradient.
-def _setup_backward_context(ctx, inputs, output):
-    grad, x, result, beta, dim, keepdim = inputs
-    ctx.save_for_backward(grad, x, result)
-    ctx.beta, ctx.dim, ctx.keepdim = beta, dim, keepdim
-
-
-def _double_backward(ctx, gg):
-    grad, x, result = ctx.saved_tensors
-    beta, dim, keepdim = ctx.beta, ctx.dim, ctx.keepdim
-    d = wrap_dim(dim, x.dim())
-    p = call_op(torch.ops.pyops.smooth_max_backward.default, torch.ones_like(grad), x, result, beta, dim, keepdim)
-    gg_p = gg * p
-    g_grad = g_x = g_result = None
-    if ctx.needs_input_grad[0]:
-        g_grad = gg_p.sum(d, keepdim=True).reshape(grad.shape) if x.dim() else gg_p.reshape(grad.shape)
-    if not math.isinf(beta) and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
-        g_b = grad if (keepdim or x.dim() == 0) else grad.unsqueeze(d)
-        term = beta * gg_p * g_b
-        if ctx.needs_input_grad[1]:
-            g_x = term
-        if ctx.needs_input_grad[2]:
-            g_result = -(term.sum(d, keepdim=True) if x.dim() else term).reshape(result.shape)
-    elif ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-        g_x = torch.zeros_like(x) if ctx.needs_input_grad[1] else None
-        g_result = torch.zeros_like(result) if ctx.needs_input_grad[2] else None
-    return g_grad, g_x, g_result, None, None, None
-
-
-torch.library.register_autograd("pyops::smooth_max_backward", _double_backward,
-                                setup_context=_setup_backward_context)
+# Autograd (backward and double backward): C++, csrc/ops/smooth_max/smooth_max_autograd.cpp.

@@ -1,4 +1,5 @@
 """pyops.conv2d_bn_relu and conv2d_bias_act against float64 references, on every main loop (PYOPS_CONV_PATH)."""
+import itertools
 import random
 
 import pytest
@@ -173,6 +174,32 @@ def test_gradients_match_autograd_reference(device, path):
         out = conv2d_bias_act(x * 3, w, b, activation=act, residual=r, **conv)
         ref = reference.conv2d_bias_act(x * 3, w, b, activation=act, residual=r, **conv)
         for a, e in zip(torch.autograd.grad(out, leaves3, gy), torch.autograd.grad(ref, leaves3, gy)):
+            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("present", list(itertools.product([True, False], repeat=4)), ids=str)
+def test_gradients_with_absent_arguments_and_partial_requires_grad(device, present):
+    """bias, γ, β and residual each present or None, and only some tensors requiring grad: each gradient asked for
+    equals autograd through the reference (the C++ autograd maps tensor arguments to input edges, which skip the
+    absent ones)."""
+    x, w, b, g, beta, mean, var, r = grad_inputs(device)
+    has_b, has_g, has_beta, has_r = present
+    b, g, beta, r = (t if keep else None for t, keep in zip((b, g, beta, r), present))
+    conv = dict(stride=(2, 1), padding=1, dilation=1, groups=2)
+    gy = torch.randn(2, 6, 4, 6, dtype=torch.float64, device=device)
+    optional = [t for t in (b, g, beta, r) if t is not None]
+    for wanted in ([x] + optional, optional[-1:] or [w]):  # everything but the weight; only the last present one
+        for t in (x, w, *optional):
+            t.requires_grad_(any(t is u for u in wanted))
+        out = pyops.conv2d_bn_relu(x, w, b, g, beta, mean, var, 1e-3, residual=r, **conv)
+        ref = reference.conv2d_bn_relu(x, w, b, g, beta, mean, var, 1e-3, residual=r, **conv)
+        for a, e in zip(torch.autograd.grad(out, wanted, gy), torch.autograd.grad(ref, wanted, gy)):
+            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+        if has_g or has_beta:
+            continue  # conv2d_bias_act takes no BN
+        out = conv2d_bias_act(x, w, b, residual=r, **conv)
+        ref = reference.conv2d_bias_act(x, w, b, residual=r, **conv)
+        for a, e in zip(torch.autograd.grad(out, wanted, gy), torch.autograd.grad(ref, wanted, gy)):
             torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
 
 

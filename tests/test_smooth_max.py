@@ -123,6 +123,16 @@ def test_gradcheck_and_gradgradcheck(device, dim):
     assert torch.autograd.gradgradcheck(f, (x,))
 
 
+def test_gradgradcheck_keepdim_scalar_and_infinite_beta(device):
+    """The double backward's other branches: keepdim, a 0-d input, beta = +-inf (only grad_output has a gradient)."""
+    x = rand((3, 5), torch.float64, device, seed=15).requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda t: pyops.smooth_max(t, -0.8, 1, keepdim=True), (x,))
+    s = torch.tensor(0.7, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: pyops.smooth_max(t, 2.0, 0), (s,))
+    for beta in (math.inf, -math.inf):
+        assert torch.autograd.gradgradcheck(lambda t: pyops.smooth_max(t, beta, 0), (x,))
+
+
 def test_opcheck(device):
     for args in [(rand((4, 9), device=device).requires_grad_(), 2.0, 1, False),
                  (rand((4, 9, 3), device=device).requires_grad_(), -1.0, 1, True),

@@ -1,8 +1,5 @@
-// Autograd of conv1d and its backward ops, registered in C++ at the Autograd key.
-//
-// Why C++ rather than torch.library.register_autograd: a Python autograd kernel costs about 100 µs of host time per
-// forward+backward step (CPU, 1x1x16 input: 252 µs vs F.conv1d's 148 µs), more than the kernels of a small layer
-// take on a GPU (the H200 single-channel fwd+bwd ran 0.64x F.conv1d for that reason, bench/NOTES-conv1d.md).
+// Autograd of conv1d and its backward ops, in C++ at the Autograd key (common/dispatch.h says why C++; the H200
+// single-channel fwd+bwd ran 0.64x F.conv1d with the Python autograd kernel, bench/NOTES-conv1d.md).
 //
 // The gradients (gy = grad_output, gg = the gradient flowing into a backward op's output):
 //   conv1d(x, w, b):          grad_x = backward_input(gy, w), grad_w = backward_weight(gy, x), grad_b = sum gy
@@ -14,12 +11,13 @@
 //   backward_weight_bias:     the above for its first output; its second (sum gy) sends gg_bias to gy broadcast.
 // Every gradient is again a pyops op called through the dispatcher, so double backward and torch.compile see ops.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <tuple>
+
+#include "common/dispatch.h"
 
 namespace pyops {
 namespace {
@@ -31,34 +29,31 @@ using torch::autograd::variable_list;
 // again; from a forward, under AutoDispatchBelowADInplaceOrView, the backend kernel.
 at::Tensor call_conv1d(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b, int64_t stride,
                        int64_t padding, int64_t dilation, int64_t groups) {
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("pyops::conv1d", "").typed<at::Tensor(
-      const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t, int64_t, int64_t, int64_t)>();
+  static const auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                            int64_t, int64_t, int64_t, int64_t)>("pyops::conv1d");
   return op.call(x, w, b, stride, padding, dilation, groups);
 }
 
 at::Tensor call_backward_input(const at::Tensor& gy, const at::Tensor& w, int64_t input_length, int64_t stride,
                                int64_t padding, int64_t dilation, int64_t groups) {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("pyops::conv1d_backward_input", "").typed<at::Tensor(
-          const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t, int64_t, int64_t)>();
+  static const auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t, int64_t,
+                                            int64_t)>("pyops::conv1d_backward_input");
   return op.call(gy, w, input_length, stride, padding, dilation, groups);
 }
 
 at::Tensor call_backward_weight(const at::Tensor& gy, const at::Tensor& x, int64_t kernel_size, int64_t stride,
                                 int64_t padding, int64_t dilation, int64_t groups) {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("pyops::conv1d_backward_weight", "").typed<at::Tensor(
-          const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t, int64_t, int64_t)>();
+  static const auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t, int64_t,
+                                            int64_t)>("pyops::conv1d_backward_weight");
   return op.call(gy, x, kernel_size, stride, padding, dilation, groups);
 }
 
 std::tuple<at::Tensor, at::Tensor> call_backward_weight_bias(const at::Tensor& gy, const at::Tensor& x,
                                                              int64_t kernel_size, int64_t stride, int64_t padding,
                                                              int64_t dilation, int64_t groups) {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("pyops::conv1d_backward_weight_bias", "").typed<
-          std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t, int64_t,
-                                             int64_t)>();
+  static const auto op = find_op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t,
+                                                                    int64_t, int64_t, int64_t, int64_t)>(
+      "pyops::conv1d_backward_weight_bias");
   return op.call(gy, x, kernel_size, stride, padding, dilation, groups);
 }
 
@@ -98,7 +93,7 @@ class Conv1dFunction : public torch::autograd::Function<Conv1dFunction> {
                             int64_t groups) {
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({x, w});
-    ctx->saved_data["has_bias"] = b.has_value() && b->defined();
+    InputEdges::save(ctx, {true, true, is_defined(b)});
     Hyper{stride, padding, dilation, groups}.save(ctx);
     at::AutoDispatchBelowADInplaceOrView below;
     return call_conv1d(x, w, b, stride, padding, dilation, groups);
@@ -111,12 +106,9 @@ class Conv1dFunction : public torch::autograd::Function<Conv1dFunction> {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &w = saved[1];
     const Hyper h = Hyper::load(ctx);
-    if (ctx->needs_input_grad(0)) {
-      out[0] = call_backward_input(gy, w, x.size(2), h.stride, h.padding, h.dilation, h.groups);
-    }
-    // needs_input_grad counts tensor arguments only: with no bias there is no index 2
-    const bool need_bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2);
-    std::tie(out[1], out[2]) = weight_and_bias_grads(gy, x, w.size(2), ctx->needs_input_grad(1), need_bias, h);
+    const InputEdges edges(ctx);
+    if (edges.needs(0)) out[0] = call_backward_input(gy, w, x.size(2), h.stride, h.padding, h.dilation, h.groups);
+    std::tie(out[1], out[2]) = weight_and_bias_grads(gy, x, w.size(2), edges.needs(1), edges.needs(2), h);
     return out;
   }
 };

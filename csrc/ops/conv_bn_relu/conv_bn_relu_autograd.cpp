@@ -1,0 +1,201 @@
+// Autograd of conv2d_bias_act and conv2d_bn_relu, in C++ at the Autograd key (common/dispatch.h says why C++; a
+// fine-tuning step through a small fused layer spent most of its host time in the Python backward).
+//
+// The BN statistics are frozen (torchvision's FrozenBatchNorm2d): gradients reach the input, weight, bias, residual
+// and γ, β, never μ, σ². With z = conv(x, W) + b, y = act(scale·(z − μ) + β + residual), scale = γ/√(σ²+ε), and
+// g = grad·act'(y) (one pass of conv_act_backward gives both g·scale and g):
+//   dz = g·scale feeds ATen's convolution backward (input, weight, bias); d residual = g; dβ = Σ_nhw g;
+//   dγ = Σ_nhw g·(z − μ)/√(σ²+ε), using Σ_nhw g·conv(x, W) = Σ_{ic,kh,kw} W ⊙ conv_weight_grad(x, g), so that z is
+//   never recomputed.
+// conv2d_bias_act is the same with scale = 1 and no BN.
+#include <ATen/ATen.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "common/dispatch.h"
+#include "ops/conv_bn_relu/conv_bn_relu.h"
+
+namespace pyops {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptTensor = std::optional<at::Tensor>;
+
+// (grad·act'(output)·scale, grad·act'(output) if unscaled_too and scale given)
+std::tuple<at::Tensor, at::Tensor> call_conv_act_backward(const at::Tensor& grad, const at::Tensor& output,
+                                                          const OptTensor& scale, int64_t activation,
+                                                          bool unscaled_too) {
+  static const auto op = find_op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                    const OptTensor&, int64_t, bool)>(
+      "pyops::conv_act_backward");
+  return op.call(grad, output, scale, activation, unscaled_too);
+}
+
+// stride, padding, dilation, groups of the convolution, kept in ctx->saved_data.
+struct ConvArgs {
+  std::vector<int64_t> stride, padding, dilation;
+  int64_t groups;
+
+  void save(AutogradContext* ctx) const {
+    ctx->saved_data["stride"] = stride;
+    ctx->saved_data["padding"] = padding;
+    ctx->saved_data["dilation"] = dilation;
+    ctx->saved_data["groups"] = groups;
+  }
+  static ConvArgs load(AutogradContext* ctx) {
+    return {ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
+            ctx->saved_data["dilation"].toIntVector(), ctx->saved_data["groups"].toInt()};
+  }
+};
+
+// (grad_x, grad_weight, grad_bias) of conv2d for the gradient of its output; undefined where not asked for.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                             const at::Tensor& w, bool has_bias, const ConvArgs& c,
+                                                             std::array<bool, 3> mask) {
+  if (!mask[0] && !mask[1] && !mask[2]) return {};
+  const int64_t out_channels = w.size(0);
+  const at::OptionalIntArrayRef bias_sizes =
+      has_bias ? at::OptionalIntArrayRef(at::IntArrayRef(&out_channels, 1)) : std::nullopt;
+  auto [gx, gw, gb] = at::convolution_backward(grad, x, w, bias_sizes, c.stride, c.padding, c.dilation,
+                                               /*transposed=*/false, {0, 0}, c.groups, mask);
+  return {mask[0] ? gx : at::Tensor(), mask[1] ? gw : at::Tensor(), mask[2] ? gb : at::Tensor()};
+}
+
+at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+class ConvBiasActFunction : public torch::autograd::Function<ConvBiasActFunction> {
+ public:
+  // tensor arguments, in order: x, weight, bias?, residual?
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, const OptTensor& b,
+                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                            int64_t activation, const OptTensor& residual) {
+    static const auto op =
+        find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, at::IntArrayRef, at::IntArrayRef,
+                           at::IntArrayRef, int64_t, int64_t, const OptTensor&)>("pyops::conv2d_bias_act");
+    at::Tensor out;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      out = op.call(x, w, b, stride, padding, dilation, groups, activation, residual);
+    }
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({x, w, out});
+    InputEdges::save(ctx, {true, true, is_defined(b), is_defined(residual)});
+    ConvArgs{stride.vec(), padding.vec(), dilation.vec(), groups}.save(ctx);
+    ctx->saved_data["activation"] = activation;
+    ctx->saved_data["has_bias"] = is_defined(b);
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(9);
+    const at::Tensor& grad = grads[0];
+    if (!grad.defined()) return out;
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &w = saved[1], &output = saved[2];
+    const InputEdges edges(ctx);
+    const int64_t activation = ctx->saved_data["activation"].toInt();
+    const at::Tensor grad_pre = activation == static_cast<int64_t>(Activation::kNone)
+                                    ? grad
+                                    : std::get<0>(call_conv_act_backward(grad, output, std::nullopt, activation, false));
+    std::tie(out[0], out[1], out[2]) = conv_backward(grad_pre, x, w, ctx->saved_data["has_bias"].toBool(),
+                                                     ConvArgs::load(ctx), {edges.needs(0), edges.needs(1), edges.needs(2)});
+    if (edges.needs(3)) out[8] = grad_pre;
+    return out;
+  }
+};
+
+class ConvBNReLUFunction : public torch::autograd::Function<ConvBNReLUFunction> {
+ public:
+  // tensor arguments, in order: x, weight, bias?, bn_weight?, bn_bias?, running_mean, running_var, residual?
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, const OptTensor& b,
+                            const OptTensor& bn_weight, const OptTensor& bn_bias, const at::Tensor& mean,
+                            const at::Tensor& var, double eps, at::IntArrayRef stride, at::IntArrayRef padding,
+                            at::IntArrayRef dilation, int64_t groups, bool relu, const OptTensor& residual) {
+    static const auto op =
+        find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                           const at::Tensor&, const at::Tensor&, double, at::IntArrayRef, at::IntArrayRef,
+                           at::IntArrayRef, int64_t, bool, const OptTensor&)>("pyops::conv2d_bn_relu");
+    at::Tensor out;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      out = op.call(x, w, b, bn_weight, bn_bias, mean, var, eps, stride, padding, dilation, groups, relu, residual);
+    }
+    ctx->set_materialize_grads(false);
+    const at::Tensor none;
+    ctx->save_for_backward({x, w, b.value_or(none), bn_weight.value_or(none), bn_bias.value_or(none), mean, var, out});
+    InputEdges::save(ctx, {true, true, is_defined(b), is_defined(bn_weight), is_defined(bn_bias), true, true,
+                           is_defined(residual)});
+    ConvArgs{stride.vec(), padding.vec(), dilation.vec(), groups}.save(ctx);
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["relu"] = relu;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(14);
+    const at::Tensor& grad = grads[0];
+    if (!grad.defined()) return out;
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &w = saved[1], &b = saved[2], &bn_weight = saved[3], &bn_bias = saved[4];
+    const at::Tensor &mean = saved[5], &var = saved[6], &output = saved[7];
+    const InputEdges edges(ctx);
+    const ConvArgs c = ConvArgs::load(ctx);
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const bool need_bn_weight = edges.needs(3), need_bn_bias = edges.needs(4), need_residual = edges.needs(7);
+    const bool need_unscaled = need_residual || need_bn_weight || need_bn_bias;
+
+    static const auto fold = find_op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
+        double)>("pyops::conv_bn_fold");
+    const auto opt = [](const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; };
+    const at::Tensor scale = std::get<2>(fold.call(w, opt(b), opt(bn_weight), opt(bn_bias), mean, var, eps));
+    const int64_t activation = static_cast<int64_t>(ctx->saved_data["relu"].toBool() ? Activation::kRelu
+                                                                                      : Activation::kNone);
+    const auto [grad_conv, grad_pre] = call_conv_act_backward(grad, output, scale, activation, need_unscaled);
+    std::tie(out[0], out[1], out[2]) =
+        conv_backward(grad_conv, x, w, b.defined(), c, {edges.needs(0), edges.needs(1), edges.needs(2)});
+    if (need_bn_weight || need_bn_bias) {
+      const at::ScalarType acc = acc_dtype(grad.scalar_type());
+      const at::Tensor sum_pre = grad_pre.sum(at::IntArrayRef{0, 2, 3}, /*keepdim=*/false, acc);
+      if (need_bn_bias) out[4] = sum_pre.to(bn_bias.scalar_type());
+      if (need_bn_weight) {
+        const at::Tensor grad_w_raw = std::get<1>(conv_backward(grad_pre, x, w, false, c, {false, true, false}));
+        at::Tensor centered = -mean.to(acc);
+        if (b.defined()) centered = centered + b.to(acc);
+        const at::Tensor sum_pre_z = (w.to(acc) * grad_w_raw.to(acc)).sum(at::IntArrayRef{1, 2, 3}) + centered * sum_pre;
+        out[3] = (sum_pre_z * at::rsqrt(var.to(acc) + eps)).to(bn_weight.scalar_type());
+      }
+    }
+    if (need_residual) out[13] = grad_pre;
+    return out;
+  }
+};
+
+at::Tensor conv2d_bias_act_autograd(const at::Tensor& x, const at::Tensor& w, const OptTensor& b,
+                                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                    int64_t groups, int64_t activation, const OptTensor& residual) {
+  return ConvBiasActFunction::apply(x, w, b, stride, padding, dilation, groups, activation, residual);
+}
+
+at::Tensor conv2d_bn_relu_autograd(const at::Tensor& x, const at::Tensor& w, const OptTensor& b,
+                                   const OptTensor& bn_weight, const OptTensor& bn_bias, const at::Tensor& mean,
+                                   const at::Tensor& var, double eps, at::IntArrayRef stride, at::IntArrayRef padding,
+                                   at::IntArrayRef dilation, int64_t groups, bool relu, const OptTensor& residual) {
+  return ConvBNReLUFunction::apply(x, w, b, bn_weight, bn_bias, mean, var, eps, stride, padding, dilation, groups,
+                                   relu, residual);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyops, Autograd, m) {
+  m.impl("conv2d_bias_act", &conv2d_bias_act_autograd);
+  m.impl("conv2d_bn_relu", &conv2d_bn_relu_autograd);
+}
+
+}  // namespace pyops

@@ -1,0 +1,120 @@
+// Autograd of smooth_max and of its backward op (double backward), in C++ at the Autograd key (common/dispatch.h
+// says why C++).
+//
+//   smooth_max(x) = r:  grad_x = smooth_max_backward(G, x, r) = G·p,  p = exp(β(x − r)) (the softmax along dim).
+//   smooth_max_backward(G, x, r), taking r as an independent input: d/dG = p (summed along dim back to G's shape),
+//   d/dx = β·gg·p·G, d/dr = −Σ_dim β·gg·p·G. Autograd then carries r's gradient through smooth_max's own backward,
+//   which together gives the softmax Jacobian β·(diag p − p pᵀ). At β = ±inf p is piecewise constant: only G has a
+//   gradient (zeros for x and r).
+#include <ATen/ATen.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "common/checks.h"
+#include "common/dispatch.h"
+
+namespace pyops {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+at::Tensor call_smooth_max_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& result,
+                                    double beta, int64_t dim, bool keepdim) {
+  static const auto op =
+      find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t, bool)>(
+          "pyops::smooth_max_backward");
+  return op.call(grad, x, result, beta, dim, keepdim);
+}
+
+void save_reduction(AutogradContext* ctx, double beta, int64_t dim, bool keepdim) {
+  ctx->saved_data["beta"] = beta;
+  ctx->saved_data["dim"] = dim;
+  ctx->saved_data["keepdim"] = keepdim;
+}
+
+class SmoothMaxFunction : public torch::autograd::Function<SmoothMaxFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, double beta, int64_t dim, bool keepdim) {
+    static const auto op = find_op<at::Tensor(const at::Tensor&, double, int64_t, bool)>("pyops::smooth_max");
+    at::Tensor result;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      result = op.call(x, beta, dim, keepdim);
+    }
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({x, result});
+    save_reduction(ctx, beta, dim, keepdim);
+    return result;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(4);
+    if (!grads[0].defined() || !ctx->needs_input_grad(0)) return out;
+    const variable_list saved = ctx->get_saved_variables();
+    out[0] = call_smooth_max_backward(grads[0], saved[0], saved[1], ctx->saved_data["beta"].toDouble(),
+                                      ctx->saved_data["dim"].toInt(), ctx->saved_data["keepdim"].toBool());
+    return out;
+  }
+};
+
+class SmoothMaxBackwardFunction : public torch::autograd::Function<SmoothMaxBackwardFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& grad, const at::Tensor& x,
+                            const at::Tensor& result, double beta, int64_t dim, bool keepdim) {
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({grad, x, result});
+    save_reduction(ctx, beta, dim, keepdim);
+    at::AutoDispatchBelowADInplaceOrView below;
+    return call_smooth_max_backward(grad, x, result, beta, dim, keepdim);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor& gg = grads[0];
+    variable_list out(6);
+    if (!gg.defined()) return out;
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &grad = saved[0], &x = saved[1], &result = saved[2];
+    const double beta = ctx->saved_data["beta"].toDouble();
+    const int64_t dim = ctx->saved_data["dim"].toInt();
+    const bool keepdim = ctx->saved_data["keepdim"].toBool();
+    const bool scalar = x.dim() == 0;
+    const int64_t d = wrap_dim(dim, x.dim(), "dim");
+    const bool need_grad = ctx->needs_input_grad(0), need_x = ctx->needs_input_grad(1),
+               need_result = ctx->needs_input_grad(2);
+    const at::Tensor p = call_smooth_max_backward(at::ones_like(grad), x, result, beta, dim, keepdim);
+    const at::Tensor gg_p = gg * p;
+    if (need_grad) out[0] = (scalar ? gg_p : gg_p.sum(d, /*keepdim=*/true)).reshape(grad.sizes());
+    if (!need_x && !need_result) return out;
+    if (std::isinf(beta)) {
+      if (need_x) out[1] = at::zeros_like(x);
+      if (need_result) out[2] = at::zeros_like(result);
+      return out;
+    }
+    const at::Tensor g_b = (keepdim || scalar) ? grad : grad.unsqueeze(d);
+    const at::Tensor term = beta * gg_p * g_b;
+    if (need_x) out[1] = term;
+    if (need_result) out[2] = -(scalar ? term : term.sum(d, /*keepdim=*/true)).reshape(result.sizes());
+    return out;
+  }
+};
+
+at::Tensor smooth_max_autograd(const at::Tensor& x, double beta, int64_t dim, bool keepdim) {
+  return SmoothMaxFunction::apply(x, beta, dim, keepdim);
+}
+
+at::Tensor smooth_max_backward_autograd(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& result,
+                                        double beta, int64_t dim, bool keepdim) {
+  return SmoothMaxBackwardFunction::apply(grad, x, result, beta, dim, keepdim);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyops, Autograd, m) {
+  m.impl("smooth_max", &smooth_max_autograd);
+  m.impl("smooth_max_backward", &smooth_max_backward_autograd);
+}
+
+}  // namespace pyops
