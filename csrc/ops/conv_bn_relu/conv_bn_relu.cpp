@@ -3,7 +3,6 @@
 #include "ops/conv_bn_relu/conv_bn_relu.h"
 
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -11,6 +10,7 @@
 #include <string>
 
 #include "common/checks.h"
+#include "common/dispatch.h"
 
 namespace pyops {
 
@@ -118,16 +118,13 @@ at::Tensor conv2d_bn_relu(const at::Tensor& input, const at::Tensor& weight, con
   check_bn_args(weight, bn_weight, bn_bias, running_mean, running_var, eps);
   const int64_t act = relu ? static_cast<int64_t>(Activation::kRelu) : static_cast<int64_t>(Activation::kNone);
   check_conv2d_bias_act_args(input, weight, bias, stride, padding, dilation, groups, act, residual);
-  static auto fold = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("pyops::conv_bn_fold", "")
-                         .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                             const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                             const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, double)>();
-  static auto bias_act = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("pyops::conv2d_bias_act", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                               at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, int64_t,
-                                               const std::optional<at::Tensor>&)>();
+  using OptTensor = std::optional<at::Tensor>;
+  static const auto fold = find_op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
+      double)>("pyops::conv_bn_fold");
+  static const auto bias_act =
+      find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, at::IntArrayRef, at::IntArrayRef,
+                         at::IntArrayRef, int64_t, int64_t, const OptTensor&)>("pyops::conv2d_bias_act");
   auto [w, b, scale] = fold.call(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps);
   return bias_act.call(input, w, b, stride, padding, dilation, groups, act, residual);
 }
