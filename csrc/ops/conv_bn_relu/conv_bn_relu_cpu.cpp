@@ -171,15 +171,15 @@ at::Tensor library_forward(const at::Tensor& x, const at::Tensor& w, const std::
 // reduction per output is short (Cin/groups·KH·KW <= 32, e.g. the homework's 3→16 3×3 layer), the stride is 1 (its
 // strip gather is contiguous) and there are 4..16 output channels per group; oneDNN wins on ResNet-sized layers,
 // strided stems and depthwise convolutions -- except on small ones: oneDNN's call (mkldnn::_convolution_pointwise
-// builds its primitive and reorders the weight every time) costs ~150 µs whatever the size, more than the whole
-// convolution below ~2M multiply-adds. There the direct kernel was 1.2-3.9x faster on dense and grouped shapes with
-// reductions up to 512 (2→2 to 256→64, 1×1 to 7×7, stride 1 and 2; 2 threads), but not with longer reductions on
-// tiny maps (128→128 3×3 on 2×2: 0.34x, 512→16 3×3 on 4×4: 0.62x; 64→64 3×3 on 4×4: 0.93-1.22x), nor on
-// depthwise layers (0.76-2.1x): those stay with the rule above.
+// builds its primitive and reorders the weight every time) costs ~150 µs whatever the size. Below 2^23 (8.4M)
+// multiply-adds a call the direct kernel was 1.16-3.9x faster on dense and grouped shapes with reductions up to 512
+// (2→2 to 256→64, 1×1 to 7×7, stride 1 and 2; 2 threads; around 9.4M it is 0.94-1.63x), but not with longer
+// reductions on tiny maps (128→128 3×3 on 2×2: 0.34x, 512→16 3×3 on 4×4: 0.62x; 64→64 3×3 on 4×4: 0.93-1.22x),
+// nor on depthwise layers (0.76-2.1x): those stay with the rule above.
 bool direct_is_faster(const ConvGeometry& g) {
   const int64_t k = (g.cin / g.groups) * g.kh * g.kw, cout_g = g.cout / g.groups;
   const int64_t macs = g.n * g.cout * g.oh * g.ow * k;
-  if (g.cin / g.groups > 1 && k <= 512 && macs < (int64_t{1} << 21)) return true;
+  if (g.cin / g.groups > 1 && k <= 512 && macs < (int64_t{1} << 23)) return true;
   return k <= 32 && g.stride[0] == 1 && g.stride[1] == 1 && cout_g >= 4 && cout_g <= 16;
 }
 
