@@ -73,6 +73,14 @@ struct Hyper {
   }
 };
 
+// What every Function here keeps: its two tensor inputs and the hyper-parameters (gradients may arrive undefined:
+// not materialized as zeros, so a backward skips what nothing flows into).
+void save_state(AutogradContext* ctx, const at::Tensor& a, const at::Tensor& b, const Hyper& h) {
+  ctx->set_materialize_grads(false);
+  ctx->save_for_backward({a, b});
+  h.save(ctx);
+}
+
 // (grad_w, grad_b) of conv1d from gy and x, each only if needed; together from one op when both are.
 std::tuple<at::Tensor, at::Tensor> weight_and_bias_grads(const at::Tensor& gy, const at::Tensor& x,
                                                          int64_t kernel_size, bool need_weight, bool need_bias,
@@ -91,10 +99,8 @@ class Conv1dFunction : public torch::autograd::Function<Conv1dFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
                             const std::optional<at::Tensor>& b, int64_t stride, int64_t padding, int64_t dilation,
                             int64_t groups) {
-    ctx->set_materialize_grads(false);
-    ctx->save_for_backward({x, w});
+    save_state(ctx, x, w, {stride, padding, dilation, groups});
     InputEdges::save(ctx, {true, true, is_defined(b)});
-    Hyper{stride, padding, dilation, groups}.save(ctx);
     at::AutoDispatchBelowADInplaceOrView below;
     return call_conv1d(x, w, b, stride, padding, dilation, groups);
   }
@@ -117,9 +123,7 @@ class BackwardInputFunction : public torch::autograd::Function<BackwardInputFunc
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gy, const at::Tensor& w, int64_t input_length,
                             int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
-    ctx->set_materialize_grads(false);
-    ctx->save_for_backward({gy, w});
-    Hyper{stride, padding, dilation, groups}.save(ctx);
+    save_state(ctx, gy, w, {stride, padding, dilation, groups});
     at::AutoDispatchBelowADInplaceOrView below;
     return call_backward_input(gy, w, input_length, stride, padding, dilation, groups);
   }
@@ -164,9 +168,7 @@ class BackwardWeightFunction : public torch::autograd::Function<BackwardWeightFu
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gy, const at::Tensor& x, int64_t kernel_size,
                             int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
-    ctx->set_materialize_grads(false);
-    ctx->save_for_backward({gy, x});
-    Hyper{stride, padding, dilation, groups}.save(ctx);
+    save_state(ctx, gy, x, {stride, padding, dilation, groups});
     at::AutoDispatchBelowADInplaceOrView below;
     return call_backward_weight(gy, x, kernel_size, stride, padding, dilation, groups);
   }
@@ -180,9 +182,7 @@ class BackwardWeightBiasFunction : public torch::autograd::Function<BackwardWeig
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& gy, const at::Tensor& x, int64_t kernel_size,
                                int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
-    ctx->set_materialize_grads(false);
-    ctx->save_for_backward({gy, x});
-    Hyper{stride, padding, dilation, groups}.save(ctx);
+    save_state(ctx, gy, x, {stride, padding, dilation, groups});
     at::AutoDispatchBelowADInplaceOrView below;
     auto [grad_w, grad_b] = call_backward_weight_bias(gy, x, kernel_size, stride, padding, dilation, groups);
     return {grad_w, grad_b};
