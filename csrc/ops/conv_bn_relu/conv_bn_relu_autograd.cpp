@@ -88,7 +88,6 @@ class ConvBiasActFunction : public torch::autograd::Function<ConvBiasActFunction
     InputEdges::save(ctx, {true, true, is_defined(b), is_defined(residual)});
     ConvArgs{stride.vec(), padding.vec(), dilation.vec(), groups}.save(ctx);
     ctx->saved_data["activation"] = activation;
-    ctx->saved_data["has_bias"] = is_defined(b);
     return out;
   }
 
@@ -100,11 +99,13 @@ class ConvBiasActFunction : public torch::autograd::Function<ConvBiasActFunction
     const at::Tensor &x = saved[0], &w = saved[1], &output = saved[2];
     const InputEdges edges(ctx);
     const int64_t activation = ctx->saved_data["activation"].toInt();
-    const at::Tensor grad_pre = activation == static_cast<int64_t>(Activation::kNone)
-                                    ? grad
-                                    : std::get<0>(call_conv_act_backward(grad, output, std::nullopt, activation, false));
-    std::tie(out[0], out[1], out[2]) = conv_backward(grad_pre, x, w, ctx->saved_data["has_bias"].toBool(),
-                                                     ConvArgs::load(ctx), {edges.needs(0), edges.needs(1), edges.needs(2)});
+    const at::Tensor grad_pre =
+        activation == static_cast<int64_t>(Activation::kNone)
+            ? grad
+            : std::get<0>(call_conv_act_backward(grad, output, std::nullopt, activation, false));
+    const bool need_bias = edges.needs(2);  // (false without a bias)
+    std::tie(out[0], out[1], out[2]) =
+        conv_backward(grad_pre, x, w, need_bias, ConvArgs::load(ctx), {edges.needs(0), edges.needs(1), need_bias});
     if (edges.needs(3)) out[8] = grad_pre;
     return out;
   }
@@ -168,7 +169,8 @@ class ConvBNReLUFunction : public torch::autograd::Function<ConvBNReLUFunction> 
         const at::Tensor grad_w_raw = std::get<1>(conv_backward(grad_pre, x, w, false, c, {false, true, false}));
         at::Tensor centered = -mean.to(acc);
         if (b.defined()) centered = centered + b.to(acc);
-        const at::Tensor sum_pre_z = (w.to(acc) * grad_w_raw.to(acc)).sum(at::IntArrayRef{1, 2, 3}) + centered * sum_pre;
+        const at::Tensor sum_pre_z =
+            (w.to(acc) * grad_w_raw.to(acc)).sum(at::IntArrayRef{1, 2, 3}) + centered * sum_pre;
         out[3] = (sum_pre_z * at::rsqrt(var.to(acc) + eps)).to(bn_weight.scalar_type());
       }
     }
