@@ -44,6 +44,11 @@ _CUDNN_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CUDNN_PATHS = ("auto", "", "cudnn")  # PYOPS_CONV_PATH values whose CUDA path is cuDNN
 
 
+def _records_grad(*tensors):
+    """Whether autograd records a call on these tensors (None allowed): the inference-only paths need it not to."""
+    return torch.is_grad_enabled() and torch._C._any_requires_grad(*tensors)
+
+
 def activation_name(relu):
     """The activation named by `relu` as from_modules accepts it: True/"relu"/nn.ReLU → "relu",
     "relu6"/nn.ReLU6 → "relu6", False/None/"none" → "none"."""
@@ -180,7 +185,7 @@ class ConvBNReLU2d(DerivedWeights):
             return None
         if self.kernel_size == (1, 1) and (x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last)):
             return None
-        if torch.is_grad_enabled() and torch._C._any_requires_grad(x, self.weight, self.bias, residual):
+        if _records_grad(x, self.weight, self.bias, residual):
             return None
         pack = torch.ops.pyops.conv2d_pack_weight.default
         return self.derived(("packed", tuple(x.shape)), (self.weight,),
@@ -202,7 +207,7 @@ class ConvBNReLU2d(DerivedWeights):
         weight = self.weight
         if (not x.is_cuda or x.dtype is not weight.dtype or x.dtype not in _CUDNN_FUSED_DTYPES
                 or self.activation == "relu6" or x.dim() != 4 or x.shape[1] != self.in_channels or x.numel() == 0
-                or (torch.is_grad_enabled() and torch._C._any_requires_grad(x, weight, self.bias, residual))
+                or _records_grad(x, weight, self.bias, residual)
                 or torch._C._len_torch_dispatch_stack() or torch.compiler.is_compiling()
                 or os.environ.get("PYOPS_CONV_PATH", "auto") not in _CUDNN_PATHS):
             return None
