@@ -1,8 +1,10 @@
 // The Python module pyops._C. Importing it loads this library, whose static initializers register every op
 // (each csrc/ops/<op>/<op>.cpp declares its schemas with TORCH_LIBRARY_FRAGMENT(pyops, ...) and each backend file
-// registers its kernels). pybind11 adds only build_info().
+// registers its kernels). pybind11 adds build_info() and conv_path().
 #include <pybind11/pybind11.h>
 #include <torch/version.h>
+
+#include "ops/conv_bn_relu/conv_bn_relu.h"
 
 namespace py = pybind11;
 
@@ -30,10 +32,23 @@ py::dict build_info() {
   return info;
 }
 
+// PYOPS_CONV_PATH as the ops read it (validated: a bad value raises the ops' ValueError). For ConvBNReLU2d's forward,
+// which must send a call where the op would go: os.environ.get costs ~2 us a call, this ~0.2 us.
+const char* conv_path() {
+  switch (pyops::requested_conv_path()) {
+    case pyops::ConvPath::kDirect: return "direct";
+    case pyops::ConvPath::kLibrary: return "library";
+    default: return "auto";
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyops compiled ops (registered under torch.ops.pyops)";
   m.def("build_info", &build_info,
         "What this build contains: torch_version built against, cuda (bool), cuda_arch_list, cpu_vector");
+  m.def("conv_path", &conv_path,
+        "PYOPS_CONV_PATH, read now: 'auto', 'direct' (also set as 'ours') or 'library' (also 'cudnn'); ValueError "
+        "if it holds anything else");
 }

@@ -9,13 +9,13 @@ statistics), and keep the folded weight and bias as Parameters, so .to(), .half(
 treat them like the layers they replace.
 """
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from ._C import conv_path
 from ._derived import DerivedWeights
 from .conv1d import conv1d
 from .conv_bn_relu import ACTIVATIONS as ACTIVATION_CODES, conv2d_bias_act
@@ -41,7 +41,6 @@ class Conv1d(torch.nn.Conv1d):
 
 ACTIVATIONS = ("none", "relu", "relu6")
 _CUDNN_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_CUDNN_PATHS = ("auto", "", "cudnn")  # PYOPS_CONV_PATH values whose CUDA path is cuDNN
 
 
 def _records_grad(*tensors):
@@ -164,7 +163,7 @@ class ConvBNReLU2d(DerivedWeights):
                    zip(x.shape[-2:], self.padding, self.dilation, self.kernel_size, self.stride)]
         return (*x.shape[:-3], self.out_channels, *spatial)
 
-    def _packed_weight(self, x, residual):
+    def _packed_weight(self, x, weight, bias, residual):
         """The weight packed by pyops::conv2d_pack_weight for x's shape, or None where the packed path does not
         apply or does not pay.
 
@@ -178,20 +177,20 @@ class ConvBNReLU2d(DerivedWeights):
         channels_last one (a fused network's inner layers). Hence: ≥ 64 input channels, groups 1, and a spatial
         kernel or a channels_last input.
         """
-        if (x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32
-                or self.weight.device.type != "cpu" or self.groups != 1 or self.in_channels < 64
-                or x.dim() != 4 or x.numel() == 0 or torch.compiler.is_compiling()
-                or not torch.backends.mkldnn.is_available()):
+        # cheapest tests first: most calls that take another path leave at the first or second
+        if (self.in_channels < 64 or self.groups != 1 or not x.is_cpu or x.dtype is not torch.float32
+                or weight.dtype is not torch.float32 or not weight.is_cpu or x.dim() != 4 or x.numel() == 0
+                or torch.compiler.is_compiling() or not torch.backends.mkldnn.is_available()):
             return None
         if self.kernel_size == (1, 1) and (x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last)):
             return None
-        if _records_grad(x, self.weight, self.bias, residual):
+        if _records_grad(x, weight, bias, residual):
             return None
         pack = torch.ops.pyops.conv2d_pack_weight.default
-        return self.derived(("packed", tuple(x.shape)), (self.weight,),
-                            lambda: pack(x, self.weight, self.stride, self.padding, self.dilation, self.groups))
+        return self.derived(("packed", tuple(x.shape)), (weight,),
+                            lambda: pack(x, weight, self.stride, self.padding, self.dilation, self.groups))
 
-    def _cudnn_forward(self, x, residual):
+    def _cudnn_forward(self, x, weight, bias, residual):
         """act(conv2d(x) + bias [+ residual]) by cuDNN called from here, or None where this path does not apply.
 
         The op's CUDA default (PYOPS_CONV_PATH auto or cudnn) is cuDNN's runtime fusion, torch.cudnn_convolution_relu
@@ -204,12 +203,11 @@ class ConvBNReLU2d(DerivedWeights):
         (count_ops, FlopCounterMode), ReLU6, float64, other paths, inputs that are neither NCHW- nor
         channels_last-contiguous, and any input cuDNN refuses (the op's checks then name the bad argument).
         """
-        weight = self.weight
         if (not x.is_cuda or x.dtype is not weight.dtype or x.dtype not in _CUDNN_FUSED_DTYPES
                 or self.activation == "relu6" or x.dim() != 4 or x.shape[1] != self.in_channels or x.numel() == 0
-                or _records_grad(x, weight, self.bias, residual)
+                or _records_grad(x, weight, bias, residual)
                 or torch._C._len_torch_dispatch_stack() or torch.compiler.is_compiling()
-                or os.environ.get("PYOPS_CONV_PATH", "auto") not in _CUDNN_PATHS):
+                or conv_path() == "direct"):
             return None
         # The op's layout rule: the output is channels_last iff x is channels_last- and not NCHW-contiguous. cuDNN
         # returns the layout its operands share, so the weight (and residual) must be in x's.
@@ -220,18 +218,17 @@ class ConvBNReLU2d(DerivedWeights):
         else:
             return None
         if not weight.is_contiguous(memory_format=fmt):
-            weight = self.derived(("layout", fmt), (self.weight,),
-                                  lambda: self.weight.contiguous(memory_format=fmt))
+            weight = self.derived(("layout", fmt), (weight,), lambda: weight.contiguous(memory_format=fmt))
         if residual is not None and (residual.dtype is not x.dtype or not residual.is_contiguous(memory_format=fmt)):
             return None
         try:
             if self.activation == "none":
-                out = F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+                out = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
                 return out if residual is None else out.add_(residual)
             if residual is None:
-                return torch.cudnn_convolution_relu(x, weight, self.bias, self.stride, self.padding, self.dilation,
+                return torch.cudnn_convolution_relu(x, weight, bias, self.stride, self.padding, self.dilation,
                                                     self.groups)
-            return torch.cudnn_convolution_add_relu(x, weight, residual, 1.0, self.bias, self.stride, self.padding,
+            return torch.cudnn_convolution_add_relu(x, weight, residual, 1.0, bias, self.stride, self.padding,
                                                     self.dilation, self.groups)
         except RuntimeError:
             return None  # e.g. another device or an input smaller than the kernel: the op raises a clear error
@@ -240,24 +237,25 @@ class ConvBNReLU2d(DerivedWeights):
         if x.dim() == 3 and (residual is None or residual.dim() <= 3):  # unbatched (C, H, W), as nn.Conv2d takes
             batched_residual = residual.unsqueeze(0) if residual is not None and residual.dim() == 3 else residual
             return self.forward(x.unsqueeze(0), batched_residual).squeeze(0)
+        # Each parameter read goes through nn.Module.__getattr__ (~1.5 µs): once a call, passed on from here.
+        weight, bias = self.weight, self.bias
         if residual is not None and tuple(residual.shape) != self.output_shape(x):
-            out = conv2d_bias_act(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+            out = conv2d_bias_act(x, weight, bias, self.stride, self.padding, self.dilation, self.groups,
                                   activation="none")
             return apply_activation_(out + residual, self.activation)
         # Straight to the op: it checks every argument itself (its errors name them), and skipping the functional
         # wrapper's Python checks saves 10-15 µs a layer (measured on the CPU with a tiny input), about the kernel
         # time of a small fp16 layer on a GPU.
-        out = self._cudnn_forward(x, residual)
+        out = self._cudnn_forward(x, weight, bias, residual)
         if out is not None:
             return out
-        packed = self._packed_weight(x, residual)
+        activation = ACTIVATION_CODES[self.activation]
+        packed = self._packed_weight(x, weight, bias, residual)
         if packed is not None:
-            return torch.ops.pyops.conv2d_bias_act_packed.default(x, self.weight, packed, self.bias, self.stride,
-                                                                  self.padding, self.dilation, self.groups,
-                                                                  ACTIVATION_CODES[self.activation], residual)
-        return torch.ops.pyops.conv2d_bias_act.default(x, self.weight, self.bias, self.stride, self.padding,
-                                                       self.dilation, self.groups, ACTIVATION_CODES[self.activation],
-                                                       residual)
+            return torch.ops.pyops.conv2d_bias_act_packed.default(x, weight, packed, bias, self.stride, self.padding,
+                                                                  self.dilation, self.groups, activation, residual)
+        return torch.ops.pyops.conv2d_bias_act.default(x, weight, bias, self.stride, self.padding, self.dilation,
+                                                       self.groups, activation, residual)
 
     def extra_repr(self):
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"

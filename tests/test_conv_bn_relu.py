@@ -330,6 +330,19 @@ def test_bad_path_env(monkeypatch):
     monkeypatch.setenv("PYOPS_CONV_PATH", "fastest")
     with pytest.raises(ValueError, match="PYOPS_CONV_PATH"):
         conv2d_bias_act(torch.randn(1, 2, 4, 4), torch.randn(2, 2, 1, 1))
+    with pytest.raises(ValueError, match="PYOPS_CONV_PATH"):
+        pyops._C.conv_path()
+
+
+@pytest.mark.parametrize("value, path", [(None, "auto"), ("", "auto"), ("auto", "auto"), ("direct", "direct"),
+                                         ("ours", "direct"), ("library", "library"), ("cudnn", "library")])
+def test_conv_path_reads_the_env_as_the_ops_do(monkeypatch, value, path):
+    """pyops._C.conv_path(), which ConvBNReLU2d's CUDA forward asks per call, names the path the ops take."""
+    if value is None:
+        monkeypatch.delenv("PYOPS_CONV_PATH", raising=False)
+    else:
+        monkeypatch.setenv("PYOPS_CONV_PATH", value)
+    assert pyops._C.conv_path() == path
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
