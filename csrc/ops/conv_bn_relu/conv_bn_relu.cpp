@@ -93,6 +93,22 @@ void check_bn_args(const at::Tensor& weight, const std::optional<at::Tensor>& bn
                     eps);
 }
 
+Activation check_conv_act_backward_args(const at::Tensor& grad, const at::Tensor& output,
+                                        const std::optional<at::Tensor>& scale, int64_t activation) {
+  check_dim(output, 4, "output");
+  check_same_dtype(grad, output, "grad", "output");
+  check_same_device(grad, output, "grad", "output");
+  TORCH_CHECK_VALUE(grad.sizes() == output.sizes(), "pyops.conv_act_backward: argument 'grad' has shape ",
+                    grad.sizes(), " but 'output' has ", output.sizes());
+  TORCH_CHECK_VALUE(activation >= 0 && activation <= 2, "pyops.conv_act_backward: bad 'activation' ", activation);
+  if (scale.has_value()) {
+    check_same_device(*scale, output, "scale", "output");
+    TORCH_CHECK_VALUE(scale->dim() == 1 && scale->size(0) == output.size(1), "pyops.conv_act_backward: argument ",
+                      "'scale' must have shape (", output.size(1), ",), got ", scale->sizes());
+  }
+  return static_cast<Activation>(activation);
+}
+
 at::MemoryFormat output_memory_format(const at::Tensor& input) {
   return input.is_contiguous(at::MemoryFormat::ChannelsLast) && !input.is_contiguous() ? at::MemoryFormat::ChannelsLast
                                                                                         : at::MemoryFormat::Contiguous;

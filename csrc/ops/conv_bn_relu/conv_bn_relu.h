@@ -32,6 +32,9 @@ ConvGeometry check_conv2d_bias_act_args(const at::Tensor& input, const at::Tenso
 void check_bn_args(const at::Tensor& weight, const std::optional<at::Tensor>& bn_weight,
                    const std::optional<at::Tensor>& bn_bias, const at::Tensor& running_mean,
                    const at::Tensor& running_var, double eps);
+// conv_act_backward's arguments: grad and output alike (N, C, H, W), scale (C,) if given; returns the activation.
+Activation check_conv_act_backward_args(const at::Tensor& grad, const at::Tensor& output,
+                                        const std::optional<at::Tensor>& scale, int64_t activation);
 
 // The memory format the output takes from the input (and that kernels compute in).
 at::MemoryFormat output_memory_format(const at::Tensor& input);

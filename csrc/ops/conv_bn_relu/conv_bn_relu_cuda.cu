@@ -98,17 +98,11 @@ __global__ void act_backward_kernel(const scalar_t* __restrict__ grad, const sca
 std::tuple<at::Tensor, at::Tensor> conv_act_backward_cuda(const at::Tensor& grad, const at::Tensor& output,
                                                           const std::optional<at::Tensor>& scale, int64_t activation,
                                                           bool unscaled_too) {
-  check_dim(output, 4, "output");
-  check_same_dtype(grad, output, "grad", "output");
-  TORCH_CHECK_VALUE(grad.sizes() == output.sizes(), "pyops.conv_act_backward: argument 'grad' has shape ",
-                    grad.sizes(), " but 'output' has ", output.sizes());
-  TORCH_CHECK_VALUE(activation >= 0 && activation <= 2, "pyops.conv_act_backward: bad 'activation' ", activation);
+  check_conv_act_backward_args(grad, output, scale, activation);
   c10::cuda::CUDAGuard guard(output.device());
   const int64_t c = output.size(1), hw = output.size(2) * output.size(3);
   const auto fmt = output_memory_format(output);
   const bool has_scale = scale.has_value(), second = has_scale && unscaled_too;
-  if (has_scale) TORCH_CHECK_VALUE(scale->dim() == 1 && scale->size(0) == c, "pyops.conv_act_backward: 'scale' ",
-                                   "must have shape (", c, ",), got ", scale->sizes());
   at::Tensor g_scaled = at::empty(output.sizes(), output.options().memory_format(fmt));
   at::Tensor g_masked = second ? at::empty(output.sizes(), output.options().memory_format(fmt))
                                : at::empty({0}, output.options());
