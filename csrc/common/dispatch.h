@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
+#include <utility>
 
 namespace pyops {
 
@@ -47,5 +48,29 @@ class InputEdges {
 };
 
 inline bool is_defined(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// Whether autograd has anything to do with a call taking these tensor arguments: grad mode on and one of them
+// requiring grad, or one of them carrying a forward-mode tangent (which the Functions reject with a clear error,
+// where skipping them would drop the tangent silently).
+inline bool autograd_sees(const at::Tensor& t, bool grad_mode) {
+  return t.defined() && ((grad_mode && t.requires_grad()) || t._fw_grad(/*level=*/0).defined());
+}
+inline bool autograd_sees(const std::optional<at::Tensor>& t, bool grad_mode) {
+  return t.has_value() && autograd_sees(*t, grad_mode);
+}
+template <typename... Tensors>
+bool needs_autograd(const Tensors&... tensors) {
+  const bool grad_mode = at::GradMode::is_enabled();
+  return (autograd_sees(tensors, grad_mode) || ...);
+}
+
+// call(args...) below the autograd keys, i.e. an op's backend kernel. An Autograd kernel takes this where
+// needs_autograd is false (inference; every backward op called by a backward without create_graph): a Function's
+// node, saved state and output wrapping are host time that no gradient needs.
+template <typename Call, typename... Args>
+auto below_autograd(Call&& call, Args&&... args) {
+  at::AutoDispatchBelowADInplaceOrView below;
+  return call(std::forward<Args>(args)...);
+}
 
 }  // namespace pyops

@@ -26,7 +26,7 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 // The ops through the dispatcher: from a backward (grad mode per create_graph) they reach these autograd kernels
-// again; from a forward, under AutoDispatchBelowADInplaceOrView, the backend kernel.
+// again; through below_autograd (a Function's forward, a call autograd does not see), the backend kernel.
 at::Tensor call_conv1d(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b, int64_t stride,
                        int64_t padding, int64_t dilation, int64_t groups) {
   static const auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
@@ -101,8 +101,7 @@ class Conv1dFunction : public torch::autograd::Function<Conv1dFunction> {
                             int64_t groups) {
     save_state(ctx, x, w, {stride, padding, dilation, groups});
     InputEdges::save(ctx, {true, true, is_defined(b)});
-    at::AutoDispatchBelowADInplaceOrView below;
-    return call_conv1d(x, w, b, stride, padding, dilation, groups);
+    return below_autograd(call_conv1d, x, w, b, stride, padding, dilation, groups);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -124,8 +123,7 @@ class BackwardInputFunction : public torch::autograd::Function<BackwardInputFunc
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gy, const at::Tensor& w, int64_t input_length,
                             int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
     save_state(ctx, gy, w, {stride, padding, dilation, groups});
-    at::AutoDispatchBelowADInplaceOrView below;
-    return call_backward_input(gy, w, input_length, stride, padding, dilation, groups);
+    return below_autograd(call_backward_input, gy, w, input_length, stride, padding, dilation, groups);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -169,8 +167,7 @@ class BackwardWeightFunction : public torch::autograd::Function<BackwardWeightFu
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gy, const at::Tensor& x, int64_t kernel_size,
                             int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
     save_state(ctx, gy, x, {stride, padding, dilation, groups});
-    at::AutoDispatchBelowADInplaceOrView below;
-    return call_backward_weight(gy, x, kernel_size, stride, padding, dilation, groups);
+    return below_autograd(call_backward_weight, gy, x, kernel_size, stride, padding, dilation, groups);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -183,8 +180,8 @@ class BackwardWeightBiasFunction : public torch::autograd::Function<BackwardWeig
   static variable_list forward(AutogradContext* ctx, const at::Tensor& gy, const at::Tensor& x, int64_t kernel_size,
                                int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
     save_state(ctx, gy, x, {stride, padding, dilation, groups});
-    at::AutoDispatchBelowADInplaceOrView below;
-    auto [grad_w, grad_b] = call_backward_weight_bias(gy, x, kernel_size, stride, padding, dilation, groups);
+    auto [grad_w, grad_b] =
+        below_autograd(call_backward_weight_bias, gy, x, kernel_size, stride, padding, dilation, groups);
     return {grad_w, grad_b};
   }
 
@@ -195,16 +192,23 @@ class BackwardWeightBiasFunction : public torch::autograd::Function<BackwardWeig
 
 at::Tensor conv1d_autograd(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
                            int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
+  if (!needs_autograd(x, w, b)) return below_autograd(call_conv1d, x, w, b, stride, padding, dilation, groups);
   return Conv1dFunction::apply(x, w, b, stride, padding, dilation, groups);
 }
 
 at::Tensor conv1d_backward_input_autograd(const at::Tensor& gy, const at::Tensor& w, int64_t input_length,
                                           int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
+  if (!needs_autograd(gy, w)) {
+    return below_autograd(call_backward_input, gy, w, input_length, stride, padding, dilation, groups);
+  }
   return BackwardInputFunction::apply(gy, w, input_length, stride, padding, dilation, groups);
 }
 
 at::Tensor conv1d_backward_weight_autograd(const at::Tensor& gy, const at::Tensor& x, int64_t kernel_size,
                                            int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
+  if (!needs_autograd(gy, x)) {
+    return below_autograd(call_backward_weight, gy, x, kernel_size, stride, padding, dilation, groups);
+  }
   return BackwardWeightFunction::apply(gy, x, kernel_size, stride, padding, dilation, groups);
 }
 
@@ -212,6 +216,9 @@ std::tuple<at::Tensor, at::Tensor> conv1d_backward_weight_bias_autograd(const at
                                                                         int64_t kernel_size, int64_t stride,
                                                                         int64_t padding, int64_t dilation,
                                                                         int64_t groups) {
+  if (!needs_autograd(gy, x)) {
+    return below_autograd(call_backward_weight_bias, gy, x, kernel_size, stride, padding, dilation, groups);
+  }
   const variable_list grads = BackwardWeightBiasFunction::apply(gy, x, kernel_size, stride, padding, dilation, groups);
   return {grads[0], grads[1]};
 }

@@ -69,20 +69,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward(const at::Tensor& g
 
 at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+at::Tensor call_conv2d_bias_act(const at::Tensor& x, const at::Tensor& w, const OptTensor& b, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t activation,
+                                const OptTensor& residual) {
+  static const auto op =
+      find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, at::IntArrayRef, at::IntArrayRef,
+                         at::IntArrayRef, int64_t, int64_t, const OptTensor&)>("pyops::conv2d_bias_act");
+  return op.call(x, w, b, stride, padding, dilation, groups, activation, residual);
+}
+
+at::Tensor call_conv2d_bn_relu(const at::Tensor& x, const at::Tensor& w, const OptTensor& b,
+                               const OptTensor& bn_weight, const OptTensor& bn_bias, const at::Tensor& mean,
+                               const at::Tensor& var, double eps, at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef dilation, int64_t groups, bool relu, const OptTensor& residual) {
+  static const auto op =
+      find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                         const at::Tensor&, const at::Tensor&, double, at::IntArrayRef, at::IntArrayRef,
+                         at::IntArrayRef, int64_t, bool, const OptTensor&)>("pyops::conv2d_bn_relu");
+  return op.call(x, w, b, bn_weight, bn_bias, mean, var, eps, stride, padding, dilation, groups, relu, residual);
+}
+
 class ConvBiasActFunction : public torch::autograd::Function<ConvBiasActFunction> {
  public:
   // tensor arguments, in order: x, weight, bias?, residual?
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, const OptTensor& b,
                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                             int64_t activation, const OptTensor& residual) {
-    static const auto op =
-        find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, at::IntArrayRef, at::IntArrayRef,
-                           at::IntArrayRef, int64_t, int64_t, const OptTensor&)>("pyops::conv2d_bias_act");
-    at::Tensor out;
-    {
-      at::AutoDispatchBelowADInplaceOrView below;
-      out = op.call(x, w, b, stride, padding, dilation, groups, activation, residual);
-    }
+    const at::Tensor out =
+        below_autograd(call_conv2d_bias_act, x, w, b, stride, padding, dilation, groups, activation, residual);
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({x, w, out});
     InputEdges::save(ctx, {true, true, is_defined(b), is_defined(residual)});
@@ -118,15 +132,8 @@ class ConvBNReLUFunction : public torch::autograd::Function<ConvBNReLUFunction> 
                             const OptTensor& bn_weight, const OptTensor& bn_bias, const at::Tensor& mean,
                             const at::Tensor& var, double eps, at::IntArrayRef stride, at::IntArrayRef padding,
                             at::IntArrayRef dilation, int64_t groups, bool relu, const OptTensor& residual) {
-    static const auto op =
-        find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                           const at::Tensor&, const at::Tensor&, double, at::IntArrayRef, at::IntArrayRef,
-                           at::IntArrayRef, int64_t, bool, const OptTensor&)>("pyops::conv2d_bn_relu");
-    at::Tensor out;
-    {
-      at::AutoDispatchBelowADInplaceOrView below;
-      out = op.call(x, w, b, bn_weight, bn_bias, mean, var, eps, stride, padding, dilation, groups, relu, residual);
-    }
+    const at::Tensor out = below_autograd(call_conv2d_bn_relu, x, w, b, bn_weight, bn_bias, mean, var, eps, stride,
+                                          padding, dilation, groups, relu, residual);
     ctx->set_materialize_grads(false);
     const at::Tensor none;
     ctx->save_for_backward({x, w, b.value_or(none), bn_weight.value_or(none), bn_bias.value_or(none), mean, var, out});
@@ -182,6 +189,9 @@ class ConvBNReLUFunction : public torch::autograd::Function<ConvBNReLUFunction> 
 at::Tensor conv2d_bias_act_autograd(const at::Tensor& x, const at::Tensor& w, const OptTensor& b,
                                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                     int64_t groups, int64_t activation, const OptTensor& residual) {
+  if (!needs_autograd(x, w, b, residual)) {
+    return below_autograd(call_conv2d_bias_act, x, w, b, stride, padding, dilation, groups, activation, residual);
+  }
   return ConvBiasActFunction::apply(x, w, b, stride, padding, dilation, groups, activation, residual);
 }
 
@@ -189,6 +199,10 @@ at::Tensor conv2d_bn_relu_autograd(const at::Tensor& x, const at::Tensor& w, con
                                    const OptTensor& bn_weight, const OptTensor& bn_bias, const at::Tensor& mean,
                                    const at::Tensor& var, double eps, at::IntArrayRef stride, at::IntArrayRef padding,
                                    at::IntArrayRef dilation, int64_t groups, bool relu, const OptTensor& residual) {
+  if (!needs_autograd(x, w, b, bn_weight, bn_bias, mean, var, residual)) {
+    return below_autograd(call_conv2d_bn_relu, x, w, b, bn_weight, bn_bias, mean, var, eps, stride, padding,
+                          dilation, groups, relu, residual);
+  }
   return ConvBNReLUFunction::apply(x, w, b, bn_weight, bn_bias, mean, var, eps, stride, padding, dilation, groups,
                                    relu, residual);
 }

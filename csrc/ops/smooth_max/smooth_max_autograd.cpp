@@ -35,15 +35,15 @@ void save_reduction(AutogradContext* ctx, double beta, int64_t dim, bool keepdim
   ctx->saved_data["keepdim"] = keepdim;
 }
 
+at::Tensor call_smooth_max(const at::Tensor& x, double beta, int64_t dim, bool keepdim) {
+  static const auto op = find_op<at::Tensor(const at::Tensor&, double, int64_t, bool)>("pyops::smooth_max");
+  return op.call(x, beta, dim, keepdim);
+}
+
 class SmoothMaxFunction : public torch::autograd::Function<SmoothMaxFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, double beta, int64_t dim, bool keepdim) {
-    static const auto op = find_op<at::Tensor(const at::Tensor&, double, int64_t, bool)>("pyops::smooth_max");
-    at::Tensor result;
-    {
-      at::AutoDispatchBelowADInplaceOrView below;
-      result = op.call(x, beta, dim, keepdim);
-    }
+    const at::Tensor result = below_autograd(call_smooth_max, x, beta, dim, keepdim);
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({x, result});
     save_reduction(ctx, beta, dim, keepdim);
@@ -67,8 +67,7 @@ class SmoothMaxBackwardFunction : public torch::autograd::Function<SmoothMaxBack
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({grad, x, result});
     save_reduction(ctx, beta, dim, keepdim);
-    at::AutoDispatchBelowADInplaceOrView below;
-    return call_smooth_max_backward(grad, x, result, beta, dim, keepdim);
+    return below_autograd(call_smooth_max_backward, grad, x, result, beta, dim, keepdim);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -102,11 +101,15 @@ class SmoothMaxBackwardFunction : public torch::autograd::Function<SmoothMaxBack
 };
 
 at::Tensor smooth_max_autograd(const at::Tensor& x, double beta, int64_t dim, bool keepdim) {
+  if (!needs_autograd(x)) return below_autograd(call_smooth_max, x, beta, dim, keepdim);
   return SmoothMaxFunction::apply(x, beta, dim, keepdim);
 }
 
 at::Tensor smooth_max_backward_autograd(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& result,
                                         double beta, int64_t dim, bool keepdim) {
+  if (!needs_autograd(grad, x, result)) {
+    return below_autograd(call_smooth_max_backward, grad, x, result, beta, dim, keepdim);
+  }
   return SmoothMaxBackwardFunction::apply(grad, x, result, beta, dim, keepdim);
 }
 

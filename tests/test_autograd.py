@@ -1,0 +1,70 @@
+"""The C++ Autograd kernels of every differentiable op (csrc/common/dispatch.h): a call autograd does not see goes
+straight to the backend kernel, a call it sees goes through the op's Function, and forward-mode AD is refused."""
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+
+import pyops
+
+OP_CALLS = {
+    "conv1d": lambda x: torch.ops.pyops.conv1d(x, WEIGHTS["conv1d"].to(x), None, 1, 1, 1, 1),
+    "conv1d_backward_input": lambda x: torch.ops.pyops.conv1d_backward_input(x, WEIGHTS["conv1d"].to(x), 9, 1, 1, 1,
+                                                                           1),
+    "conv1d_backward_weight": lambda x: torch.ops.pyops.conv1d_backward_weight(x, x, 3, 1, 1, 1, 1),
+    "conv1d_backward_weight_bias": lambda x: torch.ops.pyops.conv1d_backward_weight_bias(x, x, 3, 1, 1, 1, 1)[0],
+    "smooth_max": lambda x: torch.ops.pyops.smooth_max(x, 2.0, -1, False),
+    "smooth_max_backward": lambda x: torch.ops.pyops.smooth_max_backward(
+        x.sum(-1), x, torch.ops.pyops.smooth_max(x.detach(), 2.0, -1, False), 2.0, -1, False),
+    "conv2d_bias_act": lambda x: torch.ops.pyops.conv2d_bias_act(x.unsqueeze(-1), WEIGHTS["conv2d"].to(x), None,
+                                                                 [1, 1], [1, 0], [1, 1], 1, 1, None),
+    "conv2d_bn_relu": lambda x: torch.ops.pyops.conv2d_bn_relu(
+        x.unsqueeze(-1), WEIGHTS["conv2d"].to(x), None, None, None, torch.zeros(4).to(x), torch.ones(4).to(x), 1e-5,
+        [1, 1], [1, 0], [1, 1], 1, True, None),
+}
+WEIGHTS = {"conv1d": torch.randn(4, 4, 3, generator=torch.Generator().manual_seed(0)),
+           "conv2d": torch.randn(4, 4, 3, 1, generator=torch.Generator().manual_seed(1))}
+
+
+def make_input(device, requires_grad):
+    x = torch.randn(2, 4, 9, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(device)
+    return x.requires_grad_(requires_grad)
+
+
+@pytest.mark.parametrize("op", list(OP_CALLS))
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode", "no_input_requires_grad"])
+def test_calls_autograd_does_not_see_skip_the_function(device, op, context):
+    """Same values as the recorded call, and no graph: the output has no grad_fn and requires no grad."""
+    recorded = OP_CALLS[op](make_input(device, True))
+    assert recorded.grad_fn is not None
+    if context == "no_grad":
+        with torch.no_grad():
+            out = OP_CALLS[op](make_input(device, True))
+    elif context == "inference_mode":
+        with torch.inference_mode():
+            out = OP_CALLS[op](make_input(device, False))
+        assert out.is_inference()
+    else:
+        out = OP_CALLS[op](make_input(device, False))
+    assert out.grad_fn is None and not out.requires_grad
+    torch.testing.assert_close(out, recorded.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op", list(OP_CALLS))
+def test_forward_mode_ad_is_refused(device, op):
+    """A tangent reaches the Function even with grad mode off, which refuses it rather than dropping it."""
+    x = make_input(device, False)
+    with torch.no_grad(), fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.ones_like(x))
+        with pytest.raises(RuntimeError, match="jvp is not implemented"):
+            OP_CALLS[op](dual)
+
+
+def test_backward_ops_run_without_a_graph_unless_create_graph(device):
+    """The backward ops that a backward calls build a graph only with create_graph (double backward)."""
+    x = make_input(device, True)
+    y = pyops.conv1d(x, WEIGHTS["conv1d"].to(x).requires_grad_(), None, 1, 1)
+    (gx,) = torch.autograd.grad(y, x, torch.ones_like(y), retain_graph=True)
+    assert gx.grad_fn is None
+    (gx2,) = torch.autograd.grad(y, x, torch.ones_like(y), create_graph=True)
+    assert gx2.grad_fn is not None
+    torch.testing.assert_close(gx2.detach(), gx, rtol=0, atol=0)
