@@ -14,10 +14,12 @@ class DerivedWeights(nn.Module):
 
     def derived(self, kind, sources, make):
         key = (kind, tuple((t.device, t.dtype, t.data_ptr(), t._version) for t in sources))
-        if self._derived is None or self._derived[0] != key:
+        entry = self._derived  # read once: another thread may replace it meanwhile (make() releases the GIL)
+        if entry is None or entry[0] != key:
             self._derived = None  # free the old form before making the new one
-            self._derived = (key, make())
-        return self._derived[1]
+            entry = (key, make())
+            self._derived = entry
+        return entry[1]
 
     def _apply(self, fn, recurse=True):
         self._derived = None

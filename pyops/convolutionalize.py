@@ -107,10 +107,12 @@ class FullyConvolutional(DerivedWeights):
             return weights, biases, relu
         # bf16: the operands are cast once and kept until a weight changes (replaced, or its version counter moves).
         key = tuple((t.device, t.data_ptr(), t._version) for t in weights + biases)
-        if self._cast_cache.get("key") != key:
-            self._cast_cache = {"key": key, "w": [w.detach().to(torch.bfloat16) for w in weights],
-                                "b": [b.detach().to(torch.bfloat16) for b in biases]}
-        return self._cast_cache["w"], self._cast_cache["b"], relu
+        cast = self._cast_cache  # read once: another thread may replace it meanwhile
+        if cast.get("key") != key:
+            cast = {"key": key, "w": [w.detach().to(torch.bfloat16) for w in weights],
+                    "b": [b.detach().to(torch.bfloat16) for b in biases]}
+            self._cast_cache = cast
+        return cast["w"], cast["b"], relu
 
 
 def check_algorithm(algorithm, precision):

@@ -157,11 +157,12 @@ def cached_plan(fcn, shape, dtype, device, max_memory, algorithm="direct"):
     applied to same-sized images plans once (the fake runs cost milliseconds per call)."""
     key = (tuple(shape), dtype, torch.device(device), max_memory, algorithm)
     cache = fcn.__dict__.setdefault("_plans", {})
-    if key not in cache:
+    plan = cache.get(key)  # read once: another thread may clear the cache meanwhile
+    if plan is None:
         if len(cache) >= 32:
             cache.clear()
-        cache[key] = plan_tiles(fcn, shape, dtype, device, max_memory, algorithm)
-    return cache[key]
+        plan = cache[key] = plan_tiles(fcn, shape, dtype, device, max_memory, algorithm)
+    return plan
 
 
 def plan_tiles(fcn, shape, dtype, device, max_memory=DEFAULT_MAX_MEMORY, algorithm="direct"):

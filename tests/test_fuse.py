@@ -3,6 +3,8 @@ import copy
 import itertools
 import operator
 import pickle
+import sys
+import threading
 
 import pytest
 import torch
@@ -283,6 +285,36 @@ def test_packed_weight_follows_input_shape_and_weight_updates():
         y_inference = fused(x)
     with torch.no_grad():  # a packing made under inference_mode serves later no_grad calls too
         torch.testing.assert_close(fused(x), y_inference, rtol=0, atol=0)
+
+
+def test_packed_module_serves_threads_with_different_shapes():
+    """Threads calling one module with alternating input shapes (each shape packs anew) all get right answers."""
+    conv, bn = fp32_conv_bn(padding=1)
+    fused = ConvBNReLU2d.from_modules(conv, bn)
+    inputs = [torch.randn(shape, generator=gen()) for shape in [(1, 64, 8, 8), (2, 64, 6, 6), (1, 64, 5, 7)]]
+    expected = [F.conv2d(x.double(), fused.weight.double(), fused.bias.double(), padding=1).relu() for x in inputs]
+    errors = []
+
+    def serve(offset):
+        try:
+            with torch.no_grad():
+                for i in range(15):
+                    k = (i + offset) % len(inputs)
+                    assert_close_relative(fused(inputs[k]).double(), expected[k], 2e-6)
+        except Exception as error:  # noqa: BLE001 - reported by the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=serve, args=(t,)) for t in range(4)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: between any two steps of the cache update
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors
 
 
 def test_packed_module_copies_pickles_converts_and_trains():
