@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd import forward_ad
 from torch.nn.modules.utils import _pair
 
 from ._C import conv_path
@@ -43,9 +44,12 @@ ACTIVATIONS = ("none", "relu", "relu6")
 _CUDNN_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _records_grad(*tensors):
-    """Whether autograd records a call on these tensors (None allowed): the inference-only paths need it not to."""
-    return torch.is_grad_enabled() and torch._C._any_requires_grad(*tensors)
+def _autograd_sees(*tensors):
+    """Whether autograd has anything to do with a call on these tensors (None allowed): grad mode on and one of them
+    requiring grad, or a forward-mode AD level open (a tangent must reach the op, whose autograd refuses it, as
+    csrc/common/dispatch.h's needs_autograd does). The inference-only paths need it not to."""
+    return ((torch.is_grad_enabled() and torch._C._any_requires_grad(*tensors))
+            or forward_ad._current_level >= 0)  # no level open: no tensor carries a tangent
 
 
 def activation_name(relu):
@@ -184,7 +188,7 @@ class ConvBNReLU2d(DerivedWeights):
             return None
         if self.kernel_size == (1, 1) and (x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last)):
             return None
-        if _records_grad(x, weight, bias, residual):
+        if _autograd_sees(x, weight, bias, residual):
             return None
         pack = torch.ops.pyops.conv2d_pack_weight.default
         return self.derived(("packed", tuple(x.shape)), (weight,),
@@ -205,7 +209,7 @@ class ConvBNReLU2d(DerivedWeights):
         """
         if (not x.is_cuda or x.dtype is not weight.dtype or x.dtype not in _CUDNN_FUSED_DTYPES
                 or self.activation == "relu6" or x.dim() != 4 or x.shape[1] != self.in_channels or x.numel() == 0
-                or _records_grad(x, weight, bias, residual)
+                or _autograd_sees(x, weight, bias, residual)
                 or torch._C._len_torch_dispatch_stack() or torch.compiler.is_compiling()
                 or conv_path() == "direct"):
             return None

@@ -287,6 +287,25 @@ def test_packed_weight_follows_input_shape_and_weight_updates():
         torch.testing.assert_close(fused(x), y_inference, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_module_refuses_forward_mode_tangents(device, channels_last):
+    """Under no_grad a dual input skips neither to the packed (CPU) nor to the cuDNN (CUDA) shortcut, which would
+    drop its tangent: it reaches the op, whose autograd refuses forward-mode AD."""
+    conv, bn = fp32_conv_bn(padding=1)
+    fused = ConvBNReLU2d.from_modules(conv, bn).to(device)
+    x = torch.randn(2, 64, 8, 8, generator=gen()).to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
+        with pytest.raises(RuntimeError, match="jvp is not implemented"):
+            fused(dual)
+    with torch.no_grad():  # and outside a dual level the shortcuts serve again
+        fused(x)
+        if device == "cpu":
+            assert fused._derived is not None
+
+
 def test_packed_module_serves_threads_with_different_shapes():
     """Threads calling one module with alternating input shapes (each shape packs anew) all get right answers."""
     conv, bn = fp32_conv_bn(padding=1)
