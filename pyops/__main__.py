@@ -20,7 +20,7 @@ def main():
     for section in SECTIONS:
         print(f"\n== {section.TITLE}")
         failures += not section.checks()
-    print("\n== Timings (median of a few runs; bench/ has the full side-by-side benchmarks)")
+    print("\n== Timings (each the fastest of a few alternating calls; bench/ has the full side-by-side benchmarks)")
     for section in SECTIONS:
         section.timings()
     print(f"\n{'all checks passed' if not failures else f'{failures} section(s) FAILED'} "

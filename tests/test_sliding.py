@@ -334,14 +334,17 @@ def head_operands(dtype, device, channels=5, kernel=(4, 3), widths=(7, 6, 3), se
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("relu", [(1, 1, 0), (0, 1, 1), (1,)])
-@pytest.mark.parametrize("workspace", [1, 2000, 256 << 20])  # 1 position per tile, tiles across images, one tile
-def test_sliding_head_matches_conv_head(device, dtype, relu, workspace):
+# 1 position per tile; tiles across images; fp32 on the CPU: layer 0 as one direct convolution, the later layers in
+# tiles; one tile (on the CPU: the direct convolution, then one tile).
+@pytest.mark.parametrize("workspace", [1, 2000, 8000, 256 << 20])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_sliding_head_matches_conv_head(device, dtype, relu, workspace, batch):
     widths = (7, 6, 3)[:len(relu)]
     weights, biases = head_operands(dtype, device, widths=widths)
-    f = rand((3, 5, 9, 8), dtype, device, seed=12)
+    f = rand((batch, 5, 9, 8), dtype, device, seed=12)
     out = pyops.sliding_head(f, weights, biases, relu, workspace_bytes=workspace)
     ref = reference.sliding_head(f.double(), [w.double() for w in weights], [b.double() for b in biases], relu)
-    assert out.shape == (3, widths[-1], 6, 6) and out.dtype == dtype
+    assert out.shape == (batch, widths[-1], 6, 6) and out.dtype == dtype
     rtol, atol = tolerances(dtype)
     torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol)
 

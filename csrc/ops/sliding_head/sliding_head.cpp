@@ -52,12 +52,25 @@ HeadGeometry check_sliding_head_args(const at::Tensor& features, at::TensorList 
 }
 
 int64_t sliding_head_tile(const HeadGeometry& g, at::TensorList weights, int64_t element_size,
-                          int64_t workspace_bytes) {
+                          int64_t workspace_bytes, int64_t preferred_cols_bytes) {
   int64_t widest = 0;
   for (const at::Tensor& w : weights) widest = std::max(widest, w.size(0));
-  // Per position: one column of cols and one of each of the two ping-pong activation buffers.
-  const int64_t per_position = (g.patch() + 2 * widest) * element_size;
-  return std::clamp<int64_t>(workspace_bytes / per_position, 1, std::max<int64_t>(g.positions(), 1));
+  const int64_t positions = std::max<int64_t>(g.positions(), 1);
+  // Per position: one row of cols (none when layer 0 is a direct convolution: preferred_cols_bytes < 0) and one of
+  // each of the two ping-pong activation buffers.
+  const int64_t cols = preferred_cols_bytes < 0 ? 0 : g.patch();
+  const int64_t per_position = (cols + 2 * widest) * element_size;
+  int64_t tile = std::clamp<int64_t>(workspace_bytes / per_position, 1, positions);
+  if (preferred_cols_bytes > 0) {
+    // Every tile's GEMM reads (and the BLAS packs) all of W0, (N0, patch): tiles of at least N0 positions keep that
+    // traffic below the im2col tile's own (Net1's 1.36 GB W0 on its 289 positions: 2.55 s in one tile, 2.82 s in
+    // two, 3.48 s in three; bench/NOTES-sliding.md, stop 14).
+    const int64_t preferred = std::max({preferred_cols_bytes / (g.patch() * element_size), kMinTilePositions,
+                                        weights[0].size(0)});
+    tile = std::min(tile, preferred);
+  }
+  const int64_t tiles = (positions + tile - 1) / tile;
+  return (positions + tiles - 1) / tiles;
 }
 
 at::Tensor sliding_head_run(const at::Tensor& features, at::TensorList weights, at::TensorList biases,
@@ -69,7 +82,6 @@ at::Tensor sliding_head_run(const at::Tensor& features, at::TensorList weights, 
   at::Tensor out = at::empty({g.batch, weights[layers - 1].size(0), g.out_h, g.out_w}, features.options());
   if (out.numel() == 0) return out;
 
-  const at::Tensor f = features.contiguous();
   std::vector<at::Tensor> w2d, bias;
   int64_t widest = 0;
   for (int64_t i = 0; i < layers; ++i) {
@@ -77,24 +89,48 @@ at::Tensor sliding_head_run(const at::Tensor& features, at::TensorList weights, 
     bias.push_back(biases[i].contiguous());
     widest = std::max(widest, weights[i].size(0));
   }
-  const int64_t tile = sliding_head_tile(g, weights, features.element_size(), workspace_bytes);
+  // Layer 0 as the vendor's direct convolution of the whole map (no im2col) where the device prefers it for this
+  // shape and its output takes at most half the workspace: the convolution's NCHW output and its transposed copy,
+  // the (positions, N0) rows the next GEMM reads, exist together for a moment; then the tiles of the later layers
+  // get the other half. (NCHW in and a copy out beat channels_last in and out, which converts input and weight.)
+  at::Tensor first;
+  const int64_t first_bytes = g.positions() * weights[0].size(0) * features.element_size();
+  if (kernels.direct_first_layer != nullptr && kernels.direct_first_layer(g, weights[0]) &&
+      first_bytes <= workspace_bytes / 2) {
+    first = at::convolution(features.contiguous(), weights[0], std::nullopt, {1, 1}, {0, 0}, {1, 1},
+                            /*transposed=*/false, {0, 0}, /*groups=*/1)
+                .permute({0, 2, 3, 1})
+                .contiguous()  // (reshape alone would return a transposed view for one image)
+                .view({g.positions(), weights[0].size(0)});
+    workspace_bytes -= first_bytes;
+  }
+  const at::Tensor f = first.defined() ? at::Tensor() : features.contiguous();
+  const int64_t tile = sliding_head_tile(g, weights, features.element_size(), workspace_bytes,
+                                         first.defined() ? -1 : kernels.preferred_cols_bytes);
   // Flat buffers, allocated once and viewed as contiguous (count, columns) matrices for each tile (the last one
   // may be shorter), so every GEMM writes into memory it already owns.
-  at::Tensor cols_buf = at::empty({g.patch() * tile}, f.options());
-  at::Tensor ping = at::empty({widest * tile}, f.options()), pong = at::empty({widest * tile}, f.options());
+  at::Tensor cols_buf = first.defined() ? at::Tensor() : at::empty({g.patch() * tile}, features.options());
+  at::Tensor ping = at::empty({widest * tile}, features.options());
+  at::Tensor pong = at::empty({widest * tile}, features.options());
   auto as_matrix = [](at::Tensor& buf, int64_t count, int64_t columns) {
     return buf.narrow(0, 0, count * columns).view({count, columns});
   };
 
   for (int64_t p0 = 0; p0 < g.positions(); p0 += tile) {
     const int64_t count = std::min(tile, g.positions() - p0);
-    at::Tensor cols = as_matrix(cols_buf, count, g.patch());
-    kernels.im2col(f, cols, g, p0, count);
-    at::Tensor src = cols;
+    at::Tensor src;
+    if (!first.defined()) {
+      src = as_matrix(cols_buf, count, g.patch());
+      kernels.im2col(f, src, g, p0, count);
+    }
     for (int64_t i = 0; i < layers; ++i) {
-      at::Tensor& buf = (i % 2 == 0) ? ping : pong;
-      at::Tensor act = as_matrix(buf, count, w2d[i].size(0));
-      at::mm_out(act, src, w2d[i].t());  // the transposed view: BLAS reads W row-major as W^T, no copy
+      at::Tensor act;
+      if (i == 0 && first.defined()) {
+        act = first.narrow(0, p0, count);  // rows of a contiguous matrix: the epilogue works on them in place
+      } else {
+        act = as_matrix((i % 2 == 0) ? ping : pong, count, w2d[i].size(0));
+        at::mm_out(act, src, w2d[i].t());  // the transposed view: BLAS reads W row-major as W^T, no copy
+      }
       if (i + 1 < layers) {
         kernels.bias_act(act, bias[i], relu[i] != 0);
       } else {

@@ -10,7 +10,8 @@
 //   act_i (P_t, Ni)          = act_(i-1) @ Wi^T            ((positions, channels) rows: no copy between layers)
 // and after each GEMM one epilogue pass of ours adds the bias and applies the ReLU in place (vectorized along the
 // channels of a row); the last epilogue instead writes straight into the NCHW output (positions of a tile may span
-// images). The tile size bounds the workspace.
+// images). The tile size bounds the workspace. Where the device prefers it (few feature channels on the CPU), layer 0
+// is instead the vendor's direct convolution of the whole map, transposed into act_0 for all positions.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -34,6 +35,11 @@ struct HeadKernels {
   void (*bias_act)(at::Tensor& act, const at::Tensor& bias, bool relu);
   // out[b, n, yx] = act(acc[j, n] + bias[n]) for p0 + j = b * out_hw + yx: the last layer's epilogue into NCHW.
   void (*bias_act_nchw)(const at::Tensor& acc, const at::Tensor& bias, bool relu, at::Tensor& out, int64_t p0);
+  // The im2col tile the device prefers, in bytes (0: as large as workspace_bytes allows). See sliding_head_tile.
+  int64_t preferred_cols_bytes;
+  // Whether layer 0 should run as the vendor's direct convolution of the whole map instead of im2col + GEMM tiles
+  // (nullptr: never). The driver takes it only where that output fits half the workspace.
+  bool (*direct_first_layer)(const HeadGeometry& g, const at::Tensor& w0);
 };
 
 // Validates the arguments (naming the one at fault) and returns the geometry.
@@ -44,8 +50,12 @@ HeadGeometry check_sliding_head_args(const at::Tensor& features, at::TensorList 
 at::Tensor sliding_head_run(const at::Tensor& features, at::TensorList weights, at::TensorList biases,
                             at::IntArrayRef relu, int64_t workspace_bytes, const HeadKernels& kernels);
 
-// Positions per tile for a workspace bound (at least 1, at most all).
+// Positions per tile: as many as workspace_bytes holds, fewer where the device prefers smaller im2col tiles
+// (preferred_cols_bytes > 0; but never under kMinTilePositions, nor under layer 0's output channels: each tile's
+// first GEMM rereads the whole weight, which must not cost more than the tile). preferred_cols_bytes < 0: no im2col at all (layer 0 ran as a direct convolution).
+// Tiles are balanced (the same size up to one position). At least 1 position, at most all.
+constexpr int64_t kMinTilePositions = 256;
 int64_t sliding_head_tile(const HeadGeometry& g, at::TensorList weights, int64_t element_size,
-                          int64_t workspace_bytes);
+                          int64_t workspace_bytes, int64_t preferred_cols_bytes);
 
 }  // namespace pyops

@@ -98,10 +98,28 @@ void bias_act_nchw_cpu(const at::Tensor& acc, const at::Tensor& bias, bool relu,
   });
 }
 
+// The CPU's im2col tile: small enough that the GEMM reads it back from the last-level cache rather than from DRAM,
+// and that it is not a fresh mapping each call (glibc mmaps blocks above 32 MiB and unmaps them when freed, so a
+// 90 MB tile costs ~20k page faults per call). Measured (bench/NOTES-sliding.md): a 16x50x50 map into an 18x18
+// kernel, 64 outputs, batch 4: 87 ms with one 90 MB tile, 30 ms with 4 MB tiles.
+constexpr int64_t kCpuColsBytes = 4 << 20;
+
+// Layer 0 as oneDNN's direct convolution for short patches into few outputs: there the im2col (kh*kw copies of
+// every feature element, amortized over the N0 outputs) costs about as much as the GEMM, and the direct convolution
+// beats both together by 1.2-2.2x. Its efficiency falls with the patch length: at C*kh*kw >= 20k the GEMM is as fast
+// or 2-5x faster (bench/NOTES-sliding.md, stop 13). fp32 only: oneDNN has no fp64 convolution, and its bf16/fp16
+// ones depend on the CPU's instruction set.
+constexpr int64_t kCpuDirectMaxPatch = 8192, kCpuDirectMaxOutputs = 256;
+bool direct_first_layer_cpu(const HeadGeometry& g, const at::Tensor& w0) {
+  return w0.scalar_type() == at::kFloat && g.patch() <= kCpuDirectMaxPatch && w0.size(0) <= kCpuDirectMaxOutputs;
+}
+
 // allow_tf32 has no meaning on the CPU: its fp32 GEMMs are always exact fp32.
 at::Tensor sliding_head_cpu(const at::Tensor& features, at::TensorList weights, at::TensorList biases,
                             at::IntArrayRef relu, bool /*allow_tf32*/, int64_t workspace_bytes) {
-  return sliding_head_run(features, weights, biases, relu, workspace_bytes, HeadKernels{&im2col_cpu, &bias_act_cpu, &bias_act_nchw_cpu});
+  return sliding_head_run(features, weights, biases, relu, workspace_bytes,
+                          HeadKernels{&im2col_cpu, &bias_act_cpu, &bias_act_nchw_cpu, kCpuColsBytes,
+                                      &direct_first_layer_cpu});
 }
 
 }  // namespace

@@ -142,7 +142,8 @@ at::Tensor sliding_head_cuda(const at::Tensor& features, at::TensorList weights,
   c10::cuda::CUDAGuard guard(features.device());
   Tf32Scope precision(allow_tf32);
   return sliding_head_run(features, weights, biases, relu, workspace_bytes,
-                          HeadKernels{&im2col_cuda, &bias_act_cuda, &bias_act_nchw_cuda});
+                          HeadKernels{&im2col_cuda, &bias_act_cuda, &bias_act_nchw_cuda, /*preferred_cols_bytes=*/0,
+                                      /*direct_first_layer=*/nullptr});
 }
 
 }  // namespace
