@@ -349,6 +349,17 @@ def test_sliding_head_matches_conv_head(device, dtype, relu, workspace, batch):
     torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol)
 
 
+def test_sliding_head_with_mkldnn_disabled_matches_conv_head():
+    # The CPU's direct first layer steps aside (ATen's fallback convolution would im2col the whole map): im2col tiles.
+    weights, biases = head_operands(torch.float32, "cpu")
+    f = rand((2, 5, 9, 8), torch.float32, "cpu", seed=12)
+    with torch.backends.mkldnn.flags(enabled=False):
+        out = pyops.sliding_head(f, weights, biases, workspace_bytes=8000)
+    ref = reference.sliding_head(f.double(), [w.double() for w in weights], [b.double() for b in biases], (1, 1, 0))
+    rtol, atol = tolerances(torch.float32)
+    torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol)
+
+
 def test_sliding_head_layouts_and_empty(device):
     weights, biases = head_operands(torch.float32, device)
     f = rand((2, 5, 9, 8), torch.float32, device, seed=13)

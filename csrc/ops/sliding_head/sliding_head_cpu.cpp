@@ -1,5 +1,6 @@
 // CPU halves of sliding_head: im2col of a tile of positions and the fused bias+ReLU epilogues. All are parallel
 // over rows (positions / channels) and stream contiguous runs (std::copy, at::vec along the channels).
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -108,10 +109,12 @@ constexpr int64_t kCpuColsBytes = 4 << 20;
 // every feature element, amortized over the N0 outputs) costs about as much as the GEMM, and the direct convolution
 // beats both together by 1.2-2.2x. Its efficiency falls with the patch length: at C*kh*kw >= 20k the GEMM is as fast
 // or 2-5x faster (bench/NOTES-sliding.md, stop 13). fp32 only: oneDNN has no fp64 convolution, and its bf16/fp16
-// ones depend on the CPU's instruction set.
+// ones depend on the CPU's instruction set. Not with torch.backends.mkldnn disabled: ATen's fallback convolution
+// makes an im2col of the whole map, outside the workspace bound.
 constexpr int64_t kCpuDirectMaxPatch = 8192, kCpuDirectMaxOutputs = 256;
 bool direct_first_layer_cpu(const HeadGeometry& g, const at::Tensor& w0) {
-  return w0.scalar_type() == at::kFloat && g.patch() <= kCpuDirectMaxPatch && w0.size(0) <= kCpuDirectMaxOutputs;
+  return w0.scalar_type() == at::kFloat && g.patch() <= kCpuDirectMaxPatch && w0.size(0) <= kCpuDirectMaxOutputs &&
+         at::globalContext().userEnabledMkldnn();
 }
 
 // allow_tf32 has no meaning on the CPU: its fp32 GEMMs are always exact fp32.
