@@ -3,7 +3,9 @@
 A large-kernel conv (the classifier's first Linear, reshaped to the feature map's size) followed by 1×1 convs (the
 later Linears), each with its bias and an optional ReLU. The GEMMs run in the vendor library (MKL/oneDNN, cuBLAS);
 the im2col into the first GEMM and the bias+ReLU epilogues (the last writing NCHW) are pyops kernels. Inference
-only (no autograd). See csrc/ops/sliding_head/sliding_head.h for the algorithm.
+only: with grad mode on, an argument that requires grad raises NotImplementedError naming it (the op has no
+backward; FullyConvolutional runs its plain modules instead when gradients are wanted). See
+csrc/ops/sliding_head/sliding_head.h for the algorithm.
 """
 import torch
 from torch.utils.flop_counter import register_flop_formula
@@ -58,6 +60,9 @@ def sliding_head(features, weights, biases=None, relu=None, precision="fp32", wo
         workspace_bytes: bound on the op's im2col and activation buffers (positions are tiled to fit).
     Returns:
         (B, N_last, H − kh + 1, W − kw + 1) in features' dtype.
+    Raises:
+        ValueError/TypeError for bad arguments; NotImplementedError where autograd would have to record the call
+        (grad mode on and an argument requiring grad, e.g. nn.Parameters: use torch.no_grad()).
     """
     weights = list(weights)
     if biases is None:

@@ -353,11 +353,29 @@ def test_sliding_head_with_mkldnn_disabled_matches_conv_head():
     # The CPU's direct first layer steps aside (ATen's fallback convolution would im2col the whole map): im2col tiles.
     weights, biases = head_operands(torch.float32, "cpu")
     f = rand((2, 5, 9, 8), torch.float32, "cpu", seed=12)
-    with torch.backends.mkldnn.flags(enabled=False):
+    # None: the other oneDNN flags stay as they are (setting allow_tf32 warns on a build without Intel GPU support)
+    with torch.backends.mkldnn.flags(enabled=False, deterministic=None, allow_tf32=None, fp32_precision=None):
         out = pyops.sliding_head(f, weights, biases, workspace_bytes=8000)
     ref = reference.sliding_head(f.double(), [w.double() for w in weights], [b.double() for b in biases], (1, 1, 0))
     rtol, atol = tolerances(torch.float32)
     torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol)
+
+
+def test_sliding_head_refuses_what_autograd_would_record(device):
+    weights, biases = head_operands(torch.float32, device)
+    f = rand((2, 5, 9, 8), torch.float32, device, seed=13)
+    ref = pyops.sliding_head(f, weights, biases)
+    params = [torch.nn.Parameter(w) for w in weights]
+    cases = {"features": (f.clone().requires_grad_(), weights, biases),
+             r"weights\[1\]": (f, [weights[0], params[1], weights[2]], biases),
+             r"biases\[2\]": (f, weights, biases[:2] + [biases[2].clone().requires_grad_()])}
+    for name, args in cases.items():
+        with pytest.raises(NotImplementedError, match=f"inference only.*'{name}' requires grad"):
+            pyops.sliding_head(*args)
+        with pytest.raises(NotImplementedError, match=f"'{name}' requires grad"):
+            torch.ops.pyops.sliding_head(*args, [1, 1, 0])
+    with torch.no_grad():  # nothing to record: the same result
+        torch.testing.assert_close(pyops.sliding_head(f.clone().requires_grad_(), params, biases), ref)
 
 
 def test_sliding_head_layouts_and_empty(device):

@@ -52,8 +52,9 @@ at::Tensor sliding_head_run(const at::Tensor& features, at::TensorList weights, 
 
 // Positions per tile: as many as workspace_bytes holds, fewer where the device prefers smaller im2col tiles
 // (preferred_cols_bytes > 0; but never under kMinTilePositions, nor under layer 0's output channels: each tile's
-// first GEMM rereads the whole weight, which must not cost more than the tile). preferred_cols_bytes < 0: no im2col at all (layer 0 ran as a direct convolution).
-// Tiles are balanced (the same size up to one position). At least 1 position, at most all.
+// first GEMM rereads the whole weight, which must not cost more than the tile). preferred_cols_bytes < 0: no im2col
+// at all (layer 0 ran as a direct convolution). Tiles are balanced (the same size up to one position). At least 1
+// position, at most all.
 constexpr int64_t kMinTilePositions = 256;
 int64_t sliding_head_tile(const HeadGeometry& g, at::TensorList weights, int64_t element_size,
                           int64_t workspace_bytes, int64_t preferred_cols_bytes);
