@@ -62,6 +62,24 @@ def bench_net1_48x48_cpu(measure, models, device, impl):
     run_case(measure, models, image((1, 3, 48, 48), device), impl, "Net1 48x48 B=1 fp32 (289 crops)")
 
 
+@pytest.fixture(scope="module")
+def small_models(request):
+    """The scaled-down Net1 (its head 16x18x18 -> 64 -> 64 -> 10), its Net2 and SlidingClassifier."""
+    net1 = reference.homework_net1(small=True).to(request.config.getoption("--device"))
+    return net1, reference.homework_net2(net1), pyops.nn.SlidingClassifier(net1, 32)
+
+
+@pytest.mark.parametrize("impl", ["pyops", "torch Net2"])
+def bench_small_net1_96x96(measure, small_models, device, impl):
+    """A head of few feature channels on a large map (82x82 features, 4225 crops): on the CPU its first layer is
+    oneDNN's direct convolution inside the op, the im2col route having cost 3x Net2 here (bench/NOTES-sliding.md)."""
+    _, net2, clf = small_models
+    x = image((1, 3, 96, 96), device)
+    fns = {"pyops": lambda: clf(x), "torch Net2": lambda: net2(x)}
+    with torch.no_grad():
+        measure("small Net1 96x96 B=1 fp32 (4225 crops)", impl, fns[impl], flops=fcn_flops(net2, x))
+
+
 @pytest.mark.parametrize("impl", ["pyops", "torch conv head"])
 def bench_head_only(measure, models, device, impl):
     """The 18×18 + 1×1 + 1×1 head on Net1's 34×34 feature map (a 48×48 image): the op vs torch convolutions."""
