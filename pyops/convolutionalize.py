@@ -11,7 +11,9 @@ import copy
 import torch
 import torch.fx
 from torch import nn
+from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
 from ._derived import DerivedWeights
 from ._flags import temporarily
@@ -252,9 +254,15 @@ def _input_channels(features):
     raise ValueError("argument 'model': cannot infer the input channels (no Conv2d/BatchNorm2d in the features)")
 
 
+@torch.compiler.disable  # never traced: a compiled graph of module, called on the fake input, would read its no data
 def fake_run(module, shape, dtype, device):
-    """module on a fake (B, C, H, W) input: shapes only, no memory, no compute."""
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    """module on a fake (B, C, H, W) input: shapes only, no memory, no compute. Under a fake mode already (torch.export
+    traces with one, its fake parameters belong to it) the run uses that mode, and records nothing into the graph."""
+    active = detect_fake_mode()
+    if active is None:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            return module(torch.empty(shape, dtype=dtype, device=device))
+    with disable_proxy_modes_tracing(), active:
         return module(torch.empty(shape, dtype=dtype, device=device))
 
 

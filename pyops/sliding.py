@@ -101,33 +101,46 @@ def classify_fcn(fcn, images, stride=1, max_memory=DEFAULT_MAX_MEMORY, precision
                       "from per-crop evaluation near the crop borders; pass exact=True to evaluate the crops",
                       stacklevel=3)
     (h, w), (sy, sx), (Sy, Sx) = fcn.window, _pair(stride, "stride"), fcn.stride
-    B, _, H, W = images.shape
-    offs_y = torch.arange(0, H - h + 1, sy)
-    offs_x = torch.arange(0, W - w + 1, sx)
+    # Plain ints: the tiling plan and the stitching depend on the sizes, so a traced call (torch.export,
+    # torch.compile) specializes on them; an export that declares them dynamic fails naming the dimension.
+    B, _, H, W = (int(d) for d in images.shape)
+    ny, nx = (H - h) // sy + 1, (W - w) // sx + 1
     if B == 0:
         classes = [m for m in fcn.head if isinstance(m, nn.Conv2d)][-1].out_channels
-        return images.new_empty(0, classes, len(offs_y), len(offs_x))
+        return images.new_empty(0, classes, ny, nx)
     # One plan for every residue: the shifted images are no larger than the whole one, and a plan's tiles fit
     # the bound on any smaller image too.
-    plan = cached_plan(fcn, images.shape, images.dtype, images.device, max_memory, algorithm)
+    plan = cached_plan(fcn, (B, images.shape[1], H, W), images.dtype, images.device, max_memory, algorithm)
     if (sy, sx) == (Sy, Sx):  # the requested offsets are the FCN's own grid: its map is the answer, no stitching
         with torch.no_grad():
             return fcn_map(fcn, images, plan, precision, algorithm)
     out = None
     with torch.no_grad():
-        for ry in sorted(set((offs_y % Sy).tolist())):
-            iy = torch.nonzero(offs_y % Sy == ry).flatten()
-            for rx in sorted(set((offs_x % Sx).tolist())):
-                ix = torch.nonzero(offs_x % Sx == rx).flatten()
+        for rows, map_rows, ry, last_y in _residue_classes(ny, sy, Sy):
+            for cols, map_cols, rx, last_x in _residue_classes(nx, sx, Sx):
                 # The image shifted by (ry, rx), cut to the last crop this residue needs.
-                last_y, last_x = offs_y[iy[-1]].item(), offs_x[ix[-1]].item()
-                shifted = images[:, :, ry:last_y + h, rx:last_x + w]
-                scores = fcn_map(fcn, shifted, plan, precision, algorithm)
-                jy, jx = (offs_y[iy] - ry) // Sy, (offs_x[ix] - rx) // Sx
+                scores = fcn_map(fcn, images[:, :, ry:last_y + h, rx:last_x + w], plan, precision, algorithm)
                 if out is None:
-                    out = scores.new_empty(B, scores.shape[1], len(offs_y), len(offs_x))
-                out[:, :, iy[:, None], ix[None, :]] = scores[:, :, jy[:, None], jx[None, :]]
+                    out = scores.new_empty(B, scores.shape[1], ny, nx)
+                out[:, :, rows, cols] = scores[:, :, map_rows, map_cols]
     return out
+
+
+def _residue_classes(n, s, S):
+    """The crops at offsets i·s (i < n) grouped by their offset's residue r mod S, the FCN's total stride: for each
+    class (its indices i as a slice, the FCN map's indices (i·s − r)/S as a slice, r, the class's last offset).
+    Both are arithmetic progressions (i steps by S/g, the map by s/g, g = gcd(s, S)): plain slices, no gather, and
+    Python ints throughout, so the same code traces (torch.export, torch.compile) without data-dependent values."""
+    g = math.gcd(s, S)
+    step_i, step_j = S // g, s // g
+    classes = []
+    for i0 in range(min(n, step_i)):  # one period of residues: i0 and i0 + S/g share theirs
+        r = i0 * s % S
+        count = len(range(i0, n, step_i))
+        j0 = (i0 * s - r) // S
+        last = (i0 + (count - 1) * step_i) * s
+        classes.append((slice(i0, n, step_i), slice(j0, j0 + (count - 1) * step_j + 1, step_j), r, last))
+    return classes
 
 
 def fcn_map(fcn, x, plan, precision="fp32", algorithm="direct"):

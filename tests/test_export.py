@@ -1,0 +1,142 @@
+"""Deployment paths: torch.export of models that use pyops (the ops survive as pyops ops in the exported graph, the
+program saves, loads and computes what the eager model does) and torch.compile of the sliding classifier."""
+
+import io
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
+
+import pyops
+from pyops import reference
+
+
+def rand(*shape, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def randomize_bn(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model
+
+
+def export_roundtrip(model, args, dynamic_shapes=None):
+    """torch.export.export, then save and load: the program a deployment would ship."""
+    program = torch.export.export(model, args, dynamic_shapes=dynamic_shapes)
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    buffer.seek(0)
+    return torch.export.load(buffer)
+
+
+def call_targets(program):
+    return {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+
+
+def test_export_fused_resnet18_with_dynamic_batch():
+    model = randomize_bn(torchvision.models.resnet18(num_classes=10)).eval()
+    fused = pyops.fuse(model)
+    batch = torch.export.Dim("batch", min=1, max=16)
+    program = export_roundtrip(fused, (rand(2, 3, 64, 64),), dynamic_shapes=({0: batch},))
+    targets = call_targets(program)
+    assert "pyops.conv2d_bias_act.default" in targets
+    assert not any("batch_norm" in t for t in targets)
+    with torch.no_grad():
+        for n in (2, 5):
+            x = rand(n, 3, 64, 64, seed=n)
+            expected = model(x)
+            got = program.module()(x)
+            assert (got - expected).norm() <= 1e-5 * expected.norm()
+
+
+class FunctionalOps(nn.Module):
+    """Each functional op once: conv2d_bn_relu with a residual, conv1d, smooth_max, lse_pool2d."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = randomize_bn(nn.BatchNorm2d(4)).eval()
+        self.filters = nn.Parameter(rand(4, 1, 3, seed=2))
+
+    def forward(self, x):
+        bn = self.bn
+        y = pyops.conv2d_bn_relu(x, self.conv.weight, self.conv.bias, bn.weight, bn.bias, bn.running_mean,
+                                 bn.running_var, bn.eps, padding=1, residual=x)
+        z = pyops.conv1d(y.flatten(2), self.filters, padding="same", groups=4)  # (B, 4, H*W)
+        return pyops.smooth_max(z, 3.0, dim=-1) + pyops.lse_pool2d(y, beta=2.0)
+
+
+def test_export_functional_ops():
+    model = FunctionalOps().eval()
+    x = rand(2, 4, 6, 7, seed=3)
+    program = export_roundtrip(model, (x,))
+    assert {"pyops.conv2d_bn_relu.default", "pyops.conv1d.default", "pyops.smooth_max.default"} <= call_targets(program)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+def test_export_conv1d_module():
+    torch.manual_seed(0)
+    model = nn.Sequential(pyops.nn.Conv1d(8, 16, 5, padding=2, padding_mode="reflect"), nn.ReLU(),
+                          pyops.nn.Conv1d(16, 16, 3, groups=16, padding="same")).eval()
+    x = rand(3, 8, 50, seed=4)
+    program = export_roundtrip(model, (x,))
+    assert "pyops.conv1d.default" in call_targets(program)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), model(x), rtol=0, atol=0)
+
+
+def crop_classifier():
+    """Total stride 2 (the pool), so stride 1 needs shift-and-stitch over four residues."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(8 * 5 * 5, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3])  # stitched residues, the FCN's own grid, a stride past it
+def test_export_sliding_classifier(stride):
+    clf = crop_classifier()
+    model = pyops.nn.SlidingClassifier(clf, 16, stride=stride)
+    x = rand(2, 3, 23, 21, seed=5)
+    with torch.no_grad():
+        program = export_roundtrip(model, (x,))
+        got = program.module()(x)
+        expected = reference.crop_loop(clf, x, 16, stride)
+    assert "pyops.sliding_head.default" in call_targets(program)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_export_sliding_classifier_refuses_a_dynamic_image_size():
+    model = pyops.nn.SlidingClassifier(crop_classifier(), 16, stride=1)
+    batch = torch.export.Dim("batch", min=1, max=8)
+    with torch.no_grad(), pytest.raises(Exception, match="batch"):  # the tiling plan specializes on the sizes
+        torch.export.export(model, (rand(2, 3, 23, 21),), dynamic_shapes=({0: batch},))
+
+
+def test_compiled_sliding_classifier_plans_outside_the_graph():
+    """The tiling plan runs the features on fake tensors. Traced by dynamo, that call became a compiled graph
+    that then ran on the fake input (a segfault with inductor's C++ kernels): planning must stay eager."""
+    calls = []
+
+    def backend(gm, example_inputs):
+        def run(*args):
+            calls.append(any(isinstance(a, FakeTensor) for a in args))
+            return gm(*args)
+        return run
+
+    clf = crop_classifier()
+    model = pyops.nn.SlidingClassifier(clf, 16, stride=1)
+    x = rand(2, 3, 23, 21, seed=6)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(model, backend=backend)(x)
+        expected = reference.crop_loop(clf, x, 16, 1)
+    assert calls and not any(calls)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
