@@ -1,5 +1,7 @@
-"""A global backend flag (torch.backends.*) set for the duration of a block."""
+"""Global flags (torch.backends.*, autocast's cache) set for the duration of a block."""
 import contextlib
+
+import torch
 
 
 @contextlib.contextmanager
@@ -11,3 +13,14 @@ def temporarily(namespace, name, value):
         yield
     finally:
         setattr(namespace, name, saved)
+
+
+@contextlib.contextmanager
+def autocast_cache_disabled():
+    """No caching of autocast's casts inside the block (the caller's setting is restored after it)."""
+    saved = torch.is_autocast_cache_enabled()
+    torch.set_autocast_cache_enabled(False)
+    try:
+        yield
+    finally:
+        torch.set_autocast_cache_enabled(saved)

@@ -85,8 +85,8 @@ def _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residua
             raise ValueError(f"argument 'x' of spatial size {tuple(x.shape[2:])} plus padding {padding} is smaller "
                              f"than the dilated kernel")
     _check_channel_vector(bias, "bias", cout, x)
-    if bias is not None and bias.dtype != x.dtype:
-        raise TypeError(f"argument 'bias' has dtype {bias.dtype} but 'x' has dtype {x.dtype}")
+    if bias is not None:
+        check_like(bias, x, "bias", "x")
     if residual is not None:
         check_tensor(residual, "residual")
         check_like(residual, x, "residual", "x")

@@ -6,6 +6,7 @@ ReLU, Dropout, BatchNorm1d and Identity. The first Linear becomes a Conv2d whose
 window (weights reshaped, not retrained), later Linears 1×1 convs; BatchNorm1d layers (eval statistics) fold into
 the neighbouring Linear. The converted module runs its head as one pyops::sliding_head op.
 """
+import contextlib
 import copy
 
 import torch
@@ -16,7 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
 from ._derived import DerivedWeights
-from ._flags import temporarily
+from ._flags import autocast_cache_disabled, temporarily
 from .fft_conv import FFTConv2d
 from .sliding_head import DEFAULT_WORKSPACE, PRECISIONS, sliding_head
 
@@ -69,6 +70,8 @@ class FullyConvolutional(DerivedWeights):
         weights, biases, relu = self._head_operands(precision, f.dtype)
         if algorithm == "direct":
             return sliding_head(f, weights, biases, relu, precision, workspace_bytes)
+        if f.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(f.device.type):
+            f = f.float()  # features autocast to half precision: the FFT layer computes in float32 all the same
         if f.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"argument 'algorithm' = 'fft' takes float32 or float64 inputs, got {f.dtype}")
         with torch.no_grad():
@@ -257,12 +260,13 @@ def _input_channels(features):
 @torch.compiler.disable  # never traced: a compiled graph of module, called on the fake input, would read its no data
 def fake_run(module, shape, dtype, device):
     """module on a fake (B, C, H, W) input: shapes only, no memory, no compute. Under a fake mode already (torch.export
-    traces with one, its fake parameters belong to it) the run uses that mode, and records nothing into the graph."""
+    traces with one, its fake parameters belong to it) the run uses that mode, and records nothing into the graph.
+    Autocast's cache is off meanwhile: in an autocast region, a weight cast during the fake run would be kept as a
+    fake tensor and served to the real calls that follow."""
     active = detect_fake_mode()
-    if active is None:
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            return module(torch.empty(shape, dtype=dtype, device=device))
-    with disable_proxy_modes_tracing(), active:
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if active is None else active
+    untraced = contextlib.nullcontext() if active is None else disable_proxy_modes_tracing()
+    with autocast_cache_disabled(), untraced, mode:
         return module(torch.empty(shape, dtype=dtype, device=device))
 
 

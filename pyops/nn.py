@@ -204,14 +204,15 @@ class ConvBNReLU2d(DerivedWeights):
         call, its argument checks): more than the kernels of a small fp16 layer take, so a fused fp16 network was
         bound by the host (bench/NOTES-conv_bn_relu.md). For inference this calls the same cuDNN functions directly,
         after checks that cost a few µs. Everything else goes to the op: autograd, torch.compile, dispatch modes
-        (count_ops, FlopCounterMode), ReLU6, float64, other paths, inputs that are neither NCHW- nor
-        channels_last-contiguous, and any input cuDNN refuses (the op's checks then name the bad argument).
+        (count_ops, FlopCounterMode), autocast regions (the op casts), ReLU6, float64, other paths, inputs that are
+        neither NCHW- nor channels_last-contiguous, and any input cuDNN refuses (the op's checks then name the bad
+        argument).
         """
         if (not x.is_cuda or x.dtype is not weight.dtype or x.dtype not in _CUDNN_FUSED_DTYPES
                 or self.activation == "relu6" or x.dim() != 4 or x.shape[1] != self.in_channels or x.numel() == 0
                 or _autograd_sees(x, weight, bias, residual)
                 or torch._C._len_torch_dispatch_stack() or torch.compiler.is_compiling()
-                or conv_path() == "direct"):
+                or conv_path() == "direct" or torch.is_autocast_enabled("cuda")):
             return None
         # The op's layout rule: the output is channels_last iff x is channels_last- and not NCHW-contiguous. cuDNN
         # returns the layout its operands share, so the weight (and residual) must be in x's.

@@ -59,7 +59,8 @@ def sliding_head(features, weights, biases=None, relu=None, precision="fp32", wo
             operands, fp32 accumulation in the GEMMs, activations rounded to bf16; the result in features' dtype).
         workspace_bytes: bound on the op's im2col and activation buffers (positions are tiled to fit).
     Returns:
-        (B, N_last, H − kh + 1, W − kw + 1) in features' dtype.
+        (B, N_last, H − kh + 1, W − kw + 1) in features' dtype (in a torch.autocast region: float32 on the CPU,
+        the region's dtype on CUDA, as for the other pyops ops).
     Raises:
         ValueError/TypeError for bad arguments; NotImplementedError where autograd would have to record the call
         (grad mode on and an argument requiring grad, e.g. nn.Parameters: use torch.no_grad()).
@@ -83,7 +84,7 @@ def sliding_head(features, weights, biases=None, relu=None, precision="fp32", wo
     _check_args(features, weights, biases, relu)
     out = torch.ops.pyops.sliding_head.default(features, weights, biases, [int(r) for r in relu],
                                                precision == "tf32", workspace_bytes)
-    return out.to(out_dtype)
+    return out.to(out_dtype) if precision == "bf16" else out  # (in an autocast region: the dtype it computed in)
 
 
 @torch.library.register_fake("pyops::sliding_head")

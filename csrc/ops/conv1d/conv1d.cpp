@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "common/autocast.h"
 #include "common/checks.h"
 
 namespace pyops {
@@ -155,5 +156,10 @@ TORCH_LIBRARY_FRAGMENT(pyops, m) {
   m.def("conv1d_backward_weight_bias(Tensor grad_output, Tensor input, int kernel_size, int stride, int padding, "
         "int dilation, int groups) -> (Tensor, Tensor)");
 }
+
+// In autocast regions: one dtype for input, weight and bias (csrc/common/autocast.h). The backward ops need none:
+// they get the dtypes of the forward's (cast) tensors.
+TORCH_LIBRARY_IMPL(pyops, AutocastCPU, m) { m.impl("conv1d", autocast_kernel<c10::DeviceType::CPU>()); }
+TORCH_LIBRARY_IMPL(pyops, AutocastCUDA, m) { m.impl("conv1d", autocast_kernel<c10::DeviceType::CUDA>()); }
 
 }  // namespace pyops

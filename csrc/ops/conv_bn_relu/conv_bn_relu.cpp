@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "common/autocast.h"
 #include "common/checks.h"
 #include "common/dispatch.h"
 
@@ -178,5 +179,15 @@ TORCH_LIBRARY_FRAGMENT(pyops, m) {
 
 TORCH_LIBRARY_IMPL(pyops, CPU, m) { m.impl("conv2d_bn_relu", &conv2d_bn_relu); }
 TORCH_LIBRARY_IMPL(pyops, CUDA, m) { m.impl("conv2d_bn_relu", &conv2d_bn_relu); }
+
+// In autocast regions: one dtype for input, weight, bias and residual; the BN statistics keep theirs
+// (csrc/common/autocast.h). The packed op is CPU-only (its packed weight is float32, as the CPU policy casts to).
+TORCH_LIBRARY_IMPL(pyops, AutocastCPU, m) {
+  for (const char* op : {"conv2d_bn_relu", "conv2d_bias_act", "conv2d_bias_act_packed"})
+    m.impl(op, autocast_kernel<c10::DeviceType::CPU>());
+}
+TORCH_LIBRARY_IMPL(pyops, AutocastCUDA, m) {
+  for (const char* op : {"conv2d_bn_relu", "conv2d_bias_act"}) m.impl(op, autocast_kernel<c10::DeviceType::CUDA>());
+}
 
 }  // namespace pyops

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 
+#include "common/autocast.h"
 #include "common/checks.h"
 
 namespace pyops {
@@ -148,5 +149,9 @@ TORCH_LIBRARY_FRAGMENT(pyops, m) {
   m.def("sliding_head(Tensor features, Tensor[] weights, Tensor[] biases, int[] relu, bool allow_tf32=False, "
         "int workspace_bytes=268435456) -> Tensor");
 }
+
+// In autocast regions: one dtype for the features and every layer's weight and bias (csrc/common/autocast.h).
+TORCH_LIBRARY_IMPL(pyops, AutocastCPU, m) { m.impl("sliding_head", autocast_kernel<c10::DeviceType::CPU>()); }
+TORCH_LIBRARY_IMPL(pyops, AutocastCUDA, m) { m.impl("sliding_head", autocast_kernel<c10::DeviceType::CUDA>()); }
 
 }  // namespace pyops

@@ -7,6 +7,7 @@
 
 #include <cmath>
 
+#include "common/autocast.h"
 #include "common/checks.h"
 
 namespace pyops {
@@ -72,6 +73,14 @@ TORCH_LIBRARY_FRAGMENT(pyops, m) {
 TORCH_LIBRARY_IMPL(pyops, CPU, m) {
   m.impl("smooth_max", &smooth_max_cpu);
   m.impl("smooth_max_backward", &smooth_max_backward_cpu);
+}
+
+// In autocast regions: float32, as autocast runs torch.logsumexp (csrc/common/autocast.h).
+TORCH_LIBRARY_IMPL(pyops, AutocastCPU, m) {
+  m.impl("smooth_max", autocast_kernel<c10::DeviceType::CPU, AutocastPolicy::kFloat32>());
+}
+TORCH_LIBRARY_IMPL(pyops, AutocastCUDA, m) {
+  m.impl("smooth_max", autocast_kernel<c10::DeviceType::CUDA, AutocastPolicy::kFloat32>());
 }
 
 }  // namespace pyops
