@@ -1,4 +1,4 @@
-"""Global flags (torch.backends.*, autocast's cache) set for the duration of a block."""
+"""Global flags (torch.backends.*, autocast's cache, the TorchScript tracer) set for the duration of a block."""
 import contextlib
 
 import torch
@@ -24,3 +24,14 @@ def autocast_cache_disabled():
         yield
     finally:
         torch.set_autocast_cache_enabled(saved)
+
+
+@contextlib.contextmanager
+def jit_tracing_paused():
+    """Nothing inside the block is recorded by torch.jit.trace (if a trace is running; it resumes after the block)."""
+    state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        yield
+    finally:
+        torch._C._set_tracing_state(state)

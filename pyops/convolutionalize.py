@@ -17,7 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
 from ._derived import DerivedWeights
-from ._flags import autocast_cache_disabled, temporarily
+from ._flags import autocast_cache_disabled, jit_tracing_paused, temporarily
 from .fft_conv import FFTConv2d
 from .sliding_head import DEFAULT_WORKSPACE, PRECISIONS, sliding_head
 
@@ -260,13 +260,13 @@ def _input_channels(features):
 @torch.compiler.disable  # never traced: a compiled graph of module, called on the fake input, would read its no data
 def fake_run(module, shape, dtype, device):
     """module on a fake (B, C, H, W) input: shapes only, no memory, no compute. Under a fake mode already (torch.export
-    traces with one, its fake parameters belong to it) the run uses that mode, and records nothing into the graph.
-    Autocast's cache is off meanwhile: in an autocast region, a weight cast during the fake run would be kept as a
-    fake tensor and served to the real calls that follow."""
+    traces with one, its fake parameters belong to it) the run uses that mode, and records nothing into the graph;
+    nor into torch.jit.trace's. Autocast's cache is off meanwhile: in an autocast region, a weight cast during the
+    fake run would be kept as a fake tensor and served to the real calls that follow."""
     active = detect_fake_mode()
     mode = FakeTensorMode(allow_non_fake_inputs=True) if active is None else active
     untraced = contextlib.nullcontext() if active is None else disable_proxy_modes_tracing()
-    with autocast_cache_disabled(), untraced, mode:
+    with autocast_cache_disabled(), jit_tracing_paused(), untraced, mode:
         return module(torch.empty(shape, dtype=dtype, device=device))
 
 

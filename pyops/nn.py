@@ -171,8 +171,8 @@ class ConvBNReLU2d(DerivedWeights):
         """The weight packed by pyops::conv2d_pack_weight for x's shape, or None where the packed path does not
         apply or does not pay.
 
-        It applies to CPU fp32 inference only (the packed tensor is opaque to autograd and torch.compile), with an
-        input in either memory format (oneDNN converts an NCHW one itself).
+        It applies to CPU fp32 inference only (the packed tensor is opaque to autograd, torch.compile and
+        torch.jit.trace), with an input in either memory format (oneDNN converts an NCHW one itself).
         Measured per layer on this project's CPU (bench/NOTES-conv_bn_relu.md), packing gains up to 65 % on
         ResNet's 3×3 layers with ≥ 64 input channels (most at batch 1 and in the deep layers), but loses ~25 % on the
         3-channel 7×7 stem and ~10 % on the homework's 16→16 3×3 layer (32 channels: even): oneDNN's chosen blocked
@@ -184,7 +184,7 @@ class ConvBNReLU2d(DerivedWeights):
         # cheapest tests first: most calls that take another path leave at the first or second
         if (self.in_channels < 64 or self.groups != 1 or not x.is_cpu or x.dtype is not torch.float32
                 or weight.dtype is not torch.float32 or not weight.is_cpu or x.dim() != 4 or x.numel() == 0
-                or torch.compiler.is_compiling() or not torch.backends.mkldnn.is_available()):
+                or torch.compiler.is_compiling() or torch.jit.is_tracing() or not torch.backends.mkldnn.is_available()):
             return None
         if self.kernel_size == (1, 1) and (x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last)):
             return None
@@ -322,8 +322,8 @@ class SlidingClassifier(nn.Module):
     SlidingClassifier(model, window, stride=1): model maps (B, C, h, w) crops to (B, classes) (see
     pyops.convolutionalize); the module holds its fully convolutional copy (`fcn`), not the model.
     forward(images (B, C, H, W), max_memory=4 GiB, precision="fp32", algorithm="auto")
-        → (B, classes, ⌊(H−h)/s⌋+1, ⌊(W−w)/s⌋+1); algorithm as in sliding_classify (FFT spectra are kept on the
-        module's fcn after the first call that uses them).
+        → (B, classes, ⌊(H−h)/s⌋+1, ⌊(W−w)/s⌋+1); algorithm and gradients as in sliding_classify (FFT spectra are
+        kept on the module's fcn after the first call that uses them).
     """
 
     def __init__(self, model, window, stride=1):

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ._checks import check_floating
+from ._flags import jit_tracing_paused
 from .convolutionalize import FullyConvolutional, _cudnn_tf32, _window, convolutionalize, fake_run
 from .fft_conv import default_fft_size, fft_tile_counts, fft_workspace_bytes
 from .sliding_head import PRECISIONS
@@ -50,7 +51,7 @@ class TilePlan:
 
 def sliding_classify(model, images, window, stride=1, exact=False, max_memory=DEFAULT_MAX_MEMORY, precision="fp32",
                      algorithm="auto"):
-    """Scores of every crop at offsets 0, s, 2s, … of each image, equal to `model` on each crop (inference only).
+    """Scores of every crop at offsets 0, s, 2s, … of each image, equal to `model` on each crop.
 
     Args:
         model: a crop classifier nn.Module ((B, C, h, w) → (B, classes)) as pyops.convolutionalize takes it, or
@@ -68,6 +69,9 @@ def sliding_classify(model, images, window, stride=1, exact=False, max_memory=DE
             FullyConvolutional.resolve_algorithm and bench/NOTES-sliding.md.
     Returns:
         (B, classes, ⌊(H−h)/sy⌋+1, ⌊(W−w)/sx⌋+1) in images' dtype.
+    Gradients: with grad mode on and `images` requiring grad, autograd records the pass (plain modules, no fused
+    head; max_memory then does not bound the activations saved for backward), e.g. for saliency maps. Otherwise it
+    runs as inference, whatever the weights' requires_grad.
     """
     window = _window(window)
     if exact:
@@ -110,12 +114,12 @@ def classify_fcn(fcn, images, stride=1, max_memory=DEFAULT_MAX_MEMORY, precision
         return images.new_empty(0, classes, ny, nx)
     # One plan for every residue: the shifted images are no larger than the whole one, and a plan's tiles fit
     # the bound on any smaller image too.
-    plan = cached_plan(fcn, (B, images.shape[1], H, W), images.dtype, images.device, max_memory, algorithm)
+    plan = cached_plan(fcn, (B, int(images.shape[1]), H, W), images.dtype, images.device, max_memory, algorithm)
     if (sy, sx) == (Sy, Sx):  # the requested offsets are the FCN's own grid: its map is the answer, no stitching
-        with torch.no_grad():
+        with _autograd_if_wanted(images):
             return fcn_map(fcn, images, plan, precision, algorithm)
     out = None
-    with torch.no_grad():
+    with _autograd_if_wanted(images):
         for rows, map_rows, ry, last_y in _residue_classes(ny, sy, Sy):
             for cols, map_cols, rx, last_x in _residue_classes(nx, sx, Sx):
                 # The image shifted by (ry, rx), cut to the last crop this residue needs.
@@ -124,6 +128,11 @@ def classify_fcn(fcn, images, stride=1, max_memory=DEFAULT_MAX_MEMORY, precision
                     out = scores.new_empty(B, scores.shape[1], ny, nx)
                 out[:, :, rows, cols] = scores[:, :, map_rows, map_cols]
     return out
+
+
+def _autograd_if_wanted(images):
+    """Grad mode as sliding_classify documents it: on only where the caller wants gradients for the images."""
+    return torch.set_grad_enabled(torch.is_grad_enabled() and images.requires_grad)
 
 
 def _residue_classes(n, s, S):
@@ -174,7 +183,8 @@ def cached_plan(fcn, shape, dtype, device, max_memory, algorithm="direct"):
     if plan is None:
         if len(cache) >= 32:
             cache.clear()
-        plan = cache[key] = plan_tiles(fcn, shape, dtype, device, max_memory, algorithm)
+        with jit_tracing_paused():  # torch.jit.trace: planning is no part of the graph (its sizes stay ints)
+            plan = cache[key] = plan_tiles(fcn, shape, dtype, device, max_memory, algorithm)
     return plan
 
 
@@ -267,7 +277,7 @@ def _crop_batches(model, images, window, stride, max_memory, precision):
         raise ValueError(f"argument 'max_memory' = {max_memory} bytes is below the {per_crop + out_bytes} bytes "
                          "that one crop needs")
     parts = []
-    with torch.no_grad(), _cudnn_tf32(precision == "tf32"):
+    with _autograd_if_wanted(images), _cudnn_tf32(precision == "tf32"):
         for c0 in range(0, n, chunk):
             k = torch.arange(c0, min(n, c0 + chunk), device=images.device)
             parts.append(model(crops[k // (ny * nx), (k // nx) % ny, k % nx]))  # gathers only this chunk

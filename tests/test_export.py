@@ -1,7 +1,9 @@
-"""Deployment paths: torch.export of models that use pyops (the ops survive as pyops ops in the exported graph, the
-program saves, loads and computes what the eager model does) and torch.compile of the sliding classifier."""
+"""Deployment paths: torch.export and torch.jit.trace of models that use pyops (the ops survive as pyops ops in the
+exported graph, the program saves, loads and computes what the eager model does) and torch.compile of the sliding
+classifier."""
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -140,3 +142,25 @@ def test_compiled_sliding_classifier_plans_outside_the_graph():
         expected = reference.crop_loop(clf, x, 16, 1)
     assert calls and not any(calls)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_jit_trace_keeps_the_pyops_ops():
+    """TorchScript tracing (a libtorch deployment loads the library and the saved module): the fused network, a
+    conv1d layer and the sliding classifier trace to graphs of our ops, save, load and compute the same."""
+    torch.manual_seed(0)
+    clf = crop_classifier()
+    cases = [(pyops.fuse(randomize_bn(torchvision.models.resnet18(num_classes=10)).eval()), rand(2, 3, 64, 64),
+              "pyops::conv2d_bias_act"),
+             (nn.Sequential(pyops.nn.Conv1d(4, 6, 3), nn.ReLU()).eval(), rand(2, 4, 20), "pyops::conv1d"),
+             (pyops.nn.SlidingClassifier(clf, 16, stride=1), rand(1, 3, 23, 21), "pyops::sliding_head")]
+    for model, x, op in cases:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # sizes baked in: the trace is for this shape
+            warnings.simplefilter("ignore", FutureWarning)  # torch >= 2.14 deprecates TorchScript for torch.export
+            traced = torch.jit.trace(model, x)
+            buffer = io.BytesIO()
+            torch.jit.save(traced, buffer)
+            buffer.seek(0)
+            loaded = torch.jit.load(buffer)
+            assert op in {n.kind() for n in loaded.inlined_graph.nodes()}
+            torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)  # eager may take the packed path

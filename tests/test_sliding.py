@@ -127,6 +127,22 @@ def test_downsampling_features_equal_crop_loop_at_every_offset(make, window, siz
     torch.testing.assert_close(scores, ref, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("exact,stride", [(False, 1), (False, 6), (True, 2)])  # stitched, the FCN's grid, crops
+def test_gradients_reach_images_that_require_them(exact, stride):
+    """With images requiring grad the pass is recorded: the images' gradient equals the crop loop's (float64);
+    without, it runs as inference (no graph), whatever the weights' requires_grad."""
+    model = eval64(strided_net())
+    x = rand((2, 3, 29, 32), seed=5).requires_grad_()
+    crops = [[model(x[:, :, i:i + 21, j:j + 21]) for j in range(0, 32 - 21 + 1, stride)]
+             for i in range(0, 29 - 21 + 1, stride)]
+    loop = torch.stack([torch.stack(row, -1) for row in crops], -2)  # reference.crop_loop, with autograd
+    weight = rand(loop.shape, seed=6)
+    (expected,) = torch.autograd.grad((loop * weight).sum(), x)
+    (got,) = torch.autograd.grad((pyops.sliding_classify(model, x, 21, stride, exact=exact) * weight).sum(), x)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    assert not pyops.sliding_classify(model, x.detach(), 21, stride, exact=exact).requires_grad
+
+
 def test_total_stride_is_inferred():
     assert pyops.convolutionalize(eval64(PoolNet()), 24).stride == (4, 4)
     assert pyops.convolutionalize(eval64(strided_net()), 21).stride == (6, 6)
