@@ -26,6 +26,12 @@ def is_batchnorm(module):
     return isinstance(module, _BatchNorm) or (frozen is not None and isinstance(module, frozen))
 
 
+def is_foldable_batchnorm(module):
+    """is_batchnorm with running statistics: one built with track_running_stats=False normalizes with each batch's
+    own statistics even in eval mode, which no fixed weights reproduce."""
+    return is_batchnorm(module) and getattr(module, "running_mean", None) is not None
+
+
 def batchnorm_affine(bn):
     """(scale, shift), float64 tensors of shape (C,): bn(z) = z·scale + shift per channel, for an eval-mode bn.
 
@@ -61,7 +67,9 @@ def fold_bn(layer, bn):
     bn: nn.BatchNorm1d/2d/3d or nn.SyncBatchNorm in eval mode with running statistics (affine or not), or
         torchvision.ops.misc.FrozenBatchNorm2d; bn's channel count must equal the layer's output channels.
     Returns a fresh module of the layer's base class (nn.Conv2d, nn.Linear, ...) with the same hyper-parameters,
-    weight W·s and bias (b − μ)·s + β (a trainable Parameter even where layer.bias is None), s = γ/√(σ²+ε).
+    weight W·s and bias (b − μ)·s + β (a trainable Parameter even where layer.bias is None), s = γ/√(σ²+ε). For a
+    Linear the equality holds on (N, features) inputs, where BatchNorm1d normalizes the Linear's features (on a
+    3-D input it would normalize dim 1 instead).
     The arithmetic runs in float64 and is rounded once to the layer's dtypes (fp16/bf16 weights included); the weight
     keeps its memory layout (e.g. channels_last) and device; requires_grad flags and the training flag are kept.
     Neither argument is modified.

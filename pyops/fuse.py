@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import nn as pyops_nn
-from .fold import fold_bn, frozen_batchnorm_class, is_batchnorm, out_channels
+from .fold import fold_bn, frozen_batchnorm_class, is_foldable_batchnorm, out_channels
 
 RELU_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu6: "relu6"}
 RELU_METHODS = {"relu": "relu", "relu_": "relu"}
@@ -38,7 +38,10 @@ def fuse(model, inplace=False):
       - Conv1d/Conv3d (and Conv2d with a non-zero padding mode) → BatchNorm is one folded conv (pyops.fold_bn).
     A ReLU is nn.ReLU, nn.ReLU6, F.relu, F.relu6, torch.relu or Tensor.relu, in-place or not. A link of a chain is
     fused only where the previous node's output has no other user (so no other computation sees a changed value);
-    where a BatchNorm's input is used elsewhere, that BatchNorm stays.
+    where a BatchNorm's input is used elsewhere, that BatchNorm stays, as does one without running statistics
+    (track_running_stats=False: it normalizes with each batch's statistics). A LinearBNReLU takes (N, features)
+    inputs, where the fold is exact, and raises ValueError on others (a Linear → BatchNorm1d on 3-D inputs, where the
+    BatchNorm normalizes dim 1 instead, cannot be folded).
     ValueError: a model (or submodule) in training mode. Warns (UserWarning) when torch.fx cannot trace the model,
     naming what the Sequential fallback fused.
     """
@@ -129,7 +132,7 @@ def match_chain(node, modules):
     layer → bn [→ add(·, residual)] [→ relu] (each link the previous node's only user) as a dict
     {nodes: [layer, bn, add?, relu?], residual: Node or None, activation: "none"/"relu"/"relu6"}, else None."""
     bn = called_module(node, modules)
-    if not is_batchnorm(bn) or len(node.args) != 1 or node.kwargs:
+    if not is_foldable_batchnorm(bn) or len(node.args) != 1 or node.kwargs:
         return None
     layer_node = node.args[0]
     if not isinstance(layer_node, fx.Node) or len(layer_node.users) != 1 or len(layer_node.args) != 1 \
@@ -210,7 +213,7 @@ def fuse_sequentials(model):
         i = 0
         while i + 1 < len(items):
             (layer_key, layer), (bn_key, bn) = items[i], items[i + 1]
-            if not (isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and is_batchnorm(bn)
+            if not (isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and is_foldable_batchnorm(bn)
                     and out_channels(layer) == bn.running_mean.numel()):
                 i += 1
                 continue

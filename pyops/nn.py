@@ -276,8 +276,10 @@ class ConvBNReLU2d(DerivedWeights):
 class LinearBNReLU(nn.Module):
     """act(x @ weight.T + bias) with a BatchNorm1d folded into weight and bias (see from_modules).
 
-    x: (N, in_features) or (*, in_features) → (*, out_features); activation: "none", "relu" or "relu6", applied in
-    place on the GEMM's fresh output (one extra pass over the output, no extra memory). Gradients as ConvBNReLU2d.
+    x: (N, in_features) → (N, out_features): the only shape on which Linear → BatchNorm1d folds (on a 3-D input,
+    BatchNorm1d normalizes dim 1, not the Linear's features), so others raise ValueError rather than differ from the
+    unfused layers. activation: "none", "relu" or "relu6", applied in place on the GEMM's fresh output (one extra
+    pass over the output, no extra memory). Gradients as ConvBNReLU2d.
     """
 
     def __init__(self, in_features, out_features, activation="relu", device=None, dtype=None):
@@ -309,6 +311,10 @@ class LinearBNReLU(nn.Module):
         return fused.train(linear.training)
 
     def forward(self, x):
+        if x.dim() != 2:
+            raise ValueError(f"argument 'x' must be 2-D (N, {self.in_features}), where the BatchNorm1d folded into "
+                             f"this layer normalized its features; got shape {tuple(x.shape)} (on a 3-D input "
+                             "BatchNorm1d normalizes dim 1: that Linear → BatchNorm1d cannot be fused)")
         return apply_activation_(F.linear(x, self.weight, self.bias), self.activation)
 
     def extra_repr(self):

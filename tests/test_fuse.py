@@ -18,6 +18,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 import pyops
 from pyops.demo.conv_bn_relu import HomeworkNet, homework_setup, max_squared_error, randomize_batchnorms_
+from pyops.fuse import fuse_sequentials
 from pyops.nn import ConvBNReLU2d, LinearBNReLU
 
 
@@ -715,3 +716,28 @@ def test_fused_model_compiles_without_graph_breaks():
     compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")  # dynamo + AOT autograd, no codegen
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_leaves_batchnorms_that_use_batch_statistics():
+    """track_running_stats=False: the BatchNorm normalizes with each batch's statistics even in eval mode, so no
+    weights reproduce it; the chain stays as it is (both in a traced graph and in the Sequential fallback)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU()).eval()
+    x = torch.rand(2, 3, 8, 8, generator=gen())
+    fallback = copy.deepcopy(model)
+    assert fuse_sequentials(fallback) == []
+    for fused in (pyops.fuse(model), fallback):
+        assert sum(isinstance(m, nn.BatchNorm2d) for m in fused.modules()) == 1
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
+
+
+def test_fused_linear_refuses_inputs_where_the_fold_does_not_hold():
+    """Linear → BatchNorm1d on a 3-D input (N, L, features): BatchNorm1d normalizes dim 1 (L == num_features here,
+    or it would fail), not the Linear's features. The fused layer raises instead of giving other values."""
+    model = randomized(nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU())).eval()
+    fused = pyops.fuse(model)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(torch.ones(3, 5)), model(torch.ones(3, 5)), rtol=1e-6, atol=1e-6)
+        model(torch.ones(3, 6, 5))  # the original runs
+        with pytest.raises(ValueError, match="2-D"):
+            fused(torch.ones(3, 6, 5))
