@@ -110,6 +110,13 @@ Activation check_conv_act_backward_args(const at::Tensor& grad, const at::Tensor
   return static_cast<Activation>(activation);
 }
 
+std::tuple<at::Tensor, at::Tensor> conv_act_backward_outputs(const at::Tensor& output, bool has_scale,
+                                                             bool unscaled_too) {
+  const auto options = output.options().memory_format(output_memory_format(output));
+  return {at::empty(output.sizes(), options),
+          has_scale && unscaled_too ? at::empty(output.sizes(), options) : at::empty({0}, output.options())};
+}
+
 at::MemoryFormat output_memory_format(const at::Tensor& input) {
   return input.is_contiguous(at::MemoryFormat::ChannelsLast) && !input.is_contiguous() ? at::MemoryFormat::ChannelsLast
                                                                                         : at::MemoryFormat::Contiguous;

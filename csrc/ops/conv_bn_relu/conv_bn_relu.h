@@ -9,6 +9,7 @@
 
 #include <array>
 #include <optional>
+#include <tuple>
 
 namespace pyops {
 
@@ -35,6 +36,10 @@ void check_bn_args(const at::Tensor& weight, const std::optional<at::Tensor>& bn
 // conv_act_backward's arguments: grad and output alike (N, C, H, W), scale (C,) if given; returns the activation.
 Activation check_conv_act_backward_args(const at::Tensor& grad, const at::Tensor& output,
                                         const std::optional<at::Tensor>& scale, int64_t activation);
+// conv_act_backward's two results, uninitialized, in output's memory format: the scaled gradient, and the unscaled
+// one where it is computed (scale given and unscaled_too), else an empty tensor.
+std::tuple<at::Tensor, at::Tensor> conv_act_backward_outputs(const at::Tensor& output, bool has_scale,
+                                                             bool unscaled_too);
 
 // The memory format the output takes from the input (and that kernels compute in).
 at::MemoryFormat output_memory_format(const at::Tensor& input);

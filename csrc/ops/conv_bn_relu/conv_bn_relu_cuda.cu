@@ -103,9 +103,8 @@ std::tuple<at::Tensor, at::Tensor> conv_act_backward_cuda(const at::Tensor& grad
   const int64_t c = output.size(1), hw = output.size(2) * output.size(3);
   const auto fmt = output_memory_format(output);
   const bool has_scale = scale.has_value(), second = has_scale && unscaled_too;
-  at::Tensor g_scaled = at::empty(output.sizes(), output.options().memory_format(fmt));
-  at::Tensor g_masked = second ? at::empty(output.sizes(), output.options().memory_format(fmt))
-                               : at::empty({0}, output.options());
+  at::Tensor g_scaled, g_masked;  // (not structured bindings: the kernel lambda below captures them)
+  std::tie(g_scaled, g_masked) = conv_act_backward_outputs(output, has_scale, unscaled_too);
   if (output.numel() == 0) return {g_scaled, g_masked};
   const at::Tensor gc = grad.contiguous(fmt), oc = output.contiguous(fmt);
   auto stream = at::cuda::getCurrentCUDAStream();
