@@ -15,15 +15,19 @@ from pyops import reference
 from pyops.fft_conv import FFTConv2d
 
 
-@pytest.fixture(scope="module")
-def models(request):
-    """(net1, net2, SlidingClassifier) on the bench device, built once: each holds 1.36 GB in its 18×18 layer."""
+def homework_models(request, small):
+    """(net1, net2, SlidingClassifier) on the bench device (net2 on net1's device)."""
     dev = request.config.getoption("--device")
     if dev == "cuda" and not torch.cuda.is_available():
         pytest.skip("--device cuda without a CUDA device")
-    net1 = reference.homework_net1().to(dev)
-    net2 = reference.homework_net2(net1)  # on net1's device
-    return net1, net2, pyops.nn.SlidingClassifier(net1, 32)
+    net1 = reference.homework_net1(small=small).to(dev)
+    return net1, reference.homework_net2(net1), pyops.nn.SlidingClassifier(net1, 32)
+
+
+@pytest.fixture(scope="module")
+def models(request):
+    """The homework's Net1, built once: each of the three holds 1.36 GB in its 18×18 layer."""
+    return homework_models(request, small=False)
 
 
 def fcn_flops(net2, x):
@@ -64,9 +68,8 @@ def bench_net1_48x48_cpu(measure, models, device, impl):
 
 @pytest.fixture(scope="module")
 def small_models(request):
-    """The scaled-down Net1 (its head 16x18x18 -> 64 -> 64 -> 10), its Net2 and SlidingClassifier."""
-    net1 = reference.homework_net1(small=True).to(request.config.getoption("--device"))
-    return net1, reference.homework_net2(net1), pyops.nn.SlidingClassifier(net1, 32)
+    """The scaled-down Net1 (its head 16x18x18 -> 64 -> 64 -> 10)."""
+    return homework_models(request, small=True)
 
 
 @pytest.mark.parametrize("impl", ["pyops", "torch Net2"])
