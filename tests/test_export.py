@@ -13,6 +13,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 import pyops
 from pyops import reference
+from pyops.demo.conv_bn_relu import randomize_batchnorms_
 
 
 def rand(*shape, seed=0):
@@ -20,13 +21,7 @@ def rand(*shape, seed=0):
 
 
 def randomize_bn(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            with torch.no_grad():
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g))
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model
+    return randomize_batchnorms_(model, torch.Generator().manual_seed(seed))
 
 
 def export_roundtrip(model, args, dynamic_shapes=None):
