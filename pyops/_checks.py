@@ -16,12 +16,17 @@ def check_floating(x, name):
 _AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def in_autocast_region(device):
+    """Whether a torch.autocast region is active for device's type (never for types autocast lacks, e.g. meta)."""
+    return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+
+
 def check_like(t, ref, name, ref_name):
     """t must share ref's dtype (else TypeError) and device (else ValueError), as the C++ checks require. Inside a
     torch.autocast region of their device, half, bfloat16 and float32 mix: the op's autocast kernel casts them to
     one dtype (csrc/common/autocast.h)."""
     if t.dtype != ref.dtype and not (t.dtype in _AUTOCAST_DTYPES and ref.dtype in _AUTOCAST_DTYPES
-                                     and torch.is_autocast_enabled(ref.device.type)):
+                                     and in_autocast_region(ref.device)):
         raise TypeError(f"argument '{name}' has dtype {t.dtype} but '{ref_name}' has dtype {ref.dtype}")
     if t.device != ref.device:
         raise ValueError(f"argument '{name}' is on {t.device} but '{ref_name}' is on {ref.device}")

@@ -16,6 +16,7 @@ from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
+from ._checks import in_autocast_region
 from ._derived import DerivedWeights
 from ._flags import autocast_cache_disabled, jit_tracing_paused, temporarily
 from .fft_conv import FFTConv2d
@@ -70,7 +71,7 @@ class FullyConvolutional(DerivedWeights):
         weights, biases, relu = self._head_operands(precision, f.dtype)
         if algorithm == "direct":
             return sliding_head(f, weights, biases, relu, precision, workspace_bytes)
-        if f.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(f.device.type):
+        if f.dtype in (torch.float16, torch.bfloat16) and in_autocast_region(f.device):
             f = f.float()  # features autocast to half precision: the FFT layer computes in float32 all the same
         if f.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"argument 'algorithm' = 'fft' takes float32 or float64 inputs, got {f.dtype}")

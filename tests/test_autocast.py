@@ -160,3 +160,14 @@ def test_sliding_classifier_in_an_autocast_region(device, region_dtype, algorith
             scores = dense(x, algorithm=algorithm)
     assert scores.dtype == compute_dtype(device, region_dtype)
     assert (scores.double() - exact).abs().max().item() <= 2e-2 * exact.abs().max().item()
+
+
+def test_mixed_dtypes_outside_a_region_are_refused_by_name():
+    """Outside an autocast region of the tensors' device (none at all, or a region of another device for a device
+    autocast lacks, such as meta) mixed dtypes stay an error naming the argument."""
+    for device in ("cpu", "meta"):
+        x, w = torch.ones(1, 2, 5, device=device), torch.ones(2, 2, 3, device=device, dtype=torch.float16)
+        with pytest.raises(TypeError, match="'weight'"):
+            pyops.conv1d(x, w)
+    with torch.autocast("cpu", dtype=torch.float16), pytest.raises(TypeError, match="'weight'"):
+        pyops.conv1d(x, w)  # meta tensors in a CPU region
