@@ -32,16 +32,25 @@ IMPLS = {
 }
 
 
-def run_case(measure, device, name, batch, impl, dtype=torch.float32, memory_format=torch.contiguous_format):
+def run_case(measure, device, name, batch, impl, dtype=torch.float32, memory_format=torch.contiguous_format,
+             autocast=None):
+    """autocast: a dtype to run the float32 model in a torch.autocast region of (the model and input stay fp32)."""
     if impl == "torch.compile" and os.environ.get("PYOPS_BENCH_COMPILE", "1") == "0":
         pytest.skip("PYOPS_BENCH_COMPILE=0: torch.compile not timed")
     model = IMPLS[impl](torchvision_model(name, device, dtype, memory_format))
     x = torch.rand(batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     x = x.to(device, dtype, memory_format=memory_format)
     layout = "-CL" if memory_format == torch.channels_last else ""
+    precision = DTYPE_NAMES[dtype] if autocast is None else f"{DTYPE_NAMES[autocast]}-autocast"
+
+    def forward():
+        if autocast is None:
+            return model(x)
+        with torch.autocast(device, dtype=autocast):
+            return model(x)
+
     with torch.no_grad():
-        measure(f"{name} fwd batch {batch} 3x224x224 {DTYPE_NAMES[dtype]}{layout}", impl, lambda: model(x),
-                flops=FLOPS[name] * batch)
+        measure(f"{name} fwd batch {batch} 3x224x224 {precision}{layout}", impl, forward, flops=FLOPS[name] * batch)
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
@@ -51,9 +60,13 @@ def bench_resnet18(measure, device, impl, batch):
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
-@pytest.mark.parametrize("dtype,memory_format", [(torch.float32, torch.contiguous_format),
-                                                 (torch.float16, torch.channels_last)], ids=["fp32", "fp16-CL"])
-def bench_resnet50_batch32(measure, device, impl, dtype, memory_format):
+@pytest.mark.parametrize("dtype,memory_format,autocast", [(torch.float32, torch.contiguous_format, None),
+                                                          (torch.float16, torch.channels_last, None),
+                                                          (torch.float32, torch.channels_last, torch.float16)],
+                         ids=["fp32", "fp16-CL", "fp16-autocast-CL"])
+def bench_resnet50_batch32(measure, device, impl, dtype, memory_format, autocast):
+    """fp16-autocast-CL: how most users run fp16 inference; fused layers then take the op (its autocast kernel casts)
+    instead of ConvBNReLU2d's direct cuDNN call."""
     if device != "cuda":
         pytest.skip("resnet50 batch 32 is a CUDA target (seconds per forward on this 2-core CPU)")
-    run_case(measure, device, "resnet50", 32, impl, dtype, memory_format)
+    run_case(measure, device, "resnet50", 32, impl, dtype, memory_format, autocast)
