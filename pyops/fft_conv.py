@@ -93,6 +93,8 @@ class FFTConv2d(torch.nn.Module):
         if h < kh or w < kw:
             raise ValueError(f"argument 'x' has a {h}x{w} map, smaller than the {kh}x{kw} kernel")
         oh, ow = h - kh + 1, w - kw + 1
+        if b == 0:  # (the FFT libraries refuse zero transforms)
+            return x.new_empty(0, self.out_channels, oh, ow)
         th, tw = size - kh + 1, size - kw + 1  # output positions per tile
         ny, nx = fft_tile_counts(oh, ow, size, (kh, kw))
         # Tiles of T×T input positions at steps of the output tile; zero padding past the map's end feeds only

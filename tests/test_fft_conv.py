@@ -39,6 +39,7 @@ def test_fft_conv_without_bias_and_default_sizes():
     layer = FFTConv2d(weight)
     torch.testing.assert_close(layer(x), F.conv2d(x, weight), rtol=1e-5, atol=1e-5)
     assert "fft_size=6" in repr(layer)
+    assert layer(x[:0]).shape == (0, 3, 7, 7)  # an empty batch: an empty output, as F.conv2d gives
 
 
 def test_fft_conv_rejects_bad_arguments():
