@@ -63,7 +63,8 @@ def conv1d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """torch.nn.functional.conv1d computed by pyops' own kernels, forward and backward.
 
     Args:
-        x: (N, C_in, L) or unbatched (C_in, L); float32/float64 (CUDA also float16/bfloat16). Any strides.
+        x: (N, C_in, L) or unbatched (C_in, L); float32/float64/float16/bfloat16 (the half types accumulate in
+            float32: on the CPU they are upcast, on CUDA the kernels read them). Any strides.
         weight: (C_out, C_in / groups, K), same dtype and device.
         bias: (C_out,) or None.
         stride, dilation: int >= 1 (or a 1-tuple); groups: int >= 1.

@@ -1,7 +1,8 @@
-// CPU entries of conv1d and its backward ops: checks, contiguous operands, and the rewrites that turn each op into
-// one of the two CPU correlation kernels (conv1d_cpu_correlate.cpp, conv1d_cpu_weight.cpp) -- or, for dense layers
-// where oneDNN's GEMM-based convolution is faster (bench/NOTES-conv1d.md), into ATen's convolution, except the
-// float32 weight gradient, which per-tap GEMMs compute faster still (conv1d_cpu_gemm.cpp).
+// CPU entries of conv1d and its backward ops: checks, contiguous operands (float16/bfloat16 ones computed in
+// float32), and the rewrites that turn each op into one of the two CPU correlation kernels (conv1d_cpu_correlate.cpp,
+// conv1d_cpu_weight.cpp) -- or, for dense layers where oneDNN's GEMM-based convolution is faster
+// (bench/NOTES-conv1d.md), into ATen's convolution, except the float32 weight gradient, which per-tap GEMMs compute
+// faster still (conv1d_cpu_gemm.cpp).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -10,9 +11,16 @@
 namespace pyops {
 namespace {
 
+// float16 / bfloat16 on the CPU: the kernels are float32/float64 ones, so these compute in float32 (the accumulation
+// dtype the CUDA kernels use for them too) and round the result once to the arguments' dtype (checked equal before).
+bool is_half(const at::Tensor& t) { return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16; }
 void check_cpu_dtype(const at::Tensor& t, const char* name) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "pyops.conv1d: argument '", name,
-                   "' has dtype ", t.scalar_type(), "; the CPU kernels support float32 and float64");
+                   "' has dtype ", t.scalar_type(), "; the CPU kernels take float32, float64, float16 and bfloat16");
+}
+at::Tensor as_float(const at::Tensor& t) { return t.to(at::kFloat); }
+std::optional<at::Tensor> as_float(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? std::optional<at::Tensor>(as_float(*t)) : t;
 }
 
 // grad_output of a strided convolution with zeros between its samples, (N, C, (L-1)*stride + 1): every backward
@@ -29,6 +37,10 @@ at::Tensor upsample_by_stride(const at::Tensor& grad_output, int64_t stride) {
 at::Tensor conv1d_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                       int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
   const Conv1dGeometry g = check_conv1d(input, weight, bias, stride, padding, dilation, groups);
+  if (is_half(input)) {
+    return conv1d_cpu(as_float(input), as_float(weight), as_float(bias), stride, padding, dilation, groups)
+        .to(input.scalar_type());
+  }
   check_cpu_dtype(input, "input");
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   const bool empty = g.batch * g.out_channels * g.out_length == 0;
@@ -51,6 +63,11 @@ at::Tensor conv1d_backward_input_cpu(const at::Tensor& grad_output, const at::Te
                                      int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
   const Conv1dGeometry g =
       check_conv1d_backward_input(grad_output, weight, input_length, stride, padding, dilation, groups);
+  if (is_half(grad_output)) {
+    return conv1d_backward_input_cpu(as_float(grad_output), as_float(weight), input_length, stride, padding, dilation,
+                                     groups)
+        .to(grad_output.scalar_type());
+  }
   check_cpu_dtype(grad_output, "grad_output");
   const bool empty = g.batch * g.in_channels * g.in_length == 0;
   if (!empty && conv1d_use_library(g, /*cuda=*/false)) return library_conv1d_backward_input(grad_output, weight, g);
@@ -70,6 +87,11 @@ at::Tensor conv1d_backward_weight_cpu(const at::Tensor& grad_output, const at::T
                                       int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
   const Conv1dGeometry g =
       check_conv1d_backward_weight(grad_output, input, kernel_size, stride, padding, dilation, groups);
+  if (is_half(grad_output)) {
+    return conv1d_backward_weight_cpu(as_float(grad_output), as_float(input), kernel_size, stride, padding, dilation,
+                                      groups)
+        .to(grad_output.scalar_type());
+  }
   check_cpu_dtype(grad_output, "grad_output");
   const bool empty = g.batch * g.out_channels * g.in_per_group() == 0;
   if (!empty && conv1d_use_library(g, /*cuda=*/false)) {
