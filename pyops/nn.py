@@ -46,8 +46,8 @@ _CUDNN_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def _autograd_sees(*tensors):
     """Whether autograd has anything to do with a call on these tensors (None allowed): grad mode on and one of them
-    requiring grad, or a forward-mode AD level open (a tangent must reach the op, whose autograd refuses it, as
-    csrc/common/dispatch.h's needs_autograd does). The inference-only paths need it not to."""
+    requiring grad, or a forward-mode AD level open (a tangent must reach the op, whose Autograd kernel carries it
+    through the op's ATen composite; csrc/common/dispatch.h). The inference-only paths need it not to."""
     return ((torch.is_grad_enabled() and torch._C._any_requires_grad(*tensors))
             or forward_ad._current_level >= 0)  # no level open: no tensor carries a tangent
 

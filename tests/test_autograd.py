@@ -1,5 +1,6 @@
 """The C++ Autograd kernels of every differentiable op (csrc/common/dispatch.h): a call autograd does not see goes
-straight to the backend kernel, a call it sees goes through the op's Function, and forward-mode AD is refused."""
+straight to the backend kernel, a call it sees goes through the op's Function, and where a Function cannot serve
+(forward-mode AD, torch.func transforms) the forward ops run as their ATen composite."""
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -50,14 +51,47 @@ def test_calls_autograd_does_not_see_give_the_same_values_and_no_graph(device, o
     torch.testing.assert_close(out, recorded.detach(), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("op", list(OP_CALLS))
-def test_forward_mode_ad_is_refused(device, op):
-    """A tangent reaches the Function even with grad mode off, which refuses it rather than dropping it."""
+FORWARD_OPS = ["conv1d", "smooth_max", "conv2d_bias_act", "conv2d_bn_relu"]
+
+
+@pytest.mark.parametrize("op", FORWARD_OPS)
+def test_forward_mode_ad_of_the_forward_ops(device, op):
+    """A tangent reaches the op even with grad mode off; the forward ops then run as their ATen composite
+    (csrc/common/dispatch.h), whose jvp must equal J·v for the Jacobian our backward kernels give."""
+    x = make_input(device, False)
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=x.dtype).to(device)
+    with torch.no_grad(), fwAD.dual_level():
+        primal, tangent = fwAD.unpack_dual(OP_CALLS[op](fwAD.make_dual(x, v)))
+    jacobian = torch.autograd.functional.jacobian(OP_CALLS[op], x)  # through the op's C++ Function
+    torch.testing.assert_close(primal, OP_CALLS[op](x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(tangent, (jacobian.flatten(primal.dim()) @ v.flatten()).view_as(primal),
+                               rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("op", sorted(set(OP_CALLS) - set(FORWARD_OPS)))
+def test_forward_mode_ad_of_the_backward_ops_is_refused(device, op):
+    """The backward ops (called by our backward kernels, not by users) have no jvp: a tangent is refused, not
+    dropped."""
     x = make_input(device, False)
     with torch.no_grad(), fwAD.dual_level():
         dual = fwAD.make_dual(x, torch.ones_like(x))
         with pytest.raises(RuntimeError, match="jvp is not implemented"):
             OP_CALLS[op](dual)
+
+
+@pytest.mark.parametrize("op", FORWARD_OPS)
+def test_torch_func_transforms(device, op):
+    """torch.func.grad / jacrev / vmap(grad) (which refuse C++ autograd Functions) run the ATen composite and agree
+    with torch.autograd through our backward kernels."""
+    x = make_input(device, True)
+    (expected,) = torch.autograd.grad(OP_CALLS[op](x).pow(2).sum(), x)
+    torch.testing.assert_close(torch.func.grad(lambda t: OP_CALLS[op](t).pow(2).sum())(x.detach()), expected,
+                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.func.jacrev(OP_CALLS[op])(x.detach()),
+                               torch.autograd.functional.jacobian(OP_CALLS[op], x.detach()), rtol=1e-10, atol=1e-12)
+    per_sample = torch.func.vmap(torch.func.grad(lambda t: OP_CALLS[op](t.unsqueeze(0)).pow(2).sum()))(x.detach())
+    loop = torch.stack([torch.autograd.grad(OP_CALLS[op](x[i:i + 1]).pow(2).sum(), x)[0][i] for i in range(len(x))])
+    torch.testing.assert_close(per_sample, loop, rtol=1e-10, atol=1e-12)
 
 
 def test_backward_ops_run_without_a_graph_unless_create_graph(device):

@@ -289,18 +289,21 @@ def test_packed_weight_follows_input_shape_and_weight_updates():
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_module_refuses_forward_mode_tangents(device, channels_last):
+def test_module_carries_forward_mode_tangents(device, channels_last):
     """Under no_grad a dual input skips neither to the packed (CPU) nor to the cuDNN (CUDA) shortcut, which would
-    drop its tangent: it reaches the op, whose autograd refuses forward-mode AD."""
+    drop its tangent: it reaches the op, which carries it (the unfused chain's jvp)."""
     conv, bn = fp32_conv_bn(padding=1)
     fused = ConvBNReLU2d.from_modules(conv, bn).to(device)
+    chain = nn.Sequential(conv, bn, nn.ReLU()).eval().to(device)
     x = torch.randn(2, 64, 8, 8, generator=gen()).to(device)
+    v = torch.randn(2, 64, 8, 8, generator=gen(1)).to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad(), torch.autograd.forward_ad.dual_level():
-        dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
-        with pytest.raises(RuntimeError, match="jvp is not implemented"):
-            fused(dual)
+        ours = torch.autograd.forward_ad.unpack_dual(fused(torch.autograd.forward_ad.make_dual(x, v)))
+        expected = torch.autograd.forward_ad.unpack_dual(chain(torch.autograd.forward_ad.make_dual(x, v)))
+    for got, want in zip(ours, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     with torch.no_grad():  # and outside a dual level the shortcuts serve again
         fused(x)
         if device == "cpu":

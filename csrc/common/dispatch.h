@@ -8,6 +8,7 @@
 #pragma once
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 
 #include <cstdint>
@@ -50,8 +51,8 @@ class InputEdges {
 inline bool is_defined(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 // Whether autograd has anything to do with a call taking these tensor arguments: grad mode on and one of them
-// requiring grad, or one of them carrying a forward-mode tangent (which the Functions reject with a clear error,
-// where skipping them would drop the tangent silently).
+// requiring grad, or one of them carrying a forward-mode tangent (which must reach the op's derivative, where skipping
+// it would drop the tangent silently).
 inline bool autograd_sees(const at::Tensor& t, bool grad_mode) {
   return t.defined() && ((grad_mode && t.requires_grad()) || t._fw_grad(/*level=*/0).defined());
 }
@@ -62,6 +63,19 @@ template <typename... Tensors>
 bool needs_autograd(const Tensors&... tensors) {
   const bool grad_mode = at::GradMode::is_enabled();
   return (autograd_sees(tensors, grad_mode) || ...);
+}
+
+// Where a call that autograd sees cannot go through a C++ autograd Function: inside torch.func transforms (grad, vjp,
+// jacrev, jvp, vmap of grad: PyTorch refuses C++ Functions there) or with a forward-mode tangent (the Functions have
+// no jvp). The Autograd kernels of the forward ops then compute the op as its composite of ATen ops (each op's
+// `*_composite`, the same math; functorch and forward AD differentiate ATen's ops); our backward kernels are not used.
+inline bool has_tangent(const at::Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); }
+inline bool has_tangent(const std::optional<at::Tensor>& t) { return t.has_value() && has_tangent(*t); }
+template <typename... Tensors>
+bool needs_composite(const Tensors&... tensors) {
+  // functorch includes its back-mode key in the thread's dispatch keys while any transform is active
+  return c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerBackMode) ||
+         (has_tangent(tensors) || ...);
 }
 
 // call(args...) below the autograd keys, i.e. an op's backend kernel. An Autograd kernel takes this where

@@ -193,6 +193,7 @@ class BackwardWeightBiasFunction : public torch::autograd::Function<BackwardWeig
 at::Tensor conv1d_autograd(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
                            int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
   if (!needs_autograd(x, w, b)) return below_autograd(call_conv1d, x, w, b, stride, padding, dilation, groups);
+  if (needs_composite(x, w, b)) return at::conv1d(x, w, b, {stride}, {padding}, {dilation}, groups);  // dispatch.h
   return Conv1dFunction::apply(x, w, b, stride, padding, dilation, groups);
 }
 

@@ -186,11 +186,41 @@ class ConvBNReLUFunction : public torch::autograd::Function<ConvBNReLUFunction> 
   }
 };
 
+// The composite formulations (dispatch.h): ATen's conv2d, add and activation; BN folded by ATen ops.
+at::Tensor conv2d_bias_act_composite(const at::Tensor& x, const at::Tensor& w, const OptTensor& b,
+                                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                     int64_t groups, int64_t activation, const OptTensor& residual) {
+  at::Tensor y = at::conv2d(x, w, b, stride, padding, dilation, groups);
+  if (is_defined(residual)) y = y + *residual;
+  switch (static_cast<Activation>(activation)) {
+    case Activation::kRelu: return at::relu(y);
+    case Activation::kRelu6: return at::hardtanh(y, 0, 6);
+    default: return y;
+  }
+}
+
+at::Tensor conv2d_bn_relu_composite(const at::Tensor& x, const at::Tensor& w, const OptTensor& b,
+                                    const OptTensor& bn_weight, const OptTensor& bn_bias, const at::Tensor& mean,
+                                    const at::Tensor& var, double eps, at::IntArrayRef stride, at::IntArrayRef padding,
+                                    at::IntArrayRef dilation, int64_t groups, bool relu, const OptTensor& residual) {
+  at::Tensor scale = at::rsqrt(var + eps);
+  if (is_defined(bn_weight)) scale = scale * *bn_weight;
+  at::Tensor shift = (is_defined(b) ? *b - mean : -mean) * scale;
+  if (is_defined(bn_bias)) shift = shift + *bn_bias;
+  const at::Tensor folded = (w * scale.view({-1, 1, 1, 1})).to(w.scalar_type());
+  const int64_t act = static_cast<int64_t>(relu ? Activation::kRelu : Activation::kNone);
+  return conv2d_bias_act_composite(x, folded, shift.to(w.scalar_type()), stride, padding, dilation, groups, act,
+                                   residual);
+}
+
 at::Tensor conv2d_bias_act_autograd(const at::Tensor& x, const at::Tensor& w, const OptTensor& b,
                                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                     int64_t groups, int64_t activation, const OptTensor& residual) {
   if (!needs_autograd(x, w, b, residual)) {
     return below_autograd(call_conv2d_bias_act, x, w, b, stride, padding, dilation, groups, activation, residual);
+  }
+  if (needs_composite(x, w, b, residual)) {
+    return conv2d_bias_act_composite(x, w, b, stride, padding, dilation, groups, activation, residual);
   }
   return ConvBiasActFunction::apply(x, w, b, stride, padding, dilation, groups, activation, residual);
 }
@@ -202,6 +232,10 @@ at::Tensor conv2d_bn_relu_autograd(const at::Tensor& x, const at::Tensor& w, con
   if (!needs_autograd(x, w, b, bn_weight, bn_bias, mean, var, residual)) {
     return below_autograd(call_conv2d_bn_relu, x, w, b, bn_weight, bn_bias, mean, var, eps, stride, padding,
                           dilation, groups, relu, residual);
+  }
+  if (needs_composite(x, w, b, bn_weight, bn_bias, mean, var, residual)) {
+    return conv2d_bn_relu_composite(x, w, b, bn_weight, bn_bias, mean, var, eps, stride, padding, dilation, groups,
+                                    relu, residual);
   }
   return ConvBNReLUFunction::apply(x, w, b, bn_weight, bn_bias, mean, var, eps, stride, padding, dilation, groups,
                                    relu, residual);

@@ -100,8 +100,16 @@ class SmoothMaxBackwardFunction : public torch::autograd::Function<SmoothMaxBack
   }
 };
 
+// The composite formulation (dispatch.h): logsumexp(β·x)/β; at β = ±inf the max / min, whose derivative ATen
+// shares equally between ties, as the Function does.
+at::Tensor smooth_max_composite(const at::Tensor& x, double beta, int64_t dim, bool keepdim) {
+  if (std::isinf(beta)) return beta > 0 ? at::amax(x, {dim}, keepdim) : at::amin(x, {dim}, keepdim);
+  return at::logsumexp(x * beta, {dim}, keepdim) / beta;
+}
+
 at::Tensor smooth_max_autograd(const at::Tensor& x, double beta, int64_t dim, bool keepdim) {
   if (!needs_autograd(x)) return below_autograd(call_smooth_max, x, beta, dim, keepdim);
+  if (needs_composite(x)) return smooth_max_composite(x, beta, dim, keepdim);
   return SmoothMaxFunction::apply(x, beta, dim, keepdim);
 }
 
