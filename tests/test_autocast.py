@@ -171,3 +171,14 @@ def test_mixed_dtypes_outside_a_region_are_refused_by_name():
             pyops.conv1d(x, w)
     with torch.autocast("cpu", dtype=torch.float16), pytest.raises(TypeError, match="'weight'"):
         pyops.conv1d(x, w)  # meta tensors in a CPU region
+
+
+def test_compiled_fused_model_in_an_autocast_region():
+    """torch.compile traces the autocast kernels' casts into the graph: compiled and eager agree in a region."""
+    fused = pyops.fuse(conv_then_fused_block())
+    x = rand(2, 3, 12, 12)
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, expected = compiled(x), fused(x)
+    assert got.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
