@@ -100,11 +100,13 @@ class SmoothMaxBackwardFunction : public torch::autograd::Function<SmoothMaxBack
   }
 };
 
-// The composite formulation (dispatch.h): logsumexp(β·x)/β; at β = ±inf the max / min, whose derivative ATen
-// shares equally between ties, as the Function does.
+// The composite formulation (dispatch.h): logsumexp(β·x)/β, in float32 for half-precision x as the kernels compute
+// (β·x would overflow float16 first); at β = ±inf the max / min, whose derivative ATen shares equally between ties,
+// as the Function does.
 at::Tensor smooth_max_composite(const at::Tensor& x, double beta, int64_t dim, bool keepdim) {
   if (std::isinf(beta)) return beta > 0 ? at::amax(x, {dim}, keepdim) : at::amin(x, {dim}, keepdim);
-  return at::logsumexp(x * beta, {dim}, keepdim) / beta;
+  const at::Tensor xa = x.scalar_type() == at::kDouble ? x : x.to(at::kFloat);
+  return (at::logsumexp(xa * beta, {dim}, keepdim) / beta).to(x.scalar_type());
 }
 
 at::Tensor smooth_max_autograd(const at::Tensor& x, double beta, int64_t dim, bool keepdim) {
