@@ -1,6 +1,7 @@
 """Drop-in modules whose forward runs pyops ops.
 
-Conv1d: a subclass of torch.nn.Conv1d (same constructor, parameters, state_dict) computed by pyops.conv1d.
+Conv1d: a subclass of torch.nn.Conv1d (same constructor, parameters, state_dict) computed by pyops.conv1d;
+swap_conv1d(model) puts it in place of a model's nn.Conv1d layers.
 ConvBNReLU2d: Conv2d → BatchNorm2d (→ residual add) (→ ReLU/ReLU6) as one fused kernel (pyops.conv2d_bias_act).
 LinearBNReLU: Linear → BatchNorm1d (→ ReLU/ReLU6) as one GEMM with the activation applied in place.
 SlidingClassifier: a crop classifier applied densely to whole images (pyops.sliding_classify as a module).
@@ -8,6 +9,7 @@ The fused modules fold the BatchNorm once, at construction (inference, or fine-t
 statistics), and keep the folded weight and bias as Parameters, so .to(), .half(), state_dict() and optimizers
 treat them like the layers they replace.
 """
+import copy
 import math
 
 import torch
@@ -38,6 +40,35 @@ class Conv1d(torch.nn.Conv1d):
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return conv1d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
         return conv1d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    @classmethod
+    def from_module(cls, conv):
+        """A pyops.nn.Conv1d with conv's hyper-parameters and training flag, sharing its weight and bias Parameters
+        (an optimizer over conv's parameters trains it; conv is not modified)."""
+        if not isinstance(conv, torch.nn.Conv1d):
+            raise TypeError(f"argument 'conv' must be an nn.Conv1d, got {type(conv).__name__}")
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                  conv.groups, conv.bias is not None, conv.padding_mode, device="meta")
+        new.weight, new.bias = conv.weight, conv.bias
+        return new.train(conv.training)
+
+
+def swap_conv1d(model, inplace=False):
+    """model with every torch.nn.Conv1d (the class itself, not subclasses) replaced by pyops.nn.Conv1d.from_module.
+
+    inplace=False (default) works on a deep copy and returns it; True rewrites model and returns it. Outputs and
+    gradients are F.conv1d's (within fp32 rounding); state_dict keys are unchanged.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"argument 'model' must be an nn.Module, got {type(model).__name__}")
+    if type(model) is torch.nn.Conv1d:
+        return Conv1d.from_module(model if inplace else copy.deepcopy(model))
+    work = model if inplace else copy.deepcopy(model)
+    for parent in list(work.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Conv1d:
+                setattr(parent, name, Conv1d.from_module(child))
+    return work
 
 
 ACTIVATIONS = ("none", "relu", "relu6")

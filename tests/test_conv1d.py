@@ -352,6 +352,34 @@ def test_nn_conv1d_trains_like_torch(device, padding_mode):
         torch.testing.assert_close(c, a, rtol=1e-10, atol=1e-12)
 
 
+def test_swap_conv1d_puts_ours_in_place_of_a_models_layers(device):
+    """swap_conv1d: every nn.Conv1d of a model (nested too) becomes a pyops.nn.Conv1d sharing its parameters; same
+    outputs, gradients and state_dict keys; the original is untouched unless inplace."""
+    torch.manual_seed(12)
+    model = torch.nn.Sequential(torch.nn.Conv1d(4, 8, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Sequential(torch.nn.Conv1d(8, 8, 5, padding=2, groups=8, bias=False,
+                                                                    padding_mode="circular")),
+                                pyops.nn.Conv1d(8, 2, 1)).double().to(device)
+    swapped = pyops.nn.swap_conv1d(model)
+    assert all(type(m) is not torch.nn.Conv1d for m in swapped.modules())
+    assert sum(type(m) is pyops.nn.Conv1d for m in swapped.modules()) == 3
+    assert type(model[0]) is torch.nn.Conv1d  # not modified
+    assert swapped.state_dict().keys() == model.state_dict().keys()
+    x = rand((2, 4, 30), device=device).requires_grad_()
+    y_ref, y = model(x), swapped(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    grads_ref = torch.autograd.grad(y_ref.sum(), [x, *model.parameters()])
+    grads = torch.autograd.grad(y.sum(), [x, *swapped.parameters()])
+    for a, c in zip(grads_ref, grads):
+        torch.testing.assert_close(c, a, rtol=1e-10, atol=1e-12)
+    assert pyops.nn.swap_conv1d(model, inplace=True) is model and type(model[0]) is pyops.nn.Conv1d
+    layer = torch.nn.Conv1d(3, 3, 2).eval()
+    ours = pyops.nn.Conv1d.from_module(layer)
+    assert ours.weight is layer.weight and ours.bias is layer.bias and not ours.training
+    with pytest.raises(TypeError, match="conv"):
+        pyops.nn.Conv1d.from_module(torch.nn.Conv2d(3, 3, 2))
+
+
 def test_opcheck_all_ops(device):
     g = torch.Generator().manual_seed(11)
     # (C_out, stride, padding, dilation, groups): general, strided grouped, depthwise (the fused CUDA kernels)
