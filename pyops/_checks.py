@@ -21,12 +21,16 @@ def in_autocast_region(device):
     return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
 
 
+def autocast_mixes(t, ref):
+    """Whether t's and ref's dtypes may differ: inside a torch.autocast region of ref's device, half, bfloat16 and
+    float32 mix (the ops' autocast kernels cast them to one dtype: csrc/common/autocast.h; autocast does for ATen's)."""
+    return t.dtype in _AUTOCAST_DTYPES and ref.dtype in _AUTOCAST_DTYPES and in_autocast_region(ref.device)
+
+
 def check_like(t, ref, name, ref_name):
-    """t must share ref's dtype (else TypeError) and device (else ValueError), as the C++ checks require. Inside a
-    torch.autocast region of their device, half, bfloat16 and float32 mix: the op's autocast kernel casts them to
-    one dtype (csrc/common/autocast.h)."""
-    if t.dtype != ref.dtype and not (t.dtype in _AUTOCAST_DTYPES and ref.dtype in _AUTOCAST_DTYPES
-                                     and in_autocast_region(ref.device)):
+    """t must share ref's dtype (else TypeError; but see autocast_mixes) and device (else ValueError), as the C++
+    checks require."""
+    if t.dtype != ref.dtype and not autocast_mixes(t, ref):
         raise TypeError(f"argument '{name}' has dtype {t.dtype} but '{ref_name}' has dtype {ref.dtype}")
     if t.device != ref.device:
         raise ValueError(f"argument '{name}' is on {t.device} but '{ref_name}' is on {ref.device}")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._checks import check_floating
+from ._checks import autocast_mixes, check_floating
 from ._flags import jit_tracing_paused
 from .convolutionalize import FullyConvolutional, _cudnn_tf32, _window, convolutionalize, fake_run
 from .fft_conv import default_fft_size, fft_tile_counts, fft_workspace_bytes
@@ -97,7 +97,7 @@ def classify_fcn(fcn, images, stride=1, max_memory=DEFAULT_MAX_MEMORY, precision
     if images.shape[1] != fcn.in_channels:
         raise ValueError(f"argument 'images' has {images.shape[1]} channels but the model takes {fcn.in_channels}")
     param = next(fcn.parameters())
-    if images.dtype != param.dtype or images.device != param.device:
+    if images.device != param.device or (images.dtype != param.dtype and not autocast_mixes(images, param)):
         raise TypeError(f"argument 'images' is {images.dtype} on {images.device} but the model is {param.dtype} on "
                         f"{param.device}")
     if fcn.padded:

@@ -158,8 +158,10 @@ def test_sliding_classifier_in_an_autocast_region(device, region_dtype, algorith
         clf.float()
         with torch.autocast(device, dtype=region_dtype):
             scores = dense(x, algorithm=algorithm)
-    assert scores.dtype == compute_dtype(device, region_dtype)
-    assert (scores.double() - exact).abs().max().item() <= 2e-2 * exact.abs().max().item()
+            from_half_images = dense(x.to(region_dtype), algorithm=algorithm)  # as the float32 classifier takes them
+    for s in (scores, from_half_images):
+        assert s.dtype == compute_dtype(device, region_dtype)
+        assert (s.double() - exact).abs().max().item() <= 2e-2 * exact.abs().max().item()
 
 
 def test_mixed_dtypes_outside_a_region_are_refused_by_name():
