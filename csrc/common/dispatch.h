@@ -53,8 +53,10 @@ inline bool is_defined(const std::optional<at::Tensor>& t) { return t.has_value(
 // Whether autograd has anything to do with a call taking these tensor arguments: grad mode on and one of them
 // requiring grad, or one of them carrying a forward-mode tangent (which must reach the op's derivative, where skipping
 // it would drop the tangent silently).
+inline bool has_tangent(const at::Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); }
+inline bool has_tangent(const std::optional<at::Tensor>& t) { return t.has_value() && has_tangent(*t); }
 inline bool autograd_sees(const at::Tensor& t, bool grad_mode) {
-  return t.defined() && ((grad_mode && t.requires_grad()) || t._fw_grad(/*level=*/0).defined());
+  return (grad_mode && t.defined() && t.requires_grad()) || has_tangent(t);
 }
 inline bool autograd_sees(const std::optional<at::Tensor>& t, bool grad_mode) {
   return t.has_value() && autograd_sees(*t, grad_mode);
@@ -69,8 +71,6 @@ bool needs_autograd(const Tensors&... tensors) {
 // jacrev, jvp, vmap of grad: PyTorch refuses C++ Functions there) or with a forward-mode tangent (the Functions have
 // no jvp). The Autograd kernels of the forward ops then compute the op as its composite of ATen ops (each op's
 // `*_composite`, the same math; functorch and forward AD differentiate ATen's ops); our backward kernels are not used.
-inline bool has_tangent(const at::Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); }
-inline bool has_tangent(const std::optional<at::Tensor>& t) { return t.has_value() && has_tangent(*t); }
 template <typename... Tensors>
 bool needs_composite(const Tensors&... tensors) {
   // functorch includes its back-mode key in the thread's dispatch keys while any transform is active
