@@ -75,9 +75,10 @@ def test_forward_and_gradients_match_torch(device, dtype, config):
 @pytest.mark.parametrize("config", [(2, 128, 128, 300, 4, 1, 3, 1, 128), (2, 256, 260, 90, 3, 1, 1, 1, 1),
                                     (3, 64, 70, 257, 5, 1, 2, 2, 2), (5, 1, 1, 3001, 9, 1, 4, 1, 1),
                                     (2, 32, 32, 200, 3, 3, 1, 1, 1)], ids=str)
-@pytest.mark.parametrize("path", ["auto", "direct", "library"])
+@pytest.mark.parametrize("path", ["auto", "direct", "library", "gemm"])
 def test_large_shapes_match_torch(device, config, path, monkeypatch):
-    monkeypatch.setenv("PYOPS_CONV1D_PATH", path)  # every path on every shape: ours, or oneDNN (CPU) / cuDNN (CUDA)
+    # every path on every shape: ours, or oneDNN (CPU) / cuDNN (CUDA), with the CPU's GEMM weight gradient (gemm)
+    monkeypatch.setenv("PYOPS_CONV1D_PATH", path)
     n, cin, cout, length, k, stride, padding, dilation, groups = config
     g = torch.Generator().manual_seed(13)
     x, w = rand((n, cin, length), torch.float32, device, g), rand((cout, cin // groups, k), torch.float32, device, g)
@@ -85,13 +86,16 @@ def test_large_shapes_match_torch(device, config, path, monkeypatch):
                          torch.float32)
 
 
-# Dense float32 layers whose weight gradient runs as per-tap GEMMs on CPU (conv1d_cpu_gemm.cpp): dilation, 'same'
-# padding, strides over odd lengths (the input split into phases), every tap reading only padding (stride 8 over
-# length 4), a pointwise filter, and a batch of 17 with 512 channels (two chunks of the batched GEMM).
+# Dense layers whose weight gradient runs as per-tap GEMMs on CPU (conv1d_cpu_gemm.cpp; `auto` takes them for
+# float32 where MKL runs oneDNN's vector width, `gemm` on every CPU): dilation, 'same' padding, strides over odd
+# lengths (the input split into phases), every tap reading only padding (stride 8 over length 4), a pointwise
+# filter, and a batch of 17 with 512 channels (two chunks of the batched GEMM).
 @pytest.mark.parametrize("config", [(3, 40, 36, 50, 3, 1, "same", 2, 1), (2, 32, 48, 61, 4, 2, 5, 1, 1),
                                     (2, 33, 64, 40, 3, 3, 2, 2, 1), (2, 32, 32, 4, 3, 8, 3, 1, 1),
                                     (2, 64, 32, 30, 1, 1, 0, 1, 1), (17, 512, 512, 8, 3, 1, 1, 1, 1)], ids=str)
-def test_dense_gemm_weight_gradient_matches_torch(device, config):
+@pytest.mark.parametrize("path", ["auto", "gemm"])
+def test_dense_gemm_weight_gradient_matches_torch(device, config, path, monkeypatch):
+    monkeypatch.setenv("PYOPS_CONV1D_PATH", path)
     n, cin, cout, length, k, stride, padding, dilation, groups = config
     g = torch.Generator().manual_seed(17)
     x, w = rand((n, cin, length), torch.float32, device, g), rand((cout, cin, k), torch.float32, device, g)
@@ -218,10 +222,10 @@ def grads_of(x, w, b, args, grad_out):
 
 @pytest.mark.parametrize("config", [(4, 64, 64, 257, 3, 1, 1, 1, 1), (2, 16, 16, 1000, 4, 1, 3, 1, 16),
                                     (37, 1, 1, 2000, 9, 1, 4, 1, 1), (3, 8, 8, 300, 3, 2, 1, 2, 2)], ids=str)
-@pytest.mark.parametrize("path", ["auto", "direct", "library"])
+@pytest.mark.parametrize("path", ["auto", "direct", "library", "gemm"])
 def test_deterministic_across_runs_and_thread_counts(device, config, path, monkeypatch):
     """Our kernels (`direct`) are bitwise reproducible across runs and thread counts as they are. The library path
-    (`library`, and `auto` on dense layers) is what ATen offers: reproducible across runs at one thread count
+    (`library`, `gemm`, and `auto` on dense layers) is what ATen offers: reproducible across runs at one thread count
     (oneDNN splits reductions by thread count), on CUDA when asked through torch.backends.cudnn.deterministic."""
     monkeypatch.setenv("PYOPS_CONV1D_PATH", path)
     n, cin, cout, length, k, stride, padding, dilation, groups = config

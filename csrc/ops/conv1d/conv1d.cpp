@@ -47,13 +47,20 @@ void check_tensor3(const at::Tensor& t, const char* name, const char* layout) {
 
 }  // namespace
 
-bool conv1d_use_library(const Conv1dGeometry& g, bool cuda) {
+Conv1dPath conv1d_path() {
   const char* env = std::getenv("PYOPS_CONV1D_PATH");
-  if (env != nullptr && std::strcmp(env, "direct") == 0) return false;
-  if (env != nullptr && std::strcmp(env, "library") == 0) return true;
-  TORCH_CHECK_VALUE(env == nullptr || std::strcmp(env, "auto") == 0 || env[0] == '\0',
-                    "pyops.conv1d: environment variable PYOPS_CONV1D_PATH must be auto, direct or library, got '",
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0) return Conv1dPath::kAuto;
+  if (std::strcmp(env, "direct") == 0) return Conv1dPath::kDirect;
+  if (std::strcmp(env, "library") == 0) return Conv1dPath::kLibrary;
+  TORCH_CHECK_VALUE(std::strcmp(env, "gemm") == 0,
+                    "pyops.conv1d: environment variable PYOPS_CONV1D_PATH must be auto, direct, library or gemm, got '",
                     env, "'");
+  return Conv1dPath::kGemm;
+}
+
+bool conv1d_use_library(const Conv1dGeometry& g, bool cuda) {
+  const Conv1dPath path = conv1d_path();
+  if (path != Conv1dPath::kAuto) return path != Conv1dPath::kDirect;
   if (g.groups != 1) return false;
   // CPU, 2026-11-27, N=4 C=128->128 L=1024 k=3: our forward 6.9 ms vs oneDNN 3.8 ms, fwd+bwd 21.0 vs 14.4 ms.
   // H200, 2026-11-27: wav2vec2 conv1 (512->512, k=3, s=2) ours 12.8 ms vs cuDNN 0.66 ms forward; conv0 (1->512,
@@ -74,11 +81,14 @@ at::Tensor library_conv1d_backward_input(const at::Tensor& grad_output, const at
                               {g.dilation});
 }
 
-at::Tensor library_conv1d_backward_weight(const at::Tensor& grad_output, const at::Tensor& input,
-                                          const Conv1dGeometry& g) {
+std::tuple<at::Tensor, at::Tensor> library_conv1d_backward_weight(const at::Tensor& grad_output,
+                                                                  const at::Tensor& input, const Conv1dGeometry& g,
+                                                                  bool with_bias) {
   const at::Tensor weight_shape = at::empty({g.out_channels, g.in_per_group(), g.kernel_size}, input.options());
-  return std::get<1>(at::convolution_backward(grad_output, input, weight_shape, std::nullopt, {g.stride},
-                                              {g.padding}, {g.dilation}, false, {0}, g.groups, {false, true, false}));
+  const auto grads =
+      at::convolution_backward(grad_output, input, weight_shape, at::IntArrayRef{g.out_channels}, {g.stride},
+                               {g.padding}, {g.dilation}, false, {0}, g.groups, {false, true, with_bias});
+  return {std::get<1>(grads), std::get<2>(grads)};
 }
 
 Conv1dGeometry check_conv1d(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

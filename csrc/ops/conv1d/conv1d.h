@@ -37,23 +37,31 @@ Conv1dGeometry check_conv1d_backward_weight(const at::Tensor& grad_output, const
                                             int64_t kernel_size, int64_t stride, int64_t padding, int64_t dilation,
                                             int64_t groups);
 
-// Whether the library convolution (ATen: oneDNN on CPU, cuDNN on CUDA) runs instead of our kernels.
-// PYOPS_CONV1D_PATH=direct|library forces one (read per call, so tests can force each path); auto, the default,
-// takes the library for dense layers only, where bench/ shows it faster (bench/NOTES-conv1d.md):
+// PYOPS_CONV1D_PATH, read per call so that tests can force each path: auto (the default), direct (our kernels),
+// library (ATen's convolution, as F.conv1d), gemm (library, but a CPU weight gradient of groups 1 through the
+// per-tap GEMMs below whatever the CPU). A ValueError names any other value.
+enum class Conv1dPath { kAuto, kDirect, kLibrary, kGemm };
+Conv1dPath conv1d_path();
+
+// Whether the library convolution (ATen: oneDNN on CPU, cuDNN on CUDA) runs instead of our kernels: as forced by
+// conv1d_path(), or under auto for dense layers only, where bench/ shows it faster (bench/NOTES-conv1d.md):
 //   CPU:  groups == 1 with >= 32 channels in and out;
 //   CUDA: groups == 1 with >= 32 channels in or out (depthwise and small-channel layers stay ours).
 bool conv1d_use_library(const Conv1dGeometry& g, bool cuda);
 // The three ops through the library (bias may be undefined); on CPU the dense float32 weight gradient takes the
-// per-tap GEMMs below instead, which are faster than oneDNN's. They follow torch's flags as F.conv1d does: TF32
-// (torch.backends.cudnn.allow_tf32) and determinism (torch.backends.cudnn.deterministic or
-// torch.use_deterministic_algorithms; cuDNN's default algorithms may add in a run-dependent order). Our own
+// per-tap GEMMs below instead where they are faster than oneDNN's (use_gemm_backward_weight). They follow torch's
+// flags as F.conv1d does: TF32 (torch.backends.cudnn.allow_tf32) and determinism (torch.backends.cudnn.deterministic
+// or torch.use_deterministic_algorithms; cuDNN's default algorithms may add in a run-dependent order). Our own
 // kernels are deterministic whatever the flags.
 at::Tensor library_conv1d(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                           const Conv1dGeometry& g);
 at::Tensor library_conv1d_backward_input(const at::Tensor& grad_output, const at::Tensor& weight,
                                          const Conv1dGeometry& g);
-at::Tensor library_conv1d_backward_weight(const at::Tensor& grad_output, const at::Tensor& input,
-                                          const Conv1dGeometry& g);
+// grad_weight, and grad_bias in the same call when with_bias (oneDNN sums it in its weight pass; a separate sum
+// re-read grad_output: 2-4 % of a dense CPU layer's fwd+bwd); grad_bias is undefined otherwise.
+std::tuple<at::Tensor, at::Tensor> library_conv1d_backward_weight(const at::Tensor& grad_output,
+                                                                  const at::Tensor& input, const Conv1dGeometry& g,
+                                                                  bool with_bias);
 
 // The correlation above on contiguous CPU tensors (float32/float64); bias may be undefined.
 struct CorrelationShape {
@@ -68,8 +76,8 @@ void correlate_weight_cpu(const at::Tensor& gy, const at::Tensor& x, at::Tensor&
                           int64_t offset, int64_t groups);
 
 // grad_weight of a dense (groups == 1) CPU layer as per-tap GEMMs through ATen's BLAS (conv1d_cpu_gemm.cpp), and
-// whether that is faster than the library's weight gradient for this layer and dtype.
-bool gemm_backward_weight_faster(const Conv1dGeometry& g, at::ScalarType dtype);
+// whether the library path takes it: forced by conv1d_path(), or under auto where it is faster than oneDNN's.
+bool use_gemm_backward_weight(const Conv1dGeometry& g, at::ScalarType dtype);
 at::Tensor gemm_conv1d_backward_weight(const at::Tensor& grad_output, const at::Tensor& input,
                                        const Conv1dGeometry& g);
 

@@ -2,7 +2,7 @@
 // float32), and the rewrites that turn each op into one of the two CPU correlation kernels (conv1d_cpu_correlate.cpp,
 // conv1d_cpu_weight.cpp) -- or, for dense layers where oneDNN's GEMM-based convolution is faster
 // (bench/NOTES-conv1d.md), into ATen's convolution, except the float32 weight gradient, which per-tap GEMMs compute
-// faster still (conv1d_cpu_gemm.cpp).
+// faster still on CPUs where MKL runs oneDNN's vector width (conv1d_cpu_gemm.cpp).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -95,8 +95,9 @@ at::Tensor conv1d_backward_weight_cpu(const at::Tensor& grad_output, const at::T
   check_cpu_dtype(grad_output, "grad_output");
   const bool empty = g.batch * g.out_channels * g.in_per_group() == 0;
   if (!empty && conv1d_use_library(g, /*cuda=*/false)) {
-    return gemm_backward_weight_faster(g, input.scalar_type()) ? gemm_conv1d_backward_weight(grad_output, input, g)
-                                                               : library_conv1d_backward_weight(grad_output, input, g);
+    return use_gemm_backward_weight(g, input.scalar_type())
+               ? gemm_conv1d_backward_weight(grad_output, input, g)
+               : std::get<0>(library_conv1d_backward_weight(grad_output, input, g, /*with_bias=*/false));
   }
   at::Tensor grad_weight = at::empty({g.out_channels, g.in_per_group(), kernel_size}, input.options());
   if (grad_weight.numel() == 0) return grad_weight;
@@ -109,6 +110,16 @@ std::tuple<at::Tensor, at::Tensor> conv1d_backward_weight_bias_cpu(const at::Ten
                                                                    const at::Tensor& input, int64_t kernel_size,
                                                                    int64_t stride, int64_t padding, int64_t dilation,
                                                                    int64_t groups) {
+  const Conv1dGeometry g =
+      check_conv1d_backward_weight(grad_output, input, kernel_size, stride, padding, dilation, groups);
+  // oneDNN's weight gradient sums the bias in the same pass (half types take the float32 route below)
+  if (!is_half(grad_output)) {
+    check_cpu_dtype(grad_output, "grad_output");
+    if (g.batch * g.out_channels * g.in_per_group() > 0 && conv1d_use_library(g, /*cuda=*/false) &&
+        !use_gemm_backward_weight(g, input.scalar_type())) {
+      return library_conv1d_backward_weight(grad_output, input, g, /*with_bias=*/true);
+    }
+  }
   at::Tensor grad_weight =
       conv1d_backward_weight_cpu(grad_output, input, kernel_size, stride, padding, dilation, groups);
   return {grad_weight, grad_output.sum(at::IntArrayRef{0, 2})};

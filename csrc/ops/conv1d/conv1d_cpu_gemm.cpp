@@ -1,8 +1,10 @@
 // grad_weight of dense CPU layers as one batched GEMM per tap through ATen's BLAS (MKL), with no im2col buffer:
 // grad_weight[:, :, t] = sum_n grad_output[n][:, l] @ input[n][:, l*stride + t*dilation - padding]^T over the
 // positions l where tap t reads inside the input. Faster than oneDNN's weight gradient on dense float32 layers
-// (bench/NOTES-conv1d.md); the rule is gemm_backward_weight_faster.
+// where both libraries run the same vector width, slower where MKL is held to AVX2 beside an AVX-512 oneDNN
+// (bench/NOTES-conv1d.md); the rule is use_gemm_backward_weight.
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 
 #include <algorithm>
 
@@ -27,14 +29,38 @@ at::Tensor split_phases(const at::Tensor& input, int64_t stride) {
   return phases;
 }
 
+// Whether ATen's BLAS runs the same vector width as oneDNN on this CPU. MKL takes its AVX-512 kernels on Intel
+// CPUs only; oneDNN takes them on any CPU that has them. So on an AMD CPU with AVX-512 our GEMMs run at AVX2 speed
+// beside an AVX-512 oneDNN.
+bool blas_matches_onednn_isa() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool matches = [] {
+    __builtin_cpu_init();
+    return !__builtin_cpu_supports("avx512f") || __builtin_cpu_is("intel");
+  }();
+  return matches;
+#else
+  return false;  // not measured off x86: keep oneDNN's weight gradient, the one F.conv1d uses
+#endif
+}
+
 }  // namespace
 
-// Measured 2026-11-27 on the dev VM (2 vCPU EPYC, AVX2, MKL), interleaved min-of-rounds vs oneDNN's weight
-// gradient: float32 faster on every dense layer tried, 1.04-1.40x (TCN N=4 128->128 L=1024 k=3 3.5 vs 4.9 ms;
-// wav2vec2 conv1 512->512 s=2 21.4 vs 25.4 ms; 32..1024 channels, k=1..5, stride 1..2, dilation 1..2); float64
-// slower, 0.89-0.94x (128->128: 9.2 vs 8.2 ms).
-bool gemm_backward_weight_faster(const Conv1dGeometry& g, at::ScalarType dtype) {
-  return g.groups == 1 && dtype == at::kFloat;
+// Measured on the 2-vCPU EPYC dev VMs, interleaved min-of-rounds vs oneDNN's weight gradient (convolution_backward
+// with only the weight output), float32:
+//   Zen 3 (AVX2), 2026-11-27: faster on every dense layer tried, 1.04-1.40x (TCN N=4 128->128 L=1024 k=3 3.5 vs
+//     4.9 ms; wav2vec2 conv1 512->512 s=2 21.4 vs 25.4 ms; 32..1024 channels, k=1..5, stride 1..2, dilation 1..2);
+//     float64 slower, 0.89-0.94x (128->128: 9.2 vs 8.2 ms).
+//   Zen 4 (AVX-512, MKL on AVX2), 2026-12-02: slower, 0.83-0.96x (TCN 3.09 vs 2.75 ms), except k=1 1.11x;
+//   Zen 5 (AVX-512, full-width), 2026-12-02: slower, 0.55x (TCN 2.15 vs 1.17 ms).
+// Intel CPUs with AVX-512 (both libraries on AVX-512) are not measured; the rule assumes the AVX2 result carries over.
+bool use_gemm_backward_weight(const Conv1dGeometry& g, at::ScalarType dtype) {
+  switch (conv1d_path()) {
+    case Conv1dPath::kGemm: return g.groups == 1;
+    case Conv1dPath::kAuto:
+      return g.groups == 1 && dtype == at::kFloat && at::globalContext().hasMKL() && blas_matches_onednn_isa();
+    default: return false;
+  }
 }
 
 at::Tensor gemm_conv1d_backward_weight(const at::Tensor& grad_output, const at::Tensor& input,

@@ -154,7 +154,7 @@ at::Tensor conv1d_backward_weight_cuda(const at::Tensor& grad_output, const at::
   const c10::cuda::CUDAGuard guard(input.device());
   const bool empty = g.batch * g.out_channels * g.in_per_group() == 0;
   if (!empty && conv1d_use_library(g, /*cuda=*/true)) {
-    return library_conv1d_backward_weight(grad_output, input, g);
+    return std::get<0>(library_conv1d_backward_weight(grad_output, input, g, /*with_bias=*/false));
   }
   at::Tensor grad_weight = at::empty({g.out_channels, g.in_per_group(), kernel_size}, input.options());
   if (grad_weight.numel() == 0) return grad_weight;
@@ -197,6 +197,9 @@ std::tuple<at::Tensor, at::Tensor> conv1d_backward_weight_bias_cuda(const at::Te
     at::Tensor grad_bias = at::empty({g.out_channels}, input.options());
     depthwise_weight_cuda(grad_output.contiguous(), input.contiguous(), grad_weight, dilation, padding, &grad_bias);
     return {grad_weight, grad_bias};
+  }
+  if (g.batch * g.out_channels * g.in_per_group() > 0 && conv1d_use_library(g, /*cuda=*/true)) {
+    return library_conv1d_backward_weight(grad_output, input, g, /*with_bias=*/true);
   }
   at::Tensor grad_weight =
       conv1d_backward_weight_cuda(grad_output, input, kernel_size, stride, padding, dilation, groups);

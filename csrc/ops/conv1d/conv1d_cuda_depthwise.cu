@@ -18,9 +18,11 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "ops/conv1d/conv1d_cuda.cuh"
@@ -322,8 +324,12 @@ void with_taps_and_layout(int64_t taps, int64_t dilation, Fn&& f) {
 }  // namespace
 
 bool depthwise_fast_path(const Conv1dGeometry& g) {
+  // The kernels' grid is (rows, tiles): gridDim.x holds at most 2^31 - 1 rows and gridDim.y 65535 tiles; longer or
+  // more numerous rows take the general (grid-stride) path rather than wrap a grid index.
+  const bool grid_fits = g.batch * g.in_channels <= std::numeric_limits<int32_t>::max() &&
+                         ceil_div(std::max(g.in_length, g.out_length), int64_t{kTile}) <= 65535;
   return g.groups == g.in_channels && g.out_channels == g.in_channels && g.stride == 1 &&
-         g.kernel_size <= kMaxTaps && (g.kernel_size - 1) * g.dilation <= kMaxHalo;
+         g.kernel_size <= kMaxTaps && (g.kernel_size - 1) * g.dilation <= kMaxHalo && grid_fits;
 }
 
 void depthwise_correlate_cuda(const at::Tensor& in, const at::Tensor& w, const at::Tensor& bias, at::Tensor& out,
