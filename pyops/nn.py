@@ -145,7 +145,9 @@ class ConvBNReLU2d(DerivedWeights):
     the weight once into oneDNN's blocked layout for the input's shape and reuses it while the shape and the weight
     stay the same: one extra copy of the weight, rebuilt when either changes, never saved or copied. That path
     computes in channels_last and returns a channels_last output (same values), as a PyTorch convolution with a
-    channels_last weight does; a fused network thus stays channels_last from its first packed layer on.
+    channels_last weight does. A layer that widens fewer than 64 channels into 64 or more (a network's stem) also
+    returns channels_last there (see _widens_into_channels_last): a fused network thus is channels_last from its
+    stem on, where ATen's pooling and elementwise ops are faster.
 
     CUDA inference on the default (cuDNN) path calls cuDNN's fused convolution straight from forward (see
     _cudnn_forward): the same kernel and the same values as the op, without the op's host path, which is the bound
@@ -225,6 +227,23 @@ class ConvBNReLU2d(DerivedWeights):
         return self.derived(("packed", tuple(x.shape)), (weight,),
                             lambda: pack(x, weight, self.stride, self.padding, self.dilation, self.groups))
 
+    def _widens_into_channels_last(self, x, weight, bias, residual):
+        """Whether CPU fp32 inference converts an NCHW x to channels_last first, making this layer's output
+        channels_last: a layer that widens few channels (< 64) into many (>= 64), as a network's stem does.
+
+        The packed layers after it compute in channels_last whatever their input (_packed_weight), so a fused
+        network then is channels_last from its stem on, and the ops between the layers run on channels_last
+        tensors, where ATen is much faster for some: max_pool2d 3×3/2 on ResNet's stem output (8×64×112×112) takes
+        30 ms NCHW vs 2.7 ms channels_last on this project's CPU (bench/NOTES-conv_bn_relu.md). The input is the
+        small side of such a layer (3×224×224 vs 64×112×112 values), so converting it costs little.
+        """
+        # cheapest tests first: most layers leave at the first
+        return (self.in_channels < 64 <= self.out_channels and self.groups == 1 and residual is None and x.is_cpu
+                and x.dtype is torch.float32 and weight.dtype is torch.float32 and x.dim() == 4
+                and x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+                and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+                and not _autograd_sees(x, weight, bias, residual))
+
     def _cudnn_forward(self, x, weight, bias, residual):
         """act(conv2d(x) + bias [+ residual]) by cuDNN called from here, or None where this path does not apply.
 
@@ -286,6 +305,8 @@ class ConvBNReLU2d(DerivedWeights):
         if out is not None:
             return out
         activation = ACTIVATION_CODES[self.activation]
+        if self._widens_into_channels_last(x, weight, bias, residual):
+            x = x.contiguous(memory_format=torch.channels_last)
         packed = self._packed_weight(x, weight, bias, residual)
         if packed is not None:
             return torch.ops.pyops.conv2d_bias_act_packed.default(x, weight, packed, bias, self.stride, self.padding,

@@ -392,6 +392,28 @@ def test_packing_only_where_it_pays():
     assert as64._derived is None
 
 
+def test_widening_layer_returns_channels_last_in_cpu_inference():
+    """A layer that widens < 64 channels into >= 64 (a stem) takes an NCHW fp32 input to channels_last in CPU
+    inference, so that a fused network is channels_last from its stem on (same values); with grad, in float64, with
+    fewer output channels or groups it keeps the op's rule (output in the input's layout)."""
+    cl = torch.channels_last
+    cases = [(fp32_conv_bn(cin=3, cout=64, k=7, stride=2, padding=3), True),
+             (fp32_conv_bn(cin=16, cout=64, padding=1), True), (fp32_conv_bn(cin=3, cout=32, padding=1), False),
+             (fp32_conv_bn(cin=64, cout=64, k=1), False), (fp32_conv_bn(cin=16, cout=64, padding=1, groups=2), False)]
+    for (conv, bn), widens in cases:
+        fused = ConvBNReLU2d.from_modules(conv, bn)
+        x = torch.randn(2, conv.in_channels, 12, 12, generator=gen())
+        with torch.no_grad():
+            out = fused(x)
+        assert out.is_contiguous(memory_format=cl) == widens and out.is_contiguous() != widens, conv
+        assert_close_relative(out.double(), float64_chain(conv, bn, "relu")(x), 2e-6)
+    fused = ConvBNReLU2d.from_modules(*fp32_conv_bn(cin=3, cout=64, padding=1))
+    x = torch.randn(2, 3, 12, 12, generator=gen())
+    assert fused(x).is_contiguous()  # grad mode, parameters requiring grad: the op's layout
+    with torch.no_grad():
+        assert copy.deepcopy(fused).double()(x.double()).is_contiguous()
+
+
 def test_packed_ops_reject_bad_arguments():
     x, w = torch.randn(1, 4, 6, 6), torch.randn(8, 4, 3, 3)
     conv = ([1, 1], [1, 1], [1, 1], 1)
