@@ -4,18 +4,19 @@
 #      built in place here for the visible GPU;
 #   2. the CUDA half of the test suite (`-m cuda`: the cuda side of the `device` fixture and the CUDA-only tests;
 #      the CPU half is CI's), in parallel when pytest-xdist is there;
-#   3. the CUDA benchmarks, one pytest run per suite so a suite that overruns loses only its own numbers;
-#   4. a short table last.
+#   3. bench/profile_conv1d.py, conv1d's pieces timed alone (a diagnostic; its table stays in the archive);
+#   4. the CUDA benchmarks, one pytest run per suite so a suite that overruns loses only its own numbers;
+#   5. a short table last.
 # Full logs go to $OUT (the device tool brings them back) or bench/results/gpu.
-# Knobs: PHASES="tests bench" (either or both), BENCH="conv_bn_relu conv1d ..." (suites, in order), BENCH_K (a
+# Knobs: PHASES="tests profile bench" (any of them), BENCH="conv_bn_relu conv1d ..." (suites, in order), BENCH_K (a
 # pytest -k expression for the benchmarks), SANITIZE=1 adds a compute-sanitizer memcheck run of the CUDA tests,
-# TEST_TIMEOUT / BENCH_TIMEOUT in seconds. At the end, everything in $OUT but summary.md goes into gpu-check.tgz.
+# TEST_TIMEOUT / PROFILE_TIMEOUT / BENCH_TIMEOUT in seconds. At the end, everything in $OUT but summary.md goes into gpu-check.tgz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu}
 mkdir -p "$OUT"
 PY=${PY:-python3}
-PHASES=${PHASES:-tests bench}
+PHASES=${PHASES:-tests profile bench}
 BENCH=${BENCH:-peak conv_bn_relu conv1d sliding smooth_max fuse}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)} PYTHONUNBUFFERED=1
 export PYOPS_BENCH_NO_COMPILE=1 PYOPS_BENCH_COMPILE=0  # torch.compile's GPU numbers are in shared/anchors already
@@ -53,6 +54,12 @@ if [[ " $PHASES " == *" tests "* ]]; then
       > "$OUT/memcheck.log" 2>&1 || status=1
     tail -3 "$OUT/memcheck.log"
   fi
+fi
+
+if [[ " $PHASES " == *" profile "* ]]; then
+  stamp "profile_conv1d"
+  timeout "${PROFILE_TIMEOUT:-120}" $PY bench/profile_conv1d.py > "$OUT/profile-conv1d.md" 2>&1 || status=1
+  echo "$(grep -c '^| ' "$OUT/profile-conv1d.md") rows in profile-conv1d.md"
 fi
 
 if [[ " $PHASES " == *" bench "* ]]; then
