@@ -174,10 +174,16 @@ bool direct_is_faster(const ConvGeometry& g) {
   return k <= 32 && g.stride[0] == 1 && g.stride[1] == 1 && cout_g >= 4 && cout_g <= 16;
 }
 
-bool use_library(const at::Tensor& input, const ConvGeometry& g, bool has_residual) {
+// The rule above was measured on NCHW tensors, the direct kernel's own layout. A channels_last output (a
+// channels_last input, or any packed call) makes it convert the input to NCHW and store the output one element at a
+// time, while oneDNN runs channels_last natively: there oneDNN runs. In fused networks, which are channels_last
+// from the stem on, that took mobilenet_v2 at batch 1 from 20.7 to 14.2 ms and resnet18 from 24.7 to 22.8 ms
+// (bench/NOTES-conv_bn_relu.md, stop 16).
+bool use_library(const at::Tensor& input, const ConvGeometry& g, bool has_residual, at::MemoryFormat out_format) {
   const ConvPath requested = requested_conv_path();
+  const bool library_faster = out_format == at::MemoryFormat::ChannelsLast || !direct_is_faster(g);
   return g.n > 0 && g.cout > 0 && g.oh * g.ow > 0 && library_supports(input, g, has_residual) &&
-         (requested == ConvPath::kLibrary || (requested == ConvPath::kAuto && !direct_is_faster(g)));
+         (requested == ConvPath::kLibrary || (requested == ConvPath::kAuto && library_faster));
 }
 
 at::Tensor conv2d_bias_act_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -186,7 +192,7 @@ at::Tensor conv2d_bias_act_cpu(const at::Tensor& input, const at::Tensor& weight
   const ConvGeometry g =
       check_conv2d_bias_act_args(input, weight, bias, stride, padding, dilation, groups, activation, residual);
   const auto fmt = output_memory_format(input);
-  if (!use_library(input, g, residual.has_value())) {
+  if (!use_library(input, g, residual.has_value(), fmt)) {
     at::Tensor out = at::empty({g.n, g.cout, g.oh, g.ow}, input.options().memory_format(fmt));
     if (out.numel() == 0) return out;
     const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
@@ -230,7 +236,7 @@ at::Tensor conv2d_bias_act_packed_cpu(const at::Tensor& input, const at::Tensor&
   // convolution does for a channels_last weight: the output is channels_last whatever the input's format. Every
   // path here keeps that, so the result's layout depends only on which op was called.
   const auto cl = at::MemoryFormat::ChannelsLast;
-  if (!use_library(input, g, residual.has_value()))
+  if (!use_library(input, g, residual.has_value(), cl))
     return conv2d_bias_act_cpu(input.contiguous(cl), weight, bias, stride, padding, dilation, groups, activation,
                                residual);
   return library_forward(input, packed_weight, bias, residual, g, cl);
