@@ -83,6 +83,14 @@ def _autograd_sees(*tensors):
             or forward_ad._current_level >= 0)  # no level open: no tensor carries a tangent
 
 
+def _cpu_fp32_inference(x, weight, bias, residual):
+    """Whether a call is float32 inference on the CPU with a 4-D input, outside torch.compile and torch.jit.trace:
+    where ConvBNReLU2d's CPU-only paths (packed weights, a channels_last stem) apply."""
+    return (x.is_cpu and weight.is_cpu and x.dtype is torch.float32 and weight.dtype is torch.float32 and x.dim() == 4
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and not _autograd_sees(x, weight, bias, residual))
+
+
 def activation_name(relu):
     """The activation named by `relu` as from_modules accepts it: True/"relu"/nn.ReLU → "relu",
     "relu6"/nn.ReLU6 → "relu6", False/None/"none" → "none"."""
@@ -215,13 +223,10 @@ class ConvBNReLU2d(DerivedWeights):
         kernel or a channels_last input.
         """
         # cheapest tests first: most calls that take another path leave at the first or second
-        if (self.in_channels < 64 or self.groups != 1 or not x.is_cpu or x.dtype is not torch.float32
-                or weight.dtype is not torch.float32 or not weight.is_cpu or x.dim() != 4 or x.numel() == 0
-                or torch.compiler.is_compiling() or torch.jit.is_tracing() or not torch.backends.mkldnn.is_available()):
+        if (self.in_channels < 64 or self.groups != 1 or not _cpu_fp32_inference(x, weight, bias, residual)
+                or x.numel() == 0 or not torch.backends.mkldnn.is_available()):
             return None
         if self.kernel_size == (1, 1) and (x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last)):
-            return None
-        if _autograd_sees(x, weight, bias, residual):
             return None
         pack = torch.ops.pyops.conv2d_pack_weight.default
         return self.derived(("packed", tuple(x.shape)), (weight,),
@@ -238,11 +243,9 @@ class ConvBNReLU2d(DerivedWeights):
         small side of such a layer (3×224×224 vs 64×112×112 values), so converting it costs little.
         """
         # cheapest tests first: most layers leave at the first
-        return (self.in_channels < 64 <= self.out_channels and self.groups == 1 and residual is None and x.is_cpu
-                and x.dtype is torch.float32 and weight.dtype is torch.float32 and x.dim() == 4
-                and x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
-                and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-                and not _autograd_sees(x, weight, bias, residual))
+        return (self.in_channels < 64 <= self.out_channels and self.groups == 1 and residual is None
+                and _cpu_fp32_inference(x, weight, bias, residual)
+                and x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last))
 
     def _cudnn_forward(self, x, weight, bias, residual):
         """act(conv2d(x) + bias [+ residual]) by cuDNN called from here, or None where this path does not apply.

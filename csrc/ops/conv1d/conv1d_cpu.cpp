@@ -83,46 +83,45 @@ at::Tensor conv1d_backward_input_cpu(const at::Tensor& grad_output, const at::Te
   return grad_input;
 }
 
-at::Tensor conv1d_backward_weight_cpu(const at::Tensor& grad_output, const at::Tensor& input, int64_t kernel_size,
-                                      int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
+// grad_weight and, when with_bias, grad_bias (undefined otherwise). oneDNN's weight gradient sums the bias in the
+// same pass; the other paths sum it apart.
+std::tuple<at::Tensor, at::Tensor> backward_weight_cpu(const at::Tensor& grad_output, const at::Tensor& input,
+                                                       int64_t kernel_size, int64_t stride, int64_t padding,
+                                                       int64_t dilation, int64_t groups, bool with_bias) {
   const Conv1dGeometry g =
       check_conv1d_backward_weight(grad_output, input, kernel_size, stride, padding, dilation, groups);
+  const auto bias_sum = [&] { return with_bias ? grad_output.sum(at::IntArrayRef{0, 2}) : at::Tensor(); };
   if (is_half(grad_output)) {
-    return conv1d_backward_weight_cpu(as_float(grad_output), as_float(input), kernel_size, stride, padding, dilation,
-                                      groups)
-        .to(grad_output.scalar_type());
+    const at::Tensor grad_weight = std::get<0>(backward_weight_cpu(as_float(grad_output), as_float(input), kernel_size,
+                                                                   stride, padding, dilation, groups, false));
+    return {grad_weight.to(grad_output.scalar_type()), bias_sum()};
   }
   check_cpu_dtype(grad_output, "grad_output");
   const bool empty = g.batch * g.out_channels * g.in_per_group() == 0;
   if (!empty && conv1d_use_library(g, /*cuda=*/false)) {
-    return use_gemm_backward_weight(g, input.scalar_type())
-               ? gemm_conv1d_backward_weight(grad_output, input, g)
-               : std::get<0>(library_conv1d_backward_weight(grad_output, input, g, /*with_bias=*/false));
+    if (!use_gemm_backward_weight(g, input.scalar_type())) {
+      return library_conv1d_backward_weight(grad_output, input, g, with_bias);
+    }
+    return {gemm_conv1d_backward_weight(grad_output, input, g), bias_sum()};
   }
   at::Tensor grad_weight = at::empty({g.out_channels, g.in_per_group(), kernel_size}, input.options());
-  if (grad_weight.numel() == 0) return grad_weight;
-  correlate_weight_cpu(upsample_by_stride(grad_output, stride), input.contiguous(), grad_weight, dilation, -padding,
-                       groups);
-  return grad_weight;
+  if (grad_weight.numel() > 0) {
+    correlate_weight_cpu(upsample_by_stride(grad_output, stride), input.contiguous(), grad_weight, dilation, -padding,
+                         groups);
+  }
+  return {grad_weight, bias_sum()};
+}
+
+at::Tensor conv1d_backward_weight_cpu(const at::Tensor& grad_output, const at::Tensor& input, int64_t kernel_size,
+                                      int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
+  return std::get<0>(backward_weight_cpu(grad_output, input, kernel_size, stride, padding, dilation, groups, false));
 }
 
 std::tuple<at::Tensor, at::Tensor> conv1d_backward_weight_bias_cpu(const at::Tensor& grad_output,
                                                                    const at::Tensor& input, int64_t kernel_size,
                                                                    int64_t stride, int64_t padding, int64_t dilation,
                                                                    int64_t groups) {
-  const Conv1dGeometry g =
-      check_conv1d_backward_weight(grad_output, input, kernel_size, stride, padding, dilation, groups);
-  // oneDNN's weight gradient sums the bias in the same pass (half types take the float32 route below)
-  if (!is_half(grad_output)) {
-    check_cpu_dtype(grad_output, "grad_output");
-    if (g.batch * g.out_channels * g.in_per_group() > 0 && conv1d_use_library(g, /*cuda=*/false) &&
-        !use_gemm_backward_weight(g, input.scalar_type())) {
-      return library_conv1d_backward_weight(grad_output, input, g, /*with_bias=*/true);
-    }
-  }
-  at::Tensor grad_weight =
-      conv1d_backward_weight_cpu(grad_output, input, kernel_size, stride, padding, dilation, groups);
-  return {grad_weight, grad_output.sum(at::IntArrayRef{0, 2})};
+  return backward_weight_cpu(grad_output, input, kernel_size, stride, padding, dilation, groups, true);
 }
 
 }  // namespace
