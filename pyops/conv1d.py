@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 from ._checks import check_floating, check_like, check_tensor
+from ._overrides import overridable
 
 _ops = torch.ops.pyops
 
@@ -59,6 +60,7 @@ def _check_geometry(in_channels, length, weight, stride, padding, dilation, grou
                          f"filter span {span} (kernel_size={k}, dilation={dilation})")
 
 
+@overridable
 def conv1d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """torch.nn.functional.conv1d computed by pyops' own kernels, forward and backward.
 

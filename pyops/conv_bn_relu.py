@@ -20,6 +20,7 @@ import torch
 from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from ._checks import check_floating, check_like, check_tensor
+from ._overrides import overridable
 
 ACTIVATIONS = {"none": 0, "relu": 1, "relu6": 2}
 
@@ -108,6 +109,7 @@ def _check_bn_args(weight, bn_weight, bn_bias, running_mean, running_var, eps):
         raise ValueError(f"argument 'eps' must be a finite number >= 0, got {eps!r}")
 
 
+@overridable
 def conv2d_bias_act(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, activation="relu",
                     residual=None):
     """act(conv2d(x, weight) + bias + residual), the output written once.
@@ -129,6 +131,7 @@ def conv2d_bias_act(x, weight, bias=None, stride=1, padding=0, dilation=1, group
                                                    ACTIVATIONS[activation], residual)
 
 
+@overridable
 def conv2d_bn_relu(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps=1e-5, stride=1, padding=0,
                    dilation=1, groups=1, relu=True, residual=None):
     """relu(bn(conv2d(x, weight, bias)) + residual) with BatchNorm in eval form, in one pass over the output.

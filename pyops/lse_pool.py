@@ -4,9 +4,11 @@ import math
 import torch
 
 from ._checks import check_floating
+from ._overrides import overridable
 from .smooth_max import smooth_max
 
 
+@overridable
 def lse_pool2d(scores, beta):
     """(1/β)·log(mean over H×W of exp(β·s)) = smooth_max over the H·W positions − log(H·W)/β.
 

@@ -20,6 +20,7 @@ from torch.nn.modules.utils import _pair
 
 from ._C import conv_path
 from ._derived import DerivedWeights
+from ._overrides import overridable
 from .conv1d import conv1d
 from .conv_bn_relu import ACTIVATIONS as ACTIVATION_CODES, conv2d_bias_act
 from .convolutionalize import convolutionalize
@@ -292,30 +293,7 @@ class ConvBNReLU2d(DerivedWeights):
             return None  # e.g. another device or an input smaller than the kernel: the op raises a clear error
 
     def forward(self, x, residual=None):
-        if x.dim() == 3 and (residual is None or residual.dim() <= 3):  # unbatched (C, H, W), as nn.Conv2d takes
-            batched_residual = residual.unsqueeze(0) if residual is not None and residual.dim() == 3 else residual
-            return self.forward(x.unsqueeze(0), batched_residual).squeeze(0)
-        # Each parameter read goes through nn.Module.__getattr__ (~1.5 µs): once a call, passed on from here.
-        weight, bias = self.weight, self.bias
-        if residual is not None and tuple(residual.shape) != self.output_shape(x):
-            out = conv2d_bias_act(x, weight, bias, self.stride, self.padding, self.dilation, self.groups,
-                                  activation="none")
-            return apply_activation_(out + residual, self.activation)
-        # Straight to the op: it checks every argument itself (its errors name them), and skipping the functional
-        # wrapper's Python checks saves 10-15 µs a layer (measured on the CPU with a tiny input), about the kernel
-        # time of a small fp16 layer on a GPU.
-        out = self._cudnn_forward(x, weight, bias, residual)
-        if out is not None:
-            return out
-        activation = ACTIVATION_CODES[self.activation]
-        if self._widens_into_channels_last(x, weight, bias, residual):
-            x = x.contiguous(memory_format=torch.channels_last)
-        packed = self._packed_weight(x, weight, bias, residual)
-        if packed is not None:
-            return torch.ops.pyops.conv2d_bias_act_packed.default(x, weight, packed, bias, self.stride, self.padding,
-                                                                  self.dilation, self.groups, activation, residual)
-        return torch.ops.pyops.conv2d_bias_act.default(x, weight, bias, self.stride, self.padding, self.dilation,
-                                                       self.groups, activation, residual)
+        return _conv_bn_relu2d_forward(self, x, residual)
 
     def extra_repr(self):
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
@@ -326,6 +304,38 @@ class ConvBNReLU2d(DerivedWeights):
         if self.groups != 1:
             s += f", groups={self.groups}"
         return s + f", bias=True, activation={self.activation}"
+
+
+@overridable
+def _conv_bn_relu2d_forward(module, x, residual=None):
+    """ConvBNReLU2d.forward, as a module-level function that torch.fx can record: symbolic tracing of a fused model
+    hands it the module (as a get_attr node) and the traced input, and the graph calls it, all of the layer's
+    paths included, when it runs (pyops/_overrides.py). A method would not do: the traced graph names its target
+    by its qualified name, and a pickled GraphModule cannot import a method by it."""
+    if x.dim() == 3 and (residual is None or residual.dim() <= 3):  # unbatched (C, H, W), as nn.Conv2d takes
+        batched_residual = residual.unsqueeze(0) if residual is not None and residual.dim() == 3 else residual
+        return module.forward(x.unsqueeze(0), batched_residual).squeeze(0)
+    # Each parameter read goes through nn.Module.__getattr__ (~1.5 µs): once a call, passed on from here.
+    weight, bias = module.weight, module.bias
+    if residual is not None and tuple(residual.shape) != module.output_shape(x):
+        out = conv2d_bias_act(x, weight, bias, module.stride, module.padding, module.dilation, module.groups,
+                              activation="none")
+        return apply_activation_(out + residual, module.activation)
+    # Straight to the op: it checks every argument itself (its errors name them), and skipping the functional
+    # wrapper's Python checks saves 10-15 µs a layer (measured on the CPU with a tiny input), about the kernel
+    # time of a small fp16 layer on a GPU.
+    out = module._cudnn_forward(x, weight, bias, residual)
+    if out is not None:
+        return out
+    activation = ACTIVATION_CODES[module.activation]
+    if module._widens_into_channels_last(x, weight, bias, residual):
+        x = x.contiguous(memory_format=torch.channels_last)
+    packed = module._packed_weight(x, weight, bias, residual)
+    if packed is not None:
+        return torch.ops.pyops.conv2d_bias_act_packed.default(x, weight, packed, bias, module.stride, module.padding,
+                                                              module.dilation, module.groups, activation, residual)
+    return torch.ops.pyops.conv2d_bias_act.default(x, weight, bias, module.stride, module.padding, module.dilation,
+                                                   module.groups, activation, residual)
 
 
 class LinearBNReLU(nn.Module):
@@ -366,15 +376,21 @@ class LinearBNReLU(nn.Module):
         return fused.train(linear.training)
 
     def forward(self, x):
-        if x.dim() != 2:
-            raise ValueError(f"argument 'x' must be 2-D (N, {self.in_features}), where the BatchNorm1d folded into "
-                             f"this layer normalized its features; got shape {tuple(x.shape)} (on a 3-D input "
-                             "BatchNorm1d normalizes dim 1: that Linear → BatchNorm1d cannot be fused)")
-        return apply_activation_(F.linear(x, self.weight, self.bias), self.activation)
+        return _linear_bn_relu_forward(self, x)
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias=True, " \
                f"activation={self.activation}"
+
+
+@overridable
+def _linear_bn_relu_forward(module, x):
+    """LinearBNReLU.forward (a function for the reason _conv_bn_relu2d_forward gives)."""
+    if x.dim() != 2:
+        raise ValueError(f"argument 'x' must be 2-D (N, {module.in_features}), where the BatchNorm1d folded into "
+                         f"this layer normalized its features; got shape {tuple(x.shape)} (on a 3-D input "
+                         "BatchNorm1d normalizes dim 1: that Linear → BatchNorm1d cannot be fused)")
+    return apply_activation_(F.linear(x, module.weight, module.bias), module.activation)
 
 
 class SlidingClassifier(nn.Module):

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ._checks import autocast_mixes, check_floating
+from ._overrides import overridable
 from ._flags import jit_tracing_paused
 from .convolutionalize import FullyConvolutional, _cudnn_tf32, _window, convolutionalize, fake_run
 from .fft_conv import default_fft_size, fft_tile_counts, fft_workspace_bytes
@@ -49,6 +50,7 @@ class TilePlan:
     head_workspace: int
 
 
+@overridable
 def sliding_classify(model, images, window, stride=1, exact=False, max_memory=DEFAULT_MAX_MEMORY, precision="fp32",
                      algorithm="auto"):
     """Scores of every crop at offsets 0, s, 2s, … of each image, equal to `model` on each crop.
@@ -90,6 +92,7 @@ def sliding_classify(model, images, window, stride=1, exact=False, max_memory=DE
     return classify_fcn(fcn, images, stride, max_memory, precision, algorithm)
 
 
+@overridable
 def classify_fcn(fcn, images, stride=1, max_memory=DEFAULT_MAX_MEMORY, precision="fp32", algorithm="auto"):
     """sliding_classify with an already converted FullyConvolutional (shift-and-stitch over tiled FCN passes)."""
     _check_common(images, fcn.window, stride, max_memory, precision)

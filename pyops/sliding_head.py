@@ -11,6 +11,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from ._checks import check_floating, check_like
+from ._overrides import overridable
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 DEFAULT_WORKSPACE = 256 << 20
@@ -47,6 +48,7 @@ def _check_args(features, weights, biases, relu):
                          f"{kh}x{kw} kernel of 'weights[0]'")
 
 
+@overridable
 def sliding_head(features, weights, biases=None, relu=None, precision="fp32", workspace_bytes=DEFAULT_WORKSPACE):
     """The head conv(weights[0]) → 1×1 convs, each + bias and ReLU where relu[i], as one op.
 

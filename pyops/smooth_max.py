@@ -9,6 +9,7 @@ import math
 import torch
 
 from ._checks import check_floating, wrap_dim
+from ._overrides import overridable
 
 
 def _check_args(x, beta, dim):
@@ -25,6 +26,7 @@ def _check_args(x, beta, dim):
     return d
 
 
+@overridable
 def smooth_max(x, beta=1.0, dim=-1, keepdim=False):
     """ν_β(x) = (1/β)·log Σ exp(β·x) along `dim`, computed stably in one pass.
 

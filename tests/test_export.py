@@ -159,3 +159,73 @@ def test_jit_trace_keeps_the_pyops_ops():
             loaded = torch.jit.load(buffer)
             assert op in {n.kind() for n in loaded.inlined_graph.nodes()}
             torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)  # eager may take the packed path
+
+
+class _UsesFunctionalOps(nn.Module):
+    """pyops' functions called from a user's forward, as a model would: FX must record each as one call."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = pyops.nn.Conv1d(4, 6, 3, padding="same", padding_mode="reflect")
+        self.weight = nn.Parameter(rand(6, 6, 3, seed=3))
+        self.bn = (rand(6, seed=4), rand(6, seed=5), rand(6, seed=6), rand(6, seed=7).abs() + 0.5)
+
+    def forward(self, x):
+        y = pyops.conv1d(self.conv(x), self.weight, None, padding=1)             # (N, 6, L)
+        scores = pyops.conv2d_bn_relu(y.unsqueeze(1), self.weight[:, :2].unsqueeze(1), None, *self.bn,
+                                      padding=(0, 1))                             # (N, 6, 5, L)
+        return pyops.smooth_max(y, 2.0, dim=-1), pyops.lse_pool2d(scores, 3.0)
+
+
+def test_fx_symbolic_trace_of_models_using_pyops():
+    """torch.fx.symbolic_trace (FX quantization and graph rewriting start there) of a fused torchvision network, of
+    a model calling pyops' functions and of the sliding classifier: each pyops function or fused layer is one call
+    in the graph, the GraphModule computes what the model does, and it survives pickling (torch.save)."""
+    torch.manual_seed(0)
+    cases = [(pyops.fuse(randomize_bn(torchvision.models.resnet18(num_classes=10)).eval()), rand(2, 3, 64, 64),
+              {"_conv_bn_relu2d_forward"}),
+             (pyops.fuse(nn.Sequential(nn.Linear(8, 5), randomize_bn(nn.BatchNorm1d(5)), nn.ReLU()).eval()),
+              rand(3, 8), {"_linear_bn_relu_forward"}),
+             (_UsesFunctionalOps(), rand(2, 4, 20), {"conv1d", "conv2d_bn_relu", "smooth_max", "lse_pool2d"}),
+             (pyops.nn.SlidingClassifier(crop_classifier(), 16, stride=2), rand(1, 3, 23, 21), {"classify_fcn"})]
+    for model, x, functions in cases:
+        with torch.no_grad():
+            traced = torch.fx.symbolic_trace(model)
+            called = {getattr(n.target, "__name__", None) for n in traced.graph.nodes if n.op == "call_function"}
+            assert functions <= called, (functions, called)
+            buffer = io.BytesIO()
+            torch.save(traced, buffer)
+            buffer.seek(0)
+            loaded = torch.load(buffer, weights_only=False)
+            expected = model(x)
+            for got in (traced(x), loaded(x)):
+                for g, e in zip(got if isinstance(got, tuple) else (got,),
+                                expected if isinstance(expected, tuple) else (expected,)):
+                    torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+def test_public_functions_follow_the_torch_function_protocol():
+    """A tensor subclass with __torch_function__ sees each public pyops function called on it (as it sees
+    torch.nn.functional's), and gets its result back as that subclass."""
+    class Tracked(torch.Tensor):
+        seen = []
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            cls.seen.append(func)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    x = rand(2, 4, 20).as_subclass(Tracked)
+    weight, bn = rand(6, 4, 3, seed=1), [rand(6, seed=s) for s in (2, 3, 4)] + [rand(6, seed=5).abs() + 0.5]
+    calls = [(pyops.conv1d, (x, weight)),
+             (pyops.smooth_max, (x, 2.0)),
+             (pyops.lse_pool2d, (x.unsqueeze(0), 2.0)),
+             (pyops.conv2d_bn_relu, (x.unsqueeze(0), weight[:, :2, None], None, *bn)),
+             (pyops.sliding_head, (x.unsqueeze(0), [weight[:, :2, None]]))]
+    for function, args in calls:
+        Tracked.seen.clear()
+        with torch.no_grad():
+            out = function(*args)
+        assert Tracked.seen[0] is function and isinstance(out, Tracked), function.__name__
+        plain = function(*[a.as_subclass(torch.Tensor) if isinstance(a, Tracked) else a for a in args])
+        torch.testing.assert_close(out.as_subclass(torch.Tensor), plain, rtol=0, atol=0)
