@@ -148,8 +148,11 @@ def conv2d_bn_relu(x, weight, bias, bn_weight, bn_bias, running_mean, running_va
     """
     stride, padding, dilation = _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual)
     _check_bn_args(weight, bn_weight, bn_bias, running_mean, running_var, eps)
+    if not isinstance(relu, bool):  # e.g. "relu6", truthy, would silently mean a plain ReLU
+        raise TypeError(f"argument 'relu' must be a bool, got {relu!r} (ReLU6: pyops.nn.ConvBNReLU2d.from_modules "
+                        "with relu='relu6')")
     return torch.ops.pyops.conv2d_bn_relu.default(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                                                  float(eps), stride, padding, dilation, groups, bool(relu), residual)
+                                                  float(eps), stride, padding, dilation, groups, relu, residual)
 
 
 # ---- fake (meta) kernels: shapes, dtypes and memory formats exactly as the real kernels produce them ----

@@ -8,6 +8,8 @@ import sys
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 FOLDABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -59,6 +61,19 @@ def out_channels(layer):
     return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
+def current_weight(layer):
+    """layer's weight as its forward computes with it. The old-style torch.nn.utils.weight_norm and spectral_norm
+    recompute `layer.weight` from their own parameters in a forward pre-hook, so the attribute holds the weight of
+    the last forward (spectral_norm's is not yet normalized before the first): compute it as the hook would, without
+    its side effects (no power iteration, which only training-mode forwards run)."""
+    for hook in layer._forward_pre_hooks.values():
+        if isinstance(hook, WeightNorm) and hook.name == "weight":
+            return hook.compute_weight(layer)
+        if isinstance(hook, SpectralNorm) and hook.name == "weight":
+            return hook.compute_weight(layer, do_power_iteration=False)
+    return layer.weight
+
+
 def fold_bn(layer, bn):
     """A new layer computing bn(layer(x)) exactly (up to rounding) for an eval-mode BatchNorm `bn`.
 
@@ -69,7 +84,10 @@ def fold_bn(layer, bn):
     Returns a fresh module of the layer's base class (nn.Conv2d, nn.Linear, ...) with the same hyper-parameters,
     weight W·s and bias (b − μ)·s + β (a trainable Parameter even where layer.bias is None), s = γ/√(σ²+ε). For a
     Linear the equality holds on (N, features) inputs, where BatchNorm1d normalizes the Linear's features (on a
-    3-D input it would normalize dim 1 instead).
+    3-D input it would normalize dim 1 instead); for a Conv1d on batched (N, C, L) inputs (on an unbatched (C, L)
+    output BatchNorm1d would take C as the batch and normalize L). A weight under the old-style
+    torch.nn.utils.weight_norm/spectral_norm is folded as the layer's forward computes it (current_weight); the
+    result is a plain layer without those hooks.
     The arithmetic runs in float64 and is rounded once to the layer's dtypes (fp16/bf16 weights included); the weight
     keeps its memory layout (e.g. channels_last) and device; requires_grad flags and the training flag are kept.
     Neither argument is modified.
@@ -83,7 +101,7 @@ def fold_bn(layer, bn):
     if scale.numel() != out_channels(layer):
         raise ValueError(f"argument 'bn' has {scale.numel()} channels but argument 'layer' has "
                          f"{out_channels(layer)} output channels")
-    weight, bias = layer.weight, layer.bias
+    weight, bias = current_weight(layer), layer.bias
     with torch.no_grad():
         scale, shift = scale.to(weight.device), shift.to(weight.device)
         channel_shape = (-1,) + (1,) * (weight.dim() - 1)

@@ -6,6 +6,7 @@ The chains are found on the model's torch.fx graph, so models whose forward call
 falls back to fusing consecutive modules inside its nn.Sequential containers.
 """
 import copy
+import inspect
 import operator
 import warnings
 
@@ -15,12 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import nn as pyops_nn
-from .fold import fold_bn, frozen_batchnorm_class, is_foldable_batchnorm, out_channels
+from .fold import fold_bn, frozen_batchnorm_class, is_batchnorm, is_foldable_batchnorm, out_channels
 
 RELU_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu6: "relu6"}
 RELU_METHODS = {"relu": "relu", "relu_": "relu"}
 ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 ADD_METHODS = ("add", "add_")
+INPLACE_ADDS = {("call_function", operator.iadd), ("call_method", "add_")}
+INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                     operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+                     operator.irshift, operator.imatmul, operator.setitem}
 FUSED_MODULES = (pyops_nn.ConvBNReLU2d, pyops_nn.LinearBNReLU)
 
 
@@ -38,12 +43,19 @@ def fuse(model, inplace=False):
       - Conv1d/Conv3d (and Conv2d with a non-zero padding mode) → BatchNorm is one folded conv (pyops.fold_bn).
     A ReLU is nn.ReLU, nn.ReLU6, F.relu, F.relu6, torch.relu or Tensor.relu, in-place or not. A link of a chain is
     fused only where the previous node's output has no other user (so no other computation sees a changed value);
+    a residual add only where nothing between the layer and the add may change a tensor in place (the fused call
+    reads the layer's input and the residual at the add) and not where the add writes into the residual
+    (`residual += bn(conv(x))`);
     where a BatchNorm's input is used elsewhere, that BatchNorm stays, as does one without running statistics
     (track_running_stats=False: it normalizes with each batch's statistics). A LinearBNReLU takes (N, features)
     inputs, where the fold is exact, and raises ValueError on others (a Linear → BatchNorm1d on 3-D inputs, where the
     BatchNorm normalizes dim 1 instead, cannot be folded).
+    The fused layers may return channels_last tensors in CPU float32 inference (pyops.nn.ConvBNReLU2d); the traced
+    graph's `.view` calls get a `.contiguous()` before them so that models flattening with `.view(n, -1)` still run.
     ValueError: a model (or submodule) in training mode. Warns (UserWarning) when torch.fx cannot trace the model,
-    naming what the Sequential fallback fused.
+    naming what the Sequential fallback fused: there the BatchNorm and ReLU modules absorbed into a fused layer
+    become nn.Identity (indices and names keep working; code reading a Sequential's intermediate outputs sees the
+    fused values), and the model's own code runs as written.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"argument 'model' must be an nn.Module, got {type(model).__name__}")
@@ -87,10 +99,13 @@ class FusionTracer(fx.Tracer):
 def fuse_graph(gm):
     """Rewrites gm's graph in place: each chain found by match_chain becomes one call of a new fused module."""
     modules = dict(gm.named_modules())
+    fused_conv = False
     for node in list(gm.graph.nodes):  # chains start at a BatchNorm: the nodes erased with one are never one
         chain = match_chain(node, modules)
         if chain is not None:
-            replace_chain(gm, modules, chain)
+            fused_conv |= replace_chain(gm, modules, chain) is pyops_nn.ConvBNReLU2d
+    if fused_conv:
+        contiguous_before_views(gm.graph)
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
@@ -123,8 +138,42 @@ def residual_of(add, value):
     if not is_add or len(add.args) != 2 or add.kwargs.get("alpha", 1) != 1 or set(add.kwargs) - {"alpha"}:
         return None
     a, b = add.args
+    if (add.op, add.target) in INPLACE_ADDS and a is not value:
+        return None  # `residual += value` writes into the residual: its other users would miss that write
     other = b if a is value else a if b is value else None
     return other if isinstance(other, fx.Node) and other is not value else None
+
+
+def may_mutate(node, modules):
+    """Whether node may change a tensor in place, conservatively: an in-place function, method or operator, an
+    `out=` or `inplace=True` argument, a module with inplace=True, or a module that is not torch.nn's or ours."""
+    if node.op == "call_module":
+        module = modules.get(node.target)
+        known = type(module).__module__.startswith("torch.nn.") or isinstance(module, FUSED_MODULES) or \
+            is_batchnorm(module)
+        return getattr(module, "inplace", False) is True or not known
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("_") or node.target == "__setitem__"
+    if node.op != "call_function":
+        return False
+    name = getattr(node.target, "__name__", "")
+    if node.target in INPLACE_OPERATORS or (name.endswith("_") and not name.startswith("_")) or "out" in node.kwargs:
+        return True
+    try:  # F.relu(x, True), F.dropout(x, 0.5, False, True), ...: inplace given by position
+        return inspect.signature(node.target).bind(*node.args, **node.kwargs).arguments.get("inplace") is True
+    except (TypeError, ValueError):  # no signature (a builtin) or not bindable: no inplace flag to read
+        return False
+
+
+def mutation_between(first, last, chain_nodes, modules):
+    """Whether a node strictly between first and last in graph order, other than the chain's, may mutate a
+    tensor."""
+    node = first.next
+    while node is not last:
+        if node not in chain_nodes and may_mutate(node, modules):
+            return True
+        node = node.next
+    return False
 
 
 def match_chain(node, modules):
@@ -146,8 +195,15 @@ def match_chain(node, modules):
     if fused_class(layer) is None:  # fold only: the add and the activation stay as they are
         return chain
     user = sole_user(node)
-    if user is not None and isinstance(layer, nn.Conv2d) and residual_of(user, node) is not None:
-        chain["residual"] = residual_of(user, node)
+    residual = residual_of(user, node) if user is not None and isinstance(layer, nn.Conv2d) else None
+    if residual is not None:
+        # The fused call reads the layer's input and the residual at one point (the add: the residual may be
+        # computed after the layer), while the chain read the input at the layer and the residual at the add. That
+        # is the same only if nothing in between may change either in place (e.g. a pre-activation block's
+        # relu_(x)); else the add and activation stay unfused.
+        if mutation_between(layer_node, user, chain["nodes"], modules):
+            return chain
+        chain["residual"] = residual
         chain["nodes"].append(user)
         user = sole_user(user)
     if user is not None and activation_of(user, modules):
@@ -184,12 +240,28 @@ def replace_chain(gm, modules, chain):
     gm.add_submodule(name, fused)
     modules[name] = fused
     kwargs = {"residual": chain["residual"]} if chain["residual"] is not None else {}
-    with gm.graph.inserting_before(tail):
+    # Where the layer was (it reads its input there, whatever happens to that input later), or, with a residual, at
+    # the add (the residual may be computed after the layer; match_chain checked that nothing in between mutates;
+    # the add's only user is the activation, if any, so nothing between them sees the difference).
+    with gm.graph.inserting_before(chain["nodes"][2] if chain["residual"] is not None else layer_node):
         call = gm.graph.call_module(name, layer_node.args, kwargs)
     call.meta.update(tail.meta)
     tail.replace_all_uses_with(call)
     for node in reversed(chain["nodes"]):  # each one's only user was the next, now erased
         gm.graph.erase_node(node)
+    return cls
+
+
+def contiguous_before_views(graph):
+    """x.view(...) becomes x.contiguous().view(...) throughout the graph. Fused layers may return channels_last
+    tensors where the model's own layers returned NCHW ones (CPU inference, see pyops.nn.ConvBNReLU2d), and a model's
+    `features.view(n, -1)` then fails ("view size is not compatible with input tensor's size and stride"), where
+    flatten() or reshape() would copy. On a contiguous tensor contiguous() returns it as is."""
+    for node in list(graph.nodes):
+        if node.op == "call_method" and node.target == "view" and isinstance(node.args[0], fx.Node):
+            with graph.inserting_before(node):
+                contiguous = graph.call_method("contiguous", (node.args[0],))
+            node.update_arg(0, contiguous)
 
 
 def fresh_name(modules, base):
@@ -222,9 +294,11 @@ def fuse_sequentials(model):
             activation = pyops_nn.activation_name(act) if isinstance(act, (nn.ReLU, nn.ReLU6)) and cls else "none"
             container._modules[layer_key] = fold_bn(layer, bn) if cls is None else \
                 cls.from_modules(layer, bn, activation)
-            del container._modules[bn_key]
+            # Identity in place of the absorbed modules (as torch.ao.quantization.fuse_modules does): indices and
+            # names of the Sequential keep working for code that indexes it.
+            container._modules[bn_key] = nn.Identity()
             if activation != "none":
-                del container._modules[act_key]
+                container._modules[act_key] = nn.Identity()
             fused_names.append(f"{prefix}.{layer_key}" if prefix else layer_key)
             i += 3 if activation != "none" else 2
     return fused_names

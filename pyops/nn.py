@@ -312,15 +312,19 @@ def _conv_bn_relu2d_forward(module, x, residual=None):
     hands it the module (as a get_attr node) and the traced input, and the graph calls it, all of the layer's
     paths included, when it runs (pyops/_overrides.py). A method would not do: the traced graph names its target
     by its qualified name, and a pickled GraphModule cannot import a method by it."""
-    if x.dim() == 3 and (residual is None or residual.dim() <= 3):  # unbatched (C, H, W), as nn.Conv2d takes
-        batched_residual = residual.unsqueeze(0) if residual is not None and residual.dim() == 3 else residual
+    if residual is not None and (not isinstance(residual, torch.Tensor) or residual.dtype != x.dtype
+                                 or tuple(residual.shape) != module.output_shape(x)):
+        # A residual the kernel does not take (one that only broadcasts to the output, another dtype, a number):
+        # the add as PyTorch does it (broadcasting, type promotion), as the unfused chain did.
+        batched = x.unsqueeze(0) if x.dim() == 3 else x
+        out = conv2d_bias_act(batched, module.weight, module.bias, module.stride, module.padding, module.dilation,
+                              module.groups, activation="none")
+        return apply_activation_((out.squeeze(0) if x.dim() == 3 else out) + residual, module.activation)
+    if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes
+        batched_residual = residual.unsqueeze(0) if residual is not None else None
         return module.forward(x.unsqueeze(0), batched_residual).squeeze(0)
     # Each parameter read goes through nn.Module.__getattr__ (~1.5 µs): once a call, passed on from here.
     weight, bias = module.weight, module.bias
-    if residual is not None and tuple(residual.shape) != module.output_shape(x):
-        out = conv2d_bias_act(x, weight, bias, module.stride, module.padding, module.dilation, module.groups,
-                              activation="none")
-        return apply_activation_(out + residual, module.activation)
     # Straight to the op: it checks every argument itself (its errors name them), and skipping the functional
     # wrapper's Python checks saves 10-15 µs a layer (measured on the CPU with a tiny input), about the kernel
     # time of a small fp16 layer on a GPU.

@@ -5,6 +5,7 @@ import operator
 import pickle
 import sys
 import threading
+import warnings
 
 import pytest
 import torch
@@ -766,3 +767,158 @@ def test_fused_linear_refuses_inputs_where_the_fold_does_not_hold():
         model(torch.ones(3, 6, 5))  # the original runs
         with pytest.raises(ValueError, match="2-D"):
             fused(torch.ones(3, 6, 5))
+
+
+class InPlaceHazards(nn.Module):
+    """Chains next to in-place ops whose effect a fused call in the wrong place would miss or see."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(4, 4, 3, padding=1) for _ in range(6))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(4) for _ in range(4))
+        self.relu_ = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        c, b = self.convs, self.bns
+        # the layer's input is changed in place after the layer read it: the fused call must read it first
+        y = F.relu(b[0](c[0](x))) + c[1](self.relu_(x))
+        # a residual computed after the layer by an in-place op on the layer's input (pre-activation style)
+        z = b[1](c[2](y))
+        z = F.relu(z + y.relu_())
+        # an in-place add that writes into the residual, which is used again afterwards
+        a = c[3](z)
+        out = F.relu(a.add_(b[2](c[4](z)))) + a
+        # an in-place op on another tensor between the layer and its BN's ReLU
+        w = b[3](c[5](out))
+        out.mul_(2)
+        return F.relu(w) + out
+
+
+def test_fuse_keeps_the_order_of_in_place_ops():
+    model = randomized(InPlaceHazards()).double()
+    fused = pyops.fuse(model)
+    assert_no_batchnorm(fused)
+    residual_adds = [node for node in fused.graph.nodes if node.op == "call_module" and "residual" in node.kwargs]
+    assert residual_adds == []  # both candidate adds are unsafe to fuse here
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, generator=gen())
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x.clone()), model(x.clone()), rtol=1e-10, atol=1e-10)
+
+
+def test_fused_layers_without_activation_allow_in_place_ops_after_them():
+    """Nothing saved for backward that an in-place op after the layer may change: MobileNetV3's and EfficientNet's
+    conv → BN → Hardswish/SiLU(inplace=True) blocks fine-tune after fusing as before."""
+    torch.manual_seed(0)
+    model = randomized(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Hardswish(inplace=True),
+                                     nn.Conv2d(8, 4, 3), nn.BatchNorm2d(4), nn.SiLU(inplace=True))).double()
+    fused = pyops.fuse(model)
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64, generator=gen(), requires_grad=True)
+    grads = [torch.autograd.grad(m(x).square().sum(), (x, m[0].weight if m is model else next(m.parameters())))
+             for m in (model, fused)]
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-10, atol=1e-10)
+    # the functional op too: conv2d_bn_relu without ReLU, then an in-place op on its output
+    w = torch.randn(8, 3, 3, 3, dtype=torch.float64, generator=gen(1), requires_grad=True)
+    stats = [torch.rand(8, dtype=torch.float64, generator=gen(s)) + 0.5 for s in range(4)]
+    y = pyops.conv2d_bn_relu(x, w, None, *stats, relu=False)
+    y.mul_(2).sum().backward()
+    expected = torch.autograd.grad(2 * F.batch_norm(F.conv2d(x, w), stats[2], stats[3], stats[0], stats[1]).sum(), w)
+    torch.testing.assert_close(w.grad, expected[0], rtol=1e-10, atol=1e-10)
+
+
+def test_fused_conv_residuals_the_kernel_does_not_take():
+    """A residual of another dtype (type promotion), a number, or a 4-D one with an unbatched input is added as
+    PyTorch adds it, as in the unfused chain."""
+    conv, bn = nn.Conv2d(3, 6, 3, padding=1), randomized(nn.BatchNorm2d(6))
+    module = ConvBNReLU2d.from_modules(conv, bn)
+    x = torch.randn(2, 3, 8, 8, generator=gen())
+    def chain(x, r):  # (BatchNorm2d takes batched inputs only)
+        return F.relu((bn(conv(x[None]))[0] if x.dim() == 3 else bn(conv(x))) + r)
+
+    with torch.no_grad():
+        for inp, residual in ((x, torch.randn(2, 6, 8, 8, dtype=torch.float64, generator=gen(1))), (x, 3),
+                              (x[0], torch.randn(1, 6, 8, 8, generator=gen(2)))):
+            got, expected = module(inp, residual), chain(inp, residual)
+            assert got.dtype == expected.dtype and got.shape == expected.shape
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+    class AddsChannelCount(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = conv, bn
+
+        def forward(self, x):
+            return F.relu(self.bn(self.conv(x)) + x.shape[1])  # the "residual" is an int node in the graph
+
+    model = AddsChannelCount().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pyops.fuse(model)(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_flattening_views_survive_channels_last_outputs():
+    """Fused CPU inference may return channels_last tensors (a widening stem, packed layers); a model that
+    flattens its features with .view(n, -1) still runs after fusing, with the same values."""
+    class ViewFlatten(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.fc = nn.Conv2d(3, 64, 3), nn.BatchNorm2d(64), nn.Linear(64 * 6 * 6, 5)
+
+        def forward(self, x):
+            y = F.relu(self.bn(self.conv(x)))
+            return self.fc(y.view(y.size(0), -1))
+
+    model = randomized(ViewFlatten())
+    fused = pyops.fuse(model)
+    x = torch.randn(2, 3, 8, 8, generator=gen())
+    with torch.no_grad():
+        assert fused.conv(x).is_contiguous(memory_format=torch.channels_last)  # what the view has to cope with
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_fallback_keeps_sequential_indices_and_names():
+    """The untraceable fallback puts nn.Identity where it absorbed a BatchNorm or ReLU (as
+    torch.ao.quantization.fuse_modules does), so indexing a Sequential or naming its children keeps working."""
+    class IndexesItsBody(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+
+        def forward(self, x):
+            if x.sum() > -1e9:  # data-dependent: untraceable
+                return self.body[3](self.body[:3](x))
+            return x
+
+    model = randomized(IndexesItsBody())
+    with pytest.warns(UserWarning, match="could not trace"):
+        fused = pyops.fuse(model)
+    assert [type(m).__name__ for m in fused.body] == ["ConvBNReLU2d", "Identity", "Identity", "Conv2d"]
+    x = torch.randn(2, 3, 8, 8, generator=gen())
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fold_bn_reads_old_style_weight_norm_and_spectral_norm_weights():
+    """torch.nn.utils.weight_norm/spectral_norm recompute layer.weight in a forward pre-hook (spectral_norm's
+    attribute is not normalized before the first forward): the fold uses the weight the forward computes."""
+    bn = randomized(nn.BatchNorm2d(6)).double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=gen())
+    for wrap in (nn.utils.spectral_norm, nn.utils.weight_norm):
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # deprecated for torch.nn.utils.parametrizations
+            conv = wrap(nn.Conv2d(3, 6, 3).double()).eval()
+        if wrap is nn.utils.weight_norm:
+            with torch.no_grad():
+                conv.weight_g.mul_(2)  # the attribute is stale until the next forward
+        folded = pyops.fold_bn(conv, bn)
+        with torch.no_grad():
+            torch.testing.assert_close(folded(x), bn(conv(x)), rtol=1e-10, atol=1e-10)
+
+
+def test_fused_conv_rejects_inputs_without_channels():
+    conv = nn.Conv2d(0, 6, 3)
+    module = ConvBNReLU2d.from_modules(conv, randomized(nn.BatchNorm2d(6)))
+    with pytest.raises(ValueError, match="'input' has 0 channels"):
+        module(torch.randn(2, 0, 8, 8))
+    with pytest.raises(TypeError, match="'relu' must be a bool"):
+        pyops.conv2d_bn_relu(torch.randn(1, 3, 5, 5), torch.randn(6, 3, 3, 3), None, None, None, torch.zeros(6),
+                             torch.ones(6), relu="relu6")

@@ -55,6 +55,10 @@ ConvGeometry check_conv2d_bias_act_args(const at::Tensor& input, const at::Tenso
   TORCH_CHECK_VALUE(weight.size(1) * groups == g.cin, "pyops.conv2d: argument 'weight' of shape ", weight.sizes(),
                     " expects ", weight.size(1) * groups, " input channels (groups=", groups, "), but 'input' has ",
                     g.cin, " channels");
+  // No input channels: no terms to sum (F.conv2d returns an empty tensor there, not the bias); our kernels divide
+  // by the reduction length, so refuse it by name rather than crash.
+  TORCH_CHECK_VALUE(g.cin > 0, "pyops.conv2d: argument 'input' has 0 channels (shape ", input.sizes(),
+                    "): a convolution over no input channels is not supported");
   TORCH_CHECK_VALUE(g.kh > 0 && g.kw > 0, "pyops.conv2d: argument 'weight' has an empty kernel: ", weight.sizes());
   for (int i = 0; i < 2; ++i) {
     g.stride[i] = stride[i], g.padding[i] = padding[i], g.dilation[i] = dilation[i];

@@ -98,7 +98,10 @@ class ConvBiasActFunction : public torch::autograd::Function<ConvBiasActFunction
     const at::Tensor out =
         below_autograd(call_conv2d_bias_act, x, w, b, stride, padding, dilation, groups, activation, residual);
     ctx->set_materialize_grads(false);
-    ctx->save_for_backward({x, w, out});
+    // The output only for an activation's mask: saved without one, a later in-place op on it (MobileNetV3's
+    // Hardswish(inplace=True) after a fused conv + BN) would fail the backward's version check for nothing.
+    const bool masked = activation != static_cast<int64_t>(Activation::kNone);
+    ctx->save_for_backward({x, w, masked ? out : at::Tensor()});
     InputEdges::save(ctx, {true, true, is_defined(b), is_defined(residual)});
     ConvArgs{stride.vec(), padding.vec(), dilation.vec(), groups}.save(ctx);
     ctx->saved_data["activation"] = activation;
@@ -136,7 +139,8 @@ class ConvBNReLUFunction : public torch::autograd::Function<ConvBNReLUFunction> 
                                           padding, dilation, groups, relu, residual);
     ctx->set_materialize_grads(false);
     const at::Tensor none;
-    ctx->save_for_backward({x, w, b.value_or(none), bn_weight.value_or(none), bn_bias.value_or(none), mean, var, out});
+    ctx->save_for_backward({x, w, b.value_or(none), bn_weight.value_or(none), bn_bias.value_or(none), mean, var,
+                            relu ? out : none});  // the output only for the ReLU's mask (ConvBiasActFunction says why)
     InputEdges::save(ctx, {true, true, is_defined(b), is_defined(bn_weight), is_defined(bn_bias), true, true,
                            is_defined(residual)});
     ConvArgs{stride.vec(), padding.vec(), dilation.vec(), groups}.save(ctx);
@@ -165,7 +169,9 @@ class ConvBNReLUFunction : public torch::autograd::Function<ConvBNReLUFunction> 
     const at::Tensor scale = std::get<2>(fold.call(w, opt(b), opt(bn_weight), opt(bn_bias), mean, var, eps));
     const int64_t activation = static_cast<int64_t>(ctx->saved_data["relu"].toBool() ? Activation::kRelu
                                                                                       : Activation::kNone);
-    const auto [grad_conv, grad_pre] = call_conv_act_backward(grad, output, scale, activation, need_unscaled);
+    // Without the ReLU there is no saved output; grad stands in for it (the op reads only its shape and layout then).
+    const auto [grad_conv, grad_pre] =
+        call_conv_act_backward(grad, output.defined() ? output : grad, scale, activation, need_unscaled);
     std::tie(out[0], out[1], out[2]) =
         conv_backward(grad_conv, x, w, b.defined(), c, {edges.needs(0), edges.needs(1), edges.needs(2)});
     if (need_bn_weight || need_bn_bias) {
