@@ -54,6 +54,8 @@ def _check_geometry(in_channels, length, weight, stride, padding, dilation, grou
     if in_channels // groups != per_group:
         raise ValueError(f"channel mismatch: 'input' has {in_channels} channels, so 'weight' must have "
                          f"{in_channels // groups} input channels per group (groups={groups}), got {per_group}")
+    if length == 0:  # as F.conv1d: nothing to convolve, and no length for the backward to return
+        raise ValueError("argument 'x' has length 0")
     span = dilation * (k - 1) + 1
     if length + 2 * padding < span:
         raise ValueError(f"input length {length} (padded: {length + 2 * padding}) is shorter than the dilated "

@@ -197,6 +197,24 @@ def test_non_contiguous_and_channels_last_inputs(device):
     assert_matches_torch(base.transpose(1, 2)[:, :6], w_strided, None, (1, 0, 1, 1), torch.float64)
 
 
+@pytest.mark.parametrize("path", ["auto", "direct", "library", "gemm"])
+def test_length_one_inputs_with_size_one_strides(device, path, monkeypatch):
+    """A length-1 input transposed from (N, 1, C) counts as contiguous but has a length stride of C, on which
+    oneDNN (torch 2.14) crashed; every path must give F.conv1d's values for it (computed on a standard copy)."""
+    monkeypatch.setenv("PYOPS_CONV1D_PATH", path)
+    g = torch.Generator().manual_seed(11)
+    x = rand((2, 1, 32), device=device, gen=g).transpose(1, 2).requires_grad_()  # (2, 32, 1), strides (32, 1, 32)
+    w, b = rand((32, 32, 10), device=device, gen=g).requires_grad_(), rand((32,), device=device, gen=g).requires_grad_()
+    assert x.is_contiguous() and x.stride(2) != 1
+    args = (4, 19, 2, 1)
+    gy = rand((2, 32, 6), device=device, gen=g).transpose(0, 1).contiguous().transpose(0, 1)  # odd strides too
+    ours = forward_and_grads(pyops.conv1d, x, w, b, args, gy)[0]
+    expected = forward_and_grads(F.conv1d, x.detach().clone(memory_format=torch.contiguous_format).requires_grad_(),
+                                 w, b, args, gy.contiguous())[0]
+    for got, want in zip(ours, expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 def test_empty_batch(device):
     x = torch.zeros((0, 4, 20), dtype=torch.float64, device=device, requires_grad=True)
     w = rand((5, 4, 3), device=device).requires_grad_()
@@ -472,6 +490,10 @@ BAD_INPUTS = [
                                     {"padding": "same", "stride": 2}), ValueError, "same"),
     ("groups not dividing", lambda d: (rand((2, 4, 10), device=d), rand((3, 2, 3), device=d), None, {"groups": 2}),
      ValueError, "divisible"),
+    ("length 0", lambda d: (rand((2, 4, 0), device=d), rand((3, 4, 3), device=d), None, {"padding": 2}),
+     ValueError, "length 0"),
+    ("padding past int64", lambda d: (rand((2, 4, 10), device=d), rand((3, 4, 3), device=d), None,
+                                      {"padding": 2**62}), ValueError, "'padding' = 4611686018427387904 is too large"),
 ]
 
 

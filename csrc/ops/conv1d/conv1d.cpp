@@ -6,6 +6,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 
 #include "common/autocast.h"
 #include "common/checks.h"
@@ -32,6 +33,12 @@ void check_channels(int64_t in_channels, int64_t out_channels, int64_t weight_in
 }
 
 int64_t output_length(int64_t in_length, int64_t kernel_size, int64_t stride, int64_t padding, int64_t dilation) {
+  // (limits first: the lengths below must not overflow int64)
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+  TORCH_CHECK_VALUE(padding <= (kMax - in_length) / 2, "pyops.conv1d: argument 'padding' = ", padding,
+                    " is too large");
+  TORCH_CHECK_VALUE(kernel_size == 1 || dilation <= (kMax - 1) / (kernel_size - 1), "pyops.conv1d: argument ",
+                    "'dilation' = ", dilation, " is too large for kernel size ", kernel_size);
   const int64_t span = dilation * (kernel_size - 1) + 1;
   TORCH_CHECK_VALUE(in_length + 2 * padding >= span, "pyops.conv1d: input length ", in_length, " (padded: ",
                     in_length + 2 * padding, ") is shorter than the dilated filter span ", span,
@@ -43,6 +50,19 @@ void check_tensor3(const at::Tensor& t, const char* name, const char* layout) {
   check_floating(t, name);
   TORCH_CHECK_VALUE(t.dim() == 3, "pyops.conv1d: argument '", name, "' must be 3-D ", layout, ", got shape ",
                     t.sizes());
+}
+
+// t itself, or a copy with the standard strides where t's differ. oneDNN (torch 2.14) crashes on a 3-D tensor of
+// length 1 whose length stride is not 1, e.g. (2, 32, 1) with strides (32, 1, 32) from a transpose: PyTorch calls
+// such a tensor contiguous (a size-1 dimension's stride is irrelevant), so contiguous() returns it unchanged.
+at::Tensor standard_strides(const at::Tensor& t) {
+  int64_t expected = 1;
+  bool standard = true;
+  for (int64_t d = t.dim() - 1; d >= 0; --d) {
+    standard = standard && t.stride(d) == expected;
+    expected *= t.size(d);
+  }
+  return standard ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
 }  // namespace
@@ -70,15 +90,16 @@ bool conv1d_use_library(const Conv1dGeometry& g, bool cuda) {
 
 at::Tensor library_conv1d(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                           const Conv1dGeometry& g) {
-  return at::convolution(input, weight, bias, {g.stride}, {g.padding}, {g.dilation}, false, {0}, g.groups);
+  return at::convolution(standard_strides(input), standard_strides(weight), bias, {g.stride}, {g.padding},
+                         {g.dilation}, false, {0}, g.groups);
 }
 
 at::Tensor library_conv1d_backward_input(const at::Tensor& grad_output, const at::Tensor& weight,
                                          const Conv1dGeometry& g) {
   // output_padding makes the transposed convolution's length round-trip to the input's
   const int64_t natural = (grad_output.size(2) - 1) * g.stride - 2 * g.padding + g.dilation * (g.kernel_size - 1) + 1;
-  return at::conv_transpose1d(grad_output, weight, {}, {g.stride}, {g.padding}, {g.in_length - natural}, g.groups,
-                              {g.dilation});
+  return at::conv_transpose1d(standard_strides(grad_output), standard_strides(weight), {}, {g.stride}, {g.padding},
+                              {g.in_length - natural}, g.groups, {g.dilation});
 }
 
 std::tuple<at::Tensor, at::Tensor> library_conv1d_backward_weight(const at::Tensor& grad_output,
@@ -86,7 +107,8 @@ std::tuple<at::Tensor, at::Tensor> library_conv1d_backward_weight(const at::Tens
                                                                   bool with_bias) {
   const at::Tensor weight_shape = at::empty({g.out_channels, g.in_per_group(), g.kernel_size}, input.options());
   const auto grads =
-      at::convolution_backward(grad_output, input, weight_shape, at::IntArrayRef{g.out_channels}, {g.stride},
+      at::convolution_backward(standard_strides(grad_output), standard_strides(input), weight_shape,
+                               at::IntArrayRef{g.out_channels}, {g.stride},
                                {g.padding}, {g.dilation}, false, {0}, g.groups, {false, true, with_bias});
   return {std::get<1>(grads), std::get<2>(grads)};
 }
@@ -107,6 +129,8 @@ Conv1dGeometry check_conv1d(const at::Tensor& input, const at::Tensor& weight, c
     check_same_dtype(*bias, input, "bias", "input");
     check_same_device(*bias, input, "bias", "input");
   }
+  // F.conv1d refuses an empty length too; our kernels could pad it, but their backward has nothing to return to
+  TORCH_CHECK_VALUE(input.size(2) >= 1, "pyops.conv1d: argument 'input' has length 0 (shape ", input.sizes(), ")");
   const int64_t l_out = output_length(input.size(2), weight.size(2), stride, padding, dilation);
   return {input.size(0), input.size(1), input.size(2), weight.size(0), weight.size(2), l_out,
           stride, padding, dilation, groups};
