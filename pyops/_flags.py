@@ -35,3 +35,17 @@ def jit_tracing_paused():
         yield
     finally:
         torch._C._set_tracing_state(state)
+
+
+@contextlib.contextmanager
+def eval_mode(module):
+    """module and its submodules in eval mode inside the block, each one's own training flag restored after: the
+    module is used with eval semantics (BatchNorm's running statistics, no Dropout) and left as it was (a train-mode
+    BatchNorm would otherwise update its statistics and num_batches_tracked)."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, flag in flags:
+            m.training = flag

@@ -13,12 +13,12 @@ import torch
 import torch.fx
 from torch import nn
 from torch._guards import detect_fake_mode
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
 from ._checks import in_autocast_region
 from ._derived import DerivedWeights
-from ._flags import autocast_cache_disabled, jit_tracing_paused, temporarily
+from ._flags import autocast_cache_disabled, eval_mode, jit_tracing_paused, temporarily
 from .fft_conv import FFTConv2d
 from .sliding_head import DEFAULT_WORKSPACE, PRECISIONS, sliding_head
 
@@ -34,8 +34,8 @@ _AUTO_FFT_MIN_KERNEL = 16
 _FLATTEN_METHODS = ("view", "reshape", "flatten")
 _RELUS = (torch.relu, nn.functional.relu)
 _DROPOUTS = (nn.functional.dropout,)
-# A large multiple of every plausible total stride: the feature map of a window grown by it grows by it / stride.
-_STRIDE_PROBE = 2 ** 10 * 3 ** 2 * 5 * 7
+# The growth used to measure the total stride S: a window grown by it gives a feature map about it / S larger.
+_STRIDE_PROBE = 2 ** 20
 
 
 class FullyConvolutional(DerivedWeights):
@@ -144,7 +144,11 @@ def convolutionalize(model, window):
         window: int or (h, w), the crop size the classifier takes.
     Returns:
         FullyConvolutional in eval mode: (B, C, H, W) → (B, classes, ⌊(H−h)/Sy⌋+1, ⌊(W−w)/Sx⌋+1), with no
-        nn.Linear left. Raises ValueError naming the layer it cannot convert.
+        nn.Linear left. Raises ValueError naming the layer it cannot convert, and for features that do not slide:
+        the conversion is checked on a probe image (see _check_slides), which catches what no layer list can
+        (a GroupNorm, a mean over the map, an F.pad or transpose in forward). Features that pad in a layer (a conv,
+        a pool, a padding layer; or pool with ceil_mode) are known to differ near the crop borders: `padded`, and
+        sliding_classify warns.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"argument 'model' must be an nn.Module, got {type(model).__name__}")
@@ -158,10 +162,48 @@ def convolutionalize(model, window):
     features = _features_module(traced, flatten)
     ops = _head_ops(traced, flatten)
     in_channels = _input_channels(features)
-    fmap, stride = _feature_geometry(features, in_channels, window, model)
+    with eval_mode(model):  # (features shares model's modules; a train-mode BatchNorm would count the fake runs)
+        fmap, stride = _feature_geometry(features, in_channels, window, model)
     head = _build_head(ops, fmap)
-    fcn = FullyConvolutional(copy.deepcopy(features), head, window, stride, in_channels, _is_padded(features))
-    return fcn.eval()
+    fcn = FullyConvolutional(copy.deepcopy(features), head, window, stride, in_channels, _is_padded(features)).eval()
+    if not fcn.padded:
+        _check_slides(fcn, model)
+    return fcn
+
+
+def _check_slides(fcn, model):
+    """ValueError unless fcn's scores on a probe image equal model's on the probe's crops.
+
+    The probe holds 2×2 crops (one total stride apart), so that every crop has image pixels beyond two of its
+    borders: features that look past a crop (an F.pad in forward, a transpose of H and W) or at the whole map
+    (GroupNorm, InstanceNorm, a mean over H×W) give other scores there, which a list of allowed layers could not
+    tell. It costs about five of the model's crop evaluations, once per conversion. Under a fake mode (torch.export,
+    torch.compile tracing the conversion) there is no data to compare, and the check is skipped.
+    """
+    param = next(model.parameters(), None)
+    if param is None or detect_fake_mode() is not None or isinstance(param, FakeTensor) \
+            or param.device.type == "meta":
+        return
+    (h, w), (sy, sx) = fcn.window, fcn.stride
+    probe = torch.randn(1, fcn.in_channels, h + sy, w + sx, generator=torch.Generator().manual_seed(0),
+                        dtype=torch.float64).to(param.device, param.dtype)
+    with torch.no_grad(), eval_mode(model), jit_tracing_paused(), _cudnn_tf32(False):  # (both sides exact fp32)
+        dense = fcn(probe)[0]  # (classes, 2, 2)
+        crops = torch.cat([probe[:, :, i * sy:i * sy + h, j * sx:j * sx + w] for i in (0, 1) for j in (0, 1)])
+        per_crop = model(crops).T.reshape(-1, 2, 2)
+    tolerance = 1e-4 if param.dtype in (torch.float32, torch.float64) else 3e-2
+    if per_crop.shape != dense.shape:
+        mismatch = f"scores of shape {tuple(dense.shape)} where the crops give {tuple(per_crop.shape)}"
+    else:
+        scale = per_crop.abs().max().item()
+        error = (dense - per_crop).abs().max().item()
+        if error <= tolerance * max(scale, 1e-30) or (scale == 0 and error == 0):
+            return
+        mismatch = f"scores up to {error:.3g} away from the model's on those crops (largest score {scale:.3g})"
+    raise ValueError(f"argument 'model': its features do not slide: on a probe image of 2x2 crops the converted "
+                     f"network gives {mismatch}. Features that look past a crop (F.pad or a transpose in forward) or "
+                     "at the whole map (GroupNorm, InstanceNorm, a mean over H and W) are not a per-crop classifier "
+                     "run densely; sliding_classify(..., exact=True) evaluates the crops themselves")
 
 
 def _window(window):
@@ -248,10 +290,12 @@ def _head_ops(traced, flatten):
 
 
 def _input_channels(features):
+    """The channels the features take: those of the first conv-like module (Conv2d, pyops.nn.ConvBNReLU2d: any
+    with in_channels) or BatchNorm2d the graph calls."""
     for node in features.graph.nodes:
         if node.op == "call_module":
             mod = features.get_submodule(node.target)
-            if isinstance(mod, nn.Conv2d):
+            if isinstance(getattr(mod, "in_channels", None), int):
                 return mod.in_channels
             if isinstance(mod, nn.BatchNorm2d):
                 return mod.num_features
@@ -284,13 +328,17 @@ def _feature_geometry(features, in_channels, window, model):
     if f.dim() != 4:
         raise ValueError(f"argument 'model': the features give a {f.dim()}-d tensor {tuple(f.shape)} before the "
                          "flatten; convolutionalize needs a (B, C, h, w) feature map")
-    stride = []
-    for grown, base in ((g.shape[2], f.shape[2]), (g.shape[3], f.shape[3])):
-        steps = grown - base
-        if steps <= 0 or _STRIDE_PROBE % steps:
-            raise ValueError("argument 'model': the features have no integer total stride; cannot convolutionalize")
-        stride.append(_STRIDE_PROBE // steps)
-    return tuple(f.shape[1:]), tuple(stride)
+    # Features of total stride S (floor-rounded convs and pools) satisfy size(x + S) = size(x) + 1 exactly: S is
+    # the growth over _STRIDE_PROBE, rounded, and confirmed by runs grown by S and 7·S.
+    steps = [grown - base for grown, base in ((g.shape[2], f.shape[2]), (g.shape[3], f.shape[3]))]
+    stride = tuple(round(_STRIDE_PROBE / s) if s > 0 else 0 for s in steps)
+    if min(stride) >= 1:
+        checks = [fake_run(features, (1, in_channels, h + k * stride[0], w + k * stride[1]), dtype, device).shape[2:]
+                  for k in (1, 7)]
+    if min(stride) < 1 or any(tuple(c) != (f.shape[2] + k, f.shape[3] + k) for c, k in zip(checks, (1, 7))):
+        raise ValueError("argument 'model': the features have no integer total stride (their map does not grow by "
+                         "one position per fixed step of the input); cannot convolutionalize")
+    return tuple(f.shape[1:]), stride
 
 
 def _build_head(ops, fmap):
@@ -353,13 +401,13 @@ def _bn_affine(bn):
 
 
 def _is_padded(features):
-    """True when a conv or pooling of the features pads (or rounds up): then the FCN sees image pixels where the
+    """True when a module of the features pads (a conv, a pool, pyops' fused conv, a padding layer such as
+    nn.ZeroPad2d: any with a non-zero `padding`) or pools with ceil_mode: then the FCN sees image pixels where the
     per-crop evaluation sees zeros / nothing, near the crop borders."""
     for m in features.modules():
         pad = getattr(m, "padding", 0)
-        if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
-            if pad == "same" or (pad != "valid" and any(p != 0 for p in (pad if isinstance(pad, tuple) else (pad,)))):
-                return True
-            if getattr(m, "ceil_mode", False):
-                return True
+        if pad == "same" or getattr(m, "ceil_mode", False):
+            return True
+        if pad != "valid" and any(p != 0 for p in (pad if isinstance(pad, (tuple, list)) else (pad,))):
+            return True
     return False

@@ -12,7 +12,9 @@ stride only needs some); both cost the same per output.
 Exactness: for features without padding, every FCN output equals the per-crop evaluation (same inputs, same
 operations; only the floating-point summation order may differ). Features that pad (or pool with ceil_mode) see
 the neighbouring image pixels where a crop sees zeros, so outputs differ within the receptive field of the crop
-borders; exact=True evaluates the crops themselves instead, in batches sized to the memory bound.
+borders; exact=True evaluates the crops themselves instead, in batches sized to the memory bound. Features that do
+not slide at all (a GroupNorm, a mean over the map, an F.pad in forward) are refused by the conversion's probe
+(pyops.convolutionalize). The model is evaluated with eval semantics and left as it was, training flags included.
 
 Memory: the output map is tiled (tiles of output positions plus the input halo they need, and batch chunks) so that
 the estimated peak of the activations stays under max_memory; tiled and untiled results are identical up to the
@@ -27,7 +29,7 @@ from torch import nn
 
 from ._checks import autocast_mixes, check_floating
 from ._overrides import overridable
-from ._flags import jit_tracing_paused
+from ._flags import eval_mode, jit_tracing_paused
 from .convolutionalize import FullyConvolutional, _cudnn_tf32, _window, convolutionalize, fake_run
 from .fft_conv import default_fft_size, fft_tile_counts, fft_workspace_bytes
 from .sliding_head import PRECISIONS
@@ -84,7 +86,8 @@ def sliding_classify(model, images, window, stride=1, exact=False, max_memory=DE
             raise ValueError("argument 'precision' = 'bf16' applies to the FCN head; exact=True runs the model as is")
         if not isinstance(model, nn.Module) or isinstance(model, FullyConvolutional):
             raise TypeError("argument 'model' must be the crop classifier (nn.Module) for exact=True")
-        return _crop_batches(model, images, window, _pair(stride, "stride"), max_memory, precision)
+        with eval_mode(model):  # (its size probe too: a train-mode BatchNorm would count that run)
+            return _crop_batches(model, images, window, _pair(stride, "stride"), max_memory, precision)
     fcn = model if isinstance(model, FullyConvolutional) else convolutionalize(model, window)
     if fcn.window != window:
         raise ValueError(f"argument 'window' = {window} differs from the window {fcn.window} the model was "
@@ -281,11 +284,11 @@ def _crop_batches(model, images, window, stride, max_memory, precision):
                          "that one crop needs")
     parts = []
     with _autograd_if_wanted(images), _cudnn_tf32(precision == "tf32"):
-        for c0 in range(0, n, chunk):
+        for c0 in range(0, max(n, 1), chunk):  # (at least one call: an empty batch gives (0, classes) scores)
             k = torch.arange(c0, min(n, c0 + chunk), device=images.device)
             parts.append(model(crops[k // (ny * nx), (k // nx) % ny, k % nx]))  # gathers only this chunk
     scores = torch.cat(parts)
-    return scores.view(B, ny, nx, -1).permute(0, 3, 1, 2)
+    return scores.view(B, ny, nx, scores.shape[-1]).permute(0, 3, 1, 2)
 
 
 def _pair(v, name):

@@ -1,5 +1,7 @@
 """convolutionalize / sliding_classify / SlidingClassifier / the sliding_head op, against the per-crop loop."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -146,6 +148,83 @@ def test_gradients_reach_images_that_require_them(exact, stride):
 def test_total_stride_is_inferred():
     assert pyops.convolutionalize(eval64(PoolNet()), 24).stride == (4, 4)
     assert pyops.convolutionalize(eval64(strided_net()), 21).stride == (6, 6)
+
+
+def test_any_integer_total_stride_is_inferred():
+    """Total strides with large prime factors (27 = 3·3·3 over three convs, 11 in one) are found, not refused."""
+    torch.manual_seed(0)
+    for layers, window in (([nn.Conv2d(1, 2, 3, stride=3), nn.Conv2d(2, 2, 3, stride=3),
+                             nn.Conv2d(2, 2, 3, stride=3)], 27), ([nn.Conv2d(1, 2, 11, stride=11)], 22)):
+        features = nn.Sequential(*layers)
+        classes_in = features(torch.zeros(1, 1, window, window)).numel()
+        model = eval64(nn.Sequential(features, nn.Flatten(), nn.Linear(classes_in, 3)))
+        x = rand((1, 1, window + 30, window + 25), seed=2)
+        assert pyops.convolutionalize(model, window).stride == (window // (2 if window == 22 else 1),) * 2
+        torch.testing.assert_close(pyops.sliding_classify(model, x, window), reference.crop_loop(model, x, window),
+                                   rtol=1e-10, atol=1e-12)
+
+
+class _Center(nn.Module):
+    def forward(self, x):
+        return x - x.mean((2, 3), keepdim=True)
+
+
+class _PadInForward(nn.Module):
+    def forward(self, x):
+        return nn.functional.pad(x, (1, 1, 1, 1))
+
+
+class _SwapHW(nn.Module):
+    def forward(self, x):
+        return x.transpose(2, 3)
+
+
+@pytest.mark.parametrize("layer", [nn.GroupNorm(2, 4), nn.InstanceNorm2d(4), _Center(), _PadInForward(), _SwapHW()],
+                         ids=["GroupNorm", "InstanceNorm2d", "mean over HxW", "F.pad in forward", "H/W transpose"])
+def test_features_that_do_not_slide_are_refused(layer):
+    """Features that look past a crop or at the whole map: the FCN's map is not the per-crop scores, and no list of
+    layers could tell (an F.pad or a mean in a forward); the conversion's probe refuses them by name, where the
+    crop loop is the answer (exact=True)."""
+    torch.manual_seed(0)
+    features = nn.Sequential(nn.Conv2d(3, 4, 3), layer, nn.ReLU())
+    model = eval64(nn.Sequential(features, nn.Flatten(), nn.Linear(features(torch.zeros(1, 3, 10, 10)).numel(), 3)))
+    x = rand((1, 3, 14, 13), seed=3)
+    with pytest.raises(ValueError, match="do not slide"):
+        pyops.sliding_classify(model, x, 10)
+    torch.testing.assert_close(pyops.sliding_classify(model, x, 10, exact=True), reference.crop_loop(model, x, 10),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_padding_layers_and_fused_padded_convs_count_as_padded():
+    """A padding module (nn.ZeroPad2d) or a model fused by pyops.fuse (ConvBNReLU2d with padding): the known border
+    difference, warned about as for nn.Conv2d's padding."""
+    torch.manual_seed(0)
+    unfused = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                            nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
+    for model in (nn.Sequential(nn.ZeroPad2d(1), nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 10 * 10, 3)),
+                  pyops.fuse(randomize_bn(unfused).eval())):
+        assert pyops.convolutionalize(model.eval(), 10).padded
+        with pytest.warns(UserWarning, match="exact=True"):
+            pyops.sliding_classify(model, rand((1, 3, 13, 12), torch.float32, seed=5), 10)
+
+
+def test_train_mode_model_is_used_with_eval_semantics_and_left_unchanged():
+    """A model in training mode: converted and (exact=True) run with eval semantics, as documented, its BatchNorm
+    statistics and training flags untouched."""
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.Flatten(),
+                                       nn.Linear(4 * 8 * 8, 3))).double().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = rand((2, 3, 13, 12), seed=6)
+    expected = reference.crop_loop(eval64(copy.deepcopy(model)), x, 10)
+    for exact in (False, True):
+        torch.testing.assert_close(pyops.sliding_classify(model, x, 10, exact=exact), expected, rtol=1e-10,
+                                   atol=1e-12)
+    assert model.training and all(m.training for m in model.modules())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed"
+    empty = pyops.sliding_classify(model, x[:0], 10, exact=True)
+    assert empty.shape == (0, 3, 4, 3)
 
 
 def test_padded_network_exact_equals_loop_and_fcn_warns():
