@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from ._checks import check_floating
+from ._checks import check_floating, in_autocast_region
 from ._overrides import overridable
 from .smooth_max import smooth_max
 
@@ -26,9 +26,9 @@ def lse_pool2d(scores, beta):
     check_floating(scores, "scores")
     if scores.dim() != 4:
         raise ValueError(f"argument 'scores' must have 4 dimensions (B, C, H, W), got shape {tuple(scores.shape)}")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+    if isinstance(beta, bool) or not isinstance(beta, (int, float, torch.SymInt, torch.SymFloat)):
         raise TypeError(f"argument 'beta' must be a number, got {type(beta).__name__}")
-    if math.isnan(beta):
+    if beta != beta:  # (NaN; written to trace as a guard under torch.compile, as in smooth_max)
         raise ValueError("argument 'beta' must not be NaN")
     n = scores.shape[2] * scores.shape[3]
     if n == 0:
@@ -36,15 +36,23 @@ def lse_pool2d(scores, beta):
     flat = scores.flatten(2)
     if beta == 0:
         return flat.mean(-1)
-    pooled = smooth_max(flat, float(beta), -1)
-    if math.isinf(beta):
-        return pooled
+    # Half-precision scores are pooled in float32 and rounded once at the end: rounding the smooth max first and
+    # then subtracting log(n)/β lost ~log(n)·eps (bfloat16 128x128 at β = 1.01: 11 ulps).
+    half = flat.dtype not in (torch.float32, torch.float64)
+    out_dtype = torch.float32 if half and in_autocast_region(flat.device) else flat.dtype  # (as smooth_max's)
+    work = flat.float() if half else flat
+    pooled = smooth_max(work, beta, -1)
+    if beta == math.inf or beta == -math.inf:
+        return pooled.to(out_dtype)
     # smooth_max − log(n)/β cancels where |β|·spread is small: both terms are ~log(n)/|β| and the result is near the
     # mean, so the error grows like eps/|β| (float32 at β = 1e-3: 3e-4, at 1e-5: 0.04). There the same value is
     # m + log1p(mean(expm1(β·(s − m))))/β with m the max (the min for β < 0), accurate to ~eps·spread; where
     # |β|·spread > 1 the first form's error, eps/|β|, is below eps·spread too. Each row takes the accurate one.
-    work = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
     low, high = work.amin(-1), work.amax(-1)
-    anchor = high if beta > 0 else low
-    near_mean = anchor + torch.log1p(torch.expm1(beta * (work - anchor.unsqueeze(-1))).mean(-1)) / beta
-    return torch.where((high - low) * abs(beta) <= 1, near_mean.to(pooled.dtype), pooled - math.log(n) / beta)
+    near = (high - low) * abs(beta) <= 1  # False for rows holding ±inf or NaN
+    # The near-mean form on finite stand-ins elsewhere: torch.where passes zero gradients to the branch it does not
+    # take, but 0·inf is NaN, and a row with a ±inf score made the whole row's gradient NaN.
+    anchor = torch.where(near, high if beta > 0 else low, 0.0)
+    spread = torch.where(near.unsqueeze(-1), work - anchor.unsqueeze(-1), 0.0)
+    near_mean = anchor + torch.log1p(torch.expm1(beta * spread).mean(-1)) / beta
+    return torch.where(near, near_mean, pooled - math.log(n) / beta).to(out_dtype)

@@ -2,10 +2,14 @@
 
 max(x) ≤ ν_β(x) ≤ max(x) + log(n)/β for β > 0; ν_β → max as β → ∞ (β = inf gives the max exactly), β < 0 is a
 smooth min (β = -inf the min). The gradient is softmax(β·x) along `dim`: one-hot at the argmax in the limit,
-shared equally between ties at β = ±inf.
-"""
-import math
+shared equally between ties at β = ±inf (NaN where x holds a NaN).
 
+Precision of the gradient: it is computed as exp(β·(x − r)) from the result r rounded to x's dtype, in one pass.
+For float16/bfloat16 that rounding would scale a row's gradient by up to exp(|β|·|r|·2⁻⁹), so it is normalized by
+its sum (one more pass). For float32/float64 the relative error is |β|·|r|·eps at most, as for torch.logsumexp's
+own gradient (e.g. float32 ties at β = 1e7 get gradient 1 each instead of 1/3): use float64, or a β for which
+|β|·|r| stays well below 1/eps.
+"""
 import torch
 
 from ._checks import check_floating, wrap_dim
@@ -14,9 +18,11 @@ from ._overrides import overridable
 
 def _check_args(x, beta, dim):
     check_floating(x, "x")
-    if not isinstance(beta, (int, float)) or isinstance(beta, bool):
+    # (torch.SymFloat: under torch.compile a beta that changes between calls is symbolic; the tests below are
+    # written so that they trace as guards, where math.isnan would break the graph)
+    if not isinstance(beta, (int, float, torch.SymInt, torch.SymFloat)) or isinstance(beta, bool):
         raise TypeError(f"argument 'beta' must be a number, got {type(beta).__name__}")
-    if beta == 0 or math.isnan(beta):
+    if beta == 0 or beta != beta:
         raise ValueError(f"argument 'beta' must be non-zero and not NaN, got {beta} "
                          "(beta -> 0 is the mean, not a smooth max)")
     d = wrap_dim(dim, x.dim())

@@ -72,6 +72,27 @@ def test_gradient_is_softmax_over_positions():
     torch.testing.assert_close(g, torch.softmax(2.0 * s.detach().flatten(2), -1).view_as(s), rtol=1e-12, atol=1e-14)
 
 
+def test_infinite_scores_keep_the_other_gradients_finite():
+    """A row holding a ±inf score: the near-mean form is not taken there, and its gradient (0 by torch.where) is
+    not 0·inf = NaN; only the infinite entry's own gradient may be NaN, as in torch's formula."""
+    s = torch.tensor([1.0, -math.inf, 2.0, 3.0], dtype=torch.float64).view(1, 1, 2, 2).requires_grad_()
+    for beta in (-1.0, 2.0):
+        (g,) = torch.autograd.grad(pyops.lse_pool2d(s, beta).sum(), s)
+        t = s.detach().clone().requires_grad_()
+        (expected,) = torch.autograd.grad((torch.logsumexp(beta * t.flatten(2), -1) / beta).sum(), t)
+        finite = s.detach().isfinite()
+        torch.testing.assert_close(g[finite], expected[finite], rtol=1e-12, atol=1e-14)
+
+
+def test_half_precision_rounds_once():
+    """bfloat16 scores are pooled in float32 and rounded once (rounding the smooth max first lost ~11 ulps)."""
+    s = torch.rand((1, 1, 128, 128), generator=torch.Generator().manual_seed(0)).bfloat16()
+    got = pyops.lse_pool2d(s, 1.01)
+    expected = lse_pool2d_exact(s.double(), 1.01)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), expected.to(torch.bfloat16).double(), rtol=0, atol=2 ** -8)
+
+
 def test_torch_compile_fullgraph():
     s = rand((2, 3, 4, 5), torch.float32, seed=5)
     f = torch.compile(lambda t: pyops.lse_pool2d(t, 3.0), fullgraph=True)

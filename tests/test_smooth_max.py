@@ -156,6 +156,44 @@ def test_torch_compile_fullgraph(device):
     torch.testing.assert_close(g, g_ref)
 
 
+def test_torch_compile_with_a_changing_beta(device):
+    """The second call passes beta as a symbolic float: the argument checks trace as guards, no graph break."""
+    compiled = torch.compile(lambda x, b: pyops.smooth_max(x, b, 1), fullgraph=True)
+    x = rand((4, 5), device=device, seed=16)
+    for beta in (1.5, 2.0, -3.0):
+        torch.testing.assert_close(compiled(x, beta), pyops.smooth_max(x, beta, 1))
+
+
+def test_long_strided_reduction_keeps_fp32_accuracy(device):
+    """A reduction over a non-last dim of 2M rows: its running sum is compensated (a plain fp32 sum drifted by
+    ~1e-3 relative at 16M rows, 10x torch.logsumexp's error at 1e5)."""
+    x = torch.rand((2_000_000, 2), generator=gen(17), dtype=torch.float32).to(device)
+    expected = torch.logsumexp(x.double(), 0)
+    for got in (pyops.smooth_max(x, 1.0, 0), pyops.smooth_max(x.T.contiguous(), 1.0, 1)):
+        torch.testing.assert_close(got.double(), expected, rtol=2e-7, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_gradient_is_softmax(device, dtype):
+    """The result rounded to a half type scales exp(β(x − r)) by one factor per output (bfloat16 [100, 100] gave
+    0.605 each); the gradient is normalized by its sum."""
+    x = torch.tensor([[100.0, 100.0], [3.0, 1.0]], dtype=dtype, device=device, requires_grad=True)
+    (grad,) = torch.autograd.grad(pyops.smooth_max(x, 1.0, 1).sum(), x)
+    expected = torch.softmax(x.detach().double(), 1)
+    torch.testing.assert_close(grad.double(), expected, rtol=2 ** -7, atol=2 ** -9)
+    rows = rand((64, 50), dtype, device, seed=18, scale=20.0).requires_grad_()
+    (grad,) = torch.autograd.grad(pyops.smooth_max(rows, 1.0, 1).sum(), rows)
+    torch.testing.assert_close(grad.double().sum(1), torch.ones(64, dtype=torch.float64, device=device),
+                               rtol=0, atol=2 ** -6)
+
+
+def test_nan_at_infinite_beta_has_a_nan_gradient(device):
+    x = torch.tensor([1.0, float("nan"), 2.0], device=device, requires_grad=True)
+    for beta in (math.inf, -math.inf):
+        (grad,) = torch.autograd.grad(pyops.smooth_max(x, beta, 0), x)
+        assert grad.isnan().all()
+
+
 def test_non_contiguous_input(device):
     base = rand((40, 30), device=device, seed=14)
     for x in (base.t(), base[::3, 1::2], base.unsqueeze(0).expand(3, 40, 30)):

@@ -21,6 +21,8 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+bool is_half(const at::Tensor& t) { return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16; }
+
 at::Tensor call_smooth_max_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& result,
                                     double beta, int64_t dim, bool keepdim) {
   static const auto op =
@@ -54,8 +56,21 @@ class SmoothMaxFunction : public torch::autograd::Function<SmoothMaxFunction> {
     variable_list out(4);
     if (!grads[0].defined() || !ctx->needs_input_grad(0)) return out;
     const variable_list saved = ctx->get_saved_variables();
-    out[0] = call_smooth_max_backward(grads[0], saved[0], saved[1], ctx->saved_data["beta"].toDouble(),
-                                      ctx->saved_data["dim"].toInt(), ctx->saved_data["keepdim"].toBool());
+    const at::Tensor &x = saved[0], &result = saved[1];
+    const double beta = ctx->saved_data["beta"].toDouble();
+    const int64_t dim = ctx->saved_data["dim"].toInt();
+    const bool keepdim = ctx->saved_data["keepdim"].toBool();
+    at::Tensor grad = grads[0];
+    if (!std::isinf(beta) && is_half(x) && x.dim() > 0) {
+      // exp(β(x − r)) is softmax(βx) times exp(β(r_exact − r)): one factor per output, from the rounding of r to
+      // x's dtype, which for float16/bfloat16 reaches |β|·|r|·2⁻⁹ (bfloat16 [100, 100] at β = 1: gradients 0.605
+      // instead of 0.5). Dividing grad by Σ_dim exp(β(x − r)) (one more pass, in float32) cancels it.
+      const int64_t d = wrap_dim(dim, x.dim(), "dim");
+      const at::Tensor p = call_smooth_max_backward(at::ones_like(result), x, result, beta, dim, keepdim);
+      const at::Tensor total = p.sum(d, keepdim, at::kFloat);
+      grad = (grad.to(at::kFloat) / total).to(grad.scalar_type());
+    }
+    out[0] = call_smooth_max_backward(grad, x, result, beta, dim, keepdim);
     return out;
   }
 };

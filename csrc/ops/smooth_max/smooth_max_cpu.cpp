@@ -19,11 +19,23 @@ namespace {
 // multiplied by sign), its maximum found, the running sum rescaled at most once, then its exponentials summed.
 constexpr int64_t kChunk = 512;
 
+// m: the running maximum; s: the running sum of exp(b·(x − m)), with c its Kahan compensation (the sum takes one
+// addend per chunk or block of rows; plain fp32 addition lost ~2e-3 of a 16M-row sum, as s grew past the addends).
 template <typename acc>
 struct OnlineState {
   acc m = -std::numeric_limits<acc>::infinity();
   acc s = 0;
+  acc c = 0;
 };
+
+// s += y with Kahan compensation c (elementwise for vectors). Compiled without fast-math, so kept as written.
+template <typename T>
+inline void kahan_add(T& s, T& c, const T& y) {
+  const T yc = y - c;
+  const T t = s + yc;
+  c = (t - s) - yc;
+  s = t;
+}
 
 // Loads `count` elements of x (stride 1) into buf as sign * acc(x).
 template <typename scalar_t, typename acc>
@@ -50,7 +62,8 @@ inline void fold_chunk(const acc* buf, int64_t count, acc b, OnlineState<acc>& s
     return;
   }
   if (cm > st.m) {
-    st.s *= std::exp(b * (st.m - cm));
+    const acc f = std::exp(b * (st.m - cm));
+    st.s *= f, st.c *= f;
     st.m = cm;
   }
   const Vec vm(st.m), vb(b), one(acc(1));
@@ -62,7 +75,7 @@ inline void fold_chunk(const acc* buf, int64_t count, acc b, OnlineState<acc>& s
   }
   acc s = hsum(vs);
   for (; i < count; ++i) s += buf[i] == st.m ? acc(1) : std::exp(b * (buf[i] - st.m));
-  st.s += s;
+  kahan_add(st.s, st.c, s);
 }
 
 template <typename acc>
@@ -120,13 +133,14 @@ void forward_strided(const scalar_t* x, scalar_t* out, const ReductionView& v, d
   const int64_t segments = (v.inner + kWidth - 1) / kWidth;
   const int64_t grain = std::max<int64_t>(1, 32768 / (v.n * kWidth));
   at::parallel_for(0, v.outer * segments, grain, [&](int64_t begin, int64_t end) {
-    acc ms[kWidth], ss[kWidth];
+    acc ms[kWidth], ss[kWidth], cs[kWidth];  // per output: max, sum, the sum's Kahan compensation
     for (int64_t t = begin; t < end; ++t) {
       const int64_t o = t / segments, j0 = (t % segments) * kWidth;
       const int64_t width = std::min(kWidth, v.inner - j0);
       const scalar_t* xs = x + o * v.n * v.inner + j0;
       std::fill(ms, ms + width, -inf);
       std::fill(ss, ss + width, acc(0));
+      std::fill(cs, cs + width, acc(0));
       const Vec vb(b), vsign(sign), one(acc(1));
       for (int64_t r0 = 0; r0 < v.n; r0 += kRows) {
         const int64_t rows = std::min(kRows, v.n - r0);
@@ -135,14 +149,17 @@ void forward_strided(const scalar_t* x, scalar_t* out, const ReductionView& v, d
           const scalar_t* xj = xs + r0 * v.inner + j;
           Vec cm(-inf);
           for (int64_t r = 0; r < rows; ++r) cm = at::vec::maximum(cm, vsign * load_acc(xj + r * v.inner, w));
-          const Vec m = Vec::loadu(ms + j), s = Vec::loadu(ss + j);
+          const Vec m = Vec::loadu(ms + j);
           const Vec nm = at::vec::maximum(m, cm);  // NaN in the block makes nm NaN, hence the result NaN
-          Vec ns = Vec::blendv(s * (vb * (m - nm)).exp(), s, m == nm);
+          const Vec f = Vec::blendv((vb * (m - nm)).exp(), one, m == nm);
+          Vec ns = Vec::loadu(ss + j) * f, nc = Vec::loadu(cs + j) * f;
+          Vec block(acc(0));  // the block's rows summed apart, then added to the running sum compensated
           for (int64_t r = 0; r < rows; ++r) {
             const Vec xv = vsign * load_acc(xj + r * v.inner, w);
-            ns += Vec::blendv((vb * (xv - nm)).exp(), one, xv == nm);
+            block += Vec::blendv((vb * (xv - nm)).exp(), one, xv == nm);
           }
-          nm.store(ms + j), ns.store(ss + j);  // full-vector stores: the arrays have kWidth lanes
+          kahan_add(ns, nc, block);
+          nm.store(ms + j), ns.store(ss + j), nc.store(cs + j);  // full-vector stores: the arrays have kWidth lanes
         }
       }
       scalar_t* os = out + o * v.inner + j0;
@@ -222,6 +239,10 @@ void backward_infinite(const scalar_t* g, const scalar_t* x, const scalar_t* r, 
       const scalar_t* xk = x + o * v.n * v.inner + j;
       scalar_t* gk = gx + o * v.n * v.inner + j;
       const scalar_t res = r[k];
+      if (res != res) {  // a NaN result (x held a NaN): its gradient is NaN, as torch.amax's is
+        for (int64_t i = 0; i < v.n; ++i) gk[i * v.inner] = std::numeric_limits<scalar_t>::quiet_NaN();
+        continue;
+      }
       int64_t ties = 0;
       for (int64_t i = 0; i < v.n; ++i) ties += xk[i * v.inner] == res;
       const acc share = ties > 0 ? static_cast<acc>(g[k]) / static_cast<acc>(ties) : acc(0);

@@ -178,8 +178,11 @@ __global__ void backward_infinite_kernel(const scalar_t* __restrict__ g, const s
     const acc res = static_cast<acc>(r[k]);
     int64_t ties = 0;
     for (int64_t i = 0; i < n; ++i) ties += static_cast<acc>(xk[i * inner]) == res;
-    const acc share = ties > 0 ? static_cast<acc>(g[k]) / static_cast<acc>(ties) : acc(0);
-    for (int64_t i = 0; i < n; ++i) gk[i * inner] = static_cast<scalar_t>(static_cast<acc>(xk[i * inner]) == res ? share : acc(0));
+    // a NaN result (x held a NaN) gets a NaN gradient everywhere, as torch.amax's
+    const acc share = res != res ? res : ties > 0 ? static_cast<acc>(g[k]) / static_cast<acc>(ties) : acc(0);
+    for (int64_t i = 0; i < n; ++i) {
+      gk[i * inner] = static_cast<scalar_t>(res != res || static_cast<acc>(xk[i * inner]) == res ? share : acc(0));
+    }
   }
 }
 
