@@ -30,7 +30,9 @@ Conventions (exact integers; batch size multiplies everything):
   multiplications by β, its n − 1 additions and the final multiplication by 1/β ('other'; exp, log and the
   max-subtraction that keeps it stable are not multiplications or additions of the formula).
 - Everything else (pooling, elementwise ops, batch norm as ATen runs it, softmax, ...) is not counted.
-A pyops op without a counter is reported by a warning, not skipped silently.
+A pyops op without a counter is reported by a warning, not skipped silently, and so are the fused ATen kernels that
+hide a layer's matrix products from the ops above (FUSED_ARITHMETIC_OPS: nn.LSTM's oneDNN/cuDNN kernels,
+nn.Bilinear's _trilinear); nn.GRU and nn.RNN on the CPU run addmm and are counted.
 
 Extending: `register_op_counter("pyops::sliding_head", fn)` (or as a decorator) adds or replaces the counter of an
 op, keyed by its qualified name "namespace::name", so it works before the op itself is registered. `fn(args, out)`
@@ -53,6 +55,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import conv_flop_count
 
 KINDS = ("conv", "linear", "other")
+
+# ATen kernels that compute a layer's matrix products inside one op, with no counter here: reported by a warning
+# (an LSTM's count would otherwise be silently zero).
+FUSED_ARITHMETIC_OPS = {"aten::mkldnn_rnn_layer", "aten::_cudnn_rnn", "aten::miopen_rnn", "aten::_trilinear",
+                        "aten::_thnn_fused_lstm_cell", "aten::_thnn_fused_gru_cell", "aten::mkldnn_rnn_layer_backward"}
 
 
 class Work(NamedTuple):
@@ -341,7 +348,7 @@ class _CountingMode(TorchDispatchMode):
                                      f"expected one of {KINDS}")
                 self.rows.append(LayerCount(self.module_path[-1], work.kind, int(work.mults), int(work.adds),
                                             _shape(result)))
-        elif name.startswith("pyops::"):
+        elif name.startswith("pyops::") or name in FUSED_ARITHMETIC_OPS:
             self.uncounted.add(name)
         return out
 

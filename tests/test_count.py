@@ -185,6 +185,15 @@ class SmallNet(nn.Module):
         return self.head(x.mean((2, 3))) + x.flatten(1) @ torch.ones(x[0].numel(), 5)
 
 
+def test_fused_aten_kernels_without_a_counter_warn():
+    """nn.Bilinear (aten::_trilinear) and the CPU LSTM (aten::mkldnn_rnn_layer) hide their products in one kernel:
+    a warning names it rather than a silent zero; nn.GRU's addmm calls are counted."""
+    with pytest.warns(UserWarning, match="_trilinear"):
+        pyops.count_ops(nn.Bilinear(3, 4, 5), (torch.randn(2, 3), torch.randn(2, 4)))
+    gru = pyops.count_ops(nn.GRU(4, 8), torch.randn(5, 2, 4))
+    assert gru.linear > 0
+
+
 def test_row_names_and_table():
     count = pyops.count_ops(SmallNet(), torch.randn(2, 3, 16, 16))
     assert [(r.name, r.kind) for r in count.by_layer] == [("stem.0", "conv"), ("block.0", "conv"),
