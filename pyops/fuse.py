@@ -71,7 +71,10 @@ def fuse(model, inplace=False):
         fused = fuse_sequentials(work)
         warnings.warn(f"pyops.fuse: torch.fx could not trace {type(model).__name__} ({type(error).__name__}: "
                       f"{error}); fell back to fusing consecutive modules inside nn.Sequential containers: "
-                      f"{', '.join(fused) if fused else 'nothing found'}", UserWarning, stacklevel=2)
+                      f"{', '.join(fused) if fused else 'nothing found'}. The result equals the model where it calls "
+                      "each of these Sequentials as a whole; code that calls single entries or slices of them, or "
+                      "reads their intermediate outputs, sees the fused layers' outputs instead (compare the "
+                      "outputs before use)", UserWarning, stacklevel=2)
         return work.eval()
     fuse_graph(graph_module)
     return graph_module.eval()
