@@ -12,6 +12,8 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 FOLDABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+# The old-style reparametrizations whose forward pre-hook recomputes layer.weight (read by current_weight).
+WEIGHT_REPARAMETRIZATIONS = (WeightNorm, SpectralNorm)
 
 
 def frozen_batchnorm_class():

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import nn as pyops_nn
-from .fold import fold_bn, frozen_batchnorm_class, is_batchnorm, is_foldable_batchnorm, out_channels
+from .fold import (WEIGHT_REPARAMETRIZATIONS, fold_bn, frozen_batchnorm_class, is_batchnorm,
+                   is_foldable_batchnorm, out_channels)
 
 RELU_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu6: "relu6"}
 RELU_METHODS = {"relu": "relu", "relu_": "relu"}
@@ -59,7 +60,11 @@ def fuse(model, inplace=False):
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"argument 'model' must be an nn.Module, got {type(model).__name__}")
-    training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
+    # (the model itself, and every module with state of its own: plain containers, e.g. those a torch.fx
+    # GraphModule creates in training mode, do not count)
+    training = [name or type(model).__name__ for name, m in model.named_modules()
+                if m.training and (m is model or next(m.parameters(False), None) is not None
+                                   or next(m.buffers(False), None) is not None)]
     if training:
         raise ValueError(f"argument 'model' is in training mode ({', '.join(training[:5])}"
                          f"{', ...' if len(training) > 5 else ''}): BatchNorm can only be folded in eval mode; "
@@ -102,15 +107,22 @@ class FusionTracer(fx.Tracer):
 def fuse_graph(gm):
     """Rewrites gm's graph in place: each chain found by match_chain becomes one call of a new fused module."""
     modules = dict(gm.named_modules())
-    fused_conv = False
+    fused_conv, absorbed = False, []
     for node in list(gm.graph.nodes):  # chains start at a BatchNorm: the nodes erased with one are never one
         chain = match_chain(node, modules)
         if chain is not None:
+            absorbed += [n.target for n in chain["nodes"] if n.op == "call_module"]
             fused_conv |= replace_chain(gm, modules, chain) is pyops_nn.ConvBNReLU2d
     if fused_conv:
-        contiguous_before_views(gm.graph)
+        layout_safe_views(gm.graph)
     gm.graph.lint()
-    gm.delete_all_unused_submodules()
+    # Only the modules the chains absorbed go, where nothing else names them: not delete_all_unused_submodules,
+    # which also empties modules the graph passes as arguments (a get_attr of a classifier handed to
+    # pyops.sliding_classify), and with inplace=True those are the caller's own.
+    used = [n.target + "." for n in gm.graph.nodes if n.op in ("call_module", "get_attr")]
+    for name in dict.fromkeys(absorbed):
+        if not any(u.startswith(name + ".") for u in used):
+            gm.delete_submodule(name)
     gm.recompile()
 
 
@@ -126,6 +138,8 @@ def activation_of(node, modules):
     """"relu"/"relu6" if node applies a ReLU/ReLU6 to its first argument (and only that), else None."""
     if node.op == "call_module":
         module = modules.get(node.target)
+        if has_hooks(module):
+            return None
         return "relu" if isinstance(module, nn.ReLU) else "relu6" if isinstance(module, nn.ReLU6) else None
     if node.op == "call_function" and node.target in RELU_FUNCTIONS and len(node.args) == 1:
         return RELU_FUNCTIONS[node.target]
@@ -148,24 +162,45 @@ def residual_of(add, value):
 
 
 def may_mutate(node, modules):
-    """Whether node may change a tensor in place, conservatively: an in-place function, method or operator, an
-    `out=` or `inplace=True` argument, a module with inplace=True, or a module that is not torch.nn's or ours."""
+    """Whether node may change a tensor in place, conservatively: an op whose schema mutates an argument, an
+    in-place function, method or operator (a trailing underscore), an `out=` or truthy `inplace` argument, a call
+    of a function that is not torch's (it may do anything), a module with a truthy `inplace`, hooks, or a module
+    that is not torch.nn's or ours."""
     if node.op == "call_module":
         module = modules.get(node.target)
         known = type(module).__module__.startswith("torch.nn.") or isinstance(module, FUSED_MODULES) or \
             is_batchnorm(module)
-        return getattr(module, "inplace", False) is True or not known
+        return bool(getattr(module, "inplace", False)) or not known or has_hooks(module)
     if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.startswith("_") or node.target == "__setitem__"
+        return _in_place_name(node.target) or node.target == "__setitem__"
     if node.op != "call_function":
         return False
-    name = getattr(node.target, "__name__", "")
-    if node.target in INPLACE_OPERATORS or (name.endswith("_") and not name.startswith("_")) or "out" in node.kwargs:
+    target = node.target
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        schemas = [target._schema] if isinstance(target, torch._ops.OpOverload) else \
+            [getattr(target, o)._schema for o in target.overloads()]
+        return any(schema.is_mutable for schema in schemas)
+    if target in INPLACE_OPERATORS or _in_place_name(getattr(target, "__name__", "")) or "out" in node.kwargs:
         return True
+    if not getattr(target, "__module__", "").startswith(("torch", "_operator", "operator", "math", "builtins")):
+        return True  # a user function wrapped by torch.fx.wrap: its body is not in the graph
     try:  # F.relu(x, True), F.dropout(x, 0.5, False, True), ...: inplace given by position
-        return inspect.signature(node.target).bind(*node.args, **node.kwargs).arguments.get("inplace") is True
+        return bool(inspect.signature(target).bind(*node.args, **node.kwargs).arguments.get("inplace"))
     except (TypeError, ValueError):  # no signature (a builtin) or not bindable: no inplace flag to read
         return False
+
+
+def _in_place_name(name):
+    """relu_, add_, _foreach_mul_: PyTorch's naming of in-place ops (not dunders such as __add__)."""
+    return name.endswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def has_hooks(module):
+    """Whether module has forward hooks or pre-hooks other than the old-style weight_norm/spectral_norm ones that
+    fold_bn reads through (fold.current_weight): a hook may change what the module computes, which a fused module
+    would not reproduce."""
+    pre = [h for h in module._forward_pre_hooks.values() if not isinstance(h, WEIGHT_REPARAMETRIZATIONS)]
+    return bool(pre or module._forward_hooks)
 
 
 def mutation_between(first, last, chain_nodes, modules):
@@ -177,6 +212,17 @@ def mutation_between(first, last, chain_nodes, modules):
             return True
         node = node.next
     return False
+
+
+def foldable_pair(layer, bn):
+    """Whether layer → bn folds into one layer computing the same: a conv/linear layer that computes what its
+    torch.nn class does (no hooks; no forward of its own, as a QAT Conv2d's fake-quantizing one, except
+    pyops.nn.Conv1d's, the same convolution) and a BatchNorm with running statistics and no hooks, over the layer's
+    output channels."""
+    base = next((c for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) if isinstance(layer, c)), None)
+    return (base is not None and is_foldable_batchnorm(bn) and not has_hooks(layer) and not has_hooks(bn)
+            and (type(layer).forward is base.forward or isinstance(layer, pyops_nn.Conv1d))
+            and out_channels(layer) == bn.running_mean.numel())
 
 
 def match_chain(node, modules):
@@ -191,8 +237,7 @@ def match_chain(node, modules):
             or layer_node.kwargs:
         return None
     layer = called_module(layer_node, modules)
-    if not isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) or \
-            out_channels(layer) != bn.running_mean.numel():
+    if not foldable_pair(layer, bn):
         return None
     chain = dict(nodes=[layer_node, node], residual=None, activation="none")
     if fused_class(layer) is None:  # fold only: the add and the activation stay as they are
@@ -207,6 +252,7 @@ def match_chain(node, modules):
         if mutation_between(layer_node, user, chain["nodes"], modules):
             return chain
         chain["residual"] = residual
+        chain["in_place"] = (user.op, user.target) in INPLACE_ADDS
         chain["nodes"].append(user)
         user = sole_user(user)
     if user is not None and activation_of(user, modules):
@@ -236,6 +282,8 @@ def replace_chain(gm, modules, chain):
     layer, bn = modules[layer_node.target], modules[bn_node.target]
     cls = fused_class(layer)
     fused = fold_bn(layer, bn) if cls is None else cls.from_modules(layer, bn, chain["activation"])
+    if chain.get("in_place"):
+        fused.residual_in_place = True
     name = layer_node.target
     if any(n is not layer_node and n.op in ("call_module", "get_attr") and (n.target + ".").startswith(name + ".")
            for n in gm.graph.nodes):
@@ -255,16 +303,44 @@ def replace_chain(gm, modules, chain):
     return cls
 
 
-def contiguous_before_views(graph):
-    """x.view(...) becomes x.contiguous().view(...) throughout the graph. Fused layers may return channels_last
-    tensors where the model's own layers returned NCHW ones (CPU inference, see pyops.nn.ConvBNReLU2d), and a model's
-    `features.view(n, -1)` then fails ("view size is not compatible with input tensor's size and stride"), where
-    flatten() or reshape() would copy. On a contiguous tensor contiguous() returns it as is."""
+def view_or_copy(x, *shape):
+    """x.view(*shape), or x.reshape(*shape) (a copy) where x's strides allow no view. A fused layer may return a
+    channels_last tensor where the model's layer returned an NCHW one (CPU inference, see pyops.nn.ConvBNReLU2d),
+    and the model's `features.view(n, -1)` then fails; every view that worked before still is one."""
+    try:
+        return x.view(*shape)
+    except RuntimeError:
+        return x.reshape(*shape)
+
+
+def view_as_or_copy(x, other):
+    """x.view_as(other), or a copy shaped like other, as view_or_copy."""
+    return view_or_copy(x, other.shape)
+
+
+def layout_safe_views(graph):
+    """Rewrites the graph's calls that depend on a tensor's memory layout: view and view_as become view_or_copy and
+    view_as_or_copy, and as_strided (which reads memory at the strides it is given) reads a contiguous copy, the
+    layout the model's own layers produced."""
     for node in list(graph.nodes):
-        if node.op == "call_method" and node.target == "view" and isinstance(node.args[0], fx.Node):
+        if node.op != "call_method" or not isinstance(node.args[0], fx.Node):
+            continue
+        if node.target in ("view", "view_as") and not (node.target == "view" and _is_dtype_view(node)):
+            with graph.inserting_before(node):
+                call = graph.call_function(view_or_copy if node.target == "view" else view_as_or_copy, node.args,
+                                           node.kwargs)
+            call.meta.update(node.meta)
+            node.replace_all_uses_with(call)
+            graph.erase_node(node)
+        elif node.target == "as_strided":
             with graph.inserting_before(node):
                 contiguous = graph.call_method("contiguous", (node.args[0],))
             node.update_arg(0, contiguous)
+
+
+def _is_dtype_view(node):
+    """x.view(torch.float16) and the like: a reinterpretation of the bytes, not a reshape."""
+    return len(node.args) == 2 and isinstance(node.args[1], torch.dtype) or "dtype" in node.kwargs
 
 
 def fresh_name(modules, base):
@@ -288,15 +364,19 @@ def fuse_sequentials(model):
         i = 0
         while i + 1 < len(items):
             (layer_key, layer), (bn_key, bn) = items[i], items[i + 1]
-            if not (isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and is_foldable_batchnorm(bn)
-                    and out_channels(layer) == bn.running_mean.numel()):
+            if not foldable_pair(layer, bn):
                 i += 1
                 continue
             cls = fused_class(layer)
             act_key, act = items[i + 2] if i + 2 < len(items) else (None, None)
-            activation = pyops_nn.activation_name(act) if isinstance(act, (nn.ReLU, nn.ReLU6)) and cls else "none"
-            container._modules[layer_key] = fold_bn(layer, bn) if cls is None else \
-                cls.from_modules(layer, bn, activation)
+            activation = pyops_nn.activation_name(act) if isinstance(act, (nn.ReLU, nn.ReLU6)) and cls \
+                and not has_hooks(act) else "none"
+            fused = fold_bn(layer, bn) if cls is None else cls.from_modules(layer, bn, activation)
+            if cls is pyops_nn.ConvBNReLU2d:
+                # The model's own code runs as written: no channels_last outputs it might .view (see
+                # ConvBNReLU2d.keep_input_layout).
+                fused.keep_input_layout = True
+            container._modules[layer_key] = fused
             # Identity in place of the absorbed modules (as torch.ao.quantization.fuse_modules does): indices and
             # names of the Sequential keep working for code that indexes it.
             container._modules[bn_key] = nn.Identity()

@@ -148,11 +148,15 @@ class ConvBNReLU2d(DerivedWeights):
     that only broadcasts to the output is added by a separate PyTorch add (the kernel takes the exact shape).
     activation: "none", "relu" or "relu6".
     Gradients flow to x, weight, bias and residual; the BatchNorm statistics are frozen in weight and bias (the
-    semantics of torchvision's FrozenBatchNorm2d).
+    semantics of torchvision's FrozenBatchNorm2d). With an activation the output is saved for backward (its mask),
+    so an in-place op on the output fails the backward, as after torch.relu (the unfused ReLU6, hardtanh, saved its
+    input instead).
 
     CPU inference (fp32, nothing requiring grad, not compiling) on a layer where it pays (see _packed_weight) packs
     the weight once into oneDNN's blocked layout for the input's shape and reuses it while the shape and the weight
-    stay the same: one extra copy of the weight, rebuilt when either changes, never saved or copied. That path
+    stay the same: one extra copy of the weight, rebuilt when either changes (in-place updates are seen through
+    autograd's version counter, as optimizers make them; writes through `weight.data` bypass it and are not: use
+    torch.no_grad() and in-place ops on the parameter), never saved or copied. That path
     computes in channels_last and returns a channels_last output (same values), as a PyTorch convolution with a
     channels_last weight does. A layer that widens fewer than 64 channels into 64 or more (a network's stem) also
     returns channels_last there (see _widens_into_channels_last): a fused network thus is channels_last from its
@@ -162,6 +166,14 @@ class ConvBNReLU2d(DerivedWeights):
     _cudnn_forward): the same kernel and the same values as the op, without the op's host path, which is the bound
     for small fp16/bf16 layers.
     """
+
+    # keep_input_layout: never return channels_last for an NCHW input (no widening conversion, no packed path for
+    #   it), for code that .view()s the output: pyops.fuse sets it where it cannot rewrite the model's views (the
+    #   untraceable fallback).
+    # residual_in_place: the add this layer replaced wrote into the conv's output (`y += residual`), so a residual
+    #   the kernel does not take (another dtype) is added keeping the output's dtype and shape, as add_ does.
+    keep_input_layout = False
+    residual_in_place = False
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  activation="relu", device=None, dtype=None):
@@ -227,7 +239,8 @@ class ConvBNReLU2d(DerivedWeights):
         if (self.in_channels < 64 or self.groups != 1 or not _cpu_fp32_inference(x, weight, bias, residual)
                 or x.numel() == 0 or not torch.backends.mkldnn.is_available()):
             return None
-        if self.kernel_size == (1, 1) and (x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last)):
+        if (self.kernel_size == (1, 1) or self.keep_input_layout) and (
+                x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last)):
             return None
         pack = torch.ops.pyops.conv2d_pack_weight.default
         return self.derived(("packed", tuple(x.shape)), (weight,),
@@ -245,6 +258,7 @@ class ConvBNReLU2d(DerivedWeights):
         """
         # cheapest tests first: most layers leave at the first
         return (self.in_channels < 64 <= self.out_channels and self.groups == 1 and residual is None
+                and not self.keep_input_layout
                 and _cpu_fp32_inference(x, weight, bias, residual)
                 and x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last))
 
@@ -319,7 +333,9 @@ def _conv_bn_relu2d_forward(module, x, residual=None):
         batched = x.unsqueeze(0) if x.dim() == 3 else x
         out = conv2d_bias_act(batched, module.weight, module.bias, module.stride, module.padding, module.dilation,
                               module.groups, activation="none")
-        return apply_activation_((out.squeeze(0) if x.dim() == 3 else out) + residual, module.activation)
+        out = out.squeeze(0) if x.dim() == 3 else out
+        return apply_activation_(out.add_(residual) if module.residual_in_place else out + residual,
+                                 module.activation)
     if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes
         batched_residual = residual.unsqueeze(0) if residual is not None else None
         return module.forward(x.unsqueeze(0), batched_residual).squeeze(0)

@@ -922,3 +922,151 @@ def test_fused_conv_rejects_inputs_without_channels():
     with pytest.raises(TypeError, match="'relu' must be a bool"):
         pyops.conv2d_bn_relu(torch.randn(1, 3, 5, 5), torch.randn(6, 3, 3, 3), None, None, None, torch.zeros(6),
                              torch.ones(6), relu="relu6")
+
+
+@torch.fx.wrap
+def _scales_in_place(t):  # a user function torch.fx records as one call: its body is not in the graph
+    t.mul_(3)
+    return t
+
+
+class _MutatesInput(nn.Module):
+    def __init__(self, mutate):
+        super().__init__()
+        self.conv, self.bn, self.mutate = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3), mutate
+
+    def forward(self, x, r):
+        y = self.bn(self.conv(x))
+        self.mutate(self, x)
+        return F.relu(y + r)  # the residual add: fusing it would read x after the mutation
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda m, x: torch.ops.aten.relu_.default(x), lambda m, x: torch._foreach_mul_([x], 3.0),
+    lambda m, x: F.relu(x, inplace=1), lambda m, x: _scales_in_place(x), lambda m, x: m.act(x),
+    lambda m, x: m.hooked(x)], ids=["aten op", "foreach", "inplace=1", "fx.wrap function", "ReLU(inplace=1)",
+                                    "pre-hook"])
+def test_fuse_sees_every_kind_of_in_place_op(mutate):
+    model = _MutatesInput(mutate)
+    model.act, model.hooked = nn.ReLU(inplace=1), nn.Identity()
+    model.hooked.register_forward_pre_hook(lambda module, args: args[0].mul_(2))
+    model = randomized(model).double()
+    fused = pyops.fuse(model)
+    x, r = (torch.randn(2, 3, 5, 5, dtype=torch.float64, generator=gen(s)) for s in (1, 2))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x.clone(), r), model(x.clone(), r), rtol=1e-10, atol=1e-10)
+
+
+def test_fuse_keeps_modules_the_graph_passes_as_arguments():
+    """A module handed to a function (a get_attr node) is kept whole, in the caller's model too (inplace=True)."""
+    crop = randomized(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                                    nn.Linear(8 * 6 * 6, 5)))
+
+    class Dense(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.crop = crop
+
+        def forward(self, images):
+            return pyops.sliding_classify(self.crop, images, 8)
+
+    model = Dense().eval()
+    images = torch.randn(1, 3, 11, 10, generator=gen())
+    with torch.no_grad():
+        expected = model(images)
+        fused = pyops.fuse(model, inplace=True)
+        assert len(model.crop) == 5
+        torch.testing.assert_close(fused(images), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_rewrites_only_what_depends_on_the_layout():
+    """Views keep aliasing wherever they worked before (a write through one reaches the tensor); a view or view_as
+    of a fused channels_last output, which would fail, copies; as_strided reads the NCHW layout it was written for."""
+    class Views(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 64, 3), nn.BatchNorm2d(64)
+
+        def forward(self, x, like):
+            y = F.relu(self.bn(self.conv(x)))  # a widening stem: channels_last in CPU fp32 inference after fusing
+            t = x.transpose(2, 3)
+            t.view(t.shape).add_(1.0)  # a write through a view of a tensor fusion does not touch: must reach x
+            return y.view_as(like) + y.as_strided((2, 64), (64, 1)).sum(), x
+
+    model = randomized(Views())
+    fused = pyops.fuse(model)
+    x, like = torch.randn(2, 3, 6, 6, generator=gen()), torch.empty(2, 64 * 16)
+    with torch.no_grad():
+        for got, expected in zip(fused(x.clone(), like), model(x.clone(), like)):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_fallback_layers_keep_the_input_layout():
+    """The untraceable fallback cannot rewrite the model's own .view calls: its fused layers return NCHW."""
+    class ViewsUntraceably(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 64, 3), nn.BatchNorm2d(64), nn.ReLU(), nn.Conv2d(64, 64, 3),
+                                      nn.BatchNorm2d(64))
+
+        def forward(self, x):
+            y = self.body(x)
+            if y.sum() > -1e9:  # data-dependent: untraceable
+                y = y + 0
+            return y.view(y.size(0), -1)
+
+    model = randomized(ViewsUntraceably())
+    with pytest.warns(UserWarning, match="could not trace"):
+        fused = pyops.fuse(model)
+    x = torch.randn(2, 3, 9, 9, generator=gen())
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_leaves_hooked_and_custom_layers():
+    """A layer or BatchNorm with hooks, or a conv subclass with a forward of its own (a QAT conv fake-quantizes its
+    weight there), would lose that behaviour in a fused module: such chains stay as they are."""
+    class HalvedConv(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x) / 2
+
+    model = randomized(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                                     HalvedConv(4, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                                     nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4))).double()
+    model[1].register_forward_hook(lambda module, args, out: out * 10)
+    fused = pyops.fuse(model)
+    assert sum(isinstance(m, _BatchNorm) for m in fused.modules()) == 2  # only the last pair folded
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64, generator=gen())
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-10, atol=1e-10)
+
+
+def test_fuse_takes_torch_fx_graph_modules_and_in_place_residual_dtypes():
+    """A symbolically traced model (its plain containers are in training mode: they hold no state, so they do not
+    count) fuses; an in-place residual add keeps the conv output's dtype, as add_ does."""
+    class InPlaceAdd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x, r):
+            return F.relu(self.bn(self.conv(x)).add_(r))
+
+    class Outer(nn.Module):  # (so that the traced GraphModule holds a container "inner")
+        def __init__(self):
+            super().__init__()
+            self.inner = InPlaceAdd()
+
+        def forward(self, x, r):
+            return self.inner(x, r)
+
+    model = randomized(Outer())
+    traced = torch.fx.symbolic_trace(model)
+    assert traced.inner.training
+    x, r = torch.randn(2, 3, 5, 5, generator=gen()), torch.randn(2, 4, 5, 5, dtype=torch.float64, generator=gen(1))
+    with torch.no_grad():
+        expected = model(x, r)
+        for fused in (pyops.fuse(model), pyops.fuse(traced)):
+            got = fused(x, r)
+            assert got.dtype == expected.dtype == torch.float32
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
