@@ -182,7 +182,8 @@ def may_mutate(node, modules):
         return any(schema.is_mutable for schema in schemas)
     if target in INPLACE_OPERATORS or _in_place_name(getattr(target, "__name__", "")) or "out" in node.kwargs:
         return True
-    if not getattr(target, "__module__", "").startswith(("torch", "_operator", "operator", "math", "builtins")):
+    if not getattr(target, "__module__", "").startswith(("torch", "pyops", "_operator", "operator", "math",
+                                                          "builtins")):
         return True  # a user function wrapped by torch.fx.wrap: its body is not in the graph
     try:  # F.relu(x, True), F.dropout(x, 0.5, False, True), ...: inplace given by position
         return bool(inspect.signature(target).bind(*node.args, **node.kwargs).arguments.get("inplace"))
