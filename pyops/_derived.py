@@ -13,7 +13,9 @@ class DerivedWeights(nn.Module):
     _derived = None  # ((kind, sources' keys), value); a class default, so older pickled modules have it too
 
     def derived(self, kind, sources, make):
-        key = (kind, tuple((t.device, t.dtype, t.data_ptr(), t._version) for t in sources))
+        # (an inference tensor has no version counter: made in torch.inference_mode, it changes only there)
+        key = (kind, tuple((t.device, t.dtype, t.data_ptr(), None if t.is_inference() else t._version)
+                           for t in sources))
         entry = self._derived  # read once: another thread may replace it meanwhile (make() releases the GIL)
         if entry is None or entry[0] != key:
             self._derived = None  # free the old form before making the new one
@@ -24,6 +26,13 @@ class DerivedWeights(nn.Module):
     def _apply(self, fn, recurse=True):
         self._derived = None
         return super()._apply(fn, recurse)
+
+    def train(self, mode=True):
+        # Dropped when train()/eval() switches the mode too: a training loop's updates need not bump the version
+        # counter (torch.optim's fused=True steps do not), and the switch to evaluation comes after them.
+        if mode != self.training:
+            self._derived = None
+        return super().train(mode)
 
     def __getstate__(self):
         state = self.__dict__.copy()

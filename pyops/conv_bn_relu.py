@@ -3,6 +3,10 @@
     conv2d_bn_relu(x, W, b, γ, β, μ, σ², ε) = relu(γ·(conv2d(x, W) + b − μ)/√(σ²+ε) + β + residual)
     conv2d_bias_act(x, W', b')             = act(conv2d(x, W') + b' + residual),  act ∈ {none, relu, relu6}
 
+NaN: torch.relu keeps a NaN; here only the direct CPU kernel's NCHW float32/float64 epilogue does: oneDNN's ReLU
+post-op and our other epilogues (channels_last, half types) map NaN to 0. A NaN anywhere in the input still makes
+the outputs whose windows see it NaN before the activation.
+
 conv2d_bn_relu folds the BN into (W', b') with a small kernel (scale = γ/√(σ²+ε) in float64, W' = W·scale,
 b' = (b − μ)·scale + β) and then runs conv2d_bias_act, the kernel that pyops.nn's fused modules call with weights
 folded once. The BN statistics are frozen (torchvision's FrozenBatchNorm2d semantics): gradients flow to the input,

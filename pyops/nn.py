@@ -154,9 +154,10 @@ class ConvBNReLU2d(DerivedWeights):
 
     CPU inference (fp32, nothing requiring grad, not compiling) on a layer where it pays (see _packed_weight) packs
     the weight once into oneDNN's blocked layout for the input's shape and reuses it while the shape and the weight
-    stay the same: one extra copy of the weight, rebuilt when either changes (in-place updates are seen through
-    autograd's version counter, as optimizers make them; writes through `weight.data` bypass it and are not: use
-    torch.no_grad() and in-place ops on the parameter), never saved or copied. That path
+    stay the same (and the module in eval mode): one extra copy of the weight, rebuilt when either changes or the
+    module is switched by train()/eval(), never saved or copied. In eval mode, changes are seen through autograd's
+    version counter (in-place ops on the parameter, as optimizers make them); writes that bypass it (through
+    `weight.data`, torch.optim's fused=True steps) are seen after the next eval() call. That path
     computes in channels_last and returns a channels_last output (same values), as a PyTorch convolution with a
     channels_last weight does. A layer that widens fewer than 64 channels into 64 or more (a network's stem) also
     returns channels_last there (see _widens_into_channels_last): a fused network thus is channels_last from its
@@ -236,8 +237,9 @@ class ConvBNReLU2d(DerivedWeights):
         kernel or a channels_last input.
         """
         # cheapest tests first: most calls that take another path leave at the first or second
-        if (self.in_channels < 64 or self.groups != 1 or not _cpu_fp32_inference(x, weight, bias, residual)
-                or x.numel() == 0 or not torch.backends.mkldnn.is_available()):
+        if (self.in_channels < 64 or self.groups != 1 or self.training
+                or not _cpu_fp32_inference(x, weight, bias, residual) or x.numel() == 0
+                or not torch.backends.mkldnn.is_available()):
             return None
         if (self.kernel_size == (1, 1) or self.keep_input_layout) and (
                 x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last)):

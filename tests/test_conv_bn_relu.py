@@ -145,6 +145,52 @@ def test_empty_batch(device, path):
     assert out.shape == (0, 6, 4, 4)
 
 
+def test_one_tap_kernel_dimensions_ignore_dilation(device, path):
+    """Dilation along a kernel dimension of size 1 changes nothing; oneDNN crashed on one (1×1 kernel, dilation
+    2×3, padding 2×3, a channels_last 31×1 input), so the geometry makes it 1 there."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 31, 31, 1, device=device).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(4, 31, 1, 1, device=device), torch.randn(4, device=device)
+    out = conv2d_bias_act(x, w, b, stride=2, padding=(2, 3), dilation=(2, 3))
+    expected = F.conv2d(x.double(), w.double(), b.double(), 2, (2, 3), (2, 3)).relu()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dilated_dimension_read_only_in_padding(device, path):
+    """Every window along W lies in the padding (a 1x2 kernel dilated 1x2, padding 0x3, on an 8x1 input): the output
+    is the bias there; oneDNN crashed on it (with post-ops), so it takes our kernel."""
+    torch.manual_seed(0)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(1, 4, 8, 1, device=device).contiguous(memory_format=layout)
+        w, b = torch.randn(4, 4, 1, 2, device=device), torch.randn(4, device=device)
+        out = conv2d_bias_act(x, w, b, stride=(1, 2), padding=(0, 3), dilation=(1, 2))
+        expected = F.conv2d(x.double(), w.double(), b.double(), (1, 2), (0, 3), (1, 2)).relu()
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_double_backward_through_the_activation(device):
+    """A gradient penalty (create_graph=True) through the fused op equals the unfused chain's: the backward is then
+    recorded with ATen ops (the fused backward op has no derivative of its own)."""
+    torch.manual_seed(0)
+    d = dict(dtype=torch.float64, device=device)
+    x, w = torch.randn(2, 3, 8, 8, **d, requires_grad=True), torch.randn(4, 3, 3, 3, **d, requires_grad=True)
+    stats = [torch.rand(4, **d) + 0.5 for _ in range(4)]
+
+    def penalty(f):
+        (gx,) = torch.autograd.grad((f(x, w) ** 2).sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.pow(2).sum(), w)[0]
+
+    for activation in ("relu", "relu6"):
+        ours = penalty(lambda x, w: conv2d_bias_act(x, w, None, 1, 1, activation=activation))
+        ref = penalty(lambda x, w: F.hardtanh(F.conv2d(x, w, None, 1, 1), 0, 6) if activation == "relu6"
+                      else F.conv2d(x, w, None, 1, 1).relu())
+        torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
+    ours = penalty(lambda x, w: pyops.conv2d_bn_relu(x, w, None, *stats, padding=1))
+    ref = penalty(lambda x, w: F.batch_norm(F.conv2d(x, w, None, 1, 1), stats[2], stats[3], stats[0], stats[1]).relu())
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
+    assert torch.autograd.gradgradcheck(lambda x, w: conv2d_bias_act(x, w, None, 1, 1), (x[:1, :, :5, :5], w))
+
+
 def grad_inputs(device):
     torch.manual_seed(0)
     d = dict(dtype=torch.float64, device=device)

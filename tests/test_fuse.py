@@ -1070,3 +1070,26 @@ def test_fuse_takes_torch_fx_graph_modules_and_in_place_residual_dtypes():
             got = fused(x, r)
             assert got.dtype == expected.dtype == torch.float32
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_weight_follows_fused_optimizer_steps_and_inference_tensors():
+    """torch.optim's fused=True steps change the weight without bumping its version counter: the packed weight is
+    made in eval mode only and dropped when train()/eval() switches, so evaluation after training sees the new
+    weight. Parameters made in torch.inference_mode (no version counter) pack too."""
+    module = ConvBNReLU2d(64, 64, 3, padding=1)
+    x = torch.randn(1, 64, 8, 8, generator=gen())
+    opt = torch.optim.Adam(module.parameters(), lr=0.1, fused=True)
+    module.eval()
+    with torch.no_grad():
+        module(x)  # packs
+    module.train()
+    module(x).sum().backward()
+    opt.step()
+    module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), F.conv2d(x, module.weight, module.bias, 1, 1).relu(), rtol=1e-4,
+                                   atol=1e-4)
+    with torch.inference_mode():
+        fresh = ConvBNReLU2d(64, 64, 3, padding=1).eval()
+        torch.testing.assert_close(fresh(x), F.conv2d(x, fresh.weight, fresh.bias, 1, 1).relu(), rtol=1e-4,
+                                   atol=1e-4)

@@ -61,7 +61,9 @@ ConvGeometry check_conv2d_bias_act_args(const at::Tensor& input, const at::Tenso
                     "): a convolution over no input channels is not supported");
   TORCH_CHECK_VALUE(g.kh > 0 && g.kw > 0, "pyops.conv2d: argument 'weight' has an empty kernel: ", weight.sizes());
   for (int i = 0; i < 2; ++i) {
-    g.stride[i] = stride[i], g.padding[i] = padding[i], g.dilation[i] = dilation[i];
+    // A one-tap kernel dimension has no dilation (dilation·(k − 1) = 0): canonical 1, which the kernels compute
+    // alike, and without which oneDNN crashed (1×1 kernel, dilation 2×3, padding 2×3, channels_last 31×1 input).
+    g.stride[i] = stride[i], g.padding[i] = padding[i], g.dilation[i] = (i == 0 ? g.kh : g.kw) == 1 ? 1 : dilation[i];
   }
   const int64_t span_h = g.dilation[0] * (g.kh - 1) + 1, span_w = g.dilation[1] * (g.kw - 1) + 1;
   TORCH_CHECK_VALUE(g.h + 2 * g.padding[0] >= span_h && g.w + 2 * g.padding[1] >= span_w,

@@ -37,6 +37,21 @@ std::tuple<at::Tensor, at::Tensor> call_conv_act_backward(const at::Tensor& grad
   return op.call(grad, output, scale, activation, unscaled_too);
 }
 
+// The same (grad·act'(output)·scale, grad·act'(output)) by the fused op, or, when the backward is itself recorded
+// (create_graph=True: a double backward, e.g. a gradient penalty), by ATen ops that autograd differentiates: the op
+// has no derivative of its own, and a double backward through it was silently wrong (the mask's derivative is
+// zero, as for torch.relu's).
+std::tuple<at::Tensor, at::Tensor> act_backward(const at::Tensor& grad, const at::Tensor& output,
+                                                const OptTensor& scale, int64_t activation, bool unscaled_too) {
+  if (!at::GradMode::is_enabled()) return call_conv_act_backward(grad, output, scale, activation, unscaled_too);
+  at::Tensor g = grad;
+  if (activation == static_cast<int64_t>(Activation::kRelu)) g = grad * output.gt(0);
+  if (activation == static_cast<int64_t>(Activation::kRelu6)) g = grad * output.gt(0).logical_and(output.lt(6));
+  if (!scale.has_value()) return {g, at::Tensor()};
+  const at::Tensor scaled = g * scale->to(g.scalar_type()).view({1, -1, 1, 1});
+  return {scaled, unscaled_too ? g : at::Tensor()};
+}
+
 // stride, padding, dilation, groups of the convolution, kept in ctx->saved_data.
 struct ConvArgs {
   std::vector<int64_t> stride, padding, dilation;
@@ -119,7 +134,7 @@ class ConvBiasActFunction : public torch::autograd::Function<ConvBiasActFunction
     const at::Tensor grad_pre =
         activation == static_cast<int64_t>(Activation::kNone)
             ? grad
-            : std::get<0>(call_conv_act_backward(grad, output, std::nullopt, activation, false));
+            : std::get<0>(act_backward(grad, output, std::nullopt, activation, false));
     const bool need_bias = edges.needs(2);  // (false without a bias)
     std::tie(out[0], out[1], out[2]) =
         conv_backward(grad_pre, x, w, need_bias, ConvArgs::load(ctx), {edges.needs(0), edges.needs(1), need_bias});
@@ -166,12 +181,20 @@ class ConvBNReLUFunction : public torch::autograd::Function<ConvBNReLUFunction> 
         const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
         double)>("pyops::conv_bn_fold");
     const auto opt = [](const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; };
-    const at::Tensor scale = std::get<2>(fold.call(w, opt(b), opt(bn_weight), opt(bn_bias), mean, var, eps));
+    // γ/√(σ²+ε): from the fold op, or, in a recorded backward (double backward), from ATen ops that autograd
+    // differentiates with respect to γ (the fold op has no derivative).
+    at::Tensor scale;
+    if (at::GradMode::is_enabled()) {
+      scale = at::rsqrt(var.to(acc_dtype(grad.scalar_type())) + eps);
+      if (bn_weight.defined()) scale = scale * bn_weight;
+    } else {
+      scale = std::get<2>(fold.call(w, opt(b), opt(bn_weight), opt(bn_bias), mean, var, eps));
+    }
     const int64_t activation = static_cast<int64_t>(ctx->saved_data["relu"].toBool() ? Activation::kRelu
                                                                                       : Activation::kNone);
     // Without the ReLU there is no saved output; grad stands in for it (the op reads only its shape and layout then).
     const auto [grad_conv, grad_pre] =
-        call_conv_act_backward(grad, output.defined() ? output : grad, scale, activation, need_unscaled);
+        act_backward(grad, output.defined() ? output : grad, scale, activation, need_unscaled);
     std::tie(out[0], out[1], out[2]) =
         conv_backward(grad_conv, x, w, b.defined(), c, {edges.needs(0), edges.needs(1), edges.needs(2)});
     if (need_bn_weight || need_bn_bias) {

@@ -122,9 +122,27 @@ const c10::OperatorHandle* onednn_op(const char* overload) {
   return h.has_value() ? &*h : nullptr;
 }
 
-// oneDNN takes fp32 (its post-ops cover none/relu/relu6 alone, none/relu after a residual add).
+// Whether some tap of some output window reads the input along a dimension (size, kernel k, stride s, padding p,
+// dilation d, out outputs): not when the padding is so wide that every window lies in it.
+bool reads_input(int64_t size, int64_t k, int64_t s, int64_t p, int64_t d, int64_t out) {
+  for (int64_t o = 0; o < out; ++o) {
+    for (int64_t t = 0; t < k; ++t) {
+      const int64_t i = o * s - p + t * d;
+      if (i >= 0 && i < size) return true;
+    }
+  }
+  return false;
+}
+
+// oneDNN takes fp32 (its post-ops cover none/relu/relu6 alone, none/relu after a residual add). Not a dilated
+// dimension whose every window lies in the padding: oneDNN (torch 2.14's, with post-ops) crashed there, e.g. a
+// 1×2 kernel dilated 1×2 with padding 0×3 on a 8×1 input, where F.conv2d, and our kernel, return the bias.
 bool library_supports(const at::Tensor& x, const ConvGeometry& g, bool has_residual) {
   if (x.scalar_type() != at::kFloat || g.cin == 0) return false;
+  if ((g.dilation[0] > 1 && !reads_input(g.h, g.kh, g.stride[0], g.padding[0], g.dilation[0], g.oh)) ||
+      (g.dilation[1] > 1 && !reads_input(g.w, g.kw, g.stride[1], g.padding[1], g.dilation[1], g.ow))) {
+    return false;
+  }
   if (onednn_op(has_residual ? "binary" : "") == nullptr) return false;
   return !(has_residual && g.act == Activation::kRelu6);
 }
@@ -212,12 +230,15 @@ at::Tensor conv2d_bias_act_cpu(const at::Tensor& input, const at::Tensor& weight
 
 at::Tensor conv2d_pack_weight_cpu(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
                                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  check_conv2d_bias_act_args(input, weight, std::nullopt, stride, padding, dilation, groups, 0, std::nullopt);
+  const ConvGeometry g =
+      check_conv2d_bias_act_args(input, weight, std::nullopt, stride, padding, dilation, groups, 0, std::nullopt);
   TORCH_CHECK_VALUE(at::hasMKLDNN(), "pyops.conv2d_pack_weight: this PyTorch build has no oneDNN");
   TORCH_CHECK_VALUE(weight.scalar_type() == at::kFloat, "pyops.conv2d_pack_weight: argument 'weight' must be ",
                     "float32 (oneDNN's packed path is fp32), got ", weight.scalar_type());
-  // The layout oneDNN picks for this input shape (the input's values are not read).
-  return at::mkldnn_reorder_conv2d_weight(weight.contiguous().to_mkldnn(), padding, stride, dilation, groups,
+  // The layout oneDNN picks for this input shape (the input's values are not read), for the dilation the packed
+  // call will pass (the canonical one of the geometry).
+  return at::mkldnn_reorder_conv2d_weight(weight.contiguous().to_mkldnn(), padding, stride,
+                                          std::vector<int64_t>(g.dilation.begin(), g.dilation.end()), groups,
                                           input.sizes());
 }
 
