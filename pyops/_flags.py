@@ -41,9 +41,12 @@ def jit_tracing_paused():
 def eval_mode(module):
     """module and its submodules in eval mode inside the block, each one's own training flag restored after: the
     module is used with eval semantics (BatchNorm's running statistics, no Dropout) and left as it was (a train-mode
-    BatchNorm would otherwise update its statistics and num_batches_tracked)."""
+    BatchNorm would otherwise update its statistics and num_batches_tracked). The flags are set directly, both
+    ways, not through train()/eval(), whose overrides (pyops' DerivedWeights drops its cache) are for real mode
+    switches."""
     flags = [(m, m.training) for m in module.modules()]
-    module.eval()
+    for m, _ in flags:
+        m.training = False
     try:
         yield module
     finally:

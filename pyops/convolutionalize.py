@@ -20,6 +20,7 @@ from ._checks import in_autocast_region
 from ._derived import DerivedWeights
 from ._flags import autocast_cache_disabled, eval_mode, jit_tracing_paused, temporarily
 from .fft_conv import FFTConv2d
+from .reference import crop_batch
 from .sliding_head import DEFAULT_WORKSPACE, PRECISIONS, sliding_head
 
 ALGORITHMS = ("auto", "direct", "fft")
@@ -189,8 +190,7 @@ def _check_slides(fcn, model):
                         dtype=torch.float64).to(param.device, param.dtype)
     with torch.no_grad(), eval_mode(model), jit_tracing_paused(), _cudnn_tf32(False):  # (both sides exact fp32)
         dense = fcn(probe, algorithm="direct")[0]  # (classes, 2, 2); (no FFT spectra made for the probe)
-        crops = torch.cat([probe[:, :, i * sy:i * sy + h, j * sx:j * sx + w] for i in (0, 1) for j in (0, 1)])
-        per_crop = model(crops).T.reshape(-1, 2, 2)
+        per_crop = crop_batch(model, probe, fcn.window, fcn.stride)[0]
     tolerance = 1e-4 if param.dtype in (torch.float32, torch.float64) else 3e-2
     if per_crop.shape != dense.shape:
         mismatch = f"scores of shape {tuple(dense.shape)} where the crops give {tuple(per_crop.shape)}"
@@ -332,10 +332,10 @@ def _feature_geometry(features, in_channels, window, model):
     # the growth over _STRIDE_PROBE, rounded, and confirmed by runs grown by S and 7·S.
     steps = [grown - base for grown, base in ((g.shape[2], f.shape[2]), (g.shape[3], f.shape[3]))]
     stride = tuple(round(_STRIDE_PROBE / s) if s > 0 else 0 for s in steps)
-    if min(stride) >= 1:
-        checks = [fake_run(features, (1, in_channels, h + k * stride[0], w + k * stride[1]), dtype, device).shape[2:]
-                  for k in (1, 7)]
-    if min(stride) < 1 or any(tuple(c) != (f.shape[2] + k, f.shape[3] + k) for c, k in zip(checks, (1, 7))):
+    grows_by_one = min(stride) >= 1 and all(
+        tuple(fake_run(features, (1, in_channels, h + k * stride[0], w + k * stride[1]), dtype, device).shape[2:])
+        == (f.shape[2] + k, f.shape[3] + k) for k in (1, 7))
+    if not grows_by_one:
         raise ValueError("argument 'model': the features have no integer total stride (their map does not grow by "
                          "one position per fixed step of the input); cannot convolutionalize")
     return tuple(f.shape[1:]), stride

@@ -45,6 +45,7 @@ their formulas with `torch.utils.flop_counter.register_flop_formula` in their ow
 `conv_backward_flops` below (PyTorch's own conv formulas, so a pyops conv counts what the ATen conv it replaces
 counts). smooth_max registers none: it is a reduction, which FlopCounterMode ignores as it ignores logsumexp.
 """
+import contextlib
 import dataclasses
 import math
 import warnings
@@ -53,6 +54,8 @@ from typing import NamedTuple
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import conv_flop_count
+
+from ._flags import eval_mode
 
 KINDS = ("conv", "linear", "other")
 
@@ -384,26 +387,21 @@ def count_ops(model, example_input):
     if not callable(model):
         raise TypeError(f"argument 'model' must be a torch.nn.Module or callable, got {type(model).__name__}")
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
-    modules = list(model.modules()) if isinstance(model, torch.nn.Module) else []
-    training = [m.training for m in modules]
+    is_module = isinstance(model, torch.nn.Module)
     module_path = [""]
-    handles = _track_module_path(model, module_path) if modules else []
+    handles = _track_module_path(model, module_path) if is_module else []
     mode = _CountingMode(module_path)
     # nn.MultiheadAttention / TransformerEncoderLayer's inference fast path is one fused op that hides its
     # projections and attention: turned off, they run as addmm/mm and scaled_dot_product_attention, all counted
     mha_fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
-        for m in modules:
-            m.training = False
         torch.backends.mha.set_fastpath_enabled(False)
-        with torch.no_grad(), mode:
+        with torch.no_grad(), eval_mode(model) if is_module else contextlib.nullcontext(), mode:
             model(*inputs)
     finally:
         torch.backends.mha.set_fastpath_enabled(mha_fastpath)
         for handle in handles:
             handle.remove()
-        for m, flag in zip(modules, training):
-            m.training = flag
     for name in sorted(mode.uncounted):
         warnings.warn(f"pyops.count_ops: no counter for {name}, its arithmetic is not counted "
                       "(add one with pyops.counting.register_op_counter)", stacklevel=2)
