@@ -1,4 +1,6 @@
 """Argument validation shared by the Python entry points: errors name the argument, as PyTorch's do."""
+import operator
+
 import torch
 
 
@@ -36,10 +38,31 @@ def check_like(t, ref, name, ref_name):
         raise ValueError(f"argument '{name}' is on {t.device} but '{ref_name}' is on {ref.device}")
 
 
+def as_int(value, name, minimum=None):
+    """value as a Python int: an int or an integer-like (a numpy integer: operator.index), as PyTorch's int
+    arguments take them; bools and tensors are refused. TypeError for a non-integer, ValueError below minimum."""
+    if isinstance(value, (bool, torch.Tensor)):
+        raise TypeError(f"argument '{name}' must be an int, got {type(value).__name__}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"argument '{name}' must be an int, got {type(value).__name__}") from None
+    if minimum is not None and value < minimum:
+        raise ValueError(f"argument '{name}' must be >= {minimum}, got {value}")
+    return value
+
+
+def int_tuple(value, name, n, minimum=None):
+    """value as a tuple of n ints (each as as_int takes it): one int stands for all n, or a tuple/list of n."""
+    items = list(value) if isinstance(value, (tuple, list)) else [value] * n
+    if len(items) != n:
+        raise ValueError(f"argument '{name}' must be an int or a sequence of {n}, got {value!r}")
+    return tuple(as_int(v, name, minimum) for v in items)
+
+
 def wrap_dim(dim, ndim, name="dim"):
     """A possibly negative dim wrapped into [0, ndim) (a 0-d tensor takes 0 and -1), else IndexError."""
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise TypeError(f"argument '{name}' must be an int, got {type(dim).__name__}")
+    dim = as_int(dim, name)
     n = max(ndim, 1)
     if not -n <= dim < n:
         raise IndexError(f"argument '{name}' = {dim} is out of range for a tensor of {ndim} dimensions "

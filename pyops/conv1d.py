@@ -12,22 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
-from ._checks import check_floating, check_like, check_tensor
+from ._checks import check_floating, check_like, check_tensor, int_tuple
 from ._overrides import overridable
 
 _ops = torch.ops.pyops
 
 
 def _int_arg(value, name, minimum):
-    if isinstance(value, (tuple, list)):
-        if len(value) != 1:
-            raise ValueError(f"argument '{name}' must be an int or a 1-tuple, got {value}")
-        value = value[0]
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"argument '{name}' must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"argument '{name}' must be >= {minimum}, got {value}")
-    return value
+    return int_tuple(value, name, 1, minimum)[0]
 
 
 def _check_tensors(x, weight, bias):
@@ -54,8 +46,6 @@ def _check_geometry(in_channels, length, weight, stride, padding, dilation, grou
     if in_channels // groups != per_group:
         raise ValueError(f"channel mismatch: 'input' has {in_channels} channels, so 'weight' must have "
                          f"{in_channels // groups} input channels per group (groups={groups}), got {per_group}")
-    if length == 0:  # as F.conv1d: nothing to convolve, and no length for the backward to return
-        raise ValueError("argument 'x' has length 0")
     span = dilation * (k - 1) + 1
     if length + 2 * padding < span:
         raise ValueError(f"input length {length} (padded: {length + 2 * padding}) is shorter than the dilated "
@@ -82,6 +72,8 @@ def conv1d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     stride = _int_arg(stride, "stride", 1)
     dilation = _int_arg(dilation, "dilation", 1)
     groups = _int_arg(groups, "groups", 1)
+    if x.shape[-1] == 0:  # as F.conv1d: nothing to convolve, and no length for the backward to return
+        raise ValueError("argument 'input' has length 0")
     unbatched = x.dim() == 2
     if unbatched:
         x = x.unsqueeze(0)

@@ -23,21 +23,14 @@ Main loops (PYOPS_CONV_PATH forces one; default `auto` picks per shape, see benc
 import torch
 from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
-from ._checks import check_floating, check_like, check_tensor
+from ._checks import as_int, check_floating, check_like, check_tensor, int_tuple
 from ._overrides import overridable
 
 ACTIVATIONS = {"none": 0, "relu": 1, "relu6": 2}
 
 
 def _pair(v, name, minimum):
-    if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, (tuple, list)) and len(v) == 2)):
-        raise TypeError(f"argument '{name}' must be an int or a pair of ints, got {v!r}")
-    pair = (v, v) if isinstance(v, int) else tuple(v)
-    if not all(isinstance(e, int) and not isinstance(e, bool) for e in pair):
-        raise TypeError(f"argument '{name}' must be an int or a pair of ints, got {v!r}")
-    if min(pair) < minimum:
-        raise ValueError(f"argument '{name}' must be >= {minimum}, got {v!r}")
-    return list(pair)
+    return list(int_tuple(v, name, 2, minimum))
 
 
 def _check_channel_vector(t, name, channels, x):
@@ -76,8 +69,7 @@ def _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residua
         raise ValueError(f"argument 'weight' must be 4-D (Cout, Cin/groups, KH, KW), got shape {tuple(weight.shape)}")
     check_like(weight, x, "weight", "x")
     stride, padding, dilation = _pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1)
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"argument 'groups' must be an int >= 1, got {groups!r}")
+    groups = as_int(groups, "groups", 1)
     cin, cout = x.shape[1], weight.shape[0]
     if cin % groups != 0 or cout % groups != 0:
         raise ValueError(f"argument 'groups' = {groups} must divide the input channels ({cin}) and the output "

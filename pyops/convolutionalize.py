@@ -16,7 +16,7 @@ from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
-from ._checks import in_autocast_region
+from ._checks import in_autocast_region, int_tuple
 from ._derived import DerivedWeights
 from ._flags import autocast_cache_disabled, eval_mode, jit_tracing_paused, temporarily
 from .fft_conv import FFTConv2d
@@ -207,10 +207,7 @@ def _check_slides(fcn, model):
 
 
 def _window(window):
-    w = (window, window) if isinstance(window, int) and not isinstance(window, bool) else tuple(window)
-    if len(w) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in w):
-        raise ValueError(f"argument 'window' must be a positive int or a pair of them, got {window!r}")
-    return w
+    return int_tuple(window, "window", 2, 1)
 
 
 def _node_label(traced, node):

@@ -27,7 +27,14 @@ INPLACE_ADDS = {("call_function", operator.iadd), ("call_method", "add_")}
 INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift,
                      operator.irshift, operator.imatmul, operator.setitem}
-FUSED_MODULES = (pyops_nn.ConvBNReLU2d, pyops_nn.LinearBNReLU)
+FUSED_MODULES = (pyops_nn.ConvBNReLU2d, pyops_nn.LinearBNReLU, pyops_nn.FoldedConv1d)
+# Ops whose output shares memory with their (first) input: a write into one is seen through the other.
+ALIAS_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze",
+                 "transpose", "permute", "t", "narrow", "select", "expand", "expand_as", "__getitem__", "detach",
+                 "split", "chunk", "unbind", "movedim", "swapaxes", "diagonal", "as_strided", "contiguous", "unfold"}
+ALIAS_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.transpose, torch.permute,
+                   torch.narrow, torch.select, torch.split, torch.chunk, torch.unbind, torch.movedim, torch.swapaxes,
+                   torch.t, torch.diagonal, torch.detach, operator.getitem}
 
 
 def fuse(model, inplace=False):
@@ -60,11 +67,8 @@ def fuse(model, inplace=False):
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"argument 'model' must be an nn.Module, got {type(model).__name__}")
-    # (the model itself, and every module with state of its own: plain containers, e.g. those a torch.fx
-    # GraphModule creates in training mode, do not count)
     training = [name or type(model).__name__ for name, m in model.named_modules()
-                if m.training and (m is model or next(m.parameters(False), None) is not None
-                                   or next(m.buffers(False), None) is not None)]
+                if m.training and (m is model or training_matters(m))]
     if training:
         raise ValueError(f"argument 'model' is in training mode ({', '.join(training[:5])}"
                          f"{', ...' if len(training) > 5 else ''}): BatchNorm can only be folded in eval mode; "
@@ -72,6 +76,7 @@ def fuse(model, inplace=False):
     work = model if inplace else copy.deepcopy(model)
     try:
         graph_module = FusionTracer.trace_module(work)
+        check_traced_defaults(graph_module)
     except Exception as error:  # noqa: BLE001 - any tracing failure (TraceError, TypeError, ...) means "untraceable"
         fused = fuse_sequentials(work)
         warnings.warn(f"pyops.fuse: torch.fx could not trace {type(model).__name__} ({type(error).__name__}: "
@@ -82,7 +87,34 @@ def fuse(model, inplace=False):
                       "outputs before use)", UserWarning, stacklevel=2)
         return work.eval()
     fuse_graph(graph_module)
-    return graph_module.eval()
+    # eval(), except (inplace=True) on the caller's own modules: only their stateless torch.nn ones can be in
+    # training mode, where it changes nothing.
+    own = {id(m) for m in model.modules()} if inplace else set()
+    for m in graph_module.modules():
+        if id(m) not in own:
+            m.training = False
+    return graph_module
+
+
+def training_matters(module):
+    """Whether module's training flag may change what it computes: a module with parameters or buffers of its own
+    (BatchNorm), a dropout, RReLU, or any module that is not torch.nn's (its forward may read self.training);
+    not torch.nn's stateless layers and containers (nn.Identity, nn.ReLU, nn.Sequential, the plain modules a
+    torch.fx GraphModule creates, all in training mode unless told otherwise)."""
+    return (next(module.parameters(False), None) is not None or next(module.buffers(False), None) is not None
+            or isinstance(module, (nn.modules.dropout._DropoutNd, nn.RReLU))
+            or not type(module).__module__.startswith("torch.nn."))
+
+
+def check_traced_defaults(gm):
+    """Raises TypeError (so fuse falls back) where the model's forward has an argument defaulting to None that the
+    graph uses: torch.fx traces it as a tensor, so the model's own `if arg is None:` code is not in the graph, and a
+    call without it would run the traced code with None (which a fused layer takes as "no residual", a silently
+    different result)."""
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and node.args and node.args[0] is None and node.users:
+            raise TypeError(f"forward's argument '{node.target}' defaults to None, and torch.fx traced it as a "
+                            "tensor: the graph would not hold the model's code for calls without it")
 
 
 class FusionTracer(fx.Tracer):
@@ -114,7 +146,7 @@ def fuse_graph(gm):
             absorbed += [n.target for n in chain["nodes"] if n.op == "call_module"]
             fused_conv |= replace_chain(gm, modules, chain) is pyops_nn.ConvBNReLU2d
     if fused_conv:
-        layout_safe_views(gm.graph)
+        layout_safe_views(gm.graph, modules)
     gm.graph.lint()
     # Only the modules the chains absorbed go, where nothing else names them: not delete_all_unused_submodules,
     # which also empties modules the graph passes as arguments (a get_attr of a classifier handed to
@@ -275,6 +307,15 @@ def fused_class(layer):
     return None
 
 
+def folded_layer(layer, bn):
+    """fold_bn(layer, bn), a Conv1d's as a pyops.nn.FoldedConv1d (which refuses the unbatched inputs the fold does
+    not cover; the class adds no state)."""
+    folded = fold_bn(layer, bn)
+    if type(folded) is nn.Conv1d:
+        folded.__class__ = pyops_nn.FoldedConv1d
+    return folded
+
+
 def replace_chain(gm, modules, chain):
     """One call_module node of the fused module in place of the chain's nodes; the module is installed under the
     layer's name when nothing else in the graph uses the layer (another call, a get_attr of its weight), else under
@@ -282,7 +323,7 @@ def replace_chain(gm, modules, chain):
     layer_node, bn_node, tail = chain["nodes"][0], chain["nodes"][1], chain["nodes"][-1]
     layer, bn = modules[layer_node.target], modules[bn_node.target]
     cls = fused_class(layer)
-    fused = fold_bn(layer, bn) if cls is None else cls.from_modules(layer, bn, chain["activation"])
+    fused = folded_layer(layer, bn) if cls is None else cls.from_modules(layer, bn, chain["activation"])
     if chain.get("in_place"):
         fused.residual_in_place = True
     name = layer_node.target
@@ -304,10 +345,12 @@ def replace_chain(gm, modules, chain):
     return cls
 
 
-def view_or_copy(x, *shape):
-    """x.view(*shape), or x.reshape(*shape) (a copy) where x's strides allow no view. A fused layer may return a
-    channels_last tensor where the model's layer returned an NCHW one (CPU inference, see pyops.nn.ConvBNReLU2d),
-    and the model's `features.view(n, -1)` then fails; every view that worked before still is one."""
+def view_or_copy(x, *shape, size=None):
+    """x.view(*shape) (or x.view(size=size)), or x.reshape(...) (a copy) where x's strides allow no view. A fused
+    layer may return a channels_last tensor where the model's layer returned an NCHW one (CPU inference, see
+    pyops.nn.ConvBNReLU2d), and the model's `features.view(n, -1)` then fails; every view that worked before still
+    is one."""
+    shape = shape if size is None else (size,)
     try:
         return x.view(*shape)
     except RuntimeError:
@@ -319,10 +362,18 @@ def view_as_or_copy(x, other):
     return view_or_copy(x, other.shape)
 
 
-def layout_safe_views(graph):
+def layout_safe_views(graph, modules):
     """Rewrites the graph's calls that depend on a tensor's memory layout: view and view_as become view_or_copy and
     view_as_or_copy, and as_strided (which reads memory at the strides it is given) reads a contiguous copy, the
-    layout the model's own layers produced."""
+    layout the model's own layers produced. Where a copy would break aliasing the model relies on (something may
+    write in place into a viewed tensor or its views), the fused layers keep their input's layout instead
+    (ConvBNReLU2d.keep_input_layout) and the graph stays as it is."""
+    views = [n for n in graph.nodes if n.op == "call_method" and n.target in ("view", "view_as", "as_strided")]
+    if any(alias_written(view, modules) for view in views):
+        for module in modules.values():
+            if isinstance(module, pyops_nn.ConvBNReLU2d):
+                module.keep_input_layout = True
+        return
     for node in list(graph.nodes):
         if node.op != "call_method" or not isinstance(node.args[0], fx.Node):
             continue
@@ -337,6 +388,31 @@ def layout_safe_views(graph):
             with graph.inserting_before(node):
                 contiguous = graph.call_method("contiguous", (node.args[0],))
             node.update_arg(0, contiguous)
+
+
+def is_alias(node):
+    """Whether node's output may share memory with its first argument (ALIAS_METHODS, ALIAS_FUNCTIONS)."""
+    return (node.op == "call_method" and node.target in ALIAS_METHODS) or \
+        (node.op == "call_function" and node.target in ALIAS_FUNCTIONS)
+
+
+def alias_written(view, modules):
+    """Whether a node may write in place into memory that `view` shares: the viewed tensor, the view, or any alias
+    of them (conservatively: any node using one of them that may_mutate)."""
+    root = view.args[0]
+    while isinstance(root, fx.Node) and is_alias(root) and isinstance(root.args[0], fx.Node):
+        root = root.args[0]
+    stack, seen = [root], {root}
+    while stack:
+        for user in stack.pop().users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if is_alias(user):
+                stack.append(user)
+            elif may_mutate(user, modules):
+                return True
+    return False
 
 
 def _is_dtype_view(node):
@@ -372,7 +448,7 @@ def fuse_sequentials(model):
             act_key, act = items[i + 2] if i + 2 < len(items) else (None, None)
             activation = pyops_nn.activation_name(act) if isinstance(act, (nn.ReLU, nn.ReLU6)) and cls \
                 and not has_hooks(act) else "none"
-            fused = fold_bn(layer, bn) if cls is None else cls.from_modules(layer, bn, activation)
+            fused = folded_layer(layer, bn) if cls is None else cls.from_modules(layer, bn, activation)
             if cls is pyops_nn.ConvBNReLU2d:
                 # The model's own code runs as written: no channels_last outputs it might .view (see
                 # ConvBNReLU2d.keep_input_layout).

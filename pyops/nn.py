@@ -2,6 +2,7 @@
 
 Conv1d: a subclass of torch.nn.Conv1d (same constructor, parameters, state_dict) computed by pyops.conv1d;
 swap_conv1d(model) puts it in place of a model's nn.Conv1d layers.
+FoldedConv1d: the Conv1d → BatchNorm1d pyops.fuse folds, refusing the unbatched inputs the fold does not cover.
 ConvBNReLU2d: Conv2d → BatchNorm2d (→ residual add) (→ ReLU/ReLU6) as one fused kernel (pyops.conv2d_bias_act).
 LinearBNReLU: Linear → BatchNorm1d (→ ReLU/ReLU6) as one GEMM with the activation applied in place.
 SlidingClassifier: a crop classifier applied densely to whole images (pyops.sliding_classify as a module).
@@ -54,21 +55,42 @@ class Conv1d(torch.nn.Conv1d):
         return new.train(conv.training)
 
 
-def swap_conv1d(model, inplace=False):
-    """model with every torch.nn.Conv1d (the class itself, not subclasses) replaced by pyops.nn.Conv1d.from_module.
+class FoldedConv1d(torch.nn.Conv1d):
+    """An nn.Conv1d with a BatchNorm1d folded into it, as pyops.fuse installs one: the same layer, refusing
+    unbatched (C, L) inputs. On those the BatchNorm1d it replaced took C as the batch and normalized along L, which
+    the fold does not compute (the model raised there, unless L_out equals C_out)."""
 
-    inplace=False (default) works on a deep copy and returns it; True rewrites model and returns it. Outputs and
-    gradients are F.conv1d's (within fp32 rounding); state_dict keys are unchanged.
+    def forward(self, x):
+        return _folded_conv1d_forward(self, x)
+
+
+@overridable
+def _folded_conv1d_forward(module, x):
+    """FoldedConv1d.forward (a function for the reason _conv_bn_relu2d_forward gives)."""
+    if x.dim() != 3:
+        raise ValueError(f"argument 'x' must be 3-D (N, {module.in_channels}, L), where the BatchNorm1d folded into "
+                         f"this layer normalized its channels; got shape {tuple(x.shape)} (on an unbatched input "
+                         "BatchNorm1d normalizes along the length: that Conv1d → BatchNorm1d cannot be fused)")
+    return torch.nn.Conv1d.forward(module, x)
+
+
+def swap_conv1d(model, inplace=False):
+    """model with every torch.nn.Conv1d (the class itself, not subclasses) computed by pyops.nn.Conv1d.
+
+    Each layer's class becomes pyops.nn.Conv1d (which adds no state), so everything else about the layer stays:
+    its parameters, hooks (an old-style weight_norm/spectral_norm's included), attributes, and modules shared
+    between parents stay one module. An nn.LazyConv1d becomes a pyops.nn.Conv1d when its first input initializes
+    it (that first call still runs nn.Conv1d's forward). inplace=False (default) converts a deep copy and returns it; True converts model itself and returns it.
+    Outputs and gradients are F.conv1d's (within fp32 rounding); state_dict keys are unchanged.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"argument 'model' must be an nn.Module, got {type(model).__name__}")
-    if type(model) is torch.nn.Conv1d:
-        return Conv1d.from_module(model if inplace else copy.deepcopy(model))
     work = model if inplace else copy.deepcopy(model)
-    for parent in list(work.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is torch.nn.Conv1d:
-                setattr(parent, name, Conv1d.from_module(child))
+    for module in work.modules():
+        if type(module) is torch.nn.Conv1d:
+            module.__class__ = Conv1d
+        elif type(module) is torch.nn.LazyConv1d:
+            module.cls_to_become = Conv1d  # the class LazyModuleMixin gives the layer once its input initializes it
     return work
 
 
@@ -336,6 +358,12 @@ def _conv_bn_relu2d_forward(module, x, residual=None):
         out = conv2d_bias_act(batched, module.weight, module.bias, module.stride, module.padding, module.dilation,
                               module.groups, activation="none")
         out = out.squeeze(0) if x.dim() == 3 else out
+        if isinstance(residual, torch.Tensor):
+            try:
+                torch.broadcast_shapes(out.shape, residual.shape)
+            except RuntimeError:
+                raise ValueError(f"argument 'residual' of shape {tuple(residual.shape)} does not broadcast to the "
+                                 f"output's shape {tuple(out.shape)}") from None
         return apply_activation_(out.add_(residual) if module.residual_in_place else out + residual,
                                  module.activation)
     if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes

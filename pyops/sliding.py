@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._checks import autocast_mixes, check_floating
+from ._checks import autocast_mixes, check_floating, int_tuple
 from ._overrides import overridable
 from ._flags import eval_mode, jit_tracing_paused
 from .convolutionalize import FullyConvolutional, _cudnn_tf32, _window, convolutionalize, fake_run
@@ -292,10 +292,7 @@ def _crop_batches(model, images, window, stride, max_memory, precision):
 
 
 def _pair(v, name):
-    p = (v, v) if isinstance(v, int) and not isinstance(v, bool) else tuple(v) if isinstance(v, (tuple, list)) else ()
-    if len(p) != 2 or not all(isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in p):
-        raise ValueError(f"argument '{name}' must be a positive int or a pair of them, got {v!r}")
-    return p
+    return int_tuple(v, name, 2, 1)
 
 
 def _check_common(images, window, stride, max_memory, precision):

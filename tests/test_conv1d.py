@@ -1,4 +1,5 @@
 import random
+import warnings
 
 import pytest
 import torch
@@ -400,6 +401,50 @@ def test_swap_conv1d_puts_ours_in_place_of_a_models_layers(device):
     assert ours.weight is layer.weight and ours.bias is layer.bias and not ours.training
     with pytest.raises(TypeError, match="conv"):
         pyops.nn.Conv1d.from_module(torch.nn.Conv2d(3, 3, 2))
+
+
+def test_swap_conv1d_keeps_everything_but_the_kernel():
+    """The layers change class only: hooks, attributes, an old-style weight_norm, sharing between parents; a
+    LazyConv1d becomes ours when its first input initializes it."""
+    torch.manual_seed(13)
+    hooked, shared = torch.nn.Conv1d(4, 4, 3, padding=1), torch.nn.Conv1d(4, 4, 1)
+    calls = []
+    hooked.register_forward_hook(lambda module, inputs, output: calls.append(type(module)))
+    hooked.tag = "kept"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the old-style weight_norm is deprecated, still in use
+        normed = torch.nn.utils.weight_norm(torch.nn.Conv1d(4, 4, 3, padding=1))
+    model = torch.nn.Sequential(hooked, shared, normed, shared).double()
+    x = torch.randn(2, 4, 9, dtype=torch.float64)
+    expected = model(x)
+    calls.clear()
+    assert pyops.nn.swap_conv1d(model, inplace=True) is model
+    y = model(x)
+    assert [type(m) for m in model] == [pyops.nn.Conv1d] * 4 and model[1] is model[3]
+    assert calls == [pyops.nn.Conv1d] and model[0].tag == "kept"
+    torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-12)
+    (grad_g,) = torch.autograd.grad(y.sum(), normed.weight_g)
+    assert grad_g.abs().sum() > 0  # the weight is still recomputed from weight_g and weight_v at each call
+
+    lazy = pyops.nn.swap_conv1d(torch.nn.Sequential(torch.nn.LazyConv1d(2, 3, dtype=torch.float64)))
+    assert type(lazy[0]) is torch.nn.LazyConv1d  # until its first input initializes it
+    lazy(x)
+    assert type(lazy[0]) is pyops.nn.Conv1d
+    torch.testing.assert_close(lazy(x), F.conv1d(x, lazy[0].weight, lazy[0].bias), rtol=1e-10, atol=1e-12)
+
+
+def test_int_arguments_take_integer_likes():
+    """numpy integers, as F.conv1d takes them; bools and floats are refused by name."""
+    np = pytest.importorskip("numpy")
+    x, w = torch.randn(1, 2, 9, dtype=torch.float64), torch.randn(2, 2, 3, dtype=torch.float64)
+    torch.testing.assert_close(pyops.conv1d(x, w, stride=np.int64(2), padding=(np.int32(1),)),
+                               F.conv1d(x, w, stride=2, padding=1), rtol=1e-12, atol=1e-12)
+    for bad in (True, 2.0):
+        with pytest.raises(TypeError, match="'stride' must be an int"):
+            pyops.conv1d(x, w, stride=bad)
+    with pytest.raises(ValueError, match="'input' has length 0"):
+        pyops.conv1d(x[:, :, :0], w[:, :, :2], padding="same")
+
 
 
 def test_opcheck_all_ops(device):

@@ -679,6 +679,15 @@ def test_fuse_conv1d_and_conv3d_chains_fold_only():
         x = torch.randn(shape, dtype=torch.float64, generator=gen())
         with torch.no_grad():
             torch.testing.assert_close(fused(x), model(x), rtol=1e-10, atol=1e-12)
+    # Unbatched (C, L): BatchNorm1d takes C as the batch and normalizes along L (a number only where L_out equals
+    # C_out); the folded layer refuses what it does not compute.
+    model = randomized(nn.Sequential(nn.Conv1d(3, 4, 3), nn.BatchNorm1d(4)).double())
+    fallback = copy.deepcopy(model)
+    fuse_sequentials(fallback)
+    for fused in (pyops.fuse(model), fallback):
+        assert type(getattr(fused, "0")) is pyops.nn.FoldedConv1d
+        with pytest.raises(ValueError, match="3-D"):
+            fused(torch.randn(3, 6, dtype=torch.float64))
 
 
 class DataDependent(nn.Module):
@@ -691,6 +700,31 @@ class DataDependent(nn.Module):
     def forward(self, x):
         y = self.body(x)
         return y if y.sum() > 0 else -y
+
+
+class OptionalShortcut(nn.Module):
+    """forward(x, shortcut=None): torch.fx traces `shortcut` as a tensor, so `if shortcut is None` is not traced."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x, shortcut=None):
+        if shortcut is None:
+            shortcut = x
+        return F.relu(self.bn(self.conv(x)) + shortcut)
+
+
+def test_fuse_falls_back_where_a_forward_argument_defaults_to_none():
+    """The traced graph would run a call without `shortcut` with None, which the fused layer takes as no residual:
+    fuse uses the Sequential fallback instead, and both calls keep the model's values."""
+    model = randomized(OptionalShortcut().double())
+    with pytest.warns(UserWarning, match="'shortcut' defaults to None"):
+        fused = pyops.fuse(model)
+    x, r = (torch.randn(2, 4, 6, 6, dtype=torch.float64, generator=gen(i)) for i in (1, 2))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(fused(x, r), model(x, r), rtol=1e-12, atol=1e-12)
 
 
 def test_fuse_untraceable_model_falls_back_to_sequentials():
@@ -733,6 +767,21 @@ def test_fuse_rejects_training_mode():
         pyops.fuse(model)
     with pytest.raises(TypeError, match="model"):
         pyops.fuse(lambda x: x)
+    # a dropout has no state, but its training flag is what it computes (Monte Carlo dropout)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.5)).eval()
+    model[3].train()
+    with pytest.raises(ValueError, match=r"training mode \(3\)"):
+        pyops.fuse(model)
+
+
+def test_fuse_ignores_stateless_torch_layers_in_training_mode_and_leaves_them():
+    """An nn.Identity put in after model.eval() (training by default) changes nothing; inplace=True leaves the
+    caller's module as it was, the result is in eval mode."""
+    model = randomized(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()))
+    model.append(nn.Identity())
+    fused = pyops.fuse(model, inplace=True)
+    assert model[3].training and not fused.training
+    assert not any(m.training for m in pyops.fuse(model).modules())
 
 
 def test_fused_model_compiles_without_graph_breaks():
@@ -872,6 +921,43 @@ def test_fuse_flattening_views_survive_channels_last_outputs():
     with torch.no_grad():
         assert fused.conv(x).is_contiguous(memory_format=torch.channels_last)  # what the view has to cope with
         torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_keeps_views_that_are_written_in_place_aliased():
+    """`y.view(n, -1).clamp_(min=0)` writes into y through the view: the fused layers keep their input's layout
+    there (a view of a channels_last output would have to be a copy, which the write would miss)."""
+    class WriteThroughView(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            y.view(y.shape[0], -1).clamp_(min=0)
+            return y.view(size=(y.shape[0], -1))  # the keyword form, too
+
+    model = randomized(WriteThroughView())
+    fused = pyops.fuse(model)
+    x = torch.randn(2, 3, 6, 6, generator=gen())
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)
+        assert fused(x).min() == 0
+
+
+def test_fuse_view_with_a_size_keyword():
+    class SizeKeyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 64, 3), nn.BatchNorm2d(64))
+
+        def forward(self, x):
+            y = self.body(x)
+            return y.view(size=(y.shape[0], -1))
+
+    model = randomized(SizeKeyword())
+    x = torch.randn(2, 3, 6, 6, generator=gen())
+    with torch.no_grad():
+        torch.testing.assert_close(pyops.fuse(model)(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_fuse_fallback_keeps_sequential_indices_and_names():
