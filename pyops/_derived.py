@@ -3,6 +3,14 @@ FullyConvolutional's FFT spectra."""
 from torch import nn
 
 
+def values_key(tensors):
+    """A key that changes when any of tensors is replaced or updated in place: each one's device, dtype, data
+    pointer and version counter. An inference tensor (made in torch.inference_mode) has no version counter: its
+    in-place updates (possible only inside inference_mode) are not seen, as torch.compile's freezing takes
+    parameters to be constants; replace such a tensor (or call the module's _apply, e.g. .to()) to update it."""
+    return tuple((t.device, t.dtype, t.data_ptr(), None if t.is_inference() else t._version) for t in tensors)
+
+
 class DerivedWeights(nn.Module):
     """A module mixin holding at most one derived form of its weights: derived(kind, sources, make) returns make(),
     made on first use and made again whenever kind changes or a source tensor does (another tensor, or the same
@@ -13,9 +21,7 @@ class DerivedWeights(nn.Module):
     _derived = None  # ((kind, sources' keys), value); a class default, so older pickled modules have it too
 
     def derived(self, kind, sources, make):
-        # (an inference tensor has no version counter: made in torch.inference_mode, it changes only there)
-        key = (kind, tuple((t.device, t.dtype, t.data_ptr(), None if t.is_inference() else t._version)
-                           for t in sources))
+        key = (kind, values_key(sources))
         entry = self._derived  # read once: another thread may replace it meanwhile (make() releases the GIL)
         if entry is None or entry[0] != key:
             self._derived = None  # free the old form before making the new one

@@ -26,6 +26,13 @@ def autocast_cache_disabled():
         torch.set_autocast_cache_enabled(saved)
 
 
+def autocast_off(device):
+    """No torch.autocast region for device's type inside the block (nothing to do for types autocast lacks)."""
+    if not torch.amp.is_autocast_available(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
+
+
 @contextlib.contextmanager
 def jit_tracing_paused():
     """Nothing inside the block is recorded by torch.jit.trace (if a trace is running; it resumes after the block)."""

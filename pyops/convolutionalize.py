@@ -17,8 +17,8 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
 from ._checks import in_autocast_region, int_tuple
-from ._derived import DerivedWeights
-from ._flags import autocast_cache_disabled, eval_mode, jit_tracing_paused, temporarily
+from ._derived import DerivedWeights, values_key
+from ._flags import autocast_cache_disabled, autocast_off, eval_mode, jit_tracing_paused, temporarily
 from .fft_conv import FFTConv2d
 from .reference import crop_batch
 from .sliding_head import DEFAULT_WORKSPACE, PRECISIONS, sliding_head
@@ -112,8 +112,9 @@ class FullyConvolutional(DerivedWeights):
         biases = [c.bias if c.bias is not None else torch.zeros_like(c.weight[:, 0, 0, 0]) for c in convs]
         if precision != "bf16" or dtype == torch.bfloat16:
             return weights, biases, relu
-        # bf16: the operands are cast once and kept until a weight changes (replaced, or its version counter moves).
-        key = tuple((t.device, t.data_ptr(), t._version) for t in weights + biases)
+        # bf16: the operands are cast once and kept until a weight or bias changes (replaced, or updated in place;
+        # the zero biases made above for bias-free layers are not part of the key).
+        key = values_key(weights + [c.bias for c in convs if c.bias is not None])
         cast = self._cast_cache  # read once: another thread may replace it meanwhile
         if cast.get("key") != key:
             cast = {"key": key, "w": [w.detach().to(torch.bfloat16) for w in weights],
@@ -188,7 +189,9 @@ def _check_slides(fcn, model):
     (h, w), (sy, sx) = fcn.window, fcn.stride
     probe = torch.randn(1, fcn.in_channels, h + sy, w + sx, generator=torch.Generator().manual_seed(0),
                         dtype=torch.float64).to(param.device, param.dtype)
-    with torch.no_grad(), eval_mode(model), jit_tracing_paused(), _cudnn_tf32(False):  # (both sides exact fp32)
+    # (both sides exact fp32, also inside a caller's autocast region, where the head op and the model's Linears
+    # would compute in different dtypes)
+    with torch.no_grad(), eval_mode(model), jit_tracing_paused(), _cudnn_tf32(False), autocast_off(param.device):
         dense = fcn(probe, algorithm="direct")[0]  # (classes, 2, 2); (no FFT spectra made for the probe)
         per_crop = crop_batch(model, probe, fcn.window, fcn.stride)[0]
     tolerance = 1e-4 if param.dtype in (torch.float32, torch.float64) else 3e-2
@@ -364,7 +367,8 @@ def _build_head(ops, fmap):
             last_conv, first = conv, False
         elif kind == "bn":
             scale, shift = _bn_affine(mod)
-            if layers and layers[-1] is last_conv:  # right after a Linear: fold into its output
+            if last_conv is not None and all(isinstance(m, nn.Dropout) for m in layers[layers.index(last_conv) + 1:]):
+                # right after a Linear (dropouts between are the identity in eval): fold into its output
                 with torch.no_grad():
                     last_conv.weight.mul_(scale.view(-1, 1, 1, 1))
                     last_conv.bias.mul_(scale).add_(shift)

@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import nn as pyops_nn
 from .fold import (WEIGHT_REPARAMETRIZATIONS, fold_bn, frozen_batchnorm_class, is_batchnorm,
@@ -117,13 +118,20 @@ def check_traced_defaults(gm):
                             "tensor: the graph would not hold the model's code for calls without it")
 
 
+# torch.nn forwards that a subclass computing the same (torchvision's Conv3DSimple, Conv2dNormActivation's layers
+# are such) inherits: a module running one is called as a leaf, where the chains are found.
+LAYER_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.Linear.forward, _BatchNorm.forward}
+
+
 class FusionTracer(fx.Tracer):
-    """torch.fx's default tracer, also keeping torchvision's FrozenBatchNorm2d and pyops' fused modules as leaves
-    (so the first can be folded and the second are not traced through when a fused model is fused again)."""
+    """torch.fx's default tracer, also keeping as leaves torchvision's FrozenBatchNorm2d, pyops' fused modules and
+    subclasses of torch.nn's layers that keep their forward (so that the first and the last can be folded, and the
+    fused ones are not traced through when a fused model is fused again)."""
 
     def is_leaf_module(self, m, qualname):
         frozen = frozen_batchnorm_class()
-        if isinstance(m, FUSED_MODULES) or (frozen is not None and isinstance(m, frozen)):
+        if isinstance(m, FUSED_MODULES) or (frozen is not None and isinstance(m, frozen)) \
+                or type(m).forward in LAYER_FORWARDS:
             return True
         return super().is_leaf_module(m, qualname)
 

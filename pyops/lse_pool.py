@@ -41,6 +41,13 @@ def lse_pool2d(scores, beta):
     half = flat.dtype not in (torch.float32, torch.float64)
     out_dtype = torch.float32 if half and in_autocast_region(flat.device) else flat.dtype  # (as smooth_max's)
     work = flat.float() if half else flat
+    if abs(beta) < torch.finfo(work.dtype).tiny:
+        # β below the dtype's normal numbers rounds to 0 or loses digits in β·s and in the division by β (float32
+        # at β = 1e-46: NaN): float64 then, and below float64's normal numbers the β → 0 limit, the mean (its error,
+        # |β|·var/2, is below float64's rounding for any spread under ~1e150).
+        if abs(beta) < torch.finfo(torch.float64).tiny:
+            return work.mean(-1).to(out_dtype)
+        work = work.double()
     pooled = smooth_max(work, beta, -1)
     if beta == math.inf or beta == -math.inf:
         return pooled.to(out_dtype)

@@ -97,7 +97,14 @@ def sliding_classify(model, images, window, stride=1, exact=False, max_memory=DE
 
 @overridable
 def classify_fcn(fcn, images, stride=1, max_memory=DEFAULT_MAX_MEMORY, precision="fp32", algorithm="auto"):
-    """sliding_classify with an already converted FullyConvolutional (shift-and-stitch over tiled FCN passes)."""
+    """sliding_classify with an already converted FullyConvolutional (shift-and-stitch over tiled FCN passes),
+    evaluated with eval semantics whatever its mode (a SlidingClassifier inside a model being trained: no dropout,
+    BatchNorm's running statistics, left unchanged)."""
+    with eval_mode(fcn):
+        return _classify_fcn(fcn, images, stride, max_memory, precision, algorithm)
+
+
+def _classify_fcn(fcn, images, stride, max_memory, precision, algorithm):
     _check_common(images, fcn.window, stride, max_memory, precision)
     algorithm = fcn.resolve_algorithm(algorithm, precision, images)
     if images.shape[1] != fcn.in_channels:

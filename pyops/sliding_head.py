@@ -31,6 +31,9 @@ def _check_args(features, weights, biases, relu):
         if w.dim() != 4:
             raise ValueError(f"argument 'weights[{i}]' must be a 4-d conv weight (out, in, kh, kw), got shape "
                              f"{tuple(w.shape)}")
+        if w.numel() == 0:
+            raise ValueError(f"argument 'weights[{i}]' has no elements (shape {tuple(w.shape)}): every layer needs "
+                             "input and output channels and a non-empty kernel")
         if w.shape[1] != cin:
             src = "'features' has" if i == 0 else "the previous layer gives"
             raise ValueError(f"argument 'weights[{i}]' expects {w.shape[1]} input channels but {src} {cin}")

@@ -1127,6 +1127,35 @@ def test_fuse_leaves_hooked_and_custom_layers():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-10, atol=1e-10)
 
 
+def test_fuse_folds_layer_subclasses_that_keep_torch_forward():
+    """Subclasses of torch.nn's layers and BatchNorms that keep the inherited forward (torchvision's Conv3DSimple in
+    the video ResNets, for one) are called as leaves, so their chains fold; torch.fx used to trace into them."""
+    class NamedConv(nn.Conv2d):
+        pass
+
+    class NamedConv3d(nn.Conv3d):
+        pass
+
+    class NamedNorm(nn.BatchNorm2d):
+        pass
+
+    model = randomized(nn.Sequential(NamedConv(3, 4, 3), NamedNorm(4), nn.ReLU())).double()
+    fused = pyops.fuse(model)
+    assert_no_batchnorm(fused)
+    assert isinstance(getattr(fused, "0"), ConvBNReLU2d)
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64, generator=gen())
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-10, atol=1e-10)
+    video = randomized(torchvision.models.video.mc3_18())
+    fused = pyops.fuse(video)
+    assert_no_batchnorm(fused)
+    x = torch.randn(1, 3, 2, 16, 16, generator=gen())
+    with torch.no_grad():
+        assert_close_relative(fused(x), video(x), 1e-5)
+    model = randomized(nn.Sequential(NamedConv3d(3, 4, 3), nn.BatchNorm3d(4))).double()
+    assert_no_batchnorm(pyops.fuse(model))
+
+
 def test_fuse_takes_torch_fx_graph_modules_and_in_place_residual_dtypes():
     """A symbolically traced model (its plain containers are in training mode: they hold no state, so they do not
     count) fuses; an in-place residual add keeps the conv output's dtype, as add_ does."""

@@ -52,6 +52,21 @@ def test_limits(device):
     assert (pyops.lse_pool2d(s, 1e-6) - mean).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("beta", [1e-46, -1e-40, 1e-320])
+def test_tiny_beta_below_the_dtypes_normal_numbers(device, dtype, beta):
+    """β that rounds to 0 (or to a subnormal) in the scores' dtype: the β → 0 limit, the mean, to the dtype's
+    rounding, with finite gradients 1/n (float32 at β = 1e-46 gave NaN)."""
+    s = rand((2, 3, 4, 5), device=device, seed=2).to(dtype).requires_grad_()
+    got = pyops.lse_pool2d(s, beta)
+    expected = s.detach().double().flatten(2).mean(-1)
+    rtol, atol = tolerances(dtype)
+    torch.testing.assert_close(got.double(), expected, rtol=rtol, atol=atol)
+    (grad,) = torch.autograd.grad(got.sum(), s)
+    torch.testing.assert_close(grad.double(), torch.full(s.shape, 1 / 20, dtype=torch.float64, device=device),
+                               rtol=rtol, atol=atol)
+
+
 def test_layouts(device):
     s = rand((2, 3, 6, 5), device=device, seed=2)
     ref = pyops.lse_pool2d(s, 1.5)

@@ -225,6 +225,55 @@ def test_train_mode_model_is_used_with_eval_semantics_and_left_unchanged():
         assert torch.equal(v, before[k]), f"{k} changed"
     empty = pyops.sliding_classify(model, x[:0], 10, exact=True)
     assert empty.shape == (0, 3, 4, 3)
+    # A converted model in training mode (a SlidingClassifier inside a model being trained) is evaluated the same
+    # way, and left as it was.
+    for classifier in (pyops.nn.SlidingClassifier(model, 10).train(), pyops.convolutionalize(model, 10).train()):
+        fcn = getattr(classifier, "fcn", classifier)
+        before = {k: v.clone() for k, v in fcn.state_dict().items()}
+        scores = classifier(x) if classifier is not fcn else pyops.sliding_classify(fcn, x, 10)
+        torch.testing.assert_close(scores, expected, rtol=1e-10, atol=1e-12)
+        assert all(m.training for m in fcn.modules())
+        for k, v in fcn.state_dict().items():
+            assert torch.equal(v, before[k]), f"{k} changed"
+
+
+def test_batchnorm_after_a_dropout_folds_into_the_linear_before_it():
+    """Linear → Dropout → BatchNorm1d: the dropout is the identity in eval, so the BatchNorm folds into the Linear's
+    output (it was refused as having no Linear to fold into)."""
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 6),
+                                       nn.Dropout(0.3), nn.BatchNorm1d(6))).double().eval()
+    x = rand((1, 3, 11, 10), seed=7)
+    torch.testing.assert_close(pyops.sliding_classify(model, x, 8), reference.crop_loop(model, x, 8), rtol=1e-10,
+                               atol=1e-12)
+
+
+def test_conversion_inside_an_autocast_region():
+    """The slide check compares the converted network with the model in the parameters' dtype, whatever region the
+    caller is in (under autocast the head op and the model's Linears computed in different dtypes: refused)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14 * 14, 4)).eval()
+    x = torch.randn(1, 3, 20, 20)
+    expected = reference.crop_loop(copy.deepcopy(model).double(), x.double(), 16)
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+            scores = pyops.sliding_classify(model, x, 16)
+        torch.testing.assert_close(scores.double(), expected, rtol=3e-2, atol=3e-2)
+
+
+def test_inference_mode_parameters():
+    """Parameters made in torch.inference_mode have no version counter: the bf16 operands are cast from them
+    (keyed by identity; replacing a weight is seen)."""
+    net = reference.homework_net1(small=True)
+    x = torch.randn(1, 3, 36, 36, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        fcn = pyops.convolutionalize(net, 32)
+        first = pyops.sliding_classify(fcn, x, 32, precision="bf16")
+        fp32 = pyops.sliding_classify(fcn, x, 32)
+        assert ((first - fp32).norm() / fp32.norm()).item() < 2e-2
+        fcn.head[0].weight = nn.Parameter(fcn.head[0].weight * 2)
+        second = pyops.sliding_classify(fcn, x, 32, precision="bf16")
+        assert not torch.equal(first, second)
 
 
 def test_padded_network_exact_equals_loop_and_fcn_warns():
@@ -560,3 +609,12 @@ def test_sliding_head_bad_inputs_python_and_cpp():
             call(f, [weights[0].double()] + weights[1:], biases, [1, 1, 0])
     with pytest.raises(ValueError, match="workspace_bytes"):
         op(f, weights, biases, [1, 1, 0], False, 0)
+    for call in (pyops.sliding_head, lambda *a: op(*a)):
+        with pytest.raises(TypeError, match=r"'biases\[2\]'"):  # the index, not a placeholder
+            call(f, weights, biases[:2] + [biases[2].double()], [1, 1, 0])
+        # zero-size layers (a 0x0 kernel divided the tile planning by zero: SIGFPE)
+        for dtype in (torch.float32, torch.float64):
+            with pytest.raises(ValueError, match=r"weights\[0\]' has no elements"):
+                call(f.to(dtype), [torch.randn(3, 5, 0, 0, dtype=dtype)], [torch.zeros(3, dtype=dtype)], [0])
+            with pytest.raises(ValueError, match=r"weights\[0\]' has no elements"):
+                call(f[:, :0].to(dtype), [torch.randn(3, 0, 2, 2, dtype=dtype)], [torch.zeros(3, dtype=dtype)], [0])

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <string>
 
 #include "common/autocast.h"
 #include "common/checks.h"
@@ -27,18 +28,22 @@ HeadGeometry check_sliding_head_args(const at::Tensor& features, at::TensorList 
   for (int64_t i = 0; i < layers; ++i) {
     const at::Tensor& w = weights[i];
     const at::Tensor& b = biases[i];
-    TORCH_CHECK_VALUE(w.dim() == 4, "pyops.sliding_head: argument 'weights[", i,
-                      "]' must be a 4-d conv weight (out, in, kh, kw), got shape ", w.sizes());
-    check_same_dtype(w, features, "weights[i]", "features");
-    check_same_device(w, features, "weights[i]", "features");
+    const std::string w_name = "weights[" + std::to_string(i) + "]", b_name = "biases[" + std::to_string(i) + "]";
+    TORCH_CHECK_VALUE(w.dim() == 4, "pyops.sliding_head: argument '", w_name,
+                      "' must be a 4-d conv weight (out, in, kh, kw), got shape ", w.sizes());
+    // (a zero-size layer has nothing to compute, and its sizes would divide the tile planning by zero)
+    TORCH_CHECK_VALUE(w.numel() > 0, "pyops.sliding_head: argument '", w_name, "' has no elements (shape ",
+                      w.sizes(), "): every layer needs input and output channels and a non-empty kernel");
+    check_same_dtype(w, features, w_name.c_str(), "features");
+    check_same_device(w, features, w_name.c_str(), "features");
     TORCH_CHECK_VALUE(w.size(1) == in_channels, "pyops.sliding_head: argument 'weights[", i, "]' expects ", w.size(1),
                       " input channels but ", i == 0 ? "'features' has " : "the previous layer gives ", in_channels);
     TORCH_CHECK_VALUE(i == 0 || (w.size(2) == 1 && w.size(3) == 1), "pyops.sliding_head: argument 'weights[", i,
                       "]' must be a 1x1 kernel (only the first layer has a spatial kernel), got shape ", w.sizes());
     TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == w.size(0), "pyops.sliding_head: argument 'biases[", i,
                       "]' must have shape (", w.size(0), ",), got ", b.sizes());
-    check_same_dtype(b, features, "biases[i]", "features");
-    check_same_device(b, features, "biases[i]", "features");
+    check_same_dtype(b, features, b_name.c_str(), "features");
+    check_same_device(b, features, b_name.c_str(), "features");
     TORCH_CHECK_VALUE(relu[i] == 0 || relu[i] == 1, "pyops.sliding_head: argument 'relu[", i,
                       "]' must be 0 or 1, got ", relu[i]);
     in_channels = w.size(0);
