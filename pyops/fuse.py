@@ -49,7 +49,8 @@ def fuse(model, inplace=False):
       - Conv2d → BatchNorm2d [→ add(·, residual)] [→ ReLU/ReLU6] is one pyops.nn.ConvBNReLU2d (the residual add
         and the activation are fused into the kernel's epilogue),
       - Linear → BatchNorm1d [→ ReLU/ReLU6] is one pyops.nn.LinearBNReLU,
-      - Conv1d/Conv3d (and Conv2d with a non-zero padding mode) → BatchNorm is one folded conv (pyops.fold_bn).
+      - Conv1d/Conv3d (and Conv2d with a non-zero padding mode) → BatchNorm is one folded conv (pyops.fold_bn; a
+        Conv1d's is a pyops.nn.FoldedConv1d, which refuses the unbatched inputs the fold does not cover).
     A ReLU is nn.ReLU, nn.ReLU6, F.relu, F.relu6, torch.relu or Tensor.relu, in-place or not. A link of a chain is
     fused only where the previous node's output has no other user (so no other computation sees a changed value);
     a residual add only where nothing between the layer and the add may change a tensor in place (the fused call
@@ -61,8 +62,10 @@ def fuse(model, inplace=False):
     BatchNorm normalizes dim 1 instead, cannot be folded).
     The fused layers may return channels_last tensors in CPU float32 inference (pyops.nn.ConvBNReLU2d); the traced
     graph's `.view` calls get a `.contiguous()` before them so that models flattening with `.view(n, -1)` still run.
-    ValueError: a model (or submodule) in training mode. Warns (UserWarning) when torch.fx cannot trace the model,
-    naming what the Sequential fallback fused: there the BatchNorm and ReLU modules absorbed into a fused layer
+    ValueError: a model (or submodule) in training mode (torch.nn's stateless layers and containers do not count,
+    dropouts do). Warns (UserWarning) when torch.fx cannot trace the model, or when its forward has an argument
+    defaulting to None that the trace uses (torch.fx takes it as a tensor, dropping the model's code for calls
+    without it), naming what the Sequential fallback fused: there the BatchNorm and ReLU modules absorbed into a fused layer
     become nn.Identity (indices and names keep working; code reading a Sequential's intermediate outputs sees the
     fused values), and the model's own code runs as written.
     """

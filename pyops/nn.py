@@ -67,11 +67,17 @@ class FoldedConv1d(torch.nn.Conv1d):
 @overridable
 def _folded_conv1d_forward(module, x):
     """FoldedConv1d.forward (a function for the reason _conv_bn_relu2d_forward gives)."""
-    if x.dim() != 3:
-        raise ValueError(f"argument 'x' must be 3-D (N, {module.in_channels}, L), where the BatchNorm1d folded into "
-                         f"this layer normalized its channels; got shape {tuple(x.shape)} (on an unbatched input "
-                         "BatchNorm1d normalizes along the length: that Conv1d → BatchNorm1d cannot be fused)")
+    _check_bn1d_fold_holds(x, 3, f"(N, {module.in_channels}, L)", "channels", "on an unbatched input BatchNorm1d "
+                           "normalizes along the length: that Conv1d → BatchNorm1d cannot be fused")
     return torch.nn.Conv1d.forward(module, x)
+
+
+def _check_bn1d_fold_holds(x, ndim, shape, normalized, otherwise):
+    """ValueError unless x is ndim-D (`shape`), the inputs on which a folded BatchNorm1d normalized the layer's
+    `normalized` (elsewhere it normalizes another dim: `otherwise`)."""
+    if x.dim() != ndim:
+        raise ValueError(f"argument 'x' must be {ndim}-D {shape}, where the BatchNorm1d folded into "
+                         f"this layer normalized its {normalized}; got shape {tuple(x.shape)} ({otherwise})")
 
 
 def swap_conv1d(model, inplace=False):
@@ -436,10 +442,8 @@ class LinearBNReLU(nn.Module):
 @overridable
 def _linear_bn_relu_forward(module, x):
     """LinearBNReLU.forward (a function for the reason _conv_bn_relu2d_forward gives)."""
-    if x.dim() != 2:
-        raise ValueError(f"argument 'x' must be 2-D (N, {module.in_features}), where the BatchNorm1d folded into "
-                         f"this layer normalized its features; got shape {tuple(x.shape)} (on a 3-D input "
-                         "BatchNorm1d normalizes dim 1: that Linear → BatchNorm1d cannot be fused)")
+    _check_bn1d_fold_holds(x, 2, f"(N, {module.in_features})", "features", "on a 3-D input BatchNorm1d normalizes "
+                           "dim 1: that Linear → BatchNorm1d cannot be fused")
     return apply_activation_(F.linear(x, module.weight, module.bias), module.activation)
 
 
