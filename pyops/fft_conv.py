@@ -63,12 +63,18 @@ class FFTConv2d(torch.nn.Module):
         if weight.dim() != 4 or not weight.is_floating_point() or weight.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"argument 'weight' must be a float32/float64 (O, C, kh, kw) tensor, got "
                              f"{weight.dtype} of shape {tuple(weight.shape)}")
+        if weight.numel() == 0:
+            raise ValueError(f"argument 'weight' has no elements (shape {tuple(weight.shape)}): the FFT needs input and "
+                             "output channels and a non-empty kernel")
         out_ch, in_ch, kh, kw = weight.shape
         size = default_fft_size(max(kh, kw)) if fft_size is None else int(fft_size)
         if size < max(kh, kw):
             raise ValueError(f"argument 'fft_size' = {size} must be >= the kernel size {(kh, kw)}")
         if bias is not None and bias.shape != (out_ch,):
             raise ValueError(f"argument 'bias' must have shape ({out_ch},), got {tuple(bias.shape)}")
+        if bias is not None and (bias.dtype != weight.dtype or bias.device != weight.device):
+            raise TypeError(f"argument 'bias' is {bias.dtype} on {bias.device} but 'weight' is {weight.dtype} on "
+                            f"{weight.device}")
         self.kernel_size, self.fft_size, self.in_channels, self.out_channels = (kh, kw), size, in_ch, out_ch
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         spectra = torch.empty(size * (size // 2 + 1), in_ch, out_ch, device=weight.device,

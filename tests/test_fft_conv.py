@@ -50,6 +50,11 @@ def test_fft_conv_rejects_bad_arguments():
         FFTConv2d(weight, torch.randn(4))
     with pytest.raises(ValueError, match="weight"):
         FFTConv2d(weight.half())
+    with pytest.raises(TypeError, match="'bias' is torch.float64"):  # (the output silently became float64)
+        FFTConv2d(weight, torch.randn(3, dtype=torch.float64))
+    for empty in (weight[:, :0], weight[:0], weight[:, :, :0, :0]):
+        with pytest.raises(ValueError, match="no elements"):  # (an MKL configuration error)
+            FFTConv2d(empty)
     layer = FFTConv2d(weight)
     with pytest.raises(ValueError, match="'x'"):
         layer(torch.randn(1, 3, 8, 8))  # channel mismatch
