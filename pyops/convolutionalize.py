@@ -6,7 +6,6 @@ ReLU, Dropout, BatchNorm1d and Identity. The first Linear becomes a Conv2d whose
 window (weights reshaped, not retrained), later Linears 1×1 convs; BatchNorm1d layers (eval statistics) fold into
 the neighbouring Linear. The converted module runs its head as one pyops::sliding_head op.
 """
-import contextlib
 import copy
 
 import torch
@@ -15,6 +14,7 @@ from torch import nn
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
+from torch.utils._python_dispatch import _disable_current_modes
 
 from ._checks import in_autocast_region, int_tuple
 from ._derived import DerivedWeights, values_key
@@ -191,7 +191,9 @@ def _check_slides(fcn, model):
                         dtype=torch.float64).to(param.device, param.dtype)
     # (both sides exact fp32, also inside a caller's autocast region, where the head op and the model's Linears
     # would compute in different dtypes)
-    with torch.no_grad(), eval_mode(model), jit_tracing_paused(), _cudnn_tf32(False), autocast_off(param.device):
+    # (and unseen by the caller's dispatch modes, pyops.count_ops and FlopCounterMode: no work of the model's)
+    with torch.no_grad(), eval_mode(model), jit_tracing_paused(), _cudnn_tf32(False), autocast_off(param.device), \
+            _disable_current_modes():
         dense = fcn(probe, algorithm="direct")[0]  # (classes, 2, 2); (no FFT spectra made for the probe)
         per_crop = crop_batch(model, probe, fcn.window, fcn.stride)[0]
     tolerance = 1e-4 if param.dtype in (torch.float32, torch.float64) else 3e-2
@@ -310,7 +312,9 @@ def fake_run(module, shape, dtype, device):
     fake run would be kept as a fake tensor and served to the real calls that follow."""
     active = detect_fake_mode()
     mode = FakeTensorMode(allow_non_fake_inputs=True) if active is None else active
-    untraced = contextlib.nullcontext() if active is None else disable_proxy_modes_tracing()
+    # Outside a fake mode, the caller's dispatch modes (pyops.count_ops, FlopCounterMode) do not see the probe: it
+    # is no work of the model (a 2^20-pixel stride probe was counted as 1e14 multiplications).
+    untraced = _disable_current_modes() if active is None else disable_proxy_modes_tracing()
     with autocast_cache_disabled(), jit_tracing_paused(), untraced, mode:
         return module(torch.empty(shape, dtype=dtype, device=device))
 

@@ -69,6 +69,10 @@ def main(argv=None):
     p.add_argument("--device", default="meta", help="where to build and run the model (default meta: shapes only)")
     args = p.parse_args(argv)
     try:
+        torch.empty(0, device=args.device)  # an unknown device type, or one this machine does not have
+    except (RuntimeError, AssertionError) as e:
+        p.error(f"argument --device: cannot use {args.device!r} ({str(e).splitlines()[0]})")
+    try:
         model = load_model(args.model, args.device)
     except LookupError as e:
         p.error(str(e))  # exit code 2, like any other bad argument

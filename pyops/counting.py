@@ -41,9 +41,14 @@ gets the op's arguments as a dict by schema name (defaults filled in) and its ou
 is registered the same way; `conv_work`, `matmul_work` and `elementwise_work` build the usual `Work`s.
 
 PyTorch's FlopCounterMode counts 2·(multiply-adds) of matmul- and conv-like ops only. pyops' conv-like ops register
-their formulas with `torch.utils.flop_counter.register_flop_formula` in their own modules, using `conv_flops` and
-`conv_backward_flops` below (PyTorch's own conv formulas, so a pyops conv counts what the ATen conv it replaces
-counts). smooth_max registers none: it is a reduction, which FlopCounterMode ignores as it ignores logsumexp.
+their formulas with `torch.utils.flop_counter.register_flop_formula` in their own modules: the fused conv ops use
+`conv_flops` below (PyTorch's own conv formula, so they count what the ATen conv they replace counts; their backward
+is ATen's convolution_backward, counted by PyTorch); conv1d and its two backward ops count 2·(the products each
+computes), which is PyTorch's count for F.conv1d except for the weight gradient of a grouped layer, which PyTorch's
+formula (torch 2.14) counts `groups` times. `conv_backward_flops` gives PyTorch's backward count, quirk included,
+for conv-like ops of other packages that want to match it. smooth_max registers none: it is a reduction, which
+FlopCounterMode ignores as it ignores logsumexp. Internal shape probes (pyops.convolutionalize's fake runs) are
+hidden from both counters.
 """
 import contextlib
 import dataclasses
@@ -211,6 +216,7 @@ def _shape(t):
 
 
 @register_op_counter("aten::convolution")
+@register_op_counter("aten::_convolution")  # what a torch.jit.trace'd model calls
 def _count_convolution(a, out):
     return [conv_work(_shape(a["input"]), _shape(a["weight"]), _shape(out), a["bias"] is not None, a["stride"],
                       a["padding"], a["dilation"], a["transposed"])]
@@ -230,8 +236,11 @@ def _register_matmuls():
         "aten::addmv": (lambda a: a["mat"].shape[-1], "beta"),
     }
     for name, (length, beta) in table.items():
-        register_op_counter(name, lambda a, out, length=length, beta=beta: [
+        count = (lambda a, out, length=length, beta=beta: [
             matmul_work("linear", out.numel(), length(a), beta is not None and a[beta] != 0)])
+        register_op_counter(name, count)
+        if beta is not None:  # the in-place forms (addmm_, ...): the same arithmetic into self
+            register_op_counter(name + "_", count)
 
 
 _register_matmuls()
@@ -295,7 +304,8 @@ def _count_conv1d(a, out):
 
 @register_op_counter("pyops::sliding_head")
 def _count_sliding_head(a, out):
-    # the converted head: the large-kernel conv, then 1x1 convs, each a convolution over every output position
+    # the converted head: the large-kernel conv, then 1x1 convs, each a convolution over every output position and
+    # each with its bias add (the op adds one per layer, zeros for a Linear that had none)
     n, _, oh, ow = _shape(out)
     return [matmul_work("conv", n * w.shape[0] * oh * ow, w.shape[1] * w.shape[2] * w.shape[3], True)
             for w in a["weights"]]
@@ -386,6 +396,9 @@ def count_ops(model, example_input):
     """
     if not callable(model):
         raise TypeError(f"argument 'model' must be a torch.nn.Module or callable, got {type(model).__name__}")
+    if isinstance(model, torch.jit.RecursiveScriptModule):
+        raise TypeError("argument 'model' is a torch.jit.script'ed module: count_ops names rows with module hooks, "
+                        "which scripted modules do not take; count the Python module (a torch.jit.trace'd one works)")
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     is_module = isinstance(model, torch.nn.Module)
     module_path = [""]
@@ -396,7 +409,10 @@ def count_ops(model, example_input):
     mha_fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         torch.backends.mha.set_fastpath_enabled(False)
-        with torch.no_grad(), eval_mode(model) if is_module else contextlib.nullcontext(), mode:
+        # (not in inference mode, where the dispatch mode would see aten.conv2d and aten.linear, not the
+        # convolution and addmm they decompose into, and count nothing)
+        with torch.inference_mode(False), torch.no_grad(), \
+                eval_mode(model) if is_module else contextlib.nullcontext(), mode:
             model(*inputs)
     finally:
         torch.backends.mha.set_fastpath_enabled(mha_fastpath)

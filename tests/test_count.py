@@ -431,7 +431,8 @@ def test_cli_module_attr_and_batch(capsys):
 @pytest.mark.parametrize("argv,message", [(["alexnx"], "did you mean alexnet"),
                                           (["no_such_module:x"], "cannot import module"),
                                           (["torch.nn:Linear"], "calling 'torch.nn:Linear'() failed"),
-                                          (["alexnet", "--input", "1,3,a"], "comma-separated integers")])
+                                          (["alexnet", "--input", "1,3,a"], "comma-separated integers"),
+                                          (["alexnet", "--device", "bogus"], "argument --device: cannot use")])
 def test_cli_bad_arguments_exit_2(capsys, argv, message):
     with pytest.raises(SystemExit) as exit:
         count_main(argv)
@@ -521,3 +522,35 @@ def test_sliding_head_counts_as_its_convolutions():
     plain = pyops.count_ops(pyops.reference.homework_net2(net), x)
     ours = pyops.count_ops(fcn, x)
     assert ours.conv == plain.conv > 0 and ours.linear == plain.linear == 0
+
+
+def test_sliding_classify_counts_the_scoring_not_its_probes():
+    """The conversion's shape probes (a fake run on a 2^20-pixel input) and the slide check are no work of the
+    model: neither count_ops nor FlopCounterMode sees them; one call of the converted network counts once."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14 * 14, 5)).eval()
+    image = torch.randn(1, 3, 20, 20)
+    # the network on the 20x20 image: a 4x18x18 map of 27 products (+ bias), then the 14x14 head at 5x5 positions
+    expected = 2 * (4 * 18 * 18 * 27 + 5 * 5 * 5 * 4 * 14 * 14)
+    assert pyops.count_ops(lambda x: pyops.sliding_classify(net, x, 16), image).total == expected
+    dense = pyops.nn.SlidingClassifier(net, 16)
+    assert pyops.count_ops(dense, image).total == pyops.count_ops(dense, image).total == expected
+    with FlopCounterMode(display=False) as counter:
+        pyops.sliding_classify(net, image, 16)
+    assert counter.get_total_flops() == expected
+
+
+def test_counts_in_inference_mode_traced_models_and_in_place_matmuls():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ConvTranspose2d(4, 2, 3, stride=2), nn.Flatten(),
+                          nn.Linear(2 * 13 * 13, 5)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    plain = pyops.count_ops(model, x)
+    with torch.inference_mode():  # (the dispatch mode saw aten.conv2d / aten.linear there: everything was 0)
+        assert pyops.count_ops(model, x) == plain
+    with pytest.warns(Warning):  # (torch.jit's deprecation)
+        traced = torch.jit.trace(model, x)
+    assert pyops.count_ops(traced, x).total == plain.total  # aten::_convolution
+    with pytest.raises(TypeError, match="script"):
+        pyops.count_ops(torch.jit.script(model), x)
+    a, b, c = torch.randn(4, 5), torch.randn(5, 6), torch.randn(4, 6)
+    assert pyops.count_ops(lambda c: c.addmm_(a, b), c).by_layer == pyops.count_ops(lambda c: c.addmm(a, b), c).by_layer
