@@ -1,29 +1,48 @@
 """Global flags (torch.backends.*, autocast's cache, the TorchScript tracer) set for the duration of a block."""
 import contextlib
+import threading
 
 import torch
 
 
+# Overrides of shared state (process-wide flags, a module's training flag) active now, per key: the original value
+# and the active blocks' (token, value) in the order they began. Threads that run pyops calls at once share the
+# state; a plain save/restore per block let one thread restore the original while another was still inside (its
+# BatchNorm then ran in training mode) and left behind the value of whichever block ended last.
+_lock = threading.Lock()
+_active = {}
+
+
 @contextlib.contextmanager
-def temporarily(namespace, name, value):
-    """namespace.name = value inside the block; the caller's value is restored after it, also on an exception."""
-    saved = getattr(namespace, name)
-    setattr(namespace, name, value)
+def _override(key, read, write, value):
+    """write(value) for the block. While blocks overlap (nested or in other threads), the value is that of the latest
+    one still active; the original is written back when the last one ends, also on an exception."""
+    token = object()
+    with _lock:
+        original, blocks = _active.setdefault(key, (read(), []))
+        blocks.append((token, value))
+        write(value)
     try:
         yield
     finally:
-        setattr(namespace, name, saved)
+        with _lock:
+            blocks.pop(next(i for i, (t, _) in enumerate(blocks) if t is token))
+            if blocks:
+                write(blocks[-1][1])
+            else:
+                del _active[key]
+                write(original)
 
 
-@contextlib.contextmanager
+def temporarily(namespace, name, value):
+    """namespace.name = value inside the block (see _override for overlapping blocks)."""
+    return _override((id(namespace), name), lambda: getattr(namespace, name),
+                     lambda v: setattr(namespace, name, v), value)
+
+
 def autocast_cache_disabled():
     """No caching of autocast's casts inside the block (the caller's setting is restored after it)."""
-    saved = torch.is_autocast_cache_enabled()
-    torch.set_autocast_cache_enabled(False)
-    try:
-        yield
-    finally:
-        torch.set_autocast_cache_enabled(saved)
+    return _override("autocast_cache", torch.is_autocast_cache_enabled, torch.set_autocast_cache_enabled, False)
 
 
 def autocast_off(device):
@@ -48,14 +67,11 @@ def jit_tracing_paused():
 def eval_mode(module):
     """module and its submodules in eval mode inside the block, each one's own training flag restored after: the
     module is used with eval semantics (BatchNorm's running statistics, no Dropout) and left as it was (a train-mode
-    BatchNorm would otherwise update its statistics and num_batches_tracked). The flags are set directly, both
-    ways, not through train()/eval(), whose overrides (pyops' DerivedWeights drops its cache) are for real mode
-    switches."""
-    flags = [(m, m.training) for m in module.modules()]
-    for m, _ in flags:
-        m.training = False
-    try:
+    BatchNorm would otherwise update its statistics and num_batches_tracked). Calls in several threads at once keep
+    eval mode until the last one ends (_override). The flags are set directly, both ways, not through
+    train()/eval(), whose overrides (pyops' DerivedWeights drops its cache) are for real mode switches."""
+    with contextlib.ExitStack() as stack:
+        for m in module.modules():
+            stack.enter_context(_override((id(m), "training"), lambda m=m: m.training,
+                                          lambda v, m=m: setattr(m, "training", v), False))
         yield module
-    finally:
-        for m, flag in flags:
-            m.training = flag

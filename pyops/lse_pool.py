@@ -34,13 +34,13 @@ def lse_pool2d(scores, beta):
     if n == 0:
         raise ValueError(f"argument 'scores' has an empty {scores.shape[2]}x{scores.shape[3]} map: nothing to pool")
     flat = scores.flatten(2)
-    if beta == 0:
-        return flat.mean(-1)
     # Half-precision scores are pooled in float32 and rounded once at the end: rounding the smooth max first and
     # then subtracting log(n)/β lost ~log(n)·eps (bfloat16 128x128 at β = 1.01: 11 ulps).
     half = flat.dtype not in (torch.float32, torch.float64)
     out_dtype = torch.float32 if half and in_autocast_region(flat.device) else flat.dtype  # (as smooth_max's)
     work = flat.float() if half else flat
+    if beta == 0:
+        return work.mean(-1).to(out_dtype)
     if abs(beta) < torch.finfo(work.dtype).tiny:
         # β below the dtype's normal numbers rounds to 0 or loses digits in β·s and in the division by β (float32
         # at β = 1e-46: NaN): float64 then, and below float64's normal numbers the β → 0 limit, the mean (its error,
@@ -62,4 +62,7 @@ def lse_pool2d(scores, beta):
     anchor = torch.where(near, high if beta > 0 else low, 0.0)
     spread = torch.where(near.unsqueeze(-1), work - anchor.unsqueeze(-1), 0.0)
     near_mean = anchor + torch.log1p(torch.expm1(beta * spread).mean(-1)) / beta
-    return torch.where(near, near_mean, pooled - math.log(n) / beta).to(out_dtype)
+    # log(n) as a tensor op: n = H·W may be symbolic (torch.export with dynamic H, W; math.log pinned it to the
+    # example's size, and the exported program failed on any other)
+    log_n = torch.log(work.new_full((), n))
+    return torch.where(near, near_mean, pooled - log_n / beta).to(out_dtype)

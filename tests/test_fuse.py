@@ -280,13 +280,42 @@ def test_packed_weight_follows_input_shape_and_weight_updates():
         for shape in [(1, 64, 8, 8), (3, 64, 10, 6), (1, 64, 8, 8)]:
             x = torch.randn(shape, generator=gen())
             assert_close_relative(fused(x).double(), expected(x), 2e-6)
-            assert fused._derived[0][0] == ("packed", shape)  # one packing at a time, for the latest shape
+            assert fused._derived[0] == ("packed", shape)  # one packing at a time, for the latest shape
         fused.weight.mul_(-0.5)  # an in-place update (optimizer step, load_state_dict) must repack
         assert_close_relative(fused(x).double(), expected(x), 2e-6)
     with torch.inference_mode():
         y_inference = fused(x)
     with torch.no_grad():  # a packing made under inference_mode serves later no_grad calls too
         torch.testing.assert_close(fused(x), y_inference, rtol=0, atol=0)
+
+
+def test_packed_weight_is_keyed_by_the_weight_itself():
+    """A fresh weight each call (torch.func.functional_call) or a replaced Parameter can land at the freed weight's
+    address with the same version (0): the packing is keyed by the tensor's identity, so it is never served for
+    another weight (an address-only key returned the previous weight's results, errors of 2-126)."""
+    conv, bn = fp32_conv_bn(padding=1)
+    fused = ConvBNReLU2d.from_modules(conv, bn, "none")
+    x = torch.randn(1, 64, 8, 8, generator=gen())
+    w, b = fused.weight.detach(), fused.bias.detach()
+    with torch.no_grad():
+        for scale in (1.0, 2.0, -3.0, 0.5, 1.0, 2.0):
+            y = torch.func.functional_call(fused, {"weight": w * scale, "bias": b}, (x,))
+            assert_close_relative(y.double(), F.conv2d(x.double(), w.double() * scale, b.double(), padding=1), 2e-6)
+        for seed in range(4):
+            fused.weight = nn.Parameter(torch.randn(w.shape, generator=gen(seed)))
+            assert_close_relative(fused(x).double(), F.conv2d(x.double(), fused.weight.double(), b.double(),
+                                                              padding=1), 2e-6)
+
+
+def test_fused_layers_under_vmap(device):
+    """torch.func.vmap hands the layers batched tensors: the op's batching rule takes them, not the inference-only
+    paths (packed weights, the widening stem's layout conversion), which raised."""
+    for cin in (64, 3):  # a packed layer, a widening stem
+        fused = ConvBNReLU2d.from_modules(*fp32_conv_bn(cin, 64, padding=1)).to(device)
+        x = torch.randn(3, 2, cin, 8, 8, generator=gen()).to(device)
+        with torch.no_grad():
+            torch.testing.assert_close(torch.func.vmap(fused)(x), torch.stack([fused(xi) for xi in x]),
+                                       rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

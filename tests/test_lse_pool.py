@@ -125,3 +125,23 @@ def test_bad_inputs():
         pyops.lse_pool2d(torch.randn(1, 2, 3, 3), "2")
     with pytest.raises(ValueError, match="empty"):
         pyops.lse_pool2d(torch.randn(1, 2, 0, 3), 1.0)
+
+
+def test_export_with_dynamic_map_size():
+    """log(n) for n = H·W is a tensor op: an exported program with dynamic H and W runs on other map sizes (math.log
+    pinned n to the example's, and the program failed on any other)."""
+    class Pool(torch.nn.Module):
+        def forward(self, s):
+            return pyops.lse_pool2d(s, 1.5)
+
+    dims = {0: torch.export.Dim("b", max=64), 2: torch.export.Dim("h", max=64), 3: torch.export.Dim("w", max=64)}
+    program = torch.export.export(Pool(), (rand((2, 3, 5, 7), seed=4),), dynamic_shapes=(dims,))
+    for shape in ((2, 3, 9, 4), (1, 3, 2, 2)):
+        s = rand(shape, seed=5)
+        torch.testing.assert_close(program.module()(s), pyops.lse_pool2d(s, 1.5), rtol=0, atol=0)
+
+
+def test_autocast_region_gives_float32_at_every_beta():
+    s = rand((1, 2, 3, 3), seed=6).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert {pyops.lse_pool2d(s, beta).dtype for beta in (0.0, 1e-320, 1.0, math.inf)} == {torch.float32}

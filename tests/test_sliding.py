@@ -1,6 +1,8 @@
 """convolutionalize / sliding_classify / SlidingClassifier / the sliding_head op, against the per-crop loop."""
 
 import copy
+import sys
+import threading
 
 import pytest
 import torch
@@ -248,6 +250,46 @@ def test_batchnorm_after_a_dropout_folds_into_the_linear_before_it():
                                atol=1e-12)
 
 
+def test_threads_sharing_a_train_mode_classifier():
+    """Threads calling one SlidingClassifier (in training mode) at once: each call has eval semantics until the
+    last ends, and the flags and global settings are left as they were (a save/restore per call let one thread
+    restore training mode while another computed, and left the features in eval mode and cuDNN's TF32 flag off)."""
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5),
+                                       nn.Flatten(), nn.Linear(4 * 8 * 8, 3))).double()
+    dense = pyops.nn.SlidingClassifier(model, 10).train()
+    x = rand((2, 3, 16, 15), seed=8)
+    expected = reference.crop_loop(eval64(copy.deepcopy(model)), x, 10)
+    before = {k: v.clone() for k, v in dense.state_dict().items()}
+    tf32 = torch.backends.cudnn.allow_tf32
+    results, errors = [], []
+
+    def work():
+        try:
+            for _ in range(10):
+                with torch.no_grad():
+                    results.append(dense(x))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, so that calls interleave
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors and len(results) == 40
+    for scores in results:
+        torch.testing.assert_close(scores, expected, rtol=1e-10, atol=1e-12)
+    assert all(m.training for m in dense.modules()) and torch.backends.cudnn.allow_tf32 == tf32
+    for k, v in dense.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed"
+
+
 def test_conversion_inside_an_autocast_region():
     """The slide check compares the converted network with the model in the parameters' dtype, whatever region the
     caller is in (under autocast the head op and the model's Linears computed in different dtypes: refused)."""
@@ -274,6 +316,13 @@ def test_inference_mode_parameters():
         fcn.head[0].weight = nn.Parameter(fcn.head[0].weight * 2)
         second = pyops.sliding_classify(fcn, x, 32, precision="bf16")
         assert not torch.equal(first, second)
+    # a replaced weight may land at the freed one's address with the same version: keyed by identity, not address
+    weight = fcn.head[0].weight.detach().clone()
+    for scale in (1.0, 2.0, 1.0, 2.0):
+        fcn.head[0].weight = nn.Parameter(weight * scale)
+        expected = pyops.sliding_classify(fcn, x, 32)
+        got = pyops.sliding_classify(fcn, x, 32, precision="bf16")
+        assert ((got - expected).norm() / expected.norm()).item() < 2e-2
 
 
 def test_padded_network_exact_equals_loop_and_fcn_warns():
@@ -397,9 +446,9 @@ def test_fft_algorithm_equals_crop_loop(device, dtype, stride):
     rtol, atol = tolerances(dtype)
     assert out.dtype == dtype and out.shape == ref.shape
     torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol * ref.abs().max().item())
-    spectra = clf.fcn._derived[1].spectra
+    spectra = clf.fcn._derived[2].spectra
     torch.testing.assert_close(clf(x[:1], algorithm="fft"), out[:1], rtol=rtol, atol=atol * ref.abs().max().item())
-    assert clf.fcn._derived[1].spectra is spectra  # made once
+    assert clf.fcn._derived[2].spectra is spectra  # made once
     torch.testing.assert_close(pyops.sliding_classify(net1, x, 32, stride, algorithm="fft"), out, rtol=rtol,
                                atol=atol * ref.abs().max().item())
     clf.to(torch.float64 if dtype == torch.float32 else torch.float32)
@@ -443,11 +492,11 @@ def test_fft_head_without_bias_equals_direct_and_keeps_its_spectra():
     fcn = pyops.convolutionalize(model, 16)
     x = rand((1, 3, 20, 21), seed=23)
     out = pyops.sliding_classify(fcn, x, 16, algorithm="fft")
-    spectra = fcn._derived[1].spectra
+    spectra = fcn._derived[2].spectra
     torch.testing.assert_close(out, pyops.sliding_classify(fcn, x, 16, algorithm="direct"), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(out, reference.crop_loop(model, x, 16), rtol=1e-10, atol=1e-12)
     pyops.sliding_classify(fcn, x, 16, algorithm="fft")
-    assert fcn._derived[1].spectra is spectra  # the zero bias made per call does not rebuild them
+    assert fcn._derived[2].spectra is spectra  # the zero bias made per call does not rebuild them
 
 
 def test_fft_algorithm_rejects_what_it_cannot_do():
