@@ -1,3 +1,6 @@
+import sys
+import threading
+
 import pytest
 import torch
 
@@ -31,3 +34,27 @@ def tolerances(dtype):
         torch.float16: (1e-2, 1e-3),
         torch.bfloat16: (1e-2, 1e-2),
     }[dtype]
+
+
+def run_in_threads(work, count=4):
+    """Runs work(index) in `count` threads at once, switching between them as often as Python allows (so that their
+    calls interleave between any two steps), and returns the exceptions they raised."""
+    errors = []
+
+    def guarded(index):
+        try:
+            work(index)
+        except Exception as error:  # noqa: BLE001 - returned to the test
+            errors.append(error)
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(count)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    return errors

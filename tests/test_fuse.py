@@ -3,15 +3,13 @@ import copy
 import itertools
 import operator
 import pickle
-import sys
-import threading
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import tolerances
+from conftest import run_in_threads, tolerances
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.flop_counter import FlopCounterMode
@@ -346,27 +344,13 @@ def test_packed_module_serves_threads_with_different_shapes():
     fused = ConvBNReLU2d.from_modules(conv, bn)
     inputs = [torch.randn(shape, generator=gen()) for shape in [(1, 64, 8, 8), (2, 64, 6, 6), (1, 64, 5, 7)]]
     expected = [F.conv2d(x.double(), fused.weight.double(), fused.bias.double(), padding=1).relu() for x in inputs]
-    errors = []
-
     def serve(offset):
-        try:
-            with torch.no_grad():
-                for i in range(15):
-                    k = (i + offset) % len(inputs)
-                    assert_close_relative(fused(inputs[k]).double(), expected[k], 2e-6)
-        except Exception as error:  # noqa: BLE001 - reported by the main thread
-            errors.append(error)
+        with torch.no_grad():
+            for i in range(15):
+                k = (i + offset) % len(inputs)
+                assert_close_relative(fused(inputs[k]).double(), expected[k], 2e-6)
 
-    threads = [threading.Thread(target=serve, args=(t,)) for t in range(4)]
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # switch threads as often as possible: between any two steps of the cache update
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(interval)
+    errors = run_in_threads(serve)
     assert not errors, errors
 
 

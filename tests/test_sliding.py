@@ -1,8 +1,6 @@
 """convolutionalize / sliding_classify / SlidingClassifier / the sliding_head op, against the per-crop loop."""
 
 import copy
-import sys
-import threading
 
 import pytest
 import torch
@@ -11,7 +9,7 @@ from torch import nn
 import pyops
 from pyops import reference
 from pyops.sliding import plan_tiles
-from conftest import tolerances
+from conftest import run_in_threads, tolerances
 
 
 def rand(shape, dtype=torch.float64, device="cpu", seed=0):
@@ -262,26 +260,14 @@ def test_threads_sharing_a_train_mode_classifier():
     expected = reference.crop_loop(eval64(copy.deepcopy(model)), x, 10)
     before = {k: v.clone() for k, v in dense.state_dict().items()}
     tf32 = torch.backends.cudnn.allow_tf32
-    results, errors = [], []
+    results = []
 
-    def work():
-        try:
-            for _ in range(10):
-                with torch.no_grad():
-                    results.append(dense(x))
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+    def work(index):
+        for _ in range(10):
+            with torch.no_grad():
+                results.append(dense(x))
 
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # switch threads often, so that calls interleave
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(interval)
+    errors = run_in_threads(work)
     assert not errors and len(results) == 40
     for scores in results:
         torch.testing.assert_close(scores, expected, rtol=1e-10, atol=1e-12)
