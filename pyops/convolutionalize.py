@@ -49,7 +49,7 @@ class FullyConvolutional(DerivedWeights):
     forward(x, precision="fp32", workspace_bytes, algorithm="auto"): the head's first (large-kernel) layer by the
     direct convolution (algorithm="direct": im2col + GEMM in the sliding_head op) or by pyops.fft_conv.FFTConv2d
     (algorithm="fft": far fewer operations, fp32 or float64 only, error of the order of fp32's own direct sum; its
-    weight spectra, ~T²/(2·kh·kw) times the layer's weight memory, are made on first use and kept until the weight
+    weight spectra, ~T²/(kh·kw) times the layer's weight memory, are made on first use and kept until the weight
     changes or the module is moved). "auto" (see resolve_algorithm) takes the FFT on CUDA for kernels of at least
     16×16 at precision "fp32", else the direct head. The 1×1 layers after it run in the sliding_head op either way.
     """

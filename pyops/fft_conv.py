@@ -8,7 +8,7 @@ channel. By FFT, with overlap-save tiles of T×T input positions (output tiles o
 
 (a circular correlation of size T equals the linear one on the positions that do not wrap). Per tile: C real FFTs
 in, one complex GEMM per frequency bin ((tiles, C) × (C, O), T·(T/2+1) bins), O inverse FFTs. The weight spectra
-are computed once: T·(T/2+1)·C·O complex values, ~T²/(2·kh·kw) times the weight's memory (Net1 with T = 36:
+are computed once: T·(T/2+1)·C·O complex values, ~T²/(kh·kw) times the weight's memory (Net1 with T = 36:
 5.3 GiB next to its 1.27 GiB weight, ~35 s to compute on our 2-core CPU). Measured on that CPU for a 48×48 image's
 34×34 features: 0.50 s vs 2.2 s for the direct convolution (4.4×); on an H200: 1.5 ms vs cuDNN's 29.6 ms (19.8×;
 bench/NOTES-sliding.md). sliding_classify takes it by default on CUDA (algorithm="auto"), where the spectra take
@@ -64,8 +64,8 @@ class FFTConv2d(torch.nn.Module):
             raise ValueError(f"argument 'weight' must be a float32/float64 (O, C, kh, kw) tensor, got "
                              f"{weight.dtype} of shape {tuple(weight.shape)}")
         if weight.numel() == 0:
-            raise ValueError(f"argument 'weight' has no elements (shape {tuple(weight.shape)}): the FFT needs input and "
-                             "output channels and a non-empty kernel")
+            raise ValueError(f"argument 'weight' has no elements (shape {tuple(weight.shape)}): the FFT needs "
+                             "input and output channels and a non-empty kernel")
         out_ch, in_ch, kh, kw = weight.shape
         size = default_fft_size(max(kh, kw)) if fft_size is None else int(fft_size)
         if size < max(kh, kw):

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import nn as pyops_nn
+from ._overrides import overridable
 from .fold import (WEIGHT_REPARAMETRIZATIONS, fold_bn, frozen_batchnorm_class, is_batchnorm,
                    is_foldable_batchnorm, out_channels)
 
@@ -42,9 +43,11 @@ def fuse(model, inplace=False):
     """An eval-mode model computing what `model` computes, with its BatchNorms folded and ReLUs fused.
 
     model: an nn.Module in eval mode (model.training False and no submodule in training mode).
-    inplace: False (default) works on a deep copy and leaves `model` untouched; True skips the copy, so the result
-        shares `model`'s unfused submodules and parameters: a traceable model itself is left as it was (the result
-        is a new torch.fx.GraphModule built from its modules), an untraceable one is rewritten in place and returned.
+    inplace: False (default) works on a deep copy and leaves `model` untouched (torch cannot deepcopy a layer
+        under the old-style torch.nn.utils.weight_norm: fuse such a model with inplace=True); True skips the copy,
+        so the result shares `model`'s unfused submodules and parameters: a traceable model itself is left as it
+        was (the result is a new torch.fx.GraphModule built from its modules), an untraceable one is rewritten in
+        place and returned.
     Returns a torch.fx.GraphModule (traceable models) or the rewritten model (fallback), in eval mode, in which
       - Conv2d → BatchNorm2d [→ add(·, residual)] [→ ReLU/ReLU6] is one pyops.nn.ConvBNReLU2d (the residual add
         and the activation are fused into the kernel's epilogue),
@@ -61,13 +64,14 @@ def fuse(model, inplace=False):
     inputs, where the fold is exact, and raises ValueError on others (a Linear → BatchNorm1d on 3-D inputs, where the
     BatchNorm normalizes dim 1 instead, cannot be folded).
     The fused layers may return channels_last tensors in CPU float32 inference (pyops.nn.ConvBNReLU2d); the traced
-    graph's `.view` calls get a `.contiguous()` before them so that models flattening with `.view(n, -1)` still run.
+    graph's `.view` calls become view_or_copy (a view where the strides allow one, else a copy) so that models
+    flattening with `.view(n, -1)` still run, also after pickling or tracing the result again.
     ValueError: a model (or submodule) in training mode (torch.nn's stateless layers and containers do not count,
     dropouts do). Warns (UserWarning) when torch.fx cannot trace the model, or when its forward has an argument
     defaulting to None that the trace uses (torch.fx takes it as a tensor, dropping the model's code for calls
-    without it), naming what the Sequential fallback fused: there the BatchNorm and ReLU modules absorbed into a fused layer
-    become nn.Identity (indices and names keep working; code reading a Sequential's intermediate outputs sees the
-    fused values), and the model's own code runs as written.
+    without it), naming what the Sequential fallback fused: there the BatchNorm and ReLU modules absorbed into a
+    fused layer become nn.Identity (indices and names keep working; code reading a Sequential's intermediate
+    outputs sees the fused values), and the model's own code runs as written.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"argument 'model' must be an nn.Module, got {type(model).__name__}")
@@ -356,6 +360,7 @@ def replace_chain(gm, modules, chain):
     return cls
 
 
+@overridable  # recorded as one call when the fused graph is traced again (pickling re-traces a GraphModule)
 def view_or_copy(x, *shape, size=None):
     """x.view(*shape) (or x.view(size=size)), or x.reshape(...) (a copy) where x's strides allow no view. A fused
     layer may return a channels_last tensor where the model's layer returned an NCHW one (CPU inference, see
@@ -368,6 +373,7 @@ def view_or_copy(x, *shape, size=None):
         return x.reshape(*shape)
 
 
+@overridable
 def view_as_or_copy(x, other):
     """x.view_as(other), or a copy shaped like other, as view_or_copy."""
     return view_or_copy(x, other.shape)

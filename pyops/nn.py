@@ -84,9 +84,11 @@ def swap_conv1d(model, inplace=False):
     """model with every torch.nn.Conv1d (the class itself, not subclasses) computed by pyops.nn.Conv1d.
 
     Each layer's class becomes pyops.nn.Conv1d (which adds no state), so everything else about the layer stays:
-    its parameters, hooks (an old-style weight_norm/spectral_norm's included), attributes, and modules shared
-    between parents stay one module. An nn.LazyConv1d becomes a pyops.nn.Conv1d when its first input initializes
-    it (that first call still runs nn.Conv1d's forward). inplace=False (default) converts a deep copy and returns it; True converts model itself and returns it.
+    its parameters, hooks (an old-style weight_norm/spectral_norm's included: torch cannot deepcopy those layers,
+    so convert them with inplace=True), attributes, and modules shared between parents stay one module. An
+    nn.LazyConv1d becomes a pyops.nn.Conv1d when its first input initializes it (that first call still runs
+    nn.Conv1d's forward). inplace=False (default) converts a deep copy and returns it; True converts model itself
+    and returns it.
     Outputs and gradients are F.conv1d's (within fp32 rounding); state_dict keys are unchanged.
     """
     if not isinstance(model, torch.nn.Module):
@@ -191,7 +193,8 @@ class ConvBNReLU2d(DerivedWeights):
     stay the same (and the module in eval mode): one extra copy of the weight, rebuilt when either changes or the
     module is switched by train()/eval(), never saved or copied. In eval mode, changes are seen through autograd's
     version counter (in-place ops on the parameter, as optimizers make them); writes that bypass it (through
-    `weight.data`, torch.optim's fused=True steps) are seen after the next eval() call. That path
+    `weight.data`, torch.optim's fused=True steps) are seen after the next train()/eval() switch (a training loop's
+    steps, then eval(); a layer already in eval mode: train() then eval(), or assign a new weight). That path
     computes in channels_last and returns a channels_last output (same values), as a PyTorch convolution with a
     channels_last weight does. A layer that widens fewer than 64 channels into 64 or more (a network's stem) also
     returns channels_last there (see _widens_into_channels_last): a fused network thus is channels_last from its

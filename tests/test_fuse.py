@@ -934,6 +934,9 @@ def test_fuse_flattening_views_survive_channels_last_outputs():
     with torch.no_grad():
         assert fused.conv(x).is_contiguous(memory_format=torch.channels_last)  # what the view has to cope with
         torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)
+        # pickling re-traces a GraphModule's code, as symbolic_trace does: view_or_copy stays one call
+        for again in (pickle.loads(pickle.dumps(fused)), torch.fx.symbolic_trace(fused)):
+            torch.testing.assert_close(again(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_fuse_keeps_views_that_are_written_in_place_aliased():
