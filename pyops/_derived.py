@@ -30,9 +30,8 @@ def _state(tensors):
 class DerivedWeights(nn.Module):
     """A module mixin holding at most one derived form of its weights: derived(kind, sources, make) returns make(),
     made on first use and made again whenever kind changes or a source tensor does (another tensor, or the same
-    one updated in place: SourcesKey). .to()/.cuda()/.half()
-    drop it; copies and pickles never carry it: it is rebuilt on use (an MKLDNN tensor cannot be pickled, and FFT
-    spectra can take gigabytes)."""
+    one updated in place: SourcesKey). .to()/.cuda()/.half() drop it; copies and pickles never carry it: it is
+    rebuilt on use (an MKLDNN tensor cannot be pickled, and FFT spectra can take gigabytes)."""
 
     _derived = None  # (kind, SourcesKey, value); a class default, so older pickled modules have it too
 

@@ -125,9 +125,19 @@ def check_traced_defaults(gm):
                             "tensor: the graph would not hold the model's code for calls without it")
 
 
-# torch.nn forwards that a subclass computing the same (torchvision's Conv3DSimple, Conv2dNormActivation's layers
-# are such) inherits: a module running one is called as a leaf, where the chains are found.
-LAYER_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.Linear.forward, _BatchNorm.forward}
+LAYER_BASES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, _BatchNorm)
+
+
+def computes_like_base(module):
+    """The torch.nn layer class (LAYER_BASES) module is, where it computes what that class does: no forward or
+    _conv_forward of its own (a weight-standardizing or fake-quantizing conv overrides one of them); else None.
+    Such subclasses (torchvision's Conv3DSimple, for one) are called as leaves of the trace and fold."""
+    base = next((c for c in LAYER_BASES if isinstance(module, c)), None)
+    cls = type(module)
+    if base is None or cls.forward is not base.forward or \
+            getattr(cls, "_conv_forward", None) is not getattr(base, "_conv_forward", None):
+        return None
+    return base
 
 
 class FusionTracer(fx.Tracer):
@@ -138,7 +148,7 @@ class FusionTracer(fx.Tracer):
     def is_leaf_module(self, m, qualname):
         frozen = frozen_batchnorm_class()
         if isinstance(m, FUSED_MODULES) or (frozen is not None and isinstance(m, frozen)) \
-                or type(m).forward in LAYER_FORWARDS:
+                or computes_like_base(m) is not None:
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -264,12 +274,11 @@ def mutation_between(first, last, chain_nodes, modules):
 
 def foldable_pair(layer, bn):
     """Whether layer → bn folds into one layer computing the same: a conv/linear layer that computes what its
-    torch.nn class does (no hooks; no forward of its own, as a QAT Conv2d's fake-quantizing one, except
-    pyops.nn.Conv1d's, the same convolution) and a BatchNorm with running statistics and no hooks, over the layer's
-    output channels."""
-    base = next((c for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) if isinstance(layer, c)), None)
-    return (base is not None and is_foldable_batchnorm(bn) and not has_hooks(layer) and not has_hooks(bn)
-            and (type(layer).forward is base.forward or isinstance(layer, pyops_nn.Conv1d))
+    torch.nn class does (no hooks; computes_like_base: no forward or _conv_forward of its own, as a QAT Conv2d's
+    fake-quantizing one, except pyops.nn.Conv1d's, the same convolution) and a BatchNorm with running statistics
+    and no hooks, over the layer's output channels."""
+    computes = computes_like_base(layer) not in (None, _BatchNorm) or isinstance(layer, pyops_nn.Conv1d)
+    return (computes and is_foldable_batchnorm(bn) and not has_hooks(layer) and not has_hooks(bn)
             and out_channels(layer) == bn.running_mean.numel())
 
 

@@ -1171,6 +1171,17 @@ def test_fuse_folds_layer_subclasses_that_keep_torch_forward():
     model = randomized(nn.Sequential(NamedConv3d(3, 4, 3), nn.BatchNorm3d(4))).double()
     assert_no_batchnorm(pyops.fuse(model))
 
+    class StandardizedConv(nn.Conv2d):  # keeps forward, standardizes the weight in _conv_forward: not folded
+        def _conv_forward(self, x, weight, bias):
+            weight = (weight - weight.mean((1, 2, 3), keepdim=True)) / weight.std((1, 2, 3), keepdim=True)
+            return super()._conv_forward(x, weight, bias)
+
+    model = randomized(nn.Sequential(StandardizedConv(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())).double()
+    fused = pyops.fuse(model)
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64, generator=gen())
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-10, atol=1e-10)
+
 
 def test_fuse_takes_torch_fx_graph_modules_and_in_place_residual_dtypes():
     """A symbolically traced model (its plain containers are in training mode: they hold no state, so they do not
