@@ -39,14 +39,13 @@ def lse_pool2d(scores, beta):
     half = flat.dtype not in (torch.float32, torch.float64)
     out_dtype = torch.float32 if half and in_autocast_region(flat.device) else flat.dtype  # (as smooth_max's)
     work = flat.float() if half else flat
-    if beta == 0:
+    if abs(beta) < torch.finfo(torch.float64).tiny:
+        # β = 0, or below float64's normal numbers: the β → 0 limit, the mean (its error, |β|·var/2, is below
+        # float64's rounding for any spread under ~1e150)
         return work.mean(-1).to(out_dtype)
     if abs(beta) < torch.finfo(work.dtype).tiny:
         # β below the dtype's normal numbers rounds to 0 or loses digits in β·s and in the division by β (float32
-        # at β = 1e-46: NaN): float64 then, and below float64's normal numbers the β → 0 limit, the mean (its error,
-        # |β|·var/2, is below float64's rounding for any spread under ~1e150).
-        if abs(beta) < torch.finfo(torch.float64).tiny:
-            return work.mean(-1).to(out_dtype)
+        # at β = 1e-46: NaN): float64 then
         work = work.double()
     pooled = smooth_max(work, beta, -1)
     if beta == math.inf or beta == -math.inf:
