@@ -499,6 +499,29 @@ def test_torch_compile_forward_backward(device):
         torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
 
 
+def test_torch_compile_dynamic_lengths_share_one_graph(device):
+    """With dynamic shapes, one compiled forward+backward serves every input length: the backward ops take the input
+    length and kernel size as SymInts (an int would specialize the length and recompile for each). Strided, so the
+    input length is not a function of grad_output's length and must reach conv1d_backward_input as it is."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    g = torch.Generator().manual_seed(13)
+    w = rand((6, 2, 3), device=device, gen=g).requires_grad_()
+    b = rand((6,), device=device, gen=g).requires_grad_()
+
+    def step(x, w, b):
+        return torch.sigmoid(pyops.conv1d(x, w, b, stride=2, padding=1, groups=2)).sum()
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, backend=counter, dynamic=True, fullgraph=True)
+    for length in (17, 18, 31, 64):
+        x = rand((2, 4, length), device=device, gen=g).requires_grad_()
+        got = torch.autograd.grad(compiled(x, w, b), (x, w, b))
+        want = torch.autograd.grad(step(x, w, b), (x, w, b))
+        for a, c in zip(got, want):
+            torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
+    assert counter.frame_count == 1
+
+
 def test_flop_counter_counts_every_op():
     from torch.utils.flop_counter import FlopCounterMode
     x = torch.randn(2, 4, 30, requires_grad=True)

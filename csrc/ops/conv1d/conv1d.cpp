@@ -181,13 +181,13 @@ Conv1dGeometry check_conv1d_backward_weight(const at::Tensor& grad_output, const
 
 TORCH_LIBRARY_FRAGMENT(pyops, m) {
   m.def("conv1d(Tensor input, Tensor weight, Tensor? bias, int stride, int padding, int dilation, int groups) -> Tensor");
-  m.def("conv1d_backward_input(Tensor grad_output, Tensor weight, int input_length, int stride, int padding, "
+  m.def("conv1d_backward_input(Tensor grad_output, Tensor weight, SymInt input_length, int stride, int padding, "
         "int dilation, int groups) -> Tensor");
-  m.def("conv1d_backward_weight(Tensor grad_output, Tensor input, int kernel_size, int stride, int padding, "
+  m.def("conv1d_backward_weight(Tensor grad_output, Tensor input, SymInt kernel_size, int stride, int padding, "
         "int dilation, int groups) -> Tensor");
   // (grad_weight, grad_bias = grad_output summed over batch and length): what autograd asks for when a layer has a
   // bias, from one read of grad_output where a kernel fuses the two (CUDA depthwise), else one after the other.
-  m.def("conv1d_backward_weight_bias(Tensor grad_output, Tensor input, int kernel_size, int stride, int padding, "
+  m.def("conv1d_backward_weight_bias(Tensor grad_output, Tensor input, SymInt kernel_size, int stride, int padding, "
         "int dilation, int groups) -> (Tensor, Tensor)");
 }
 

@@ -34,24 +34,24 @@ at::Tensor call_conv1d(const at::Tensor& x, const at::Tensor& w, const std::opti
   return op.call(x, w, b, stride, padding, dilation, groups);
 }
 
-at::Tensor call_backward_input(const at::Tensor& gy, const at::Tensor& w, int64_t input_length, int64_t stride,
+at::Tensor call_backward_input(const at::Tensor& gy, const at::Tensor& w, c10::SymInt input_length, int64_t stride,
                                int64_t padding, int64_t dilation, int64_t groups) {
-  static const auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t, int64_t,
+  static const auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt, int64_t, int64_t, int64_t,
                                             int64_t)>("pyops::conv1d_backward_input");
   return op.call(gy, w, input_length, stride, padding, dilation, groups);
 }
 
-at::Tensor call_backward_weight(const at::Tensor& gy, const at::Tensor& x, int64_t kernel_size, int64_t stride,
+at::Tensor call_backward_weight(const at::Tensor& gy, const at::Tensor& x, c10::SymInt kernel_size, int64_t stride,
                                 int64_t padding, int64_t dilation, int64_t groups) {
-  static const auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t, int64_t,
+  static const auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt, int64_t, int64_t, int64_t,
                                             int64_t)>("pyops::conv1d_backward_weight");
   return op.call(gy, x, kernel_size, stride, padding, dilation, groups);
 }
 
 std::tuple<at::Tensor, at::Tensor> call_backward_weight_bias(const at::Tensor& gy, const at::Tensor& x,
-                                                             int64_t kernel_size, int64_t stride, int64_t padding,
+                                                             c10::SymInt kernel_size, int64_t stride, int64_t padding,
                                                              int64_t dilation, int64_t groups) {
-  static const auto op = find_op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t,
+  static const auto op = find_op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, c10::SymInt,
                                                                     int64_t, int64_t, int64_t, int64_t)>(
       "pyops::conv1d_backward_weight_bias");
   return op.call(gy, x, kernel_size, stride, padding, dilation, groups);
@@ -83,7 +83,7 @@ void save_state(AutogradContext* ctx, const at::Tensor& a, const at::Tensor& b, 
 
 // (grad_w, grad_b) of conv1d from gy and x, each only if needed; together from one op when both are.
 std::tuple<at::Tensor, at::Tensor> weight_and_bias_grads(const at::Tensor& gy, const at::Tensor& x,
-                                                         int64_t kernel_size, bool need_weight, bool need_bias,
+                                                         c10::SymInt kernel_size, bool need_weight, bool need_bias,
                                                          const Hyper& h) {
   if (need_weight && need_bias) {
     return call_backward_weight_bias(gy, x, kernel_size, h.stride, h.padding, h.dilation, h.groups);
@@ -112,15 +112,15 @@ class Conv1dFunction : public torch::autograd::Function<Conv1dFunction> {
     const at::Tensor &x = saved[0], &w = saved[1];
     const Hyper h = Hyper::load(ctx);
     const InputEdges edges(ctx);
-    if (edges.needs(0)) out[0] = call_backward_input(gy, w, x.size(2), h.stride, h.padding, h.dilation, h.groups);
-    std::tie(out[1], out[2]) = weight_and_bias_grads(gy, x, w.size(2), edges.needs(1), edges.needs(2), h);
+    if (edges.needs(0)) out[0] = call_backward_input(gy, w, x.sym_size(2), h.stride, h.padding, h.dilation, h.groups);
+    std::tie(out[1], out[2]) = weight_and_bias_grads(gy, x, w.sym_size(2), edges.needs(1), edges.needs(2), h);
     return out;
   }
 };
 
 class BackwardInputFunction : public torch::autograd::Function<BackwardInputFunction> {
  public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gy, const at::Tensor& w, int64_t input_length,
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gy, const at::Tensor& w, c10::SymInt input_length,
                             int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
     save_state(ctx, gy, w, {stride, padding, dilation, groups});
     return below_autograd(call_backward_input, gy, w, input_length, stride, padding, dilation, groups);
@@ -135,7 +135,7 @@ class BackwardInputFunction : public torch::autograd::Function<BackwardInputFunc
     const Hyper h = Hyper::load(ctx);
     if (ctx->needs_input_grad(0)) out[0] = call_conv1d(gg, w, std::nullopt, h.stride, h.padding, h.dilation, h.groups);
     if (ctx->needs_input_grad(1)) {
-      out[1] = call_backward_weight(gy, gg, w.size(2), h.stride, h.padding, h.dilation, h.groups);
+      out[1] = call_backward_weight(gy, gg, w.sym_size(2), h.stride, h.padding, h.dilation, h.groups);
     }
     return out;
   }
@@ -152,7 +152,7 @@ variable_list backward_weight_grads(AutogradContext* ctx, const at::Tensor& gg_w
       out[0] = call_conv1d(x, gg_weight, std::nullopt, h.stride, h.padding, h.dilation, h.groups);
     }
     if (ctx->needs_input_grad(1)) {
-      out[1] = call_backward_input(gy, gg_weight, x.size(2), h.stride, h.padding, h.dilation, h.groups);
+      out[1] = call_backward_input(gy, gg_weight, x.sym_size(2), h.stride, h.padding, h.dilation, h.groups);
     }
   }
   if (gg_bias.defined() && ctx->needs_input_grad(0)) {
@@ -164,7 +164,7 @@ variable_list backward_weight_grads(AutogradContext* ctx, const at::Tensor& gg_w
 
 class BackwardWeightFunction : public torch::autograd::Function<BackwardWeightFunction> {
  public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gy, const at::Tensor& x, int64_t kernel_size,
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gy, const at::Tensor& x, c10::SymInt kernel_size,
                             int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
     save_state(ctx, gy, x, {stride, padding, dilation, groups});
     return below_autograd(call_backward_weight, gy, x, kernel_size, stride, padding, dilation, groups);
@@ -177,7 +177,7 @@ class BackwardWeightFunction : public torch::autograd::Function<BackwardWeightFu
 
 class BackwardWeightBiasFunction : public torch::autograd::Function<BackwardWeightBiasFunction> {
  public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& gy, const at::Tensor& x, int64_t kernel_size,
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& gy, const at::Tensor& x, c10::SymInt kernel_size,
                                int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
     save_state(ctx, gy, x, {stride, padding, dilation, groups});
     auto [grad_w, grad_b] =
@@ -197,7 +197,7 @@ at::Tensor conv1d_autograd(const at::Tensor& x, const at::Tensor& w, const std::
   return Conv1dFunction::apply(x, w, b, stride, padding, dilation, groups);
 }
 
-at::Tensor conv1d_backward_input_autograd(const at::Tensor& gy, const at::Tensor& w, int64_t input_length,
+at::Tensor conv1d_backward_input_autograd(const at::Tensor& gy, const at::Tensor& w, c10::SymInt input_length,
                                           int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
   if (!needs_autograd(gy, w)) {
     return below_autograd(call_backward_input, gy, w, input_length, stride, padding, dilation, groups);
@@ -205,7 +205,7 @@ at::Tensor conv1d_backward_input_autograd(const at::Tensor& gy, const at::Tensor
   return BackwardInputFunction::apply(gy, w, input_length, stride, padding, dilation, groups);
 }
 
-at::Tensor conv1d_backward_weight_autograd(const at::Tensor& gy, const at::Tensor& x, int64_t kernel_size,
+at::Tensor conv1d_backward_weight_autograd(const at::Tensor& gy, const at::Tensor& x, c10::SymInt kernel_size,
                                            int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
   if (!needs_autograd(gy, x)) {
     return below_autograd(call_backward_weight, gy, x, kernel_size, stride, padding, dilation, groups);
@@ -214,7 +214,7 @@ at::Tensor conv1d_backward_weight_autograd(const at::Tensor& gy, const at::Tenso
 }
 
 std::tuple<at::Tensor, at::Tensor> conv1d_backward_weight_bias_autograd(const at::Tensor& gy, const at::Tensor& x,
-                                                                        int64_t kernel_size, int64_t stride,
+                                                                        c10::SymInt kernel_size, int64_t stride,
                                                                         int64_t padding, int64_t dilation,
                                                                         int64_t groups) {
   if (!needs_autograd(gy, x)) {
