@@ -40,6 +40,8 @@ def _check_tensors(x, weight, bias):
 
 def _check_geometry(in_channels, length, weight, stride, padding, dilation, groups):
     out_channels, per_group, k = weight.shape
+    if in_channels == 0:  # (as the op refuses it: csrc/ops/conv1d/conv1d.cpp check_channels)
+        raise ValueError("argument 'input' has 0 channels: a convolution needs at least one input channel")
     if in_channels % groups or out_channels % groups:
         raise ValueError(f"input channels ({in_channels}) and output channels ({out_channels}) must be divisible "
                          f"by 'groups' ({groups})")

@@ -558,6 +558,8 @@ BAD_INPUTS = [
                                     {"padding": "same", "stride": 2}), ValueError, "same"),
     ("groups not dividing", lambda d: (rand((2, 4, 10), device=d), rand((3, 2, 3), device=d), None, {"groups": 2}),
      ValueError, "divisible"),
+    ("no input channels", lambda d: (rand((2, 0, 8), device=d), rand((4, 0, 3), device=d), rand((4,), device=d),
+                                     {"padding": 1}), ValueError, "'input' has 0 channels"),
     ("length 0", lambda d: (rand((2, 4, 0), device=d), rand((3, 4, 3), device=d), None, {"padding": 2}),
      ValueError, "length 0"),
     ("padding past int64", lambda d: (rand((2, 4, 10), device=d), rand((3, 4, 3), device=d), None,

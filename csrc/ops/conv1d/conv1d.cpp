@@ -23,6 +23,10 @@ void check_hyper(int64_t stride, int64_t padding, int64_t dilation, int64_t grou
 
 void check_channels(int64_t in_channels, int64_t out_channels, int64_t weight_in_per_group, int64_t groups,
                     const char* in_name) {
+  // No input channels: F.conv1d returns an empty (N, 0, L_out) tensor, not the bias; refused by name, as
+  // pyops.conv2d does (our kernels gave three different answers).
+  TORCH_CHECK_VALUE(in_channels > 0, "pyops.conv1d: argument '", in_name, "' has 0 channels: a convolution needs "
+                    "at least one input channel");
   TORCH_CHECK_VALUE(in_channels % groups == 0, "pyops.conv1d: ", in_name, " channels (", in_channels,
                     ") must be divisible by 'groups' (", groups, ")");
   TORCH_CHECK_VALUE(out_channels % groups == 0, "pyops.conv1d: output channels (", out_channels,
