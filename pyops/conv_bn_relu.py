@@ -3,9 +3,13 @@
     conv2d_bn_relu(x, W, b, γ, β, μ, σ², ε) = relu(γ·(conv2d(x, W) + b − μ)/√(σ²+ε) + β + residual)
     conv2d_bias_act(x, W', b')             = act(conv2d(x, W') + b' + residual),  act ∈ {none, relu, relu6}
 
-NaN: torch.relu keeps a NaN; here only the direct CPU kernel's NCHW float32/float64 epilogue does: oneDNN's ReLU
-post-op and our other epilogues (channels_last, half types) map NaN to 0. A NaN anywhere in the input still makes
-the outputs whose windows see it NaN before the activation.
+NaN: torch.relu keeps a NaN, and so do our kernels' epilogues (the direct CPU kernel, the CUDA implicit GEMM: every
+layout and dtype). oneDNN's fused ReLU/ReLU6 post-op (PYOPS_CONV_PATH=library, which `auto` picks for large CPU
+layers) maps a NaN to 0 (tests/test_conv_bn_relu.py checks ours; oneDNN's was measured); what cuDNN's runtime fusion
+(torch.cudnn_convolution_relu) does with a NaN is not yet measured. A NaN in the input makes the outputs whose
+windows see it NaN before the activation; to find NaNs, check the input or force PYOPS_CONV_PATH=direct.
+With eps = 0, a zero running variance divides by zero: the fold's infinite scale makes that channel's outputs NaN
+(the unfused BatchNorm gives ±inf there); use a positive eps, as BatchNorm's default 1e-5.
 
 conv2d_bn_relu folds the BN into (W', b') with a small kernel (scale = γ/√(σ²+ε) in float64, W' = W·scale,
 b' = (b − μ)·scale + β) and then runs conv2d_bias_act, the kernel that pyops.nn's fused modules call with weights

@@ -400,3 +400,22 @@ def test_reduced_precision_accumulates_in_fp32(device, path, dtype):
     out = conv2d_bias_act(q(x).to(device), q(w).to(device), q(b).to(device), 1, 1, 1, 2, "relu", q(r).to(device))
     assert out.dtype == dtype
     check_close(out, ref, dtype, 20.0)
+
+
+@pytest.mark.parametrize("activation", ["relu", "relu6"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_our_epilogues_keep_nan_as_torch_relu_does(device, activation, layout, dtype, monkeypatch):
+    """torch.relu/relu6 keep a NaN; our kernels' epilogues do too, on each of their code paths (NCHW rows, the
+    scalar channels_last path, half types). Only ours: oneDNN's and cuDNN's fused ReLU are theirs (module docs)."""
+    monkeypatch.setenv("PYOPS_CONV_PATH", {"cpu": "direct", "cuda": "ours"}[device])
+    x, w, b = randn((2, 3, 9, 9), 21), randn((4, 3, 3, 3), 22, 0.5), randn((4,), 23)
+    x[0, 1, 4, 4], x[1, 2, 0, 8] = float("nan"), float("inf")  # (the inf gives ±inf outputs: 0, inf or 6 after)
+    q = lambda t: t.to(dtype).double()  # noqa: E731  (the reference sees the same rounded inputs)
+    ref = reference.conv2d_bias_act(q(x), q(w), q(b), padding=1, activation=activation)
+    assert ref.isnan().any() and not ref.isnan().all() and ref.isinf().any() == (activation == "relu")
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    out = conv2d_bias_act(x.to(device, dtype).contiguous(memory_format=fmt), w.to(device, dtype), b.to(device, dtype),
+                          padding=1, activation=activation)
+    rtol, atol = tolerances(dtype)
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=rtol, atol=max(atol, rtol * 20.0), equal_nan=True)

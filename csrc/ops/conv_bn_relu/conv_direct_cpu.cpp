@@ -97,8 +97,9 @@ inline void micro_kernel(const acc* strip, int64_t k_total, int64_t ld_strip, co
       r.store(lanes);
       for (int64_t i = 0; i < count; ++i) {
         acc x = lanes[i] + (res ? static_cast<acc>(res[(ow + i) * e.rs[3]]) : acc(0));
-        if (e.act != Activation::kNone) x = x > acc(0) ? x : acc(0);
-        if (e.act == Activation::kRelu6) x = x < acc(6) ? x : acc(6);
+        // written so that a NaN passes through (the comparisons are false for it), as torch.relu/hardtanh keep it
+        if (e.act != Activation::kNone) x = x < acc(0) ? acc(0) : x;
+        if (e.act == Activation::kRelu6) x = x > acc(6) ? acc(6) : x;
         dst[(ow + i) * e.os[3]] = static_cast<scalar_t>(x);
       }
     }

@@ -30,8 +30,9 @@ struct IgemmParams {
 
 template <typename acc>
 __device__ __forceinline__ acc activate(acc v, int act) {
-  if (act == 1) return v > acc(0) ? v : acc(0);
-  if (act == 2) return v > acc(0) ? (v < acc(6) ? v : acc(6)) : acc(0);
+  // a NaN passes through (every comparison is false for it), as torch.relu/hardtanh keep it
+  if (act == 1) return v < acc(0) ? acc(0) : v;
+  if (act == 2) return v < acc(0) ? acc(0) : (v > acc(6) ? acc(6) : v);
   return v;
 }
 
