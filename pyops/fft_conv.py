@@ -17,12 +17,19 @@ milliseconds to make; on the CPU their set-up time and memory keep it opt-in (al
 Exactness: not bitwise the direct sum, but as close to the float64 result as fp32's own direct convolution is:
 max error 1.4-2.7e-7 of the output's scale in fp32 where F.conv2d in fp32 gives 1.8e-7-1.8e-6 (the FFT's error
 grows with log T, a direct sum's with the reduction length; tests/test_fft_conv.py bounds both at 2e-6); fp64
-inputs are transformed in complex128 (~1e-15).
+inputs are transformed in complex128 (~1e-15). The scale is the tile's, not each output's: every output of an
+overlap-save tile carries an error relative to the largest values in that tile's input. So a direct convolution's
+outputs are better for maps whose values differ by many orders of magnitude (one value of 1e20 put errors of 4e13
+on outputs of size ~1 in its tile), and a NaN or inf in the input turns its whole tile's outputs NaN, where a
+direct convolution makes only the outputs whose windows see it non-finite.
 """
+import warnings
+
 import torch
 
 from ._flags import temporarily
 
+_COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 _FAST_SIZES = sorted({2**a * 3**b * 5**c for a in range(9) for b in range(6) for c in range(4)})
 
 
@@ -55,7 +62,9 @@ class FFTConv2d(torch.nn.Module):
     weight, bias: as nn.Conv2d's (stride 1, no padding, no dilation, groups 1); float32 or float64.
     fft_size: T (≥ kh and kw), default default_fft_size(max(kh, kw)).
     The weight's spectra (T·(T/2+1), C, O) are computed once here (in chunks of output channels) and kept; the
-    weight itself is not. Inference only (no autograd through the cached spectra).
+    weight itself is not: they are the layer's state (state_dict holds them and the bias). Inference only (no
+    autograd through the cached spectra). .to()/.double()/.float()/.cuda() move and convert the spectra with the
+    bias (complex64 for float32, complex128 for float64); other dtypes are refused.
     """
 
     def __init__(self, weight, bias=None, fft_size=None):
@@ -78,7 +87,7 @@ class FFTConv2d(torch.nn.Module):
         self.kernel_size, self.fft_size, self.in_channels, self.out_channels = (kh, kw), size, in_ch, out_ch
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         spectra = torch.empty(size * (size // 2 + 1), in_ch, out_ch, device=weight.device,
-                              dtype=torch.complex64 if weight.dtype == torch.float32 else torch.complex128)
+                              dtype=_COMPLEX_OF[weight.dtype])
         with torch.no_grad():
             chunk = max(1, (64 << 20) // max(1, in_ch * size * size * weight.element_size()))  # ~64 MB of padding
             for o in range(0, out_ch, chunk):
@@ -86,7 +95,33 @@ class FFTConv2d(torch.nn.Module):
                 # conj(rfft2(w)) turns the FFT's convolution into the cross-correlation conv2d computes
                 spec = torch.fft.rfft2(w, s=(size, size)).conj()  # (o, C, T, T/2+1)
                 spectra[:, :, o:o + w.shape[0]] = spec.flatten(2).permute(2, 1, 0)
-        self.register_buffer("spectra", spectra, persistent=False)
+        # persistent: loading another layer's state_dict must bring its spectra with its bias (with the bias alone
+        # the loaded layer silently mixed the two layers)
+        self.register_buffer("spectra", spectra)
+
+    def _apply(self, fn, recurse=True):
+        # Module's conversions misjudge complex buffers: .double()/.float() skip them (the bias changed dtype, the
+        # spectra did not) and .to(float64) makes them real, dropping the imaginary parts. The spectra follow the
+        # real dtype fn gives the weight's (what fn makes of an empty tensor of it) as its complex counterpart.
+        spectra = self.spectra
+        probe = fn(torch.empty(0, dtype=spectra.real.dtype, device=spectra.device))
+        target = _COMPLEX_OF.get(probe.dtype)
+        if target is None:
+            raise TypeError(f"FFTConv2d computes in float32 or float64 (spectra in complex64 or complex128); it "
+                            f"cannot be converted to {probe.dtype}")
+        with warnings.catch_warnings():  # (.to(float64) of a complex tensor warns that it drops the imaginary part)
+            warnings.simplefilter("ignore", UserWarning)
+            keeps_complex = fn(torch.empty(0, dtype=spectra.dtype, device=spectra.device)).dtype == target
+        # fn itself where it keeps them complex of the right kind (.cuda(), share_memory_(), ...), else a conversion
+        converted = fn(spectra) if keeps_complex else spectra.to(device=probe.device, dtype=target)
+        self._buffers["spectra"] = None  # (the bias goes through Module's own conversion)
+        try:
+            super()._apply(fn, recurse)
+        except BaseException:
+            self._buffers["spectra"] = spectra
+            raise
+        self._buffers["spectra"] = converted
+        return self
 
     def forward(self, x):
         if x.dim() != 4 or x.shape[1] != self.in_channels:

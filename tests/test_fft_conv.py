@@ -62,3 +62,35 @@ def test_fft_conv_rejects_bad_arguments():
         layer(torch.randn(1, 2, 3, 8))
     with pytest.raises(ValueError, match="float32"):
         layer(torch.randn(1, 2, 8, 8, dtype=torch.float64))
+
+
+def test_fft_conv_converts_its_spectra_with_the_bias():
+    """.double()/.float() skipped the complex spectra (bias and spectra then disagreed) and .to(float64) made them
+    real (dropping the imaginary parts): the spectra follow the bias as its complex counterpart."""
+    weight, bias = torch.randn(3, 2, 4, 4, generator=gen(5)), torch.randn(3, generator=gen(6))
+    x = torch.randn(1, 2, 10, 9, generator=gen(7), dtype=torch.float64)
+    ref = F.conv2d(x, weight.double(), bias.double())
+    layer = FFTConv2d(weight, bias)
+    for convert, dtype in [(lambda m: m.double(), torch.float64), (lambda m: m.float(), torch.float32),
+                           (lambda m: m.to(torch.float64), torch.float64), (lambda m: m.to(dtype=torch.float32),
+                                                                            torch.float32)]:
+        assert convert(layer) is layer
+        assert layer.bias.dtype == dtype and layer.spectra.dtype == (
+            torch.complex128 if dtype == torch.float64 else torch.complex64)
+        out = layer(x.to(dtype))
+        assert out.dtype == dtype
+        assert (out.double() - ref).abs().max().item() <= 2e-6 * ref.abs().max().item()  # (spectra made in fp32)
+    with pytest.raises(TypeError, match="float16"):
+        layer.half()
+    assert layer.bias.dtype == torch.float32 and layer.spectra.dtype == torch.complex64  # left as it was
+
+
+def test_fft_conv_state_dict_carries_the_spectra():
+    """The spectra are the layer's weights: loading another layer's state_dict brings them with its bias (with the
+    bias alone, the loaded layer mixed the two layers)."""
+    x = torch.randn(1, 2, 10, 10, generator=gen(8))
+    w1, b1, w2, b2 = (torch.randn(s, generator=gen(9 + i)) for i, s in enumerate([(3, 2, 4, 4), (3,)] * 2))
+    source, target = FFTConv2d(w1, b1), FFTConv2d(w2, b2)
+    assert set(source.state_dict()) == {"bias", "spectra"}
+    target.load_state_dict(source.state_dict())
+    torch.testing.assert_close(target(x), F.conv2d(x, w1, b1), rtol=1e-5, atol=1e-5)
