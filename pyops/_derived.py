@@ -2,24 +2,35 @@
 FullyConvolutional's FFT spectra."""
 import weakref
 
+import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
 
 class SourcesKey:
     """Which tensors a derived form was made from, and their state then: matches(tensors) is True only for the same
-    tensor objects (held by weak references, so a cache keeps no replaced weight alive) with the same device, dtype,
-    data pointer and version counter. Identity matters: a freed weight's memory is reused, and a new weight at the
-    same address with the same version (0) matched an address-only key, serving the old weight's packing.
-    An inference tensor (made in torch.inference_mode) has no version counter: its in-place updates (possible only
-    inside inference_mode) are not seen, as torch.compile's freezing takes parameters to be constants; assign a new
-    tensor to update such a weight."""
+    tensor objects with the same storage, device, dtype, data pointer and version counter. The tensors and their
+    storages are held by weak references (a cache keeps no replaced weight alive; a storage's weak reference keeps
+    only its bookkeeping, so no new storage can take its identity while the key lives).
+
+    Identity matters twice. A freed weight's memory is reused: a new weight at the same address with the same
+    version (0) matched an address-only key. And `param.data = t` (torch.nn.utils.vector_to_parameters does it)
+    keeps the Parameter object and its version counter while swapping its storage: a t at a freed weight's address
+    matched a key of (object, address, version), and the freed weight's derived form served.
+    What no key can see: writes through another tensor with its own version counter that shares the storage
+    (a `.data` alias, or the vector vector_to_parameters viewed, updated in place); a train()/eval() switch drops
+    the derived form after such writes. An inference tensor (made in torch.inference_mode) has no version counter:
+    its in-place updates (possible only inside inference_mode) are not seen either, as torch.compile's freezing
+    takes parameters to be constants; assign a new tensor to update such a weight."""
 
     def __init__(self, tensors):
         self.refs = [weakref.ref(t) for t in tensors]
+        self.storages = [StorageWeakRef(t.untyped_storage()) for t in tensors]
         self.state = _state(tensors)
 
     def matches(self, tensors):
         return (len(tensors) == len(self.refs) and all(ref() is t for ref, t in zip(self.refs, tensors))
+                and all(s.cdata == t.untyped_storage()._cdata for s, t in zip(self.storages, tensors))
                 and _state(tensors) == self.state)
 
 
@@ -28,33 +39,41 @@ def _state(tensors):
 
 
 class DerivedWeights(nn.Module):
-    """A module mixin holding at most one derived form of its weights: derived(kind, sources, make) returns make(),
-    made on first use and made again whenever kind changes or a source tensor does (another tensor, or the same
-    one updated in place: SourcesKey). .to()/.cuda()/.half() drop it; copies and pickles never carry it: it is
-    rebuilt on use (an MKLDNN tensor cannot be pickled, and FFT spectra can take gigabytes)."""
+    """A module mixin holding derived forms of its weights, at most one per slot (an attribute named in
+    _transient): derived(kind, sources, make, slot) returns make(), made on first use and made again whenever kind
+    changes or a source tensor does (another tensor, or the same one updated in place: SourcesKey).
+    .to()/.cuda()/.half() and train()/eval() switches drop them; copies and pickles never carry them: they are
+    rebuilt on use (an MKLDNN tensor cannot be pickled, and FFT spectra can take gigabytes). Under torch.compile or
+    torch.export nothing is kept: make() runs inside the trace (its tensors are fake, without data to key on, and
+    the compiled graph must compute the form from the weights it is given)."""
 
     _derived = None  # (kind, SourcesKey, value); a class default, so older pickled modules have it too
+    _transient = ("_derived",)  # the slots; copies and pickles do not carry them (a subclass may add its own)
 
-    def derived(self, kind, sources, make):
-        entry = self._derived  # read once: another thread may replace it meanwhile (make() releases the GIL)
-        if entry is None or entry[0] != kind or not entry[1].matches(sources):
-            self._derived = None  # free the old form before making the new one
+    def derived(self, kind, sources, make, slot="_derived"):
+        if torch.compiler.is_compiling():
+            return make()
+        entry = getattr(self, slot)  # read once: another thread may replace it meanwhile (make() releases the GIL)
+        if not isinstance(entry, tuple) or entry[0] != kind or not entry[1].matches(sources):
+            setattr(self, slot, None)  # free the old form before making the new one
             entry = (kind, SourcesKey(sources), make())
-            self._derived = entry
+            setattr(self, slot, entry)
         return entry[2]
 
+    def _drop_derived(self):
+        for name in self._transient:
+            setattr(self, name, None)
+
     def _apply(self, fn, recurse=True):
-        self._derived = None
+        self._drop_derived()
         return super()._apply(fn, recurse)
 
     def train(self, mode=True):
         # Dropped when train()/eval() switches the mode too: a training loop's updates need not bump the version
         # counter (torch.optim's fused=True steps do not), and the switch to evaluation comes after them.
         if mode != self.training:
-            self._derived = None
+            self._drop_derived()
         return super().train(mode)
-
-    _transient = ("_derived",)  # attributes that copies and pickles do not carry (a subclass may add its caches)
 
     def __getstate__(self):
         state = self.__dict__.copy()

@@ -17,6 +17,16 @@ _active = {}
 def _override(key, read, write, value):
     """write(value) for the block. While blocks overlap (nested or in other threads), the value is that of the latest
     one still active; the original is written back when the last one ends, also on an exception."""
+    if torch.compiler.is_compiling():
+        # Traced by torch.compile/torch.export, which cannot trace a lock (strict export and fullgraph=True failed
+        # on it): a plain save/restore, which the trace records (a module's training flag, eval_mode).
+        original = read()
+        write(value)
+        try:
+            yield
+        finally:
+            write(original)
+        return
     token = object()
     with _lock:
         original, blocks = _active.setdefault(key, (read(), []))
@@ -35,7 +45,12 @@ def _override(key, read, write, value):
 
 
 def temporarily(namespace, name, value):
-    """namespace.name = value inside the block (see _override for overlapping blocks)."""
+    """namespace.name = value inside the block (see _override for overlapping blocks). For the process-wide flags
+    it is used on (torch.backends.*): nothing under torch.compile/torch.export, whose graphs read those flags when
+    they run (Dynamo guards on them), so the caller's settings apply there; a write would only be a side effect
+    replayed after the graph."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
     return _override((id(namespace), name), lambda: getattr(namespace, name),
                      lambda v: setattr(namespace, name, v), value)
 

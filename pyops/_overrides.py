@@ -21,11 +21,18 @@ def _candidates(args, kwargs):
 
 
 def overridable(fn):
-    """fn, first offered to the __torch_function__ overrides of its arguments (see the module docstring)."""
-    @functools.wraps(fn)
+    """fn, first offered to the __torch_function__ overrides of its arguments (see the module docstring).
+
+    Each wrapper gets its own code object, named after fn: torch.compile keeps its compiled entries per code object
+    and allows a few per code (torch._dynamo.config.recompile_limit, 8), so with one shared `public` code, compiling
+    a ninth pyops function failed under fullgraph=True (and fell back to eager without it)."""
     def public(*args, **kwargs):
         relevant = tuple(_candidates(args, kwargs))
         if has_torch_function(relevant):
             return handle_torch_function(public, relevant, *args, **kwargs)
         return fn(*args, **kwargs)
-    return public
+    names = {"co_name": fn.__name__}
+    if hasattr(public.__code__, "co_qualname"):  # (Python >= 3.11)
+        names["co_qualname"] = fn.__qualname__
+    public.__code__ = public.__code__.replace(**names)
+    return functools.wraps(fn)(public)

@@ -17,7 +17,7 @@ from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 from torch.utils._python_dispatch import _disable_current_modes
 
 from ._checks import in_autocast_region, int_tuple
-from ._derived import DerivedWeights, SourcesKey
+from ._derived import DerivedWeights
 from ._flags import autocast_cache_disabled, autocast_off, eval_mode, jit_tracing_paused, temporarily
 from .fft_conv import FFTConv2d
 from .reference import crop_batch
@@ -60,7 +60,7 @@ class FullyConvolutional(DerivedWeights):
         super().__init__()
         self.features, self.head = features, head
         self.window, self.stride, self.in_channels, self.padded = window, stride, in_channels, padded
-        self._cast_cache = None  # (SourcesKey, bf16 weights, bf16 biases)
+        self._cast_cache = None  # a derived() slot: the head's bf16 weights and biases
 
     def forward(self, x, precision="fp32", workspace_bytes=DEFAULT_WORKSPACE, algorithm="auto"):
         if precision not in PRECISIONS:
@@ -117,12 +117,10 @@ class FullyConvolutional(DerivedWeights):
         # bf16: the operands are cast once and kept until a weight or bias changes (replaced, or updated in place;
         # the zero biases made above for bias-free layers are not part of the key).
         sources = weights + [c.bias for c in convs if c.bias is not None]
-        cast = self._cast_cache  # read once: another thread may replace it meanwhile
-        if not isinstance(cast, tuple) or not cast[0].matches(sources):  # (None, or a dict in older pickles)
-            cast = (SourcesKey(sources), [w.detach().to(torch.bfloat16) for w in weights],
-                    [b.detach().to(torch.bfloat16) for b in biases])
-            self._cast_cache = cast
-        return cast[1], cast[2], relu
+        cast_weights, cast_biases = self.derived(
+            "bf16", sources, lambda: ([w.detach().to(torch.bfloat16) for w in weights],
+                                      [b.detach().to(torch.bfloat16) for b in biases]), slot="_cast_cache")
+        return cast_weights, cast_biases, relu
 
 
 def check_algorithm(algorithm, precision):

@@ -119,13 +119,15 @@ def _cpu_fp32_inference(x, weight, bias, residual):
     where ConvBNReLU2d's CPU-only paths (packed weights, a channels_last stem) apply."""
     return (x.is_cpu and weight.is_cpu and x.dtype is torch.float32 and weight.dtype is torch.float32 and x.dim() == 4
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-            and not _autograd_sees(x, weight, bias, residual) and not _functorch_wrapped(x))
+            and not _autograd_sees(x, weight, bias, residual) and not _functorch_wrapped(x, weight, bias, residual))
 
 
-def _functorch_wrapped(x):
-    """Whether x is a torch.func transform's wrapper (vmap's batched tensor, ...): the op's batching rule handles
-    it, the inference-only paths (packed weights, layout queries) do not."""
-    return torch._C._functorch.is_functorch_wrapped_tensor(x)
+def _functorch_wrapped(*tensors):
+    """Whether one of the tensors (None allowed) is a torch.func transform's wrapper (vmap's batched tensor, ...):
+    the op's batching rule handles it, the inference-only paths (packed weights, layout queries) do not. Any
+    operand counts: an ensemble vmapped over stacked weights (torch.func.stack_module_state) sees a plain input."""
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return any(t is not None and wrapped(t) for t in tensors)
 
 
 def activation_name(relu):
@@ -317,7 +319,7 @@ class ConvBNReLU2d(DerivedWeights):
         """
         if (not x.is_cuda or x.dtype is not weight.dtype or x.dtype not in _CUDNN_FUSED_DTYPES
                 or self.activation == "relu6" or x.dim() != 4 or x.shape[1] != self.in_channels or x.numel() == 0
-                or _autograd_sees(x, weight, bias, residual) or _functorch_wrapped(x)
+                or _autograd_sees(x, weight, bias, residual) or _functorch_wrapped(x, weight, bias, residual)
                 or torch._C._len_torch_dispatch_stack() or torch.compiler.is_compiling()
                 or conv_path() == "direct" or torch.is_autocast_enabled("cuda")):
             return None

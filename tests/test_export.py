@@ -110,6 +110,42 @@ def test_export_sliding_classifier(stride):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("algorithm", ["direct", "fft"])
+def test_export_fully_convolutional_strict_and_by_fft(strict, algorithm):
+    """Strict export traces with Dynamo, which cannot trace the lock of pyops' flag blocks (the cuDNN TF32 flag
+    around the features, the matmul one in the FFT layer); the FFT head's spectra are made inside the trace, never
+    cached from its fake tensors (both raised). The converted model's map is every 16x16 crop's scores."""
+    clf = crop_classifier()
+    fcn = pyops.convolutionalize(clf, 16)
+
+    class Scores(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fcn = fcn
+
+        def forward(self, images):
+            return self.fcn(images, algorithm=algorithm)
+
+    x = rand(1, 3, 22, 21, seed=7)
+    with torch.no_grad():
+        program = torch.export.export(Scores(), (x,), strict=strict)
+        assert fcn._derived is None  # nothing derived from the trace's fake tensors was kept
+        expected = reference.crop_loop(clf, x, 16, 2)  # the FCN's own grid: stride 2 (one 2x2 pool)
+        torch.testing.assert_close(program.module()(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fcn(x, algorithm=algorithm), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_export_sliding_classifier_by_fft():
+    clf = crop_classifier()
+    model = pyops.nn.SlidingClassifier(clf, 16, stride=1)
+    x = rand(1, 3, 22, 21, seed=8)
+    with torch.no_grad():
+        program = torch.export.export(model, (x,), kwargs={"algorithm": "fft"})
+        got = program.module()(x, algorithm="fft")
+    torch.testing.assert_close(got, reference.crop_loop(clf, x, 16, 1), rtol=1e-5, atol=1e-5)
+
+
 def test_export_sliding_classifier_refuses_a_dynamic_image_size():
     model = pyops.nn.SlidingClassifier(crop_classifier(), 16, stride=1)
     batch = torch.export.Dim("batch", min=1, max=8)
@@ -229,3 +265,21 @@ def test_public_functions_follow_the_torch_function_protocol():
         assert Tracked.seen[0] is function and isinstance(out, Tracked), function.__name__
         plain = function(*[a.as_subclass(torch.Tensor) if isinstance(a, Tracked) else a for a in args])
         torch.testing.assert_close(out.as_subclass(torch.Tensor), plain, rtol=0, atol=0)
+
+
+def test_each_public_function_compiles_under_its_own_code_object():
+    """torch.compile keeps compiled entries per code object, at most recompile_limit (8) of them: the public
+    functions once shared one wrapper code, and compiling a ninth entry across them with fullgraph=True failed."""
+    torch._dynamo.reset()
+    w, mean, var = rand(3, 4, 3, 3, seed=1), rand(3, seed=2), rand(3, seed=3).abs() + 1
+    cases = [(pyops.smooth_max, lambda x: (x, 2.0)), (pyops.lse_pool2d, lambda x: (x, 2.0)),
+             (pyops.conv1d, lambda x: (x[:, :, 0], w[:, :, 0])), (pyops.conv_bn_relu.conv2d_bias_act, lambda x: (x, w)),
+             (pyops.conv2d_bn_relu, lambda x: (x, w, None, None, None, mean, var))]
+    assert len({fn.__code__ for fn, _ in cases}) == len(cases)
+    assert all(fn.__code__.co_name == fn.__name__ for fn, _ in cases)
+    with torch.no_grad():
+        for size in (8, 9):  # a static and a dynamic entry each: ten in all
+            x = rand(2, 4, size, size, seed=size)
+            for fn, args in cases:
+                torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="eager")(*args(x)),
+                                           fn(*args(x)), rtol=1e-6, atol=1e-6)

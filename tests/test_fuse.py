@@ -305,6 +305,25 @@ def test_packed_weight_is_keyed_by_the_weight_itself():
                                                               padding=1), 2e-6)
 
 
+def test_packed_weight_follows_a_data_swap_at_a_reused_address():
+    """`param.data = t` keeps the Parameter and its version counter: a new weight landing at a freed weight's
+    address matched a key of (object, address, version), and the freed weight's packing served. The key holds the
+    storage's identity too."""
+    fused = ConvBNReLU2d.from_modules(*fp32_conv_bn(64, 64, padding=1), "none")
+    x, b = torch.randn(1, 64, 8, 8, generator=gen()), fused.bias.detach().double()
+    reused = 0
+    with torch.no_grad():
+        for seed in range(6):
+            fused(x)  # packs the current weight
+            before = fused.weight.data_ptr()
+            fused.weight.data = torch.zeros_like(fused.weight)  # frees the packed weight's storage...
+            fused.weight.data = torch.randn(fused.weight.shape, generator=gen(seed))  # ...which this one may take
+            reused += fused.weight.data_ptr() == before
+            ref = F.conv2d(x.double(), fused.weight.double(), b, padding=1)
+            assert_close_relative(fused(x).double(), ref, 2e-6)
+    assert reused  # (the allocator gives a freed block of the same size back: the case this test is about)
+
+
 def test_fused_layers_under_vmap(device):
     """torch.func.vmap hands the layers batched tensors: the op's batching rule takes them, not the inference-only
     paths (packed weights, the widening stem's layout conversion), which raised."""
@@ -314,6 +333,22 @@ def test_fused_layers_under_vmap(device):
         with torch.no_grad():
             torch.testing.assert_close(torch.func.vmap(fused)(x), torch.stack([fused(xi) for xi in x]),
                                        rtol=1e-5, atol=1e-5)
+
+
+def test_fused_layer_ensemble_under_vmap(device):
+    """An ensemble (torch.func.stack_module_state + vmap over functional_call) batches the weights, not the input:
+    a plain input with batched weights must not take the packed path either (it read the batched weight's data
+    pointer and raised)."""
+    members = [ConvBNReLU2d.from_modules(*fp32_conv_bn(64, 64, padding=1, seed=s)).to(device) for s in range(3)]
+    params, buffers = torch.func.stack_module_state(members)
+    x = torch.randn(2, 64, 8, 8, generator=gen()).to(device)
+
+    def member(p, b):
+        return torch.func.functional_call(members[0], (p, b), (x,))
+
+    with torch.no_grad():
+        torch.testing.assert_close(torch.func.vmap(member)(params, buffers), torch.stack([m(x) for m in members]),
+                                   rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
