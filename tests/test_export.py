@@ -53,6 +53,21 @@ def test_export_fused_resnet18_with_dynamic_batch():
             assert (got - expected).norm() <= 1e-5 * expected.norm()
 
 
+@pytest.mark.parametrize("strict", [False, True])
+def test_export_fused_strided_layers_with_dynamic_image_sizes(strict):
+    """Dynamic H and W with a minimum above an output side of 1 (README: PyTorch's conv2d specializes there)."""
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                       nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))).eval()
+    side = {2: torch.export.Dim("H", min=3, max=64), 3: torch.export.Dim("W", min=3, max=64)}
+    program = torch.export.export(pyops.fuse(model), (rand(2, 3, 16, 16),), dynamic_shapes=(side,), strict=strict)
+    assert call_targets(program) == {"pyops.conv2d_bias_act.default"}
+    with torch.no_grad():
+        for h, w in ((3, 4), (17, 9), (33, 64)):
+            x = rand(2, 3, h, w, seed=h)
+            torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 class FunctionalOps(nn.Module):
     """Each functional op once: conv2d_bn_relu with a residual, conv1d, smooth_max, lse_pool2d."""
 
