@@ -37,6 +37,7 @@ ALIAS_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatt
 ALIAS_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.transpose, torch.permute,
                    torch.narrow, torch.select, torch.split, torch.chunk, torch.unbind, torch.movedim, torch.swapaxes,
                    torch.t, torch.diagonal, torch.detach, operator.getitem}
+ALIAS_ATTRIBUTES = {"T", "mT", "H", "mH", "data", "real", "imag"}
 
 
 def fuse(model, inplace=False):
@@ -63,6 +64,9 @@ def fuse(model, inplace=False):
     (track_running_stats=False: it normalizes with each batch's statistics). A LinearBNReLU takes (N, features)
     inputs, where the fold is exact, and raises ValueError on others (a Linear → BatchNorm1d on 3-D inputs, where the
     BatchNorm normalizes dim 1 instead, cannot be folded).
+    Hooks: the model's own hooks move onto the result; a submodule with hooks is kept whole by the trace and fused
+    on its own, its hooks moved onto the fused one (they run where they ran); a conv/BN/ReLU with hooks is not
+    fused. Global module hooks (register_module_forward_hook) see the fused modules instead: a warning says so.
     The fused layers may return channels_last tensors in CPU float32 inference (pyops.nn.ConvBNReLU2d); the traced
     graph's `.view` calls become view_or_copy (a view where the strides allow one, else a copy) so that models
     flattening with `.view(n, -1)` still run, also after pickling or tracing the result again.
@@ -81,6 +85,11 @@ def fuse(model, inplace=False):
         raise ValueError(f"argument 'model' is in training mode ({', '.join(training[:5])}"
                          f"{', ...' if len(training) > 5 else ''}): BatchNorm can only be folded in eval mode; "
                          f"call model.eval() first")
+    if any(getattr(torch.nn.modules.module, name, None) for name in GLOBAL_HOOKS):
+        warnings.warn("pyops.fuse: global module hooks are registered (torch.nn.modules.module.register_module_"
+                      "forward_hook and the like): they run on the fused model's modules, not on the BatchNorms and "
+                      "ReLUs folded away, so a hook that changes or records their outputs sees other values",
+                      UserWarning, stacklevel=2)
     work = model if inplace else copy.deepcopy(model)
     try:
         graph_module = FusionTracer.trace_module(work)
@@ -95,6 +104,8 @@ def fuse(model, inplace=False):
                       "outputs before use)", UserWarning, stacklevel=2)
         return work.eval()
     fuse_graph(graph_module)
+    fuse_hooked_submodules(graph_module, inplace)
+    move_hooks(work, graph_module)  # the model's own hooks (fx traced forward, which never ran them)
     # eval(), except (inplace=True) on the caller's own modules: only their stateless torch.nn ones can be in
     # training mode, where it changes nothing.
     own = {id(m) for m in model.modules()} if inplace else set()
@@ -102,6 +113,26 @@ def fuse(model, inplace=False):
         if id(m) not in own:
             m.training = False
     return graph_module
+
+
+GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                "_global_backward_pre_hooks")
+
+
+def fuse_hooked_submodules(gm, inplace):
+    """Each module the trace kept whole for its hooks (FusionTracer), fused on its own in its place, its hooks moved
+    onto the fused module: they run where they ran, on the values they saw. With fuse(inplace=True) it is fused
+    from a copy (the caller's model is left as it was); otherwise it is already the working copy's."""
+    done = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(node.target)
+        if not has_any_hooks(module) or next(module.children(), None) is None or isinstance(module, FUSED_MODULES):
+            continue
+        if id(module) not in done:
+            done[id(module)] = fuse(module, inplace=not inplace)
+        gm.set_submodule(node.target, done[id(module)])
 
 
 def training_matters(module):
@@ -140,15 +171,34 @@ def computes_like_base(module):
     return base
 
 
+class InPlaceProxy(fx.Proxy):
+    """A torch.fx Proxy that records `a += b` (and the other augmented assignments) as operator.iadd(a, b), ...,
+    which the GraphModule's code runs as `a += b`. torch.fx's own Proxy has no in-place operators, so Python ran
+    `a = a + b` and the graph added out of place: ResNet's `out += identity` with a float64 identity returned
+    float64 where the model's float32 `out` stays float32, and other aliases of `out` missed the write."""
+
+
+for _name in ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor", "ilshift",
+              "irshift", "imatmul"):
+    setattr(InPlaceProxy, f"__{_name}__",
+            lambda self, other, _op=getattr(operator, _name): self.tracer.create_proxy("call_function", _op,
+                                                                                       (self, other), {}))
+
+
 class FusionTracer(fx.Tracer):
-    """torch.fx's default tracer, also keeping as leaves torchvision's FrozenBatchNorm2d, pyops' fused modules and
-    subclasses of torch.nn's layers that keep their forward (so that the first and the last can be folded, and the
-    fused ones are not traced through when a fused model is fused again)."""
+    """torch.fx's default tracer, recording augmented assignments in place (InPlaceProxy) and also keeping as leaves
+    torchvision's FrozenBatchNorm2d, pyops' fused modules, subclasses of torch.nn's layers that keep their forward
+    (so that the first and the last can be folded, and the fused ones are not traced through when a fused model is
+    fused again) and modules with hooks (traced through, their hooks ran once, on the trace's proxies; fuse fuses
+    such a module on its own: fuse_hooked_submodules)."""
+
+    def proxy(self, node):
+        return InPlaceProxy(node, self)
 
     def is_leaf_module(self, m, qualname):
         frozen = frozen_batchnorm_class()
         if isinstance(m, FUSED_MODULES) or (frozen is not None and isinstance(m, frozen)) \
-                or computes_like_base(m) is not None:
+                or computes_like_base(m) is not None or has_any_hooks(m):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -197,7 +247,7 @@ def activation_of(node, modules):
         module = modules.get(node.target)
         if has_hooks(module):
             return None
-        return "relu" if isinstance(module, nn.ReLU) else "relu6" if isinstance(module, nn.ReLU6) else None
+        return pyops_nn.module_activation(module)
     if node.op == "call_function" and node.target in RELU_FUNCTIONS and len(node.args) == 1:
         return RELU_FUNCTIONS[node.target]
     if node.op == "call_method" and node.target in RELU_METHODS and len(node.args) == 1:
@@ -253,6 +303,23 @@ def _in_place_name(name):
     return name.endswith("_") and not (name.startswith("__") and name.endswith("__"))
 
 
+def has_any_hooks(module):
+    """has_hooks, or backward hooks."""
+    return has_hooks(module) or bool(module._backward_hooks or module._backward_pre_hooks)
+
+
+HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+              "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
+def move_hooks(source, target):
+    """target gets source's forward, forward-pre and backward hooks (the dicts themselves: handles still remove
+    them)."""
+    for name in HOOK_DICTS:
+        setattr(target, name, getattr(source, name))
+    target._is_full_backward_hook = source._is_full_backward_hook
+
+
 def has_hooks(module):
     """Whether module has forward hooks or pre-hooks other than the old-style weight_norm/spectral_norm ones that
     fold_bn reads through (fold.current_weight): a hook may change what the module computes, which a fused module
@@ -279,7 +346,22 @@ def foldable_pair(layer, bn):
     and no hooks, over the layer's output channels."""
     computes = computes_like_base(layer) not in (None, _BatchNorm) or isinstance(layer, pyops_nn.Conv1d)
     return (computes and is_foldable_batchnorm(bn) and not has_hooks(layer) and not has_hooks(bn)
-            and out_channels(layer) == bn.running_mean.numel())
+            and out_channels(layer) == bn.running_mean.numel() and normalizes_channels_of(bn, layer))
+
+
+def normalizes_channels_of(bn, layer):
+    """Whether bn normalizes the channel dimension of layer's (batched) output: a BatchNorm of that rank
+    (BatchNorm1d after Linear/Conv1d, BatchNorm2d or FrozenBatchNorm2d after Conv2d, BatchNorm3d after Conv3d) or a
+    SyncBatchNorm (any rank). Another one normalizes another dimension where the model runs at all: a BatchNorm1d
+    takes an unbatched Conv2d's (C, H, W) output as (N, C', L), a FrozenBatchNorm2d broadcasts a Linear's output."""
+    if isinstance(bn, nn.SyncBatchNorm):
+        return True
+    if isinstance(layer, (nn.Linear, nn.Conv1d)):
+        return isinstance(bn, nn.BatchNorm1d)
+    if isinstance(layer, nn.Conv2d):
+        frozen = frozen_batchnorm_class()
+        return isinstance(bn, nn.BatchNorm2d) or (frozen is not None and isinstance(bn, frozen))
+    return isinstance(layer, nn.Conv3d) and isinstance(bn, nn.BatchNorm3d)
 
 
 def match_chain(node, modules):
@@ -394,8 +476,13 @@ def layout_safe_views(graph, modules):
     layout the model's own layers produced. Where a copy would break aliasing the model relies on (something may
     write in place into a viewed tensor or its views), the fused layers keep their input's layout instead
     (ConvBNReLU2d.keep_input_layout) and the graph stays as it is."""
-    views = [n for n in graph.nodes if n.op == "call_method" and n.target in ("view", "view_as", "as_strided")]
-    if any(alias_written(view, modules) for view in views):
+    # The views, and the ops that return a view of an NCHW tensor but a copy of a channels_last one: a write into
+    # the result of a reshape/flatten/contiguous reached the layer's output in the model and not in a fused one.
+    layout_dependent = [n for n in graph.nodes
+                        if (n.op == "call_method" and n.target in ("view", "view_as", "as_strided", "reshape",
+                                                                    "reshape_as", "flatten", "contiguous"))
+                        or (n.op == "call_function" and n.target in (torch.flatten, torch.reshape))]
+    if any(alias_written(node, modules) for node in layout_dependent):
         for module in modules.values():
             if isinstance(module, pyops_nn.ConvBNReLU2d):
                 module.keep_input_layout = True
@@ -417,9 +504,12 @@ def layout_safe_views(graph, modules):
 
 
 def is_alias(node):
-    """Whether node's output may share memory with its first argument (ALIAS_METHODS, ALIAS_FUNCTIONS)."""
+    """Whether node's output may share memory with its first argument (ALIAS_METHODS, ALIAS_FUNCTIONS,
+    ALIAS_ATTRIBUTES: `x.T` is traced as getattr(x, "T"))."""
     return (node.op == "call_method" and node.target in ALIAS_METHODS) or \
-        (node.op == "call_function" and node.target in ALIAS_FUNCTIONS)
+        (node.op == "call_function" and node.target in ALIAS_FUNCTIONS) or \
+        (node.op == "call_function" and node.target is getattr and len(node.args) == 2
+         and node.args[1] in ALIAS_ATTRIBUTES)
 
 
 def alias_written(view, modules):
@@ -461,7 +551,8 @@ def fuse_sequentials(model):
     Returns the qualified names of the fused layers."""
     fused_names = []
     for prefix, container in list(model.named_modules()):
-        if not isinstance(container, nn.Sequential):
+        # (a subclass with its own forward may not chain its entries: TwoHeads' cat([self[0](x), self[1](x)]))
+        if not isinstance(container, nn.Sequential) or type(container).forward is not nn.Sequential.forward:
             continue
         items = list(container._modules.items())
         i = 0
@@ -472,8 +563,7 @@ def fuse_sequentials(model):
                 continue
             cls = fused_class(layer)
             act_key, act = items[i + 2] if i + 2 < len(items) else (None, None)
-            activation = pyops_nn.activation_name(act) if isinstance(act, (nn.ReLU, nn.ReLU6)) and cls \
-                and not has_hooks(act) else "none"
+            activation = (act is not None and cls and not has_hooks(act) and pyops_nn.module_activation(act)) or "none"
             fused = folded_layer(layer, bn) if cls is None else cls.from_modules(layer, bn, activation)
             if cls is pyops_nn.ConvBNReLU2d:
                 # The model's own code runs as written: no channels_last outputs it might .view (see

@@ -130,13 +130,28 @@ def _functorch_wrapped(*tensors):
     return any(t is not None and wrapped(t) for t in tensors)
 
 
+def module_activation(module):
+    """"relu"/"relu6" for an nn.ReLU/nn.ReLU6 (or a subclass) that computes what that class does, else None: a
+    subclass with a forward of its own (a leaky variant, say) computes another function, which was fused as a ReLU."""
+    if isinstance(module, nn.ReLU) and type(module).forward is nn.ReLU.forward:
+        return "relu"
+    if isinstance(module, nn.ReLU6) and type(module).forward is nn.ReLU6.forward and \
+            (module.min_val, module.max_val) == (0.0, 6.0):
+        return "relu6"
+    return None
+
+
 def activation_name(relu):
     """The activation named by `relu` as from_modules accepts it: True/"relu"/nn.ReLU → "relu",
     "relu6"/nn.ReLU6 → "relu6", False/None/"none" → "none"."""
-    if relu is True or isinstance(relu, nn.ReLU):
+    if relu is True:
         return "relu"
-    if isinstance(relu, nn.ReLU6):
-        return "relu6"
+    if isinstance(relu, (nn.ReLU, nn.ReLU6)):
+        name = module_activation(relu)
+        if name is None:
+            raise ValueError(f"argument 'relu' is a {type(relu).__name__}, a subclass of nn.ReLU/nn.ReLU6 with its own "
+                             "forward (or clamp bounds): it computes another function than the fused ReLU")
+        return name
     if relu is False or relu is None:
         return "none"
     if isinstance(relu, str) and relu in ACTIVATIONS:

@@ -306,22 +306,19 @@ def test_packed_weight_is_keyed_by_the_weight_itself():
 
 
 def test_packed_weight_follows_a_data_swap_at_a_reused_address():
-    """`param.data = t` keeps the Parameter and its version counter: a new weight landing at a freed weight's
-    address matched a key of (object, address, version), and the freed weight's packing served. The key holds the
-    storage's identity too."""
+    """`param.data = t` keeps the Parameter and its version counter: a new weight at a freed weight's address matched
+    a key of (object, address, version), and the freed weight's packing served. The key holds the storage's
+    identity too. (Weights made by torch.frombuffer over one buffer: a new storage at the same address, every time.)"""
     fused = ConvBNReLU2d.from_modules(*fp32_conv_bn(64, 64, padding=1), "none")
-    x, b = torch.randn(1, 64, 8, 8, generator=gen()), fused.bias.detach().double()
-    reused = 0
+    x, b, shape = torch.randn(1, 64, 8, 8, generator=gen()), fused.bias.detach().double(), fused.weight.shape
+    memory = bytearray(fused.weight.numel() * 4)
     with torch.no_grad():
-        for seed in range(6):
-            fused(x)  # packs the current weight
-            before = fused.weight.data_ptr()
-            fused.weight.data = torch.zeros_like(fused.weight)  # frees the packed weight's storage...
-            fused.weight.data = torch.randn(fused.weight.shape, generator=gen(seed))  # ...which this one may take
-            reused += fused.weight.data_ptr() == before
-            ref = F.conv2d(x.double(), fused.weight.double(), b, padding=1)
-            assert_close_relative(fused(x).double(), ref, 2e-6)
-    assert reused  # (the allocator gives a freed block of the same size back: the case this test is about)
+        for seed in range(3):
+            weight = torch.frombuffer(memory, dtype=torch.float32).view(shape)
+            weight.copy_(torch.randn(shape, generator=gen(seed)))
+            fused.weight.data = weight
+            ref = F.conv2d(x.double(), weight.double(), b, padding=1)
+            assert_close_relative(fused(x).double(), ref, 2e-6)  # packs this weight (the first call) or reuses it
 
 
 def test_fused_layers_under_vmap(device):
@@ -1270,3 +1267,146 @@ def test_packed_weight_follows_fused_optimizer_steps_and_inference_tensors():
         fresh = ConvBNReLU2d(64, 64, 3, padding=1).eval()
         torch.testing.assert_close(fresh(x), F.conv2d(x, fresh.weight, fresh.bias, 1, 1).relu(), rtol=1e-4,
                                    atol=1e-4)
+
+
+class WritesThroughAlias(nn.Module):
+    """A stem (3 → 64 channels: CPU fp32 inference makes its fused output channels_last) whose output is written in
+    place through an alias: reshape/flatten/contiguous are views of an NCHW tensor, copies of a channels_last one."""
+
+    def __init__(self, alias):
+        super().__init__()
+        self.alias = alias
+        self.conv, self.bn = nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64)
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.conv(x)))
+        self.alias(y).mul_(2)  # in the model: a write into y
+        return y
+
+
+@pytest.mark.parametrize("alias", [lambda y: y.reshape(y.shape[0], -1), lambda y: y.flatten(1),
+                                   lambda y: y.contiguous(), lambda y: torch.flatten(y, 1),
+                                   lambda y: y.view(y.shape[0], -1).T, lambda y: y.view(y.shape[0], -1).data],
+                         ids=["reshape", "flatten", "contiguous", "torch.flatten", "view.T", "view.data"])
+def test_fused_model_keeps_writes_through_layout_dependent_aliases(alias):
+    torch.manual_seed(0)
+    model = randomized(WritesThroughAlias(alias))
+    x = torch.randn(2, 3, 16, 16, generator=gen())
+    with torch.no_grad():
+        assert_close_relative(pyops.fuse(model)(x), model(x), 1e-5)
+
+
+def test_fuse_keeps_the_models_hooks():
+    """fx traces forward, not __call__: the root's hooks never ran in the fused GraphModule, and a traced-through
+    submodule's hooks ran once, on the trace's proxies (a feature-extraction hook then recorded nothing)."""
+    model = randomized(torchvision.models.resnet18(num_classes=10))
+    model.register_forward_hook(lambda module, args, out: out.softmax(-1))
+    features = []
+    model.layer3.register_forward_hook(lambda module, args, out: features.append(out))
+    fused = pyops.fuse(model)
+    assert isinstance(fused.layer3, torch.fx.GraphModule)  # fused on its own
+    assert_no_batchnorm(fused)
+    x = torch.randn(2, 3, 64, 64, generator=gen())
+    with torch.no_grad():
+        expected = model(x)
+        features.clear()
+        got = fused(x)
+    assert_close_relative(got, expected, 1e-5)
+    assert len(features) == 1 and features[0].shape == (2, 256, 4, 4)
+    assert pyops.fuse(model, inplace=True).layer3 is not model.layer3  # (inplace=True: the hooked one is copied)
+
+
+def test_fuse_warns_about_global_module_hooks():
+    model = randomized(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)))
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: None)
+    try:
+        with pytest.warns(UserWarning, match="global module hooks"):
+            pyops.fuse(model)
+    finally:
+        handle.remove()
+
+
+class LeakyAsReLU(nn.ReLU):
+    def forward(self, x):
+        return F.leaky_relu(x, 0.1)
+
+
+class TwoHeads(nn.Sequential):
+    """A Sequential whose forward does not chain its entries."""
+
+    def forward(self, x):
+        return torch.cat([self[0](x), self[1](x[:, :8])], 1)
+
+
+class Untraceable(nn.Module):
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        return self.body(x) if x.sum() > -1e30 else x  # control flow on a value: the Sequential fallback
+
+
+def test_sequential_fallback_fuses_only_what_computes_a_chain():
+    """A ReLU subclass with its own forward is no ReLU to fuse; a Sequential subclass whose forward does not chain
+    its entries has no chain to fuse (both were fused by the fallback, as ReLU and as conv → BN)."""
+    torch.manual_seed(0)
+    for body in (nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), LeakyAsReLU()),
+                 TwoHeads(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))):
+        model = randomized(Untraceable(body))
+        x = torch.randn(2, 8, 6, 6, generator=gen())
+        with pytest.warns(UserWarning, match="could not trace"):
+            fused = pyops.fuse(model)
+        with torch.no_grad():
+            assert_close_relative(fused(x), model(x), 1e-5)
+    with pytest.raises(ValueError, match="LeakyAsReLU"):
+        ConvBNReLU2d.from_modules(*fp32_conv_bn(8, 8), LeakyAsReLU())
+
+
+def test_in_place_residual_add_keeps_the_models_dtype_and_aliases():
+    """`out += identity` is traced in place (torch.fx's Proxy has no __iadd__: Python ran out = out + identity): a
+    float64 identity no longer promotes the float32 output, and aliases of the written tensor see the write."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x, identity):
+            out = self.bn(self.conv(x))
+            out += identity
+            return out
+
+    class WritesIntoAliased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x, h):
+            alias = h[:, :2]
+            h += self.bn(self.conv(x))
+            return alias * 1
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 6, 6, generator=gen())
+    for model, r in ((Block(), torch.randn(2, 4, 6, 6, dtype=torch.float64)), (WritesIntoAliased(), x.clone())):
+        model = randomized(model)
+        fused = pyops.fuse(model)
+        with torch.no_grad():
+            expected, got = model(x, r.clone()), fused(x, r.clone())
+        assert got.dtype == expected.dtype
+        assert_close_relative(got, expected, 1e-5)
+
+
+def test_fuse_folds_only_batchnorms_of_the_layers_rank():
+    """A BatchNorm of another rank normalizes another dimension where the model runs (a BatchNorm1d on an unbatched
+    Conv2d's (C, H, W) output, a FrozenBatchNorm2d broadcasting a Linear's): not folded."""
+    torch.manual_seed(0)
+    cases = [(nn.Sequential(nn.Conv2d(8, 14, 3), nn.BatchNorm1d(14)), torch.randn(8, 16, 16)),
+             (nn.Sequential(nn.Conv3d(4, 6, 3), nn.BatchNorm2d(6)), torch.randn(4, 8, 8, 8)),
+             (nn.Sequential(nn.Linear(8, 6), FrozenBatchNorm2d(6)), torch.randn(3, 8))]
+    for model, x in cases:
+        model = randomized(model)
+        fused = pyops.fuse(model)
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), model(x))
