@@ -228,3 +228,56 @@ def test_bad_inputs():
         torch.ops.pyops.smooth_max(x, 1.0, 5, False)
     with pytest.raises(TypeError, match="floating"):
         torch.ops.pyops.smooth_max(torch.arange(5), 1.0, 0, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_beta_below_float_range_computes_in_float64(device, dtype):
+    """A β below float32's normal numbers rounded to 0 in the kernels' float: 0·inf made NaN. It computes in float64:
+    one element gives itself, more give log(n)/β, beyond float32's range (±inf)."""
+    one = torch.tensor([3.0], device=device, dtype=dtype)
+    for beta in (1e-50, -1e-300):
+        assert pyops.smooth_max(one, beta).item() == 3.0
+        assert pyops.smooth_max(one[0], beta).item() == 3.0  # 0-d
+        assert pyops.smooth_max(torch.tensor([3.0, 1.0], device=device, dtype=dtype), beta).item() == \
+            math.copysign(math.inf, beta)
+    x = torch.tensor([3.0], device=device, dtype=dtype, requires_grad=True)
+    pyops.smooth_max(x, 1e-50).backward()
+    assert x.grad.item() == 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_finite_beta_beyond_float_range_has_the_one_hot_gradient(device, dtype):
+    """β from 1e39 to 1e308 is inf in the kernels' float: inf·0 made the gradient at the max NaN. Such a β is ±inf
+    there (the result equals the max to float's rounding); smooth_max and lse_pool2d."""
+    for beta, hot in ((1e39, 1), (1e300, 1), (-1e300, 0)):
+        x = torch.tensor([1.0, 3.0, 2.0], device=device, dtype=dtype, requires_grad=True)
+        y = pyops.smooth_max(x, beta)
+        y.backward()
+        assert y.item() == (3.0 if beta > 0 else 1.0)
+        assert x.grad.tolist() == [1.0 if i == hot else 0.0 for i in range(3)]
+    s = torch.tensor([[[[1.0, 3.0], [2.0, 0.0]]]], device=device, requires_grad=True)
+    pyops.lse_pool2d(s, 1e300).sum().backward()
+    assert s.grad.flatten().tolist() == [0.0, 1.0, 0.0, 0.0]
+
+
+def test_composite_under_torch_func_does_not_overflow(device):
+    """torch.func transforms run the ATen composite, which took logsumexp(β·x)/β: β·x overflowed float32 where the
+    result does not (β = 1e30, x = 1e10: inf and a NaN gradient). It shifts by the max, as the kernels do."""
+    x = torch.tensor([1e10, 0.0, 5.0], device=device)
+    f = lambda t: pyops.smooth_max(t, 1e30)  # noqa: E731
+    primal, tangent = torch.func.jvp(f, (x,), (torch.tensor([1.0, 0.0, 0.0], device=device),))
+    assert primal.item() == 1e10 and tangent.item() == 1.0
+    assert torch.func.grad(f)(x).tolist() == [1.0, 0.0, 0.0]
+    # ordinary β: the composite matches the kernels
+    y = torch.randn(4, 7, device=device, dtype=torch.float64)
+    torch.testing.assert_close(torch.func.grad(lambda t: pyops.smooth_max(t, 2.5).sum())(y),
+                               torch.softmax(2.5 * y, -1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_gradient_of_a_row_holding_inf(device, dtype):
+    """The half-precision renormalization divided by the row's NaN sum: every gradient of the row became NaN where
+    float32 and torch.logsumexp give NaN at the inf only."""
+    x = torch.tensor([math.inf, 1.0, 2.0], device=device, dtype=dtype, requires_grad=True)
+    pyops.smooth_max(x, 1.0).backward()
+    assert math.isnan(x.grad[0].item()) and x.grad[1:].tolist() == [0.0, 0.0]

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 
 #include "common/autocast.h"
 #include "common/checks.h"
@@ -31,6 +32,15 @@ ReductionView reduction_view(const at::Tensor& x, int64_t dim) {
   return v;
 }
 
+double kernel_beta(const at::Tensor& x, double beta) {
+  if (x.scalar_type() == at::kDouble || std::abs(beta) <= std::numeric_limits<float>::max()) return beta;
+  return std::copysign(std::numeric_limits<double>::infinity(), beta);
+}
+
+bool beta_below_float(const at::Tensor& x, double beta) {
+  return x.scalar_type() != at::kDouble && std::abs(beta) < std::numeric_limits<float>::min();
+}
+
 std::vector<int64_t> keepdim_shape(const at::Tensor& x, int64_t dim) {
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   if (!shape.empty()) shape[dim] = 1;
@@ -45,21 +55,28 @@ at::Tensor finish_shape(at::Tensor out, const at::Tensor& x, int64_t dim, bool k
 
 at::Tensor smooth_max_cpu(const at::Tensor& x, double beta, int64_t dim, bool keepdim) {
   const int64_t d = check_smooth_max_args(x, beta, dim);
+  if (beta_below_float(x, beta)) return smooth_max_cpu(x.to(at::kDouble), beta, dim, keepdim).to(x.scalar_type());
   const at::Tensor xc = x.contiguous();
   at::Tensor out = at::empty(keepdim_shape(x, d), x.options());
-  if (out.numel() > 0) smooth_max_forward_cpu_impl(xc, out, reduction_view(xc, d), beta);
+  if (out.numel() > 0) smooth_max_forward_cpu_impl(xc, out, reduction_view(xc, d), kernel_beta(x, beta));
   return finish_shape(out, x, d, keepdim);
 }
 
 at::Tensor smooth_max_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& result,
                                    double beta, int64_t dim, bool keepdim) {
   const int64_t d = check_smooth_max_args(x, beta, dim);
+  if (beta_below_float(x, beta)) {
+    return smooth_max_backward_cpu(grad.to(at::kDouble), x.to(at::kDouble), result.to(at::kDouble), beta, dim,
+                                   keepdim).to(x.scalar_type());
+  }
   const auto shape = keepdim_shape(x, d);
   // grad and result come in the forward's output shape; the kernels read them with the reduced dim kept.
   const at::Tensor g = grad.reshape(shape).contiguous();
   const at::Tensor r = result.reshape(shape).contiguous();
   at::Tensor grad_x = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (grad_x.numel() > 0) smooth_max_backward_cpu_impl(g, x.contiguous(), r, grad_x, reduction_view(x, d), beta);
+  if (grad_x.numel() > 0) {
+    smooth_max_backward_cpu_impl(g, x.contiguous(), r, grad_x, reduction_view(x, d), kernel_beta(x, beta));
+  }
   return grad_x;
 }
 

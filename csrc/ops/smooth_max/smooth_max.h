@@ -25,6 +25,14 @@ ReductionView reduction_view(const at::Tensor& x, int64_t dim);
 // The result's shape with the reduced dimension kept as 1.
 std::vector<int64_t> keepdim_shape(const at::Tensor& x, int64_t dim);
 
+// β as the kernels take it. They hold β in x's accumulation type, float for float32/float16/bfloat16, where a β
+// beyond float's range is inf: the result then equals the max to float's rounding (log(ties)/β < 1e-38) and the
+// gradient is β = ±inf's one-hot (a finite β made inf·0 = NaN in it), so such a β is passed as ±inf.
+double kernel_beta(const at::Tensor& x, double beta);
+// Whether β is below float's normal numbers while x computes in float: there it rounds to 0 or a denormal (0·inf =
+// NaN; digits lost in β·x and in the division by β), so such calls compute in float64 (rare: at any cost).
+bool beta_below_float(const at::Tensor& x, double beta);
+
 void smooth_max_forward_cpu_impl(const at::Tensor& x, at::Tensor& out, const ReductionView& v, double beta);
 void smooth_max_backward_cpu_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& result,
                                   at::Tensor& grad_x, const ReductionView& v, double beta);

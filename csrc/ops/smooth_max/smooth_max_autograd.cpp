@@ -14,6 +14,7 @@
 
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "ops/smooth_max/smooth_max.h"
 
 namespace pyops {
 namespace {
@@ -61,14 +62,17 @@ class SmoothMaxFunction : public torch::autograd::Function<SmoothMaxFunction> {
     const int64_t dim = ctx->saved_data["dim"].toInt();
     const bool keepdim = ctx->saved_data["keepdim"].toBool();
     at::Tensor grad = grads[0];
-    if (!std::isinf(beta) && is_half(x) && x.dim() > 0) {
+    if (!std::isinf(kernel_beta(x, beta)) && is_half(x) && x.dim() > 0) {
       // exp(β(x − r)) is softmax(βx) times exp(β(r_exact − r)): one factor per output, from the rounding of r to
       // x's dtype, which for float16/bfloat16 reaches |β|·|r|·2⁻⁹ (bfloat16 [100, 100] at β = 1: gradients 0.605
       // instead of 0.5). Dividing grad by Σ_dim exp(β(x − r)) (one more pass, in float32) cancels it.
       const int64_t d = wrap_dim(dim, x.dim(), "dim");
       const at::Tensor p = call_smooth_max_backward(at::ones_like(result), x, result, beta, dim, keepdim);
       const at::Tensor total = p.sum(d, keepdim, at::kFloat);
-      grad = (grad.to(at::kFloat) / total).to(grad.scalar_type());
+      // (not where the sum is NaN or 0: a row holding +inf, whose other gradients stay 0 as in float32, or a
+      // result that overflowed to inf)
+      const at::Tensor usable = at::isfinite(total).logical_and(total > 0);
+      grad = at::where(usable, grad.to(at::kFloat) / total, grad.to(at::kFloat)).to(grad.scalar_type());
     }
     out[0] = call_smooth_max_backward(grad, x, result, beta, dim, keepdim);
     return out;
@@ -102,7 +106,7 @@ class SmoothMaxBackwardFunction : public torch::autograd::Function<SmoothMaxBack
     const at::Tensor gg_p = gg * p;
     if (need_grad) out[0] = (scalar ? gg_p : gg_p.sum(d, /*keepdim=*/true)).reshape(grad.sizes());
     if (!need_x && !need_result) return out;
-    if (std::isinf(beta)) {
+    if (std::isinf(kernel_beta(x, beta))) {
       if (need_x) out[1] = at::zeros_like(x);
       if (need_result) out[2] = at::zeros_like(result);
       return out;
@@ -115,13 +119,21 @@ class SmoothMaxBackwardFunction : public torch::autograd::Function<SmoothMaxBack
   }
 };
 
-// The composite formulation (dispatch.h): logsumexp(β·x)/β, in float32 for half-precision x as the kernels compute
-// (β·x would overflow float16 first); at β = ±inf the max / min, whose derivative ATen shares equally between ties,
-// as the Function does.
+// The composite formulation (dispatch.h), the kernels' math in ATen ops: m + logsumexp(β·(x − m))/β with m the max
+// along dim (a constant: its derivative cancels, Σ softmax = 1), so β·x cannot overflow where the result does not
+// (logsumexp(β·x) overflowed float32 at β = 1e30, x = 1e10); in float32 for half-precision x as the kernels compute,
+// in float64 for a β below float's normal numbers (beta_below_float); at β = ±inf (or beyond float's range for
+// float-computed x: kernel_beta) the max / min, whose derivative ATen shares equally between ties, as the Function
+// does.
 at::Tensor smooth_max_composite(const at::Tensor& x, double beta, int64_t dim, bool keepdim) {
-  if (std::isinf(beta)) return beta > 0 ? at::amax(x, {dim}, keepdim) : at::amin(x, {dim}, keepdim);
-  const at::Tensor xa = x.scalar_type() == at::kDouble ? x : x.to(at::kFloat);
-  return (at::logsumexp(xa * beta, {dim}, keepdim) / beta).to(x.scalar_type());
+  const double b = kernel_beta(x, beta);
+  if (std::isinf(b)) return b > 0 ? at::amax(x, {dim}, keepdim) : at::amin(x, {dim}, keepdim);
+  const at::Tensor xa = x.to(x.scalar_type() == at::kDouble || beta_below_float(x, beta) ? at::kDouble : at::kFloat);
+  const at::Tensor top = at::amax(xa, {dim}, /*keepdim=*/true).detach();
+  const at::Tensor m = at::where(at::isfinite(top), top, at::zeros_like(top));  // (±inf, NaN rows: no shift)
+  at::Tensor out = m + at::logsumexp((xa - m) * beta, {dim}, /*keepdim=*/true) / beta;
+  if (!keepdim && x.dim() > 0) out = out.squeeze(dim);
+  return out.to(x.scalar_type());
 }
 
 at::Tensor smooth_max_autograd(const at::Tensor& x, double beta, int64_t dim, bool keepdim) {

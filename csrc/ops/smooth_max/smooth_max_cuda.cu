@@ -238,6 +238,8 @@ void launch_forward(const at::Tensor& x, at::Tensor& out, const ReductionView& v
 
 at::Tensor smooth_max_cuda(const at::Tensor& x, double beta, int64_t dim, bool keepdim) {
   const int64_t d = check_smooth_max_args(x, beta, dim);
+  if (beta_below_float(x, beta)) return smooth_max_cuda(x.to(at::kDouble), beta, dim, keepdim).to(x.scalar_type());
+  beta = kernel_beta(x, beta);
   c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   at::Tensor out = at::empty(keepdim_shape(x, d), x.options());
@@ -252,6 +254,11 @@ at::Tensor smooth_max_cuda(const at::Tensor& x, double beta, int64_t dim, bool k
 at::Tensor smooth_max_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& result,
                                     double beta, int64_t dim, bool keepdim) {
   const int64_t d = check_smooth_max_args(x, beta, dim);
+  if (beta_below_float(x, beta)) {
+    return smooth_max_backward_cuda(grad.to(at::kDouble), x.to(at::kDouble), result.to(at::kDouble), beta, dim,
+                                    keepdim).to(x.scalar_type());
+  }
+  beta = kernel_beta(x, beta);
   c10::cuda::CUDAGuard guard(x.device());
   const auto shape = keepdim_shape(x, d);
   const at::Tensor g = grad.reshape(shape).contiguous();
