@@ -155,16 +155,19 @@ def convolutionalize(model, window):
     if not isinstance(model, nn.Module):
         raise TypeError(f"argument 'model' must be an nn.Module, got {type(model).__name__}")
     window = _window(window)
-    try:
-        traced = torch.fx.symbolic_trace(model)
-    except Exception as e:  # noqa: BLE001  (any tracing failure is reported as what it is)
-        raise ValueError(f"argument 'model': torch.fx cannot trace {type(model).__name__} ({e}); "
-                         "convolutionalize needs a traceable features → flatten → Linear model") from e
-    flatten = _find_flatten(traced)
-    features = _features_module(traced, flatten)
-    ops = _head_ops(traced, flatten)
-    in_channels = _input_channels(features)
-    with eval_mode(model):  # (features shares model's modules; a train-mode BatchNorm would count the fake runs)
+    # Traced in eval mode: the trace records what forward reads of self.training (F.dropout(x, p, self.training)
+    # ran dropout in the converted features of a train-mode model); features shares model's modules, and a
+    # train-mode BatchNorm would count the fake runs.
+    with eval_mode(model):
+        try:
+            traced = torch.fx.symbolic_trace(model)
+        except Exception as e:  # noqa: BLE001  (any tracing failure is reported as what it is)
+            raise ValueError(f"argument 'model': torch.fx cannot trace {type(model).__name__} ({e}); "
+                             "convolutionalize needs a traceable features → flatten → Linear model") from e
+        flatten = _find_flatten(traced)
+        features = _features_module(traced, flatten)
+        ops = _head_ops(traced, flatten)
+        in_channels = _input_channels(features)
         fmap, stride = _feature_geometry(features, in_channels, window, model)
     head = _build_head(ops, fmap)
     fcn = FullyConvolutional(copy.deepcopy(features), head, window, stride, in_channels, _is_padded(features)).eval()

@@ -49,6 +49,11 @@ class Conv1d(torch.nn.Conv1d):
         (an optimizer over conv's parameters trains it; conv is not modified)."""
         if not isinstance(conv, torch.nn.Conv1d):
             raise TypeError(f"argument 'conv' must be an nn.Conv1d, got {type(conv).__name__}")
+        if not all(isinstance(p, torch.nn.Parameter) for p in (conv.weight, conv.bias) if p is not None):
+            raise TypeError("argument 'conv' computes its weight (a parametrization or hook: weight_norm, "
+                            "spectral_norm), so it has no weight Parameter to share; convert the plain layer first "
+                            "and apply the reparametrization to the result (old-style hooks: "
+                            "swap_conv1d(model, inplace=True) keeps them)")
         new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                   conv.groups, conv.bias is not None, conv.padding_mode, device="meta")
         new.weight, new.bias = conv.weight, conv.bias

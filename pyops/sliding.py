@@ -21,6 +21,7 @@ the estimated peak of the activations stays under max_memory; tiled and untiled 
 summation order of the vendor convolutions (bitwise in practice on CPU; ≤ 1e-12 relative in float64).
 """
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 
@@ -79,7 +80,7 @@ def sliding_classify(model, images, window, stride=1, exact=False, max_memory=DE
     """
     window = _window(window)
     if exact:
-        _check_common(images, window, stride, max_memory, precision)
+        max_memory = _check_common(images, window, stride, max_memory, precision)
         if algorithm not in ("auto", "direct"):
             raise ValueError("argument 'algorithm' applies to the FCN head; exact=True runs the model as is")
         if precision == "bf16":
@@ -105,7 +106,7 @@ def classify_fcn(fcn, images, stride=1, max_memory=DEFAULT_MAX_MEMORY, precision
 
 
 def _classify_fcn(fcn, images, stride, max_memory, precision, algorithm):
-    _check_common(images, fcn.window, stride, max_memory, precision)
+    max_memory = _check_common(images, fcn.window, stride, max_memory, precision)
     algorithm = fcn.resolve_algorithm(algorithm, precision, images)
     if images.shape[1] != fcn.in_channels:
         raise ValueError(f"argument 'images' has {images.shape[1]} channels but the model takes {fcn.in_channels}")
@@ -282,6 +283,9 @@ def _crop_batches(model, images, window, stride, max_memory, precision):
     crops = images.unfold(2, h, sy).unfold(3, w, sx).permute(0, 2, 3, 1, 4, 5)  # (B, ny, nx, C, h, w), a view
     ny, nx = crops.shape[1:3]
     n = B * ny * nx
+    if n == 0:  # (a model's own view(x.size(0), -1) cannot reshape an empty batch: the classes from a fake run)
+        probe = fake_run(model, (1, C, h, w), images.dtype, images.device)
+        return images.new_empty((B, probe.shape[-1], ny, nx), dtype=probe.dtype)
     peak_one, out_one = _layer_peak(model, (1, C, h, w), images.dtype, images.device)
     per_crop = peak_one + C * h * w * images.element_size()  # + the gathered crop itself
     out_bytes = out_one * n
@@ -291,7 +295,7 @@ def _crop_batches(model, images, window, stride, max_memory, precision):
                          "that one crop needs")
     parts = []
     with _autograd_if_wanted(images), _cudnn_tf32(precision == "tf32"):
-        for c0 in range(0, max(n, 1), chunk):  # (at least one call: an empty batch gives (0, classes) scores)
+        for c0 in range(0, n, chunk):
             k = torch.arange(c0, min(n, c0 + chunk), device=images.device)
             parts.append(model(crops[k // (ny * nx), (k // nx) % ny, k % nx]))  # gathers only this chunk
     scores = torch.cat(parts)
@@ -311,7 +315,8 @@ def _check_common(images, window, stride, max_memory, precision):
         raise ValueError(f"argument 'images' is {images.shape[2]}x{images.shape[3]}, smaller than the {h}x{w} "
                          "argument 'window'")
     _pair(stride, "stride")
-    if isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory <= 0:
+    if isinstance(max_memory, bool) or not isinstance(max_memory, numbers.Integral) or max_memory <= 0:
         raise ValueError(f"argument 'max_memory' must be a positive int (bytes), got {max_memory!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"argument 'precision' must be one of {PRECISIONS}, got {precision!r}")
+    return int(max_memory)  # (a numpy integer as a Python int: it reaches the op's int argument)

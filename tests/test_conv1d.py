@@ -401,6 +401,11 @@ def test_swap_conv1d_puts_ours_in_place_of_a_models_layers(device):
     assert ours.weight is layer.weight and ours.bias is layer.bias and not ours.training
     with pytest.raises(TypeError, match="conv"):
         pyops.nn.Conv1d.from_module(torch.nn.Conv2d(3, 3, 2))
+    # a computed weight has no Parameter to share: named (nn.Module's own "cannot assign" error came out)
+    for reparametrize in (torch.nn.utils.parametrizations.weight_norm, torch.nn.utils.weight_norm,
+                          torch.nn.utils.spectral_norm):
+        with pytest.raises(TypeError, match="argument 'conv' computes its weight"):
+            pyops.nn.Conv1d.from_module(reparametrize(torch.nn.Conv1d(3, 6, 3)))
 
 
 def test_swap_conv1d_keeps_everything_but_the_kernel():

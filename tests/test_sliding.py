@@ -237,6 +237,45 @@ def test_train_mode_model_is_used_with_eval_semantics_and_left_unchanged():
             assert torch.equal(v, before[k]), f"{k} changed"
 
 
+class FunctionalDropoutNet(nn.Module):
+    """Dropout written F.dropout(x, p, self.training): the trace records the training flag it reads."""
+
+    def __init__(self, pad):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=pad), nn.Conv2d(8, 8, 3)
+        self.fc = nn.Linear(8 * (2 + 2 * pad) ** 2, 5)
+
+    def forward(self, x):
+        x = nn.functional.dropout(torch.relu(self.c1(x)), 0.5, self.training)
+        return self.fc(torch.flatten(self.c2(x), 1))
+
+
+@pytest.mark.filterwarnings("ignore:pyops.sliding_classify. the model's features pad")
+def test_train_mode_model_reading_its_training_flag_is_traced_in_eval_mode():
+    """convolutionalize traced a train-mode model before switching it to eval: F.dropout(x, p, self.training) ran
+    dropout in the converted features (random scores; unpadded features were refused as not sliding)."""
+    torch.manual_seed(0)
+    x = rand((1, 3, 10, 10), seed=7).float()
+    for pad in (0, 1):
+        model = FunctionalDropoutNet(pad).eval()
+        expected = pyops.sliding_classify(model, x, 6)
+        model.train()
+        torch.testing.assert_close(pyops.sliding_classify(model, x, 6), expected)
+        assert model.training
+
+
+def test_exact_empty_batch_and_numpy_max_memory():
+    """exact=True on an empty batch called the model on (0, C, h, w) crops, which its view(x.size(0), -1) cannot
+    reshape; a numpy integer max_memory was refused (window and stride take them)."""
+    import numpy as np
+    net1 = reference.homework_net1(small=True)
+    images = torch.rand(0, 3, 40, 40)
+    assert pyops.sliding_classify(net1, images, 32, exact=True).shape == (0, 10, 9, 9)
+    x = torch.rand(1, 3, 34, 33)
+    torch.testing.assert_close(pyops.sliding_classify(net1, x, 32, max_memory=np.int64(1 << 26)),
+                               pyops.sliding_classify(net1, x, 32))
+
+
 def test_batchnorm_after_a_dropout_folds_into_the_linear_before_it():
     """Linear → Dropout → BatchNorm1d: the dropout is the identity in eval, so the BatchNorm folds into the Linear's
     output (it was refused as having no Linear to fold into)."""
