@@ -1,3 +1,4 @@
+import math
 import random
 import warnings
 
@@ -196,6 +197,24 @@ def test_non_contiguous_and_channels_last_inputs(device):
         assert_matches_torch(x, wx, None, (1, 1, 1, 1), torch.float64)
     w_strided = rand((3, 6, 8), device=device, gen=g).transpose(0, 2)  # (8, 6, 3) weight view
     assert_matches_torch(base.transpose(1, 2)[:, :6], w_strided, None, (1, 0, 1, 1), torch.float64)
+
+
+@pytest.mark.parametrize("path", ["direct", "library"])
+def test_strided_gradients_of_infinite_values_stay_where_torch_puts_them(device, path, monkeypatch):
+    """Our CPU backward correlated a grad_output upsampled with zeros: 0·inf made NaN of gradients F.conv1d keeps
+    finite (weight [inf, 1], stride 2: grad_input [inf, nan, inf, ...] for [inf, 1, inf, ...]). Now each phase of
+    taps is correlated with its own input phase (no zeros multiplied), also faster by the stride."""
+    monkeypatch.setenv("PYOPS_CONV1D_PATH", path)
+    for stride, dilation, padding in ((2, 1, 0), (3, 2, 1), (2, 2, 1)):
+        w = torch.tensor([[[math.inf, 1.0, 2.0]]], device=device, requires_grad=True)
+        x = torch.arange(1.0, 14.0, device=device).view(1, 1, 13)
+        x[0, 0, 4] = math.inf
+        x.requires_grad_()
+        gy = torch.ones(1, 1, (13 + 2 * padding - dilation * 2 - 1) // stride + 1, device=device)
+        ours = torch.autograd.grad(pyops.conv1d(x, w, None, stride, padding, dilation), (x, w), gy)
+        want = torch.autograd.grad(F.conv1d(x, w, None, stride, padding, dilation), (x, w), gy)
+        for got, ref in zip(ours, want):
+            torch.testing.assert_close(got, ref, equal_nan=True)
 
 
 @pytest.mark.parametrize("path", ["auto", "direct", "library", "gemm"])

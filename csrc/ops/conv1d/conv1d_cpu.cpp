@@ -6,6 +6,10 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <numeric>
+#include <vector>
+
 #include "ops/conv1d/conv1d.h"
 
 namespace pyops {
@@ -23,15 +27,40 @@ std::optional<at::Tensor> as_float(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? std::optional<at::Tensor>(as_float(*t)) : t;
 }
 
-// grad_output of a strided convolution with zeros between its samples, (N, C, (L-1)*stride + 1): every backward
-// op then is a stride-1 correlation. The zeros cost stride times the work, only where stride > 1.
-at::Tensor upsample_by_stride(const at::Tensor& grad_output, int64_t stride) {
-  const at::Tensor gy = grad_output.contiguous();
-  if (stride == 1) return gy;
-  const int64_t length = (gy.size(2) - 1) * stride + 1;
-  at::Tensor up = at::zeros({gy.size(0), gy.size(1), length}, gy.options());
-  up.slice(2, 0, length, stride).copy_(gy);
-  return up;
+// A strided layer's backward as stride-1 correlations, one per phase (polyphase). Tap k reads input position
+// j*stride + k*dilation - padding for output j: the taps whose k*dilation - padding leave the same remainder r modulo
+// the stride read only the input positions of phase r (r, r + stride, ...), and they are every `step`-th tap
+// (step = stride / gcd(stride, dilation)), spaced dilation / gcd apart on that phase. So the first `step` taps each
+// start one class, and a class is a stride-1 correlation on its phase. (Correlating a grad_output upsampled with
+// zeros gave the same sums at stride times the work, and made NaN of 0 * inf where a weight or input is infinite:
+// F.conv1d's gradients stay finite there.)
+struct TapClass {
+  int64_t first, taps;  // taps first, first + step, ... (taps of them)
+  int64_t phase, shift;  // their input phase r, and floor((first*dilation - padding) / stride)
+};
+
+std::vector<TapClass> tap_classes(int64_t kernel_size, int64_t stride, int64_t padding, int64_t dilation) {
+  const int64_t step = stride / std::gcd(stride, dilation);
+  std::vector<TapClass> classes;
+  for (int64_t k = 0; k < std::min(step, kernel_size); ++k) {
+    const int64_t e = k * dilation - padding;
+    const int64_t phase = ((e % stride) + stride) % stride;
+    classes.push_back({k, (kernel_size - k + step - 1) / step, phase, (e - phase) / stride});
+  }
+  return classes;
+}
+
+// x[..., phase::stride], contiguous (empty past the end)
+at::Tensor phase_of(const at::Tensor& x, int64_t phase, int64_t stride) {
+  const int64_t length = x.size(2);
+  return phase < length ? x.slice(2, phase, length, stride).contiguous() : x.narrow(2, 0, 0).contiguous();
+}
+
+// The per-group transposed, flipped filter (groups * Cin/groups, Cout/groups, taps): grad_input as a correlation.
+at::Tensor transposed_flipped(const at::Tensor& weight, int64_t groups) {
+  const int64_t og = weight.size(0) / groups, cg = weight.size(1), taps = weight.size(2);
+  return weight.contiguous().view({groups, og, cg, taps}).transpose(1, 2).flip({3}).reshape({groups * cg, og, taps})
+      .contiguous();
 }
 
 at::Tensor conv1d_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -71,15 +100,24 @@ at::Tensor conv1d_backward_input_cpu(const at::Tensor& grad_output, const at::Te
   check_cpu_dtype(grad_output, "grad_output");
   const bool empty = g.batch * g.in_channels * g.in_length == 0;
   if (!empty && conv1d_use_library(g, /*cuda=*/false)) return library_conv1d_backward_input(grad_output, weight, g);
-  at::Tensor grad_input = at::empty({g.batch, g.in_channels, g.in_length}, grad_output.options());
-  if (empty) return grad_input;
-  const int64_t cg = g.in_per_group(), og = g.out_per_group(), k = g.kernel_size;
-  const at::Tensor flipped =
-      weight.contiguous().view({groups, og, cg, k}).transpose(1, 2).flip({3}).reshape({groups * cg, og, k}).contiguous();
-  const at::Tensor gy = upsample_by_stride(grad_output, stride);
-  correlate_cpu(gy, flipped, at::Tensor(), grad_input,
-                {g.batch, g.out_channels, gy.size(2), g.in_channels, k, g.in_length, 1, dilation,
-                 padding - dilation * (k - 1), groups});
+  if (empty) return at::empty({g.batch, g.in_channels, g.in_length}, grad_output.options());
+  // Phase r of grad_input (positions r, r + stride, ...) sums the taps of the class reading input phase r: output m
+  // of the phase takes tap first + t*step from grad_output[m + shift' - t*dilation'], shift' = -shift, a
+  // correlation with that class's taps flipped. Phases no class reads get no gradient.
+  at::Tensor grad_input = stride == 1 ? at::empty({g.batch, g.in_channels, g.in_length}, grad_output.options())
+                                      : at::zeros({g.batch, g.in_channels, g.in_length}, grad_output.options());
+  const at::Tensor gy = grad_output.contiguous();
+  const int64_t dil = dilation / std::gcd(stride, dilation), step = stride / std::gcd(stride, dilation);
+  for (const TapClass& c : tap_classes(g.kernel_size, stride, padding, dilation)) {
+    const int64_t length = (g.in_length - c.phase + stride - 1) / stride;
+    if (length <= 0) continue;
+    const at::Tensor flipped = transposed_flipped(weight.slice(2, c.first, g.kernel_size, step), groups);
+    at::Tensor part = stride == 1 ? grad_input : at::empty({g.batch, g.in_channels, length}, gy.options());
+    correlate_cpu(gy, flipped, at::Tensor(), part,
+                  {g.batch, g.out_channels, g.out_length, g.in_channels, c.taps, length, 1, dil,
+                   -c.shift - dil * (c.taps - 1), groups});
+    if (stride > 1) grad_input.slice(2, c.phase, g.in_length, stride).copy_(part);
+  }
   return grad_input;
 }
 
@@ -105,9 +143,15 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cpu(const at::Tensor& grad_ou
     return {gemm_conv1d_backward_weight(grad_output, input, g), bias_sum()};
   }
   at::Tensor grad_weight = at::empty({g.out_channels, g.in_per_group(), kernel_size}, input.options());
-  if (grad_weight.numel() > 0) {
-    correlate_weight_cpu(upsample_by_stride(grad_output, stride), input.contiguous(), grad_weight, dilation, -padding,
-                         groups);
+  if (grad_weight.numel() == 0) return {grad_weight, bias_sum()};
+  // Each class of taps correlates grad_output with its input phase: tap first + t*step reads phase element
+  // j + shift + t*dilation' for output j.
+  const at::Tensor gy = grad_output.contiguous(), x = input.contiguous();
+  const int64_t dil = dilation / std::gcd(stride, dilation), step = stride / std::gcd(stride, dilation);
+  for (const TapClass& c : tap_classes(kernel_size, stride, padding, dilation)) {
+    at::Tensor part = stride == 1 ? grad_weight : at::empty({g.out_channels, g.in_per_group(), c.taps}, x.options());
+    correlate_weight_cpu(gy, stride == 1 ? x : phase_of(x, c.phase, stride), part, dil, c.shift, groups);
+    if (stride > 1) grad_weight.slice(2, c.first, kernel_size, step).copy_(part);
   }
   return {grad_weight, bias_sum()};
 }
