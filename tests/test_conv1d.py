@@ -203,7 +203,7 @@ def test_non_contiguous_and_channels_last_inputs(device):
 def test_strided_gradients_of_infinite_values_stay_where_torch_puts_them(device, path, monkeypatch):
     """Our CPU backward correlated a grad_output upsampled with zeros: 0·inf made NaN of gradients F.conv1d keeps
     finite (weight [inf, 1], stride 2: grad_input [inf, nan, inf, ...] for [inf, 1, inf, ...]). Now each phase of
-    taps is correlated with its own input phase (no zeros multiplied), also faster by the stride."""
+    taps is correlated with its own input phase (no zeros multiplied)."""
     monkeypatch.setenv("PYOPS_CONV1D_PATH", path)
     for stride, dilation, padding in ((2, 1, 0), (3, 2, 1), (2, 2, 1)):
         w = torch.tensor([[[math.inf, 1.0, 2.0]]], device=device, requires_grad=True)
