@@ -129,7 +129,8 @@ def _cpu_fp32_inference(x, weight, bias, residual):
 
 def _functorch_wrapped(*tensors):
     """Whether one of the tensors (None allowed) is a torch.func transform's wrapper (vmap's batched tensor, ...):
-    the op's batching rule handles it, the inference-only paths (packed weights, layout queries) do not. Any
+    the op handles it (through vmap's fallback, a loop over the batch: pyops registers no batching rule), the
+    inference-only paths (packed weights, layout queries) do not. Any
     operand counts: an ensemble vmapped over stacked weights (torch.func.stack_module_state) sees a plain input."""
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     return any(t is not None and wrapped(t) for t in tensors)
