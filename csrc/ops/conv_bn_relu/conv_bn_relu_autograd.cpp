@@ -45,7 +45,8 @@ std::tuple<at::Tensor, at::Tensor> act_backward(const at::Tensor& grad, const at
                                                 const OptTensor& scale, int64_t activation, bool unscaled_too) {
   if (!at::GradMode::is_enabled()) return call_conv_act_backward(grad, output, scale, activation, unscaled_too);
   at::Tensor g = grad;
-  if (activation == static_cast<int64_t>(Activation::kRelu)) g = grad * output.gt(0);
+  // (torch.relu's rule: zero where the output is <= 0, so a NaN output passes the gradient; hardtanh's stops it)
+  if (activation == static_cast<int64_t>(Activation::kRelu)) g = grad * output.le(0).logical_not();
   if (activation == static_cast<int64_t>(Activation::kRelu6)) g = grad * output.gt(0).logical_and(output.lt(6));
   if (!scale.has_value()) return {g, at::Tensor()};
   const at::Tensor scaled = g * scale->to(g.scalar_type()).view({1, -1, 1, 1});
@@ -232,11 +233,16 @@ at::Tensor conv2d_bn_relu_composite(const at::Tensor& x, const at::Tensor& w, co
                                     const OptTensor& bn_weight, const OptTensor& bn_bias, const at::Tensor& mean,
                                     const at::Tensor& var, double eps, at::IntArrayRef stride, at::IntArrayRef padding,
                                     at::IntArrayRef dilation, int64_t groups, bool relu, const OptTensor& residual) {
-  at::Tensor scale = at::rsqrt(var + eps);
-  if (is_defined(bn_weight)) scale = scale * *bn_weight;
-  at::Tensor shift = (is_defined(b) ? *b - mean : -mean) * scale;
-  if (is_defined(bn_bias)) shift = shift + *bn_bias;
-  const at::Tensor folded = (w * scale.view({-1, 1, 1, 1})).to(w.scalar_type());
+  // The fold as the op computes it: in float64 (in the statistics' dtype, float16 statistics under autocast were
+  // off by ~5e-4), rounded once; the statistics are frozen constants, as the op's backward has it (they came out
+  // differentiated here, where torch.func and forward-mode AD run this formulation).
+  const auto f64 = [](const at::Tensor& t) { return t.to(at::kDouble); };
+  const at::Tensor mu = f64(mean.detach());
+  at::Tensor scale = at::rsqrt(f64(var.detach()) + eps);
+  if (is_defined(bn_weight)) scale = scale * f64(*bn_weight);
+  at::Tensor shift = (is_defined(b) ? f64(*b) - mu : -mu) * scale;
+  if (is_defined(bn_bias)) shift = shift + f64(*bn_bias);
+  const at::Tensor folded = (f64(w) * scale.view({-1, 1, 1, 1})).to(w.scalar_type());
   const int64_t act = static_cast<int64_t>(relu ? Activation::kRelu : Activation::kNone);
   return conv2d_bias_act_composite(x, folded, shift.to(w.scalar_type()), stride, padding, dilation, groups, act,
                                    residual);

@@ -66,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_fold_cpu(
 template <typename acc>
 inline acc act_mask(acc out, Activation act) {
   switch (act) {
-    case Activation::kRelu: return out > acc(0) ? acc(1) : acc(0);
+    case Activation::kRelu: return out <= acc(0) ? acc(0) : acc(1);  // (a NaN output passes, as in torch.relu's)
     case Activation::kRelu6: return (out > acc(0) && out < acc(6)) ? acc(1) : acc(0);
     default: return acc(1);
   }
