@@ -1,7 +1,5 @@
 """One derived form of a module's weights kept between calls: ConvBNReLU2d's packed (oneDNN) or re-laid-out weight,
 FullyConvolutional's FFT spectra."""
-import weakref
-
 import torch
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -9,33 +7,56 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 class SourcesKey:
     """Which tensors a derived form was made from, and their state then: matches(tensors) is True only for the same
-    tensor objects with the same storage, device, dtype, data pointer and version counter. The tensors and their
-    storages are held by weak references (a cache keeps no replaced weight alive; a storage's weak reference keeps
-    only its bookkeeping, so no new storage can take its identity while the key lives).
+    tensor objects (by id) on the same storages, with the same device, dtype, data pointer, sizes, strides and
+    version counter. The storages are held by weak references to the storage (a cache keeps no replaced weight
+    alive, and no new storage can take a referenced one's identity); the tensors are not weakly referenced at all:
+    torch.utils.swap_tensors refuses a tensor that has a Python weak reference, and load_state_dict swaps under
+    torch.__future__.set_swap_module_params_on_conversion(True).
 
-    Identity matters twice. A freed weight's memory is reused: a new weight at the same address with the same
+    The storage matters twice. A freed weight's memory is reused: a new weight at the same address with the same
     version (0) matched an address-only key. And `param.data = t` (torch.nn.utils.vector_to_parameters does it)
     keeps the Parameter object and its version counter while swapping its storage: a t at a freed weight's address
     matched a key of (object, address, version), and the freed weight's derived form served.
-    What no key can see: writes through another tensor with its own version counter that shares the storage
-    (a `.data` alias, or the vector vector_to_parameters viewed, updated in place); a train()/eval() switch drops
-    the derived form after such writes. An inference tensor (made in torch.inference_mode) has no version counter:
-    its in-place updates (possible only inside inference_mode) are not seen either, as torch.compile's freezing
-    takes parameters to be constants; assign a new tensor to update such a weight."""
+    What no key can see: writes through another tensor with its own version counter that shares the storage (a
+    `.data` alias; the vector that vector_to_parameters viewed, updated in place and passed again); a
+    train()/eval() switch drops the derived form after such writes. An inference tensor (made in
+    torch.inference_mode) has no version counter: its in-place updates (possible only inside inference_mode) are
+    not seen either, as torch.compile's freezing takes parameters to be constants; assign a new tensor to update
+    such a weight."""
+
+    __slots__ = ("ids", "storages", "state")
 
     def __init__(self, tensors):
-        self.refs = [weakref.ref(t) for t in tensors]
+        self.ids = [id(t) for t in tensors]
         self.storages = [StorageWeakRef(t.untyped_storage()) for t in tensors]
         self.state = _state(tensors)
 
     def matches(self, tensors):
-        return (len(tensors) == len(self.refs) and all(ref() is t for ref, t in zip(self.refs, tensors))
+        return (len(tensors) == len(self.ids) and all(id(t) == i for i, t in zip(self.ids, tensors))
                 and all(s.cdata == t.untyped_storage()._cdata for s, t in zip(self.storages, tensors))
                 and _state(tensors) == self.state)
 
 
 def _state(tensors):
-    return [(t.device, t.dtype, t.data_ptr(), None if t.is_inference() else t._version) for t in tensors]
+    return [(t.device, t.dtype, t.data_ptr(), t.shape, t.stride(), None if t.is_inference() else t._version)
+            for t in tensors]
+
+
+class _Entry:
+    """A slot's derived form: its kind, the SourcesKey it was made from, the value. Copies never carry one (a deep
+    copy is None): torch's parametrized modules deep-copy their __dict__ directly, past __getstate__, which copied
+    the MKLDNN value (an error) and the storages' weak references (each copy released the same one: a crash)."""
+
+    __slots__ = ("kind", "key", "value")
+
+    def __init__(self, kind, key, value):
+        self.kind, self.key, self.value = kind, key, value
+
+    def __deepcopy__(self, memo):
+        return None
+
+    def __reduce__(self):
+        return type(None), ()
 
 
 class DerivedWeights(nn.Module):
@@ -47,18 +68,18 @@ class DerivedWeights(nn.Module):
     torch.export nothing is kept: make() runs inside the trace (its tensors are fake, without data to key on, and
     the compiled graph must compute the form from the weights it is given)."""
 
-    _derived = None  # (kind, SourcesKey, value); a class default, so older pickled modules have it too
+    _derived = None  # an _Entry; a class default, so older pickled modules have it too
     _transient = ("_derived",)  # the slots; copies and pickles do not carry them (a subclass may add its own)
 
     def derived(self, kind, sources, make, slot="_derived"):
         if torch.compiler.is_compiling():
             return make()
         entry = getattr(self, slot)  # read once: another thread may replace it meanwhile (make() releases the GIL)
-        if not isinstance(entry, tuple) or entry[0] != kind or not entry[1].matches(sources):
+        if not isinstance(entry, _Entry) or entry.kind != kind or not entry.key.matches(sources):
             setattr(self, slot, None)  # free the old form before making the new one
-            entry = (kind, SourcesKey(sources), make())
+            entry = _Entry(kind, SourcesKey(sources), make())
             setattr(self, slot, entry)
-        return entry[2]
+        return entry.value
 
     def _drop_derived(self):
         for name in self._transient:

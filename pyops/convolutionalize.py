@@ -319,7 +319,15 @@ def fake_run(module, shape, dtype, device):
     # is no work of the model (a 2^20-pixel stride probe was counted as 1e14 multiplications).
     untraced = _disable_current_modes() if active is None else disable_proxy_modes_tracing()
     with autocast_cache_disabled(), jit_tracing_paused(), untraced, mode:
-        return module(torch.empty(shape, dtype=dtype, device=device))
+        out = module(torch.empty(shape, dtype=dtype, device=device))
+    if active is None:
+        # Our mode's converter holds weak references to the parameters it faked until the garbage collector frees
+        # the mode (fake tensors and mode form cycles), and torch.utils.swap_tensors refuses a tensor with a weak
+        # reference: load_state_dict under set_swap_module_params_on_conversion(True) failed after a planned call.
+        converter = mode.fake_tensor_converter.meta_converter
+        converter.tensor_memo.clear()
+        converter.describer.lookup_tensor.clear()
+    return out
 
 
 def _feature_geometry(features, in_channels, window, model):

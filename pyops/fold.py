@@ -84,14 +84,15 @@ def fold_bn(layer, bn):
     bn: nn.BatchNorm1d/2d/3d or nn.SyncBatchNorm in eval mode with running statistics (affine or not), or
         torchvision.ops.misc.FrozenBatchNorm2d; bn's channel count must equal the layer's output channels.
     Returns a fresh module of the layer's base class (nn.Conv2d, nn.Linear, ...) with the same hyper-parameters,
-    weight W·s and bias (b − μ)·s + β (a trainable Parameter even where layer.bias is None), s = γ/√(σ²+ε). For a
+    weight W·s and bias (b − μ)·s + β (a Parameter even where layer.bias is None), s = γ/√(σ²+ε). For a
     Linear the equality holds on (N, features) inputs, where BatchNorm1d normalizes the Linear's features (on a
     3-D input it would normalize dim 1 instead); for a Conv1d on batched (N, C, L) inputs (on an unbatched (C, L)
     output BatchNorm1d would take C as the batch and normalize L). A weight under the old-style
     torch.nn.utils.weight_norm/spectral_norm is folded as the layer's forward computes it (current_weight); the
     result is a plain layer without those hooks.
     The arithmetic runs in float64 and is rounded once to the layer's dtypes (fp16/bf16 weights included); the weight
-    keeps its memory layout (e.g. channels_last) and device; requires_grad flags and the training flag are kept.
+    keeps its memory layout (e.g. channels_last) and device; the training flag is kept, and each folded Parameter
+    requires grad where one of the values it is made of does (the weight: W or γ; the bias: b, γ or β).
     Neither argument is modified.
     ValueError: bn in training mode, bn without running statistics, or channel counts that differ.
     TypeError: an unsupported layer or norm type.
@@ -112,9 +113,13 @@ def fold_bn(layer, bn):
         old_bias = bias.double() if bias is not None else torch.zeros_like(scale)
         new_bias = (old_bias * scale + shift).to(bias.dtype if bias is not None else weight.dtype)
 
+    # Trainable where a value it is made of was: W' = W·s of W and γ, b' = (b − μ)·s + β of b, γ and β. A frozen
+    # backbone stays frozen (a bias-free conv's folded bias was always trainable), a trainable BN after a frozen conv
+    # stays trainable (its γ, β were dropped).
+    trainable = [t is not None and t.requires_grad for t in (weight, bias, bn.weight, bn.bias)]
     folded = empty_like_layer(layer)
-    folded.weight = nn.Parameter(new_weight, requires_grad=weight.requires_grad)
-    folded.bias = nn.Parameter(new_bias, requires_grad=bias.requires_grad if bias is not None else True)
+    folded.weight = nn.Parameter(new_weight, requires_grad=trainable[0] or trainable[2])
+    folded.bias = nn.Parameter(new_bias, requires_grad=any(trainable[1:]))
     return folded.train(layer.training)
 
 

@@ -214,12 +214,12 @@ class FusionTracer(fx.Tracer):
 def fuse_graph(gm):
     """Rewrites gm's graph in place: each chain found by match_chain becomes one call of a new fused module."""
     modules = dict(gm.named_modules())
-    fused_conv, absorbed = False, []
+    fused_conv, absorbed, folded = False, [], {}
     for node in list(gm.graph.nodes):  # chains start at a BatchNorm: the nodes erased with one are never one
         chain = match_chain(node, modules)
         if chain is not None:
             absorbed += [n.target for n in chain["nodes"] if n.op == "call_module"]
-            fused_conv |= replace_chain(gm, modules, chain) is pyops_nn.ConvBNReLU2d
+            fused_conv |= replace_chain(gm, modules, chain, folded) is pyops_nn.ConvBNReLU2d
     if fused_conv:
         layout_safe_views(gm.graph, modules)
     gm.graph.lint()
@@ -422,22 +422,33 @@ def folded_layer(layer, bn):
     return folded
 
 
-def replace_chain(gm, modules, chain):
+def replace_chain(gm, modules, chain, folded):
     """One call_module node of the fused module in place of the chain's nodes; the module is installed under the
     layer's name when nothing else in the graph uses the layer (another call, a get_attr of its weight), else under
-    a fresh name."""
+    a fresh name. folded: {(layer, bn) ids: (name, module, epilogue)} of the chains fused so far. A layer → BN pair
+    called again (a shared block) calls the same fused module where the epilogue is the same, else a new one
+    holding the same folded Parameters: one set of weights, as the model had (two copies drifted apart in
+    fine-tuning)."""
     layer_node, bn_node, tail = chain["nodes"][0], chain["nodes"][1], chain["nodes"][-1]
     layer, bn = modules[layer_node.target], modules[bn_node.target]
     cls = fused_class(layer)
-    fused = folded_layer(layer, bn) if cls is None else cls.from_modules(layer, bn, chain["activation"])
-    if chain.get("in_place"):
-        fused.residual_in_place = True
-    name = layer_node.target
-    if any(n is not layer_node and n.op in ("call_module", "get_attr") and (n.target + ".").startswith(name + ".")
-           for n in gm.graph.nodes):
-        name = fresh_name(modules, name + "_fused")
-    gm.add_submodule(name, fused)
-    modules[name] = fused
+    epilogue = (chain["activation"], chain["residual"] is not None, bool(chain.get("in_place")))
+    first = folded.get((id(layer), id(bn)))
+    if first is not None and first[2] == epilogue:
+        name = first[0]
+    else:
+        fused = folded_layer(layer, bn) if cls is None else cls.from_modules(layer, bn, chain["activation"])
+        if chain.get("in_place"):
+            fused.residual_in_place = True
+        if first is not None:
+            fused.weight, fused.bias = first[1].weight, first[1].bias
+        name = layer_node.target
+        if any(n is not layer_node and n.op in ("call_module", "get_attr")
+               and (n.target + ".").startswith(name + ".") for n in gm.graph.nodes):
+            name = fresh_name(modules, name + "_fused")
+        gm.add_submodule(name, fused)
+        modules[name] = fused
+        folded.setdefault((id(layer), id(bn)), (name, fused, epilogue))
     kwargs = {"residual": chain["residual"]} if chain["residual"] is not None else {}
     # Where the layer was (it reads its input there, whatever happens to that input later), or, with a residual, at
     # the add (the residual may be computed after the layer; match_chain checked that nothing in between mutates;

@@ -87,7 +87,7 @@ def test_fold_bn_is_exact_in_float64(kind, bias, affine):
     before = (state_snapshot(layer), state_snapshot(bn))
     folded = pyops.fold_bn(layer, bn)
     assert type(folded) is type(layer) and folded is not layer
-    assert isinstance(folded.bias, nn.Parameter) and folded.bias.requires_grad
+    assert isinstance(folded.bias, nn.Parameter) and folded.bias.requires_grad == (bias or affine)
     rtol, atol = tolerances(torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), bn(layer(x)), rtol=rtol, atol=atol)
@@ -155,7 +155,8 @@ def test_fold_bn_keeps_hyper_parameters_and_flags():
     bn = randomized(nn.BatchNorm2d(6).double())
     folded = pyops.fold_bn(layer, bn)
     assert (folded.stride, folded.padding, folded.padding_mode) == ((2, 2), (1, 1), "reflect")
-    assert not folded.weight.requires_grad and folded.bias.requires_grad
+    assert folded.weight.requires_grad and folded.bias.requires_grad  # (γ, β trainable)
+    assert not pyops.fold_bn(layer, bn.requires_grad_(False)).weight.requires_grad
     x = torch.randn(2, 4, 8, 8, dtype=torch.float64, generator=gen())
     with torch.no_grad():
         torch.testing.assert_close(folded(x), bn(layer(x)), rtol=1e-10, atol=1e-12)
@@ -278,7 +279,7 @@ def test_packed_weight_follows_input_shape_and_weight_updates():
         for shape in [(1, 64, 8, 8), (3, 64, 10, 6), (1, 64, 8, 8)]:
             x = torch.randn(shape, generator=gen())
             assert_close_relative(fused(x).double(), expected(x), 2e-6)
-            assert fused._derived[0] == ("packed", shape)  # one packing at a time, for the latest shape
+            assert fused._derived.kind == ("packed", shape)  # one packing at a time, for the latest shape
         fused.weight.mul_(-0.5)  # an in-place update (optimizer step, load_state_dict) must repack
         assert_close_relative(fused(x).double(), expected(x), 2e-6)
     with torch.inference_mode():
@@ -1410,3 +1411,67 @@ def test_fuse_folds_only_batchnorms_of_the_layers_rank():
         fused = pyops.fuse(model)
         with torch.no_grad():
             torch.testing.assert_close(fused(x), model(x))
+
+
+def test_fuse_keeps_what_is_frozen_and_what_is_trainable():
+    """A folded parameter requires grad where a value it is made of does: a frozen backbone (only the head
+    trainable) stayed frozen only in part (every bias-free conv's folded bias came back trainable), and a trainable
+    BatchNorm after a frozen conv lost its trainable γ, β."""
+    model = randomized(torchvision.models.resnet18(num_classes=10)).requires_grad_(False)
+    model.fc.requires_grad_(True)
+    trainable = [name for name, p in pyops.fuse(model).named_parameters() if p.requires_grad]
+    assert trainable == ["fc.weight", "fc.bias"]
+    conv, bn = fp32_conv_bn(8, 8)
+    conv.requires_grad_(False)
+    fused = ConvBNReLU2d.from_modules(conv, bn)
+    assert fused.weight.requires_grad and fused.bias.requires_grad
+    frozen = FrozenBatchNorm2d(8)
+    assert not any(p.requires_grad for p in pyops.fold_bn(nn.Conv2d(8, 8, 3, bias=False).requires_grad_(False),
+                                                           frozen).parameters())
+
+
+def test_a_block_called_twice_keeps_one_set_of_weights():
+    """A conv → BN → ReLU called twice (a shared block) became two fused modules with two copies of the folded
+    weights, which fine-tuning moved apart. Same epilogue: one module; another one: the same Parameters."""
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            y = F.relu(self.bn(self.conv(x)))
+            y = F.relu(self.bn(self.conv(y)))
+            return self.bn(self.conv(y))  # no activation: another module, the same weights
+
+    model = randomized(Shared())
+    fused = pyops.fuse(model)
+    layers = [m for m in fused.modules() if isinstance(m, ConvBNReLU2d)]
+    assert len(layers) == 2 and layers[0].weight is layers[1].weight and layers[0].bias is layers[1].bias
+    assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in model.conv.parameters())
+    x = torch.randn(2, 8, 6, 6, generator=gen())
+    with torch.no_grad():
+        assert_close_relative(fused(x), model(x), 1e-5)
+
+
+def test_cached_forms_leave_tensors_swappable_and_copyable():
+    """The weight caches held Python weak references to the weights: torch.utils.swap_tensors (load_state_dict
+    under set_swap_module_params_on_conversion) refused them after one forward. And a parametrized fused layer's
+    deep copy (torch's parametrize copies __dict__, past __getstate__) copied the cache: an error for the MKLDNN
+    weight, and its storage weak references, each released twice (a crash)."""
+    fused = ConvBNReLU2d.from_modules(*fp32_conv_bn(64, 64, padding=1))
+    x = torch.randn(1, 64, 8, 8, generator=gen())
+    with torch.no_grad():
+        fused(x)  # packs the weight
+        new = torch.randn(fused.weight.shape, generator=gen(1))
+        torch.utils.swap_tensors(fused.weight, nn.Parameter(new.clone()))
+        assert torch.equal(fused.weight, new)
+        assert_close_relative(fused(x).double(), F.relu(F.conv2d(x.double(), new.double(), fused.bias.double(),
+                                                                 padding=1)), 2e-6)
+    torch.nn.utils.parametrize.register_parametrization(fused, "weight", nn.Identity())
+    for _ in range(20):
+        with torch.no_grad():
+            fused(x)
+        copied = copy.deepcopy(fused)
+        with torch.no_grad():
+            torch.testing.assert_close(copied(x), fused(x))

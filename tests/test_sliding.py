@@ -471,9 +471,9 @@ def test_fft_algorithm_equals_crop_loop(device, dtype, stride):
     rtol, atol = tolerances(dtype)
     assert out.dtype == dtype and out.shape == ref.shape
     torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol * ref.abs().max().item())
-    spectra = clf.fcn._derived[2].spectra
+    spectra = clf.fcn._derived.value.spectra
     torch.testing.assert_close(clf(x[:1], algorithm="fft"), out[:1], rtol=rtol, atol=atol * ref.abs().max().item())
-    assert clf.fcn._derived[2].spectra is spectra  # made once
+    assert clf.fcn._derived.value.spectra is spectra  # made once
     torch.testing.assert_close(pyops.sliding_classify(net1, x, 32, stride, algorithm="fft"), out, rtol=rtol,
                                atol=atol * ref.abs().max().item())
     clf.to(torch.float64 if dtype == torch.float32 else torch.float32)
@@ -517,11 +517,11 @@ def test_fft_head_without_bias_equals_direct_and_keeps_its_spectra():
     fcn = pyops.convolutionalize(model, 16)
     x = rand((1, 3, 20, 21), seed=23)
     out = pyops.sliding_classify(fcn, x, 16, algorithm="fft")
-    spectra = fcn._derived[2].spectra
+    spectra = fcn._derived.value.spectra
     torch.testing.assert_close(out, pyops.sliding_classify(fcn, x, 16, algorithm="direct"), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(out, reference.crop_loop(model, x, 16), rtol=1e-10, atol=1e-12)
     pyops.sliding_classify(fcn, x, 16, algorithm="fft")
-    assert fcn._derived[2].spectra is spectra  # the zero bias made per call does not rebuild them
+    assert fcn._derived.value.spectra is spectra  # the zero bias made per call does not rebuild them
 
 
 def test_fft_algorithm_rejects_what_it_cannot_do():
@@ -692,3 +692,18 @@ def test_sliding_head_bad_inputs_python_and_cpp():
                 call(f.to(dtype), [torch.randn(3, 5, 0, 0, dtype=dtype)], [torch.zeros(3, dtype=dtype)], [0])
             with pytest.raises(ValueError, match=r"weights\[0\]' has no elements"):
                 call(f[:, :0].to(dtype), [torch.randn(3, 0, 2, 2, dtype=dtype)], [torch.zeros(3, dtype=dtype)], [0])
+
+
+def test_planned_classifier_loads_with_swapped_parameters():
+    """Planning ran the features under a FakeTensorMode whose converter kept weak references to the parameters
+    until the garbage collector ran; torch.utils.swap_tensors refuses such tensors, so load_state_dict under
+    set_swap_module_params_on_conversion(True) failed after one call."""
+    model = pyops.nn.SlidingClassifier(reference.homework_net1(small=True), 32)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model(torch.rand(1, 3, 40, 40))
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.load_state_dict(state)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(False)
