@@ -69,8 +69,8 @@ def conv1d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     Returns:
         (N, C_out, L_out) (or (C_out, L_out) for unbatched input), L_out = (L + 2·padding − dilation·(K−1) − 1)
         // stride + 1.
-    Non-finite values: our kernels skip the taps that fall in the zero padding, where F.conv1d multiplies them
-    (an infinite weight makes F.conv1d's border outputs NaN, 0·inf, and ours finite); elsewhere they agree.
+    Non-finite weights: the border outputs may differ from F.conv1d's (either side can make NaN of 0·inf with the
+    zero padding, depending on the layer and the path); with finite values they agree.
     """
     _check_tensors(x, weight, bias)
     stride = _int_arg(stride, "stride", 1)

@@ -9,7 +9,7 @@ layers) maps a NaN to 0 (tests/test_conv_bn_relu.py checks ours; oneDNN's was me
 (torch.cudnn_convolution_relu) does with a NaN is not yet measured. A NaN in the input makes the outputs whose
 windows see it NaN before the activation; to find NaNs, check the input or force PYOPS_CONV_PATH=direct.
 With eps = 0, a zero running variance divides by zero: the fold's infinite scale makes that channel's outputs NaN
-(the unfused BatchNorm gives ±inf there); use a positive eps, as BatchNorm's default 1e-5.
+(the unfused BatchNorm gives NaN or ±inf there as well); use a positive eps, as BatchNorm's default 1e-5.
 
 conv2d_bn_relu folds the BN into (W', b') with a small kernel (scale = γ/√(σ²+ε) in float64, W' = W·scale,
 b' = (b − μ)·scale + β) and then runs conv2d_bias_act, the kernel that pyops.nn's fused modules call with weights
@@ -24,6 +24,8 @@ Main loops (PYOPS_CONV_PATH forces one; default `auto` picks per shape, see benc
                   cuDNN's convolution with the epilogue in place; TF32 as torch's conv allows it. The default on
                   every shape: cuDNN was faster than ours on all of them on an H200.
 """
+import numbers
+
 import torch
 from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
@@ -105,7 +107,7 @@ def _check_bn_args(weight, bn_weight, bn_bias, running_mean, running_var, eps):
         _check_channel_vector(t, name, cout, weight)
     _check_channel_vector(bn_weight, "bn_weight", cout, weight)
     _check_channel_vector(bn_bias, "bn_bias", cout, weight)
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0 or eps == float("inf"):
+    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not eps >= 0 or eps == float("inf"):
         raise ValueError(f"argument 'eps' must be a finite number >= 0, got {eps!r}")
 
 
@@ -122,7 +124,8 @@ def conv2d_bias_act(x, weight, bias=None, stride=1, padding=0, dilation=1, group
         activation: "none", "relu" or "relu6", applied after the residual add.
         residual: (N, Cout, OH, OW) or None.
     Returns:
-        (N, Cout, OH, OW) in x's dtype and memory format.
+        (N, Cout, OH, OW) in x's dtype (float32 in a CPU torch.autocast region: README, "Mixed precision") and
+        memory format.
     """
     stride, padding, dilation = _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual)
     if activation not in ACTIVATIONS:
@@ -144,7 +147,8 @@ def conv2d_bn_relu(x, weight, bias, bn_weight, bn_bias, running_mean, running_va
         relu: apply the ReLU (False: bn(conv) + residual only).
         residual: (N, Cout, OH, OW) added before the ReLU (ResNet's shortcut), or None.
     Returns:
-        (N, Cout, OH, OW) in x's dtype and memory format.
+        (N, Cout, OH, OW) in x's dtype (float32 in a CPU torch.autocast region: README, "Mixed precision") and
+        memory format.
     """
     stride, padding, dilation = _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual)
     _check_bn_args(weight, bn_weight, bn_bias, running_mean, running_var, eps)

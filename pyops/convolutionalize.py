@@ -150,7 +150,8 @@ def convolutionalize(model, window):
         the conversion is checked on a probe image (see _check_slides), which catches what no layer list can
         (a GroupNorm, a mean over the map, an F.pad or transpose in forward). Features that pad in a layer (a conv,
         a pool, a padding layer; or pool with ceil_mode) are known to differ near the crop borders: `padded`, and
-        sliding_classify warns.
+        sliding_classify warns; they are not probed (no exact comparison exists), so a GroupNorm among padded
+        features is not caught: evaluate such models with sliding_classify(exact=True).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"argument 'model' must be an nn.Module, got {type(model).__name__}")

@@ -22,8 +22,9 @@ Conventions (exact integers; batch size multiplies everything):
   of rank ≥ 3 (e.g. the input projection of a batch_first nn.MultiheadAttention) PyTorch runs mm followed by a
   separate elementwise bias add, which is not counted. Scaled dot-product attention counts as its two matmuls
   (Q·Kᵀ and P·V, kind 'linear'); nn.MultiheadAttention's fused inference fast path is switched off while counting.
-- pyops ops: conv2d_bn_relu and conv2d_bias_act count their convolution as a convolution with the layer's own bias
-  argument (exactly the row the unfused nn.Conv2d gives), and their epilogue as kind 'other': batch norm as one
+- pyops ops: conv2d_bn_relu and conv2d_bias_act count their convolution as a convolution with the op's own bias
+  argument (conv2d_bn_relu: exactly the row the unfused nn.Conv2d gives; a fused model's conv2d_bias_act has the
+  folded bias, so a bias-free conv's row gains one addition per output), and their epilogue as kind 'other': batch norm as one
   scale multiplication and one shift addition per output, the residual as one addition per output; activations
   (ReLU and the like) are comparisons or transcendentals, neither multiplications nor additions. conv1d is a
   convolution. smooth_max ν_β = (1/β)·log Σ exp(β·x) over n values counts, per output, the formula's n

@@ -1,5 +1,6 @@
 """lse_pool2d: log-sum-exp pooling of a score map to image scores, built on pyops.smooth_max."""
 import math
+import numbers
 
 import torch
 
@@ -27,8 +28,10 @@ def lse_pool2d(scores, beta):
     check_floating(scores, "scores")
     if scores.dim() != 4:
         raise ValueError(f"argument 'scores' must have 4 dimensions (B, C, H, W), got shape {tuple(scores.shape)}")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float, torch.SymInt, torch.SymFloat)):
+    if isinstance(beta, bool) or not isinstance(beta, (numbers.Real, torch.SymInt, torch.SymFloat)):
         raise TypeError(f"argument 'beta' must be a number, got {type(beta).__name__}")
+    if isinstance(beta, numbers.Real):
+        beta = float(beta)  # (a numpy scalar as a Python float)
     if beta != beta:  # (NaN; written to trace as a guard under torch.compile, as in smooth_max)
         raise ValueError("argument 'beta' must not be NaN")
     n = scores.shape[2] * scores.shape[3]

@@ -202,7 +202,8 @@ class ConvBNReLU2d(DerivedWeights):
     """act(conv2d(x, weight) + bias [+ residual]) in one fused kernel, with a BatchNorm already folded into
     weight and bias (see from_modules).
 
-    x: (N, in_channels, H, W) or unbatched (in_channels, H, W) → (N, out_channels, H', W'), in x's memory format.
+    x: (N, in_channels, H, W) or unbatched (in_channels, H, W) → (N, out_channels, H', W'), in x's memory format
+    (CPU float32 inference may return channels_last instead: below).
     residual: None or a tensor of the output's shape, added before the activation (a ResNet block's shortcut); one
     that only broadcasts to the output is added by a separate PyTorch add (the kernel takes the exact shape).
     activation: "none", "relu" or "relu6".

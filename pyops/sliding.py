@@ -14,11 +14,13 @@ operations; only the floating-point summation order may differ). Features that p
 the neighbouring image pixels where a crop sees zeros, so outputs differ within the receptive field of the crop
 borders; exact=True evaluates the crops themselves instead, in batches sized to the memory bound. Features that do
 not slide at all (a GroupNorm, a mean over the map, an F.pad in forward) are refused by the conversion's probe
-(pyops.convolutionalize). The model is evaluated with eval semantics and left as it was, training flags included.
+(pyops.convolutionalize) where they do not pad; padded features are not probed (their scores differ near the
+borders by design; a GroupNorm among them changes every score): use exact=True for those. The model is evaluated with eval semantics and left as it was, training flags included.
 
 Memory: the output map is tiled (tiles of output positions plus the input halo they need, and batch chunks) so that
 the estimated peak of the activations stays under max_memory; tiled and untiled results are identical up to the
-summation order of the vendor convolutions (bitwise in practice on CPU; ≤ 1e-12 relative in float64).
+summation order (a few ulps in float32: the head's GEMM blocking follows the workspace bound; ≤ 1e-12 relative in
+float64).
 """
 import math
 import numbers

@@ -10,6 +10,8 @@ its sum (one more pass). For float32/float64 the relative error is |β|·|r|·ep
 own gradient (e.g. float32 ties at β = 1e7 get gradient 1 each instead of 1/3): use float64, or a β for which
 |β|·|r| stays well below 1/eps.
 """
+import numbers
+
 import torch
 
 from ._checks import check_floating, wrap_dim
@@ -20,7 +22,7 @@ def _check_args(x, beta, dim):
     check_floating(x, "x")
     # (torch.SymFloat: under torch.compile a beta that changes between calls is symbolic; the tests below are
     # written so that they trace as guards, where math.isnan would break the graph)
-    if not isinstance(beta, (int, float, torch.SymInt, torch.SymFloat)) or isinstance(beta, bool):
+    if not isinstance(beta, (numbers.Real, torch.SymInt, torch.SymFloat)) or isinstance(beta, bool):  # (numpy too)
         raise TypeError(f"argument 'beta' must be a number, got {type(beta).__name__}")
     if beta == 0 or beta != beta:
         raise ValueError(f"argument 'beta' must be non-zero and not NaN, got {beta} "
@@ -43,7 +45,8 @@ def smooth_max(x, beta=1.0, dim=-1, keepdim=False):
         dim: the reduced dimension.
         keepdim: keep `dim` with size 1.
     Returns:
-        x's shape without `dim` (or with size 1 there when keepdim), x's dtype.
+        x's shape without `dim` (or with size 1 there when keepdim), x's dtype (float32 in a torch.autocast region:
+        README, "Mixed precision").
     """
     _check_args(x, beta, dim)
     return torch.ops.pyops.smooth_max.default(x, float(beta), dim, keepdim)

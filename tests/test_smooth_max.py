@@ -281,3 +281,17 @@ def test_half_precision_gradient_of_a_row_holding_inf(device, dtype):
     x = torch.tensor([math.inf, 1.0, 2.0], device=device, dtype=dtype, requires_grad=True)
     pyops.smooth_max(x, 1.0).backward()
     assert math.isnan(x.grad[0].item()) and x.grad[1:].tolist() == [0.0, 0.0]
+
+
+def test_numpy_scalars_are_numbers():
+    """beta (smooth_max, lse_pool2d) and eps (conv2d_bn_relu) took Python numbers only: numpy scalars were refused
+    as "not a number"."""
+    import numpy as np
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    for beta in (np.float32(2.0), np.float64(2.0), np.int64(2)):
+        torch.testing.assert_close(pyops.smooth_max(x, beta), pyops.smooth_max(x, 2.0))
+        torch.testing.assert_close(pyops.lse_pool2d(x, beta), pyops.lse_pool2d(x, 2.0))
+    w, mean, var = torch.randn(4, 3, 1, 1, dtype=torch.float64), torch.zeros(4, dtype=torch.float64), \
+        torch.ones(4, dtype=torch.float64)
+    torch.testing.assert_close(pyops.conv2d_bn_relu(x, w, None, None, None, mean, var, np.float32(1e-3)),
+                               pyops.conv2d_bn_relu(x, w, None, None, None, mean, var, float(np.float32(1e-3))))
