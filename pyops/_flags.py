@@ -55,9 +55,33 @@ def temporarily(namespace, name, value):
                      lambda v: setattr(namespace, name, v), value)
 
 
+def tf32(backend, allow):
+    """TF32 allowed (allow=True) or exact fp32 inside the block, for backend "conv" (cuDNN's convolutions) or
+    "matmul" (cuBLAS's): its per-backend fp32_precision ("tf32" / "ieee") where this torch has one
+    (torch.backends.cudnn.conv, torch.backends.cuda.matmul), else its allow_tf32 flag. Not the flag where the
+    setting exists: reading allow_tf32 raises once a user has set the per-backend settings apart, and writing it
+    back did not restore them (matmul's "none" came back "ieee"). Nothing under torch.compile/torch.export
+    (`temporarily` says why; Dynamo cannot trace the settings' attribute lookups either)."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    flags = torch.backends.cudnn if backend == "conv" else torch.backends.cuda.matmul
+    setting = getattr(flags, "conv", None) if backend == "conv" else flags
+    if setting is not None and hasattr(setting, "fp32_precision"):
+        return temporarily(setting, "fp32_precision", "tf32" if allow else "ieee")
+    return temporarily(flags, "allow_tf32", allow)
+
+
+@contextlib.contextmanager
 def autocast_cache_disabled():
-    """No caching of autocast's casts inside the block (the caller's setting is restored after it)."""
-    return _override("autocast_cache", torch.is_autocast_cache_enabled, torch.set_autocast_cache_enabled, False)
+    """No caching of autocast's casts inside the block (the caller's setting is restored after it). The setting is
+    per thread in PyTorch: a plain save/restore (the shared _override let one thread's block end write another
+    thread's value into it: two threads each came out with the cache disabled)."""
+    enabled = torch.is_autocast_cache_enabled()
+    torch.set_autocast_cache_enabled(False)
+    try:
+        yield
+    finally:
+        torch.set_autocast_cache_enabled(enabled)
 
 
 def autocast_off(device):

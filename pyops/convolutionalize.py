@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from ._checks import in_autocast_region, int_tuple
 from ._derived import DerivedWeights
-from ._flags import autocast_cache_disabled, autocast_off, eval_mode, jit_tracing_paused, temporarily
+from ._flags import autocast_cache_disabled, autocast_off, eval_mode, jit_tracing_paused, tf32
 from .fft_conv import FFTConv2d
 from .reference import crop_batch
 from .sliding_head import DEFAULT_WORKSPACE, PRECISIONS, sliding_head
@@ -132,9 +132,9 @@ def check_algorithm(algorithm, precision):
 
 
 def _cudnn_tf32(allow):
-    """torch.backends.cudnn.allow_tf32 = allow inside a block (for the features: precision="tf32" on, otherwise
-    off: exact fp32)."""
-    return temporarily(torch.backends.cudnn, "allow_tf32", allow)
+    """cuDNN's convolutions in TF32 (allow) or exact fp32 inside a block, for the features: precision="tf32" on,
+    otherwise off."""
+    return tf32("conv", allow)
 
 
 def convolutionalize(model, window):

@@ -27,7 +27,7 @@ import warnings
 
 import torch
 
-from ._flags import temporarily
+from ._flags import tf32
 
 _COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 _FAST_SIZES = sorted({2**a * 3**b * 5**c for a in range(9) for b in range(6) for c in range(4)})
@@ -145,7 +145,7 @@ class FFTConv2d(torch.nn.Module):
         tiles = tiles.permute(0, 2, 3, 1, 4, 5).reshape(b * ny * nx, c, size, size)
         spec = torch.fft.rfft2(tiles)  # (tiles, C, T, T/2+1)
         spec = spec.flatten(2).permute(2, 0, 1)  # (bins, tiles, C)
-        with temporarily(torch.backends.cuda.matmul, "allow_tf32", False):  # full fp32, whatever the caller set
+        with tf32("matmul", False):  # full fp32, whatever the caller set
             prod = torch.bmm(spec, self.spectra)  # (bins, tiles, O): one complex GEMM per frequency bin
         prod = prod.permute(1, 2, 0).reshape(b * ny * nx, self.out_channels, size, size // 2 + 1)
         out = torch.fft.irfft2(prod, s=(size, size))[..., :th, :tw]  # (tiles, O, th, tw)

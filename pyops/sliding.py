@@ -102,7 +102,9 @@ def sliding_classify(model, images, window, stride=1, exact=False, max_memory=DE
 def classify_fcn(fcn, images, stride=1, max_memory=DEFAULT_MAX_MEMORY, precision="fp32", algorithm="auto"):
     """sliding_classify with an already converted FullyConvolutional (shift-and-stitch over tiled FCN passes),
     evaluated with eval semantics whatever its mode (a SlidingClassifier inside a model being trained: no dropout,
-    BatchNorm's running statistics, left unchanged)."""
+    BatchNorm's running statistics, left unchanged). The call holds the modules' training flags at False and
+    restores them at its end: a train()/eval() switch made by another thread during a call is not supported (it
+    acts on the running call and is then undone)."""
     with eval_mode(fcn):
         return _classify_fcn(fcn, images, stride, max_memory, precision, algorithm)
 

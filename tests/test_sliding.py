@@ -707,3 +707,42 @@ def test_planned_classifier_loads_with_swapped_parameters():
         model.load_state_dict(state)
     finally:
         torch.__future__.set_swap_module_params_on_conversion(False)
+
+
+def test_threads_keep_their_own_autocast_cache_setting():
+    """torch's autocast cache setting is per thread; planning's fake runs switched it off through the process-wide
+    override, and one thread's block ending wrote another thread's value: both came out with the cache off."""
+    model = pyops.nn.SlidingClassifier(reference.homework_net1(small=True), 32)
+    after = {}
+
+    def work(index):
+        with torch.no_grad():
+            for size in range(33, 45):
+                model(torch.rand(1, 3, size, size + index))  # a new size: a new plan, with fake runs
+        after[index] = torch.is_autocast_cache_enabled()
+
+    assert not run_in_threads(work, 2)
+    assert after == {0: True, 1: True} and torch.is_autocast_cache_enabled()
+
+
+@pytest.mark.parametrize("setting", ["cudnn.conv", "cuda.matmul"])
+def test_per_backend_tf32_settings_are_kept(setting):
+    """Setting torch's per-backend fp32_precision made the old allow_tf32 flags raise when read: every call that
+    read one raised (even on the CPU), and writing the flag back turned matmul's 'none' into 'ieee'."""
+    namespace = torch.backends.cudnn.conv if setting == "cudnn.conv" else torch.backends.cuda.matmul
+    if not hasattr(namespace, "fp32_precision"):
+        pytest.skip("this torch has no per-backend fp32_precision")  # (older torch: the flags are the only setting)
+    before = namespace.fp32_precision
+    namespace.fp32_precision = "ieee" if setting == "cudnn.conv" else "tf32"
+    chosen = namespace.fp32_precision
+    try:
+        net1 = reference.homework_net1(small=True)
+        x = torch.rand(1, 3, 34, 33)
+        for algorithm in ("direct", "fft"):
+            pyops.sliding_classify(net1, x, 32, algorithm=algorithm)
+            assert namespace.fp32_precision == chosen
+    finally:
+        namespace.fp32_precision = before
+    matmul = torch.backends.cuda.matmul.fp32_precision
+    pyops.sliding_classify(reference.homework_net1(small=True), torch.rand(1, 3, 34, 33), 32, algorithm="fft")
+    assert torch.backends.cuda.matmul.fp32_precision == matmul
