@@ -70,7 +70,13 @@ class FullyConvolutional(DerivedWeights):
             f = self.features(x)
         if self.training or (torch.is_grad_enabled() and (x.requires_grad or any(
                 p.requires_grad for p in self.head.parameters()))):
-            return self.head(f)  # training / gradients: plain modules (the op is inference only)
+            # training / gradients: plain modules (the op is inference only), computing as the op does: in a CPU
+            # autocast region in the head's dtype, float32 (autocast ran the modules in bfloat16: another dtype and
+            # other values than the same call without gradients)
+            if f.device.type == "cpu" and in_autocast_region(f.device):
+                with autocast_off(f.device):
+                    return self.head(f.to(next(self.head.parameters()).dtype))
+            return self.head(f)
         weights, biases, relu = self._head_operands(precision, f.dtype)
         if algorithm == "direct":
             return sliding_head(f, weights, biases, relu, precision, workspace_bytes)

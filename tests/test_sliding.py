@@ -328,6 +328,24 @@ def test_conversion_inside_an_autocast_region():
         torch.testing.assert_close(scores.double(), expected, rtol=3e-2, atol=3e-2)
 
 
+def test_gradients_under_autocast_keep_the_ops_result():
+    """With images requiring grad the head runs as plain modules, which CPU autocast ran in bfloat16: the scores
+    changed dtype and values with requires_grad. They compute as the op does (float32 on the CPU)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14 * 14, 16), nn.ReLU(),
+                          nn.Linear(16, 4)).eval()
+    dense = pyops.nn.SlidingClassifier(model, 16)
+    x = torch.randn(1, 3, 20, 20)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = dense(x)
+        images = x.clone().requires_grad_()
+        scores = dense(images)
+    assert scores.dtype == plain.dtype == torch.float32
+    torch.testing.assert_close(scores.detach(), plain)
+    scores.sum().backward()
+    assert images.grad is not None and images.grad.dtype == torch.float32
+
+
 def test_inference_mode_parameters():
     """Parameters made in torch.inference_mode have no version counter: the bf16 operands are cast from them
     (keyed by identity; replacing a weight is seen)."""
