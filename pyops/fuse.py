@@ -21,14 +21,29 @@ from ._overrides import overridable
 from .fold import (WEIGHT_REPARAMETRIZATIONS, fold_bn, frozen_batchnorm_class, is_batchnorm,
                    is_foldable_batchnorm, out_channels)
 
+
+# Augmented assignments as the traced graph calls them (InPlaceProxy): operator.iadd & co. as plain functions.
+def _augmented(op):
+    def augmented(a, b):
+        return op(a, b)
+    augmented.__name__ = augmented.__qualname__ = f"augmented_{op.__name__}"
+    return augmented
+
+
+AUGMENTED = {name: _augmented(getattr(operator, name)) for name in (
+    "iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor", "ilshift", "irshift",
+    "imatmul")}
+globals().update({f.__name__: f for f in AUGMENTED.values()})  # importable by name: pickled GraphModules call them
+
+
 RELU_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu6: "relu6"}
 RELU_METHODS = {"relu": "relu", "relu_": "relu"}
-ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+ADD_FUNCTIONS = (operator.add, operator.iadd, AUGMENTED["iadd"], torch.add)
 ADD_METHODS = ("add", "add_")
-INPLACE_ADDS = {("call_function", operator.iadd), ("call_method", "add_")}
+INPLACE_ADDS = {("call_function", operator.iadd), ("call_function", AUGMENTED["iadd"]), ("call_method", "add_")}
 INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift,
-                     operator.irshift, operator.imatmul, operator.setitem}
+                     operator.irshift, operator.imatmul, operator.setitem, *AUGMENTED.values()}
 FUSED_MODULES = (pyops_nn.ConvBNReLU2d, pyops_nn.LinearBNReLU, pyops_nn.FoldedConv1d)
 # Ops whose output shares memory with their (first) input: a write into one is seen through the other.
 ALIAS_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze",
@@ -90,7 +105,7 @@ def fuse(model, inplace=False):
                       "forward_hook and the like): they run on the fused model's modules, not on the BatchNorms and "
                       "ReLUs folded away, so a hook that changes or records their outputs sees other values",
                       UserWarning, stacklevel=2)
-    work = model if inplace else copy.deepcopy(model)
+    work = model if inplace else deepcopy_sharing_hooks(model)
     try:
         graph_module = FusionTracer.trace_module(work)
         check_traced_defaults(graph_module)
@@ -119,6 +134,18 @@ GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_b
                 "_global_backward_pre_hooks")
 
 
+def deepcopy_sharing_hooks(model):
+    """copy.deepcopy(model), whose copies' hooks are the model's hook objects themselves: a hook that records into
+    its own state (a bound method, a functools.partial over a list) records the fused model's calls where the user
+    reads them (a deep copy recorded into a copy of that state)."""
+    memo = {}
+    for module in model.modules():
+        for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
+            for hook in getattr(module, name).values():
+                memo[id(hook)] = hook
+    return copy.deepcopy(model, memo)
+
+
 def fuse_hooked_submodules(gm, inplace):
     """Each module the trace kept whole for its hooks (FusionTracer), fused on its own in its place, its hooks moved
     onto the fused module: they run where they ran, on the values they saw. With fuse(inplace=True) it is fused
@@ -129,6 +156,10 @@ def fuse_hooked_submodules(gm, inplace):
             continue
         module = gm.get_submodule(node.target)
         if not has_any_hooks(module) or next(module.children(), None) is None or isinstance(module, FUSED_MODULES):
+            continue
+        # Not where the graph also reaches inside it (self.block.conv(x), self.block.conv.bias): those would read
+        # the fused layers; the module then stays as it is, unfused, its hooks in place.
+        if any(n.op in ("call_module", "get_attr") and n.target.startswith(node.target + ".") for n in gm.graph.nodes):
             continue
         if id(module) not in done:
             done[id(module)] = fuse(module, inplace=not inplace)
@@ -172,17 +203,17 @@ def computes_like_base(module):
 
 
 class InPlaceProxy(fx.Proxy):
-    """A torch.fx Proxy that records `a += b` (and the other augmented assignments) as operator.iadd(a, b), ...,
-    which the GraphModule's code runs as `a += b`. torch.fx's own Proxy has no in-place operators, so Python ran
-    `a = a + b` and the graph added out of place: ResNet's `out += identity` with a float64 identity returned
-    float64 where the model's float32 `out` stays float32, and other aliases of `out` missed the write."""
+    """A torch.fx Proxy that records `a += b` (and the other augmented assignments) as a call of augmented_iadd(a, b),
+    ...: operator.iadd, in place for a tensor, a new value for an int. torch.fx's own Proxy has no in-place
+    operators, so Python ran `a = a + b` and the graph added out of place: ResNet's `out += identity` with a float64
+    identity returned float64 where the model's float32 `out` stays float32, and other aliases of `out` missed the
+    write. (Not operator.iadd itself: torch.fx writes that as the statement `a += b`, rebinding the variable of `a`,
+    and an int read again later, a batch size, took the new value.)"""
 
 
-for _name in ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor", "ilshift",
-              "irshift", "imatmul"):
+for _name, _fn in AUGMENTED.items():
     setattr(InPlaceProxy, f"__{_name}__",
-            lambda self, other, _op=getattr(operator, _name): self.tracer.create_proxy("call_function", _op,
-                                                                                       (self, other), {}))
+            lambda self, other, _fn=_fn: self.tracer.create_proxy("call_function", _fn, (self, other), {}))
 
 
 class FusionTracer(fx.Tracer):
@@ -245,7 +276,7 @@ def activation_of(node, modules):
     """"relu"/"relu6" if node applies a ReLU/ReLU6 to its first argument (and only that), else None."""
     if node.op == "call_module":
         module = modules.get(node.target)
-        if has_hooks(module):
+        if has_any_hooks(module):
             return None
         return pyops_nn.module_activation(module)
     if node.op == "call_function" and node.target in RELU_FUNCTIONS and len(node.args) == 1:
@@ -277,7 +308,8 @@ def may_mutate(node, modules):
         module = modules.get(node.target)
         known = type(module).__module__.startswith("torch.nn.") or isinstance(module, FUSED_MODULES) or \
             is_batchnorm(module)
-        return bool(getattr(module, "inplace", False)) or not known or has_hooks(module)
+        eval_dropout = isinstance(module, nn.modules.dropout._DropoutNd) and not module.training  # the identity
+        return (bool(getattr(module, "inplace", False)) and not eval_dropout) or not known or has_any_hooks(module)
     if node.op == "call_method":
         return _in_place_name(node.target) or node.target == "__setitem__"
     if node.op != "call_function":
@@ -293,7 +325,9 @@ def may_mutate(node, modules):
                                                           "builtins")):
         return True  # a user function wrapped by torch.fx.wrap: its body is not in the graph
     try:  # F.relu(x, True), F.dropout(x, 0.5, False, True), ...: inplace given by position
-        return bool(inspect.signature(target).bind(*node.args, **node.kwargs).arguments.get("inplace"))
+        arguments = inspect.signature(target).bind(*node.args, **node.kwargs).arguments
+        # (a dropout not training is the identity, whatever its inplace flag)
+        return bool(arguments.get("inplace")) and arguments.get("training", True) is not False
     except (TypeError, ValueError):  # no signature (a builtin) or not bindable: no inplace flag to read
         return False
 
@@ -345,8 +379,18 @@ def foldable_pair(layer, bn):
     fake-quantizing one, except pyops.nn.Conv1d's, the same convolution) and a BatchNorm with running statistics
     and no hooks, over the layer's output channels."""
     computes = computes_like_base(layer) not in (None, _BatchNorm) or isinstance(layer, pyops_nn.Conv1d)
-    return (computes and is_foldable_batchnorm(bn) and not has_hooks(layer) and not has_hooks(bn)
+    return (computes and is_foldable_batchnorm(bn) and bn_computes_like_base(bn) and not has_any_hooks(layer)
+            and not has_any_hooks(bn)
             and out_channels(layer) == bn.running_mean.numel() and normalizes_channels_of(bn, layer))
+
+
+def bn_computes_like_base(bn):
+    """Whether bn computes what its torch.nn (or torchvision) class does: no forward of its own (the untraceable
+    fallback folded a BatchNorm2d subclass whose forward scales the output)."""
+    if isinstance(bn, _BatchNorm):
+        return computes_like_base(bn) is not None
+    frozen = frozen_batchnorm_class()
+    return frozen is not None and type(bn).forward is frozen.forward
 
 
 def normalizes_channels_of(bn, layer):
@@ -574,7 +618,8 @@ def fuse_sequentials(model):
                 continue
             cls = fused_class(layer)
             act_key, act = items[i + 2] if i + 2 < len(items) else (None, None)
-            activation = (act is not None and cls and not has_hooks(act) and pyops_nn.module_activation(act)) or "none"
+            activation = (act is not None and cls and not has_any_hooks(act) and pyops_nn.module_activation(act)) \
+                or "none"
             fused = folded_layer(layer, bn) if cls is None else cls.from_modules(layer, bn, activation)
             if cls is pyops_nn.ConvBNReLU2d:
                 # The model's own code runs as written: no channels_last outputs it might .view (see

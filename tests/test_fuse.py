@@ -1,5 +1,6 @@
 """pyops.fold_bn, pyops.fuse and the fused modules of pyops.nn against the unfused PyTorch models they replace."""
 import copy
+import functools
 import itertools
 import operator
 import pickle
@@ -1475,3 +1476,97 @@ def test_cached_forms_leave_tensors_swappable_and_copyable():
         copied = copy.deepcopy(fused)
         with torch.no_grad():
             torch.testing.assert_close(copied(x), fused(x))
+
+
+class CountsBatch(nn.Module):
+    """An int updated by `+=` after a copy of it was taken: torch.fx writes operator.iadd as `n += 1`, rebinding the
+    variable the copy's later readers share."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        n = y.size(0)
+        batch = n
+        n += 1
+        return y.reshape(batch, -1) * n
+
+
+class HookedBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+class ReachesInside(nn.Module):
+    """Uses a hooked block whole and one of its layers on its own: the block cannot be fused on its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = HookedBlock()
+
+    def forward(self, x):
+        return self.block(x) + self.block.conv(x) + self.block.conv.bias.view(1, -1, 1, 1)
+
+
+class DropsInPlace(nn.Module):
+    """efficientnet's classifier: torch.flatten, then Dropout(inplace=True), the identity in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64)
+        self.drop, self.fc = nn.Dropout(0.2, inplace=True), nn.Linear(64 * 8 * 8, 5)
+
+    def forward(self, x):
+        return self.fc(self.drop(torch.flatten(F.relu(self.bn(self.conv(x))), 1)))
+
+
+class ScaledBN(nn.BatchNorm2d):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_regressions_of_the_fuse_fixes():
+    """What the first round of fuse fixes broke, found by fuzzing them: `n += 1` on an int changed an earlier copy;
+    a hooked block fused on its own while the model also reached inside it; hooks recording into their own state
+    recorded into a deep copy; backward hooks on a conv/BN did not keep it from fusing; an eval-mode
+    Dropout(inplace=True) after torch.flatten counted as a write (efficientnet lost its channels_last path); and,
+    older, the fallback folded a BatchNorm subclass with its own forward."""
+    torch.manual_seed(0)
+    x3, x4 = torch.randn(2, 3, 8, 8, generator=gen()), torch.randn(2, 4, 8, 8, generator=gen(1))
+    checks = [(randomized(CountsBatch()), x3), (randomized(ReachesInside()), x4), (randomized(DropsInPlace()), x3)]
+    checks[1][0].block.register_forward_hook(lambda module, args, out: out * 3)
+    for model, x in checks:
+        fused = pyops.fuse(model)
+        with torch.no_grad():
+            assert_close_relative(fused(x), model(x), 1e-5)
+    assert not any(m.keep_input_layout for m in pyops.fuse(checks[2][0]).modules() if isinstance(m, ConvBNReLU2d))
+
+    calls = []
+    for inplace in (False, True):
+        model = randomized(nn.Sequential(HookedBlock(), nn.Conv2d(4, 4, 1)))
+        model[0].register_forward_hook(lambda module, args, out, calls=calls: calls.append(out.shape))
+        model.register_forward_pre_hook(functools.partial(lambda seen, module, args: seen.append(1), calls))
+        calls.clear()
+        with torch.no_grad():
+            pyops.fuse(model, inplace=inplace)(x4)
+        assert len(calls) == 2  # the block's hook and the model's, on the user's own list
+
+    model = randomized(HookedBlock())
+    seen = []
+    model.bn.register_full_backward_hook(lambda module, grad_in, grad_out: seen.append(1))
+    fused = pyops.fuse(model)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())  # not fused: its hook must run
+    fused(x4.clone().requires_grad_()).sum().backward()
+    assert seen == [1]
+
+    model = randomized(Untraceable(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), ScaledBN(4))))
+    with pytest.warns(UserWarning, match="could not trace"):
+        fused = pyops.fuse(model)
+    with torch.no_grad():
+        assert_close_relative(fused(x4), model(x4), 1e-5)

@@ -295,3 +295,14 @@ def test_numpy_scalars_are_numbers():
         torch.ones(4, dtype=torch.float64)
     torch.testing.assert_close(pyops.conv2d_bn_relu(x, w, None, None, None, mean, var, np.float32(1e-3)),
                                pyops.conv2d_bn_relu(x, w, None, None, None, mean, var, float(np.float32(1e-3))))
+
+
+def test_composite_with_negative_beta_does_not_overflow():
+    """The torch.func composite shifted by the max for every β: for β < 0, β·(x − max) overflowed (value −inf,
+    a NaN gradient) where the kernels give the min. It shifts by the min there."""
+    x = torch.tensor([2.0, -2.0])
+    grad, value = torch.func.grad_and_value(lambda t: pyops.smooth_max(t, -1e38))(x)
+    assert value.item() == -2.0 and grad.tolist() == [0.0, 1.0]
+    y = torch.randn(3, 6, dtype=torch.float64)
+    torch.testing.assert_close(torch.func.grad(lambda t: pyops.smooth_max(t, -1.5).sum())(y),
+                               torch.softmax(-1.5 * y, -1))

@@ -120,7 +120,7 @@ class SmoothMaxBackwardFunction : public torch::autograd::Function<SmoothMaxBack
 };
 
 // The composite formulation (dispatch.h), the kernels' math in ATen ops: m + logsumexp(β·(x − m))/β with m the max
-// along dim (a constant: its derivative cancels, Σ softmax = 1), so β·x cannot overflow where the result does not
+// (β > 0; the min for β < 0) along dim (a constant: its derivative cancels, Σ softmax = 1), so β·x cannot overflow where the result does not
 // (logsumexp(β·x) overflowed float32 at β = 1e30, x = 1e10); in float32 for half-precision x as the kernels compute,
 // in float64 for a β below float's normal numbers (beta_below_float); at β = ±inf (or beyond float's range for
 // float-computed x: kernel_beta) the max / min, whose derivative ATen shares equally between ties, as the Function
@@ -129,7 +129,9 @@ at::Tensor smooth_max_composite(const at::Tensor& x, double beta, int64_t dim, b
   const double b = kernel_beta(x, beta);
   if (std::isinf(b)) return b > 0 ? at::amax(x, {dim}, keepdim) : at::amin(x, {dim}, keepdim);
   const at::Tensor xa = x.to(x.scalar_type() == at::kDouble || beta_below_float(x, beta) ? at::kDouble : at::kFloat);
-  const at::Tensor top = at::amax(xa, {dim}, /*keepdim=*/true).detach();
+  // (the max for β > 0, the min for β < 0: β·(x − m) <= 0 either way)
+  const at::Tensor top = (beta > 0 ? at::amax(xa, {dim}, /*keepdim=*/true) : at::amin(xa, {dim}, /*keepdim=*/true))
+                             .detach();
   const at::Tensor m = at::where(at::isfinite(top), top, at::zeros_like(top));  // (±inf, NaN rows: no shift)
   at::Tensor out = m + at::logsumexp((xa - m) * beta, {dim}, /*keepdim=*/true) / beta;
   if (!keepdim && x.dim() > 0) out = out.squeeze(dim);
