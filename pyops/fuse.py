@@ -155,7 +155,7 @@ def fuse_hooked_submodules(gm, inplace):
         if node.op != "call_module":
             continue
         module = gm.get_submodule(node.target)
-        if not has_any_hooks(module) or next(module.children(), None) is None or isinstance(module, FUSED_MODULES):
+        if not has_hooks(module) or next(module.children(), None) is None or isinstance(module, FUSED_MODULES):
             continue
         # Not where the graph also reaches inside it (self.block.conv(x), self.block.conv.bias): those would read
         # the fused layers; the module then stays as it is, unfused, its hooks in place.
@@ -229,7 +229,7 @@ class FusionTracer(fx.Tracer):
     def is_leaf_module(self, m, qualname):
         frozen = frozen_batchnorm_class()
         if isinstance(m, FUSED_MODULES) or (frozen is not None and isinstance(m, frozen)) \
-                or computes_like_base(m) is not None or has_any_hooks(m):
+                or computes_like_base(m) is not None or has_hooks(m):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -276,7 +276,7 @@ def activation_of(node, modules):
     """"relu"/"relu6" if node applies a ReLU/ReLU6 to its first argument (and only that), else None."""
     if node.op == "call_module":
         module = modules.get(node.target)
-        if has_any_hooks(module):
+        if has_hooks(module):
             return None
         return pyops_nn.module_activation(module)
     if node.op == "call_function" and node.target in RELU_FUNCTIONS and len(node.args) == 1:
@@ -309,7 +309,7 @@ def may_mutate(node, modules):
         known = type(module).__module__.startswith("torch.nn.") or isinstance(module, FUSED_MODULES) or \
             is_batchnorm(module)
         eval_dropout = isinstance(module, nn.modules.dropout._DropoutNd) and not module.training  # the identity
-        return (bool(getattr(module, "inplace", False)) and not eval_dropout) or not known or has_any_hooks(module)
+        return (bool(getattr(module, "inplace", False)) and not eval_dropout) or not known or has_hooks(module)
     if node.op == "call_method":
         return _in_place_name(node.target) or node.target == "__setitem__"
     if node.op != "call_function":
@@ -337,11 +337,6 @@ def _in_place_name(name):
     return name.endswith("_") and not (name.startswith("__") and name.endswith("__"))
 
 
-def has_any_hooks(module):
-    """has_hooks, or backward hooks."""
-    return has_hooks(module) or bool(module._backward_hooks or module._backward_pre_hooks)
-
-
 HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
 
@@ -355,11 +350,11 @@ def move_hooks(source, target):
 
 
 def has_hooks(module):
-    """Whether module has forward hooks or pre-hooks other than the old-style weight_norm/spectral_norm ones that
-    fold_bn reads through (fold.current_weight): a hook may change what the module computes, which a fused module
-    would not reproduce."""
+    """Whether module has hooks: forward hooks, backward hooks, or pre-hooks other than the old-style
+    weight_norm/spectral_norm ones that fold_bn reads through (fold.current_weight). A hook may change or observe
+    what the module computes, which a fused module would not reproduce."""
     pre = [h for h in module._forward_pre_hooks.values() if not isinstance(h, WEIGHT_REPARAMETRIZATIONS)]
-    return bool(pre or module._forward_hooks)
+    return bool(pre or module._forward_hooks or module._backward_hooks or module._backward_pre_hooks)
 
 
 def mutation_between(first, last, chain_nodes, modules):
@@ -379,8 +374,8 @@ def foldable_pair(layer, bn):
     fake-quantizing one, except pyops.nn.Conv1d's, the same convolution) and a BatchNorm with running statistics
     and no hooks, over the layer's output channels."""
     computes = computes_like_base(layer) not in (None, _BatchNorm) or isinstance(layer, pyops_nn.Conv1d)
-    return (computes and is_foldable_batchnorm(bn) and bn_computes_like_base(bn) and not has_any_hooks(layer)
-            and not has_any_hooks(bn)
+    return (computes and is_foldable_batchnorm(bn) and bn_computes_like_base(bn) and not has_hooks(layer)
+            and not has_hooks(bn)
             and out_channels(layer) == bn.running_mean.numel() and normalizes_channels_of(bn, layer))
 
 
@@ -618,7 +613,7 @@ def fuse_sequentials(model):
                 continue
             cls = fused_class(layer)
             act_key, act = items[i + 2] if i + 2 < len(items) else (None, None)
-            activation = (act is not None and cls and not has_any_hooks(act) and pyops_nn.module_activation(act)) \
+            activation = (act is not None and cls and not has_hooks(act) and pyops_nn.module_activation(act)) \
                 or "none"
             fused = folded_layer(layer, bn) if cls is None else cls.from_modules(layer, bn, activation)
             if cls is pyops_nn.ConvBNReLU2d:

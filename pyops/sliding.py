@@ -15,7 +15,8 @@ the neighbouring image pixels where a crop sees zeros, so outputs differ within 
 borders; exact=True evaluates the crops themselves instead, in batches sized to the memory bound. Features that do
 not slide at all (a GroupNorm, a mean over the map, an F.pad in forward) are refused by the conversion's probe
 (pyops.convolutionalize) where they do not pad; padded features are not probed (their scores differ near the
-borders by design; a GroupNorm among them changes every score): use exact=True for those. The model is evaluated with eval semantics and left as it was, training flags included.
+borders by design; a GroupNorm among them changes every score): use exact=True for those. The model is evaluated
+with eval semantics and left as it was, training flags included.
 
 Memory: the output map is tiled (tiles of output positions plus the input halo they need, and batch chunks) so that
 the estimated peak of the activations stays under max_memory; tiled and untiled results are identical up to the

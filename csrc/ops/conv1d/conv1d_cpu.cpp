@@ -39,15 +39,20 @@ struct TapClass {
   int64_t phase, shift;  // their input phase r, and floor((first*dilation - padding) / stride)
 };
 
-std::vector<TapClass> tap_classes(int64_t kernel_size, int64_t stride, int64_t padding, int64_t dilation) {
-  const int64_t step = stride / std::gcd(stride, dilation);
+struct TapClasses {
+  int64_t step, dilation;  // between a class's taps: in the kernel, and on its phase
   std::vector<TapClass> classes;
-  for (int64_t k = 0; k < std::min(step, kernel_size); ++k) {
+};
+
+TapClasses tap_classes(int64_t kernel_size, int64_t stride, int64_t padding, int64_t dilation) {
+  const int64_t common = std::gcd(stride, dilation);
+  TapClasses t{stride / common, dilation / common, {}};
+  for (int64_t k = 0; k < std::min(t.step, kernel_size); ++k) {
     const int64_t e = k * dilation - padding;
     const int64_t phase = ((e % stride) + stride) % stride;
-    classes.push_back({k, (kernel_size - k + step - 1) / step, phase, (e - phase) / stride});
+    t.classes.push_back({k, (kernel_size - k + t.step - 1) / t.step, phase, (e - phase) / stride});
   }
-  return classes;
+  return t;
 }
 
 // x[..., phase::stride], contiguous (empty past the end)
@@ -107,15 +112,15 @@ at::Tensor conv1d_backward_input_cpu(const at::Tensor& grad_output, const at::Te
   at::Tensor grad_input = stride == 1 ? at::empty({g.batch, g.in_channels, g.in_length}, grad_output.options())
                                       : at::zeros({g.batch, g.in_channels, g.in_length}, grad_output.options());
   const at::Tensor gy = grad_output.contiguous();
-  const int64_t dil = dilation / std::gcd(stride, dilation), step = stride / std::gcd(stride, dilation);
-  for (const TapClass& c : tap_classes(g.kernel_size, stride, padding, dilation)) {
+  const TapClasses t = tap_classes(g.kernel_size, stride, padding, dilation);
+  for (const TapClass& c : t.classes) {
     const int64_t length = (g.in_length - c.phase + stride - 1) / stride;
     if (length <= 0) continue;
-    const at::Tensor flipped = transposed_flipped(weight.slice(2, c.first, g.kernel_size, step), groups);
+    const at::Tensor flipped = transposed_flipped(weight.slice(2, c.first, g.kernel_size, t.step), groups);
     at::Tensor part = stride == 1 ? grad_input : at::empty({g.batch, g.in_channels, length}, gy.options());
     correlate_cpu(gy, flipped, at::Tensor(), part,
-                  {g.batch, g.out_channels, g.out_length, g.in_channels, c.taps, length, 1, dil,
-                   -c.shift - dil * (c.taps - 1), groups});
+                  {g.batch, g.out_channels, g.out_length, g.in_channels, c.taps, length, 1, t.dilation,
+                   -c.shift - t.dilation * (c.taps - 1), groups});
     if (stride > 1) grad_input.slice(2, c.phase, g.in_length, stride).copy_(part);
   }
   return grad_input;
@@ -147,11 +152,11 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cpu(const at::Tensor& grad_ou
   // Each class of taps correlates grad_output with its input phase: tap first + t*step reads phase element
   // j + shift + t*dilation' for output j.
   const at::Tensor gy = grad_output.contiguous(), x = input.contiguous();
-  const int64_t dil = dilation / std::gcd(stride, dilation), step = stride / std::gcd(stride, dilation);
-  for (const TapClass& c : tap_classes(kernel_size, stride, padding, dilation)) {
+  const TapClasses t = tap_classes(kernel_size, stride, padding, dilation);
+  for (const TapClass& c : t.classes) {
     at::Tensor part = stride == 1 ? grad_weight : at::empty({g.out_channels, g.in_per_group(), c.taps}, x.options());
-    correlate_weight_cpu(gy, stride == 1 ? x : phase_of(x, c.phase, stride), part, dil, c.shift, groups);
-    if (stride > 1) grad_weight.slice(2, c.first, kernel_size, step).copy_(part);
+    correlate_weight_cpu(gy, stride == 1 ? x : phase_of(x, c.phase, stride), part, t.dilation, c.shift, groups);
+    if (stride > 1) grad_weight.slice(2, c.first, kernel_size, t.step).copy_(part);
   }
   return {grad_weight, bias_sum()};
 }

@@ -120,8 +120,8 @@ class SmoothMaxBackwardFunction : public torch::autograd::Function<SmoothMaxBack
 };
 
 // The composite formulation (dispatch.h), the kernels' math in ATen ops: m + logsumexp(β·(x − m))/β with m the max
-// (β > 0; the min for β < 0) along dim (a constant: its derivative cancels, Σ softmax = 1), so β·x cannot overflow where the result does not
-// (logsumexp(β·x) overflowed float32 at β = 1e30, x = 1e10); in float32 for half-precision x as the kernels compute,
+// (β > 0; the min for β < 0) along dim (a constant: its derivative cancels, Σ softmax = 1), so β·x cannot overflow
+// where the result does not (logsumexp(β·x) overflowed float32 at β = 1e30, x = 1e10); in float32 for half-precision x as the kernels compute,
 // in float64 for a β below float's normal numbers (beta_below_float); at β = ±inf (or beyond float's range for
 // float-computed x: kernel_beta) the max / min, whose derivative ATen shares equally between ties, as the Function
 // does.
