@@ -1,4 +1,5 @@
 """Argument validation shared by the Python entry points: errors name the argument, as PyTorch's do."""
+import numbers
 import operator
 
 import torch
@@ -36,6 +37,13 @@ def check_like(t, ref, name, ref_name):
         raise TypeError(f"argument '{name}' has dtype {t.dtype} but '{ref_name}' has dtype {ref.dtype}")
     if t.device != ref.device:
         raise ValueError(f"argument '{name}' is on {t.device} but '{ref_name}' is on {ref.device}")
+
+
+def check_number(value, name):
+    """value must be a real number: a Python or numpy int/float, or (under torch.compile, where a number that changes
+    between calls is symbolic) a torch.SymInt/SymFloat. bools and tensors are refused (TypeError)."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymInt, torch.SymFloat)):
+        raise TypeError(f"argument '{name}' must be a number, got {type(value).__name__}")
 
 
 def as_int(value, name, minimum=None):

@@ -4,7 +4,7 @@ import numbers
 
 import torch
 
-from ._checks import check_floating, in_autocast_region
+from ._checks import check_floating, check_number, in_autocast_region
 from ._overrides import overridable
 from .smooth_max import smooth_max
 
@@ -28,8 +28,7 @@ def lse_pool2d(scores, beta):
     check_floating(scores, "scores")
     if scores.dim() != 4:
         raise ValueError(f"argument 'scores' must have 4 dimensions (B, C, H, W), got shape {tuple(scores.shape)}")
-    if isinstance(beta, bool) or not isinstance(beta, (numbers.Real, torch.SymInt, torch.SymFloat)):
-        raise TypeError(f"argument 'beta' must be a number, got {type(beta).__name__}")
+    check_number(beta, "beta")
     if isinstance(beta, numbers.Real):
         beta = float(beta)  # (a numpy scalar as a Python float)
     if beta != beta:  # (NaN; written to trace as a guard under torch.compile, as in smooth_max)

@@ -10,20 +10,16 @@ its sum (one more pass). For float32/float64 the relative error is |β|·|r|·ep
 own gradient (e.g. float32 ties at β = 1e7 get gradient 1 each instead of 1/3): use float64, or a β for which
 |β|·|r| stays well below 1/eps.
 """
-import numbers
-
 import torch
 
-from ._checks import check_floating, wrap_dim
+from ._checks import check_floating, check_number, wrap_dim
 from ._overrides import overridable
 
 
 def _check_args(x, beta, dim):
     check_floating(x, "x")
-    # (torch.SymFloat: under torch.compile a beta that changes between calls is symbolic; the tests below are
-    # written so that they trace as guards, where math.isnan would break the graph)
-    if not isinstance(beta, (numbers.Real, torch.SymInt, torch.SymFloat)) or isinstance(beta, bool):  # (numpy too)
-        raise TypeError(f"argument 'beta' must be a number, got {type(beta).__name__}")
+    check_number(beta, "beta")
+    # (written so that the tests trace as guards on a symbolic beta, where math.isnan would break the graph)
     if beta == 0 or beta != beta:
         raise ValueError(f"argument 'beta' must be non-zero and not NaN, got {beta} "
                          "(beta -> 0 is the mean, not a smooth max)")
