@@ -3,12 +3,35 @@ FullyConvolutional's FFT spectra."""
 import torch
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from ._scripting import NotScriptable
+
+
+# torch.optim steps taken since the first derived form was made, counted by a global post-step hook. A fused=True
+# step (Adam, AdamW, SGD) updates the weights in place without bumping their version counters, and an optimizer may
+# write through `.data`: any step leaves every derived form stale (its weights being trained or not: one counter
+# is cheaper than knowing which optimizer holds which weight, and training and using a derived form rarely mix).
+_optimizer_steps = 0
+_step_hook = None
+
+
+def _count_optimizer_step(optimizer, args, kwargs):
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+def _optimizer_steps_so_far():
+    global _step_hook
+    if _step_hook is None:  # registered with the first key: importing pyops hooks nothing
+        _step_hook = register_optimizer_step_post_hook(_count_optimizer_step)
+    return _optimizer_steps
 
 
 class SourcesKey:
     """Which tensors a derived form was made from, and their state then: matches(tensors) is True only for the same
     tensor objects (by id) on the same storages, with the same device, dtype, data pointer, sizes, strides and
-    version counter. The storages are held by weak references to the storage (a cache keeps no replaced weight
+    version counter, and no torch.optim step taken since (_optimizer_steps). The storages are held by weak references to the storage (a cache keeps no replaced weight
     alive, and no new storage can take a referenced one's identity); the tensors are not weakly referenced at all:
     torch.utils.swap_tensors refuses a tensor that has a Python weak reference, and load_state_dict swaps under
     torch.__future__.set_swap_module_params_on_conversion(True).
@@ -17,22 +40,24 @@ class SourcesKey:
     version (0) matched an address-only key. And `param.data = t` (torch.nn.utils.vector_to_parameters does it)
     keeps the Parameter object and its version counter while swapping its storage: a t at a freed weight's address
     matched a key of (object, address, version), and the freed weight's derived form served.
-    What no key can see: writes through another tensor with its own version counter that shares the storage (a
-    `.data` alias; the vector that vector_to_parameters viewed, updated in place and passed again); a
-    train()/eval() switch drops the derived form after such writes. An inference tensor (made in
+    What no key can see: writes outside a torch.optim step through another tensor with its own version counter
+    that shares the storage (a `.data` alias; the vector that vector_to_parameters viewed, updated in place and
+    passed again); a train()/eval() switch drops the derived form after such writes. An inference tensor (made in
     torch.inference_mode) has no version counter: its in-place updates (possible only inside inference_mode) are
     not seen either, as torch.compile's freezing takes parameters to be constants; assign a new tensor to update
     such a weight."""
 
-    __slots__ = ("ids", "storages", "state")
+    __slots__ = ("ids", "storages", "state", "steps")
 
     def __init__(self, tensors):
+        self.steps = _optimizer_steps_so_far()  # (first: a step while the state is read makes the key stale)
         self.ids = [id(t) for t in tensors]
         self.storages = [StorageWeakRef(t.untyped_storage()) for t in tensors]
         self.state = _state(tensors)
 
     def matches(self, tensors):
-        return (len(tensors) == len(self.ids) and all(id(t) == i for i, t in zip(self.ids, tensors))
+        return (self.steps == _optimizer_steps and len(tensors) == len(self.ids)
+                and all(id(t) == i for i, t in zip(self.ids, tensors))
                 and all(s.cdata == t.untyped_storage()._cdata for s, t in zip(self.storages, tensors))
                 and _state(tensors) == self.state)
 
@@ -59,7 +84,7 @@ class _Entry:
         return type(None), ()
 
 
-class DerivedWeights(nn.Module):
+class DerivedWeights(NotScriptable, nn.Module):
     """A module mixin holding derived forms of its weights, at most one per slot (an attribute named in
     _transient): derived(kind, sources, make, slot) returns make(), made on first use and made again whenever kind
     changes or a source tensor does (another tensor, or the same one updated in place: SourcesKey).
@@ -90,8 +115,8 @@ class DerivedWeights(nn.Module):
         return super()._apply(fn, recurse)
 
     def train(self, mode=True):
-        # Dropped when train()/eval() switches the mode too: a training loop's updates need not bump the version
-        # counter (torch.optim's fused=True steps do not), and the switch to evaluation comes after them.
+        # Dropped when train()/eval() switches the mode too: a training loop's own updates need not bump the
+        # version counter (writes through `.data` outside torch.optim), and the switch to evaluation comes after them.
         if mode != self.training:
             self._drop_derived()
         return super().train(mode)

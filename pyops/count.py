@@ -21,8 +21,8 @@ def parse_shape(text):
         shape = tuple(int(s) for s in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,3,224,224, got {text!r}")
-    if not shape or min(shape) < 0:
-        raise argparse.ArgumentTypeError(f"expected non-negative sizes, got {text!r}")
+    if not shape or min(shape) < 0 or max(shape) >= 2**63:
+        raise argparse.ArgumentTypeError(f"expected sizes from 0 to 2**63 - 1, got {text!r}")
     return shape
 
 
@@ -32,8 +32,8 @@ def load_model(spec, device):
         module_name, attr = spec.split(":", 1)
         try:
             obj = importlib.import_module(module_name)
-        except ImportError as e:
-            raise LookupError(f"cannot import module {module_name!r} of {spec!r}: {e}") from None
+        except Exception as e:  # not found, an empty name (ValueError), or the module's own error at import
+            raise LookupError(f"cannot import module {module_name!r} of {spec!r}: {type(e).__name__}: {e}") from None
         for part in attr.split("."):
             if not hasattr(obj, part):
                 raise LookupError(f"{module_name!r} has no attribute {attr!r}")

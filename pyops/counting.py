@@ -18,10 +18,13 @@ Conventions (exact integers; batch size multiplies everything):
   the bias: no arithmetic).
 - Linear / matmul (addmm, mm, bmm, baddbmm, addbmm, mv, addmv, dot, vdot), per output element: mults = the
   contracted length (n_in for Linear), adds = mults − 1 + (1 if there is an added term, beta ≠ 0). alpha/beta
-  scalings are not counted. nn.Linear reaches addmm for contiguous inputs of any rank; on a non-contiguous input
-  of rank ≥ 3 (e.g. the input projection of a batch_first nn.MultiheadAttention) PyTorch runs mm followed by a
-  separate elementwise bias add, which is not counted. Scaled dot-product attention counts as its two matmuls
-  (Q·Kᵀ and P·V, kind 'linear'); nn.MultiheadAttention's fused inference fast path is switched off while counting.
+  scalings are not counted. nn.Linear reaches addmm for contiguous inputs of any rank (a 1-D input's row has
+  output shape (1, n_out), addmm's); on a non-contiguous input of rank 1 or ≥ 3 (e.g. the input projection of a
+  batch_first nn.MultiheadAttention, nn.RNN or nn.GRU) PyTorch runs mm/mv followed by a separate elementwise bias
+  add, which is not counted. Scaled dot-product attention counts as its two matmuls (Q·Kᵀ and P·V, kind 'linear');
+  masks are not counted, except where nn.MultiheadAttention with need_weights=True adds a float attn_mask inside
+  baddbmm (one addition per score, as baddbmm's added term). nn.MultiheadAttention's fused inference fast path is
+  switched off while counting.
 - pyops ops: conv2d_bn_relu and conv2d_bias_act count their convolution as a convolution with the op's own bias
   argument (conv2d_bn_relu: exactly the row the unfused nn.Conv2d gives; a fused model's conv2d_bias_act has the
   folded bias, so a bias-free conv's row gains one addition per output), and their epilogue as kind 'other': batch norm as one
@@ -29,11 +32,13 @@ Conventions (exact integers; batch size multiplies everything):
   (ReLU and the like) are comparisons or transcendentals, neither multiplications nor additions. conv1d is a
   convolution. smooth_max ν_β = (1/β)·log Σ exp(β·x) over n values counts, per output, the formula's n
   multiplications by β, its n − 1 additions and the final multiplication by 1/β ('other'; exp, log and the
-  max-subtraction that keeps it stable are not multiplications or additions of the formula).
+  max-subtraction that keeps it stable are not multiplications or additions of the formula); at β = ±inf it is
+  the max / min, nothing.
 - Everything else (pooling, elementwise ops, batch norm as ATen runs it, softmax, ...) is not counted.
 A pyops op without a counter is reported by a warning, not skipped silently, and so are the fused ATen kernels that
 hide a layer's matrix products from the ops above (FUSED_ARITHMETIC_OPS: nn.LSTM's oneDNN/cuDNN kernels,
-nn.Bilinear's _trilinear); nn.GRU and nn.RNN on the CPU run addmm and are counted.
+nn.Bilinear's _trilinear); nn.GRU and nn.RNN on the CPU run addmm and are counted (with batch_first=True but for
+the input projection's bias, as for Linear above).
 
 Extending: `register_op_counter("pyops::sliding_head", fn)` (or as a decorator) adds or replaces the counter of an
 op, keyed by its qualified name "namespace::name", so it works before the op itself is registered. `fn(args, out)`
@@ -216,11 +221,21 @@ def _shape(t):
     return tuple(t.shape)
 
 
+def _conv_args_work(a, out, transposed=False):
+    """conv_work of a conv op whose schema has input, weight, bias, stride, padding, dilation (groups implied)."""
+    spatial = a["input"].dim() - 2
+    def expand(v):  # ints or lists; one value stands for every spatial dim, as PyTorch's convolutions take it
+        v = [v] if isinstance(v, int) else list(v)
+        return v * spatial if len(v) == 1 else v
+
+    return conv_work(_shape(a["input"]), _shape(a["weight"]), _shape(out), a["bias"] is not None,
+                     expand(a["stride"]), expand(a["padding"]), expand(a["dilation"]), transposed)
+
+
 @register_op_counter("aten::convolution")
 @register_op_counter("aten::_convolution")  # what a torch.jit.trace'd model calls
 def _count_convolution(a, out):
-    return [conv_work(_shape(a["input"]), _shape(a["weight"]), _shape(out), a["bias"] is not None, a["stride"],
-                      a["padding"], a["dilation"], a["transposed"])]
+    return [_conv_args_work(a, out, a["transposed"])]
 
 
 def _register_matmuls():
@@ -265,17 +280,6 @@ for _name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_produc
     register_op_counter(f"aten::{_name}", _count_attention)
 
 
-def _conv_args_work(a, out):
-    """conv_work of a pyops conv op whose schema has input, weight, bias, stride, padding, dilation, groups."""
-    spatial = a["input"].dim() - 2
-    def expand(v):  # conv1d's schema takes ints, the 2-d ops int[2]; one value stands for every spatial dim
-        v = [v] if isinstance(v, int) else list(v)
-        return v * spatial if len(v) == 1 else v
-
-    return conv_work(_shape(a["input"]), _shape(a["weight"]), _shape(out), a["bias"] is not None,
-                     expand(a["stride"]), expand(a["padding"]), expand(a["dilation"]))
-
-
 def _with_epilogue(conv, out, mults_each, adds_each):
     """[conv, the epilogue's 'other' work] (the epilogue left out when it does no arithmetic)."""
     return [conv] + ([elementwise_work(out.numel(), mults_each, adds_each)] if mults_each or adds_each else [])
@@ -314,6 +318,8 @@ def _count_sliding_head(a, out):
 
 @register_op_counter("pyops::smooth_max")
 def _count_smooth_max(a, out):
+    if math.isinf(a["beta"]):
+        return []  # β = ±inf is the max / min: comparisons, no multiplications or additions
     x = a["x"]
     n = x.shape[a["dim"]] if x.dim() else 1
     return [elementwise_work(out.numel(), n + 1, n - 1)]
@@ -367,8 +373,9 @@ class _CountingMode(TorchDispatchMode):
         return out
 
 
-def _track_module_path(model, module_path):
-    """Forward hooks keeping module_path[-1] the path of the innermost running module; returns their handles."""
+def _track_module_path(model, module_path, handles):
+    """Forward hooks keeping module_path[-1] the path of the innermost running module; their handles go to
+    `handles` as they are made (to be removed whatever happens)."""
     def enter(path):
         def hook(module, args):
             module_path.append(path)  # returns None: a hook's return value would replace the module's input
@@ -377,11 +384,11 @@ def _track_module_path(model, module_path):
     def leave(module, args, out):
         module_path.pop()
 
-    handles = []
     for path, module in model.named_modules():
-        handles.append(module.register_forward_pre_hook(enter(path)))
-        handles.append(module.register_forward_hook(leave, always_call=True))
-    return handles
+        # A scripted submodule takes no hooks: its ops are counted, in the rows of the module that calls it.
+        if not isinstance(module, torch.jit.RecursiveScriptModule):
+            handles.append(module.register_forward_pre_hook(enter(path)))
+            handles.append(module.register_forward_hook(leave, always_call=True))
 
 
 def count_ops(model, example_input):
@@ -399,16 +406,18 @@ def count_ops(model, example_input):
         raise TypeError(f"argument 'model' must be a torch.nn.Module or callable, got {type(model).__name__}")
     if isinstance(model, torch.jit.RecursiveScriptModule):
         raise TypeError("argument 'model' is a torch.jit.script'ed module: count_ops names rows with module hooks, "
-                        "which scripted modules do not take; count the Python module (a torch.jit.trace'd one works)")
+                        "which scripted modules do not take; count the Python module (a torch.jit.trace'd one works, "
+                        "its rows all named \"\")")
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     is_module = isinstance(model, torch.nn.Module)
-    module_path = [""]
-    handles = _track_module_path(model, module_path) if is_module else []
+    module_path, handles = [""], []
     mode = _CountingMode(module_path)
     # nn.MultiheadAttention / TransformerEncoderLayer's inference fast path is one fused op that hides its
     # projections and attention: turned off, they run as addmm/mm and scaled_dot_product_attention, all counted
     mha_fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
+        if is_module:
+            _track_module_path(model, module_path, handles)
         torch.backends.mha.set_fastpath_enabled(False)
         # (not in inference mode, where the dispatch mode would see aten.conv2d and aten.linear, not the
         # convolution and addmm they decompose into, and count nothing)

@@ -28,6 +28,7 @@ import warnings
 import torch
 
 from ._flags import tf32
+from ._scripting import NotScriptable
 
 _COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 _FAST_SIZES = sorted({2**a * 3**b * 5**c for a in range(9) for b in range(6) for c in range(4)})
@@ -56,7 +57,7 @@ def fft_tile_counts(out_h, out_w, fft_size, kernel_size):
     return -(-out_h // (fft_size - kh + 1)), -(-out_w // (fft_size - kw + 1))
 
 
-class FFTConv2d(torch.nn.Module):
+class FFTConv2d(NotScriptable, torch.nn.Module):
     """Valid cross-correlation of (B, C, H, W) with a (O, C, kh, kw) weight, plus bias: (B, O, H−kh+1, W−kw+1).
 
     weight, bias: as nn.Conv2d's (stride 1, no padding, no dilation, groups 1); float32 or float64.

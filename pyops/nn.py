@@ -22,6 +22,7 @@ from torch.nn.modules.utils import _pair
 from ._C import conv_path
 from ._derived import DerivedWeights
 from ._overrides import overridable
+from ._scripting import NotScriptable
 from .conv1d import conv1d
 from .conv_bn_relu import ACTIVATIONS as ACTIVATION_CODES, conv2d_bias_act
 from .convolutionalize import convolutionalize
@@ -29,7 +30,7 @@ from .fold import fold_bn
 from .sliding import DEFAULT_MAX_MEMORY, _pair as _pair_arg, classify_fcn
 
 
-class Conv1d(torch.nn.Conv1d):
+class Conv1d(NotScriptable, torch.nn.Conv1d):
     """torch.nn.Conv1d computed by pyops.conv1d (forward and backward).
 
     Same constructor and state_dict as torch.nn.Conv1d. padding_mode 'zeros' passes the padding to the kernel;
@@ -49,6 +50,9 @@ class Conv1d(torch.nn.Conv1d):
         (an optimizer over conv's parameters trains it; conv is not modified)."""
         if not isinstance(conv, torch.nn.Conv1d):
             raise TypeError(f"argument 'conv' must be an nn.Conv1d, got {type(conv).__name__}")
+        if isinstance(conv, torch.nn.modules.lazy.LazyModuleMixin) and conv.has_uninitialized_params():
+            raise ValueError("argument 'conv' is a lazy layer whose input has not initialized it yet: run it once "
+                             "first, or convert its model with swap_conv1d (which converts it on that first input)")
         if not all(isinstance(p, torch.nn.Parameter) for p in (conv.weight, conv.bias) if p is not None):
             raise TypeError("argument 'conv' computes its weight (a parametrization or hook: weight_norm, "
                             "spectral_norm), so it has no weight Parameter to share; convert the plain layer first "
@@ -60,7 +64,7 @@ class Conv1d(torch.nn.Conv1d):
         return new.train(conv.training)
 
 
-class FoldedConv1d(torch.nn.Conv1d):
+class FoldedConv1d(NotScriptable, torch.nn.Conv1d):
     """An nn.Conv1d with a BatchNorm1d folded into it, as pyops.fuse installs one: the same layer, refusing
     unbatched (C, L) inputs. On those the BatchNorm1d it replaced took C as the batch and normalized along L, which
     the fold does not compute (the model raised there, unless L_out equals C_out)."""
@@ -187,15 +191,28 @@ def explicit_padding(conv):
     if conv.padding_mode != "zeros":
         raise ValueError(f"argument 'conv' has padding_mode={conv.padding_mode!r}; ConvBNReLU2d supports 'zeros' "
                          f"only (fold it with pyops.fold_bn instead)")
-    if conv.padding == "valid":
-        return (0, 0)
-    if conv.padding == "same":
-        totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+    return padding_pair(conv.padding, conv.kernel_size, conv.dilation, conv.stride, "conv")
+
+
+def padding_pair(padding, kernel_size, dilation, stride, name="padding"):
+    """padding (an int, a pair, 'valid' or 'same', as nn.Conv2d takes it) as a pair of ints; 'same' becomes the
+    symmetric padding it stands for. ValueError (naming argument `name`) for an asymmetric 'same' (an even
+    effective kernel: nn.Conv2d pads one more on the right, which the fused kernel cannot), a strided 'same' (as
+    nn.Conv2d) and any other string."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0)
+        if padding != "same":
+            raise ValueError(f"argument '{name}' has padding={padding!r}; expected an int, a pair, 'valid' or 'same'")
+        if any(s != 1 for s in stride):
+            raise ValueError(f"argument '{name}' has padding='same', which is not supported for strided "
+                             "convolutions (as in nn.Conv2d)")
+        totals = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
         if any(t % 2 for t in totals):
-            raise ValueError("argument 'conv' has padding='same' with an even effective kernel size, which pads "
+            raise ValueError(f"argument '{name}' has padding='same' with an even effective kernel size, which pads "
                              "asymmetrically; ConvBNReLU2d needs symmetric padding (fold it with pyops.fold_bn)")
         return tuple(t // 2 for t in totals)
-    return tuple(conv.padding)
+    return _pair(padding)
 
 
 class ConvBNReLU2d(DerivedWeights):
@@ -216,9 +233,9 @@ class ConvBNReLU2d(DerivedWeights):
     the weight once into oneDNN's blocked layout for the input's shape and reuses it while the shape and the weight
     stay the same (and the module in eval mode): one extra copy of the weight, rebuilt when either changes or the
     module is switched by train()/eval(), never saved or copied. In eval mode, changes are seen through autograd's
-    version counter (in-place ops on the parameter, as optimizers make them); writes that bypass it (through
-    `weight.data`, torch.optim's fused=True steps) are seen after the next train()/eval() switch (a training loop's
-    steps, then eval(); a layer already in eval mode: train() then eval(), or assign a new weight). That path
+    version counter (in-place ops on the parameter) and after any torch.optim step (fused=True steps do not bump
+    it); writes that bypass it outside an optimizer (through `weight.data`) are seen after the next train()/eval()
+    switch (a layer already in eval mode: train() then eval(), or assign a new weight). That path
     computes in channels_last and returns a channels_last output (same values), as a PyTorch convolution with a
     channels_last weight does. A layer that widens fewer than 64 channels into 64 or more (a network's stem) also
     returns channels_last there (see _widens_into_channels_last): a fused network thus is channels_last from its
@@ -240,12 +257,14 @@ class ConvBNReLU2d(DerivedWeights):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  activation="relu", device=None, dtype=None):
         super().__init__()
+        if not isinstance(groups, int) or groups <= 0:
+            raise ValueError(f"argument 'groups' must be a positive integer, got {groups!r}")
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"argument 'groups' = {groups} must divide in_channels = {in_channels} and "
                              f"out_channels = {out_channels}")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
-        self.padding, self.dilation = _pair(padding), _pair(dilation)
+        self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
+        self.padding = padding_pair(padding, self.kernel_size, self.dilation, self.stride)
         self.activation = check_activation(activation)
         factory = dict(device=device, dtype=dtype)
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size, **factory))
@@ -256,7 +275,7 @@ class ConvBNReLU2d(DerivedWeights):
     def reset_parameters(self):
         """nn.Conv2d's initialization (a module built directly, not from_modules, starts like a fresh Conv2d)."""
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        fan_in = self.weight[0].numel()
+        fan_in = self.weight[0].numel() if self.out_channels else 0
         bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
         nn.init.uniform_(self.bias, -bound, bound)
 
@@ -427,7 +446,7 @@ def _conv_bn_relu2d_forward(module, x, residual=None):
                                                    module.groups, activation, residual)
 
 
-class LinearBNReLU(nn.Module):
+class LinearBNReLU(NotScriptable, nn.Module):
     """act(x @ weight.T + bias) with a BatchNorm1d folded into weight and bias (see from_modules).
 
     x: (N, in_features) → (N, out_features): the only shape on which Linear → BatchNorm1d folds (on a 3-D input,
@@ -480,7 +499,7 @@ def _linear_bn_relu_forward(module, x):
     return apply_activation_(F.linear(x, module.weight, module.bias), module.activation)
 
 
-class SlidingClassifier(nn.Module):
+class SlidingClassifier(NotScriptable, nn.Module):
     """A crop classifier applied densely: pyops.sliding_classify in module form, converted once and reused.
 
     SlidingClassifier(model, window, stride=1): model maps (B, C, h, w) crops to (B, classes) (see

@@ -425,6 +425,9 @@ def test_swap_conv1d_puts_ours_in_place_of_a_models_layers(device):
                           torch.nn.utils.spectral_norm):
         with pytest.raises(TypeError, match="argument 'conv' computes its weight"):
             pyops.nn.Conv1d.from_module(reparametrize(torch.nn.Conv1d(3, 6, 3)))
+    # an uninitialized lazy layer has no channel count yet (it became a Conv1d(0, ...) with unset parameters)
+    with pytest.raises(ValueError, match="lazy layer"):
+        pyops.nn.Conv1d.from_module(torch.nn.LazyConv1d(8, 3))
 
 
 def test_swap_conv1d_keeps_everything_but_the_kernel():

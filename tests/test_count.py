@@ -127,6 +127,33 @@ def test_conv_transpose_against_ones(cls, kwargs, in_shape, bias):
     assert row.adds == (row.mults if bias else row.mults - int(torch.count_nonzero(reached)))
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("name,value", [("stride", 2), ("padding", 1), ("dilation", 2)])
+def test_one_value_lists_stand_for_every_spatial_dim(transposed, name, value):
+    """PyTorch's convolutions take stride=(2,) for (2, 2): the count must be the same (a 1-list was zipped with the
+    two spatial dims and counted one of them: 129 of a transposed conv's 2199 operations)."""
+    x, w = torch.randn(1, 2, 5, 6), torch.randn(2, 3, 3, 3)  # (C_in, C_out, k, k) transposed
+    w = w if transposed else w.transpose(0, 1)
+
+    def conv(v):  # torch.convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+        args = {"stride": [1, 1], "padding": [0, 0], "dilation": [1, 1], name: v}
+        return lambda t: torch.convolution(t, w, None, args["stride"], args["padding"], args["dilation"], transposed,
+                                           [0, 0], 1)
+
+    whole, listed = only_row(conv([value, value]), x), only_row(conv([value]), x)
+    assert (listed.mults, listed.adds, listed.output_shape) == (whole.mults, whole.adds, whole.output_shape)
+
+
+def test_conv_transpose_stride_list_hand_computed():
+    # input (1, 2, 5, 6), weight (2, 3, 3, 3), stride 2, padding 1 -> output (1, 3, 9, 11). Along H (5 inputs, 9
+    # outputs) tap k lands input i at 2i - 1 + k: 4 + 5 + 4 = 13 products inside, reaching all 9 outputs; along W
+    # (6 inputs, 11 outputs) 5 + 6 + 5 = 16 products reaching all 11: per (C_in, C_out) pair 13·16 = 208 products,
+    # mults = 2·3·208 = 1248, adds without bias = 1248 − 3·9·11 = 951
+    x, w = torch.randn(1, 2, 5, 6), torch.randn(2, 3, 3, 3)
+    row = only_row(lambda t: torch.convolution(t, w, None, [2], [1], [1], True, [0], 1), x)
+    assert (row.mults, row.adds, row.output_shape) == (1248, 951, (1, 3, 9, 11))
+
+
 # ---- linear and matmul -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -257,6 +284,19 @@ def test_smooth_max_is_other():
     row = only_row(Net(), torch.randn(3, 10, 4))
     # 12 outputs over n = 10: n multiplications by beta + 1 by 1/beta, n − 1 additions
     assert (row.kind, row.mults, row.adds, row.output_shape) == ("other", 12 * 11, 12 * 9, (3, 4))
+
+
+@pytest.mark.parametrize("beta", [math.inf, -math.inf])
+def test_smooth_max_at_infinite_beta_is_a_max_without_arithmetic(beta):
+    assert pyops.count_ops(lambda x: pyops.smooth_max(x, beta, dim=1), torch.randn(3, 10)).by_layer == []
+
+
+def test_scripted_submodule_counts_under_its_parent_and_leaves_no_hooks():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(torch.jit.script(nn.Linear(4, 3))))
+    count = pyops.count_ops(model, torch.randn(2, 4))
+    assert [(r.name, r.mults, r.adds) for r in count.by_layer] == [("0", 32, 32), ("1", 24, 24)]
+    assert not any(m._forward_pre_hooks or m._forward_hooks
+                   for m in model.modules() if not isinstance(m, torch.jit.ScriptModule))
 
 
 def test_pyops_op_without_counter_warns():
@@ -431,7 +471,9 @@ def test_cli_module_attr_and_batch(capsys):
 @pytest.mark.parametrize("argv,message", [(["alexnx"], "did you mean alexnet"),
                                           (["no_such_module:x"], "cannot import module"),
                                           (["torch.nn:Linear"], "calling 'torch.nn:Linear'() failed"),
+                                          ([":Linear"], "cannot import module ''"),
                                           (["alexnet", "--input", "1,3,a"], "comma-separated integers"),
+                                          (["alexnet", "--input", f"{2**64},3,8,8"], "sizes from 0 to 2**63 - 1"),
                                           (["alexnet", "--device", "bogus"], "argument --device: cannot use")])
 def test_cli_bad_arguments_exit_2(capsys, argv, message):
     with pytest.raises(SystemExit) as exit:

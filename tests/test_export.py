@@ -228,6 +228,20 @@ class _UsesFunctionalOps(nn.Module):
         return pyops.smooth_max(y, 2.0, dim=-1), pyops.lse_pool2d(scores, 3.0)
 
 
+def test_jit_script_names_the_pyops_module_it_cannot_compile():
+    """TorchScript cannot compile pyops' forwards; its own errors pointed into pyops internals (wrong file names,
+    a false 'undefined value'). Scripting a pyops module, or a model holding one, names it and the alternatives."""
+    conv, bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+    modules = [pyops.nn.Conv1d(4, 4, 3), pyops.nn.ConvBNReLU2d(4, 4, 3), pyops.nn.LinearBNReLU(4, 4),
+               pyops.fuse(nn.Sequential(conv, bn, nn.ReLU()).eval()),
+               nn.Sequential(nn.ReLU(), pyops.nn.SlidingClassifier(crop_classifier(), 16)),
+               pyops.fft_conv.FFTConv2d(torch.randn(2, 3, 3, 3), None, 8)]
+    for module, name in zip(modules, ["pyops.nn.Conv1d", "pyops.nn.ConvBNReLU2d", "pyops.nn.LinearBNReLU",
+                                      "pyops.nn.ConvBNReLU2d", "pyops.nn.SlidingClassifier", "FFTConv2d"]):
+        with pytest.raises(RuntimeError, match=f"{name} does not support torch.jit.script: use torch.jit.trace"):
+            torch.jit.script(module)
+
+
 def test_fx_symbolic_trace_of_models_using_pyops():
     """torch.fx.symbolic_trace (FX quantization and graph rewriting start there) of a fused torchvision network, of
     a model calling pyops' functions and of the sliding classifier: each pyops function or fused layer is one call

@@ -236,6 +236,25 @@ def test_conv_bn_relu_module_same_padding_and_rejections():
         ConvBNReLU2d.from_modules(nn.Conv1d(4, 6, 3), nn.BatchNorm1d(6).eval())
 
 
+def test_conv_bn_relu_module_constructor_takes_conv2d_arguments():
+    """The constructor takes nn.Conv2d's padding strings (padding='same' was split into ('s', 'a', 'm', 'e')) and
+    refuses what nn.Conv2d refuses with a ValueError (groups=0 raised ZeroDivisionError); 0 output channels build."""
+    x = torch.randn(1, 4, 7, 6, dtype=torch.float64, generator=gen())
+    for padding, kwargs in [("same", dict(dilation=2)), ("valid", dict(stride=2))]:
+        fused = ConvBNReLU2d(4, 6, 3, padding=padding, dtype=torch.float64, **kwargs)
+        conv = nn.Conv2d(4, 6, 3, padding=padding, dtype=torch.float64, **kwargs)
+        conv.load_state_dict(fused.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), F.relu(conv(x)), rtol=1e-10, atol=1e-12)
+    assert ConvBNReLU2d(4, 0, 3, dtype=torch.float64)(x).shape == (1, 0, 5, 4)
+    for kwargs, message in [(dict(groups=0), "'groups' must be a positive integer"),
+                            (dict(padding="full"), "expected an int, a pair, 'valid' or 'same'"),
+                            (dict(padding="same", stride=2), "not supported for strided"),
+                            (dict(kernel_size=2, padding="same"), "pads asymmetrically")]:
+        with pytest.raises(ValueError, match=message):
+            ConvBNReLU2d(4, 6, **{"kernel_size": 3, **kwargs})
+
+
 # --- the CPU packed-weight path of ConvBNReLU2d (fp32 inference: the weight packed once in oneDNN's layout) ----------
 
 def fp32_conv_bn(cin=64, cout=24, k=3, seed=0, **conv_args):
@@ -1269,6 +1288,23 @@ def test_packed_weight_follows_fused_optimizer_steps_and_inference_tensors():
         fresh = ConvBNReLU2d(64, 64, 3, padding=1).eval()
         torch.testing.assert_close(fresh(x), F.conv2d(x, fresh.weight, fresh.bias, 1, 1).relu(), rtol=1e-4,
                                    atol=1e-4)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-step", "foreach-step"])
+def test_packed_weight_follows_optimizer_steps_in_eval_mode(fused):
+    """Fine-tuning with frozen statistics keeps the model in eval mode: training steps and no_grad evaluations
+    alternate without a train()/eval() switch. A fused=True step bumps no version counter; every torch.optim step
+    drops the packed weight (it served the first step's weight: off by ~7)."""
+    module = ConvBNReLU2d(64, 64, 3, padding=1).eval()
+    x = torch.randn(1, 64, 8, 8, generator=gen())
+    opt = torch.optim.Adam(module.parameters(), lr=0.1, **({"fused": True} if fused else {"foreach": True}))
+    for _ in range(3):
+        module(x).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            torch.testing.assert_close(module(x), F.conv2d(x, module.weight, module.bias, 1, 1).relu(), rtol=1e-4,
+                                       atol=1e-4)
 
 
 class WritesThroughAlias(nn.Module):
