@@ -46,6 +46,15 @@ def check_number(value, name):
         raise TypeError(f"argument '{name}' must be a number, got {type(value).__name__}")
 
 
+def check_devices(ref, ref_name, **tensors):
+    """Every tensor given by name (None skipped) must be on ref's device, else ValueError naming it. The fake
+    kernels need it too: a meta tensor among CPU ones sends the call to them, and they returned uninitialized CPU
+    tensors where the real kernels refuse the mix."""
+    for name, t in tensors.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"argument '{name}' is on {t.device} but '{ref_name}' is on {ref.device}")
+
+
 def as_int(value, name, minimum=None):
     """value as a Python int: an int or an integer-like (a numpy integer: operator.index), as PyTorch's int
     arguments take them; bools and tensors are refused. TypeError for a non-integer, ValueError below minimum."""

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
-from ._checks import check_floating, check_like, check_tensor, int_tuple
+from ._checks import check_devices, check_floating, check_like, check_tensor, int_tuple
 from ._overrides import overridable
 
 _ops = torch.ops.pyops
@@ -106,6 +106,7 @@ def _out_length(length, k, stride, padding, dilation):
 
 @torch.library.register_fake("pyops::conv1d")
 def _conv1d_fake(x, weight, bias, stride, padding, dilation, groups):
+    check_devices(x, "input", weight=weight, bias=bias)
     torch._check(x.dim() == 3 and weight.dim() == 3, lambda: "pyops.conv1d: input and weight must be 3-D")
     torch._check(x.shape[1] == weight.shape[1] * groups, lambda: "pyops.conv1d: channel mismatch")
     length = _out_length(x.shape[2], weight.shape[2], stride, padding, dilation)
@@ -115,6 +116,7 @@ def _conv1d_fake(x, weight, bias, stride, padding, dilation, groups):
 
 @torch.library.register_fake("pyops::conv1d_backward_input")
 def _conv1d_backward_input_fake(grad_output, weight, input_length, stride, padding, dilation, groups):
+    check_devices(grad_output, "grad_output", weight=weight)
     torch._check(grad_output.shape[2] == _out_length(input_length, weight.shape[2], stride, padding, dilation),
                  lambda: "pyops.conv1d_backward_input: grad_output length does not match input_length")
     return grad_output.new_empty((grad_output.shape[0], weight.shape[1] * groups, input_length))
@@ -122,6 +124,7 @@ def _conv1d_backward_input_fake(grad_output, weight, input_length, stride, paddi
 
 @torch.library.register_fake("pyops::conv1d_backward_weight")
 def _conv1d_backward_weight_fake(grad_output, x, kernel_size, stride, padding, dilation, groups):
+    check_devices(x, "input", grad_output=grad_output)
     torch._check(grad_output.shape[2] == _out_length(x.shape[2], kernel_size, stride, padding, dilation),
                  lambda: "pyops.conv1d_backward_weight: grad_output length does not match the input's")
     return x.new_empty((grad_output.shape[1], x.shape[1] // groups, kernel_size))

@@ -29,7 +29,7 @@ import numbers
 import torch
 from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
-from ._checks import as_int, check_floating, check_like, check_tensor, int_tuple
+from ._checks import as_int, check_devices, check_floating, check_like, check_tensor, int_tuple
 from ._overrides import overridable
 
 ACTIVATIONS = {"none": 0, "relu": 1, "relu6": 2}
@@ -39,12 +39,11 @@ def _pair(v, name, minimum):
     return list(int_tuple(v, name, 2, minimum))
 
 
-def _check_channel_vector(t, name, channels, x):
+def _check_channel_vector(t, name, channels, ref, ref_name):
     if t is None:
         return
     check_floating(t, name)
-    if t.device != x.device:
-        raise ValueError(f"argument '{name}' is on {t.device} but 'x' is on {x.device}")
+    check_devices(ref, ref_name, **{name: t})
     if t.dim() != 1 or t.shape[0] != channels:
         raise ValueError(f"argument '{name}' must have shape ({channels},) (one value per output channel), "
                          f"got {tuple(t.shape)}")
@@ -83,11 +82,13 @@ def _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residua
     if weight.shape[1] * groups != cin:
         raise ValueError(f"argument 'weight' of shape {tuple(weight.shape)} expects {weight.shape[1] * groups} input "
                          f"channels (groups={groups}), but 'x' has {cin} channels")
+    if x.shape[2] == 0 or x.shape[3] == 0:  # (F.conv2d refuses it too; padded, it would be the bias alone)
+        raise ValueError(f"argument 'x' has an empty spatial size (shape {tuple(x.shape)})")
     for i, k in enumerate(weight.shape[2:]):
         if x.shape[2 + i] + 2 * padding[i] < dilation[i] * (k - 1) + 1:
             raise ValueError(f"argument 'x' of spatial size {tuple(x.shape[2:])} plus padding {padding} is smaller "
                              f"than the dilated kernel")
-    _check_channel_vector(bias, "bias", cout, x)
+    _check_channel_vector(bias, "bias", cout, x, "x")
     if bias is not None:
         check_like(bias, x, "bias", "x")
     if residual is not None:
@@ -104,9 +105,9 @@ def _check_bn_args(weight, bn_weight, bn_bias, running_mean, running_var, eps):
     for t, name in ((running_mean, "running_mean"), (running_var, "running_var")):
         if t is None:
             raise TypeError(f"argument '{name}' is required (eval-mode BatchNorm folds its running statistics)")
-        _check_channel_vector(t, name, cout, weight)
-    _check_channel_vector(bn_weight, "bn_weight", cout, weight)
-    _check_channel_vector(bn_bias, "bn_bias", cout, weight)
+        _check_channel_vector(t, name, cout, weight, "weight")
+    _check_channel_vector(bn_weight, "bn_weight", cout, weight, "weight")
+    _check_channel_vector(bn_bias, "bn_bias", cout, weight, "weight")
     if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not eps >= 0 or eps == float("inf"):
         raise ValueError(f"argument 'eps' must be a finite number >= 0, got {eps!r}")
 
@@ -182,13 +183,16 @@ def _acc_dtype(dtype):
 
 @torch.library.register_fake("pyops::conv_bn_fold")
 def _conv_bn_fold_fake(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps):
+    check_floating(weight, "weight")
     _check_bn_args(weight, bn_weight, bn_bias, running_mean, running_var, eps)
+    _check_channel_vector(bias, "bias", weight.shape[0], weight, "weight")
     c = weight.shape[0]
     return (weight.new_empty(weight.shape), weight.new_empty((c,)), weight.new_empty((c,), dtype=_acc_dtype(weight.dtype)))
 
 
 @torch.library.register_fake("pyops::conv_act_backward")
 def _conv_act_backward_fake(grad, output, scale, activation, unscaled_too):
+    check_devices(output, "output", grad=grad, scale=scale)
     torch._check(grad.shape == output.shape, lambda: "conv_act_backward: 'grad' and 'output' differ in shape")
     fmt = output_memory_format(output)
     second = scale is not None and unscaled_too

@@ -12,7 +12,7 @@ own gradient (e.g. float32 ties at β = 1e7 get gradient 1 each instead of 1/3):
 """
 import torch
 
-from ._checks import check_floating, check_number, wrap_dim
+from ._checks import check_devices, check_floating, check_number, wrap_dim
 from ._overrides import overridable
 
 
@@ -69,6 +69,7 @@ def _smooth_max_fake(x, beta, dim, keepdim):
 @torch.library.register_fake("pyops::smooth_max_backward")
 def _smooth_max_backward_fake(grad, x, result, beta, dim, keepdim):
     _check_args(x, beta, dim)
+    check_devices(x, "x", grad=grad, result=result)
     torch._check(grad.shape == result.shape, lambda: "pyops.smooth_max_backward: 'grad' and 'result' differ in shape")
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 

@@ -629,6 +629,36 @@ def test_backward_ops_check_their_arguments():
         assert ops.conv1d_backward_input(rand((2, 3, 4)), w, length, 2, 0, 1, 1).shape == (2, 4, length)
 
 
+def test_meta_tensor_among_real_ones_is_an_error():
+    """A meta argument sends the call to the fake kernels, which returned an uninitialized CPU tensor."""
+    x, w, gy = rand((2, 4, 10)), rand((6, 2, 3)), rand((2, 6, 10))
+    meta = lambda t: t.to("meta")  # noqa: E731
+    for call, name in [(lambda: ops.conv1d(x, meta(w), None, 1, 1, 1, 2), "weight"),
+                       (lambda: ops.conv1d(x, w, meta(rand((6,))), 1, 1, 1, 2), "bias"),
+                       (lambda: ops.conv1d_backward_input(gy, meta(w), 10, 1, 1, 1, 2), "weight"),
+                       (lambda: ops.conv1d_backward_weight(meta(gy), x, 3, 1, 1, 1, 2), "grad_output")]:
+        with pytest.raises(ValueError, match=f"'{name}' is on meta"):
+            call()
+
+
+@pytest.mark.parametrize("path", ["direct", "gemm", "library"])
+@pytest.mark.parametrize("channels", [2, 40])
+def test_strides_past_the_input_give_one_window(monkeypatch, path, channels):
+    """A stride past the padded input gives one output position, as the padded length itself does: the backward's
+    index arithmetic overflowed at 2**63 - 1 (a zero input gradient, a negative tap count), the library's transposed
+    convolution failed from 2**31 on, and the GEMM weight gradient split the input into `stride` phases (12 s and
+    1.3 GB at 10**7)."""
+    monkeypatch.setenv("PYOPS_CONV1D_PATH", path)
+    x, w = rand((1, channels, 5)).requires_grad_(), rand((channels, channels, 2)).requires_grad_()
+    want = F.conv1d(x, w, None, 7, 1)  # 5 + 2 padded: one window from stride 6 on
+    want_grads = torch.autograd.grad(want.sum(), [x, w])
+    for stride in (2**31, 10**7, 2**63 - 1):
+        got = pyops.conv1d(x, w, None, stride, 1)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        for a, e in zip(torch.autograd.grad(got.sum(), [x, w]), want_grads):
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
 def test_bad_path_env_is_an_error(monkeypatch):
     monkeypatch.setenv("PYOPS_CONV1D_PATH", "fastest")
     with pytest.raises(ValueError, match="PYOPS_CONV1D_PATH"):

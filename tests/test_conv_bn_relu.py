@@ -372,6 +372,67 @@ def test_bad_input_in_cpp_too():
         conv2d_bias_act(x, w, activation="gelu")
 
 
+def test_raw_fold_and_backward_ops_check_every_argument():
+    """conv_bn_fold read `bias` unchecked (a 1-element bias read past its end, an empty one crashed); a meta tensor
+    among CPU ones reached the fake kernels, which returned uninitialized CPU tensors; integer tensors went to the
+    kernels' dtype dispatch (an error naming no argument)."""
+    w, m, v, o = torch.randn(6, 2, 3, 3), torch.zeros(6), torch.ones(6), torch.randn(2, 3, 4, 4)
+    fold, act_backward = torch.ops.pyops.conv_bn_fold, torch.ops.pyops.conv_act_backward
+    for bias in (torch.randn(1), torch.empty(0), torch.randn(6, 6)):
+        with pytest.raises(ValueError, match="'bias' must have shape \\(6,\\)"):
+            fold(w, bias, None, None, m, v, 1e-5)
+    with pytest.raises(TypeError, match="'bias' must be a floating"):
+        fold(w, torch.ones(6, dtype=torch.int32), None, None, m, v, 1e-5)
+    with pytest.raises(ValueError, match="'bias' is on meta but 'weight' is on cpu"):
+        fold(w, torch.randn(6, device="meta"), None, None, m, v, 1e-5)
+    with pytest.raises(TypeError, match="'weight' must be a floating"):
+        fold(w.int(), None, None, None, m, v, 1e-5)
+    with pytest.raises(ValueError, match="'scale' is on meta but 'output' is on cpu"):
+        act_backward(o, o, torch.ones(3, device="meta"), 1, True)
+    with pytest.raises(TypeError, match="'scale' must be a floating"):
+        act_backward(o, o, torch.ones(3, dtype=torch.int32), 1, True)
+    with pytest.raises(TypeError, match="'output' must be a floating"):
+        act_backward(o.int(), o.int(), None, 1, True)
+
+
+@pytest.mark.parametrize("path", ["direct", "library"])
+def test_geometry_past_int64_and_strides_past_the_image(monkeypatch, path):
+    """2·padding and the dilated span are refused where they overflow int64 (padding 2**63 - 1 wrapped and gave a
+    4-row output; F.conv2d refuses both); a stride past the padded image gives its one output row, as F.conv2d does
+    (oneDNN's 32-bit strides failed past 2**31); an empty image is refused, as by F.conv2d (padded, the op returned
+    the bias alone)."""
+    monkeypatch.setenv("PYOPS_CONV_PATH", path)
+    x, w, b = torch.randn(2, 4, 8, 8), torch.randn(6, 2, 3, 3), torch.randn(6)
+    op = torch.ops.pyops.conv2d_bias_act
+    with pytest.raises(ValueError, match="'padding' = 9223372036854775807 is too large"):
+        op(x, w, b, [1, 1], [2**63 - 1, 1], [1, 1], 2, 0, None)
+    with pytest.raises(ValueError, match="'dilation' = 4611686018427387904 is too large"):
+        op(x, w, b, [1, 1], [1, 1], [2**62, 1], 2, 0, None)
+    want = F.conv2d(x, w, b, (10, 1), 1, 1, 2).relu()  # 8 + 2 rows padded: one output row from stride 10 on
+    for stride in (2**31, 2**63 - 1):
+        torch.testing.assert_close(op(x, w, b, [stride, 1], [1, 1], [1, 1], 2, 1, None), want, rtol=1e-5,
+                                   atol=1e-5)
+    for args in [(torch.randn(2, 4, 0, 8), w, b, 1, 2, 1, 2), (torch.randn(2, 4, 8, 0), w, b, 1, 2, 1, 2)]:
+        with pytest.raises(ValueError, match="empty spatial size"):
+            conv2d_bias_act(*args)
+        with pytest.raises(ValueError, match="empty spatial size"):
+            op(args[0], w, b, [1, 1], [2, 2], [1, 1], 2, 0, None)
+
+
+def test_packed_op_is_inference_only():
+    """The packed op has no backward: a call autograd would record is refused by name (PyTorch's fallback warned
+    and returned a result without gradients)."""
+    x, w = torch.randn(1, 64, 8, 8), torch.randn(64, 64, 3, 3) / 24
+    packed = torch.ops.pyops.conv2d_pack_weight(x, w, [1, 1], [1, 1], [1, 1], 1)
+    op = torch.ops.pyops.conv2d_bias_act_packed
+    for name, args in [("input", (x.requires_grad_(), w)), ("weight", (x.detach(), w.requires_grad_()))]:
+        with pytest.raises(NotImplementedError, match=f"inference only .* argument '{name}' requires grad"):
+            op(*args, packed, None, [1, 1], [1, 1], [1, 1], 1, 0, None)
+    with torch.no_grad():
+        torch.testing.assert_close(op(x, w, packed, None, [1, 1], [1, 1], [1, 1], 1, 0, None),
+                                   F.conv2d(x, w, None, 1, 1), rtol=1e-4, atol=1e-4)
+
+
 def test_bad_path_env(monkeypatch):
     monkeypatch.setenv("PYOPS_CONV_PATH", "fastest")
     with pytest.raises(ValueError, match="PYOPS_CONV_PATH"):

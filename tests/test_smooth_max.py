@@ -230,6 +230,23 @@ def test_bad_inputs():
         torch.ops.pyops.smooth_max(torch.arange(5), 1.0, 0, False)
 
 
+def test_raw_backward_checks_grad_and_result():
+    """grad and result were reshaped unchecked: a transposed grad of the right size was taken silently, a meta one
+    reached the fake kernel (an uninitialized CPU result), other dtypes and sizes failed naming no argument."""
+    x = torch.randn(3, 5, 7)
+    r = torch.ops.pyops.smooth_max(x, 2.0, 1, False)
+    backward = torch.ops.pyops.smooth_max_backward
+    for grad, result, exc, match in [(torch.randn(7, 3), r, ValueError, "'grad' must have the forward's output shape"),
+                                     (torch.randn(18), r, ValueError, "'grad' must have"),
+                                     (torch.randn(3, 7), r.unsqueeze(1), ValueError, "'result' must have"),
+                                     (torch.randn(3, 7).double(), r, TypeError, "'grad' has dtype"),
+                                     (torch.randn(3, 7, device="meta"), r, ValueError, "'grad' is on meta")]:
+        with pytest.raises(exc, match=match):
+            backward(grad, x, result, 2.0, 1, False)
+    g = torch.randn(3, 7)
+    torch.testing.assert_close(backward(g.unsqueeze(1), x, r.unsqueeze(1), 2.0, 1, True), backward(g, x, r, 2.0, 1, False))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_beta_below_float_range_computes_in_float64(device, dtype):
     """A β below float32's normal numbers rounded to 0 in the kernels' float: 0·inf made NaN. It computes in float64:

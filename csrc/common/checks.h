@@ -6,6 +6,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <limits>
 #include <string>
 
 namespace pyops {
@@ -28,6 +30,19 @@ inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const 
 inline void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {
   TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "pyops: argument '", name, "' has dtype ", t.scalar_type(),
                    " but '", ref_name, "' has dtype ", ref.scalar_type());
+}
+
+// A convolution's extent along one spatial dimension of `size`: refuses a padding or dilation whose padded size or
+// dilated kernel span overflows int64 (as F.conv2d refuses them), then returns the stride to compute with. A stride
+// past the padded size gives one output position, as that size does: the kernels take it (their index arithmetic,
+// stride + length, and the libraries' 32-bit strides stay in range: 2**63 - 1 wrapped, 2**31 failed in oneDNN).
+inline int64_t checked_conv_stride(int64_t size, int64_t kernel_size, int64_t stride, int64_t padding,
+                                   int64_t dilation, const char* op) {
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+  TORCH_CHECK_VALUE(padding <= (kMax - size) / 2, op, ": argument 'padding' = ", padding, " is too large");
+  TORCH_CHECK_VALUE(kernel_size <= 1 || dilation <= (kMax - 1) / (kernel_size - 1), op, ": argument 'dilation' = ",
+                    dilation, " is too large for kernel size ", kernel_size);
+  return std::min(stride, std::max<int64_t>(size + 2 * padding, 1));
 }
 
 // Wraps a possibly negative dimension index into [0, ndim); a 0-d tensor accepts dim 0 and -1.

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
+#include <string>
 #include <utility>
 
 namespace pyops {
@@ -61,6 +62,19 @@ inline bool autograd_sees(const at::Tensor& t, bool grad_mode) {
 inline bool autograd_sees(const std::optional<at::Tensor>& t, bool grad_mode) {
   return t.has_value() && autograd_sees(*t, grad_mode);
 }
+// For the inference-only ops (no backward): refuses a call autograd would have to record, naming the argument
+// (its element [index] where index >= 0), instead of returning a result cut off from the graph. The message is
+// built only on failure.
+inline void check_not_recorded(const at::Tensor& t, const char* op, const char* name, int64_t index, bool grad_mode) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!autograd_sees(t, grad_mode), op, " is inference only (no backward), but argument '",
+                              name, index < 0 ? std::string() : "[" + std::to_string(index) + "]",
+                              "' requires grad (or carries a forward-mode tangent): call it under torch.no_grad() ",
+                              "or pass detached tensors");
+}
+inline void check_not_recorded(const std::optional<at::Tensor>& t, const char* op, const char* name, bool grad_mode) {
+  if (t.has_value()) check_not_recorded(*t, op, name, -1, grad_mode);
+}
+
 template <typename... Tensors>
 bool needs_autograd(const Tensors&... tensors) {
   const bool grad_mode = at::GradMode::is_enabled();

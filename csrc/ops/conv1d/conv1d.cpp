@@ -36,18 +36,17 @@ void check_channels(int64_t in_channels, int64_t out_channels, int64_t weight_in
                     " input channels per group (groups=", groups, "), got ", weight_in_per_group);
 }
 
-int64_t output_length(int64_t in_length, int64_t kernel_size, int64_t stride, int64_t padding, int64_t dilation) {
-  // (limits first: the lengths below must not overflow int64)
-  constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
-  TORCH_CHECK_VALUE(padding <= (kMax - in_length) / 2, "pyops.conv1d: argument 'padding' = ", padding,
-                    " is too large");
-  TORCH_CHECK_VALUE(kernel_size == 1 || dilation <= (kMax - 1) / (kernel_size - 1), "pyops.conv1d: argument ",
-                    "'dilation' = ", dilation, " is too large for kernel size ", kernel_size);
+// The geometry of a layer with these sizes, its output length computed; the stride is the one to compute with
+// (checked_conv_stride: one past the padded length gives the same single output position).
+Conv1dGeometry geometry(int64_t batch, int64_t in_channels, int64_t in_length, int64_t out_channels,
+                        int64_t kernel_size, int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
+  stride = checked_conv_stride(in_length, kernel_size, stride, padding, dilation, "pyops.conv1d");
   const int64_t span = dilation * (kernel_size - 1) + 1;
   TORCH_CHECK_VALUE(in_length + 2 * padding >= span, "pyops.conv1d: input length ", in_length, " (padded: ",
                     in_length + 2 * padding, ") is shorter than the dilated filter span ", span,
                     " (kernel_size=", kernel_size, ", dilation=", dilation, ")");
-  return (in_length + 2 * padding - span) / stride + 1;
+  const int64_t l_out = (in_length + 2 * padding - span) / stride + 1;
+  return {batch, in_channels, in_length, out_channels, kernel_size, l_out, stride, padding, dilation, groups};
 }
 
 void check_tensor3(const at::Tensor& t, const char* name, const char* layout) {
@@ -135,9 +134,8 @@ Conv1dGeometry check_conv1d(const at::Tensor& input, const at::Tensor& weight, c
   }
   // F.conv1d refuses an empty length too; our kernels could pad it, but their backward has nothing to return to
   TORCH_CHECK_VALUE(input.size(2) >= 1, "pyops.conv1d: argument 'input' has length 0 (shape ", input.sizes(), ")");
-  const int64_t l_out = output_length(input.size(2), weight.size(2), stride, padding, dilation);
-  return {input.size(0), input.size(1), input.size(2), weight.size(0), weight.size(2), l_out,
-          stride, padding, dilation, groups};
+  return geometry(input.size(0), input.size(1), input.size(2), weight.size(0), weight.size(2), stride, padding,
+                  dilation, groups);
 }
 
 Conv1dGeometry check_conv1d_backward_input(const at::Tensor& grad_output, const at::Tensor& weight,
@@ -154,11 +152,12 @@ Conv1dGeometry check_conv1d_backward_input(const at::Tensor& grad_output, const 
   TORCH_CHECK_VALUE(grad_output.size(1) == weight.size(0), "pyops.conv1d_backward_input: channel mismatch: 'grad_output' has ",
                     grad_output.size(1), " channels but 'weight' has ", weight.size(0), " output channels");
   check_channels(weight.size(1) * groups, weight.size(0), weight.size(1), groups, "grad_input");
-  const int64_t l_out = output_length(input_length, weight.size(2), stride, padding, dilation);
-  TORCH_CHECK_VALUE(grad_output.size(2) == l_out, "pyops.conv1d_backward_input: 'grad_output' has length ",
-                    grad_output.size(2), " but 'input_length'=", input_length, " gives an output length of ", l_out);
-  return {grad_output.size(0), weight.size(1) * groups, input_length, weight.size(0), weight.size(2), l_out,
-          stride, padding, dilation, groups};
+  const Conv1dGeometry g = geometry(grad_output.size(0), weight.size(1) * groups, input_length, weight.size(0),
+                                    weight.size(2), stride, padding, dilation, groups);
+  TORCH_CHECK_VALUE(grad_output.size(2) == g.out_length, "pyops.conv1d_backward_input: 'grad_output' has length ",
+                    grad_output.size(2), " but 'input_length'=", input_length, " gives an output length of ",
+                    g.out_length);
+  return g;
 }
 
 Conv1dGeometry check_conv1d_backward_weight(const at::Tensor& grad_output, const at::Tensor& input,
@@ -176,11 +175,12 @@ Conv1dGeometry check_conv1d_backward_weight(const at::Tensor& grad_output, const
   TORCH_CHECK_VALUE(input.size(1) % groups == 0, "pyops.conv1d: input channels (", input.size(1),
                     ") must be divisible by 'groups' (", groups, ")");
   check_channels(input.size(1), grad_output.size(1), input.size(1) / groups, groups, "input");
-  const int64_t l_out = output_length(input.size(2), kernel_size, stride, padding, dilation);
-  TORCH_CHECK_VALUE(grad_output.size(2) == l_out, "pyops.conv1d_backward_weight: 'grad_output' has length ",
-                    grad_output.size(2), " but 'input' (length ", input.size(2), ") gives an output length of ", l_out);
-  return {input.size(0), input.size(1), input.size(2), grad_output.size(1), kernel_size, l_out,
-          stride, padding, dilation, groups};
+  const Conv1dGeometry g = geometry(input.size(0), input.size(1), input.size(2), grad_output.size(1), kernel_size,
+                                    stride, padding, dilation, groups);
+  TORCH_CHECK_VALUE(grad_output.size(2) == g.out_length, "pyops.conv1d_backward_weight: 'grad_output' has length ",
+                    grad_output.size(2), " but 'input' (length ", input.size(2), ") gives an output length of ",
+                    g.out_length);
+  return g;
 }
 
 TORCH_LIBRARY_FRAGMENT(pyops, m) {

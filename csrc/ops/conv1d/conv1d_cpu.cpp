@@ -71,6 +71,7 @@ at::Tensor transposed_flipped(const at::Tensor& weight, int64_t groups) {
 at::Tensor conv1d_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                       int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
   const Conv1dGeometry g = check_conv1d(input, weight, bias, stride, padding, dilation, groups);
+  stride = g.stride;  // (a stride past the padded length, capped: checked_conv_stride)
   if (is_half(input)) {
     return conv1d_cpu(as_float(input), as_float(weight), as_float(bias), stride, padding, dilation, groups)
         .to(input.scalar_type());
@@ -97,6 +98,7 @@ at::Tensor conv1d_backward_input_cpu(const at::Tensor& grad_output, const at::Te
                                      int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
   const Conv1dGeometry g =
       check_conv1d_backward_input(grad_output, weight, input_length, stride, padding, dilation, groups);
+  stride = g.stride;  // (a stride past the padded length, capped: checked_conv_stride)
   if (is_half(grad_output)) {
     return conv1d_backward_input_cpu(as_float(grad_output), as_float(weight), input_length, stride, padding, dilation,
                                      groups)
@@ -133,6 +135,7 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cpu(const at::Tensor& grad_ou
                                                        int64_t dilation, int64_t groups, bool with_bias) {
   const Conv1dGeometry g =
       check_conv1d_backward_weight(grad_output, input, kernel_size, stride, padding, dilation, groups);
+  stride = g.stride;  // (a stride past the padded length, capped: checked_conv_stride)
   const auto bias_sum = [&] { return with_bias ? grad_output.sum(at::IntArrayRef{0, 2}) : at::Tensor(); };
   if (is_half(grad_output)) {
     const at::Tensor grad_weight = std::get<0>(backward_weight_cpu(as_float(grad_output), as_float(input), kernel_size,

@@ -99,6 +99,7 @@ __global__ void __launch_bounds__(kConvThreads)
 at::Tensor conv1d_cuda(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                        int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
   const Conv1dGeometry g = check_conv1d(input, weight, bias, stride, padding, dilation, groups);
+  stride = g.stride;  // (a stride past the padded length, capped: checked_conv_stride)
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   const bool empty = g.batch * g.out_channels * g.out_length == 0;
@@ -125,6 +126,7 @@ at::Tensor conv1d_backward_input_cuda(const at::Tensor& grad_output, const at::T
                                       int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
   const Conv1dGeometry g =
       check_conv1d_backward_input(grad_output, weight, input_length, stride, padding, dilation, groups);
+  stride = g.stride;  // (a stride past the padded length, capped: checked_conv_stride)
   const c10::cuda::CUDAGuard guard(grad_output.device());
   const bool empty = g.batch * g.in_channels * g.in_length == 0;
   if (!empty && conv1d_use_library(g, /*cuda=*/true)) {
@@ -153,6 +155,7 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cuda(const at::Tensor& grad_o
                                                         int64_t dilation, int64_t groups, bool with_bias) {
   const Conv1dGeometry g =
       check_conv1d_backward_weight(grad_output, input, kernel_size, stride, padding, dilation, groups);
+  stride = g.stride;  // (a stride past the padded length, capped: checked_conv_stride)
   const c10::cuda::CUDAGuard guard(input.device());
   const auto bias_sum = [&] { return with_bias ? grad_output.sum(at::IntArrayRef{0, 2}) : at::Tensor(); };
   const bool empty = g.batch * g.out_channels * g.in_per_group() == 0;

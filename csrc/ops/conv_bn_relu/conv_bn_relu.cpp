@@ -60,10 +60,16 @@ ConvGeometry check_conv2d_bias_act_args(const at::Tensor& input, const at::Tenso
   TORCH_CHECK_VALUE(g.cin > 0, "pyops.conv2d: argument 'input' has 0 channels (shape ", input.sizes(),
                     "): a convolution over no input channels is not supported");
   TORCH_CHECK_VALUE(g.kh > 0 && g.kw > 0, "pyops.conv2d: argument 'weight' has an empty kernel: ", weight.sizes());
+  // An empty image: F.conv2d refuses it too ("Only zero batch or zero channel inputs are supported"); padded, our
+  // kernels returned the bias alone.
+  TORCH_CHECK_VALUE(g.h > 0 && g.w > 0, "pyops.conv2d: argument 'input' has an empty spatial size (shape ",
+                    input.sizes(), ")");
   for (int i = 0; i < 2; ++i) {
+    const int64_t size = i == 0 ? g.h : g.w, k = i == 0 ? g.kh : g.kw;
     // A one-tap kernel dimension has no dilation (dilation·(k − 1) = 0): canonical 1, which the kernels compute
     // alike, and without which oneDNN crashed (1×1 kernel, dilation 2×3, padding 2×3, channels_last 31×1 input).
-    g.stride[i] = stride[i], g.padding[i] = padding[i], g.dilation[i] = (i == 0 ? g.kh : g.kw) == 1 ? 1 : dilation[i];
+    g.stride[i] = checked_conv_stride(size, k, stride[i], padding[i], dilation[i], "pyops.conv2d");
+    g.padding[i] = padding[i], g.dilation[i] = k == 1 ? 1 : dilation[i];
   }
   const int64_t span_h = g.dilation[0] * (g.kh - 1) + 1, span_w = g.dilation[1] * (g.kw - 1) + 1;
   TORCH_CHECK_VALUE(g.h + 2 * g.padding[0] >= span_h && g.w + 2 * g.padding[1] >= span_w,
@@ -87,11 +93,13 @@ ConvGeometry check_conv2d_bias_act_args(const at::Tensor& input, const at::Tenso
   return g;
 }
 
-void check_bn_args(const at::Tensor& weight, const std::optional<at::Tensor>& bn_weight,
-                   const std::optional<at::Tensor>& bn_bias, const at::Tensor& running_mean,
-                   const at::Tensor& running_var, double eps) {
+void check_bn_args(const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                   const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+                   const at::Tensor& running_mean, const at::Tensor& running_var, double eps) {
+  check_floating(weight, "weight");
   check_dim(weight, 4, "weight");
   const int64_t c = weight.size(0);
+  if (bias.has_value()) check_vector(*bias, c, "bias", weight);
   check_vector(running_mean, c, "running_mean", weight);
   check_vector(running_var, c, "running_var", weight);
   if (bn_weight.has_value()) check_vector(*bn_weight, c, "bn_weight", weight);
@@ -102,6 +110,7 @@ void check_bn_args(const at::Tensor& weight, const std::optional<at::Tensor>& bn
 
 Activation check_conv_act_backward_args(const at::Tensor& grad, const at::Tensor& output,
                                         const std::optional<at::Tensor>& scale, int64_t activation) {
+  check_floating(output, "output");
   check_dim(output, 4, "output");
   check_same_dtype(grad, output, "grad", "output");
   check_same_device(grad, output, "grad", "output");
@@ -109,6 +118,7 @@ Activation check_conv_act_backward_args(const at::Tensor& grad, const at::Tensor
                     grad.sizes(), " but 'output' has ", output.sizes());
   TORCH_CHECK_VALUE(activation >= 0 && activation <= 2, "pyops.conv_act_backward: bad 'activation' ", activation);
   if (scale.has_value()) {
+    check_floating(*scale, "scale");
     check_same_device(*scale, output, "scale", "output");
     TORCH_CHECK_VALUE(scale->dim() == 1 && scale->size(0) == output.size(1), "pyops.conv_act_backward: argument ",
                       "'scale' must have shape (", output.size(1), ",), got ", scale->sizes());
@@ -145,7 +155,7 @@ at::Tensor conv2d_bn_relu(const at::Tensor& input, const at::Tensor& weight, con
                           const at::Tensor& running_mean, const at::Tensor& running_var, double eps,
                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                           bool relu, const std::optional<at::Tensor>& residual) {
-  check_bn_args(weight, bn_weight, bn_bias, running_mean, running_var, eps);
+  check_bn_args(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps);
   const int64_t act = relu ? static_cast<int64_t>(Activation::kRelu) : static_cast<int64_t>(Activation::kNone);
   check_conv2d_bias_act_args(input, weight, bias, stride, padding, dilation, groups, act, residual);
   using OptTensor = std::optional<at::Tensor>;
@@ -170,7 +180,9 @@ TORCH_LIBRARY_FRAGMENT(pyops, m) {
       "conv2d_bias_act(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "
       "int groups, int activation, Tensor? residual) -> Tensor");
   // CPU inference with a weight packed once into oneDNN's blocked layout for inputs shaped like `input` (an opaque
-  // MKLDNN tensor; not for autograd or torch.compile): conv2d_bias_act_packed takes it next to the dense weight.
+  // MKLDNN tensor; not for autograd or torch.compile): conv2d_bias_act_packed takes it next to the dense weight, with
+  // the stride, padding, dilation and groups it was packed for (the packing's layout cannot be checked beyond its
+  // shape: ConvBNReLU2d keys its packing on them).
   m.def(
       "conv2d_pack_weight(Tensor input, Tensor weight, int[2] stride, int[2] padding, int[2] dilation, int groups) "
       "-> Tensor");

@@ -30,9 +30,9 @@ ConvGeometry check_conv2d_bias_act_args(const at::Tensor& input, const at::Tenso
                                         const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                         int64_t activation, const std::optional<at::Tensor>& residual);
-void check_bn_args(const at::Tensor& weight, const std::optional<at::Tensor>& bn_weight,
-                   const std::optional<at::Tensor>& bn_bias, const at::Tensor& running_mean,
-                   const at::Tensor& running_var, double eps);
+void check_bn_args(const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                   const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+                   const at::Tensor& running_mean, const at::Tensor& running_var, double eps);
 // conv_act_backward's arguments: grad and output alike (N, C, H, W), scale (C,) if given; returns the activation.
 Activation check_conv_act_backward_args(const at::Tensor& grad, const at::Tensor& output,
                                         const std::optional<at::Tensor>& scale, int64_t activation);

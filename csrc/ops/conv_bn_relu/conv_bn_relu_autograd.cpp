@@ -276,11 +276,32 @@ at::Tensor conv2d_bn_relu_autograd(const at::Tensor& x, const at::Tensor& w, con
                                    relu, residual);
 }
 
+// The packed op is inference only (ConvBNReLU2d calls it when nothing requires grad): a call autograd would record
+// is refused by name (without this kernel PyTorch's fallback warned and returned a result without gradients).
+at::Tensor conv2d_bias_act_packed_autograd(const at::Tensor& x, const at::Tensor& w, const at::Tensor& packed,
+                                           const OptTensor& b, at::IntArrayRef stride, at::IntArrayRef padding,
+                                           at::IntArrayRef dilation, int64_t groups, int64_t activation,
+                                           const OptTensor& residual) {
+  const bool grad_mode = at::GradMode::is_enabled();
+  constexpr const char* kOp = "pyops.conv2d_bias_act_packed";
+  check_not_recorded(x, kOp, "input", -1, grad_mode);
+  check_not_recorded(w, kOp, "weight", -1, grad_mode);
+  check_not_recorded(b, kOp, "bias", grad_mode);
+  check_not_recorded(residual, kOp, "residual", grad_mode);
+  static const auto op =
+      find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, at::IntArrayRef,
+                         at::IntArrayRef, at::IntArrayRef, int64_t, int64_t, const OptTensor&)>(
+          "pyops::conv2d_bias_act_packed");
+  return below_autograd(
+      [&] { return op.call(x, w, packed, b, stride, padding, dilation, groups, activation, residual); });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyops, Autograd, m) {
   m.impl("conv2d_bias_act", &conv2d_bias_act_autograd);
   m.impl("conv2d_bn_relu", &conv2d_bn_relu_autograd);
+  m.impl("conv2d_bias_act_packed", &conv2d_bias_act_packed_autograd);
 }
 
 }  // namespace pyops

@@ -32,7 +32,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_fold_cpu(
     const at::Tensor& weight, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& bn_weight,
     const std::optional<at::Tensor>& bn_bias, const at::Tensor& running_mean, const at::Tensor& running_var,
     double eps) {
-  check_bn_args(weight, bn_weight, bn_bias, running_mean, running_var, eps);
+  check_bn_args(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps);
   const int64_t c = weight.size(0), k = c > 0 ? weight.numel() / c : 0;
   const auto mean = as_doubles(running_mean, c, 0.0), var = as_doubles(running_var, c, 0.0);
   const auto gamma = as_doubles(bn_weight, c, 1.0), beta = as_doubles(bn_bias, c, 0.0), b = as_doubles(bias, c, 0.0);
@@ -235,9 +235,10 @@ at::Tensor conv2d_pack_weight_cpu(const at::Tensor& input, const at::Tensor& wei
   TORCH_CHECK_VALUE(at::hasMKLDNN(), "pyops.conv2d_pack_weight: this PyTorch build has no oneDNN");
   TORCH_CHECK_VALUE(weight.scalar_type() == at::kFloat, "pyops.conv2d_pack_weight: argument 'weight' must be ",
                     "float32 (oneDNN's packed path is fp32), got ", weight.scalar_type());
-  // The layout oneDNN picks for this input shape (the input's values are not read), for the dilation the packed
-  // call will pass (the canonical one of the geometry).
-  return at::mkldnn_reorder_conv2d_weight(weight.contiguous().to_mkldnn(), padding, stride,
+  // The layout oneDNN picks for this input shape (the input's values are not read), for the stride and dilation
+  // the packed call will pass (the geometry's canonical ones).
+  return at::mkldnn_reorder_conv2d_weight(weight.contiguous().to_mkldnn(), padding,
+                                          std::vector<int64_t>(g.stride.begin(), g.stride.end()),
                                           std::vector<int64_t>(g.dilation.begin(), g.dilation.end()), groups,
                                           input.sizes());
 }

@@ -48,7 +48,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_fold_cuda(
     const at::Tensor& weight, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& bn_weight,
     const std::optional<at::Tensor>& bn_bias, const at::Tensor& running_mean, const at::Tensor& running_var,
     double eps) {
-  check_bn_args(weight, bn_weight, bn_bias, running_mean, running_var, eps);
+  check_bn_args(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps);
   c10::cuda::CUDAGuard guard(weight.device());
   const int64_t c = weight.size(0), per = c > 0 ? weight.numel() / c : 0;
   const auto acc_dtype = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

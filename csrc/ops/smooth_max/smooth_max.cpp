@@ -47,6 +47,20 @@ std::vector<int64_t> keepdim_shape(const at::Tensor& x, int64_t dim) {
   return shape;
 }
 
+int64_t check_smooth_max_backward_args(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& result,
+                                       double beta, int64_t dim, bool keepdim) {
+  const int64_t d = check_smooth_max_args(x, beta, dim);
+  std::vector<int64_t> shape = keepdim_shape(x, d);
+  if (!keepdim && !shape.empty()) shape.erase(shape.begin() + d);
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{grad, "grad"}, {result, "result"}}) {
+    check_same_dtype(t, x, name, "x");
+    check_same_device(t, x, name, "x");
+    TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(shape), "pyops.smooth_max_backward: argument '", name,
+                      "' must have the forward's output shape ", at::IntArrayRef(shape), ", got ", t.sizes());
+  }
+  return d;
+}
+
 namespace {
 
 at::Tensor finish_shape(at::Tensor out, const at::Tensor& x, int64_t dim, bool keepdim) {
@@ -64,7 +78,7 @@ at::Tensor smooth_max_cpu(const at::Tensor& x, double beta, int64_t dim, bool ke
 
 at::Tensor smooth_max_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& result,
                                    double beta, int64_t dim, bool keepdim) {
-  const int64_t d = check_smooth_max_args(x, beta, dim);
+  const int64_t d = check_smooth_max_backward_args(grad, x, result, beta, dim, keepdim);
   if (beta_below_float(x, beta)) {
     return smooth_max_backward_cpu(grad.to(at::kDouble), x.to(at::kDouble), result.to(at::kDouble), beta, dim,
                                    keepdim).to(x.scalar_type());

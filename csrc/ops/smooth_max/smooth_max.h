@@ -21,6 +21,9 @@ struct ReductionView {
 
 // Validates the arguments (naming the one at fault) and returns the wrapped dim.
 int64_t check_smooth_max_args(const at::Tensor& x, double beta, int64_t dim);
+// The backward's checks: x's as above, and grad and result in x's dtype and device, of the forward's output shape.
+int64_t check_smooth_max_backward_args(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& result,
+                                       double beta, int64_t dim, bool keepdim);
 ReductionView reduction_view(const at::Tensor& x, int64_t dim);
 // The result's shape with the reduced dimension kept as 1.
 std::vector<int64_t> keepdim_shape(const at::Tensor& x, int64_t dim);

@@ -253,7 +253,7 @@ at::Tensor smooth_max_cuda(const at::Tensor& x, double beta, int64_t dim, bool k
 
 at::Tensor smooth_max_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& result,
                                     double beta, int64_t dim, bool keepdim) {
-  const int64_t d = check_smooth_max_args(x, beta, dim);
+  const int64_t d = check_smooth_max_backward_args(grad, x, result, beta, dim, keepdim);
   if (beta_below_float(x, beta)) {
     return smooth_max_backward_cuda(grad.to(at::kDouble), x.to(at::kDouble), result.to(at::kDouble), beta, dim,
                                     keepdim).to(x.scalar_type());
