@@ -31,9 +31,10 @@ def _optimizer_steps_so_far():
 class SourcesKey:
     """Which tensors a derived form was made from, and their state then: matches(tensors) is True only for the same
     tensor objects (by id) on the same storages, with the same device, dtype, data pointer, sizes, strides and
-    version counter, and no torch.optim step taken since (_optimizer_steps). The storages are held by weak references to the storage (a cache keeps no replaced weight
-    alive, and no new storage can take a referenced one's identity); the tensors are not weakly referenced at all:
-    torch.utils.swap_tensors refuses a tensor that has a Python weak reference, and load_state_dict swaps under
+    version counter, and no torch.optim step taken since (_optimizer_steps). The storages are held by weak
+    references to the storage (a cache keeps no replaced weight alive, and no new storage can take a referenced
+    one's identity); the tensors are not weakly referenced at all: torch.utils.swap_tensors refuses a tensor that
+    has a Python weak reference, and load_state_dict swaps under
     torch.__future__.set_swap_module_params_on_conversion(True).
 
     The storage matters twice. A freed weight's memory is reused: a new weight at the same address with the same
