@@ -6,6 +6,7 @@ ReLU, Dropout, BatchNorm1d and Identity. The first Linear becomes a Conv2d whose
 window (weights reshaped, not retrained), later Linears 1×1 convs; BatchNorm1d layers (eval statistics) fold into
 the neighbouring Linear. The converted module runs its head as one pyops::sliding_head op.
 """
+import contextlib
 import copy
 
 import torch
@@ -16,11 +17,11 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 from torch.utils._python_dispatch import _disable_current_modes
 
-from ._checks import in_autocast_region, int_tuple
+from ._checks import as_int, in_autocast_region, int_tuple
 from ._derived import DerivedWeights
+from ._hooks import has_hooks
 from ._flags import autocast_cache_disabled, autocast_off, eval_mode, jit_tracing_paused, tf32
 from .fft_conv import FFTConv2d
-from .reference import crop_batch
 from .sliding_head import DEFAULT_WORKSPACE, PRECISIONS, sliding_head
 
 ALGORITHMS = ("auto", "direct", "fft")
@@ -37,6 +38,9 @@ _RELUS = (torch.relu, nn.functional.relu)
 _DROPOUTS = (nn.functional.dropout,)
 # The growth used to measure the total stride S: a window grown by it gives a feature map about it / S larger.
 _STRIDE_PROBE = 2 ** 20
+_NO_STRIDE = ("argument 'model': the features have no integer total stride (their map does not grow by one position "
+              "per fixed step of the input: a layer fixes its size, e.g. an adaptive pool, a LayerNorm or Linear over "
+              "H or W, or a permute before the flatten); cannot convolutionalize")
 
 
 class FullyConvolutional(DerivedWeights):
@@ -143,13 +147,17 @@ def _cudnn_tf32(allow):
     return tf32("conv", allow)
 
 
-def convolutionalize(model, window):
+def convolutionalize(model, window, in_channels=None):
     """A fully convolutional copy of a crop classifier (the input model is not modified).
 
     Args:
         model: nn.Module mapping (B, C, h, w) crops to (B, classes): features, a flatten, then Linear layers with
-            ReLU/Dropout/BatchNorm1d between (BatchNorm uses its running statistics, i.e. eval semantics).
+            ReLU/Dropout/BatchNorm1d between (BatchNorm uses its running statistics, i.e. eval semantics). Hooks on
+            modules of the features are kept (those modules run as they are); hooks on the model itself or on the
+            head's layers are refused (the converted head cannot run them).
         window: int or (h, w), the crop size the classifier takes.
+        in_channels: C, the crops' channels; default: those of the first conv-like layer or BatchNorm2d the
+            features call (give it where forward changes the channels first: a PixelUnshuffle, a grayscale mean).
     Returns:
         FullyConvolutional in eval mode: (B, C, H, W) → (B, classes, ⌊(H−h)/Sy⌋+1, ⌊(W−w)/Sx⌋+1), with no
         nn.Linear left. Raises ValueError naming the layer it cannot convert, and for features that do not slide:
@@ -162,63 +170,136 @@ def convolutionalize(model, window):
     if not isinstance(model, nn.Module):
         raise TypeError(f"argument 'model' must be an nn.Module, got {type(model).__name__}")
     window = _window(window)
+    if in_channels is not None:
+        in_channels = as_int(in_channels, "in_channels", 1)
+    if has_hooks(model):
+        raise ValueError(f"argument 'model' has hooks on {type(model).__name__} itself, which the converted network "
+                         "cannot run (torch.fx traces its forward, not its call); put them on a submodule of the "
+                         "features or remove them")
     # Traced in eval mode: the trace records what forward reads of self.training (F.dropout(x, p, self.training)
     # ran dropout in the converted features of a train-mode model); features shares model's modules, and a
-    # train-mode BatchNorm would count the fake runs.
-    with eval_mode(model):
+    # train-mode BatchNorm would count the fake runs. Whatever forward stores on the modules during the trace and
+    # the runs below (`self.last = x`: a Proxy, a probe's tensor) is undone.
+    with _attributes_kept(model), eval_mode(model):
         try:
-            traced = torch.fx.symbolic_trace(model)
+            traced = _SlidingTracer.trace_module(model)
         except Exception as e:  # noqa: BLE001  (any tracing failure is reported as what it is)
             raise ValueError(f"argument 'model': torch.fx cannot trace {type(model).__name__} ({e}); "
                              "convolutionalize needs a traceable features → flatten → Linear model") from e
         flatten = _find_flatten(traced)
         features = _features_module(traced, flatten)
         ops = _head_ops(traced, flatten)
-        in_channels = _input_channels(features)
+        if in_channels is None:
+            in_channels = _input_channels(features)
         fmap, stride = _feature_geometry(features, in_channels, window, model)
-    head = _build_head(ops, fmap)
-    fcn = FullyConvolutional(copy.deepcopy(features), head, window, stride, in_channels, _is_padded(features)).eval()
-    if not fcn.padded:
-        _check_slides(fcn, model)
+        head = _build_head(ops, fmap)
+        fcn = FullyConvolutional(copy.deepcopy(features), head, window, stride, in_channels,
+                                 _is_padded(features)).eval()
+        if not fcn.padded:
+            _check_slides(fcn, model)
     return fcn
 
 
-def _check_slides(fcn, model):
-    """ValueError unless fcn's scores on a probe image equal model's on the probe's crops.
+class _SlidingTracer(torch.fx.Tracer):
+    """torch.fx's default tracer, keeping modules with hooks as leaves: traced through, their hooks would never run
+    in the converted features; as leaves they are called, hooks and all."""
 
-    The probe holds 2×2 crops (one total stride apart), so that every crop has image pixels beyond two of its
-    borders: features that look past a crop (an F.pad in forward, a transpose of H and W) or at the whole map
-    (GroupNorm, InstanceNorm, a mean over H×W) give other scores there, which a list of allowed layers could not
-    tell. It costs about five of the model's crop evaluations, once per conversion. Under a fake mode (torch.export,
-    torch.compile tracing the conversion) there is no data to compare, and the check is skipped.
+    def is_leaf_module(self, m, qualname):
+        return has_hooks(m) or super().is_leaf_module(m, qualname)
+
+    @classmethod
+    def trace_module(cls, root):
+        tracer = cls()
+        graph = tracer.trace(root)
+        return torch.fx.GraphModule(tracer.root, graph, type(root).__name__)
+
+
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def _attributes_kept(model):
+    """model's modules keep their attributes: what forward stores during the block (`self.last = x`, e.g. kept
+    for Grad-CAM: symbolic tracing left a torch.fx Proxy there, which made the model unpicklable) is undone. The
+    attribute dicts are restored entry by entry (by identity: a tensor's == is elementwise)."""
+    saved = [(m, dict(m.__dict__)) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, before in saved:
+            now = m.__dict__
+            for name in [name for name in now if name not in before]:
+                del now[name]
+            for name, value in before.items():
+                if now.get(name, _MISSING) is not value:
+                    now[name] = value
+
+
+def _check_slides(fcn, model):
+    """ValueError unless fcn's scores on a probe image equal model's on the probe's crops, class by class, and the
+    features' map of the probe equals their map of each crop.
+
+    The probe holds 3×3 crops (one total stride apart), so that every crop has image pixels beyond its borders:
+    features that look past a crop (an F.pad in forward, a transpose of H and W) or at the whole map (GroupNorm,
+    InstanceNorm, a mean over H×W) give other scores there, which a list of allowed layers could not tell. Two of
+    its corners hold the probe's largest and smallest values, each inside one crop only: a normalization by the
+    image's max or min (x / x.amax()) then differs on every other crop (a probe whose extremes all crops shared let
+    one through). Each class is compared at its own scale, and the features too: a class with a large constant
+    score (a bias of 1000) hid another class's mismatch in a tolerance set by the largest score. It costs about
+    ten of the model's crop evaluations, once per conversion. Under a fake mode (torch.export, torch.compile
+    tracing the conversion) there is no data to compare, and the check is skipped.
     """
     param = next(model.parameters(), None)
     if param is None or detect_fake_mode() is not None or isinstance(param, FakeTensor) \
             or param.device.type == "meta":
         return
     (h, w), (sy, sx) = fcn.window, fcn.stride
-    probe = torch.randn(1, fcn.in_channels, h + sy, w + sx, generator=torch.Generator().manual_seed(0),
-                        dtype=torch.float64).to(param.device, param.dtype)
+    probe = torch.randn(1, fcn.in_channels, h + 2 * sy, w + 2 * sx, generator=torch.Generator().manual_seed(0),
+                        dtype=torch.float64)
+    peak = probe.abs().max()
+    probe[..., 0, 0], probe[..., -1, -1] = 4 * peak, -4 * peak
+    probe = probe.to(param.device, param.dtype)
     # (both sides exact fp32, also inside a caller's autocast region, where the head op and the model's Linears
     # would compute in different dtypes)
     # (and unseen by the caller's dispatch modes, pyops.count_ops and FlopCounterMode: no work of the model's)
     with torch.no_grad(), eval_mode(model), jit_tracing_paused(), _cudnn_tf32(False), autocast_off(param.device), \
             _disable_current_modes():
-        dense = fcn(probe, algorithm="direct")[0]  # (classes, 2, 2); (no FFT spectra made for the probe)
-        per_crop = crop_batch(model, probe, fcn.window, fcn.stride)[0]
+        dense = fcn(probe, algorithm="direct")[0]  # (classes, 3, 3); (no FFT spectra made for the probe)
+        crops = probe.unfold(2, h, sy).unfold(3, w, sx)[0].permute(1, 2, 0, 3, 4).flatten(0, 1)  # (9, C, h, w)
+        per_crop = model(crops)
+        dense_map = fcn.features(probe)[0]  # (C', fh + 2, fw + 2)
+        crop_maps = fcn.features(crops)  # (9, C', fh, fw)
+    if not isinstance(per_crop, torch.Tensor):
+        raise ValueError(f"argument 'model' returns {type(per_crop).__name__}; convolutionalize needs a model "
+                         "returning the (B, classes) scores tensor")
     tolerance = 1e-4 if param.dtype in (torch.float32, torch.float64) else 3e-2
-    if per_crop.shape != dense.shape:
-        mismatch = f"scores of shape {tuple(dense.shape)} where the crops give {tuple(per_crop.shape)}"
+    mismatch = None
+    if per_crop.dim() != 2 or per_crop.shape[0] != 9 or per_crop.shape[1] != dense.shape[0]:
+        mismatch = (f"scores of shape {tuple(dense.shape)} where the model gives {tuple(per_crop.shape)} on a batch "
+                    "of 9 crops")
     else:
-        scale = per_crop.abs().max().item()
-        error = (dense - per_crop).abs().max().item()
-        if error <= tolerance * max(scale, 1e-30):
-            return
-        mismatch = f"scores up to {error:.3g} away from the model's on those crops (largest score {scale:.3g})"
-    raise ValueError(f"argument 'model': its features do not slide: on a probe image of 2x2 crops the converted "
-                     f"network gives {mismatch}. Features that look past a crop (F.pad or a transpose in forward) or "
-                     "at the whole map (GroupNorm, InstanceNorm, a mean over H and W) are not a per-crop classifier "
-                     "run densely; sliding_classify(..., exact=True) evaluates the crops themselves")
+        per_crop = per_crop.T.reshape(-1, 3, 3)  # (classes, 3, 3), as dense
+        scale = per_crop.flatten(1).abs().amax(1)  # (classes,): each class at its own scale
+        error = (dense - per_crop).flatten(1).abs().amax(1)
+        bad = error > tolerance * scale.clamp_min(1e-30)
+        if bad.any():
+            c = int(bad.nonzero()[0])
+            mismatch = (f"scores up to {error[c].item():.3g} away from the model's on those crops (class {c}, "
+                        f"whose largest score is {scale[c].item():.3g})")
+    if mismatch is None:
+        fh, fw = crop_maps.shape[-2:]
+        windows = dense_map.unfold(1, fh, 1).unfold(2, fw, 1).permute(1, 2, 0, 3, 4).flatten(0, 1)
+        error = (windows - crop_maps).abs().max().item()
+        scale = crop_maps.abs().max().item()
+        if error > tolerance * max(scale, 1e-30):
+            mismatch = (f"a feature map up to {error:.3g} away from the crops' own maps (largest feature "
+                        f"{scale:.3g})")
+    if mismatch is not None:
+        raise ValueError(f"argument 'model': its features do not slide: on a probe image of 3x3 crops the converted "
+                         f"network gives {mismatch}. Features that look past a crop (F.pad or a transpose in "
+                         "forward) or at the whole map (GroupNorm, InstanceNorm, a mean, max or min over H and W) "
+                         "are not a per-crop classifier run densely; sliding_classify(..., exact=True) evaluates the "
+                         "crops themselves")
 
 
 def _window(window):
@@ -234,7 +315,7 @@ def _node_label(traced, node):
 
 def _is_flatten(traced, node):
     if node.op == "call_function":
-        return node.target is torch.flatten
+        return node.target in (torch.flatten, torch.reshape)
     if node.op == "call_method":
         return node.target in _FLATTEN_METHODS
     return node.op == "call_module" and isinstance(traced.get_submodule(node.target), nn.Flatten)
@@ -248,12 +329,19 @@ def _find_flatten(traced):
                      "Linear head: there is nothing to convolutionalize")
 
 
+def _first_input(node):
+    """The tensor a call node takes first, positional or by keyword (torch.flatten(input=x, start_dim=1))."""
+    if node.args:
+        return node.args[0]
+    return next(iter(node.kwargs.values()), None)
+
+
 def _features_module(traced, flatten):
     """A GraphModule computing the flatten's input: the feature extractor."""
     graph, env = torch.fx.Graph(), {}
     for node in traced.graph.nodes:
         if node is flatten:
-            graph.output(env[flatten.args[0]])
+            graph.output(env[_first_input(flatten)])
             break
         env[node] = graph.node_copy(node, lambda n: env[n])
     features = torch.fx.GraphModule(traced, graph)
@@ -272,12 +360,18 @@ def _head_ops(traced, flatten):
                              "nodes; convolutionalize needs one chain of Linear/ReLU/Dropout/BatchNorm1d layers")
         nxt = users[0]
         if nxt.op == "output":
+            if nxt.args[0] is not node:
+                raise ValueError("argument 'model' returns its scores inside a tuple, list or dict; convolutionalize "
+                                 "needs a model returning the (B, classes) scores tensor")
             break
-        if not nxt.args or nxt.args[0] is not node:
+        if _first_input(nxt) is not node:
             raise ValueError(f"argument 'model': cannot convert layer {_node_label(traced, nxt)}: it does not take "
                              "the previous layer's output as its input")
         label = _node_label(traced, nxt)
         mod = traced.get_submodule(nxt.target) if nxt.op == "call_module" else None
+        if mod is not None and has_hooks(mod):
+            raise ValueError(f"argument 'model': layer {label} after the flatten has hooks, which the converted head "
+                             "cannot run")
         if isinstance(mod, nn.Linear):
             ops.append(("linear", mod, label))
         elif isinstance(mod, nn.ReLU) or (nxt.op == "call_function" and nxt.target in _RELUS) or (
@@ -303,15 +397,29 @@ def _head_ops(traced, flatten):
 
 def _input_channels(features):
     """The channels the features take: those of the first conv-like module (Conv2d, pyops.nn.ConvBNReLU2d: any
-    with in_channels) or BatchNorm2d the graph calls."""
+    with in_channels) or BatchNorm2d the graph calls, or hands to a function (a fused layer's forward is recorded
+    as a function of its module: pyops/_overrides.py)."""
     for node in features.graph.nodes:
         if node.op == "call_module":
-            mod = features.get_submodule(node.target)
+            mods = [features.get_submodule(node.target)]
+        elif node.op == "call_function":
+            mods = [_attribute(features, a.target) for a in node.args
+                    if isinstance(a, torch.fx.Node) and a.op == "get_attr"]
+        else:
+            continue
+        for mod in mods:
             if isinstance(getattr(mod, "in_channels", None), int):
                 return mod.in_channels
             if isinstance(mod, nn.BatchNorm2d):
                 return mod.num_features
-    raise ValueError("argument 'model': cannot infer the input channels (no Conv2d/BatchNorm2d in the features)")
+    raise ValueError("argument 'model': cannot infer the input channels (no Conv2d/BatchNorm2d in the features): "
+                     "give them as in_channels")
+
+
+def _attribute(module, target):
+    for name in target.split("."):
+        module = getattr(module, name)
+    return module
 
 
 @torch.compiler.disable  # never traced: a compiled graph of module, called on the fake input, would read its no data
@@ -344,12 +452,16 @@ def _feature_geometry(features, in_channels, window, model):
     h, w = window
     try:
         f = fake_run(features, (1, in_channels, h, w), dtype, device)
-        g = fake_run(features, (1, in_channels, h + _STRIDE_PROBE, w + _STRIDE_PROBE), dtype, device)
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"argument 'window' = {window}: the features cannot run on a {h}x{w} crop ({e})") from e
+        raise ValueError(f"argument 'window' = {window}: the features cannot run on a {h}x{w} crop of "
+                         f"{in_channels} channels ({e})") from e
     if f.dim() != 4:
         raise ValueError(f"argument 'model': the features give a {f.dim()}-d tensor {tuple(f.shape)} before the "
                          "flatten; convolutionalize needs a (B, C, h, w) feature map")
+    try:
+        g = fake_run(features, (1, in_channels, h + _STRIDE_PROBE, w + _STRIDE_PROBE), dtype, device)
+    except Exception as e:  # noqa: BLE001  (the crop ran: a larger input did not)
+        raise ValueError(f"{_NO_STRIDE} (an input larger than the window fails: {str(e).splitlines()[0]})") from e
     # Features of total stride S (floor-rounded convs and pools) satisfy size(x + S) = size(x) + 1 exactly: S is
     # the growth over _STRIDE_PROBE, rounded, and confirmed by runs grown by S and 7·S.
     steps = [grown - base for grown, base in ((g.shape[2], f.shape[2]), (g.shape[3], f.shape[3]))]
@@ -358,8 +470,7 @@ def _feature_geometry(features, in_channels, window, model):
         tuple(fake_run(features, (1, in_channels, h + k * stride[0], w + k * stride[1]), dtype, device).shape[2:])
         == (f.shape[2] + k, f.shape[3] + k) for k in (1, 7))
     if not grows_by_one:
-        raise ValueError("argument 'model': the features have no integer total stride (their map does not grow by "
-                         "one position per fixed step of the input); cannot convolutionalize")
+        raise ValueError(_NO_STRIDE)
     return tuple(f.shape[1:]), stride
 
 

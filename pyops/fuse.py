@@ -18,8 +18,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import nn as pyops_nn
 from ._overrides import overridable
-from .fold import (WEIGHT_REPARAMETRIZATIONS, fold_bn, frozen_batchnorm_class, is_batchnorm,
-                   is_foldable_batchnorm, out_channels)
+from ._hooks import has_hooks, move_hooks
+from .fold import fold_bn, frozen_batchnorm_class, is_batchnorm, is_foldable_batchnorm, out_channels
 
 
 # Augmented assignments as the traced graph calls them (InPlaceProxy): operator.iadd & co. as plain functions.
@@ -335,26 +335,6 @@ def may_mutate(node, modules):
 def _in_place_name(name):
     """relu_, add_, _foreach_mul_: PyTorch's naming of in-place ops (not dunders such as __add__)."""
     return name.endswith("_") and not (name.startswith("__") and name.endswith("__"))
-
-
-HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
-              "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
-
-
-def move_hooks(source, target):
-    """target gets source's forward, forward-pre and backward hooks (the dicts themselves: handles still remove
-    them)."""
-    for name in HOOK_DICTS:
-        setattr(target, name, getattr(source, name))
-    target._is_full_backward_hook = source._is_full_backward_hook
-
-
-def has_hooks(module):
-    """Whether module has hooks: forward hooks, backward hooks, or pre-hooks other than the old-style
-    weight_norm/spectral_norm ones that fold_bn reads through (fold.current_weight). A hook may change or observe
-    what the module computes, which a fused module would not reproduce."""
-    pre = [h for h in module._forward_pre_hooks.values() if not isinstance(h, WEIGHT_REPARAMETRIZATIONS)]
-    return bool(pre or module._forward_hooks or module._backward_hooks or module._backward_pre_hooks)
 
 
 def mutation_between(first, last, chain_nodes, modules):

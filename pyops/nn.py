@@ -502,16 +502,17 @@ def _linear_bn_relu_forward(module, x):
 class SlidingClassifier(NotScriptable, nn.Module):
     """A crop classifier applied densely: pyops.sliding_classify in module form, converted once and reused.
 
-    SlidingClassifier(model, window, stride=1): model maps (B, C, h, w) crops to (B, classes) (see
-    pyops.convolutionalize); the module holds its fully convolutional copy (`fcn`), not the model.
+    SlidingClassifier(model, window, stride=1, in_channels=None): model maps (B, C, h, w) crops to (B, classes)
+    (see pyops.convolutionalize, which takes in_channels too); the module holds its fully convolutional copy
+    (`fcn`), not the model.
     forward(images (B, C, H, W), max_memory=4 GiB, precision="fp32", algorithm="auto")
         → (B, classes, ⌊(H−h)/s⌋+1, ⌊(W−w)/s⌋+1); algorithm and gradients as in sliding_classify (FFT spectra are
         kept on the module's fcn after the first call that uses them).
     """
 
-    def __init__(self, model, window, stride=1):
+    def __init__(self, model, window, stride=1, in_channels=None):
         super().__init__()
-        self.fcn = convolutionalize(model, window)
+        self.fcn = convolutionalize(model, window, in_channels)
         self.stride = _pair_arg(stride, "stride")
 
     def forward(self, images, max_memory=DEFAULT_MAX_MEMORY, precision="fp32", algorithm="auto"):

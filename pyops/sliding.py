@@ -92,7 +92,11 @@ def sliding_classify(model, images, window, stride=1, exact=False, max_memory=DE
             raise TypeError("argument 'model' must be the crop classifier (nn.Module) for exact=True")
         with eval_mode(model):  # (its size probe too: a train-mode BatchNorm would count that run)
             return _crop_batches(model, images, window, _pair(stride, "stride"), max_memory, precision)
-    fcn = model if isinstance(model, FullyConvolutional) else convolutionalize(model, window)
+    if not isinstance(model, FullyConvolutional):
+        # (the images' channels: the model's first layer need not take them, e.g. after a PixelUnshuffle)
+        channels = images.shape[1] if isinstance(images, torch.Tensor) and images.dim() == 4 else None
+        model = convolutionalize(model, window, channels)
+    fcn = model
     if fcn.window != window:
         raise ValueError(f"argument 'window' = {window} differs from the window {fcn.window} the model was "
                          "converted for")
@@ -130,7 +134,7 @@ def _classify_fcn(fcn, images, stride, max_memory, precision, algorithm):
     ny, nx = (H - h) // sy + 1, (W - w) // sx + 1
     if B == 0:
         classes = [m for m in fcn.head if isinstance(m, nn.Conv2d)][-1].out_channels
-        return images.new_empty(0, classes, ny, nx)
+        return _connected(images.new_empty(0, classes, ny, nx), images)
     # One plan for every residue: the shifted images are no larger than the whole one, and a plan's tiles fit
     # the bound on any smaller image too.
     plan = cached_plan(fcn, (B, int(images.shape[1]), H, W), images.dtype, images.device, max_memory, algorithm)
@@ -281,6 +285,14 @@ def _layer_peak(module, shape, dtype, device):
     return max(peak[0], out_bytes), out_bytes
 
 
+def _connected(empty, images):
+    """An empty result, in the autograd graph of `images` where it records (as the model's own output on an empty
+    batch is): adding images.sum(), 0, changes nothing else."""
+    if torch.is_grad_enabled() and images.requires_grad:
+        return empty + images.sum().to(empty.dtype)
+    return empty
+
+
 def _crop_batches(model, images, window, stride, max_memory, precision):
     """exact=True: the model on the crops themselves, gathered (unfold) in batches whose estimated peak fits."""
     (h, w), (sy, sx) = window, stride
@@ -290,7 +302,7 @@ def _crop_batches(model, images, window, stride, max_memory, precision):
     n = B * ny * nx
     if n == 0:  # (a model's own view(x.size(0), -1) cannot reshape an empty batch: the classes from a fake run)
         probe = fake_run(model, (1, C, h, w), images.dtype, images.device)
-        return images.new_empty((B, probe.shape[-1], ny, nx), dtype=probe.dtype)
+        return _connected(images.new_empty((B, probe.shape[-1], ny, nx), dtype=probe.dtype), images)
     peak_one, out_one = _layer_peak(model, (1, C, h, w), images.dtype, images.device)
     per_crop = peak_one + C * h * w * images.element_size()  # + the gathered crop itself
     out_bytes = out_one * n

@@ -195,6 +195,156 @@ def test_features_that_do_not_slide_are_refused(layer):
                                rtol=1e-10, atol=1e-12)
 
 
+class _MaxNormalized(nn.Module):
+    """Features normalized by the image's largest value (or its range): whole-image statistics a probe whose
+    extremes every crop shared let through."""
+
+    def __init__(self, min_max):
+        super().__init__()
+        self.min_max = min_max
+        self.conv, self.pool, self.fc = nn.Conv2d(3, 4, 3), nn.MaxPool2d(2), nn.Linear(4 * 7 * 7, 5)
+
+    def forward(self, x):
+        if self.min_max:
+            low = x.amin(dim=(1, 2, 3), keepdim=True)
+            x = (x - low) / (x.amax(dim=(1, 2, 3), keepdim=True) - low)
+        else:
+            x = x / x.abs().amax(dim=(1, 2, 3), keepdim=True)
+        return self.fc(self.pool(torch.relu(self.conv(x))).flatten(1))
+
+
+class _PadWithLargeBias(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8 * 16 * 16, 3)
+        with torch.no_grad():
+            self.fc.bias[0] = 1000.0  # one class's large constant score
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(nn.functional.pad(x, (1, 1, 1, 1)))).flatten(1))
+
+
+@pytest.mark.parametrize("make,window", [(lambda: _MaxNormalized(False), 16), (lambda: _MaxNormalized(True), 16),
+                                         (_PadWithLargeBias, 16)], ids=["x/amax", "min-max", "bias 1000"])
+def test_whole_image_statistics_and_large_scores_do_not_hide_a_mismatch(make, window):
+    """The probe puts its extremes in one corner crop each, and each class is compared at its own scale (a class
+    scoring 1000 set the tolerance for all of them: the others' 0.12 errors passed); both were converted and gave
+    wrong maps, 22 % off."""
+    torch.manual_seed(0)
+    model = make().eval()
+    with pytest.raises(ValueError, match="do not slide"):
+        pyops.convolutionalize(model, window)
+
+
+class KeepsFeatures(nn.Module):
+    """Stores its feature map on itself (as code for Grad-CAM does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        f = torch.relu(self.conv(x))
+        self.last = f
+        return self.fc(f.flatten(1))
+
+
+class ReturnsPair(KeepsFeatures):
+    def forward(self, x):
+        f = torch.relu(self.conv(x))
+        return self.fc(f.flatten(1)), f
+
+
+def test_fused_stem_tuple_outputs_hooks_and_attributes():
+    """A fused model whose first layer is a ConvBNReLU2d (its channels were not found: the graph records the fused
+    forward as a function of the module); a model returning (scores, features) (silently cut to the scores, or an
+    AttributeError); hooks on the head or the model (dropped: every score wrong) are refused, hooks in the features
+    kept; an attribute forward stores (`self.last = x`) is not left as a torch.fx Proxy (unpicklable model)."""
+    torch.manual_seed(0)
+    bn = randomize_bn(nn.BatchNorm2d(8))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), bn, nn.ReLU(), nn.Flatten(), nn.Linear(8 * 10 * 12, 4)).eval()
+    fused, x = pyops.fuse(model), rand((1, 3, 14, 16), torch.float32, seed=1)
+    torch.testing.assert_close(pyops.sliding_classify(fused, x, (12, 14)), reference.crop_loop(model, x, (12, 14)),
+                               rtol=1e-5, atol=1e-5)
+
+    with pytest.raises(ValueError, match="inside a tuple, list or dict"):
+        pyops.convolutionalize(ReturnsPair().eval(), 10)
+    kept = KeepsFeatures().eval()
+    pyops.convolutionalize(kept, 10)
+    assert "last" not in kept.__dict__
+    import io
+    torch.save(kept, io.BytesIO())
+    hooked = KeepsFeatures().eval()
+    handle = hooked.fc.register_forward_hook(lambda mod, args, out: out * 3 + 100)
+    with pytest.raises(ValueError, match="'fc' \\(Linear\\) after the flatten has hooks"):
+        pyops.convolutionalize(hooked, 10)
+    handle.remove()
+    hooked.register_forward_pre_hook(lambda mod, args: None)
+    with pytest.raises(ValueError, match="has hooks on KeepsFeatures itself"):
+        pyops.convolutionalize(hooked, 10)
+    features_hooked = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), nn.Flatten(),
+                                    nn.Linear(4 * 8 * 8, 3)).eval()
+    features_hooked[0].register_forward_hook(lambda mod, args, out: out * 2)  # on a module traced through before
+    x = rand((1, 3, 13, 12), torch.float32, seed=2)
+    torch.testing.assert_close(pyops.sliding_classify(features_hooked, x, 10),
+                               reference.crop_loop(features_hooked, x, 10), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("flatten", [lambda f: torch.flatten(input=f, start_dim=1),
+                                     lambda f: torch.reshape(f, (f.shape[0], -1))],
+                         ids=["torch.flatten(input=)", "torch.reshape"])
+def test_flatten_spellings(flatten):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4 * 8 * 8, 3)
+
+        def forward(self, x):
+            return self.fc(flatten(torch.relu(self.conv(x))))
+
+    torch.manual_seed(0)
+    model, x = eval64(Net()), rand((1, 3, 13, 12), seed=4)
+    torch.testing.assert_close(pyops.sliding_classify(model, x, 10), reference.crop_loop(model, x, 10),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_input_channels_from_the_images_and_clear_geometry_errors():
+    """The crops' channels need not be the first conv's (PixelUnshuffle, a grayscale mean in forward):
+    sliding_classify takes the images', convolutionalize and SlidingClassifier take in_channels. Features whose map
+    does not grow with the image are named for that, not for a crop that runs."""
+    torch.manual_seed(0)
+    unshuffle = eval64(nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(12, 4, 3), nn.ReLU(), nn.Flatten(),
+                                     nn.Linear(4 * 3 * 4, 3)))
+
+    class Gray(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(1, 4, 3), nn.Linear(4 * 8 * 8, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x.mean(1, keepdim=True))).flatten(1))
+
+    for model, window in [(unshuffle, (10, 12)), (eval64(Gray()), 10)]:
+        x = rand((2, 3, 16, 19), seed=6)
+        torch.testing.assert_close(pyops.sliding_classify(model, x, window, stride=2),
+                                   reference.crop_loop(model, x, window, 2), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(pyops.nn.SlidingClassifier(model, window, 2, in_channels=3)(x),
+                                   reference.crop_loop(model, x, window, 2), rtol=1e-10, atol=1e-12)
+    fixed = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LayerNorm([4, 8, 8]), nn.Flatten(), nn.Linear(4 * 8 * 8, 3)).eval()
+    with pytest.raises(ValueError, match="no integer total stride .* LayerNorm"):
+        pyops.convolutionalize(fixed, 10)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_empty_batch_stays_in_the_graph_of_images(exact):
+    net1 = reference.homework_net1(small=True)
+    images = torch.rand(0, 3, 40, 40, requires_grad=True)
+    out = pyops.sliding_classify(net1, images, 32, exact=exact)
+    assert out.shape == (0, 10, 9, 9) and out.requires_grad
+    out.sum().backward()
+    assert images.grad.shape == images.shape
+
+
 def test_padding_layers_and_fused_padded_convs_count_as_padded():
     """A padding module (nn.ZeroPad2d) or a model fused by pyops.fuse (ConvBNReLU2d with padding): the known border
     difference, warned about as for nn.Conv2d's padding."""
