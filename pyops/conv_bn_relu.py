@@ -9,7 +9,14 @@ layers) maps a NaN to 0 (tests/test_conv_bn_relu.py checks ours; oneDNN's was me
 (torch.cudnn_convolution_relu) does with a NaN is not yet measured. A NaN in the input makes the outputs whose
 windows see it NaN before the activation; to find NaNs, check the input or force PYOPS_CONV_PATH=direct.
 With eps = 0, a zero running variance divides by zero: the fold's infinite scale makes that channel's outputs NaN
-(the unfused BatchNorm gives NaN or ±inf there as well); use a positive eps, as BatchNorm's default 1e-5.
+(the unfused BatchNorm gives NaN or ±inf there as well); use a positive eps, as BatchNorm's default 1e-5. The fold
+multiplies the weights by γ/√(σ²+ε) before the convolution: with a tiny variance and huge inputs W'·x can overflow
+where the unfused chain, subtracting first, stays finite (inputs of 1e30, σ² = 1e-30).
+float16/bfloat16: W' and b' are folded in float64 and rounded to the weight's dtype, as any fold into half-precision
+weights (fold_bn, torch's fuse_conv_bn_eval); where BN's shift cancels most of the output that rounding shows, as
+the unfused half-precision chain's rounding of the conv output does (random 3×3 layers: the largest relative
+errors, at outputs near zero, within ~2.5x of the unfused chain's, hundreds of half ulps for both). Compute in
+float32 where that matters.
 
 conv2d_bn_relu folds the BN into (W', b') with a small kernel (scale = γ/√(σ²+ε) in float64, W' = W·scale,
 b' = (b − μ)·scale + β) and then runs conv2d_bias_act, the kernel that pyops.nn's fused modules call with weights

@@ -55,16 +55,34 @@ def lse_pool2d(scores, beta):
         return pooled.to(out_dtype)
     # smooth_max − log(n)/β cancels where |β|·spread is small: both terms are ~log(n)/|β| and the result is near the
     # mean, so the error grows like eps/|β| (float32 at β = 1e-3: 3e-4, at 1e-5: 0.04). There the same value is
-    # m + log1p(mean(expm1(β·(s − m))))/β with m the max (the min for β < 0), accurate to ~eps·spread; where
+    # m + log1p(mean(expm1(β·d)))/β with d = s − m, m the max (the min for β < 0), accurate to ~eps·spread; where
     # |β|·spread > 1 the first form's error, eps/|β|, is below eps·spread too. Each row takes the accurate one.
     low, high = work.amin(-1), work.amax(-1)
     near = (high - low) * abs(beta) <= 1  # False for rows holding ±inf or NaN
     # The near-mean form on finite stand-ins elsewhere: torch.where passes zero gradients to the branch it does not
     # take, but 0·inf is NaN, and a row with a ±inf score made the whole row's gradient NaN.
     anchor = torch.where(near, high if beta > 0 else low, 0.0)
-    spread = torch.where(near.unsqueeze(-1), work - anchor.unsqueeze(-1), 0.0)
-    near_mean = anchor + torch.log1p(torch.expm1(beta * spread).mean(-1)) / beta
+    d = torch.where(near.unsqueeze(-1), work - anchor.unsqueeze(-1), 0.0)
+    # ... written without dividing by β: v = mean(expm1(β·d))/β = mean(d·expm1(z)/z), z = β·d, and then
+    # log1p(β·v)/β = v·log1p(u)/u, u = β·v. Where β·d falls below the dtype's normal numbers (float32 at β = 1e-30
+    # and scores ~1e-20: 0, and the max came back for the mean) each factor is still ~1 and v the mean of d.
+    v = (d * _expm1_over(beta * d)).mean(-1)
+    near_mean = anchor + v * _log1p_over(beta * v)
     # log(n) as a tensor op: n = H·W may be symbolic (torch.export with dynamic H, W; math.log pinned it to the
     # example's size, and the exported program failed on any other)
     log_n = torch.log(work.new_full((), n))
     return torch.where(near, near_mean, pooled - log_n / beta).to(out_dtype)
+
+
+def _expm1_over(z):
+    """expm1(z)/z, and its series (error below z⁴/120) where |z| < 1e-4 (1 at z = 0)."""
+    small = z.abs() < 1e-4
+    safe = torch.where(small, 1.0, z)  # (no 0/0 in the branch not taken: its gradient would be NaN)
+    return torch.where(small, 1 + z * (1 / 2 + z * (1 / 6 + z / 24)), torch.expm1(safe) / safe)
+
+
+def _log1p_over(u):
+    """log1p(u)/u, and its series (error below u⁴/5) where |u| < 1e-4 (1 at u = 0)."""
+    small = u.abs() < 1e-4
+    safe = torch.where(small, 1.0, u)
+    return torch.where(small, 1 - u * (1 / 2 - u * (1 / 3 - u / 4)), torch.log1p(safe) / safe)

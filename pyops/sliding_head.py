@@ -6,6 +6,11 @@ the im2col into the first GEMM and the bias+ReLU epilogues (the last writing NCH
 only: with grad mode on, an argument that requires grad raises NotImplementedError naming it (the op has no
 backward; FullyConvolutional runs its plain modules instead when gradients are wanted). See
 csrc/ops/sliding_head/sliding_head.h for the algorithm.
+
+float16/bfloat16 features: each layer's GEMM (accumulated in float32 by the library) is rounded to the half type
+before its bias is added, as a half-precision matmul followed by `+ bias` rounds twice: within an ulp or two of the
+half type except where the bias cancels most of the product (a random 16-channel 5×5 head: 4 % of the outputs more
+than 2 ulps off, the worst 86 ulps in float16, 168 in bfloat16). Use float32 features where that matters.
 """
 import torch
 from torch.utils.flop_counter import register_flop_formula

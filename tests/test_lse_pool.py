@@ -67,6 +67,18 @@ def test_tiny_beta_below_the_dtypes_normal_numbers(device, dtype, beta):
                                rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("beta", [1e-30, -1e-25, 1e-20, 3e-5])
+def test_tiny_beta_times_tiny_scores_is_the_mean(device, beta):
+    """β·(s − max) below float32's normal numbers, β itself normal: expm1 gave 0 and the max came back for the mean
+    (scores ~1e-20 at β = 1e-30: 3e-20 for 1.5e-20). Checked against the 40-digit reference, to eps·spread."""
+    s = torch.tensor([0.0, 1e-20, 2e-20, 3e-20], device=device).view(1, 1, 2, 2)
+    spread = 3e-20
+    for scores in (s, s * 1e20):  # tiny scores, and ordinary ones (the same β then far from the normal limit)
+        got = pyops.lse_pool2d(scores, beta).double().cpu()
+        want = lse_pool2d_exact(scores.double().cpu(), beta, digits=100)
+        assert (got - want).abs().max() <= 4 * torch.finfo(torch.float32).eps * spread * scores.abs().max() / 3e-20
+
+
 def test_layouts(device):
     s = rand((2, 3, 6, 5), device=device, seed=2)
     ref = pyops.lse_pool2d(s, 1.5)

@@ -187,6 +187,19 @@ def test_half_precision_gradient_is_softmax(device, dtype):
                                rtol=0, atol=2 ** -6)
 
 
+@pytest.mark.parametrize("dim", [0, -1])
+def test_rows_of_infinities_at_a_tiny_beta(device, dim):
+    """A row of -inf alone is -inf (+inf for β < 0 on a row of +inf) even where log(n)/|β| overflows: -inf + inf
+    gave NaN (torch.logsumexp(β·x)/β gives -inf)."""
+    inf = float("inf")
+    for dtype, beta in [(torch.float32, 2e-38), (torch.float64, 1e-308)]:
+        rows = torch.full((3, 100000), -inf, dtype=dtype, device=device)
+        rows = rows if dim == -1 else rows.T.contiguous()
+        assert (pyops.smooth_max(rows, beta, dim=dim) == -inf).all()
+        assert (pyops.smooth_max(-rows, -beta, dim=dim) == inf).all()
+    assert pyops.lse_pool2d(torch.full((1, 1, 400, 400), -inf, device=device), 2e-38).item() == -inf
+
+
 def test_nan_at_infinite_beta_has_a_nan_gradient(device):
     x = torch.tensor([1.0, float("nan"), 2.0], device=device, requires_grad=True)
     for beta in (math.inf, -math.inf):

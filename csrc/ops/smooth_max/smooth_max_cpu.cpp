@@ -78,9 +78,11 @@ inline void fold_chunk(const acc* buf, int64_t count, acc b, OnlineState<acc>& s
   kahan_add(st.s, st.c, s);
 }
 
+// A row of -inf alone (in sign·x) is -inf: log(n)/β would add +inf where it overflows (tiny β), giving NaN.
 template <typename acc>
 inline acc finish(const OnlineState<acc>& st, acc sign, acc b) {
-  return sign * (st.m + std::log(st.s) / b);
+  const bool all_minus_inf = st.m == -std::numeric_limits<acc>::infinity() && !std::isnan(st.s);  // (NaN stays)
+  return sign * (all_minus_inf ? st.m : st.m + std::log(st.s) / b);
 }
 
 // Reduction over a contiguous row (inner == 1): the dim=-1 case.

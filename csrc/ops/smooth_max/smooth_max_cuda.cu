@@ -75,9 +75,11 @@ __device__ __forceinline__ State<acc> warp_merge(State<acc> st, acc b) {
   return st;
 }
 
+// A row of -inf alone (in sign·x) is -inf: log(n)/β would add +inf where it overflows (tiny β), giving NaN.
 template <typename acc>
 __device__ __forceinline__ acc finish(State<acc> st, acc sign, acc b) {
-  return sign * (st.m + log(st.s) / b);
+  const bool all_minus_inf = st.m == -INFINITY && !isnan(st.s);  // (a NaN row keeps its NaN)
+  return sign * (all_minus_inf ? st.m : st.m + log(st.s) / b);
 }
 
 template <typename acc>
