@@ -8,33 +8,38 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from ._scripting import NotScriptable
 
 
-# torch.optim steps taken since the first derived form was made, counted by a global post-step hook. A fused=True
-# step (Adam, AdamW, SGD) updates the weights in place without bumping their version counters, and an optimizer may
-# write through `.data`: any step leaves every derived form stale (its weights being trained or not: one counter
-# is cheaper than knowing which optimizer holds which weight, and training and using a derived form rarely mix).
-_optimizer_steps = 0
-_step_hook = None
+# torch.optim steps, counted per parameter storage by a global post-step hook (registered with the first key:
+# importing pyops hooks nothing). A fused=True step (Adam, AdamW, SGD) updates the weights in place without bumping
+# their version counters, and an optimizer may write through `.data`: a derived form is stale once an optimizer
+# holding one of its sources has stepped (only then: an inference model beside a training loop keeps its forms).
+_steps_by_storage = {}  # untyped storage's _cdata -> steps of optimizers holding it (an address reused after a
+_step_hook = None       # storage is freed may inherit a count: a spurious rebuild at most)
 
 
 def _count_optimizer_step(optimizer, args, kwargs):
-    global _optimizer_steps
-    _optimizer_steps += 1
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            try:
+                key = p.untyped_storage()._cdata
+            except (RuntimeError, NotImplementedError):  # (a tensor subclass without a storage of its own)
+                continue
+            _steps_by_storage[key] = _steps_by_storage.get(key, 0) + 1
 
 
-def _optimizer_steps_so_far():
+def _steps_of(storage_keys):
     global _step_hook
-    if _step_hook is None:  # registered with the first key: importing pyops hooks nothing
+    if _step_hook is None:
         _step_hook = register_optimizer_step_post_hook(_count_optimizer_step)
-    return _optimizer_steps
+    return [_steps_by_storage.get(key, 0) for key in storage_keys]
 
 
 class SourcesKey:
     """Which tensors a derived form was made from, and their state then: matches(tensors) is True only for the same
     tensor objects (by id) on the same storages, with the same device, dtype, data pointer, sizes, strides and
-    version counter, and no torch.optim step taken since (_optimizer_steps). The storages are held by weak
-    references to the storage (a cache keeps no replaced weight alive, and no new storage can take a referenced
-    one's identity); the tensors are not weakly referenced at all: torch.utils.swap_tensors refuses a tensor that
-    has a Python weak reference, and load_state_dict swaps under
+    version counter, and no step since of a torch.optim optimizer holding them (_steps_by_storage). The storages
+    are held by weak references to the storage (a cache keeps no replaced weight alive, and no new storage can take
+    a referenced one's identity); the tensors are not weakly referenced at all: torch.utils.swap_tensors refuses a
+    tensor that has a Python weak reference, and load_state_dict swaps under
     torch.__future__.set_swap_module_params_on_conversion(True).
 
     The storage matters twice. A freed weight's memory is reused: a new weight at the same address with the same
@@ -51,15 +56,15 @@ class SourcesKey:
     __slots__ = ("ids", "storages", "state", "steps")
 
     def __init__(self, tensors):
-        self.steps = _optimizer_steps_so_far()  # (first: a step while the state is read makes the key stale)
-        self.ids = [id(t) for t in tensors]
         self.storages = [StorageWeakRef(t.untyped_storage()) for t in tensors]
+        self.steps = _steps_of([s.cdata for s in self.storages])  # (before the state: a step meanwhile makes stale)
+        self.ids = [id(t) for t in tensors]
         self.state = _state(tensors)
 
     def matches(self, tensors):
-        return (self.steps == _optimizer_steps and len(tensors) == len(self.ids)
-                and all(id(t) == i for i, t in zip(self.ids, tensors))
+        return (len(tensors) == len(self.ids) and all(id(t) == i for i, t in zip(self.ids, tensors))
                 and all(s.cdata == t.untyped_storage()._cdata for s, t in zip(self.storages, tensors))
+                and _steps_of([s.cdata for s in self.storages]) == self.steps
                 and _state(tensors) == self.state)
 
 

@@ -89,7 +89,8 @@ def _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residua
     if weight.shape[1] * groups != cin:
         raise ValueError(f"argument 'weight' of shape {tuple(weight.shape)} expects {weight.shape[1] * groups} input "
                          f"channels (groups={groups}), but 'x' has {cin} channels")
-    if x.shape[2] == 0 or x.shape[3] == 0:  # (F.conv2d refuses it too; padded, it would be the bias alone)
+    if x.shape[0] > 0 and (x.shape[2] == 0 or x.shape[3] == 0):
+        # (F.conv2d refuses it too, but for an empty batch; padded, the result would be the bias alone)
         raise ValueError(f"argument 'x' has an empty spatial size (shape {tuple(x.shape)})")
     for i, k in enumerate(weight.shape[2:]):
         if x.shape[2 + i] + 2 * padding[i] < dilation[i] * (k - 1) + 1:

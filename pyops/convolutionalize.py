@@ -167,6 +167,11 @@ def convolutionalize(model, window, in_channels=None):
         sliding_classify warns; they are not probed (no exact comparison exists), so a GroupNorm among padded
         features is not caught: evaluate such models with sliding_classify(exact=True).
     """
+    return _convolutionalize(model, window, in_channels, "in_channels")
+
+
+def _convolutionalize(model, window, in_channels, channels_from):
+    """convolutionalize; channels_from: what in_channels came from, for errors ("in_channels", "images")."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"argument 'model' must be an nn.Module, got {type(model).__name__}")
     window = _window(window)
@@ -189,9 +194,11 @@ def convolutionalize(model, window, in_channels=None):
         flatten = _find_flatten(traced)
         features = _features_module(traced, flatten)
         ops = _head_ops(traced, flatten)
-        if in_channels is None:
+        inferred = in_channels is None
+        if inferred:
             in_channels = _input_channels(features)
-        fmap, stride = _feature_geometry(features, in_channels, window, model)
+        fmap, stride = _feature_geometry(features, in_channels, window, model,
+                                         None if inferred else channels_from)
         head = _build_head(ops, fmap)
         fcn = FullyConvolutional(copy.deepcopy(features), head, window, stride, in_channels,
                                  _is_padded(features)).eval()
@@ -280,9 +287,11 @@ def _check_slides(fcn, model):
     else:
         per_crop = per_crop.T.reshape(-1, 3, 3)  # (classes, 3, 3), as dense
         # (classes,): each class at its own scale, floored at 1e-3 of the largest (rounding in a class whose
-        # scores cancel to near zero is of the order of its terms, not of its scores)
+        # scores cancel to near zero is of the order of its terms, not of its scores); in half precision, whose
+        # rounding is that large, at the largest (the feature maps are compared besides)
         scale = per_crop.flatten(1).abs().amax(1)
-        scale = scale.clamp_min(max(1e-3 * scale.max().item(), 1e-30))
+        floor = 1e-3 if param.dtype in (torch.float32, torch.float64) else 1.0
+        scale = scale.clamp_min(max(floor * scale.max().item(), 1e-30))
         error = (dense - per_crop).flatten(1).abs().amax(1)
         bad = error > tolerance * scale
         if bad.any():
@@ -403,8 +412,8 @@ def _input_channels(features):
     with in_channels) or BatchNorm2d the graph calls, or hands to a function (a fused layer's forward is recorded
     as a function of its module: pyops/_overrides.py)."""
     for node in features.graph.nodes:
-        if node.op == "call_module":
-            mods = [features.get_submodule(node.target)]
+        if node.op == "call_module":  # (a hooked container is a leaf: its first layer counts)
+            mods = features.get_submodule(node.target).modules()
         elif node.op == "call_function":
             mods = [_attribute(features, a.target) for a in node.args
                     if isinstance(a, torch.fx.Node) and a.op == "get_attr"]
@@ -448,16 +457,26 @@ def fake_run(module, shape, dtype, device):
     return out
 
 
-def _feature_geometry(features, in_channels, window, model):
-    """((C, fh, fw) of one window, (Sy, Sx) total stride), from fake runs of the features."""
+def _feature_geometry(features, in_channels, window, model, channels_from=None):
+    """((C, fh, fw) of one window, (Sy, Sx) total stride), from fake runs of the features. channels_from: the
+    argument in_channels came from, if given (named where the features cannot take that many channels)."""
     p = next(model.parameters(), None)
     dtype, device = (p.dtype, p.device) if p is not None else (torch.float32, torch.device("cpu"))
     h, w = window
     try:
         f = fake_run(features, (1, in_channels, h, w), dtype, device)
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"argument 'window' = {window}: the features cannot run on a {h}x{w} crop of "
-                         f"{in_channels} channels ({e})") from e
+        blamed = f"argument 'window' = {window}"
+        if channels_from is not None:
+            try:
+                usual = _input_channels(features)
+            except ValueError:
+                usual = None
+            if usual is not None and usual != in_channels:
+                blamed = f"argument '{channels_from}' has {in_channels} channels, but the model's first layer " \
+                         f"takes {usual}"
+        raise ValueError(f"{blamed}: the features cannot run on a {h}x{w} crop of {in_channels} channels "
+                         f"({e})") from e
     if f.dim() != 4:
         raise ValueError(f"argument 'model': the features give a {f.dim()}-d tensor {tuple(f.shape)} before the "
                          "flatten; convolutionalize needs a (B, C, h, w) feature map")

@@ -20,6 +20,7 @@ from torch.autograd import forward_ad
 from torch.nn.modules.utils import _pair
 
 from ._C import conv_path
+from ._checks import as_int
 from ._derived import DerivedWeights
 from ._overrides import overridable
 from ._scripting import NotScriptable
@@ -233,8 +234,8 @@ class ConvBNReLU2d(DerivedWeights):
     the weight once into oneDNN's blocked layout for the input's shape and reuses it while the shape and the weight
     stay the same (and the module in eval mode): one extra copy of the weight, rebuilt when either changes or the
     module is switched by train()/eval(), never saved or copied. In eval mode, changes are seen through autograd's
-    version counter (in-place ops on the parameter) and after any torch.optim step (fused=True steps do not bump
-    it); writes that bypass it outside an optimizer (through `weight.data`) are seen after the next train()/eval()
+    version counter (in-place ops on the parameter) and after a step of a torch.optim optimizer holding it
+    (fused=True steps do not bump it); writes that bypass it outside an optimizer (through `weight.data`) are seen after the next train()/eval()
     switch (a layer already in eval mode: train() then eval(), or assign a new weight). That path
     computes in channels_last and returns a channels_last output (same values), as a PyTorch convolution with a
     channels_last weight does. A layer that widens fewer than 64 channels into 64 or more (a network's stem) also
@@ -257,8 +258,7 @@ class ConvBNReLU2d(DerivedWeights):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  activation="relu", device=None, dtype=None):
         super().__init__()
-        if not isinstance(groups, int) or groups <= 0:
-            raise ValueError(f"argument 'groups' must be a positive integer, got {groups!r}")
+        groups = as_int(groups, "groups", 1)  # (ValueError below 1, as nn.Conv2d; numpy integers pass)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"argument 'groups' = {groups} must divide in_channels = {in_channels} and "
                              f"out_channels = {out_channels}")

@@ -34,7 +34,7 @@ from torch import nn
 from ._checks import autocast_mixes, check_floating, int_tuple
 from ._overrides import overridable
 from ._flags import eval_mode, jit_tracing_paused
-from .convolutionalize import FullyConvolutional, _cudnn_tf32, _window, convolutionalize, fake_run
+from .convolutionalize import FullyConvolutional, _convolutionalize, _cudnn_tf32, _window, fake_run
 from .fft_conv import default_fft_size, fft_tile_counts, fft_workspace_bytes
 from .sliding_head import PRECISIONS
 
@@ -95,7 +95,7 @@ def sliding_classify(model, images, window, stride=1, exact=False, max_memory=DE
     if not isinstance(model, FullyConvolutional):
         # (the images' channels: the model's first layer need not take them, e.g. after a PixelUnshuffle)
         channels = images.shape[1] if isinstance(images, torch.Tensor) and images.dim() == 4 else None
-        model = convolutionalize(model, window, channels)
+        model = _convolutionalize(model, window, channels, "images")
     fcn = model
     if fcn.window != window:
         raise ValueError(f"argument 'window' = {window} differs from the window {fcn.window} the model was "

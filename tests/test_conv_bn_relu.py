@@ -417,6 +417,16 @@ def test_geometry_past_int64_and_strides_past_the_image(monkeypatch, path):
             conv2d_bias_act(*args)
         with pytest.raises(ValueError, match="empty spatial size"):
             op(args[0], w, b, [1, 1], [2, 2], [1, 1], 2, 0, None)
+    # an empty batch of empty images gives its empty output, as F.conv2d does
+    empty = torch.randn(0, 4, 0, 5)
+    assert conv2d_bias_act(empty, w, b, 1, 2, 1, 2).shape == F.conv2d(empty, w, b, 1, 2, 1, 2).shape == (0, 6, 2, 7)
+    # the backward too: ATen's convolution backward takes the stride the op computed with (2**31 - 1 crashed it)
+    x1, w1 = torch.randn(2, 1, 5, 5, requires_grad=True), torch.randn(1, 1, 3, 3, requires_grad=True)
+    for stride in (2**31 - 1, 2**63 - 1):
+        got = torch.autograd.grad(conv2d_bias_act(x1, w1, None, stride, 0, 1, 1, "none").sum(), [x1, w1])
+        want = torch.autograd.grad(F.conv2d(x1, w1, None, 5).sum(), [x1, w1])
+        for a, e in zip(got, want):
+            torch.testing.assert_close(a, e)
 
 
 def test_packed_op_is_inference_only():

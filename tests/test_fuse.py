@@ -6,6 +6,7 @@ import operator
 import pickle
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -247,7 +248,8 @@ def test_conv_bn_relu_module_constructor_takes_conv2d_arguments():
         with torch.no_grad():
             torch.testing.assert_close(fused(x), F.relu(conv(x)), rtol=1e-10, atol=1e-12)
     assert ConvBNReLU2d(4, 0, 3, dtype=torch.float64)(x).shape == (1, 0, 5, 4)
-    for kwargs, message in [(dict(groups=0), "'groups' must be a positive integer"),
+    assert ConvBNReLU2d(4, 6, 3, groups=np.int64(2)).groups == 2  # (nn.Conv2d takes numpy integers; fuse passes them)
+    for kwargs, message in [(dict(groups=0), "'groups' must be >= 1"),
                             (dict(padding="full"), "expected an int, a pair, 'valid' or 'same'"),
                             (dict(padding="same", stride=2), "not supported for strided"),
                             (dict(kernel_size=2, padding="same"), "pads asymmetrically")]:
@@ -1305,6 +1307,23 @@ def test_packed_weight_follows_optimizer_steps_in_eval_mode(fused):
         with torch.no_grad():
             torch.testing.assert_close(module(x), F.conv2d(x, module.weight, module.bias, 1, 1).relu(), rtol=1e-4,
                                        atol=1e-4)
+
+
+def test_optimizer_steps_drop_only_their_own_parameters_forms():
+    """A fused inference model beside a training loop (a distillation teacher) keeps its packed weights: an
+    unrelated optimizer's step made every layer repack (2.4x slower teacher forwards)."""
+    teacher = ConvBNReLU2d(64, 64, 3, padding=1).eval()
+    x = torch.randn(1, 64, 8, 8, generator=gen())
+    with torch.no_grad():
+        teacher(x)
+    packed = teacher._derived
+    student = nn.Linear(4, 4)
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    student(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    with torch.no_grad():
+        teacher(x)
+    assert teacher._derived is packed
 
 
 class WritesThroughAlias(nn.Module):

@@ -290,6 +290,25 @@ def test_fused_stem_tuple_outputs_hooks_and_attributes():
                                reference.crop_loop(features_hooked, x, 10), rtol=1e-5, atol=1e-5)
 
 
+def test_hooked_feature_container_and_half_precision_models_convert():
+    """A hook on the features' Sequential (Grad-CAM) makes it a leaf: its first layer gives the channels (refused
+    before); half-precision models are compared at their rounding's scale (1 in 10 bf16 1000-class models refused)."""
+    torch.manual_seed(0)
+    features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.MaxPool2d(2))
+    model = nn.Sequential(features, nn.Flatten(), nn.Linear(72, 5)).eval()
+    seen = []
+    features.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    x = rand((1, 3, 12, 12), torch.float32, seed=7)
+    torch.testing.assert_close(pyops.sliding_classify(model, x, 8), reference.crop_loop(model, x, 8), rtol=1e-5,
+                               atol=1e-5)
+    assert seen  # the hook ran in the converted features
+    for dtype, seed in [(torch.bfloat16, 6), (torch.float16, 44)]:
+        torch.manual_seed(seed)
+        half = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 3), nn.ReLU(),
+                             nn.Flatten(), nn.Linear(288, 64), nn.ReLU(), nn.Linear(64, 1000)).eval().to(dtype)
+        pyops.convolutionalize(half, 12)
+
+
 @pytest.mark.parametrize("flatten", [lambda f: torch.flatten(input=f, start_dim=1),
                                      lambda f: torch.reshape(f, (f.shape[0], -1))],
                          ids=["torch.flatten(input=)", "torch.reshape"])
@@ -330,6 +349,9 @@ def test_input_channels_from_the_images_and_clear_geometry_errors():
                                    reference.crop_loop(model, x, window, 2), rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(pyops.nn.SlidingClassifier(model, window, 2, in_channels=3)(x),
                                    reference.crop_loop(model, x, window, 2), rtol=1e-10, atol=1e-12)
+    wrong = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(288, 5)).eval()
+    with pytest.raises(ValueError, match="argument 'images' has 1 channels, but the model's first layer takes 3"):
+        pyops.sliding_classify(wrong, torch.randn(1, 1, 12, 12), 8)
     fixed = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LayerNorm([4, 8, 8]), nn.Flatten(), nn.Linear(4 * 8 * 8, 3)).eval()
     with pytest.raises(ValueError, match="no integer total stride .* LayerNorm"):
         pyops.convolutionalize(fixed, 10)

@@ -60,10 +60,10 @@ ConvGeometry check_conv2d_bias_act_args(const at::Tensor& input, const at::Tenso
   TORCH_CHECK_VALUE(g.cin > 0, "pyops.conv2d: argument 'input' has 0 channels (shape ", input.sizes(),
                     "): a convolution over no input channels is not supported");
   TORCH_CHECK_VALUE(g.kh > 0 && g.kw > 0, "pyops.conv2d: argument 'weight' has an empty kernel: ", weight.sizes());
-  // An empty image: F.conv2d refuses it too ("Only zero batch or zero channel inputs are supported"); padded, our
-  // kernels returned the bias alone.
-  TORCH_CHECK_VALUE(g.h > 0 && g.w > 0, "pyops.conv2d: argument 'input' has an empty spatial size (shape ",
-                    input.sizes(), ")");
+  // An empty image in a non-empty batch: F.conv2d refuses it too ("Only zero batch or zero channel inputs are
+  // supported"); padded, our kernels returned the bias alone. An empty batch gives its empty output, as there.
+  TORCH_CHECK_VALUE(g.n == 0 || (g.h > 0 && g.w > 0), "pyops.conv2d: argument 'input' has an empty spatial size "
+                    "(shape ", input.sizes(), ")");
   for (int i = 0; i < 2; ++i) {
     const int64_t size = i == 0 ? g.h : g.w, k = i == 0 ? g.kh : g.kw;
     // A one-tap kernel dimension has no dilation (dilation·(k − 1) = 0): canonical 1, which the kernels compute

@@ -12,7 +12,9 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -51,6 +53,21 @@ std::tuple<at::Tensor, at::Tensor> act_backward(const at::Tensor& grad, const at
   if (!scale.has_value()) return {g, at::Tensor()};
   const at::Tensor scaled = g * scale->to(g.scalar_type()).view({1, -1, 1, 1});
   return {scaled, unscaled_too ? g : at::Tensor()};
+}
+
+// The strides the op computes with (checked_conv_stride: a stride past the padded size gives its one output
+// position), for the ATen convolutions of the backward and the composites: a stride of 2**31 - 1 crashed oneDNN's
+// backward (SIGFPE). Symbolic sizes (torch.compile with dynamic shapes) keep the stride given.
+std::vector<int64_t> computed_strides(const at::Tensor& x, at::IntArrayRef stride, at::IntArrayRef padding) {
+  std::vector<int64_t> s(stride.begin(), stride.end());
+  if (x.dim() != 4 || s.size() != 2 || padding.size() != 2) return s;  // (the op itself names what is wrong)
+  for (int i = 0; i < 2; ++i) {
+    const auto size = x.sym_size(2 + i).maybe_as_int();
+    if (size.has_value() && padding[i] >= 0 && padding[i] <= (std::numeric_limits<int64_t>::max() - *size) / 2) {
+      s[i] = std::min(s[i], std::max<int64_t>(*size + 2 * padding[i], 1));
+    }
+  }
+  return s;
 }
 
 // stride, padding, dilation, groups of the convolution, kept in ctx->saved_data.
@@ -119,7 +136,7 @@ class ConvBiasActFunction : public torch::autograd::Function<ConvBiasActFunction
     const bool masked = activation != static_cast<int64_t>(Activation::kNone);
     ctx->save_for_backward({x, w, masked ? out : at::Tensor()});
     InputEdges::save(ctx, {true, true, is_defined(b), is_defined(residual)});
-    ConvArgs{stride.vec(), padding.vec(), dilation.vec(), groups}.save(ctx);
+    ConvArgs{computed_strides(x, stride, padding), padding.vec(), dilation.vec(), groups}.save(ctx);
     ctx->saved_data["activation"] = activation;
     return out;
   }
@@ -159,7 +176,7 @@ class ConvBNReLUFunction : public torch::autograd::Function<ConvBNReLUFunction> 
                             relu ? out : none});  // the output only for the ReLU's mask (ConvBiasActFunction says why)
     InputEdges::save(ctx, {true, true, is_defined(b), is_defined(bn_weight), is_defined(bn_bias), true, true,
                            is_defined(residual)});
-    ConvArgs{stride.vec(), padding.vec(), dilation.vec(), groups}.save(ctx);
+    ConvArgs{computed_strides(x, stride, padding), padding.vec(), dilation.vec(), groups}.save(ctx);
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["relu"] = relu;
     return out;
@@ -220,7 +237,7 @@ class ConvBNReLUFunction : public torch::autograd::Function<ConvBNReLUFunction> 
 at::Tensor conv2d_bias_act_composite(const at::Tensor& x, const at::Tensor& w, const OptTensor& b,
                                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                      int64_t groups, int64_t activation, const OptTensor& residual) {
-  at::Tensor y = at::conv2d(x, w, b, stride, padding, dilation, groups);
+  at::Tensor y = at::conv2d(x, w, b, computed_strides(x, stride, padding), padding, dilation, groups);
   if (is_defined(residual)) y = y + *residual;
   switch (static_cast<Activation>(activation)) {
     case Activation::kRelu: return at::relu(y);
