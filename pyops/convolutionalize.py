@@ -19,8 +19,8 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from ._checks import as_int, in_autocast_region, int_tuple
 from ._derived import DerivedWeights
-from ._hooks import has_hooks
 from ._flags import autocast_cache_disabled, autocast_off, eval_mode, jit_tracing_paused, tf32
+from ._hooks import has_hooks
 from .fft_conv import FFTConv2d
 from .sliding_head import DEFAULT_WORKSPACE, PRECISIONS, sliding_head
 

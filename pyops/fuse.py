@@ -17,8 +17,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import nn as pyops_nn
-from ._overrides import overridable
 from ._hooks import has_hooks, move_hooks
+from ._overrides import overridable
 from .fold import fold_bn, frozen_batchnorm_class, is_batchnorm, is_foldable_batchnorm, out_channels
 
 

@@ -92,11 +92,9 @@ def sliding_classify(model, images, window, stride=1, exact=False, max_memory=DE
             raise TypeError("argument 'model' must be the crop classifier (nn.Module) for exact=True")
         with eval_mode(model):  # (its size probe too: a train-mode BatchNorm would count that run)
             return _crop_batches(model, images, window, _pair(stride, "stride"), max_memory, precision)
-    if not isinstance(model, FullyConvolutional):
-        # (the images' channels: the model's first layer need not take them, e.g. after a PixelUnshuffle)
-        channels = images.shape[1] if isinstance(images, torch.Tensor) and images.dim() == 4 else None
-        model = _convolutionalize(model, window, channels, "images")
-    fcn = model
+    # (converted for the images' channels: the model's first layer need not take them, e.g. after a PixelUnshuffle)
+    channels = images.shape[1] if isinstance(images, torch.Tensor) and images.dim() == 4 else None
+    fcn = model if isinstance(model, FullyConvolutional) else _convolutionalize(model, window, channels, "images")
     if fcn.window != window:
         raise ValueError(f"argument 'window' = {window} differs from the window {fcn.window} the model was "
                          "converted for")
