@@ -243,18 +243,21 @@ def _attributes_kept(model):
 
 
 def _check_slides(fcn, model):
-    """ValueError unless fcn's scores on a probe image equal model's on the probe's crops, class by class, and the
-    features' map of the probe equals their map of each crop.
+    """ValueError unless fcn's scores on a probe image equal model's on the probe's crops, and the features' map of
+    the probe equals their map of each crop.
 
     The probe holds 3×3 crops (one total stride apart), so that every crop has image pixels beyond its borders:
     features that look past a crop (an F.pad in forward, a transpose of H and W) or at the whole map (GroupNorm,
     InstanceNorm, a mean over H×W) give other scores there, which a list of allowed layers could not tell. Two of
-    its corners hold the probe's largest and smallest values, each inside one crop only: a normalization by the
-    image's max or min (x / x.amax()) then differs on every other crop (a probe whose extremes all crops shared let
-    one through). Each class is compared at its own scale, and the features too: a class with a large constant
-    score (a bias of 1000) hid another class's mismatch in a tolerance set by the largest score. It costs about
-    ten of the model's crop evaluations, once per conversion. Under a fake mode (torch.export, torch.compile
-    tracing the conversion) there is no data to compare, and the check is skipped.
+    its corners hold the probe's largest and smallest values, each inside one crop only, and each crop runs on its
+    own: a normalization by the image's (or the batch's) max or min then differs on every other crop (a probe whose
+    extremes every crop shared, or a batch of all crops, let x / x.amax() through). The feature maps are compared
+    element by element at the features' scale, the scores at the largest score's (a class scoring 1000 hid
+    another's mismatch in the scores alone; a tolerance per class refused valid models, whose rounding follows the
+    terms a class sums, not its score). A probe giving non-finite values (log or sqrt of its negative pixels) is
+    made non-negative; non-finite values that remain are refused: nothing could be compared. It costs about twenty
+    of the model's crop evaluations, once per conversion. Under a fake mode (torch.export, torch.compile tracing
+    the conversion) there is no data to compare, and the check is skipped.
     """
     param = next(model.parameters(), None)
     if param is None or detect_fake_mode() is not None or isinstance(param, FakeTensor) \
@@ -265,53 +268,58 @@ def _check_slides(fcn, model):
                         dtype=torch.float64)
     peak = probe.abs().max()
     probe[..., 0, 0], probe[..., -1, -1] = 4 * peak, -4 * peak
-    probe = probe.to(param.device, param.dtype)
-    # (both sides exact fp32, also inside a caller's autocast region, where the head op and the model's Linears
-    # would compute in different dtypes)
-    # (and unseen by the caller's dispatch modes, pyops.count_ops and FlopCounterMode: no work of the model's)
-    with torch.no_grad(), eval_mode(model), jit_tracing_paused(), _cudnn_tf32(False), autocast_off(param.device), \
-            _disable_current_modes():
-        dense = fcn(probe, algorithm="direct")[0]  # (classes, 3, 3); (no FFT spectra made for the probe)
-        crops = probe.unfold(2, h, sy).unfold(3, w, sx)[0].permute(1, 2, 0, 3, 4).flatten(0, 1)  # (9, C, h, w)
-        per_crop = model(crops)
-        dense_map = fcn.features(probe)[0]  # (C', fh + 2, fw + 2)
-        crop_maps = fcn.features(crops)  # (9, C', fh, fw)
-    if not isinstance(per_crop, torch.Tensor):
-        raise ValueError(f"argument 'model' returns {type(per_crop).__name__}; convolutionalize needs a model "
-                         "returning the (B, classes) scores tensor")
-    tolerance = 1e-4 if param.dtype in (torch.float32, torch.float64) else 3e-2
-    mismatch = None
-    if per_crop.dim() != 2 or per_crop.shape[0] != 9 or per_crop.shape[1] != dense.shape[0]:
-        mismatch = (f"scores of shape {tuple(dense.shape)} where the model gives {tuple(per_crop.shape)} on a batch "
-                    "of 9 crops")
+    tolerance = {torch.float32: 1e-4, torch.float64: 1e-4, torch.float16: 1e-2}.get(param.dtype, 3e-2)
+    for attempt in (probe, probe.abs()):
+        runs = _probe_runs(fcn, model, attempt.to(param.device, param.dtype))
+        if all(t.isfinite().all() for t in runs):
+            break
+    dense, per_crop, dense_map, crop_maps = runs
+    if not all(t.isfinite().all() for t in runs):
+        mismatch = "non-finite values, so nothing could be compared"
+    elif per_crop.shape != dense.shape:
+        mismatch = f"scores of shape {tuple(dense.shape)} where the crops give {tuple(per_crop.shape)}"
     else:
-        per_crop = per_crop.T.reshape(-1, 3, 3)  # (classes, 3, 3), as dense
-        # (classes,): each class at its own scale, floored at 1e-3 of the largest (rounding in a class whose
-        # scores cancel to near zero is of the order of its terms, not of its scores); in half precision, whose
-        # rounding is that large, at the largest (the feature maps are compared besides)
-        scale = per_crop.flatten(1).abs().amax(1)
-        floor = 1e-3 if param.dtype in (torch.float32, torch.float64) else 1.0
-        scale = scale.clamp_min(max(floor * scale.max().item(), 1e-30))
-        error = (dense - per_crop).flatten(1).abs().amax(1)
-        bad = error > tolerance * scale
-        if bad.any():
-            c = int(bad.nonzero()[0])
-            mismatch = (f"scores up to {error[c].item():.3g} away from the model's on those crops (class {c}, "
-                        f"whose largest score is {scale[c].item():.3g})")
-    if mismatch is None:
-        fh, fw = crop_maps.shape[-2:]
-        windows = dense_map.unfold(1, fh, 1).unfold(2, fw, 1).permute(1, 2, 0, 3, 4).flatten(0, 1)
-        error = (windows - crop_maps).abs().max().item()
-        scale = crop_maps.abs().max().item()
-        if error > tolerance * max(scale, 1e-30):
-            mismatch = (f"a feature map up to {error:.3g} away from the crops' own maps (largest feature "
-                        f"{scale:.3g})")
+        mismatch = (_mismatch(dense, per_crop, tolerance, "scores", "score")
+                    or _mismatch(dense_map, crop_maps, tolerance, "a feature map", "feature"))
     if mismatch is not None:
         raise ValueError(f"argument 'model': its features do not slide: on a probe image of 3x3 crops the converted "
                          f"network gives {mismatch}. Features that look past a crop (F.pad or a transpose in "
                          "forward) or at the whole map (GroupNorm, InstanceNorm, a mean, max or min over H and W) "
                          "are not a per-crop classifier run densely; sliding_classify(..., exact=True) evaluates the "
                          "crops themselves")
+
+
+def _probe_runs(fcn, model, probe):
+    """(dense scores (classes, 3, 3), the model's on each crop alone (classes, 3, 3), the features' map of the probe
+    as windows (9, C', fh, fw), their map of each crop alone (9, C', fh, fw)) for a (1, C, h + 2Sy, w + 2Sx) probe."""
+    (h, w), (sy, sx) = fcn.window, fcn.stride
+    # (both sides exact fp32, also inside a caller's autocast region, where the head op and the model's Linears
+    # would compute in different dtypes)
+    # (and unseen by the caller's dispatch modes, pyops.count_ops and FlopCounterMode: no work of the model's)
+    with torch.no_grad(), eval_mode(model), jit_tracing_paused(), _cudnn_tf32(False), autocast_off(probe.device), \
+            _disable_current_modes():
+        dense = fcn(probe, algorithm="direct")[0]  # (no FFT spectra made for the probe)
+        crops = probe.unfold(2, h, sy).unfold(3, w, sx)[0].permute(1, 2, 0, 3, 4).flatten(0, 1)  # (9, C, h, w)
+        scores = [model(crop[None]) for crop in crops]
+        for s in scores:
+            if not isinstance(s, torch.Tensor):
+                raise ValueError(f"argument 'model' returns {type(s).__name__}; convolutionalize needs a model "
+                                 "returning the (B, classes) scores tensor")
+        dense_map = fcn.features(probe)[0]  # (C', fh + 2, fw + 2)
+        crop_maps = torch.cat([fcn.features(crop[None]) for crop in crops])
+    fh, fw = crop_maps.shape[-2:]
+    windows = dense_map.unfold(1, fh, 1).unfold(2, fw, 1).permute(1, 2, 0, 3, 4).flatten(0, 1)
+    per_crop = torch.cat(scores).T.reshape(-1, 3, 3) if all(s.dim() == 2 for s in scores) else torch.stack(scores)
+    return dense, per_crop, windows, crop_maps
+
+
+def _mismatch(got, want, tolerance, what, item):
+    """None if got is within tolerance of want at want's largest magnitude, else the mismatch described."""
+    scale = want.abs().max().item()
+    error = (got - want).abs().max().item()
+    if error <= tolerance * max(scale, 1e-30):
+        return None
+    return f"{what} up to {error:.3g} away from the crops' own (largest {item} {scale:.3g})"
 
 
 def _window(window):

@@ -429,6 +429,18 @@ def test_geometry_past_int64_and_strides_past_the_image(monkeypatch, path):
             torch.testing.assert_close(a, e)
 
 
+def test_backward_at_a_huge_stride_under_dynamic_shapes():
+    """torch.compile(dynamic=True): the image sizes are symbolic, and the backward kept the raw stride, which killed
+    the process in oneDNN's convolution backward (SIGFPE at 2**31 - 1); such a stride specializes the sizes."""
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 3, 5, 4, requires_grad=True), torch.randn(4, 3, 3, 3, requires_grad=True)
+    compiled = torch.compile(lambda x, w: conv2d_bias_act(x, w, None, 2**31 - 1, 1), dynamic=True)
+    got = torch.autograd.grad(compiled(x, w).sum(), [x, w])
+    want = torch.autograd.grad(F.conv2d(x, w, None, (7, 6), 1).relu().sum(), [x, w])
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e)
+
+
 def test_packed_op_is_inference_only():
     """The packed op has no backward: a call autograd would record is refused by name (PyTorch's fallback warned
     and returned a result without gradients)."""

@@ -309,6 +309,58 @@ def test_hooked_feature_container_and_half_precision_models_convert():
         pyops.convolutionalize(half, 12)
 
 
+class _BatchMaxNormalized(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(288, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.conv(x / x.amax()), 1))  # the max over the whole batch
+
+
+class _LogThenGroupNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.gn, self.fc = nn.Conv2d(3, 8, 3), nn.GroupNorm(1, 8), nn.Linear(8 * 6 * 6, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.gn(self.conv(torch.log(x))), 1))
+
+
+class _MeanSubtracted(nn.Module):
+    def forward(self, x):
+        return x - x.mean()
+
+
+def test_slide_check_runs_each_crop_alone_survives_nan_and_fits_each_dtype():
+    """A batch of all the probe's crops shared its max (x / x.amax() over the batch passed, 25 % off); a probe
+    giving NaN (log of its negative pixels) passed anything (NaN > tol is False): a non-negative probe is tried,
+    and non-finite values refuse; float16 is held to its own rounding (x - x.mean() passed at bfloat16's 3e-2, 5 %
+    off). And no per-class scale: a valid float32 model whose classes score ~1e-4 was refused (rounding follows the
+    terms, not the score)."""
+    torch.manual_seed(0)
+    half = nn.Sequential(_MeanSubtracted(), nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 2), nn.Flatten(),
+                         nn.Linear(200, 10)).eval().half()
+    for model in (_BatchMaxNormalized().eval(), _LogThenGroupNorm().eval(), half):
+        with pytest.raises(ValueError, match="do not slide"):
+            pyops.convolutionalize(model, 8)
+    torch.manual_seed(6)
+    small = nn.Sequential(nn.Conv2d(3, 8, 2), nn.Flatten(), nn.Linear(800, 100)).eval()
+    with torch.no_grad():
+        small[0].weight.mul_(1e-3)
+    pyops.convolutionalize(small, 11)
+    log_features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(288, 10)).eval()
+    sliding_log = nn.Sequential(_Log(), log_features)  # log of a non-negative probe: finite, converts
+    x = torch.rand(1, 3, 12, 11) + 0.1
+    torch.testing.assert_close(pyops.sliding_classify(sliding_log, x, 8), reference.crop_loop(sliding_log, x, 8),
+                               rtol=1e-5, atol=1e-5)
+
+
+class _Log(nn.Module):
+    def forward(self, x):
+        return torch.log(x + 1e-3)
+
+
 @pytest.mark.parametrize("flatten", [lambda f: torch.flatten(input=f, start_dim=1),
                                      lambda f: torch.reshape(f, (f.shape[0], -1))],
                          ids=["torch.flatten(input=)", "torch.reshape"])

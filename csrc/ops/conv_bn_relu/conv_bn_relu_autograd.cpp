@@ -57,12 +57,16 @@ std::tuple<at::Tensor, at::Tensor> act_backward(const at::Tensor& grad, const at
 
 // The strides the op computes with (checked_conv_stride: a stride past the padded size gives its one output
 // position), for the ATen convolutions of the backward and the composites: a stride of 2**31 - 1 crashed oneDNN's
-// backward (SIGFPE). Symbolic sizes (torch.compile with dynamic shapes) keep the stride given.
+// backward (SIGFPE). A symbolic size (torch.compile with dynamic shapes) is read as the int it is only for a stride
+// that large (the compiled graph then specializes on that size); smaller strides keep the one given.
 std::vector<int64_t> computed_strides(const at::Tensor& x, at::IntArrayRef stride, at::IntArrayRef padding) {
+  constexpr int64_t kLargeStride = int64_t{1} << 20;
   std::vector<int64_t> s(stride.begin(), stride.end());
   if (x.dim() != 4 || s.size() != 2 || padding.size() != 2) return s;  // (the op itself names what is wrong)
   for (int i = 0; i < 2; ++i) {
-    const auto size = x.sym_size(2 + i).maybe_as_int();
+    const c10::SymInt& sym = x.sym_size(2 + i);
+    std::optional<int64_t> size = sym.maybe_as_int();
+    if (!size.has_value() && s[i] >= kLargeStride) size = sym.guard_int(__FILE__, __LINE__);
     if (size.has_value() && padding[i] >= 0 && padding[i] <= (std::numeric_limits<int64_t>::max() - *size) / 2) {
       s[i] = std::min(s[i], std::max<int64_t>(*size + 2 * padding[i], 1));
     }
