@@ -6,7 +6,6 @@
 
 #include <cstdlib>
 #include <cstring>
-#include <limits>
 
 #include "common/autocast.h"
 #include "common/checks.h"
