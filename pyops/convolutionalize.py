@@ -291,12 +291,13 @@ def _check_slides(fcn, model):
 
 def _probe_runs(fcn, model, probe):
     """(dense scores (classes, 3, 3), the model's on each crop alone (classes, 3, 3), the features' map of the probe
-    as windows (9, C', fh, fw), their map of each crop alone (9, C', fh, fw)) for a (1, C, h + 2Sy, w + 2Sx) probe."""
+    as windows (9, C', fh, fw), their map of each crop alone (9, C', fh, fw)) for a (1, C, h + 2Sy, w + 2Sx) probe.
+    model is in eval mode already (convolutionalize's block)."""
     (h, w), (sy, sx) = fcn.window, fcn.stride
     # (both sides exact fp32, also inside a caller's autocast region, where the head op and the model's Linears
     # would compute in different dtypes)
     # (and unseen by the caller's dispatch modes, pyops.count_ops and FlopCounterMode: no work of the model's)
-    with torch.no_grad(), eval_mode(model), jit_tracing_paused(), _cudnn_tf32(False), autocast_off(probe.device), \
+    with torch.no_grad(), jit_tracing_paused(), _cudnn_tf32(False), autocast_off(probe.device), \
             _disable_current_modes():
         dense = fcn(probe, algorithm="direct")[0]  # (no FFT spectra made for the probe)
         crops = probe.unfold(2, h, sy).unfold(3, w, sx)[0].permute(1, 2, 0, 3, 4).flatten(0, 1)  # (9, C, h, w)

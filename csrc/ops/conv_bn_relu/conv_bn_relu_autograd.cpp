@@ -12,13 +12,12 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <array>
-#include <limits>
 #include <optional>
 #include <tuple>
 #include <vector>
 
+#include "common/checks.h"
 #include "common/dispatch.h"
 #include "ops/conv_bn_relu/conv_bn_relu.h"
 
@@ -67,9 +66,7 @@ std::vector<int64_t> computed_strides(const at::Tensor& x, at::IntArrayRef strid
     const c10::SymInt& sym = x.sym_size(2 + i);
     std::optional<int64_t> size = sym.maybe_as_int();
     if (!size.has_value() && s[i] >= kLargeStride) size = sym.guard_int(__FILE__, __LINE__);
-    if (size.has_value() && padding[i] >= 0 && padding[i] <= (std::numeric_limits<int64_t>::max() - *size) / 2) {
-      s[i] = std::min(s[i], std::max<int64_t>(*size + 2 * padding[i], 1));
-    }
+    if (size.has_value()) s[i] = checked_conv_stride(*size, /*kernel_size=*/1, s[i], padding[i], 1, "pyops.conv2d");
   }
   return s;
 }
