@@ -74,14 +74,18 @@ def _state(tensors):
 
 
 class _Entry:
-    """A slot's derived form: its kind, the SourcesKey it was made from, the value. Copies never carry one (a deep
-    copy is None): torch's parametrized modules deep-copy their __dict__ directly, past __getstate__, which copied
-    the MKLDNN value (an error) and the storages' weak references (each copy released the same one: a crash)."""
+    """A slot's derived form: its kind, the SourcesKey it was made from, the value, and the slot's older forms still
+    kept (most recent first). Copies never carry one (a deep copy is None): torch's parametrized modules deep-copy
+    their __dict__ directly, past __getstate__, which copied the MKLDNN value (an error) and the storages' weak
+    references (each copy released the same one: a crash)."""
 
-    __slots__ = ("kind", "key", "value")
+    __slots__ = ("kind", "key", "value", "older")
 
-    def __init__(self, kind, key, value):
-        self.kind, self.key, self.value = kind, key, value
+    def __init__(self, kind, key, value, older=()):
+        self.kind, self.key, self.value, self.older = kind, key, value, older
+
+    def matches(self, kind, sources):
+        return self.kind == kind and self.key.matches(sources)
 
     def __deepcopy__(self, memo):
         return None
@@ -91,9 +95,11 @@ class _Entry:
 
 
 class DerivedWeights(NotScriptable, nn.Module):
-    """A module mixin holding derived forms of its weights, at most one per slot (an attribute named in
-    _transient): derived(kind, sources, make, slot) returns make(), made on first use and made again whenever kind
-    changes or a source tensor does (another tensor, or the same one updated in place: SourcesKey).
+    """A module mixin holding derived forms of its weights, by default one per slot (an attribute named in
+    _transient): derived(kind, sources, make, slot, keep) returns make(), made on first use and made again whenever
+    kind changes or a source tensor does (another tensor, or the same one updated in place: SourcesKey). keep > 1
+    keeps that many forms of different kinds made from the same sources (a layer run on several input shapes keeps
+    a packed weight per shape; the least recently used goes first, and a change of the sources drops them all).
     .to()/.cuda()/.half() and train()/eval() switches drop them; copies and pickles never carry them: they are
     rebuilt on use (an MKLDNN tensor cannot be pickled, and FFT spectra can take gigabytes). Under torch.compile or
     torch.export nothing is kept: make() runs inside the trace (its tensors are fake, without data to key on, and
@@ -102,15 +108,22 @@ class DerivedWeights(NotScriptable, nn.Module):
     _derived = None  # an _Entry; a class default, so older pickled modules have it too
     _transient = ("_derived",)  # the slots; copies and pickles do not carry them (a subclass may add its own)
 
-    def derived(self, kind, sources, make, slot="_derived"):
+    def derived(self, kind, sources, make, slot="_derived", keep=1):
         if torch.compiler.is_compiling():
             return make()
-        entry = getattr(self, slot)  # read once: another thread may replace it meanwhile (make() releases the GIL)
-        if not isinstance(entry, _Entry) or entry.kind != kind or not entry.key.matches(sources):
-            setattr(self, slot, None)  # free the old form before making the new one
-            entry = _Entry(kind, SourcesKey(sources), make())
-            setattr(self, slot, entry)
-        return entry.value
+        head = getattr(self, slot)  # read once: another thread may replace it meanwhile (make() releases the GIL)
+        entries = [head, *head.older] if isinstance(head, _Entry) else []
+        hit = next((e for e in entries if e.matches(kind, sources)), None)
+        if hit is head and hit is not None:
+            return hit.value
+        # the forms of a slot are made from the same sources: those that no longer match them are stale; of the
+        # others, the keep - 1 most recent stay
+        rest = [e for e in entries if e is not hit and e.kind != kind and e.key.matches(sources)][:keep - 1]
+        if hit is None:
+            setattr(self, slot, _Entry(rest[0].kind, rest[0].key, rest[0].value, tuple(rest[1:])) if rest else None)
+            hit = _Entry(kind, SourcesKey(sources), make())  # (the dropped forms are freed before it is made)
+        setattr(self, slot, _Entry(kind, hit.key, hit.value, tuple(rest)))
+        return hit.value
 
     def _drop_derived(self):
         for name in self._transient:

@@ -209,10 +209,11 @@ def _convolutionalize(model, window, in_channels, channels_from):
 
 class _SlidingTracer(torch.fx.Tracer):
     """torch.fx's default tracer, keeping modules with hooks as leaves: traced through, their hooks would never run
-    in the converted features; as leaves they are called, hooks and all."""
+    in the converted features; as leaves they are called, hooks and all. A fused head layer (pyops.fuse's
+    LinearBNReLU) is a leaf too: the head's conversion reads its weight and activation."""
 
     def is_leaf_module(self, m, qualname):
-        return has_hooks(m) or super().is_leaf_module(m, qualname)
+        return has_hooks(m) or _is_linear_bn_relu(m) or super().is_leaf_module(m, qualname)
 
     @classmethod
     def trace_module(cls, root):
@@ -395,6 +396,11 @@ def _head_ops(traced, flatten):
                              "cannot run")
         if isinstance(mod, nn.Linear):
             ops.append(("linear", mod, label))
+        elif _is_linear_bn_relu(mod):  # a Linear with its activation
+            if mod.activation == "relu6":
+                raise ValueError(f"argument 'model': cannot convert layer {label} after the flatten: its ReLU6 is not "
+                                 "supported in the head (only ReLU)")
+            ops += [("linear", mod, label)] + ([("relu", None, label)] if mod.activation == "relu" else [])
         elif isinstance(mod, nn.ReLU) or (nxt.op == "call_function" and nxt.target in _RELUS) or (
                 nxt.op == "call_method" and nxt.target in ("relu", "relu_")):
             ops.append(("relu", None, label))
@@ -414,6 +420,11 @@ def _head_ops(traced, flatten):
             raise ValueError(f"argument 'model': cannot convert layer {label}: a ReLU between the flatten and the "
                              "first Linear is not supported (move it before the flatten)")
     return ops
+
+
+def _is_linear_bn_relu(module):
+    from .nn import LinearBNReLU  # (pyops.nn imports this module)
+    return isinstance(module, LinearBNReLU)
 
 
 def _input_channels(features):

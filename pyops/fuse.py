@@ -46,12 +46,22 @@ INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itrue
                      operator.irshift, operator.imatmul, operator.setitem, *AUGMENTED.values()}
 FUSED_MODULES = (pyops_nn.ConvBNReLU2d, pyops_nn.LinearBNReLU, pyops_nn.FoldedConv1d)
 # Ops whose output shares memory with their (first) input: a write into one is seen through the other.
-ALIAS_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze",
-                 "transpose", "permute", "t", "narrow", "select", "expand", "expand_as", "__getitem__", "detach",
-                 "split", "chunk", "unbind", "movedim", "swapaxes", "diagonal", "as_strided", "contiguous", "unfold"}
-ALIAS_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.transpose, torch.permute,
-                   torch.narrow, torch.select, torch.split, torch.chunk, torch.unbind, torch.movedim, torch.swapaxes,
-                   torch.t, torch.diagonal, torch.detach, operator.getitem}
+# The view ops (PyTorch's "Tensor Views" list) and those that may return their input itself (contiguous, reshape,
+# to, type_as, ... when nothing changes).
+ALIAS_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "ravel", "squeeze", "unsqueeze",
+                 "transpose", "permute", "t", "adjoint", "narrow", "select", "expand", "expand_as", "broadcast_to",
+                 "__getitem__", "detach", "alias", "split", "split_with_sizes", "tensor_split", "hsplit", "vsplit",
+                 "dsplit", "chunk", "unbind", "movedim", "moveaxis", "swapaxes", "swapdims", "diagonal",
+                 "as_strided", "contiguous", "unfold", "view_as_real", "view_as_complex", "indices", "values",
+                 "crow_indices", "col_indices", "to", "type", "type_as", "float", "double", "half", "bfloat16",
+                 "cpu", "cuda", "requires_grad_"}
+ALIAS_FUNCTIONS = {torch.flatten, torch.unflatten, torch.ravel, torch.reshape, torch.squeeze, torch.unsqueeze,
+                   torch.transpose, torch.permute, torch.adjoint, torch.narrow, torch.select, torch.split,
+                   torch.tensor_split, torch.hsplit, torch.vsplit, torch.dsplit, torch.chunk, torch.unbind,
+                   torch.movedim, torch.moveaxis, torch.swapaxes, torch.swapdims, torch.t, torch.diagonal,
+                   torch.detach, torch.as_strided, torch.broadcast_to,
+                   torch.view_as_real, torch.view_as_complex, torch.real, torch.imag, torch.atleast_1d,
+                   torch.atleast_2d, torch.atleast_3d, torch.broadcast_tensors, operator.getitem}
 ALIAS_ATTRIBUTES = {"T", "mT", "H", "mH", "data", "real", "imag"}
 
 
@@ -91,6 +101,11 @@ def fuse(model, inplace=False):
     without it), naming what the Sequential fallback fused: there the BatchNorm and ReLU modules absorbed into a
     fused layer become nn.Identity (indices and names keep working; code reading a Sequential's intermediate
     outputs sees the fused values), and the model's own code runs as written.
+    What torch.fx does not record, the traced result does not do: forward's Python control flow on its inputs
+    (`if isinstance(x, torch.Tensor)` is False for the trace's proxies), context managers and decorators that change
+    modes (torch.no_grad, torch.autocast: the result computes outside them), and attributes forward stores on the
+    model. Such a model differs from its fused result; fuse(model, inplace=True) of a layer pruned with
+    torch.nn.utils.prune keeps it unfused (its pruning hook), and a copy fails as torch's deepcopy does.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"argument 'model' must be an nn.Module, got {type(model).__name__}")
@@ -100,11 +115,20 @@ def fuse(model, inplace=False):
         raise ValueError(f"argument 'model' is in training mode ({', '.join(training[:5])}"
                          f"{', ...' if len(training) > 5 else ''}): BatchNorm can only be folded in eval mode; "
                          f"call model.eval() first")
+    if isinstance(model, FUSED_MODULES):  # fused already (tracing one alone records it as a call of itself)
+        return model if inplace else copy.deepcopy(model)
     if any(getattr(torch.nn.modules.module, name, None) for name in GLOBAL_HOOKS):
         warnings.warn("pyops.fuse: global module hooks are registered (torch.nn.modules.module.register_module_"
                       "forward_hook and the like): they run on the fused model's modules, not on the BatchNorms and "
                       "ReLUs folded away, so a hook that changes or records their outputs sees other values",
                       UserWarning, stacklevel=2)
+    # (under torch.inference_mode the copy and the folded weights would be inference tensors, which no later call
+    # with autograd could use)
+    with torch.inference_mode(False):
+        return _fuse(model, inplace)
+
+
+def _fuse(model, inplace):
     work = model if inplace else deepcopy_sharing_hooks(model)
     try:
         graph_module = FusionTracer.trace_module(work)
@@ -218,9 +242,9 @@ for _name, _fn in AUGMENTED.items():
 
 class FusionTracer(fx.Tracer):
     """torch.fx's default tracer, recording augmented assignments in place (InPlaceProxy) and also keeping as leaves
-    torchvision's FrozenBatchNorm2d, pyops' fused modules, subclasses of torch.nn's layers that keep their forward
-    (so that the first and the last can be folded, and the fused ones are not traced through when a fused model is
-    fused again) and modules with hooks (traced through, their hooks ran once, on the trace's proxies; fuse fuses
+    torchvision's FrozenBatchNorm2d, pyops' fused modules and Conv1d, subclasses of torch.nn's layers that keep their
+    forward (so that these can be folded, and the fused ones are not traced through when a fused model is fused
+    again) and modules with hooks (traced through, their hooks ran once, on the trace's proxies; fuse fuses
     such a module on its own: fuse_hooked_submodules)."""
 
     def proxy(self, node):
@@ -229,7 +253,7 @@ class FusionTracer(fx.Tracer):
     def is_leaf_module(self, m, qualname):
         frozen = frozen_batchnorm_class()
         if isinstance(m, FUSED_MODULES) or (frozen is not None and isinstance(m, frozen)) \
-                or computes_like_base(m) is not None or has_hooks(m):
+                or computes_like_base(m) is not None or computes_like_pyops_conv1d(m) or has_hooks(m):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -245,14 +269,19 @@ class FusionTracer(fx.Tracer):
 def fuse_graph(gm):
     """Rewrites gm's graph in place: each chain found by match_chain becomes one call of a new fused module."""
     modules = dict(gm.named_modules())
-    fused_conv, absorbed, folded = False, [], {}
+    absorbed, folded, created = [], {}, []
+    # Modules the graph uses whole (a get_attr of a classifier handed to pyops.sliding_classify, a module kept as a
+    # leaf for its hooks): a chain inside one is left alone, as that module computes with its own layers (and with
+    # inplace=True it is the caller's own, which installing the fused layer in it would change).
+    whole = {n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
     for node in list(gm.graph.nodes):  # chains start at a BatchNorm: the nodes erased with one are never one
         chain = match_chain(node, modules)
-        if chain is not None:
+        if chain is not None and not any(inside_used_module(n.target, whole)
+                                         for n in chain["nodes"] if n.op == "call_module"):
             absorbed += [n.target for n in chain["nodes"] if n.op == "call_module"]
-            fused_conv |= replace_chain(gm, modules, chain, folded) is pyops_nn.ConvBNReLU2d
-    if fused_conv:
-        layout_safe_views(gm.graph, modules)
+            replace_chain(gm, modules, chain, folded, created)
+    if any(isinstance(m, pyops_nn.ConvBNReLU2d) for m in created):
+        layout_safe_views(gm.graph, modules, created)
     gm.graph.lint()
     # Only the modules the chains absorbed go, where nothing else names them: not delete_all_unused_submodules,
     # which also empties modules the graph passes as arguments (a get_attr of a classifier handed to
@@ -262,6 +291,12 @@ def fuse_graph(gm):
         if not any(u.startswith(name + ".") for u in used):
             gm.delete_submodule(name)
     gm.recompile()
+
+
+def inside_used_module(target, whole):
+    """Whether a module of this qualified name lies inside one (a proper ancestor) that the graph uses whole."""
+    parts = target.split(".")
+    return any(".".join(parts[:i]) in whole for i in range(1, len(parts)))
 
 
 def called_module(node, modules):
@@ -321,13 +356,13 @@ def may_mutate(node, modules):
         return any(schema.is_mutable for schema in schemas)
     if target in INPLACE_OPERATORS or _in_place_name(getattr(target, "__name__", "")) or "out" in node.kwargs:
         return True
-    if not getattr(target, "__module__", "").startswith(("torch", "pyops", "_operator", "operator", "math",
-                                                          "builtins")):
+    if not _torch_function(target):
         return True  # a user function wrapped by torch.fx.wrap: its body is not in the graph
     try:  # F.relu(x, True), F.dropout(x, 0.5, False, True), ...: inplace given by position
         arguments = inspect.signature(target).bind(*node.args, **node.kwargs).arguments
-        # (a dropout not training is the identity, whatever its inplace flag)
-        return bool(arguments.get("inplace")) and arguments.get("training", True) is not False
+        # (a dropout not training is the identity, whatever its inplace flag; an rrelu is a leaky_relu_ then)
+        identity = "dropout" in getattr(target, "__name__", "") and arguments.get("training", True) is False
+        return bool(arguments.get("inplace")) and not identity
     except (TypeError, ValueError):  # no signature (a builtin) or not bindable: no inplace flag to read
         return False
 
@@ -353,15 +388,25 @@ def foldable_pair(layer, bn):
     torch.nn class does (no hooks; computes_like_base: no forward or _conv_forward of its own, as a QAT Conv2d's
     fake-quantizing one, except pyops.nn.Conv1d's, the same convolution) and a BatchNorm with running statistics
     and no hooks, over the layer's output channels."""
-    computes = computes_like_base(layer) not in (None, _BatchNorm) or isinstance(layer, pyops_nn.Conv1d)
+    computes = computes_like_base(layer) not in (None, _BatchNorm) or computes_like_pyops_conv1d(layer)
     return (computes and is_foldable_batchnorm(bn) and bn_computes_like_base(bn) and not has_hooks(layer)
             and not has_hooks(bn)
             and out_channels(layer) == bn.running_mean.numel() and normalizes_channels_of(bn, layer))
 
 
+def computes_like_pyops_conv1d(module):
+    """Whether module is a pyops.nn.Conv1d computing what that class does (no forward or _conv_forward of its own):
+    the convolution of nn.Conv1d, foldable as one."""
+    cls = type(module)
+    return (isinstance(module, pyops_nn.Conv1d) and cls.forward is nn.Conv1d.forward
+            and cls._conv_forward is pyops_nn.Conv1d._conv_forward)
+
+
 def bn_computes_like_base(bn):
     """Whether bn computes what its torch.nn (or torchvision) class does: no forward of its own (the untraceable
     fallback folded a BatchNorm2d subclass whose forward scales the output)."""
+    if type(bn) is nn.SyncBatchNorm:
+        return True  # in eval mode with running statistics it computes F.batch_norm, as BatchNorm does
     if isinstance(bn, _BatchNorm):
         return computes_like_base(bn) is not None
     frozen = frozen_batchnorm_class()
@@ -441,10 +486,11 @@ def folded_layer(layer, bn):
     return folded
 
 
-def replace_chain(gm, modules, chain, folded):
+def replace_chain(gm, modules, chain, folded, created):
     """One call_module node of the fused module in place of the chain's nodes; the module is installed under the
     layer's name when nothing else in the graph uses the layer (another call, a get_attr of its weight), else under
-    a fresh name. folded: {(layer, bn) ids: (name, module, epilogue)} of the chains fused so far. A layer → BN pair
+    a fresh name. folded: {(layer, bn) ids: (name, module, epilogue)} of the chains fused so far; created: the
+    fused modules made so far, which this one joins. A layer → BN pair
     called again (a shared block) calls the same fused module where the epilogue is the same, else a new one
     holding the same folded Parameters: one set of weights, as the model had (two copies drifted apart in
     fine-tuning)."""
@@ -464,9 +510,10 @@ def replace_chain(gm, modules, chain, folded):
         name = layer_node.target
         if any(n is not layer_node and n.op in ("call_module", "get_attr")
                and (n.target + ".").startswith(name + ".") for n in gm.graph.nodes):
-            name = fresh_name(modules, name + "_fused")
+            name = fresh_name(gm, modules, name + "_fused")
         gm.add_submodule(name, fused)
         modules[name] = fused
+        created.append(fused)
         folded.setdefault((id(layer), id(bn)), (name, fused, epilogue))
     kwargs = {"residual": chain["residual"]} if chain["residual"] is not None else {}
     # Where the layer was (it reads its input there, whatever happens to that input later), or, with a residual, at
@@ -478,7 +525,6 @@ def replace_chain(gm, modules, chain, folded):
     tail.replace_all_uses_with(call)
     for node in reversed(chain["nodes"]):  # each one's only user was the next, now erased
         gm.graph.erase_node(node)
-    return cls
 
 
 @overridable  # recorded as one call when the fused graph is traced again (pickling re-traces a GraphModule)
@@ -500,20 +546,24 @@ def view_as_or_copy(x, other):
     return view_or_copy(x, other.shape)
 
 
-def layout_safe_views(graph, modules):
+def layout_safe_views(graph, modules, created):
     """Rewrites the graph's calls that depend on a tensor's memory layout: view and view_as become view_or_copy and
     view_as_or_copy, and as_strided (which reads memory at the strides it is given) reads a contiguous copy, the
     layout the model's own layers produced. Where a copy would break aliasing the model relies on (something may
-    write in place into a viewed tensor or its views), the fused layers keep their input's layout instead
-    (ConvBNReLU2d.keep_input_layout) and the graph stays as it is."""
+    write in place into a viewed tensor or its views), or where the graph calls code it does not show (a module
+    kept whole for its hooks, a function torch.fx.wrap left untraced: a `.view` there would fail on a channels_last
+    tensor), the fused layers keep their input's layout instead
+    (ConvBNReLU2d.keep_input_layout: those this fuse created, not the model's own) and the graph stays as it
+    is."""
     # The views, and the ops that return a view of an NCHW tensor but a copy of a channels_last one: a write into
     # the result of a reshape/flatten/contiguous reached the layer's output in the model and not in a fused one.
     layout_dependent = [n for n in graph.nodes
                         if (n.op == "call_method" and n.target in ("view", "view_as", "as_strided", "reshape",
                                                                     "reshape_as", "flatten", "contiguous"))
                         or (n.op == "call_function" and n.target in (torch.flatten, torch.reshape))]
-    if any(alias_written(node, modules) for node in layout_dependent):
-        for module in modules.values():
+    if any(alias_written(node, modules) for node in layout_dependent) or \
+            any(runs_own_code(node, modules) for node in graph.nodes):
+        for module in created:
             if isinstance(module, pyops_nn.ConvBNReLU2d):
                 module.keep_input_layout = True
         return
@@ -531,6 +581,23 @@ def layout_safe_views(graph, modules):
             with graph.inserting_before(node):
                 contiguous = graph.call_method("contiguous", (node.args[0],))
             node.update_arg(0, contiguous)
+
+
+def runs_own_code(node, modules):
+    """Whether node calls code the graph does not show: a module that is not torch.nn's, pyops' or a BatchNorm
+    (kept as a leaf: it has hooks, or fx was told not to trace it), a module with hooks, a function that is not
+    torch's (torch.fx.wrap)."""
+    if node.op == "call_module":
+        module = modules.get(node.target)
+        known = type(module).__module__.startswith(("torch.nn.", "pyops.")) or is_batchnorm(module)
+        return not known or has_hooks(module)
+    return node.op == "call_function" and not _torch_function(node.target)
+
+
+def _torch_function(target):
+    """Whether a call_function target is PyTorch's (or pyops', an operator, a builtin): its body is known."""
+    return getattr(target, "__module__", "").startswith(("torch", "pyops", "_operator", "operator", "math",
+                                                           "builtins")) or isinstance(target, torch._ops.OpOverload)
 
 
 def is_alias(node):
@@ -566,9 +633,13 @@ def _is_dtype_view(node):
     return len(node.args) == 2 and isinstance(node.args[1], torch.dtype) or "dtype" in node.kwargs
 
 
-def fresh_name(modules, base):
+def fresh_name(gm, modules, base):
+    """base, or base1, base2, ...: the first that names no module and no other attribute (a parameter, a buffer)."""
+    def taken(name):
+        parent, _, leaf = name.rpartition(".")
+        return name in modules or hasattr(gm.get_submodule(parent), leaf)
     name, i = base, 0
-    while name in modules:
+    while taken(name):
         i += 1
         name = f"{base}{i}"
     return name

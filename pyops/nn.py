@@ -35,15 +35,16 @@ class Conv1d(NotScriptable, torch.nn.Conv1d):
     """torch.nn.Conv1d computed by pyops.conv1d (forward and backward).
 
     Same constructor and state_dict as torch.nn.Conv1d. padding_mode 'zeros' passes the padding to the kernel;
-    'reflect', 'replicate' and 'circular' pad with F.pad first, as nn.Conv1d does.
+    'reflect', 'replicate' and 'circular' pad with F.pad first, as nn.Conv1d does. As in nn.Conv1d, forward calls
+    _conv_forward(input, weight, bias), which subclasses may override (weight standardization, ...).
     Input (N, C_in, L) or (C_in, L); output (N, C_out, L_out) or (C_out, L_out).
     """
 
-    def forward(self, x):
+    def _conv_forward(self, x, weight, bias):
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return conv1d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
-        return conv1d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            return conv1d(x, weight, bias, self.stride, 0, self.dilation, self.groups)
+        return conv1d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     @classmethod
     def from_module(cls, conv):
@@ -56,9 +57,8 @@ class Conv1d(NotScriptable, torch.nn.Conv1d):
                              "first, or convert its model with swap_conv1d (which converts it on that first input)")
         if not all(isinstance(p, torch.nn.Parameter) for p in (conv.weight, conv.bias) if p is not None):
             raise TypeError("argument 'conv' computes its weight (a parametrization or hook: weight_norm, "
-                            "spectral_norm), so it has no weight Parameter to share; convert the plain layer first "
-                            "and apply the reparametrization to the result (old-style hooks: "
-                            "swap_conv1d(model, inplace=True) keeps them)")
+                            "spectral_norm), so it has no weight Parameter to share; swap_conv1d converts such "
+                            "layers keeping their parametrizations (old-style hooks: with inplace=True)")
         new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                   conv.groups, conv.bias is not None, conv.padding_mode, device="meta")
         new.weight, new.bias = conv.weight, conv.bias
@@ -97,8 +97,10 @@ def swap_conv1d(model, inplace=False):
     its parameters, hooks (an old-style weight_norm/spectral_norm's included: torch cannot deepcopy those layers,
     so convert them with inplace=True), attributes, and modules shared between parents stay one module. An
     nn.LazyConv1d becomes a pyops.nn.Conv1d when its first input initializes it (that first call still runs
-    nn.Conv1d's forward). inplace=False (default) converts a deep copy and returns it; True converts model itself
-    and returns it.
+    nn.Conv1d's forward). A layer with parametrizations (torch.nn.utils.parametrizations.weight_norm,
+    spectral_norm, parametrize.register_parametrization: the usual TCN and vocoder layers) keeps them, on a
+    pyops.nn.Conv1d (remove_parametrizations leaves that). inplace=False (default) converts a deep copy and
+    returns it; True converts model itself and returns it.
     Outputs and gradients are F.conv1d's (within fp32 rounding); state_dict keys are unchanged.
     """
     if not isinstance(model, torch.nn.Module):
@@ -109,7 +111,23 @@ def swap_conv1d(model, inplace=False):
             module.__class__ = Conv1d
         elif type(module) is torch.nn.LazyConv1d:
             module.cls_to_become = Conv1d  # the class LazyModuleMixin gives the layer once its input initializes it
+        elif _parametrized_conv1d(module):
+            module.__class__ = _parametrized_class(type(module), Conv1d)
     return work
+
+
+def _parametrized_conv1d(module):
+    """Whether module is an nn.Conv1d (the class itself) that torch.nn.utils.parametrize gave parametrizations: its
+    class is then one made for it, a subclass of nn.Conv1d whose properties compute the parametrized tensors."""
+    return (torch.nn.utils.parametrize.is_parametrized(module)
+            and type(module).__bases__ == (torch.nn.Conv1d,))
+
+
+def _parametrized_class(parametrized, base):
+    """parametrize's class for a module (its properties, __getstate__, ...) on another base: as parametrize makes
+    it, so that remove_parametrizations restores base (the class's first base)."""
+    namespace = {k: v for k, v in vars(parametrized).items() if k not in ("__dict__", "__weakref__")}
+    return type(parametrized.__name__, (base,), namespace)
 
 
 ACTIVATIONS = ("none", "relu", "relu6")
@@ -125,11 +143,19 @@ def _autograd_sees(*tensors):
 
 
 def _cpu_fp32_inference(x, weight, bias, residual):
-    """Whether a call is float32 inference on the CPU with a 4-D input, outside torch.compile and torch.jit.trace:
-    where ConvBNReLU2d's CPU-only paths (packed weights, a channels_last stem) apply."""
+    """Whether a call is float32 inference on the CPU with a 4-D input, outside torch.compile, torch.jit.trace and
+    dispatch modes (FakeTensorMode: the shape probes of convolutionalize, make_fx; count_ops): where ConvBNReLU2d's
+    CPU-only paths (packed weights, a channels_last stem) apply."""
     return (x.is_cpu and weight.is_cpu and x.dtype is torch.float32 and weight.dtype is torch.float32 and x.dim() == 4
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and not torch._C._len_torch_dispatch_stack() and not _subclassed(x, weight, bias, residual)
             and not _autograd_sees(x, weight, bias, residual) and not _functorch_wrapped(x, weight, bias, residual))
+
+
+def _subclassed(*tensors):
+    """Whether one of the tensors (None allowed) is a tensor subclass (a FakeTensor outside its mode, ...), which
+    the packed weights' opaque tensors cannot serve: the op handles it."""
+    return any(t is not None and type(t) not in (torch.Tensor, nn.Parameter) for t in tensors)
 
 
 def _functorch_wrapped(*tensors):
@@ -314,19 +340,22 @@ class ConvBNReLU2d(DerivedWeights):
         layout then costs more than the per-call reorder of a small weight it replaces. 1×1 layers lose 10-35 % at
         batch 8 on an NCHW input (the conversion to channels_last is then most of the work) and gain 5-70 % on a
         channels_last one (a fused network's inner layers). Hence: ≥ 64 input channels, groups 1, and a spatial
-        kernel or a channels_last input.
+        kernel or a channels_last input. A packed weight is kept per input shape (up to 8: a detection head shared
+        by the levels of a feature pyramid, multi-scale inference), and only for the layer's own weight Parameter:
+        a weight computed anew for each call (a parametrization such as weight_norm, pruning's mask) would be
+        packed on every call, slower than the unpacked path.
         """
         # cheapest tests first: most calls that take another path leave at the first or second
         if (self.in_channels < 64 or self.groups != 1 or self.training
                 or not _cpu_fp32_inference(x, weight, bias, residual) or x.numel() == 0
-                or not torch.backends.mkldnn.is_available()):
+                or weight is not self._parameters.get("weight") or not torch.backends.mkldnn.is_available()):
             return None
         if (self.kernel_size == (1, 1) or self.keep_input_layout) and (
                 x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last)):
             return None
         pack = torch.ops.pyops.conv2d_pack_weight.default
         return self.derived(("packed", tuple(x.shape)), (weight,),
-                            lambda: pack(x, weight, self.stride, self.padding, self.dilation, self.groups))
+                            lambda: pack(x, weight, self.stride, self.padding, self.dilation, self.groups), keep=8)
 
     def _widens_into_channels_last(self, x, weight, bias, residual):
         """Whether CPU fp32 inference converts an NCHW x to channels_last first, making this layer's output

@@ -105,6 +105,55 @@ def test_dense_gemm_weight_gradient_matches_torch(device, config, path, monkeypa
                          torch.float32)
 
 
+# The CPU correlation kernel's regimes (conv1d_cpu_correlate.cpp): a strided layer's window staged in the stride's
+# phases (kernels narrower and wider than the stride, dilation, several chunks per row, 1, 4 and 8 input channels
+# per group, rows shorter than one vector), short rows of dense and depthwise layers (partial tiles), and windows
+# too wide to stage (a large dilation: read in place at stride 1, by the bounds-checked loop above it).
+@pytest.mark.parametrize("config", [(2, 1, 8, 4001, 10, 5, 0, 1, 1), (2, 8, 8, 2000, 3, 2, 1, 1, 1),
+                                    (3, 16, 16, 997, 4, 2, 1, 1, 2), (2, 8, 24, 700, 10, 5, 3, 1, 1),
+                                    (2, 6, 6, 300, 3, 4, 2, 3, 6), (2, 4, 12, 50, 1, 3, 0, 1, 1),
+                                    (2, 8, 8, 9, 5, 7, 4, 2, 1), (64, 8, 8, 4, 3, 1, 1, 1, 1),
+                                    (33, 16, 16, 13, 3, 1, 1, 1, 16), (2, 8, 8, 3000, 3, 1, 1000, 1000, 1),
+                                    (2, 8, 8, 3000, 3, 2, 700, 700, 1), (1, 2, 3, 400, 2, 61, 1, 1, 1)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_strided_short_and_wide_windows_match_torch(device, config, dtype, monkeypatch):
+    monkeypatch.setenv("PYOPS_CONV1D_PATH", "direct")
+    n, cin, cout, length, k, stride, padding, dilation, groups = config
+    g = torch.Generator().manual_seed(length)
+    x, w = rand((n, cin, length), dtype, device, g), rand((cout, cin // groups, k), dtype, device, g)
+    assert_matches_torch(x, w, rand((cout,), dtype, device, g), (stride, padding, dilation, groups), dtype)
+
+
+def conv1d_of_existing_pairs(x, w, stride, padding):
+    """out[n, o, j] = sum over c and the taps t with 0 <= j*stride + t - padding < L of w[o, c, t] * x[n, c, i]."""
+    length, k = x.shape[-1], w.shape[-1]
+    out = x.new_zeros(x.shape[0], w.shape[0], (length + 2 * padding - k) // stride + 1)
+    for j in range(out.shape[-1]):
+        for t in range(k):
+            if 0 <= j * stride + t - padding < length:
+                out[:, :, j] += x[:, :, j * stride + t - padding] @ w[:, :, t].T
+    return out
+
+
+@pytest.mark.parametrize("length", [6, 60])
+@pytest.mark.parametrize("channels,stride", [(1, 1), (8, 1), (1, 2), (8, 3)])
+def test_infinite_weights_beside_the_padding_make_no_nan(device, length, channels, stride, monkeypatch):
+    """Every path sums only the (position, tap) pairs that read inside the input, as F.conv1d's input gradient does:
+    the input gradient of a staged window multiplied its zero padding by an infinite weight (NaN), and so did the
+    forward of staged windows while rows read in place skipped it (F.conv1d's own forward does either, by backend)."""
+    monkeypatch.setenv("PYOPS_CONV1D_PATH", "direct")
+    x = torch.arange(1.0, length + 1, device=device).repeat(2, channels, 1).requires_grad_()
+    w = torch.ones(4, channels, 3, device=device)
+    w[:, :, 0] = math.inf
+    w.requires_grad_()
+    got = pyops.conv1d(x, w, None, stride, 2)
+    torch.testing.assert_close(got, conv1d_of_existing_pairs(x.detach(), w.detach(), stride, 2))
+    want = F.conv1d(x, w, None, stride, 2)
+    gy = torch.ones_like(want)
+    for a, e in zip(torch.autograd.grad(got, (x, w), gy), torch.autograd.grad(want, (x, w), gy)):
+        torch.testing.assert_close(a, e, equal_nan=True)
+
+
 @pytest.mark.parametrize("k,dilation", [(4, 1), (3, 2), (2, 3), (5, 1), (1, 1)])
 def test_same_padding_matches_torch_including_asymmetric(device, k, dilation):
     g = torch.Generator().manual_seed(k)
@@ -663,3 +712,43 @@ def test_bad_path_env_is_an_error(monkeypatch):
     monkeypatch.setenv("PYOPS_CONV1D_PATH", "fastest")
     with pytest.raises(ValueError, match="PYOPS_CONV1D_PATH"):
         pyops.conv1d(torch.randn(1, 2, 8), torch.randn(2, 2, 3))
+
+
+def test_conv_forward_overrides_run_as_in_nn_conv1d():
+    """pyops.nn.Conv1d.forward bypassed _conv_forward, so a subclass standardizing its weight there computed the
+    plain convolution (off by 7.7)."""
+    def standardized(base):
+        class WSConv1d(base):
+            def _conv_forward(self, x, weight, bias):
+                mean, std = weight.mean((1, 2), keepdim=True), weight.std((1, 2), keepdim=True)
+                return super()._conv_forward(x, (weight - mean) / std, bias)
+        return WSConv1d
+    ours, theirs = standardized(pyops.nn.Conv1d)(3, 4, 3), standardized(torch.nn.Conv1d)(3, 4, 3)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 3, 20)
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
+def test_swap_conv1d_keeps_parametrizations():
+    """Layers under parametrizations (weight_norm, spectral_norm: TCNs, vocoders) were left on torch's kernel."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(weight_norm(torch.nn.Conv1d(2, 3, 3)), torch.nn.ReLU(),
+                                spectral_norm(torch.nn.Conv1d(3, 3, 3)).eval(), torch.nn.Conv1d(3, 2, 1))
+    x = torch.randn(2, 2, 20, requires_grad=True)
+    want = model(x)
+    for inplace in (False, True):
+        swapped = pyops.nn.swap_conv1d(model, inplace=inplace)
+        assert all(isinstance(swapped[i], pyops.nn.Conv1d) for i in (0, 2, 3))
+        assert parametrize.is_parametrized(swapped[0], "weight") and parametrize.is_parametrized(swapped[2], "weight")
+        got = swapped(x)
+        torch.testing.assert_close(got, want)
+        g = torch.randn_like(want)
+        for a, e in zip(torch.autograd.grad(got, [x, swapped[0].parametrizations.weight.original0], g),
+                        torch.autograd.grad(want, [x, model[0].parametrizations.weight.original0], g,
+                                            retain_graph=True)):
+            torch.testing.assert_close(a, e)
+    parametrize.remove_parametrizations(swapped[0], "weight")
+    assert type(swapped[0]) is pyops.nn.Conv1d
+    torch.testing.assert_close(swapped(x), want)

@@ -988,3 +988,30 @@ def test_per_backend_tf32_settings_are_kept(setting):
     matmul = torch.backends.cuda.matmul.fp32_precision
     pyops.sliding_classify(reference.homework_net1(small=True), torch.rand(1, 3, 34, 33), 32, algorithm="fft")
     assert torch.backends.cuda.matmul.fp32_precision == matmul
+
+
+def test_fused_models_slide_under_no_grad_and_with_a_fused_head():
+    """A fused model's packed-weight path ran on the shape probes' fake tensors (no grad: the window was blamed,
+    UnsupportedOperatorException at the call), and its head's LinearBNReLU was refused ('does not take the
+    previous layer's output')."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 64, 3), nn.BatchNorm2d(64), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.BatchNorm2d(64),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(64 * 8 * 8, 32), nn.BatchNorm1d(32), nn.ReLU(),
+                        nn.Linear(32, 10))
+    for bn in (net[1], net[4], net[8]):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2)
+    net.eval()
+    fused = pyops.fuse(net)
+    assert any(isinstance(m, pyops.nn.LinearBNReLU) for m in fused.modules())
+    img = torch.randn(1, 3, 20, 20)
+    with torch.no_grad():
+        want = pyops.sliding_classify(net, img, 12, exact=True)
+        clf = pyops.nn.SlidingClassifier(fused, 12)
+        for got in (clf(img), pyops.sliding_classify(fused, img, 12, exact=True),
+                    pyops.sliding_classify(fused, img, 12)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    relu6 = pyops.fuse(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(400, 8), nn.BatchNorm1d(8),
+                                     nn.ReLU6(), nn.Linear(8, 2)).eval())
+    with pytest.raises(ValueError, match="ReLU6"):
+        pyops.nn.SlidingClassifier(relu6, 12)

@@ -8,10 +8,11 @@
 // Every CPU kernel is one "correlation" with a general offset, which covers all three ops:
 //   out[n, o, l] = bias[o] + sum_{c, k} w[o, c, k] * in[n, g*Cg + c, l*stride + k*dilation + offset]
 //   forward:    in = input, w = weight,                          offset = -padding
-//   grad_input: in = grad_output (zero-upsampled by stride), w = weight transposed per group and flipped,
-//               stride 1, offset = padding - dilation*(K-1), output length = L_in
-// and grad_weight[o, c, k] = sum_{n, j} gy[n, o, j] * input[n, g*Cg + c, j + k*dilation - padding] over the
-// (upsampled) grad_output gy.
+//   grad_input: in = grad_output, w = weight transposed per group and flipped, stride 1,
+//               offset = padding - dilation*(K-1), output length = L_in (at a stride above 1, one such
+//               correlation per phase of the input: conv1d_cpu.cpp)
+// and grad_weight[o, c, k] = sum_{n, j} gy[n, o, j] * input[n, g*Cg + c, j*stride + k*dilation - padding] (at a
+// stride above 1, one stride-1 correlation per phase of the input).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -63,7 +64,9 @@ std::tuple<at::Tensor, at::Tensor> library_conv1d_backward_weight(const at::Tens
                                                                   const at::Tensor& input, const Conv1dGeometry& g,
                                                                   bool with_bias);
 
-// The correlation above on contiguous CPU tensors (float32/float64); bias may be undefined.
+// The correlation above on contiguous CPU tensors (float32/float64); bias may be undefined. It sums only the
+// (position, tap) pairs that read inside the input: an infinite weight beside the padding makes no NaN (F.conv1d's
+// input gradient does the same; its forward multiplies the padding on some backends and not on others).
 struct CorrelationShape {
   int64_t batch, in_channels, in_length, out_channels, kernel_size, out_length;
   int64_t stride, dilation, offset, groups;

@@ -1,15 +1,17 @@
 // The CPU correlation kernel behind conv1d's forward and grad_input (see conv1d.h):
 //   out[n, o, l] = bias[o] + sum_{c, k} w[o, c, k] * in[n, g*Cg + c, l*stride + k*dilation + offset].
-// Work items are (batch, group, chunk of positions), run in parallel. Along the length, the interior positions
-// (every tap inside the input) go through a register-blocked micro-kernel: OB output channels x NV vectors of
-// positions accumulate in registers over input channels and taps, each input vector loaded once and used OB
-// times. The few edge positions, stride > 1 and the tails go through a bounds-checked loop over the row.
+// Work items are (batch, group, chunk of positions), run in parallel. Positions go through a register-blocked
+// micro-kernel: OB output channels x NV vectors of positions accumulate in registers over input channels and taps,
+// each input vector loaded once and used OB times. It reads either a staged copy of the chunk's input window, split
+// into the stride's phases so that every tap reads consecutive elements (strided, many-channel and short layers), or
+// the input itself at stride 1, where the few edge positions and the tails take a bounds-checked loop.
 // One mechanism serves dense (OB = 4), depthwise and single-channel layers (OB = 1: a row of taps per vector).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "common/cpu_vec.h"
@@ -21,10 +23,18 @@ namespace {
 
 template <typename T>
 struct Rows {      // output channels [o0, o0 + count) of one batch element
-  const T* in;     // in[n, g*Cg, 0]
+  const T* in;     // in[n, g*Cg, 0], or the staged window of the chunk
   const T* w;      // their filters, laid out [c][k][count] (a packed block of 4, or one row of w)
   const T* bias;   // bias + o0, or nullptr
   T* out;          // out[n, o0, 0]
+};
+
+// Where the register tiles read: tap k of input channel c for output position l is in[c * pitch + tap[k] + l]
+// (relative to Rows::in). Straight from the input at stride 1: pitch = L_in, tap[k] = k*dilation + offset; from a
+// staged window, the positions of its phase rows (correlate_typed).
+struct TileReads {
+  int64_t pitch;
+  const int64_t* tap;
 };
 
 // Positions [la, lb) of OB rows, any stride, each tap clipped to the positions where it reads inside the input.
@@ -48,10 +58,12 @@ void correlate_range(const Rows<T>& r, const CorrelationShape& s, int64_t la, in
   }
 }
 
-// OB rows x NV vectors of positions starting at l0 (stride 1, every tap inside the input), accumulated in registers:
-// per (input channel, tap) NV vector loads of the input and OB broadcasts of consecutive weights feed OB*NV FMAs.
+// OB rows x NV vectors of positions starting at l0, every read inside the input, accumulated in registers: per
+// (input channel, tap) NV vector loads of the input and OB broadcasts of consecutive weights feed OB*NV FMAs. Only
+// the first `count` positions are stored (a last, partial vector reads past them inside a staged window).
 template <typename T, int OB, int NV>
-inline void correlate_tile(const Rows<T>& r, const CorrelationShape& s, int64_t l0) {
+inline void correlate_tile(const Rows<T>& r, const CorrelationShape& s, const TileReads& reads, int64_t l0,
+                           int64_t count = NV * Vectorized<T>::size()) {
   using Vec = Vectorized<T>;
   constexpr int64_t V = Vec::size();
   const int64_t cg = s.in_channels / s.groups, K = s.kernel_size;
@@ -60,12 +72,11 @@ inline void correlate_tile(const Rows<T>& r, const CorrelationShape& s, int64_t 
     const Vec b(r.bias ? r.bias[j] : T(0));
     for (int v = 0; v < NV; ++v) acc[j][v] = b;
   }
-  const T* x0 = r.in + l0 + s.offset;
   const T* wp = r.w;
   for (int64_t c = 0; c < cg; ++c) {
-    const T* xc = x0 + c * s.in_length;
+    const int64_t xc = c * reads.pitch + l0;  // (an offset: a staged window's taps are relative to its start)
     for (int64_t k = 0; k < K; ++k, wp += OB) {
-      const T* xk = xc + k * s.dilation;
+      const T* xk = r.in + (xc + reads.tap[k]);
       Vec xv[NV];
       for (int v = 0; v < NV; ++v) xv[v] = Vec::loadu(xk + v * V);
       for (int j = 0; j < OB; ++j) {
@@ -75,12 +86,27 @@ inline void correlate_tile(const Rows<T>& r, const CorrelationShape& s, int64_t 
     }
   }
   for (int j = 0; j < OB; ++j)
-    for (int v = 0; v < NV; ++v) acc[j][v].store(r.out + j * s.out_length + l0 + v * V);
+    for (int v = 0; v < NV; ++v) {
+      T* y = r.out + j * s.out_length + l0 + v * V;
+      if (count >= (v + 1) * V) acc[j][v].store(y);
+      else if (count > v * V) acc[j][v].store(y, count - v * V);
+    }
 }
 
-// Positions [la, lb) of OB rows: register tiles over the interior, the bounds-checked loop elsewhere.
+// Positions [la, lb) of OB rows from a staged window: every position is a register tile, the last one partial.
 template <typename T, int OB, int NV>
-void correlate_rows(const Rows<T>& r, const CorrelationShape& s, const Interior& in, int64_t la, int64_t lb) {
+void correlate_staged(const Rows<T>& r, const CorrelationShape& s, const TileReads& reads, int64_t la, int64_t lb) {
+  constexpr int64_t V = Vectorized<T>::size();
+  int64_t l = la;
+  for (; l + NV * V <= lb; l += NV * V) correlate_tile<T, OB, NV>(r, s, reads, l);
+  for (; l < lb; l += V) correlate_tile<T, OB, 1>(r, s, reads, l, std::min(V, lb - l));
+}
+
+// Positions [la, lb) of OB rows read straight from the input: register tiles over the stride-1 interior, the
+// bounds-checked loop elsewhere (and everywhere at a stride above 1).
+template <typename T, int OB, int NV>
+void correlate_direct(const Rows<T>& r, const CorrelationShape& s, const TileReads& reads, const Interior& in,
+                      int64_t la, int64_t lb) {
   constexpr int64_t V = Vectorized<T>::size();
   if (s.stride != 1) {
     correlate_range<T, OB>(r, s, la, lb);
@@ -89,8 +115,8 @@ void correlate_rows(const Rows<T>& r, const CorrelationShape& s, const Interior&
   const int64_t lo = std::clamp(in.lo, la, lb), hi = std::clamp(in.hi, lo, lb);
   correlate_range<T, OB>(r, s, la, lo);
   int64_t l = lo;
-  for (; l + NV * V <= hi; l += NV * V) correlate_tile<T, OB, NV>(r, s, l);
-  for (; l + V <= hi; l += V) correlate_tile<T, OB, 1>(r, s, l);
+  for (; l + NV * V <= hi; l += NV * V) correlate_tile<T, OB, NV>(r, s, reads, l);
+  for (; l + V <= hi; l += V) correlate_tile<T, OB, 1>(r, s, reads, l);
   correlate_range<T, OB>(r, s, l, lb);
 }
 
@@ -109,63 +135,89 @@ std::vector<T> pack_blocks_of_4(const T* w, const CorrelationShape& s) {
   return packed;
 }
 
+// dst[q] = src[first + q*stride] for q in [0, width), zero where that is outside [0, length).
+template <typename T>
+void stage_row(const T* src, int64_t length, int64_t first, int64_t stride, T* dst, int64_t width) {
+  const TapRange inside = tap_range(first, stride, length, 0, width);
+  std::fill(dst, dst + inside.lo, T(0));
+  for (int64_t q = inside.lo; q < inside.hi; ++q) dst[q] = src[first + q * stride];
+  std::fill(dst + inside.hi, dst + width, T(0));
+}
+
 // Work items: (batch, group, chunk of positions). A chunk is sized so its input window (all the group's input
 // channels) stays in L1 while every output channel of the group is computed from it.
+//
+// Staging: the chunk's input window is first copied to a compact, zero-filled buffer, split into the stride's phases:
+// row (c, p) holds input positions p, p + stride, ... of channel c from the window's start, so that each tap reads
+// consecutive elements of one row for consecutive outputs, and every position of the chunk is a register tile (no
+// bounds to check). This serves a stride above 1 (the input's positions a tap reads are `stride` apart), many input
+// channels at stride 1 (the staged rows are as long as the window, not 4 KiB apart as input rows of 1024 floats
+// are, which map to the same L1 sets) and rows shorter than a tile. Other layers (depthwise and single-channel ones
+// at stride 1) read the input directly. A window too long for L1 (a large dilation) is not staged: at stride 1 the
+// tiles read the input directly, above it the bounds-checked loop runs.
 template <typename T>
 void correlate_typed(const T* in, const T* w, const T* bias, T* out, const CorrelationShape& s) {
   constexpr int OB = 4, NV = 3;
-  constexpr int64_t tile = NV * Vectorized<T>::size();
+  constexpr int64_t V = Vectorized<T>::size(), tile = NV * V;
   const int64_t og = s.out_channels / s.groups, cg = s.in_channels / s.groups, full = og / OB;
-  const int64_t row = cg * s.kernel_size;
+  const int64_t K = s.kernel_size, S = s.stride, row = cg * K;
   const std::vector<T> packed = pack_blocks_of_4(w, s);
-  const Interior inner = interior(s.offset, s.dilation * (s.kernel_size - 1), s.in_length, s.out_length);
-  const int64_t span = s.dilation * (s.kernel_size - 1) * (s.stride == 1 ? 1 : 0);
-  const int64_t fit = (24 * 1024 / static_cast<int64_t>(sizeof(T))) / std::max<int64_t>(cg, 1) - span;
+  const int64_t span = s.dilation * (K - 1);  // input positions between a window's first and last tap
+  const int64_t budget = (24 * 1024 / static_cast<int64_t>(sizeof(T))) / std::max<int64_t>(cg, 1);  // per channel
+  // (a window of one vector of outputs must fit half of it: a large dilation or stride would copy more than it computes)
+  const bool fits = span + (S > 1 ? S * V : 0) <= budget / 2;
+  // (a staged window's zeros are multiplied by the weights: not with a non-finite one, whose 0 * inf would be NaN)
+  const bool finite = std::all_of(w, w + s.out_channels * row, [](T v) { return std::isfinite(v); });
+  const bool stage = fits && finite && (S > 1 || cg >= 4 || s.out_length < tile);
+  // positions per chunk: the staged window (chunk * stride + span) or the direct one (chunk + span at stride 1)
+  const int64_t fit = stage ? (budget - span) / S : budget - (S == 1 ? span : 0);
   const int64_t chunk = std::max<int64_t>(tile, fit / tile * tile);
-  // chunk boundaries start at the interior's first position, so every chunk but the ends is whole tiles
-  const int64_t start = s.stride == 1 ? inner.lo : 0;
+  // Direct reads at stride 1: chunks start at the interior's first position, so every chunk but the ends is tiles.
+  const Interior inner = interior(s.offset, span, s.in_length, s.out_length);
+  const int64_t start = !stage && S == 1 ? inner.lo : 0;
+  std::vector<int64_t> direct_taps(K);
+  for (int64_t k = 0; k < K; ++k) direct_taps[k] = k * s.dilation + s.offset;
   const int64_t chunks = std::max<int64_t>(1, (s.out_length - start + chunk - 1) / chunk);
   const int64_t items = s.batch * s.groups * chunks;
   const int64_t work = std::max<int64_t>(1, og * std::min(chunk, s.out_length) * std::max<int64_t>(row, 1));
-  // Many input channels at stride 1: each chunk's input window is first copied to a compact, zero-filled buffer
-  // (rows as long as the window, not 4 KiB apart as the input's rows of 1024 floats are, which map to the same L1
-  // sets; and no bounds to check): then every position of the chunk is a register tile.
-  const bool stage = s.stride == 1 && cg >= 4;
   at::parallel_for(0, items, std::max<int64_t>(1, 32768 / work), [&](int64_t begin, int64_t end) {
     std::vector<T> staged;
+    std::vector<int64_t> staged_taps(K);
     for (int64_t it = begin; it < end; ++it) {
       const int64_t n = it / (s.groups * chunks), g = (it / chunks) % s.groups, ch = it % chunks;
       const int64_t la = ch == 0 ? 0 : start + ch * chunk;
       const int64_t lb = ch == chunks - 1 ? s.out_length : start + (ch + 1) * chunk;
       const T* x = in + (n * s.in_channels + g * cg) * s.in_length;
-      CorrelationShape local = s;
-      Interior local_inner = inner;
+      TileReads reads{s.in_length, direct_taps.data()};
       if (stage) {
-        const int64_t width = lb - la + span;  // input positions la + offset .. lb - 1 + offset + span
-        if (static_cast<int64_t>(staged.size()) < cg * width) staged.resize(cg * width);
-        for (int64_t c = 0; c < cg; ++c) {
-          const T* src = x + c * s.in_length;
-          T* dst = staged.data() + c * width;
-          for (int64_t q = 0; q < width; ++q) {
-            const int64_t i = la + s.offset + q;
-            dst[q] = i >= 0 && i < s.in_length ? src[i] : T(0);
-          }
+        // Output l (la <= l < lb), tap k reads input position la*S + offset + q*S + p with q = l - la + kd / S and
+        // p = kd % S (kd = k * dilation): element q of phase row p. Rows are padded to whole vectors of outputs.
+        const int64_t width = (lb - la + V - 1) / V * V + span / S, first = la * S + s.offset;
+        reads.pitch = S * width;
+        if (static_cast<int64_t>(staged.size()) < cg * reads.pitch) staged.resize(cg * reads.pitch);
+        for (int64_t c = 0; c < cg; ++c)
+          for (int64_t p = 0; p < S; ++p)
+            stage_row(x + c * s.in_length, s.in_length, first + p, S, staged.data() + c * reads.pitch + p * width,
+                      width);
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t kd = k * s.dilation;
+          staged_taps[k] = kd % S * width + kd / S - la;
         }
         x = staged.data();
-        local.in_length = width;
-        local.offset = -la;
-        local_inner = {la, lb};
+        reads.tap = staged_taps.data();
       }
       T* y = out + (n * s.out_channels + g * og) * s.out_length;
       const T* b = bias ? bias + g * og : nullptr;
       for (int64_t blk = 0; blk < full; ++blk) {
         const Rows<T> r{x, packed.data() + (g * full + blk) * row * OB, b ? b + blk * OB : nullptr,
                         y + blk * OB * s.out_length};
-        correlate_rows<T, OB, NV>(r, local, local_inner, la, lb);
+        if (stage) correlate_staged<T, OB, NV>(r, s, reads, la, lb);
+        else correlate_direct<T, OB, NV>(r, s, reads, inner, la, lb);
       }
       for (int64_t o = full * OB; o < og; ++o) {
         const Rows<T> r{x, w + (g * og + o) * row, b ? b + o : nullptr, y + o * s.out_length};
-        correlate_rows<T, 1, 4>(r, local, local_inner, la, lb);
+        if (stage) correlate_staged<T, 1, 4>(r, s, reads, la, lb);
+        else correlate_direct<T, 1, 4>(r, s, reads, inner, la, lb);
       }
     }
   });
