@@ -118,7 +118,8 @@ class DerivedWeights(NotScriptable, nn.Module):
             return hit.value
         # the forms of a slot are made from the same sources: those that no longer match them are stale; of the
         # others, the keep - 1 most recent stay
-        rest = [e for e in entries if e is not hit and e.kind != kind and e.key.matches(sources)][:keep - 1]
+        rest = [_Entry(e.kind, e.key, e.value) for e in entries  # (re-made: an entry's own `older` would keep the
+                if e is not hit and e.kind != kind and e.key.matches(sources)][:keep - 1]  # dropped ones alive)
         if hit is None:
             setattr(self, slot, _Entry(rest[0].kind, rest[0].key, rest[0].value, tuple(rest[1:])) if rest else None)
             hit = _Entry(kind, SourcesKey(sources), make())  # (the dropped forms are freed before it is made)

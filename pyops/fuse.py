@@ -54,14 +54,18 @@ ALIAS_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatt
                  "dsplit", "chunk", "unbind", "movedim", "moveaxis", "swapaxes", "swapdims", "diagonal",
                  "as_strided", "contiguous", "unfold", "view_as_real", "view_as_complex", "indices", "values",
                  "crow_indices", "col_indices", "to", "type", "type_as", "float", "double", "half", "bfloat16",
-                 "cpu", "cuda", "requires_grad_"}
+                 "cpu", "cuda", "requires_grad_", "positive", "conj", "resolve_conj", "resolve_neg"}
 ALIAS_FUNCTIONS = {torch.flatten, torch.unflatten, torch.ravel, torch.reshape, torch.squeeze, torch.unsqueeze,
                    torch.transpose, torch.permute, torch.adjoint, torch.narrow, torch.select, torch.split,
                    torch.tensor_split, torch.hsplit, torch.vsplit, torch.dsplit, torch.chunk, torch.unbind,
                    torch.movedim, torch.moveaxis, torch.swapaxes, torch.swapdims, torch.t, torch.diagonal,
                    torch.detach, torch.as_strided, torch.broadcast_to,
                    torch.view_as_real, torch.view_as_complex, torch.real, torch.imag, torch.atleast_1d,
-                   torch.atleast_2d, torch.atleast_3d, torch.broadcast_tensors, operator.getitem}
+                   torch.atleast_2d, torch.atleast_3d, torch.broadcast_tensors, torch.positive, torch.conj,
+                   torch.resolve_conj, torch.resolve_neg, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+                   F.alpha_dropout, F.feature_alpha_dropout, operator.getitem}  # (a dropout returns x not training)
+# Modules that may return their input itself or a view of it.
+ALIAS_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd)
 ALIAS_ATTRIBUTES = {"T", "mT", "H", "mH", "data", "real", "imag"}
 
 
@@ -94,7 +98,10 @@ def fuse(model, inplace=False):
     fused. Global module hooks (register_module_forward_hook) see the fused modules instead: a warning says so.
     The fused layers may return channels_last tensors in CPU float32 inference (pyops.nn.ConvBNReLU2d); the traced
     graph's `.view` calls become view_or_copy (a view where the strides allow one, else a copy) so that models
-    flattening with `.view(n, -1)` still run, also after pickling or tracing the result again.
+    flattening with `.view(n, -1)` still run, also after pickling or tracing the result again; where the graph
+    calls code it does not show (a custom leaf module, a torch.fx.wrap function), the fused layers keep their
+    input's layout. Hooks are the caller's code: they may see channels_last outputs (a hook calling `.view(n, -1)`
+    on one fails; use `.reshape`).
     ValueError: a model (or submodule) in training mode (torch.nn's stateless layers and containers do not count,
     dropouts do). Warns (UserWarning) when torch.fx cannot trace the model, or when its forward has an argument
     defaulting to None that the trace uses (torch.fx takes it as a tensor, dropping the model's code for calls
@@ -115,13 +122,13 @@ def fuse(model, inplace=False):
         raise ValueError(f"argument 'model' is in training mode ({', '.join(training[:5])}"
                          f"{', ...' if len(training) > 5 else ''}): BatchNorm can only be folded in eval mode; "
                          f"call model.eval() first")
-    if isinstance(model, FUSED_MODULES):  # fused already (tracing one alone records it as a call of itself)
-        return model if inplace else copy.deepcopy(model)
     if any(getattr(torch.nn.modules.module, name, None) for name in GLOBAL_HOOKS):
         warnings.warn("pyops.fuse: global module hooks are registered (torch.nn.modules.module.register_module_"
                       "forward_hook and the like): they run on the fused model's modules, not on the BatchNorms and "
                       "ReLUs folded away, so a hook that changes or records their outputs sees other values",
                       UserWarning, stacklevel=2)
+    if isinstance(model, FUSED_MODULES):  # fused already (tracing one alone records it as a call of itself)
+        return model if inplace else deepcopy_sharing_hooks(model)
     # (under torch.inference_mode the copy and the folded weights would be inference tensors, which no later call
     # with autograd could use)
     with torch.inference_mode(False):
@@ -584,20 +591,24 @@ def layout_safe_views(graph, modules, created):
 
 
 def runs_own_code(node, modules):
-    """Whether node calls code the graph does not show: a module that is not torch.nn's, pyops' or a BatchNorm
-    (kept as a leaf: it has hooks, or fx was told not to trace it), a module with hooks, a function that is not
-    torch's (torch.fx.wrap)."""
+    """Whether node calls code the graph does not show: a leaf module that is not torch.nn's, pyops' or a BatchNorm
+    (a childless module kept for its hooks, or one fx was told not to trace), a function that is not torch's
+    (torch.fx.wrap). Not the hooks themselves (the caller's code, which sees what the fused layers return), nor a
+    hooked module with children, which is fused on its own (fuse_hooked_submodules)."""
     if node.op == "call_module":
         module = modules.get(node.target)
-        known = type(module).__module__.startswith(("torch.nn.", "pyops.")) or is_batchnorm(module)
-        return not known or has_hooks(module)
+        if has_hooks(module) and next(module.children(), None) is not None:
+            return False
+        return not (type(module).__module__.startswith(("torch.nn.", "pyops.")) or is_batchnorm(module))
     return node.op == "call_function" and not _torch_function(node.target)
 
 
 def _torch_function(target):
-    """Whether a call_function target is PyTorch's (or pyops', an operator, a builtin): its body is known."""
-    return getattr(target, "__module__", "").startswith(("torch", "pyops", "_operator", "operator", "math",
-                                                           "builtins")) or isinstance(target, torch._ops.OpOverload)
+    """Whether a call_function target is PyTorch's (or pyops', an operator, a builtin): its body is known (not a
+    user module named torch_utils)."""
+    module = getattr(target, "__module__", None) or ""
+    return (module.split(".")[0] in ("torch", "pyops", "_operator", "operator", "math", "builtins")
+            or isinstance(target, torch._ops.OpOverload))
 
 
 def is_alias(node):
@@ -605,6 +616,8 @@ def is_alias(node):
     ALIAS_ATTRIBUTES: `x.T` is traced as getattr(x, "T"))."""
     return (node.op == "call_method" and node.target in ALIAS_METHODS) or \
         (node.op == "call_function" and node.target in ALIAS_FUNCTIONS) or \
+        (node.op == "call_module" and isinstance(node.graph.owning_module.get_submodule(node.target), ALIAS_MODULES)
+         and not has_hooks(node.graph.owning_module.get_submodule(node.target))) or \
         (node.op == "call_function" and node.target is getattr and len(node.args) == 2
          and node.args[1] in ALIAS_ATTRIBUTES)
 

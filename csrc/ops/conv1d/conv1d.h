@@ -78,6 +78,20 @@ void correlate_cpu(const at::Tensor& in, const at::Tensor& w, const at::Tensor& 
 void correlate_weight_cpu(const at::Tensor& gy, const at::Tensor& x, at::Tensor& grad_weight, int64_t dilation,
                           int64_t offset, int64_t groups);
 
+// Short rows on the CPU: rows much shorter than the kernels' vectors spend their time in per-row edges and loop
+// overhead (N=1024 rows of 16: 3-7x slower than oneDNN), so below kShortRow positions the kernels lay the samples
+// end to end, each padded with zeros so that no tap of one sample reaches another's values: a few long rows.
+// lay_end_to_end: t (N, C, L), contiguous, as (blocks, C, M * length) rows, M = ceil(N / blocks), sample b*M + m at
+// [m*length + lead, m*length + lead + L) of row (b, c) and zeros elsewhere (and for the samples past N);
+// take_end_to_end: out (N, C, count) = positions [m*length, m*length + count) of those rows. end_to_end_blocks:
+// the number of such blocks (parallel work; a function of the batch only, so the sums' order is fixed).
+constexpr int64_t kShortRow = 48;
+at::Tensor lay_end_to_end(const at::Tensor& t, int64_t lead, int64_t length, int64_t blocks);
+void take_end_to_end(const at::Tensor& rows, int64_t length, at::Tensor& out);
+int64_t end_to_end_blocks(int64_t batch);
+// Whether every element of t (contiguous) is finite: one pass (at::isfinite makes four).
+bool all_finite(const at::Tensor& t);
+
 // grad_weight of a dense (groups == 1) CPU layer as per-tap GEMMs through ATen's BLAS (conv1d_cpu_gemm.cpp), and
 // whether the library path takes it: forced by conv1d_path(), or under auto where it is faster than oneDNN's.
 bool use_gemm_backward_weight(const Conv1dGeometry& g, at::ScalarType dtype);

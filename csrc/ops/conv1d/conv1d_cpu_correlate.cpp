@@ -6,9 +6,9 @@
 // into the stride's phases so that every tap reads consecutive elements (strided, many-channel and short layers), or
 // the input itself at stride 1, where the few edge positions and the tails take a bounds-checked loop.
 // One mechanism serves dense (OB = 4), depthwise and single-channel layers (OB = 1: a row of taps per vector).
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
 
 #include <algorithm>
 #include <cmath>
@@ -139,9 +139,15 @@ std::vector<T> pack_blocks_of_4(const T* w, const CorrelationShape& s) {
 template <typename T>
 void stage_row(const T* src, int64_t length, int64_t first, int64_t stride, T* dst, int64_t width) {
   const TapRange inside = tap_range(first, stride, length, 0, width);
-  std::fill(dst, dst + inside.lo, T(0));
-  for (int64_t q = inside.lo; q < inside.hi; ++q) dst[q] = src[first + q * stride];
-  std::fill(dst + inside.hi, dst + width, T(0));
+  // (a window wholly left of the input: tap_range's lo is past width, and its range empty)
+  const int64_t lo = std::min(inside.lo, width), hi = std::clamp(inside.hi, lo, width);
+  std::fill(dst, dst + lo, T(0));
+  if (stride == 1) {
+    std::copy(src + first + lo, src + first + hi, dst + lo);
+  } else {
+    for (int64_t q = lo; q < hi; ++q) dst[q] = src[first + q * stride];
+  }
+  std::fill(dst + hi, dst + width, T(0));
 }
 
 // Work items: (batch, group, chunk of positions). A chunk is sized so its input window (all the group's input
@@ -152,9 +158,9 @@ void stage_row(const T* src, int64_t length, int64_t first, int64_t stride, T* d
 // consecutive elements of one row for consecutive outputs, and every position of the chunk is a register tile (no
 // bounds to check). This serves a stride above 1 (the input's positions a tap reads are `stride` apart), many input
 // channels at stride 1 (the staged rows are as long as the window, not 4 KiB apart as input rows of 1024 floats
-// are, which map to the same L1 sets) and rows shorter than a tile. Other layers (depthwise and single-channel ones
-// at stride 1) read the input directly. A window too long for L1 (a large dilation) is not staged: at stride 1 the
-// tiles read the input directly, above it the bounds-checked loop runs.
+// are, which map to the same L1 sets) and rows shorter than a tile, where it pays (`pays` below). Other layers
+// (depthwise and single-channel ones at stride 1, windows too wide for L1) read the input directly: at stride 1
+// with tiles over the interior, above it through the bounds-checked loop.
 template <typename T>
 void correlate_typed(const T* in, const T* w, const T* bias, T* out, const CorrelationShape& s) {
   constexpr int OB = 4, NV = 3;
@@ -164,13 +170,18 @@ void correlate_typed(const T* in, const T* w, const T* bias, T* out, const Corre
   const std::vector<T> packed = pack_blocks_of_4(w, s);
   const int64_t span = s.dilation * (K - 1);  // input positions between a window's first and last tap
   const int64_t budget = (24 * 1024 / static_cast<int64_t>(sizeof(T))) / std::max<int64_t>(cg, 1);  // per channel
-  // (a window of one vector of outputs must fit half of it: a large dilation or stride would copy more than it computes)
+  // When staging pays: at stride 1, where a window of one vector of outputs fits half the budget (a large dilation
+  // would copy more than it computes; the tiles then read the input in place, fast too) and the copy is shared by
+  // enough work (og*K >= V rows of taps per input vector: 4->1 channels with K = 1 ran 4x slower staged); above it,
+  // also wherever the copy (stride*tile + span per channel and tile) costs less than the vector tiles save over the
+  // bounds-checked scalar loop (og*K*tile per channel and tile: 200 channels per group at stride 2 ran 18x slower).
   const bool fits = span + (S > 1 ? S * V : 0) <= budget / 2;
+  const bool pays = S > 1 ? fits || span + S * tile < og * K * tile : fits && (cg >= 4 && og * K >= V);
   // (a staged window's zeros are multiplied by the weights: not with a non-finite one, whose 0 * inf would be NaN)
   const bool finite = std::all_of(w, w + s.out_channels * row, [](T v) { return std::isfinite(v); });
-  const bool stage = fits && finite && (S > 1 || cg >= 4 || s.out_length < tile);
+  const bool stage = finite && (pays || (fits && s.out_length < tile));
   // positions per chunk: the staged window (chunk * stride + span) or the direct one (chunk + span at stride 1)
-  const int64_t fit = stage ? (budget - span) / S : budget - (S == 1 ? span : 0);
+  const int64_t fit = stage ? (budget - span) / S : budget - (S == 1 ? span : 0);  // (below a tile: one tile)
   const int64_t chunk = std::max<int64_t>(tile, fit / tile * tile);
   // Direct reads at stride 1: chunks start at the interior's first position, so every chunk but the ends is tiles.
   const Interior inner = interior(s.offset, span, s.in_length, s.out_length);
@@ -225,13 +236,39 @@ void correlate_typed(const T* in, const T* w, const T* bias, T* out, const Corre
 
 }  // namespace
 
-void correlate_cpu(const at::Tensor& in, const at::Tensor& w, const at::Tensor& bias, at::Tensor& out,
-                   const CorrelationShape& s) {
+namespace {
+
+void correlate_kernel(const at::Tensor& in, const at::Tensor& w, const at::Tensor& bias, at::Tensor& out,
+                      const CorrelationShape& s) {
   AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "pyops_conv1d_correlate_cpu", [&] {
     correlate_typed<scalar_t>(in.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
                               bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
                               out.mutable_data_ptr<scalar_t>(), s);
   });
+}
+
+}  // namespace
+
+void correlate_cpu(const at::Tensor& in, const at::Tensor& w, const at::Tensor& bias, at::Tensor& out,
+                   const CorrelationShape& s) {
+  // Short rows (conv1d.h, lay_end_to_end): each sample's segment holds `lead` zeros, its values, and zeros up to a
+  // length (a multiple of the stride) past every position its outputs read, so every read outside the sample is a
+  // zero of its own segment; the outputs of each segment's first `out_length` positions are the sample's. Not with
+  // a non-finite weight (a zero of the padding times it would be NaN).
+  if (s.batch > 1 && s.out_length < kShortRow && all_finite(w)) {
+    const int64_t lead = std::max<int64_t>(0, -s.offset), offset = s.offset + lead;  // (offset >= 0)
+    const int64_t last_read = (s.out_length - 1) * s.stride + s.dilation * (s.kernel_size - 1) + offset;
+    const int64_t length = (std::max(lead + s.in_length, last_read + 1) + s.stride - 1) / s.stride * s.stride;
+    const int64_t blocks = end_to_end_blocks(s.batch), per_block = (s.batch + blocks - 1) / blocks;
+    const at::Tensor rows = lay_end_to_end(in, lead, length, blocks);
+    at::Tensor out_rows = at::empty({blocks, s.out_channels, per_block * length / s.stride}, out.options());
+    correlate_kernel(rows, w, bias, out_rows,
+                     {blocks, s.in_channels, per_block * length, s.out_channels, s.kernel_size,
+                      per_block * length / s.stride, s.stride, s.dilation, offset, s.groups});
+    take_end_to_end(out_rows, length / s.stride, out);
+    return;
+  }
+  correlate_kernel(in, w, bias, out, s);
 }
 
 }  // namespace pyops

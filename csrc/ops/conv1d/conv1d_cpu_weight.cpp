@@ -91,7 +91,10 @@ void weight_rows(const T* gy, const T* x, const WeightShape& s, int64_t n0, int6
     int64_t col = 0;
     for (; col + 8 <= cols; col += 8) weight_block<T, 1, 8>(gy, x, s, n0, n1, g, o0 + j, col, res + j * cols, cols);
     for (; col + 4 <= cols; col += 4) weight_block<T, 1, 4>(gy, x, s, n0, n1, g, o0 + j, col, res + j * cols, cols);
-    for (; col < cols; ++col) weight_block<T, 1, 1>(gy, x, s, n0, n1, g, o0 + j, col, res + j * cols, cols);
+    // the last 1-3 columns in one pass over the rows (a depthwise k=3 filter is 3 columns)
+    if (cols - col == 3) weight_block<T, 1, 3>(gy, x, s, n0, n1, g, o0 + j, col, res + j * cols, cols);
+    if (cols - col == 2) weight_block<T, 1, 2>(gy, x, s, n0, n1, g, o0 + j, col, res + j * cols, cols);
+    if (cols - col == 1) weight_block<T, 1, 1>(gy, x, s, n0, n1, g, o0 + j, col, res + j * cols, cols);
   }
 }
 
@@ -123,20 +126,37 @@ void weight_typed(const T* gy, const T* x, T* grad_weight, const WeightShape& s)
   });
 }
 
-}  // namespace
-
-void correlate_weight_cpu(const at::Tensor& gy, const at::Tensor& x, at::Tensor& grad_weight, int64_t dilation,
-                          int64_t offset, int64_t groups) {
-  if (x.size(0) == 0) {
-    grad_weight.zero_();
-    return;
-  }
+void weight_kernel(const at::Tensor& gy, const at::Tensor& x, at::Tensor& grad_weight, int64_t dilation,
+                   int64_t offset, int64_t groups) {
   const WeightShape s{x.size(0), x.size(1), x.size(2), gy.size(1), grad_weight.size(2), gy.size(2),
                       dilation, offset, groups};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pyops_conv1d_weight_cpu", [&] {
     weight_typed<scalar_t>(gy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                            grad_weight.mutable_data_ptr<scalar_t>(), s);
   });
+}
+
+}  // namespace
+
+void correlate_weight_cpu(const at::Tensor& gy, const at::Tensor& x, at::Tensor& grad_weight, int64_t dilation,
+                          int64_t offset, int64_t groups) {
+  const int64_t batch = x.size(0), in_length = x.size(2), gy_length = gy.size(2);
+  if (batch == 0) {
+    grad_weight.zero_();
+    return;
+  }
+  // Short rows (conv1d.h, lay_end_to_end): samples end to end, each padded with zeros to a length at which no tap of
+  // one sample reaches another's values (Q >= L - offset, Q >= L_gy + span + offset): the same sums. Not with a
+  // non-finite input (a zero of the padding times it would be NaN where the sum of the existing pairs is not).
+  if (batch > 1 && gy_length < kShortRow && all_finite(x)) {
+    const int64_t span = dilation * (grad_weight.size(2) - 1);
+    const int64_t length = std::max({in_length, gy_length, in_length - offset, gy_length + span + offset});
+    const int64_t blocks = end_to_end_blocks(batch);
+    weight_kernel(lay_end_to_end(gy, 0, length, blocks), lay_end_to_end(x, 0, length, blocks), grad_weight,
+                  dilation, offset, groups);
+    return;
+  }
+  weight_kernel(gy, x, grad_weight, dilation, offset, groups);
 }
 
 }  // namespace pyops
