@@ -336,8 +336,10 @@ def _node_label(traced, node):
 
 
 def _is_flatten(traced, node):
-    if node.op == "call_function":
-        return node.target in (torch.flatten, torch.reshape)
+    if node.op == "call_function":  # (pyops.fuse writes a model's `.view` as view_or_copy)
+        return node.target in (torch.flatten, torch.reshape) or (
+            getattr(node.target, "__name__", None) == "view_or_copy"
+            and getattr(node.target, "__module__", None) == "pyops.fuse")
     if node.op == "call_method":
         return node.target in _FLATTEN_METHODS
     return node.op == "call_module" and isinstance(traced.get_submodule(node.target), nn.Flatten)

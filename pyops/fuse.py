@@ -54,7 +54,8 @@ ALIAS_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatt
                  "dsplit", "chunk", "unbind", "movedim", "moveaxis", "swapaxes", "swapdims", "diagonal",
                  "as_strided", "contiguous", "unfold", "view_as_real", "view_as_complex", "indices", "values",
                  "crow_indices", "col_indices", "to", "type", "type_as", "float", "double", "half", "bfloat16",
-                 "cpu", "cuda", "requires_grad_", "positive", "conj", "resolve_conj", "resolve_neg"}
+                 "cpu", "cuda", "requires_grad_", "positive", "conj", "resolve_conj", "resolve_neg", "unsafe_chunk",
+                 "unsafe_split", "unsafe_split_with_sizes", "numpy"}
 ALIAS_FUNCTIONS = {torch.flatten, torch.unflatten, torch.ravel, torch.reshape, torch.squeeze, torch.unsqueeze,
                    torch.transpose, torch.permute, torch.adjoint, torch.narrow, torch.select, torch.split,
                    torch.tensor_split, torch.hsplit, torch.vsplit, torch.dsplit, torch.chunk, torch.unbind,
@@ -62,8 +63,10 @@ ALIAS_FUNCTIONS = {torch.flatten, torch.unflatten, torch.ravel, torch.reshape, t
                    torch.detach, torch.as_strided, torch.broadcast_to,
                    torch.view_as_real, torch.view_as_complex, torch.real, torch.imag, torch.atleast_1d,
                    torch.atleast_2d, torch.atleast_3d, torch.broadcast_tensors, torch.positive, torch.conj,
-                   torch.resolve_conj, torch.resolve_neg, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
-                   F.alpha_dropout, F.feature_alpha_dropout, operator.getitem}  # (a dropout returns x not training)
+                   torch.resolve_conj, torch.resolve_neg, torch.unsafe_chunk, torch.unsafe_split,
+                   torch.unsafe_split_with_sizes, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+                   F.feature_alpha_dropout, torch.dropout, torch.feature_dropout, torch.alpha_dropout,
+                   torch.feature_alpha_dropout, operator.getitem}  # (a dropout returns x when not training)
 # Modules that may return their input itself or a view of it.
 ALIAS_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd)
 ALIAS_ATTRIBUTES = {"T", "mT", "H", "mH", "data", "real", "imag"}
@@ -127,11 +130,11 @@ def fuse(model, inplace=False):
                       "forward_hook and the like): they run on the fused model's modules, not on the BatchNorms and "
                       "ReLUs folded away, so a hook that changes or records their outputs sees other values",
                       UserWarning, stacklevel=2)
-    if isinstance(model, FUSED_MODULES):  # fused already (tracing one alone records it as a call of itself)
-        return model if inplace else deepcopy_sharing_hooks(model)
     # (under torch.inference_mode the copy and the folded weights would be inference tensors, which no later call
     # with autograd could use)
     with torch.inference_mode(False):
+        if isinstance(model, FUSED_MODULES):  # fused already (tracing one alone records it as a call of itself)
+            return model if inplace else deepcopy_sharing_hooks(model)
         return _fuse(model, inplace)
 
 
@@ -349,7 +352,7 @@ def may_mutate(node, modules):
     if node.op == "call_module":
         module = modules.get(node.target)
         known = type(module).__module__.startswith("torch.nn.") or isinstance(module, FUSED_MODULES) or \
-            is_batchnorm(module)
+            is_batchnorm(module) or computes_like_base(module) is not None or computes_like_pyops_conv1d(module)
         eval_dropout = isinstance(module, nn.modules.dropout._DropoutNd) and not module.training  # the identity
         return (bool(getattr(module, "inplace", False)) and not eval_dropout) or not known or has_hooks(module)
     if node.op == "call_method":
@@ -562,12 +565,7 @@ def layout_safe_views(graph, modules, created):
     tensor), the fused layers keep their input's layout instead
     (ConvBNReLU2d.keep_input_layout: those this fuse created, not the model's own) and the graph stays as it
     is."""
-    # The views, and the ops that return a view of an NCHW tensor but a copy of a channels_last one: a write into
-    # the result of a reshape/flatten/contiguous reached the layer's output in the model and not in a fused one.
-    layout_dependent = [n for n in graph.nodes
-                        if (n.op == "call_method" and n.target in ("view", "view_as", "as_strided", "reshape",
-                                                                    "reshape_as", "flatten", "contiguous"))
-                        or (n.op == "call_function" and n.target in (torch.flatten, torch.reshape))]
+    layout_dependent = [n for n in graph.nodes if depends_on_layout(n, modules)]
     if any(alias_written(node, modules) for node in layout_dependent) or \
             any(runs_own_code(node, modules) for node in graph.nodes):
         for module in created:
@@ -590,32 +588,68 @@ def layout_safe_views(graph, modules, created):
             node.update_arg(0, contiguous)
 
 
+def depends_on_layout(node, modules):
+    """Whether node's result depends on its input's memory layout: the views (which fail on strides that allow
+    none), and the ops that return a view of an NCHW tensor but a copy of a channels_last one, or the other way
+    round (a write into the result of a reshape/flatten/contiguous/to(memory_format) reached the layer's output in
+    the model and not in a fused one)."""
+    if node.op == "call_method":
+        return node.target in ("view", "view_as", "as_strided", "reshape", "reshape_as", "flatten", "ravel",
+                               "contiguous") or (node.target == "to" and "memory_format" in node.kwargs)
+    if node.op == "call_function":  # (view_or_copy: a fused model fused again)
+        return node.target in (torch.flatten, torch.reshape, torch.ravel, torch.as_strided, view_or_copy,
+                               view_as_or_copy)
+    return node.op == "call_module" and isinstance(modules.get(node.target), nn.Flatten)
+
+
 def runs_own_code(node, modules):
-    """Whether node calls code the graph does not show: a leaf module that is not torch.nn's, pyops' or a BatchNorm
-    (a childless module kept for its hooks, or one fx was told not to trace), a function that is not torch's
-    (torch.fx.wrap). Not the hooks themselves (the caller's code, which sees what the fused layers return), nor a
-    hooked module with children, which is fused on its own (fuse_hooked_submodules)."""
+    """Whether node calls code the graph does not show that may depend on a tensor's layout: a leaf module that is
+    not torch.nn's, pyops' or a BatchNorm (nor a subclass of a torch.nn layer keeping its forward), a function that
+    is not PyTorch's or torchvision's (torch.fx.wrap); a module with children kept whole for its hooks (fused on its
+    own, fuse_hooked_submodules) where its own traced code depends on the layout. Not the hooks themselves: the
+    caller's code, which sees what the fused layers return."""
     if node.op == "call_module":
         module = modules.get(node.target)
         if has_hooks(module) and next(module.children(), None) is not None:
-            return False
-        return not (type(module).__module__.startswith(("torch.nn.", "pyops.")) or is_batchnorm(module))
+            return code_depends_on_layout(module)
+        return not (type(module).__module__.startswith(("torch.nn.", "pyops.")) or is_batchnorm(module)
+                    or computes_like_base(module) is not None or computes_like_pyops_conv1d(module))
     return node.op == "call_function" and not _torch_function(node.target)
 
 
+def code_depends_on_layout(module):
+    """Whether module's forward, as torch.fx traces it, has a node whose result depends on its input's layout or
+    calls code it does not show (or cannot be traced)."""
+    try:
+        gm = FusionTracer.trace_module(module)
+    except Exception:  # noqa: BLE001 - untraceable: its code is unknown
+        return True
+    modules = dict(gm.named_modules())
+    return any(depends_on_layout(n, modules) or runs_own_code(n, modules) for n in gm.graph.nodes)
+
+
+def _torchvision_function(target):
+    """A torchvision function torch.fx.wrap left in the graph (stochastic_depth returns its input when not
+    training): taken to alias its input."""
+    return (getattr(target, "__module__", None) or "").split(".")[0] == "torchvision"
+
+
 def _torch_function(target):
-    """Whether a call_function target is PyTorch's (or pyops', an operator, a builtin): its body is known (not a
-    user module named torch_utils)."""
+    """Whether a call_function target is PyTorch's (or torchvision's, whose torch.fx.wrap'ed ops such as
+    stochastic_depth compute on their inputs, pyops', an operator, a builtin): its body is known (not a user module
+    named torch_utils)."""
     module = getattr(target, "__module__", None) or ""
-    return (module.split(".")[0] in ("torch", "pyops", "_operator", "operator", "math", "builtins")
+    return (module.split(".")[0] in ("torch", "torchvision", "pyops", "_operator", "operator", "math", "builtins")
             or isinstance(target, torch._ops.OpOverload))
 
 
 def is_alias(node):
     """Whether node's output may share memory with its first argument (ALIAS_METHODS, ALIAS_FUNCTIONS,
-    ALIAS_ATTRIBUTES: `x.T` is traced as getattr(x, "T"))."""
+    ALIAS_MODULES, torchvision's functions, ALIAS_ATTRIBUTES: `x.T` is traced as getattr(x, "T"))."""
     return (node.op == "call_method" and node.target in ALIAS_METHODS) or \
         (node.op == "call_function" and node.target in ALIAS_FUNCTIONS) or \
+        (node.op == "call_function" and (_torchvision_function(node.target)
+                                         or node.target in (view_or_copy, view_as_or_copy))) or \
         (node.op == "call_module" and isinstance(node.graph.owning_module.get_submodule(node.target), ALIAS_MODULES)
          and not has_hooks(node.graph.owning_module.get_submodule(node.target))) or \
         (node.op == "call_function" and node.target is getattr and len(node.args) == 2

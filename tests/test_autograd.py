@@ -138,3 +138,18 @@ def test_relu_backward_passes_the_gradient_of_a_nan_output(device):
             y = pyops.conv_bn_relu.conv2d_bias_act(x, w, None, activation=activation, residual=residual)
             (grad,) = torch.autograd.grad(y.sum(), residual, create_graph=create_graph)
             assert grad[0, 0, 0].tolist() == expected
+
+
+@pytest.mark.parametrize("op", list(OP_CALLS))
+def test_compiled_autograd_traces_the_backward(device, op):
+    """Compiled autograd (torch._dynamo.compiled_autograd) traces each op's C++ backward into its graph
+    (is_traceable): without it every pyops node ran eagerly, a graph break, and fullgraph=True raised. Double
+    backward too: the graph of the backward ops' own backward."""
+    from torch._dynamo import compiled_autograd
+    x = make_input(device, True)
+    want = torch.autograd.grad(OP_CALLS[op](x).square().sum(), x)[0]
+    torch._dynamo.reset()
+    loss = OP_CALLS[op](x).square().sum()
+    with compiled_autograd._enable(torch.compile(backend="aot_eager", fullgraph=True)):
+        loss.backward()
+    torch.testing.assert_close(x.grad, want)

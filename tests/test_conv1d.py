@@ -766,3 +766,15 @@ def test_swap_conv1d_keeps_parametrizations():
     parametrize.remove_parametrizations(swapped[0], "weight")
     assert type(swapped[0]) is pyops.nn.Conv1d
     torch.testing.assert_close(swapped(x), want)
+
+
+def test_short_rows_of_a_batch_sum_only_existing_pairs():
+    """Short rows are laid end to end only where every value is finite: an inf in grad_output met a neighbour's
+    zero padding (NaN in the weight gradient for a batch of 2, [0, -inf, inf] for the sample alone)."""
+    x = torch.randn(2, 1, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    gy = torch.randn(2, 1, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    gy[1, 0, 0] = math.inf
+    both = ops.conv1d_backward_weight(gy, x, 3, 1, 1, 1, 1)
+    alone = [ops.conv1d_backward_weight(gy[i:i + 1], x[i:i + 1], 3, 1, 1, 1, 1) for i in range(2)]
+    torch.testing.assert_close(both, alone[0] + alone[1])
+    assert not both.isnan().any()

@@ -71,16 +71,20 @@ struct CorrelationShape {
   int64_t batch, in_channels, in_length, out_channels, kernel_size, out_length;
   int64_t stride, dilation, offset, groups;
 };
+// end_to_end: whether short rows may be laid end to end (below); not for the per-phase calls of a strided layer's
+// gradients, each of which would lay the whole grad_output again.
 void correlate_cpu(const at::Tensor& in, const at::Tensor& w, const at::Tensor& bias, at::Tensor& out,
-                   const CorrelationShape& s);
+                   const CorrelationShape& s, bool end_to_end = true);
 // grad_weight[o, c, k] = sum_{n, j} gy[n, o, j] * x[n, g*Cg + c, j + k*dilation + offset] (stride 1 in j),
 // reduced over the batch in a fixed order whatever the thread count.
 void correlate_weight_cpu(const at::Tensor& gy, const at::Tensor& x, at::Tensor& grad_weight, int64_t dilation,
-                          int64_t offset, int64_t groups);
+                          int64_t offset, int64_t groups, bool end_to_end = true);
 
 // Short rows on the CPU: rows much shorter than the kernels' vectors spend their time in per-row edges and loop
 // overhead (N=1024 rows of 16: 3-7x slower than oneDNN), so below kShortRow positions the kernels lay the samples
-// end to end, each padded with zeros so that no tap of one sample reaches another's values: a few long rows.
+// end to end, each padded with zeros so that no tap of one sample reaches another's values: a few long rows. Only
+// where a sample's segment is at most about twice its outputs (worth_laying_end_to_end): a wide filter over a short
+// output (one output of a 12-tap, dilation-12 filter) would compute and store a segment's worth per output.
 // lay_end_to_end: t (N, C, L), contiguous, as (blocks, C, M * length) rows, M = ceil(N / blocks), sample b*M + m at
 // [m*length + lead, m*length + lead + L) of row (b, c) and zeros elsewhere (and for the samples past N);
 // take_end_to_end: out (N, C, count) = positions [m*length, m*length + count) of those rows. end_to_end_blocks:
@@ -89,6 +93,7 @@ constexpr int64_t kShortRow = 48;
 at::Tensor lay_end_to_end(const at::Tensor& t, int64_t lead, int64_t length, int64_t blocks);
 void take_end_to_end(const at::Tensor& rows, int64_t length, at::Tensor& out);
 int64_t end_to_end_blocks(int64_t batch);
+inline bool worth_laying_end_to_end(int64_t segment, int64_t outputs) { return segment <= 2 * outputs + 16; }
 // Whether every element of t (contiguous) is finite: one pass (at::isfinite makes four).
 bool all_finite(const at::Tensor& t);
 

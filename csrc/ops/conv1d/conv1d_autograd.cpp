@@ -96,6 +96,7 @@ std::tuple<at::Tensor, at::Tensor> weight_and_bias_grads(const at::Tensor& gy, c
 
 class Conv1dFunction : public torch::autograd::Function<Conv1dFunction> {
  public:
+  static constexpr bool is_traceable = true;  // (compiled autograd: the backward calls ops on saved state)
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
                             const std::optional<at::Tensor>& b, int64_t stride, int64_t padding, int64_t dilation,
                             int64_t groups) {
@@ -120,6 +121,7 @@ class Conv1dFunction : public torch::autograd::Function<Conv1dFunction> {
 
 class BackwardInputFunction : public torch::autograd::Function<BackwardInputFunction> {
  public:
+  static constexpr bool is_traceable = true;  // (compiled autograd: the backward calls ops on saved state)
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gy, const at::Tensor& w, c10::SymInt input_length,
                             int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
     save_state(ctx, gy, w, {stride, padding, dilation, groups});
@@ -164,6 +166,7 @@ variable_list backward_weight_grads(AutogradContext* ctx, const at::Tensor& gg_w
 
 class BackwardWeightFunction : public torch::autograd::Function<BackwardWeightFunction> {
  public:
+  static constexpr bool is_traceable = true;  // (compiled autograd: the backward calls ops on saved state)
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gy, const at::Tensor& x, c10::SymInt kernel_size,
                             int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
     save_state(ctx, gy, x, {stride, padding, dilation, groups});
@@ -177,6 +180,7 @@ class BackwardWeightFunction : public torch::autograd::Function<BackwardWeightFu
 
 class BackwardWeightBiasFunction : public torch::autograd::Function<BackwardWeightBiasFunction> {
  public:
+  static constexpr bool is_traceable = true;  // (compiled autograd: the backward calls ops on saved state)
   static variable_list forward(AutogradContext* ctx, const at::Tensor& gy, const at::Tensor& x, c10::SymInt kernel_size,
                                int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
     save_state(ctx, gy, x, {stride, padding, dilation, groups});

@@ -122,7 +122,8 @@ at::Tensor conv1d_backward_input_cpu(const at::Tensor& grad_output, const at::Te
     at::Tensor part = stride == 1 ? grad_input : at::empty({g.batch, g.in_channels, length}, gy.options());
     correlate_cpu(gy, flipped, at::Tensor(), part,
                   {g.batch, g.out_channels, g.out_length, g.in_channels, c.taps, length, 1, t.dilation,
-                   -c.shift - t.dilation * (c.taps - 1), groups});
+                   -c.shift - t.dilation * (c.taps - 1), groups},
+                  /*end_to_end=*/stride == 1);
     if (stride > 1) grad_input.slice(2, c.phase, g.in_length, stride).copy_(part);
   }
   return grad_input;
@@ -158,7 +159,8 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cpu(const at::Tensor& grad_ou
   const TapClasses t = tap_classes(kernel_size, stride, padding, dilation);
   for (const TapClass& c : t.classes) {
     at::Tensor part = stride == 1 ? grad_weight : at::empty({g.out_channels, g.in_per_group(), c.taps}, x.options());
-    correlate_weight_cpu(gy, stride == 1 ? x : phase_of(x, c.phase, stride), part, t.dilation, c.shift, groups);
+    correlate_weight_cpu(gy, stride == 1 ? x : phase_of(x, c.phase, stride), part, t.dilation, c.shift, groups,
+                         /*end_to_end=*/stride == 1);
     if (stride > 1) grad_weight.slice(2, c.first, kernel_size, t.step).copy_(part);
   }
   return {grad_weight, bias_sum()};

@@ -250,15 +250,16 @@ void correlate_kernel(const at::Tensor& in, const at::Tensor& w, const at::Tenso
 }  // namespace
 
 void correlate_cpu(const at::Tensor& in, const at::Tensor& w, const at::Tensor& bias, at::Tensor& out,
-                   const CorrelationShape& s) {
+                   const CorrelationShape& s, bool end_to_end) {
   // Short rows (conv1d.h, lay_end_to_end): each sample's segment holds `lead` zeros, its values, and zeros up to a
   // length (a multiple of the stride) past every position its outputs read, so every read outside the sample is a
   // zero of its own segment; the outputs of each segment's first `out_length` positions are the sample's. Not with
   // a non-finite weight (a zero of the padding times it would be NaN).
-  if (s.batch > 1 && s.out_length < kShortRow && all_finite(w)) {
-    const int64_t lead = std::max<int64_t>(0, -s.offset), offset = s.offset + lead;  // (offset >= 0)
-    const int64_t last_read = (s.out_length - 1) * s.stride + s.dilation * (s.kernel_size - 1) + offset;
-    const int64_t length = (std::max(lead + s.in_length, last_read + 1) + s.stride - 1) / s.stride * s.stride;
+  const int64_t lead = std::max<int64_t>(0, -s.offset), offset = s.offset + lead;  // (offset >= 0)
+  const int64_t last_read = (s.out_length - 1) * s.stride + s.dilation * (s.kernel_size - 1) + offset;
+  const int64_t length = (std::max(lead + s.in_length, last_read + 1) + s.stride - 1) / s.stride * s.stride;
+  if (end_to_end && s.batch > 1 && s.out_length < kShortRow &&
+      worth_laying_end_to_end(length / s.stride, s.out_length) && all_finite(w)) {
     const int64_t blocks = end_to_end_blocks(s.batch), per_block = (s.batch + blocks - 1) / blocks;
     const at::Tensor rows = lay_end_to_end(in, lead, length, blocks);
     at::Tensor out_rows = at::empty({blocks, s.out_channels, per_block * length / s.stride}, out.options());

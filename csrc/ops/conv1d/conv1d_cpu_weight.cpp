@@ -139,7 +139,7 @@ void weight_kernel(const at::Tensor& gy, const at::Tensor& x, at::Tensor& grad_w
 }  // namespace
 
 void correlate_weight_cpu(const at::Tensor& gy, const at::Tensor& x, at::Tensor& grad_weight, int64_t dilation,
-                          int64_t offset, int64_t groups) {
+                          int64_t offset, int64_t groups, bool end_to_end) {
   const int64_t batch = x.size(0), in_length = x.size(2), gy_length = gy.size(2);
   if (batch == 0) {
     grad_weight.zero_();
@@ -147,10 +147,12 @@ void correlate_weight_cpu(const at::Tensor& gy, const at::Tensor& x, at::Tensor&
   }
   // Short rows (conv1d.h, lay_end_to_end): samples end to end, each padded with zeros to a length at which no tap of
   // one sample reaches another's values (Q >= L - offset, Q >= L_gy + span + offset): the same sums. Not with a
-  // non-finite input (a zero of the padding times it would be NaN where the sum of the existing pairs is not).
-  if (batch > 1 && gy_length < kShortRow && all_finite(x)) {
-    const int64_t span = dilation * (grad_weight.size(2) - 1);
-    const int64_t length = std::max({in_length, gy_length, in_length - offset, gy_length + span + offset});
+  // non-finite value in either (a zero of the padding times it would be NaN where the sum of the existing pairs is
+  // not).
+  const int64_t span = dilation * (grad_weight.size(2) - 1);
+  const int64_t length = std::max({in_length, gy_length, in_length - offset, gy_length + span + offset});
+  if (end_to_end && batch > 1 && gy_length < kShortRow && worth_laying_end_to_end(length, gy_length) &&
+      all_finite(x) && all_finite(gy)) {
     const int64_t blocks = end_to_end_blocks(batch);
     weight_kernel(lay_end_to_end(gy, 0, length, blocks), lay_end_to_end(x, 0, length, blocks), grad_weight,
                   dilation, offset, groups);

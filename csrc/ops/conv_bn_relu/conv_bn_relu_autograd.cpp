@@ -125,6 +125,7 @@ at::Tensor call_conv2d_bn_relu(const at::Tensor& x, const at::Tensor& w, const O
 
 class ConvBiasActFunction : public torch::autograd::Function<ConvBiasActFunction> {
  public:
+  static constexpr bool is_traceable = true;  // (compiled autograd: the backward calls ops on saved state)
   // tensor arguments, in order: x, weight, bias?, residual?
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, const OptTensor& b,
                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
@@ -164,6 +165,7 @@ class ConvBiasActFunction : public torch::autograd::Function<ConvBiasActFunction
 
 class ConvBNReLUFunction : public torch::autograd::Function<ConvBNReLUFunction> {
  public:
+  static constexpr bool is_traceable = true;  // (compiled autograd: the backward calls ops on saved state)
   // tensor arguments, in order: x, weight, bias?, bn_weight?, bn_bias?, running_mean, running_var, residual?
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, const OptTensor& b,
                             const OptTensor& bn_weight, const OptTensor& bn_bias, const at::Tensor& mean,

@@ -45,6 +45,7 @@ at::Tensor call_smooth_max(const at::Tensor& x, double beta, int64_t dim, bool k
 
 class SmoothMaxFunction : public torch::autograd::Function<SmoothMaxFunction> {
  public:
+  static constexpr bool is_traceable = true;  // (compiled autograd: the backward calls ops on saved state)
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, double beta, int64_t dim, bool keepdim) {
     const at::Tensor result = below_autograd(call_smooth_max, x, beta, dim, keepdim);
     ctx->set_materialize_grads(false);
@@ -81,6 +82,7 @@ class SmoothMaxFunction : public torch::autograd::Function<SmoothMaxFunction> {
 
 class SmoothMaxBackwardFunction : public torch::autograd::Function<SmoothMaxBackwardFunction> {
  public:
+  static constexpr bool is_traceable = true;  // (compiled autograd: the backward calls ops on saved state)
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& grad, const at::Tensor& x,
                             const at::Tensor& result, double beta, int64_t dim, bool keepdim) {
     ctx->set_materialize_grads(false);
