@@ -152,8 +152,14 @@ def _fuse(model, inplace):
                       "reads their intermediate outputs, sees the fused layers' outputs instead (compare the "
                       "outputs before use)", UserWarning, stacklevel=2)
         return work.eval()
-    fuse_graph(graph_module)
-    fuse_hooked_submodules(graph_module, inplace)
+    created = fuse_graph(graph_module)
+    created += fuse_hooked_submodules(graph_module, inplace)
+    # after both: a hooked container's fused layers may return channels_last to the graph's code too (and, fused on
+    # its own, its code saw the graph's layouts: its views are rewritten there); run on graphs without fused layers
+    # as well, whose input may be a fused layer's output (a hooked container)
+    layout_safe_views(graph_module.graph, dict(graph_module.named_modules()), created)
+    graph_module.graph.lint()
+    graph_module.recompile()
     move_hooks(work, graph_module)  # the model's own hooks (fx traced forward, which never ran them)
     # eval(), except (inplace=True) on the caller's own modules: only their stateless torch.nn ones can be in
     # training mode, where it changes nothing.
@@ -183,7 +189,8 @@ def deepcopy_sharing_hooks(model):
 def fuse_hooked_submodules(gm, inplace):
     """Each module the trace kept whole for its hooks (FusionTracer), fused on its own in its place, its hooks moved
     onto the fused module: they run where they ran, on the values they saw. With fuse(inplace=True) it is fused
-    from a copy (the caller's model is left as it was); otherwise it is already the working copy's."""
+    from a copy (the caller's model is left as it was); otherwise it is already the working copy's. Returns the
+    fused layers inside them (all of them copies or new: layout_safe_views may set their keep_input_layout)."""
     done = {}
     for node in gm.graph.nodes:
         if node.op != "call_module":
@@ -198,6 +205,7 @@ def fuse_hooked_submodules(gm, inplace):
         if id(module) not in done:
             done[id(module)] = fuse(module, inplace=not inplace)
         gm.set_submodule(node.target, done[id(module)])
+    return [m for fused in done.values() for m in fused.modules() if isinstance(m, pyops_nn.ConvBNReLU2d)]
 
 
 def training_matters(module):
@@ -277,7 +285,8 @@ class FusionTracer(fx.Tracer):
 # --- graph rewriting -------------------------------------------------------------------------------------------
 
 def fuse_graph(gm):
-    """Rewrites gm's graph in place: each chain found by match_chain becomes one call of a new fused module."""
+    """Rewrites gm's graph in place: each chain found by match_chain becomes one call of a new fused module.
+    Returns the fused modules made."""
     modules = dict(gm.named_modules())
     absorbed, folded, created = [], {}, []
     # Modules the graph uses whole (a get_attr of a classifier handed to pyops.sliding_classify, a module kept as a
@@ -290,9 +299,6 @@ def fuse_graph(gm):
                                          for n in chain["nodes"] if n.op == "call_module"):
             absorbed += [n.target for n in chain["nodes"] if n.op == "call_module"]
             replace_chain(gm, modules, chain, folded, created)
-    if any(isinstance(m, pyops_nn.ConvBNReLU2d) for m in created):
-        layout_safe_views(gm.graph, modules, created)
-    gm.graph.lint()
     # Only the modules the chains absorbed go, where nothing else names them: not delete_all_unused_submodules,
     # which also empties modules the graph passes as arguments (a get_attr of a classifier handed to
     # pyops.sliding_classify), and with inplace=True those are the caller's own.
@@ -300,7 +306,7 @@ def fuse_graph(gm):
     for name in dict.fromkeys(absorbed):
         if not any(u.startswith(name + ".") for u in used):
             gm.delete_submodule(name)
-    gm.recompile()
+    return created
 
 
 def inside_used_module(target, whole):
@@ -344,17 +350,21 @@ def residual_of(add, value):
     return other if isinstance(other, fx.Node) and other is not value else None
 
 
-def may_mutate(node, modules):
+def may_mutate(node, modules, hooks=True):
     """Whether node may change a tensor in place, conservatively: an op whose schema mutates an argument, an
     in-place function, method or operator (a trailing underscore), an `out=` or truthy `inplace` argument, a call
-    of a function that is not torch's (it may do anything), a module with a truthy `inplace`, hooks, or a module
-    that is not torch.nn's or ours."""
+    of a function that is not torch's (it may do anything), a module with a truthy `inplace`, hooks (unless
+    hooks=False), or a module that is not torch.nn's or ours."""
     if node.op == "call_module":
         module = modules.get(node.target)
+        if isinstance(module, fx.GraphModule):  # (a hooked container fused on its own): what its graph does
+            inner = dict(module.named_modules())
+            return any(may_mutate(n, inner, hooks) for n in module.graph.nodes) or (hooks and has_hooks(module))
         known = type(module).__module__.startswith("torch.nn.") or isinstance(module, FUSED_MODULES) or \
             is_batchnorm(module) or computes_like_base(module) is not None or computes_like_pyops_conv1d(module)
         eval_dropout = isinstance(module, nn.modules.dropout._DropoutNd) and not module.training  # the identity
-        return (bool(getattr(module, "inplace", False)) and not eval_dropout) or not known or has_hooks(module)
+        return ((bool(getattr(module, "inplace", False)) and not eval_dropout) or not known
+                or (hooks and has_hooks(module)))
     if node.op == "call_method":
         return _in_place_name(node.target) or node.target == "__setitem__"
     if node.op != "call_function":
@@ -565,9 +575,7 @@ def layout_safe_views(graph, modules, created):
     tensor), the fused layers keep their input's layout instead
     (ConvBNReLU2d.keep_input_layout: those this fuse created, not the model's own) and the graph stays as it
     is."""
-    layout_dependent = [n for n in graph.nodes if depends_on_layout(n, modules)]
-    if any(alias_written(node, modules) for node in layout_dependent) or \
-            any(runs_own_code(node, modules) for node in graph.nodes):
+    if layout_observed(graph, modules):
         for module in created:
             if isinstance(module, pyops_nn.ConvBNReLU2d):
                 module.keep_input_layout = True
@@ -586,6 +594,13 @@ def layout_safe_views(graph, modules, created):
             with graph.inserting_before(node):
                 contiguous = graph.call_method("contiguous", (node.args[0],))
             node.update_arg(0, contiguous)
+
+
+def layout_observed(graph, modules):
+    """Whether the graph's code could tell a fused layer's channels_last output from the model's layout beyond what
+    view_or_copy hides: a write through an alias of a layout-dependent result, or a call of code it does not show."""
+    return any(runs_own_code(node, modules) for node in graph.nodes) or \
+        any(alias_written(node, modules) for node in graph.nodes if depends_on_layout(node, modules))
 
 
 def depends_on_layout(node, modules):
@@ -618,14 +633,13 @@ def runs_own_code(node, modules):
 
 
 def code_depends_on_layout(module):
-    """Whether module's forward, as torch.fx traces it, has a node whose result depends on its input's layout or
-    calls code it does not show (or cannot be traced)."""
+    """Whether module's forward, as torch.fx traces it, could tell a channels_last input from an NCHW one beyond
+    what view_or_copy hides (layout_observed: its own fuse rewrites its views), or cannot be traced."""
     try:
         gm = FusionTracer.trace_module(module)
     except Exception:  # noqa: BLE001 - untraceable: its code is unknown
         return True
-    modules = dict(gm.named_modules())
-    return any(depends_on_layout(n, modules) or runs_own_code(n, modules) for n in gm.graph.nodes)
+    return layout_observed(gm.graph, dict(gm.named_modules()))
 
 
 def _torchvision_function(target):
@@ -670,7 +684,7 @@ def alias_written(view, modules):
             seen.add(user)
             if is_alias(user):
                 stack.append(user)
-            elif may_mutate(user, modules):
+            elif may_mutate(user, modules, hooks=False):  # (hooks are the caller's code: they may see any layout)
                 return True
     return False
 

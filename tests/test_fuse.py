@@ -2052,3 +2052,61 @@ def test_fused_models_flattening_with_view_convolutionalize():
         want = pyops.sliding_classify(model, images, 16, exact=True)
         got = pyops.sliding_classify(pyops.fuse(model), images, 16)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+class Stem64(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+class HookedStemThenView(nn.Module):
+    """The outer graph has no chain of its own; the hooked stem's fused layer returns channels_last."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone, self.fc = Stem64(), nn.Linear(64 * 64, 5)
+        self.backbone.register_forward_hook(lambda module, args, out: None)
+
+    def forward(self, x):
+        f = self.backbone(x)
+        return self.fc(f.view(f.size(0), -1))
+
+
+class HookedStemThenWrite(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone, self.conv, self.bn = Stem64(), nn.Conv2d(64, 64, 3), nn.BatchNorm2d(64)
+        self.backbone.register_forward_hook(lambda module, args, out: None)
+
+    def forward(self, x):
+        y = self.backbone(x)
+        y.flatten().mul_(0)
+        return F.relu(self.bn(self.conv(y))) + y.sum()
+
+
+@pytest.mark.parametrize("cls", [HookedStemThenView, HookedStemThenWrite])
+def test_a_hooked_containers_fused_layers_meet_the_graphs_code(cls):
+    """A hooked container (a feature-extraction hook on a backbone) is fused on its own, and its layers returned
+    channels_last to the outer graph's code: a `.view` failed where the outer graph had no chain of its own, a write
+    through a flatten was lost (off by 1783)."""
+    model = randomized(cls())
+    x = torch.randn(2, 3, 8, 8, generator=gen())
+    with torch.no_grad():
+        assert_close_relative(pyops.fuse(model)(x), model(x), 1e-5)
+
+
+@pytest.mark.parametrize("name,hooked", [("resnet18", "fc"), ("mobilenet_v2", "classifier")])
+def test_a_hook_on_the_classifier_keeps_the_fused_layouts(name, hooked):
+    """A hooked module after the flatten counted as a possible write through it, and a fused hooked container as
+    unknown code: every fused layer kept its layout (resnet18 34.7 ms, as unfused, vs 22 ms)."""
+    model = randomized(getattr(torchvision.models, name)(weights=None))
+    model.get_submodule(hooked).register_forward_hook(lambda module, args, out: None)
+    fused = pyops.fuse(model)
+    assert not any(m.keep_input_layout for m in fused.modules() if isinstance(m, ConvBNReLU2d))
+    x = torch.randn(1, 3, 64, 64, generator=gen())
+    with torch.no_grad():
+        assert_close_relative(fused(x), model(x), 1e-4)
