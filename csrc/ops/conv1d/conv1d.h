@@ -46,7 +46,8 @@ Conv1dPath conv1d_path();
 
 // Whether the library convolution (ATen: oneDNN on CPU, cuDNN on CUDA) runs instead of our kernels: as forced by
 // conv1d_path(), or under auto for dense layers only, where bench/ shows it faster (bench/NOTES-conv1d.md):
-//   CPU:  groups == 1 with >= 32 channels in and out;
+//   CPU:  >= 32 channels in and out per group (ours runs ~0.6x oneDNN on 64 per group, 11x slower on a grouped
+//         strided layer's weight gradient);
 //   CUDA: groups == 1 with >= 32 channels in or out (depthwise and small-channel layers stay ours).
 bool conv1d_use_library(const Conv1dGeometry& g, bool cuda);
 // The three ops through the library (bias may be undefined); on CPU the dense float32 weight gradient takes the
@@ -93,7 +94,7 @@ constexpr int64_t kShortRow = 48;
 at::Tensor lay_end_to_end(const at::Tensor& t, int64_t lead, int64_t length, int64_t blocks);
 void take_end_to_end(const at::Tensor& rows, int64_t length, at::Tensor& out);
 int64_t end_to_end_blocks(int64_t batch);
-inline bool worth_laying_end_to_end(int64_t segment, int64_t outputs) { return segment <= 2 * outputs + 16; }
+inline bool worth_laying_end_to_end(int64_t segment, int64_t outputs) { return segment <= 2 * outputs + 4; }
 // Whether every element of t (contiguous) is finite: one pass (at::isfinite makes four).
 bool all_finite(const at::Tensor& t);
 

@@ -60,8 +60,9 @@ void correlate_range(const Rows<T>& r, const CorrelationShape& s, int64_t la, in
 
 // OB rows x NV vectors of positions starting at l0, every read inside the input, accumulated in registers: per
 // (input channel, tap) NV vector loads of the input and OB broadcasts of consecutive weights feed OB*NV FMAs. Only
-// the first `count` positions are stored (a last, partial vector reads past them inside a staged window).
-template <typename T, int OB, int NV>
+// the first `count` positions are stored: a last, partial tile reads past them inside a staged window (whose rows
+// are padded for it), or reads only them (masked loads, Masked) from the input itself.
+template <typename T, int OB, int NV, bool Masked = false>
 inline void correlate_tile(const Rows<T>& r, const CorrelationShape& s, const TileReads& reads, int64_t l0,
                            int64_t count = NV * Vectorized<T>::size()) {
   using Vec = Vectorized<T>;
@@ -78,7 +79,10 @@ inline void correlate_tile(const Rows<T>& r, const CorrelationShape& s, const Ti
     for (int64_t k = 0; k < K; ++k, wp += OB) {
       const T* xk = r.in + (xc + reads.tap[k]);
       Vec xv[NV];
-      for (int v = 0; v < NV; ++v) xv[v] = Vec::loadu(xk + v * V);
+      for (int v = 0; v < NV; ++v) {
+        xv[v] = !Masked || count >= (v + 1) * V ? Vec::loadu(xk + v * V)
+                                                : Vec::loadu(xk + v * V, std::max<int64_t>(0, count - v * V));
+      }
       for (int j = 0; j < OB; ++j) {
         const Vec wv(wp[j]);
         for (int v = 0; v < NV; ++v) acc[j][v] = at::vec::fmadd(xv[v], wv, acc[j][v]);
@@ -97,9 +101,7 @@ inline void correlate_tile(const Rows<T>& r, const CorrelationShape& s, const Ti
 template <typename T, int OB, int NV>
 void correlate_staged(const Rows<T>& r, const CorrelationShape& s, const TileReads& reads, int64_t la, int64_t lb) {
   constexpr int64_t V = Vectorized<T>::size();
-  int64_t l = la;
-  for (; l + NV * V <= lb; l += NV * V) correlate_tile<T, OB, NV>(r, s, reads, l);
-  for (; l < lb; l += V) correlate_tile<T, OB, 1>(r, s, reads, l, std::min(V, lb - l));
+  for (int64_t l = la; l < lb; l += NV * V) correlate_tile<T, OB, NV>(r, s, reads, l, std::min(NV * V, lb - l));
 }
 
 // Positions [la, lb) of OB rows read straight from the input: register tiles over the stride-1 interior, the
@@ -116,8 +118,11 @@ void correlate_direct(const Rows<T>& r, const CorrelationShape& s, const TileRea
   correlate_range<T, OB>(r, s, la, lo);
   int64_t l = lo;
   for (; l + NV * V <= hi; l += NV * V) correlate_tile<T, OB, NV>(r, s, reads, l);
-  for (; l + V <= hi; l += V) correlate_tile<T, OB, 1>(r, s, reads, l);
-  correlate_range<T, OB>(r, s, l, lb);
+  // the interior's last positions: one full-width tile with masked loads (single vectors reload every weight per
+  // vector, and the bounds-checked loop per position and tap ran 10-25x slower than F.conv1d on short outputs of
+  // wide filters)
+  if (l < hi) correlate_tile<T, OB, NV, true>(r, s, reads, l, hi - l);
+  correlate_range<T, OB>(r, s, hi, lb);
 }
 
 // Filters of full blocks of 4 output channels repacked [block][c][k][4], so a tile's 4 broadcasts per
@@ -202,8 +207,9 @@ void correlate_typed(const T* in, const T* w, const T* bias, T* out, const Corre
       TileReads reads{s.in_length, direct_taps.data()};
       if (stage) {
         // Output l (la <= l < lb), tap k reads input position la*S + offset + q*S + p with q = l - la + kd / S and
-        // p = kd % S (kd = k * dilation): element q of phase row p. Rows are padded to whole vectors of outputs.
-        const int64_t width = (lb - la + V - 1) / V * V + span / S, first = la * S + s.offset;
+        // p = kd % S (kd = k * dilation): element q of phase row p. Rows are padded to whole tiles of outputs (4
+        // vectors: the widest tile, whose last one may be partial).
+        const int64_t width = (lb - la + 4 * V - 1) / (4 * V) * (4 * V) + span / S, first = la * S + s.offset;
         reads.pitch = S * width;
         if (static_cast<int64_t>(staged.size()) < cg * reads.pitch) staged.resize(cg * reads.pitch);
         for (int64_t c = 0; c < cg; ++c)
