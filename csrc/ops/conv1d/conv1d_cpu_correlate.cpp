@@ -92,16 +92,33 @@ inline void correlate_tile(const Rows<T>& r, const CorrelationShape& s, const Ti
   for (int j = 0; j < OB; ++j)
     for (int v = 0; v < NV; ++v) {
       T* y = r.out + j * s.out_length + l0 + v * V;
-      if (count >= (v + 1) * V) acc[j][v].store(y);
-      else if (count > v * V) acc[j][v].store(y, count - v * V);
+      if (count >= (v + 1) * V) {
+        acc[j][v].store(y);
+      } else if (count > v * V) {
+        const Vec last = acc[j][v];  // (a copy: a partial store takes its address, which kept acc out of registers)
+        last.store(y, count - v * V);
+      }
     }
+}
+
+// The last `count` (< NV*V) positions from l: one tile of as many vectors as they need, the last one partial (a
+// full-width tile cost a short output as much as NV*V positions; staged rows are padded to whole vectors only).
+template <typename T, int OB, int NV, bool Masked>
+void correlate_last(const Rows<T>& r, const CorrelationShape& s, const TileReads& reads, int64_t l, int64_t count) {
+  constexpr int64_t V = Vectorized<T>::size();
+  if constexpr (NV > 2) {  // (not below 2: GCC keeps a 4 x 1 tile's sums in memory, slower than a 4 x 3 one)
+    if (count <= (NV - 1) * V) return correlate_last<T, OB, NV - 1, Masked>(r, s, reads, l, count);
+  }
+  correlate_tile<T, OB, NV, Masked>(r, s, reads, l, count);
 }
 
 // Positions [la, lb) of OB rows from a staged window: every position is a register tile, the last one partial.
 template <typename T, int OB, int NV>
 void correlate_staged(const Rows<T>& r, const CorrelationShape& s, const TileReads& reads, int64_t la, int64_t lb) {
   constexpr int64_t V = Vectorized<T>::size();
-  for (int64_t l = la; l < lb; l += NV * V) correlate_tile<T, OB, NV>(r, s, reads, l, std::min(NV * V, lb - l));
+  int64_t l = la;
+  for (; l + NV * V <= lb; l += NV * V) correlate_tile<T, OB, NV>(r, s, reads, l);
+  if (l < lb) correlate_last<T, OB, NV, false>(r, s, reads, l, lb - l);
 }
 
 // Positions [la, lb) of OB rows read straight from the input: register tiles over the stride-1 interior, the
@@ -118,10 +135,9 @@ void correlate_direct(const Rows<T>& r, const CorrelationShape& s, const TileRea
   correlate_range<T, OB>(r, s, la, lo);
   int64_t l = lo;
   for (; l + NV * V <= hi; l += NV * V) correlate_tile<T, OB, NV>(r, s, reads, l);
-  // the interior's last positions: one full-width tile with masked loads (single vectors reload every weight per
-  // vector, and the bounds-checked loop per position and tap ran 10-25x slower than F.conv1d on short outputs of
-  // wide filters)
-  if (l < hi) correlate_tile<T, OB, NV, true>(r, s, reads, l, hi - l);
+  // the interior's last positions: one tile with masked loads (single vectors reload every weight per vector, and
+  // the bounds-checked loop per position and tap ran 10-25x slower than F.conv1d on short outputs of wide filters)
+  if (l < hi) correlate_last<T, OB, NV, true>(r, s, reads, l, hi - l);
   correlate_range<T, OB>(r, s, hi, lb);
 }
 
@@ -207,9 +223,9 @@ void correlate_typed(const T* in, const T* w, const T* bias, T* out, const Corre
       TileReads reads{s.in_length, direct_taps.data()};
       if (stage) {
         // Output l (la <= l < lb), tap k reads input position la*S + offset + q*S + p with q = l - la + kd / S and
-        // p = kd % S (kd = k * dilation): element q of phase row p. Rows are padded to whole tiles of outputs (4
-        // vectors: the widest tile, whose last one may be partial).
-        const int64_t width = (lb - la + 4 * V - 1) / (4 * V) * (4 * V) + span / S, first = la * S + s.offset;
+        // p = kd % S (kd = k * dilation): element q of phase row p. Rows are padded to whole vectors of outputs and
+        // one more (a tile reads up to the vector holding its last position, a last tile at least 2 vectors).
+        const int64_t width = (lb - la + V - 1) / V * V + V + span / S, first = la * S + s.offset;
         reads.pitch = S * width;
         if (static_cast<int64_t>(staged.size()) < cg * reads.pitch) staged.resize(cg * reads.pitch);
         for (int64_t c = 0; c < cg; ++c)
