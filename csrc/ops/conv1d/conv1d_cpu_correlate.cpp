@@ -92,17 +92,13 @@ inline void correlate_tile(const Rows<T>& r, const CorrelationShape& s, const Ti
   for (int j = 0; j < OB; ++j)
     for (int v = 0; v < NV; ++v) {
       T* y = r.out + j * s.out_length + l0 + v * V;
-      if (count >= (v + 1) * V) {
-        acc[j][v].store(y);
-      } else if (count > v * V) {
-        const Vec last = acc[j][v];  // (a copy: a partial store takes its address, which kept acc out of registers)
-        last.store(y, count - v * V);
-      }
+      if (count >= (v + 1) * V) acc[j][v].store(y);
+      else if (count > v * V) acc[j][v].store(y, count - v * V);
     }
 }
 
-// The last `count` (< NV*V) positions from l: one tile of as many vectors as they need, the last one partial (a
-// full-width tile cost a short output as much as NV*V positions; staged rows are padded to whole vectors only).
+// The last `count` (< NV*V) positions from l: one tile of as many vectors as they need, at least 2, the last one
+// partial (a full-width tile cost a short output as much as NV*V positions; staged rows are padded for this).
 template <typename T, int OB, int NV, bool Masked>
 void correlate_last(const Rows<T>& r, const CorrelationShape& s, const TileReads& reads, int64_t l, int64_t count) {
   constexpr int64_t V = Vectorized<T>::size();
