@@ -337,9 +337,8 @@ def _node_label(traced, node):
 
 def _is_flatten(traced, node):
     if node.op == "call_function":  # (pyops.fuse writes a model's `.view` as view_or_copy)
-        return node.target in (torch.flatten, torch.reshape) or (
-            getattr(node.target, "__name__", None) == "view_or_copy"
-            and getattr(node.target, "__module__", None) == "pyops.fuse")
+        from .fuse import view_or_copy  # (pyops.fuse imports pyops.nn, which imports this module)
+        return node.target in (torch.flatten, torch.reshape, view_or_copy)
     if node.op == "call_method":
         return node.target in _FLATTEN_METHODS
     return node.op == "call_module" and isinstance(traced.get_submodule(node.target), nn.Flatten)

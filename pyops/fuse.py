@@ -642,39 +642,45 @@ def code_depends_on_layout(module):
     return layout_observed(gm.graph, dict(gm.named_modules()))
 
 
+def _top_package(target):
+    """The top-level package of a call_function target's module ("torch" for torch.nn.functional; not a user module
+    named torch_utils)."""
+    return (getattr(target, "__module__", None) or "").split(".")[0]
+
+
 def _torchvision_function(target):
     """A torchvision function torch.fx.wrap left in the graph (stochastic_depth returns its input when not
     training): taken to alias its input."""
-    return (getattr(target, "__module__", None) or "").split(".")[0] == "torchvision"
+    return _top_package(target) == "torchvision"
 
 
 def _torch_function(target):
     """Whether a call_function target is PyTorch's (or torchvision's, whose torch.fx.wrap'ed ops such as
-    stochastic_depth compute on their inputs, pyops', an operator, a builtin): its body is known (not a user module
-    named torch_utils)."""
-    module = getattr(target, "__module__", None) or ""
-    return (module.split(".")[0] in ("torch", "torchvision", "pyops", "_operator", "operator", "math", "builtins")
+    stochastic_depth compute on their inputs, pyops', an operator, a builtin): its body is known."""
+    return (_top_package(target) in ("torch", "torchvision", "pyops", "_operator", "operator", "math", "builtins")
             or isinstance(target, torch._ops.OpOverload))
 
 
-def is_alias(node):
+def is_alias(node, modules):
     """Whether node's output may share memory with its first argument (ALIAS_METHODS, ALIAS_FUNCTIONS,
     ALIAS_MODULES, torchvision's functions, ALIAS_ATTRIBUTES: `x.T` is traced as getattr(x, "T"))."""
-    return (node.op == "call_method" and node.target in ALIAS_METHODS) or \
-        (node.op == "call_function" and node.target in ALIAS_FUNCTIONS) or \
-        (node.op == "call_function" and (_torchvision_function(node.target)
-                                         or node.target in (view_or_copy, view_as_or_copy))) or \
-        (node.op == "call_module" and isinstance(node.graph.owning_module.get_submodule(node.target), ALIAS_MODULES)
-         and not has_hooks(node.graph.owning_module.get_submodule(node.target))) or \
-        (node.op == "call_function" and node.target is getattr and len(node.args) == 2
-         and node.args[1] in ALIAS_ATTRIBUTES)
+    if node.op == "call_method":
+        return node.target in ALIAS_METHODS
+    if node.op == "call_module":
+        module = modules.get(node.target)
+        return isinstance(module, ALIAS_MODULES) and not has_hooks(module)
+    if node.op != "call_function":
+        return False
+    return (node.target in ALIAS_FUNCTIONS or node.target in (view_or_copy, view_as_or_copy)
+            or _torchvision_function(node.target)
+            or (node.target is getattr and len(node.args) == 2 and node.args[1] in ALIAS_ATTRIBUTES))
 
 
 def alias_written(view, modules):
     """Whether a node may write in place into memory that `view` shares: the viewed tensor, the view, or any alias
     of them (conservatively: any node using one of them that may_mutate)."""
     root = view.args[0]
-    while isinstance(root, fx.Node) and is_alias(root) and isinstance(root.args[0], fx.Node):
+    while isinstance(root, fx.Node) and is_alias(root, modules) and isinstance(root.args[0], fx.Node):
         root = root.args[0]
     stack, seen = [root], {root}
     while stack:
@@ -682,7 +688,7 @@ def alias_written(view, modules):
             if user in seen:
                 continue
             seen.add(user)
-            if is_alias(user):
+            if is_alias(user, modules):
                 stack.append(user)
             elif may_mutate(user, modules, hooks=False):  # (hooks are the caller's code: they may see any layout)
                 return True

@@ -1564,9 +1564,9 @@ class CountsBatch(nn.Module):
 
 
 class HookedBlock(nn.Module):
-    def __init__(self):
+    def __init__(self, cin=4, cout=4):
         super().__init__()
-        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv, self.bn = nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout)
 
     def forward(self, x):
         return F.relu(self.bn(self.conv(x)))
@@ -2054,21 +2054,12 @@ def test_fused_models_flattening_with_view_convolutionalize():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
-class Stem64(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv, self.bn = nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64)
-
-    def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
-
-
 class HookedStemThenView(nn.Module):
     """The outer graph has no chain of its own; the hooked stem's fused layer returns channels_last."""
 
     def __init__(self):
         super().__init__()
-        self.backbone, self.fc = Stem64(), nn.Linear(64 * 64, 5)
+        self.backbone, self.fc = HookedBlock(3, 64), nn.Linear(64 * 64, 5)
         self.backbone.register_forward_hook(lambda module, args, out: None)
 
     def forward(self, x):
@@ -2079,7 +2070,7 @@ class HookedStemThenView(nn.Module):
 class HookedStemThenWrite(nn.Module):
     def __init__(self):
         super().__init__()
-        self.backbone, self.conv, self.bn = Stem64(), nn.Conv2d(64, 64, 3), nn.BatchNorm2d(64)
+        self.backbone, self.conv, self.bn = HookedBlock(3, 64), nn.Conv2d(64, 64, 3), nn.BatchNorm2d(64)
         self.backbone.register_forward_hook(lambda module, args, out: None)
 
     def forward(self, x):

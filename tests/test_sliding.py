@@ -362,9 +362,11 @@ class _Log(nn.Module):
 
 
 @pytest.mark.parametrize("flatten", [lambda f: torch.flatten(input=f, start_dim=1),
-                                     lambda f: torch.reshape(f, (f.shape[0], -1))],
-                         ids=["torch.flatten(input=)", "torch.reshape"])
+                                     lambda f: torch.reshape(f, (f.shape[0], -1)), lambda f: f.view(f.size(0), -1),
+                                     lambda f: f.reshape(f.shape[0], -1), lambda f: f.flatten(1)],
+                         ids=["torch.flatten(input=)", "torch.reshape", "view", "reshape", "flatten"])
 def test_flatten_spellings(flatten):
+    """Every spelling of the flatten splits the model into features and head."""
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -602,23 +604,6 @@ def test_padded_network_exact_equals_loop_and_fcn_warns():
         approx = pyops.sliding_classify(model, x, 16, 2)
     # the documented difference: the FCN sees neighbouring pixels where a crop sees zero padding
     assert approx.shape == ref.shape and (approx - ref).abs().max() > 1e-6
-
-
-def test_linear_between_conversions_keeps_the_model_traceable_forms():
-    """view, reshape, nn.Flatten, torch.flatten and Tensor.flatten all split the model."""
-    for flat in (lambda t: t.view(t.size(0), -1), lambda t: t.reshape(t.shape[0], -1), lambda t: t.flatten(1)):
-        class M(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.conv, self.fc = nn.Conv2d(2, 3, 3), nn.Linear(3 * 4 * 4, 2)
-
-            def forward(self, x):
-                return self.fc(flat(torch.relu(self.conv(x))))
-
-        m = eval64(M())
-        x = rand((1, 2, 9, 8), seed=5)
-        torch.testing.assert_close(pyops.sliding_classify(m, x, 6), reference.crop_loop(m, x, 6),
-                                   rtol=1e-10, atol=1e-12)
 
 
 # ---- tiling and the memory bound ----------------------------------------------------------------------------------

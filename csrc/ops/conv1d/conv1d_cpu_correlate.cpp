@@ -11,7 +11,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cmath>
 #include <vector>
 
 #include "common/cpu_vec.h"
@@ -178,8 +177,9 @@ void stage_row(const T* src, int64_t length, int64_t first, int64_t stride, T* d
 // are, which map to the same L1 sets) and rows shorter than a tile, where it pays (`pays` below). Other layers
 // (depthwise and single-channel ones at stride 1, windows too wide for L1) read the input directly: at stride 1
 // with tiles over the interior, above it through the bounds-checked loop.
+// finite: whether every weight is finite (correlate_cpu checks it once for both of its paths).
 template <typename T>
-void correlate_typed(const T* in, const T* w, const T* bias, T* out, const CorrelationShape& s) {
+void correlate_typed(const T* in, const T* w, const T* bias, T* out, const CorrelationShape& s, bool finite) {
   constexpr int OB = 4, NV = 3;
   constexpr int64_t V = Vectorized<T>::size(), tile = NV * V;
   const int64_t og = s.out_channels / s.groups, cg = s.in_channels / s.groups, full = og / OB;
@@ -195,7 +195,6 @@ void correlate_typed(const T* in, const T* w, const T* bias, T* out, const Corre
   const bool fits = span + (S > 1 ? S * V : 0) <= budget / 2;
   const bool pays = S > 1 ? fits || span + S * tile < og * K * tile : fits && (cg >= 4 && og * K >= V);
   // (a staged window's zeros are multiplied by the weights: not with a non-finite one, whose 0 * inf would be NaN)
-  const bool finite = std::all_of(w, w + s.out_channels * row, [](T v) { return std::isfinite(v); });
   const bool stage = finite && (pays || (fits && s.out_length < tile));
   // positions per chunk: the staged window (chunk * stride + span) or the direct one (chunk + span at stride 1)
   const int64_t fit = stage ? (budget - span) / S : budget - (S == 1 ? span : 0);  // (below a tile: one tile)
@@ -252,16 +251,12 @@ void correlate_typed(const T* in, const T* w, const T* bias, T* out, const Corre
   });
 }
 
-}  // namespace
-
-namespace {
-
 void correlate_kernel(const at::Tensor& in, const at::Tensor& w, const at::Tensor& bias, at::Tensor& out,
-                      const CorrelationShape& s) {
+                      const CorrelationShape& s, bool finite) {
   AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "pyops_conv1d_correlate_cpu", [&] {
     correlate_typed<scalar_t>(in.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
                               bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
-                              out.mutable_data_ptr<scalar_t>(), s);
+                              out.mutable_data_ptr<scalar_t>(), s, finite);
   });
 }
 
@@ -276,18 +271,20 @@ void correlate_cpu(const at::Tensor& in, const at::Tensor& w, const at::Tensor& 
   const int64_t lead = std::max<int64_t>(0, -s.offset), offset = s.offset + lead;  // (offset >= 0)
   const int64_t last_read = (s.out_length - 1) * s.stride + s.dilation * (s.kernel_size - 1) + offset;
   const int64_t length = (std::max(lead + s.in_length, last_read + 1) + s.stride - 1) / s.stride * s.stride;
+  const bool finite = all_finite(w);
   if (end_to_end && s.batch > 1 && s.out_length < kShortRow &&
-      worth_laying_end_to_end(length / s.stride, s.out_length) && all_finite(w)) {
+      worth_laying_end_to_end(length / s.stride, s.out_length) && finite) {
     const int64_t blocks = end_to_end_blocks(s.batch), per_block = (s.batch + blocks - 1) / blocks;
     const at::Tensor rows = lay_end_to_end(in, lead, length, blocks);
     at::Tensor out_rows = at::empty({blocks, s.out_channels, per_block * length / s.stride}, out.options());
     correlate_kernel(rows, w, bias, out_rows,
                      {blocks, s.in_channels, per_block * length, s.out_channels, s.kernel_size,
-                      per_block * length / s.stride, s.stride, s.dilation, offset, s.groups});
+                      per_block * length / s.stride, s.stride, s.dilation, offset, s.groups},
+                     finite);
     take_end_to_end(out_rows, length / s.stride, out);
     return;
   }
-  correlate_kernel(in, w, bias, out, s);
+  correlate_kernel(in, w, bias, out, s, finite);
 }
 
 }  // namespace pyops
