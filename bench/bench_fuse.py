@@ -15,7 +15,7 @@ import torchvision
 import pyops
 from pyops.demo.conv_bn_relu import randomize_batchnorms_
 
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16"}
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 FLOPS = {"resnet18": 2 * 1.814e9, "resnet50": 2 * 4.089e9}  # per 3×224×224 image: torchvision's GMACs × 2
 
 
@@ -57,6 +57,15 @@ def run_case(measure, device, name, batch, impl, dtype=torch.float32, memory_for
 @pytest.mark.parametrize("batch", [1, 8])
 def bench_resnet18(measure, device, impl, batch):
     run_case(measure, device, "resnet18", batch, impl)
+
+
+@pytest.mark.parametrize("impl", ["pyops", "eager"])
+def bench_resnet18_bf16(measure, device, impl):
+    """bfloat16 inference on the CPU (oneDNN computes it where the CPU has AVX-512 BF16/AMX; elsewhere ATen's and our
+    fallback kernels do): the fused layers run oneDNN with their epilogue, channels_last from the stem on."""
+    if device != "cpu":
+        pytest.skip("a CPU row (CUDA's half-precision rows are resnet50's)")
+    run_case(measure, device, "resnet18", 1, impl, torch.bfloat16)
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))

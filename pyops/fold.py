@@ -76,6 +76,21 @@ def current_weight(layer):
     return layer.weight
 
 
+def normalizes_channels_of(bn, layer):
+    """Whether bn normalizes the channel dimension of layer's (batched) output: a BatchNorm of that rank
+    (BatchNorm1d after Linear/Conv1d, BatchNorm2d or FrozenBatchNorm2d after Conv2d, BatchNorm3d after Conv3d) or a
+    SyncBatchNorm (any rank). Another one normalizes another dimension where the model runs at all: a BatchNorm1d
+    takes an unbatched Conv2d's (C, H, W) output as (N, C', L), a FrozenBatchNorm2d broadcasts a Linear's output."""
+    if isinstance(bn, nn.SyncBatchNorm):
+        return True
+    if isinstance(layer, (nn.Linear, nn.Conv1d)):
+        return isinstance(bn, nn.BatchNorm1d)
+    if isinstance(layer, nn.Conv2d):
+        frozen = frozen_batchnorm_class()
+        return isinstance(bn, nn.BatchNorm2d) or (frozen is not None and isinstance(bn, frozen))
+    return isinstance(layer, nn.Conv3d) and isinstance(bn, nn.BatchNorm3d)
+
+
 def fold_bn(layer, bn):
     """A new layer computing bn(layer(x)) exactly (up to rounding) for an eval-mode BatchNorm `bn`.
 
@@ -94,7 +109,8 @@ def fold_bn(layer, bn):
     keeps its memory layout (e.g. channels_last) and device; the training flag is kept, and each folded Parameter
     requires grad where one of the values it is made of does (the weight: W or γ; the bias: b, γ or β).
     Neither argument is modified.
-    ValueError: bn in training mode, bn without running statistics, or channel counts that differ.
+    ValueError: bn in training mode, bn without running statistics, channel counts that differ, or a BatchNorm of
+        another rank than the layer's output (normalizes_channels_of).
     TypeError: an unsupported layer or norm type.
     """
     if not isinstance(layer, FOLDABLE_LAYERS):
@@ -104,6 +120,10 @@ def fold_bn(layer, bn):
     if scale.numel() != out_channels(layer):
         raise ValueError(f"argument 'bn' has {scale.numel()} channels but argument 'layer' has "
                          f"{out_channels(layer)} output channels")
+    if not normalizes_channels_of(bn, layer):  # (unfused, the pair raises on the rank, or normalizes another dim)
+        raise ValueError(f"argument 'bn' is a {type(bn).__name__}, which does not normalize the channels of a "
+                         f"{type(layer).__name__}'s output (BatchNorm1d after Linear/Conv1d, BatchNorm2d or "
+                         "FrozenBatchNorm2d after Conv2d, BatchNorm3d after Conv3d, or SyncBatchNorm)")
     weight, bias = current_weight(layer), layer.bias
     with torch.no_grad():
         scale, shift = scale.to(weight.device), shift.to(weight.device)

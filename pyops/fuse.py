@@ -3,7 +3,8 @@ one fused module (pyops.nn.ConvBNReLU2d, pyops.nn.LinearBNReLU, or a folded Conv
 
 The chains are found on the model's torch.fx graph, so models whose forward calls submodules by attribute
 (torchvision ResNet, MobileNet, VGG) are covered as well as nn.Sequential; a model that torch.fx cannot trace
-falls back to fusing consecutive modules inside its nn.Sequential containers.
+(a detection model) falls back to fusing the parts it can trace (a detection model's backbone) and consecutive
+modules inside its other nn.Sequential containers.
 """
 import copy
 import inspect
@@ -17,9 +18,10 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import nn as pyops_nn
-from ._hooks import has_hooks, move_hooks
+from ._hooks import HOOK_DICTS, has_hooks, move_hooks
 from ._overrides import overridable
-from .fold import fold_bn, frozen_batchnorm_class, is_batchnorm, is_foldable_batchnorm, out_channels
+from .fold import (fold_bn, frozen_batchnorm_class, is_batchnorm, is_foldable_batchnorm, normalizes_channels_of,
+                   out_channels)
 
 
 # Augmented assignments as the traced graph calls them (InPlaceProxy): operator.iadd & co. as plain functions.
@@ -99,7 +101,7 @@ def fuse(model, inplace=False):
     Hooks: the model's own hooks move onto the result; a submodule with hooks is kept whole by the trace and fused
     on its own, its hooks moved onto the fused one (they run where they ran); a conv/BN/ReLU with hooks is not
     fused. Global module hooks (register_module_forward_hook) see the fused modules instead: a warning says so.
-    The fused layers may return channels_last tensors in CPU float32 inference (pyops.nn.ConvBNReLU2d); the traced
+    The fused layers may return channels_last tensors in CPU inference (pyops.nn.ConvBNReLU2d); the traced
     graph's `.view` calls become view_or_copy (a view where the strides allow one, else a copy) so that models
     flattening with `.view(n, -1)` still run, also after pickling or tracing the result again; where the graph
     calls code it does not show (a custom leaf module, a torch.fx.wrap function), the fused layers keep their
@@ -108,9 +110,15 @@ def fuse(model, inplace=False):
     ValueError: a model (or submodule) in training mode (torch.nn's stateless layers and containers do not count,
     dropouts do). Warns (UserWarning) when torch.fx cannot trace the model, or when its forward has an argument
     defaulting to None that the trace uses (torch.fx takes it as a tensor, dropping the model's code for calls
-    without it), naming what the Sequential fallback fused: there the BatchNorm and ReLU modules absorbed into a
-    fused layer become nn.Identity (indices and names keep working; code reading a Sequential's intermediate
-    outputs sees the fused values), and the model's own code runs as written.
+    without it), naming what the fallback fused, and the model's own code runs as written: each submodule torch.fx
+    can trace whose class adds no public method beside forward (a detection model's backbone; not its transform,
+    whose postprocess the model calls) is fused whole in its place (a GraphModule keeping its plain attributes,
+    such as out_channels; its fused layers return their input's layout); elsewhere, inside nn.Sequential
+    containers, the BatchNorm and ReLU modules absorbed into a fused layer become nn.Identity (indices and names
+    keep working; code reading a Sequential's intermediate outputs sees the fused values).
+    A module that becomes a GraphModule (the model, a fused part, a hooked container) keeps its hooks and plain
+    attributes, also through copy.deepcopy, but not through pickling (torch rebuilds a GraphModule's hooks empty),
+    nor its class, methods and properties.
     What torch.fx does not record, the traced result does not do: forward's Python control flow on its inputs
     (`if isinstance(x, torch.Tensor)` is False for the trace's proxies), context managers and decorators that change
     modes (torch.no_grad, torch.autocast: the result computes outside them), and attributes forward stores on the
@@ -141,26 +149,46 @@ def fuse(model, inplace=False):
 def _fuse(model, inplace):
     work = model if inplace else deepcopy_sharing_hooks(model)
     try:
-        graph_module = FusionTracer.trace_module(work)
-        check_traced_defaults(graph_module)
+        graph_module = trace(work)
     except Exception as error:  # noqa: BLE001 - any tracing failure (TraceError, TypeError, ...) means "untraceable"
-        fused = fuse_sequentials(work)
+        parts = fuse_traceable_parts(work, inplace)
+        fused = fuse_sequentials(work, skip=parts.values())
         warnings.warn(f"pyops.fuse: torch.fx could not trace {type(model).__name__} ({type(error).__name__}: "
-                      f"{error}); fell back to fusing consecutive modules inside nn.Sequential containers: "
-                      f"{', '.join(fused) if fused else 'nothing found'}. The result equals the model where it calls "
-                      "each of these Sequentials as a whole; code that calls single entries or slices of them, or "
-                      "reads their intermediate outputs, sees the fused layers' outputs instead (compare the "
-                      "outputs before use)", UserWarning, stacklevel=2)
+                      f"{error}); fell back to fusing its parts: submodules fused whole (torch.fx traced them): "
+                      f"{', '.join(parts) if parts else 'none'}; consecutive modules inside nn.Sequential "
+                      f"containers: {', '.join(fused) if fused else 'none'}. The result equals the model where its "
+                      "code calls these parts whole; code that calls single entries or slices of such a Sequential, "
+                      "reads their intermediate outputs or calls a fused part's submodules sees the fused layers "
+                      "instead (compare the outputs before use)", UserWarning, stacklevel=2)
         return work.eval()
+    return fuse_traced(model, work, graph_module, inplace)
+
+
+def trace(module):
+    """module's graph (FusionTracer); raises where torch.fx cannot trace it or the graph would differ from it
+    (check_traced_defaults)."""
+    graph_module = FusionTracer.trace_module(module)
+    check_traced_defaults(graph_module)
+    return graph_module
+
+
+def fuse_traced(model, work, graph_module, inplace, output_seen_by_code=False):
+    """fuse's result from graph_module, work's graph (work: model or its working copy). output_seen_by_code: the
+    result's output goes to code no graph shows (a part of an untraceable model): the fused layers keep their
+    input's layout, as where the graph calls such code (layout_safe_views)."""
     created = fuse_graph(graph_module)
     created += fuse_hooked_submodules(graph_module, inplace)
     # after both: a hooked container's fused layers may return channels_last to the graph's code too (and, fused on
     # its own, its code saw the graph's layouts: its views are rewritten there); run on graphs without fused layers
     # as well, whose input may be a fused layer's output (a hooked container)
     layout_safe_views(graph_module.graph, dict(graph_module.named_modules()), created)
+    if output_seen_by_code:
+        for module in created:
+            if isinstance(module, pyops_nn.ConvBNReLU2d):
+                module.keep_input_layout = True
     graph_module.graph.lint()
     graph_module.recompile()
-    move_hooks(work, graph_module)  # the model's own hooks (fx traced forward, which never ran them)
+    keep_attributes(graph_module, work)  # the model's own hooks (fx traced forward, which never ran them) & co.
     # eval(), except (inplace=True) on the caller's own modules: only their stateless torch.nn ones can be in
     # training mode, where it changes nothing.
     own = {id(m) for m in model.modules()} if inplace else set()
@@ -183,7 +211,74 @@ def deepcopy_sharing_hooks(model):
         for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
             for hook in getattr(module, name).values():
                 memo[id(hook)] = hook
-    return copy.deepcopy(model, memo)
+    copied = copy.deepcopy(model, memo)
+    # torch's deep copy of a GraphModule (a traced model, a fused one) drops its forward and backward hooks: given back
+    for module in model.modules():
+        twin = memo.get(id(module))
+        if isinstance(module, fx.GraphModule) and isinstance(twin, fx.GraphModule) and twin is not module:
+            for name in HOOK_DICTS:
+                if getattr(module, name) and not getattr(twin, name):
+                    setattr(twin, name, copy.copy(getattr(module, name)))
+            twin._is_full_backward_hook = module._is_full_backward_hook
+    return copied
+
+
+def keep_attributes(gm, module):
+    """gm, fused from module, takes module's hooks and its plain attributes (non-Module, non-tensor ones set in
+    __init__, which a hook or the caller's code may read: m.scale, backbone.out_channels), and keeps both through
+    copy.deepcopy: torch's GraphModule keeps only what its graph uses, and a deep copy of one drops forward hooks
+    (not through pickling, which rebuilds the hooks empty). The type is gm's: code checking module's class, or
+    calling its other methods or properties, sees a GraphModule."""
+    move_hooks(module, gm)
+    plain = {name: value for name, value in vars(module).items()
+             if not name.startswith("_") and name != "training" and not hasattr(gm, name)}
+    for name, value in plain.items():
+        setattr(gm, name, value)
+    preserved = gm.meta.setdefault("_user_preserved_attributes", {})  # (what GraphModule.__deepcopy__ restores)
+    preserved.update(plain)
+    preserved.update({name: getattr(gm, name) for name in HOOK_DICTS})
+    preserved["_is_full_backward_hook"] = gm._is_full_backward_hook
+
+
+def fuse_traceable_parts(model, inplace):
+    """For a model torch.fx cannot trace: each submodule it can trace whose class adds no public method to
+    forward's (code outside it can only call it; not nn.Sequential, whose entries and slices code may call) is
+    fused whole in its place, where that fuses something; the others are searched in. A detection model's
+    backbone is such a part (its heads and transforms are not traceable). Returns {qualified name: fused part}."""
+    parts = {}
+
+    def search(module, prefix):
+        for name, child in list(module.named_children()):
+            qualified = f"{prefix}.{name}" if prefix else name
+            if next(child.children(), None) is None or isinstance(child, FUSED_MODULES):
+                continue  # a leaf: nothing to fuse inside it
+            if not adds_public_methods(child):
+                try:
+                    graph_module = trace(child)
+                except Exception:  # noqa: BLE001 - as in _fuse: untraceable, searched in
+                    graph_module = None
+                if graph_module is not None:
+                    fused = fuse_traced(child, child, graph_module, inplace, output_seen_by_code=True)
+                    if any(isinstance(m, FUSED_MODULES) for m in fused.modules()):
+                        module._modules[name] = parts[qualified] = fused
+                    continue  # traced: its graph had every chain inside it
+            search(child, qualified)
+
+    search(model, "")
+    return parts
+
+
+def adds_public_methods(module):
+    """Whether module's class or a base below nn.Module defines a public method beyond forward, nn.Module's own
+    (extra_repr, train, ...) and reset_parameters (called at construction): code may call it (a detection model's
+    transform.postprocess, a container's entries), which a fused GraphModule in its place would not have."""
+    for cls in type(module).__mro__:
+        if cls is nn.Module:
+            return False
+        if any(callable(value) and not name.startswith("_") and name not in ("forward", "reset_parameters")
+               and not hasattr(nn.Module, name) for name, value in vars(cls).items()):
+            return True
+    return False
 
 
 def fuse_hooked_submodules(gm, inplace):
@@ -203,9 +298,17 @@ def fuse_hooked_submodules(gm, inplace):
         if any(n.op in ("call_module", "get_attr") and n.target.startswith(node.target + ".") for n in gm.graph.nodes):
             continue
         if id(module) not in done:
-            done[id(module)] = fuse(module, inplace=not inplace)
+            done[id(module)] = fused = fuse(module, inplace=not inplace)
+            # kept as it is (its class, methods and properties: a hooked parametrized conv) where nothing inside it
+            # fused and its code has no view for the fused graph to rewrite (runs_own_code)
+            before = {id(m) for m in module.modules()}
+            if isinstance(fused, fx.GraphModule) and not any(
+                    isinstance(m, FUSED_MODULES) and id(m) not in before for m in fused.modules()) and not any(
+                    depends_on_layout(n, dict(fused.named_modules())) for n in fused.graph.nodes):
+                done[id(module)] = module
         gm.set_submodule(node.target, done[id(module)])
-    return [m for fused in done.values() for m in fused.modules() if isinstance(m, pyops_nn.ConvBNReLU2d)]
+    return [m for fused in done.values() if isinstance(fused, fx.GraphModule) for m in fused.modules()
+            if isinstance(m, pyops_nn.ConvBNReLU2d)]
 
 
 def training_matters(module):
@@ -431,21 +534,6 @@ def bn_computes_like_base(bn):
         return computes_like_base(bn) is not None
     frozen = frozen_batchnorm_class()
     return frozen is not None and type(bn).forward is frozen.forward
-
-
-def normalizes_channels_of(bn, layer):
-    """Whether bn normalizes the channel dimension of layer's (batched) output: a BatchNorm of that rank
-    (BatchNorm1d after Linear/Conv1d, BatchNorm2d or FrozenBatchNorm2d after Conv2d, BatchNorm3d after Conv3d) or a
-    SyncBatchNorm (any rank). Another one normalizes another dimension where the model runs at all: a BatchNorm1d
-    takes an unbatched Conv2d's (C, H, W) output as (N, C', L), a FrozenBatchNorm2d broadcasts a Linear's output."""
-    if isinstance(bn, nn.SyncBatchNorm):
-        return True
-    if isinstance(layer, (nn.Linear, nn.Conv1d)):
-        return isinstance(bn, nn.BatchNorm1d)
-    if isinstance(layer, nn.Conv2d):
-        frozen = frozen_batchnorm_class()
-        return isinstance(bn, nn.BatchNorm2d) or (frozen is not None and isinstance(bn, frozen))
-    return isinstance(layer, nn.Conv3d) and isinstance(bn, nn.BatchNorm3d)
 
 
 def match_chain(node, modules):
@@ -714,11 +802,14 @@ def fresh_name(gm, modules, base):
 
 # --- fallback for untraceable models ----------------------------------------------------------------------------
 
-def fuse_sequentials(model):
-    """Fuses layer → BatchNorm [→ ReLU/ReLU6] runs of consecutive children of each nn.Sequential in model, in place.
-    Returns the qualified names of the fused layers."""
+def fuse_sequentials(model, skip=()):
+    """Fuses layer → BatchNorm [→ ReLU/ReLU6] runs of consecutive children of each nn.Sequential in model, in place,
+    except inside the modules in skip (fused already). Returns the qualified names of the fused layers."""
     fused_names = []
+    skipped = {id(m) for part in skip for m in part.modules()}
     for prefix, container in list(model.named_modules()):
+        if id(container) in skipped:
+            continue
         # (a subclass with its own forward may not chain its entries: TwoHeads' cat([self[0](x), self[1](x)]))
         if not isinstance(container, nn.Sequential) or type(container).forward is not nn.Sequential.forward:
             continue

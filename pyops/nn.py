@@ -142,11 +142,24 @@ def _autograd_sees(*tensors):
             or forward_ad._current_level >= 0)  # no level open: no tensor carries a tangent
 
 
-def _cpu_fp32_inference(x, weight, bias, residual):
-    """Whether a call is float32 inference on the CPU with a 4-D input, outside torch.compile, torch.jit.trace and
-    dispatch modes (FakeTensorMode: the shape probes of convolutionalize, make_fx; count_ops): where ConvBNReLU2d's
-    CPU-only paths (packed weights, a channels_last stem) apply."""
-    return (x.is_cpu and weight.is_cpu and x.dtype is torch.float32 and weight.dtype is torch.float32 and x.dim() == 4
+def _onednn_dtypes():
+    """The dtypes oneDNN convolves on this CPU: float32, and bfloat16/float16 where the CPU has their instructions
+    (the queries ATen's convolution makes, as the op's CPU routing does: onednn_computes in conv_bn_relu_cpu.cpp)."""
+    if not torch.backends.mkldnn.is_available():
+        return (torch.float32,)
+    mkldnn = torch.ops.mkldnn
+    return ((torch.float32,) + ((torch.bfloat16,) if mkldnn._is_mkldnn_bf16_supported() else ())
+            + ((torch.float16,) if mkldnn._is_mkldnn_fp16_supported() else ()))
+
+
+_ONEDNN_DTYPES = _onednn_dtypes()  # a constant: read in forward, where torch.compile would otherwise trace the queries
+
+
+def _cpu_inference(x, weight, bias, residual, dtypes=(torch.float32,)):
+    """Whether a call is inference on the CPU in one of `dtypes` with a 4-D input, outside torch.compile,
+    torch.jit.trace and dispatch modes (FakeTensorMode: the shape probes of convolutionalize, make_fx; count_ops):
+    where ConvBNReLU2d's CPU-only paths (packed weights: float32; a channels_last stem) apply."""
+    return (x.is_cpu and weight.is_cpu and x.dtype in dtypes and weight.dtype is x.dtype and x.dim() == 4
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
             and not torch._C._len_torch_dispatch_stack() and not _subclassed(x, weight, bias, residual)
             and not _autograd_sees(x, weight, bias, residual) and not _functorch_wrapped(x, weight, bias, residual))
@@ -247,7 +260,7 @@ class ConvBNReLU2d(DerivedWeights):
     weight and bias (see from_modules).
 
     x: (N, in_channels, H, W) or unbatched (in_channels, H, W) → (N, out_channels, H', W'), in x's memory format
-    (CPU float32 inference may return channels_last instead: below).
+    (CPU inference may return channels_last instead: below).
     residual: None or a tensor of the output's shape, added before the activation (a ResNet block's shortcut); one
     that only broadcasts to the output is added by a separate PyTorch add (the kernel takes the exact shape).
     activation: "none", "relu" or "relu6".
@@ -265,8 +278,9 @@ class ConvBNReLU2d(DerivedWeights):
     switch (a layer already in eval mode: train() then eval(), or assign a new weight). That path
     computes in channels_last and returns a channels_last output (same values), as a PyTorch convolution with a
     channels_last weight does. A layer that widens fewer than 64 channels into 64 or more (a network's stem) also
-    returns channels_last there (see _widens_into_channels_last): a fused network thus is channels_last from its
-    stem on, where ATen's pooling and elementwise ops are faster.
+    returns channels_last in CPU inference, in fp32 and in the half-precision dtypes oneDNN computes on the CPU
+    (bf16/fp16 with AVX-512 BF16/FP16; see _widens_into_channels_last): a fused network thus is channels_last from
+    its stem on, where ATen's pooling and elementwise ops are faster.
 
     CUDA inference on the default (cuDNN) path calls cuDNN's fused convolution straight from forward (see
     _cudnn_forward): the same kernel and the same values as the op, without the op's host path, which is the bound
@@ -347,7 +361,7 @@ class ConvBNReLU2d(DerivedWeights):
         """
         # cheapest tests first: most calls that take another path leave at the first or second
         if (self.in_channels < 64 or self.groups != 1 or self.training
-                or not _cpu_fp32_inference(x, weight, bias, residual) or x.numel() == 0
+                or not _cpu_inference(x, weight, bias, residual) or x.numel() == 0
                 or weight is not self._parameters.get("weight") or not torch.backends.mkldnn.is_available()):
             return None
         if (self.kernel_size == (1, 1) or self.keep_input_layout) and (
@@ -358,19 +372,21 @@ class ConvBNReLU2d(DerivedWeights):
                             lambda: pack(x, weight, self.stride, self.padding, self.dilation, self.groups), keep=8)
 
     def _widens_into_channels_last(self, x, weight, bias, residual):
-        """Whether CPU fp32 inference converts an NCHW x to channels_last first, making this layer's output
-        channels_last: a layer that widens few channels (< 64) into many (>= 64), as a network's stem does.
+        """Whether CPU inference in a dtype oneDNN computes converts an NCHW x to channels_last first, making this
+        layer's output channels_last: a layer that widens few channels (< 64) into many (>= 64), as a network's stem
+        does.
 
-        The packed layers after it compute in channels_last whatever their input (_packed_weight), so a fused
-        network then is channels_last from its stem on, and the ops between the layers run on channels_last
-        tensors, where ATen is much faster for some: max_pool2d 3×3/2 on ResNet's stem output (8×64×112×112) takes
-        30 ms NCHW vs 2.7 ms channels_last on this project's CPU (bench/NOTES-conv_bn_relu.md). The input is the
-        small side of such a layer (3×224×224 vs 64×112×112 values), so converting it costs little.
+        The layers after it compute in channels_last (fp32: packed layers, whatever their input: _packed_weight;
+        bf16/fp16: a channels_last input gives a channels_last output), so a fused network then is channels_last from
+        its stem on, and the ops between the layers run on channels_last tensors, where ATen is much faster for
+        some: max_pool2d 3×3/2 on ResNet's stem output (8×64×112×112) takes 30 ms NCHW vs 2.7 ms channels_last on
+        this project's CPU (bench/NOTES-conv_bn_relu.md). The input is the small side of such a layer (3×224×224 vs
+        64×112×112 values), so converting it costs little.
         """
         # cheapest tests first: most layers leave at the first
         return (self.in_channels < 64 <= self.out_channels and self.groups == 1 and residual is None
                 and not self.keep_input_layout
-                and _cpu_fp32_inference(x, weight, bias, residual)
+                and _cpu_inference(x, weight, bias, residual, _ONEDNN_DTYPES)
                 and x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last))
 
     def _cudnn_forward(self, x, weight, bias, residual):

@@ -351,11 +351,15 @@ def test_deterministic_across_runs_and_thread_counts(device, config, path, monke
     assert torch.equal(runs[0][3], runs[1][3])
 
 
+@pytest.mark.parametrize("path", ["direct", "library", "gemm"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision(device, dtype):
+def test_half_precision(device, dtype, path, monkeypatch):
+    """Accumulated in fp32, rounded once: our kernels (on the CPU: float32 ones), and the library's (on the CPU
+    oneDNN's own half-precision convolution where it computes the dtype, else ours in float32)."""
+    monkeypatch.setenv("PYOPS_CONV1D_PATH", path)
     g = torch.Generator().manual_seed(7)
     x, w, b = rand((2, 8, 300), dtype, device, g), rand((8, 1, 4), dtype, device, g), rand((8,), dtype, device, g)
-    # (stride, padding, dilation, groups); on the CPU computed in float32 and rounded once
+    # (stride, padding, dilation, groups)
     for args in [(1, 3, 1, 8), (1, 1, 1, 1), (2, 2, 2, 2)]:
         wa = w if args[3] == 8 else rand((8, 8 // args[3], 4), dtype, device, g)
         ours, grad_out = forward_and_grads(pyops.conv1d, x, wa, b, args)

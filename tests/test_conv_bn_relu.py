@@ -77,7 +77,7 @@ def check_close(out, ref, dtype, mag):
 def test_conv2d_bn_relu_matches_float64_reference(device, path, seed):
     t, kw = random_case(seed)
     ref = reference.conv2d_bn_relu(**t, **kw)
-    dtypes = [torch.float32, torch.float64] + ([torch.float16, torch.bfloat16] if device == "cuda" else [])
+    dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
     for dtype in dtypes:
         # reduced precision: the reference sees the same rounded inputs; the statistics stay float32
         td = cast(t, dtype, device)
@@ -475,13 +475,22 @@ def test_conv_path_reads_the_env_as_the_ops_do(monkeypatch, value, path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_reduced_precision_accumulates_in_fp32(device, path, dtype):
-    """float16/bfloat16 inputs (our direct kernel on CPU, both paths on CUDA) accumulate in fp32."""
-    x, w, b, r = randn((2, 8, 10, 9), 11), randn((12, 4, 3, 3), 12, 0.3), randn((12,), 13), randn((2, 12, 10, 9), 14)
-    q = lambda t: t.to(dtype)  # noqa: E731  (the reference sees the same rounded inputs)
-    ref = reference.conv2d_bias_act(q(x).double(), q(w).double(), q(b).double(), 1, 1, 1, 2, "relu", q(r).double())
-    out = conv2d_bias_act(q(x).to(device), q(w).to(device), q(b).to(device), 1, 1, 1, 2, "relu", q(r).to(device))
-    assert out.dtype == dtype
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("activation,with_residual", [("relu", True), ("none", True), ("relu6", False)])
+def test_reduced_precision_accumulates_in_fp32(device, path, dtype, layout, groups, activation, with_residual):
+    """float16/bfloat16 inputs accumulate in fp32 on every path: our direct kernels, oneDNN's on a CPU with the
+    dtype's instructions (it fuses a residual only for groups 1 on channels_last tensors; the op adds it elsewhere:
+    ATen's add_relu, oneDNN's own fallback, has no half-precision kernel), cuDNN's on CUDA."""
+    x, w, b = randn((2, 8, 10, 9), 11), randn((12, 8 // groups, 3, 3), 12, 0.3), randn((12,), 13)
+    r = randn((2, 12, 10, 9), 14) if with_residual else None
+    q = lambda t: None if t is None else t.to(dtype)  # noqa: E731  (the reference sees the same rounded inputs)
+    as64 = lambda t: None if t is None else q(t).double()  # noqa: E731
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    on = lambda t: None if t is None else q(t).to(device).contiguous(memory_format=fmt)  # noqa: E731
+    ref = reference.conv2d_bias_act(as64(x), as64(w), as64(b), 1, 1, 1, groups, activation, as64(r))
+    out = conv2d_bias_act(on(x), q(w).to(device), q(b).to(device), 1, 1, 1, groups, activation, on(r))
+    assert out.dtype == dtype and out.is_contiguous(memory_format=fmt)
     check_close(out, ref, dtype, 20.0)
 
 

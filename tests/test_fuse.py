@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 import torchvision
 from conftest import run_in_threads, tolerances
@@ -19,6 +20,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 import pyops
 from pyops.demo.conv_bn_relu import HomeworkNet, homework_setup, max_squared_error, randomize_batchnorms_
+from pyops.conv_bn_relu import conv2d_bias_act
 from pyops.fuse import fuse_sequentials
 from pyops.nn import ConvBNReLU2d, LinearBNReLU
 
@@ -176,6 +178,14 @@ def test_fold_bn_rejects_bad_arguments():
         pyops.fold_bn(nn.ConvTranspose2d(4, 6, 3), bn)
     with pytest.raises(TypeError, match="bn"):
         pyops.fold_bn(layer, nn.LayerNorm(6))
+    # a BatchNorm of another rank: unfused, the pair raises on the input's rank (the fused layer ran)
+    for other in (nn.BatchNorm1d(6), nn.BatchNorm3d(6)):
+        with pytest.raises(ValueError, match=f"{type(other).__name__}, which does not normalize"):
+            pyops.fold_bn(layer, other.eval())
+        with pytest.raises(ValueError, match="does not normalize"):
+            ConvBNReLU2d.from_modules(layer, other.eval())
+    with pytest.raises(ValueError, match="does not normalize"):
+        pyops.fold_bn(nn.Linear(4, 6), nn.BatchNorm2d(6).eval())
 
 
 # --- pyops.nn modules ---------------------------------------------------------------------------------------------
@@ -497,6 +507,24 @@ def test_widening_layer_returns_channels_last_in_cpu_inference():
         assert copy.deepcopy(fused).double()(x.double()).is_contiguous()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_widening_layer_in_half_precision_follows_onednn(dtype):
+    """In float16/bfloat16 a stem widens into channels_last where oneDNN computes the dtype on this CPU (then the
+    layers after it stay channels_last: a bfloat16 resnet18 fused ran NCHW at eager's speed, 1.46x with it), and
+    keeps the input's layout where the direct kernel computes it. Values: as the op's, whatever the layout."""
+    conv, bn = fp32_conv_bn(cin=3, cout=64, k=7, stride=2, padding=3)
+    fused = ConvBNReLU2d.from_modules(conv, bn).to(dtype)
+    x = torch.randn(2, 3, 20, 20, generator=gen()).to(dtype)
+    with torch.no_grad():
+        out = fused(x)
+        expected = conv2d_bias_act(x, fused.weight, fused.bias, 2, 3)
+    widens = dtype in pyops.nn._ONEDNN_DTYPES
+    assert dtype != torch.bfloat16 or widens == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert out.is_contiguous(memory_format=torch.channels_last) == widens and out.is_contiguous() != widens
+    rtol, atol = tolerances(dtype)
+    torch.testing.assert_close(out, expected, rtol=rtol, atol=atol)
+
+
 def test_packed_ops_reject_bad_arguments():
     x, w = torch.randn(1, 4, 6, 6), torch.randn(8, 4, 3, 3)
     conv = ([1, 1], [1, 1], [1, 1], 1)
@@ -651,13 +679,14 @@ def test_fuse_torchvision_models(name, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_fuse_resnet18_half_precision_channels_last(dtype, device):
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_fuse_resnet18_half_precision(dtype, layout, device):
     model = randomized(torchvision.models.resnet18()).to(device)
     x = torch.rand(1, 3, 32, 32, generator=gen()).to(device)
     with torch.no_grad():
         reference = model.double()(x.double())
-        model = model.to(dtype, memory_format=torch.channels_last)
-        x = x.to(dtype, memory_format=torch.channels_last)
+        model = model.to(dtype, memory_format=layout)
+        x = x.to(dtype, memory_format=layout)
         fused = pyops.fuse(model)
         eager_error = (model(x).double() - reference).abs().max().item()
         fused_error = (fused(x).double() - reference).abs().max().item()
@@ -2101,3 +2130,102 @@ def test_a_hook_on_the_classifier_keeps_the_fused_layouts(name, hooked):
     x = torch.randn(1, 3, 64, 64, generator=gen())
     with torch.no_grad():
         assert_close_relative(fused(x), model(x), 1e-4)
+
+
+class Postprocess(nn.Module):
+    """A part with a public method beside forward, which its parent calls (as a detection model's transform)."""
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(64, 8, 1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+    def postprocess(self, y):
+        return y.flatten(1).sum(1)
+
+
+class UntraceableWithParts(nn.Module):
+    """Control flow on a value (untraceable) around a traceable backbone, with a plain attribute the parent reads."""
+    def __init__(self):
+        super().__init__()
+        self.backbone = torchvision.models.resnet18(weights=None, num_classes=64)
+        self.backbone.out_channels = 64
+        self.head = Postprocess()
+
+    def forward(self, x):
+        if x.sum() > -1e30:
+            x = x * 1.5
+        y = self.backbone(x)
+        assert self.backbone.out_channels == y.shape[1]
+        return self.head.postprocess(self.head(y.view(y.size(0), -1, 1, 1)))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_untraceable_model_fuses_its_traceable_parts(inplace):
+    """One untraceable line in a model's forward left every chain its parts call by attribute unfused (only
+    Sequentials were searched: a detection model kept 49 of its 53 FrozenBatchNorms). Now each part torch.fx traces
+    and whose class adds no public method is fused whole in its place (its plain attributes kept, its outputs in
+    its input's layout: the model's own code may view them); a part with other methods is searched in."""
+    model = randomized(UntraceableWithParts())
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32, generator=gen())
+    with pytest.warns(UserWarning, match="could not trace UntraceableWithParts.*fused whole.*backbone"):
+        fused = pyops.fuse(model, inplace=inplace)
+    assert (fused is model) == inplace
+    assert not any(isinstance(m, _BatchNorm) for m in fused.backbone.modules())
+    assert isinstance(fused.head, Postprocess) and isinstance(fused.head.bn, nn.BatchNorm2d)  # searched in: no chain
+    assert fused.backbone.out_channels == 64
+    assert all(m.keep_input_layout for m in fused.backbone.modules() if isinstance(m, ConvBNReLU2d))
+    with torch.no_grad():
+        assert_close_relative(fused(x), reference(x), 1e-5)
+
+
+class ScaledBlock(nn.Sequential):
+    pass
+
+
+def test_hooks_reading_module_attributes_keep_working():
+    """A module fused into a GraphModule (a hooked container, the model itself) lost its plain attributes: hooks
+    reading them raised AttributeError; a hooked parametrized conv (its parametrizations are children) became a
+    GraphModule although nothing inside it fused. Plain attributes now move with the hooks, and a hooked module
+    whose fuse changes nothing stays itself."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = ScaledBlock(nn.Conv2d(4, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+            self.block.scale = 2.0
+            self.block.register_forward_hook(lambda m, args, out: out * m.scale)
+            self.conv = weight_norm(nn.Conv2d(8, 8, 1))
+            self.conv.register_forward_hook(lambda m, args, out: out[:, :m.out_channels // 2])
+            self.bn, self.temperature = nn.BatchNorm2d(4), 0.5
+
+        def forward(self, x):
+            return self.bn(self.conv(self.block(x)))
+
+    model = randomized(Net())
+    model.register_forward_hook(lambda m, args, out: out / m.temperature)
+    x = torch.randn(2, 4, 8, 8, generator=gen())
+    fused = pyops.fuse(model)
+    assert type(fused.conv) is type(model.conv) and isinstance(fused.block, fx.GraphModule)
+    with torch.no_grad():
+        assert_close_relative(fused(x), model(x), 1e-5)
+        assert_close_relative(copy.deepcopy(fused)(x), model(x), 1e-5)  # GraphModule's deepcopy dropped hooks
+
+
+def test_hooks_of_a_traced_model_survive_its_copy():
+    """fuse(inplace=False) deep-copies the model, and torch's copy of a GraphModule (a torch.fx-traced model, a
+    fused one fused again, a traced submodule) drops its forward hooks: the fused result lacked them (off by 2x)."""
+    def double(module, args, out):
+        return out * 2
+
+    traced = fx.symbolic_trace(randomized(nn.Sequential(nn.Conv2d(4, 8, 3), nn.BatchNorm2d(8), nn.ReLU()))).eval()
+    traced.register_forward_hook(double)
+    outer = nn.Sequential(copy.deepcopy(traced), nn.Conv2d(8, 2, 1)).eval()
+    outer[0].register_forward_hook(double)
+    x = torch.randn(1, 4, 8, 8, generator=gen())
+    with torch.no_grad():
+        for model in (traced, outer):
+            assert_close_relative(pyops.fuse(model)(x), model(x), 1e-5)

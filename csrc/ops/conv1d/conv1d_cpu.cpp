@@ -10,17 +10,24 @@
 #include <numeric>
 #include <vector>
 
+#include "common/onednn.h"
 #include "ops/conv1d/conv1d.h"
 
 namespace pyops {
 namespace {
 
-// float16 / bfloat16 on the CPU: the kernels are float32/float64 ones, so these compute in float32 (the accumulation
-// dtype the CUDA kernels use for them too) and round the result once to the arguments' dtype (checked equal before).
+// float16 / bfloat16 on the CPU: our kernels are float32/float64 ones, so these compute in float32 (the accumulation
+// dtype the CUDA kernels use for them too) and round the result once to the arguments' dtype (checked equal before)
+// -- except on the library path where oneDNN computes the dtype (common/onednn.h): it accumulates in fp32 and rounds
+// once too, with the CPU's half-precision instructions (a bfloat16 dense layer in float32 was 2.3x slower).
 bool is_half(const at::Tensor& t) { return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16; }
+bool computes_in_float(const at::Tensor& t, bool library) {
+  return is_half(t) && !(library && onednn_computes(t.scalar_type()));
+}
 void check_cpu_dtype(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "pyops.conv1d: argument '", name,
-                   "' has dtype ", t.scalar_type(), "; the CPU kernels take float32, float64, float16 and bfloat16");
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble || is_half(t),
+                   "pyops.conv1d: argument '", name, "' has dtype ", t.scalar_type(),
+                   "; the CPU kernels take float32, float64, float16 and bfloat16");
 }
 at::Tensor as_float(const at::Tensor& t) { return t.to(at::kFloat); }
 std::optional<at::Tensor> as_float(const std::optional<at::Tensor>& t) {
@@ -72,17 +79,16 @@ at::Tensor conv1d_cpu(const at::Tensor& input, const at::Tensor& weight, const s
                       int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
   const Conv1dGeometry g = check_conv1d(input, weight, bias, stride, padding, dilation, groups);
   stride = g.stride;  // (a stride past the padded length, capped: checked_conv_stride)
-  if (is_half(input)) {
+  const bool empty = g.batch * g.out_channels * g.out_length == 0;
+  const bool library = !empty && conv1d_use_library(g, /*cuda=*/false);
+  if (computes_in_float(input, library)) {
     return conv1d_cpu(as_float(input), as_float(weight), as_float(bias), stride, padding, dilation, groups)
         .to(input.scalar_type());
   }
   check_cpu_dtype(input, "input");
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-  const bool empty = g.batch * g.out_channels * g.out_length == 0;
   // ATen allocates its own output: decide before allocating ours
-  if (!empty && conv1d_use_library(g, /*cuda=*/false)) {
-    return library_conv1d(input, weight, b, g);
-  }
+  if (library) return library_conv1d(input, weight, b, g);
   at::Tensor out = at::empty({g.batch, g.out_channels, g.out_length}, input.options());
   if (empty) return out;
   correlate_cpu(input.contiguous(), weight.contiguous(), b, out,
@@ -99,14 +105,15 @@ at::Tensor conv1d_backward_input_cpu(const at::Tensor& grad_output, const at::Te
   const Conv1dGeometry g =
       check_conv1d_backward_input(grad_output, weight, input_length, stride, padding, dilation, groups);
   stride = g.stride;  // (a stride past the padded length, capped: checked_conv_stride)
-  if (is_half(grad_output)) {
+  const bool empty = g.batch * g.in_channels * g.in_length == 0;
+  const bool library = !empty && conv1d_use_library(g, /*cuda=*/false);
+  if (computes_in_float(grad_output, library)) {
     return conv1d_backward_input_cpu(as_float(grad_output), as_float(weight), input_length, stride, padding, dilation,
                                      groups)
         .to(grad_output.scalar_type());
   }
   check_cpu_dtype(grad_output, "grad_output");
-  const bool empty = g.batch * g.in_channels * g.in_length == 0;
-  if (!empty && conv1d_use_library(g, /*cuda=*/false)) return library_conv1d_backward_input(grad_output, weight, g);
+  if (library) return library_conv1d_backward_input(grad_output, weight, g);
   if (empty) return at::empty({g.batch, g.in_channels, g.in_length}, grad_output.options());
   // Phase r of grad_input (positions r, r + stride, ...) sums the taps of the class reading input phase r: output m
   // of the phase takes tap first + t*step from grad_output[m + shift' - t*dilation'], shift' = -shift, a
@@ -138,14 +145,15 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cpu(const at::Tensor& grad_ou
       check_conv1d_backward_weight(grad_output, input, kernel_size, stride, padding, dilation, groups);
   stride = g.stride;  // (a stride past the padded length, capped: checked_conv_stride)
   const auto bias_sum = [&] { return with_bias ? grad_output.sum(at::IntArrayRef{0, 2}) : at::Tensor(); };
-  if (is_half(grad_output)) {
+  const bool empty = g.batch * g.out_channels * g.in_per_group() == 0;
+  const bool library = !empty && conv1d_use_library(g, /*cuda=*/false);
+  if (computes_in_float(grad_output, library)) {
     const at::Tensor grad_weight = std::get<0>(backward_weight_cpu(as_float(grad_output), as_float(input), kernel_size,
                                                                    stride, padding, dilation, groups, false));
     return {grad_weight.to(grad_output.scalar_type()), bias_sum()};
   }
   check_cpu_dtype(grad_output, "grad_output");
-  const bool empty = g.batch * g.out_channels * g.in_per_group() == 0;
-  if (!empty && conv1d_use_library(g, /*cuda=*/false)) {
+  if (library) {
     if (!use_gemm_backward_weight(g, input.scalar_type())) {
       return library_conv1d_backward_weight(grad_output, input, g, with_bias);
     }

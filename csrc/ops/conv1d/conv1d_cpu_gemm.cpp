@@ -56,7 +56,8 @@ bool blas_matches_onednn_isa() {
 // Intel CPUs with AVX-512 (both libraries on AVX-512) are not measured; the rule assumes the AVX2 result carries over.
 bool use_gemm_backward_weight(const Conv1dGeometry& g, at::ScalarType dtype) {
   switch (conv1d_path()) {
-    case Conv1dPath::kGemm: return g.groups == 1;
+    case Conv1dPath::kGemm:  // (half precision: oneDNN's, which sums in fp32; per-sample GEMMs would round each)
+      return g.groups == 1 && (dtype == at::kFloat || dtype == at::kDouble);
     case Conv1dPath::kAuto:  // (short rows make per-sample GEMMs of depth < 64: 3.7x slower at L_out = 10)
       return g.groups == 1 && g.out_length >= 64 && dtype == at::kFloat && at::globalContext().hasMKL() &&
              blas_matches_onednn_isa();

@@ -13,6 +13,7 @@
 
 #include "common/checks.h"
 #include "common/cpu_vec.h"
+#include "common/onednn.h"
 #include "ops/conv_bn_relu/conv_bn_relu.h"
 
 namespace pyops {
@@ -134,11 +135,12 @@ bool reads_input(int64_t size, int64_t k, int64_t s, int64_t p, int64_t d, int64
   return false;
 }
 
-// oneDNN takes fp32 (its post-ops cover none/relu/relu6 alone, none/relu after a residual add). Not a dilated
-// dimension whose every window lies in the padding: oneDNN (torch 2.14's, with post-ops) crashed there, e.g. a
-// 1×2 kernel dilated 1×2 with padding 0×3 on a 8×1 input, where F.conv2d, and our kernel, return the bias.
+// oneDNN's post-ops cover none/relu/relu6 alone, none/relu after a residual add. Not a dilated dimension whose
+// every window lies in the padding: oneDNN (torch 2.14's, with post-ops) crashed there, e.g. a 1×2 kernel dilated
+// 1×2 with padding 0×3 on a 8×1 input, where F.conv2d, and our kernel, return the bias.
 bool library_supports(const at::Tensor& x, const ConvGeometry& g, bool has_residual) {
-  if (x.scalar_type() != at::kFloat || g.cin == 0) return false;
+  // (the direct kernel converts half-precision values one by one: a bfloat16 resnet18 ran 12x slower than eager)
+  if (!onednn_computes(x.scalar_type()) || g.cin == 0) return false;
   if ((g.dilation[0] > 1 && !reads_input(g.h, g.kh, g.stride[0], g.padding[0], g.dilation[0], g.oh)) ||
       (g.dilation[1] > 1 && !reads_input(g.w, g.kw, g.stride[1], g.padding[1], g.dilation[1], g.ow))) {
     return false;
@@ -161,18 +163,26 @@ at::Tensor library_forward(const at::Tensor& x, const at::Tensor& w, const std::
   }
   const c10::IValue bias = b.has_value() ? c10::IValue(b->contiguous()) : c10::IValue();
   const at::Tensor weight = w.is_mkldnn() ? w : w.contiguous();  // a prepacked (opaque) weight goes in as it is
+  // With a residual, mkldnn::_convolution_pointwise fuses the add only for groups == 1 on channels_last tensors;
+  // elsewhere it adds with ATen's add_relu, which has no float16/bfloat16 kernel: those add here instead.
+  const bool add_after = residual.has_value() && x.scalar_type() != at::kFloat &&
+                         !(g.groups == 1 && fmt == at::MemoryFormat::ChannelsLast);
   torch::jit::Stack stack;
-  if (residual.has_value()) {
+  if (residual.has_value() && !add_after) {
     stack = {x.contiguous(fmt), residual->contiguous(fmt), weight, bias, padding, stride, dilation, g.groups,
              std::string("add"), c10::IValue(),
              g.act == Activation::kNone ? c10::IValue() : c10::IValue(unary), scalars, c10::IValue()};
     onednn_op("binary")->callBoxed(&stack);
   } else {
-    stack = {x.contiguous(fmt), weight, bias, padding, stride, dilation, g.groups, unary, scalars,
-             std::string("")};
+    stack = {x.contiguous(fmt), weight, bias, padding, stride, dilation, g.groups, add_after ? std::string("none") : unary,
+             scalars, std::string("")};
     onednn_op("")->callBoxed(&stack);
   }
   at::Tensor out = stack.back().toTensor();
+  if (add_after) {
+    out.add_(*residual);
+    if (g.act == Activation::kRelu) out.relu_();
+  }
   return out.is_contiguous(fmt) ? out : out.contiguous(fmt);  // oneDNN keeps the format; this only guards it
 }
 
