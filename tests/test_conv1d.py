@@ -726,6 +726,26 @@ def test_strides_past_the_input_give_one_window(monkeypatch, path, channels):
             torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_paddings_and_dilations_near_int64_range(monkeypatch, dtype, batch):
+    """Strides, paddings and dilations near 2**62 are valid arguments: the staging rule's products overflowed int64
+    (a null staging buffer written at offsets near 2**60: segfault, or vector::_M_default_append), and a short-row
+    batch laid its samples end to end with the padding written out as zeros (padding 5e6: +0.6 GB, 10x slower)."""
+    monkeypatch.setenv("PYOPS_CONV1D_PATH", "direct")
+    g = torch.Generator().manual_seed(3)
+    x, w = rand((batch, 4, 10), dtype, gen=g), rand((4, 4, 3), dtype, gen=g)
+    near = 2**62 - 1
+    # (stride, padding, dilation), on inputs of 10 and of 1: two windows, one window, the padding's zeros only
+    for length, args in [(10, (2**61, 2**60, 1)), (1, (2, near, near)), (1, (1, near, near)),
+                         (10, (2 * 5 * 10**6 + 5, 5 * 10**6, 1))]:
+        xl = x[..., :length]
+        ours, grad_out = forward_and_grads(pyops.conv1d, xl, w, None, args)
+        ref, _ = forward_and_grads(F.conv1d, xl.double(), w.double(), None, args, grad_out.double())
+        for o, r in zip(ours, ref):
+            torch.testing.assert_close(o.double(), r, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_path_env_is_an_error(monkeypatch):
     monkeypatch.setenv("PYOPS_CONV1D_PATH", "fastest")
     with pytest.raises(ValueError, match="PYOPS_CONV1D_PATH"):

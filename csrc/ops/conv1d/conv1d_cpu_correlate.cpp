@@ -192,8 +192,10 @@ void correlate_typed(const T* in, const T* w, const T* bias, T* out, const Corre
   // enough work (og*K >= V rows of taps per input vector: 4->1 channels with K = 1 ran 4x slower staged); above it,
   // also wherever the copy (stride*tile + span per channel and tile) costs less than the vector tiles save over the
   // bounds-checked scalar loop (og*K*tile per channel and tile: 200 channels per group at stride 2 ran 18x slower).
-  const bool fits = span + (S > 1 ? S * V : 0) <= budget / 2;
-  const bool pays = S > 1 ? fits || span + S * tile < og * K * tile : fits && (cg >= 4 && og * K >= V);
+  // (a stride or span past the budget never stages: tested first, so that no product below can overflow int64)
+  const bool bounded = S <= budget && span <= budget;
+  const bool fits = bounded && span + (S > 1 ? S * V : 0) <= budget / 2;
+  const bool pays = bounded && (S > 1 ? fits || span + S * tile < og * K * tile : fits && (cg >= 4 && og * K >= V));
   // (a staged window's zeros are multiplied by the weights: not with a non-finite one, whose 0 * inf would be NaN)
   const bool stage = finite && (pays || (fits && s.out_length < tile));
   // positions per chunk: the staged window (chunk * stride + span) or the direct one (chunk + span at stride 1)
@@ -268,12 +270,16 @@ void correlate_cpu(const at::Tensor& in, const at::Tensor& w, const at::Tensor& 
   // length (a multiple of the stride) past every position its outputs read, so every read outside the sample is a
   // zero of its own segment; the outputs of each segment's first `out_length` positions are the sample's. Not with
   // a non-finite weight (a zero of the padding times it would be NaN).
+  // Laid only where a segment is also at most about twice the sample (a padding far wider than the input would be
+  // written out as zeros: 1.3 GB for padding 5e6). In 128 bits: strides and paddings near 2^62 are valid arguments.
   const int64_t lead = std::max<int64_t>(0, -s.offset), offset = s.offset + lead;  // (offset >= 0)
-  const int64_t last_read = (s.out_length - 1) * s.stride + s.dilation * (s.kernel_size - 1) + offset;
-  const int64_t length = (std::max(lead + s.in_length, last_read + 1) + s.stride - 1) / s.stride * s.stride;
+  const __int128 last_read = static_cast<__int128>(s.out_length - 1) * s.stride +
+                             static_cast<__int128>(s.dilation) * (s.kernel_size - 1) + offset;
+  const __int128 wide = (std::max<__int128>(lead + s.in_length, last_read + 1) + s.stride - 1) / s.stride * s.stride;
+  const bool laid = end_to_end && s.batch > 1 && s.out_length < kShortRow && wide <= 2 * s.in_length + 4;
+  const int64_t length = laid ? static_cast<int64_t>(wide) : 0;
   const bool finite = all_finite(w);
-  if (end_to_end && s.batch > 1 && s.out_length < kShortRow &&
-      worth_laying_end_to_end(length / s.stride, s.out_length) && finite) {
+  if (laid && worth_laying_end_to_end(length / s.stride, s.out_length) && finite) {
     const int64_t blocks = end_to_end_blocks(s.batch), per_block = (s.batch + blocks - 1) / blocks;
     const at::Tensor rows = lay_end_to_end(in, lead, length, blocks);
     at::Tensor out_rows = at::empty({blocks, s.out_channels, per_block * length / s.stride}, out.options());

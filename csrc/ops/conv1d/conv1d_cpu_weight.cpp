@@ -149,9 +149,12 @@ void correlate_weight_cpu(const at::Tensor& gy, const at::Tensor& x, at::Tensor&
   // one sample reaches another's values (Q >= L - offset, Q >= L_gy + span + offset): the same sums. Not with a
   // non-finite value in either (a zero of the padding times it would be NaN where the sum of the existing pairs is
   // not).
-  const int64_t span = dilation * (grad_weight.size(2) - 1);
-  const int64_t length = std::max({in_length, gy_length, in_length - offset, gy_length + span + offset});
-  if (end_to_end && batch > 1 && gy_length < kShortRow && worth_laying_end_to_end(length, gy_length) &&
+  // (in 128 bits: dilations and paddings near 2^62 are valid arguments)
+  const __int128 span = static_cast<__int128>(dilation) * (grad_weight.size(2) - 1);
+  const __int128 wide = std::max<__int128>({in_length, gy_length, static_cast<__int128>(in_length) - offset,
+                                            gy_length + span + offset});
+  const int64_t length = wide <= 2 * gy_length + 4 ? static_cast<int64_t>(wide) : -1;
+  if (end_to_end && batch > 1 && gy_length < kShortRow && length >= 0 && worth_laying_end_to_end(length, gy_length) &&
       all_finite(x) && all_finite(gy)) {
     const int64_t blocks = end_to_end_blocks(batch);
     weight_kernel(lay_end_to_end(gy, 0, length, blocks), lay_end_to_end(x, 0, length, blocks), grad_weight,
