@@ -22,6 +22,9 @@ import pyops
 RESNET_SHAPES = [(3, 64, 7, 2, 112), (64, 64, 1, 1, 56), (64, 64, 3, 1, 56), (128, 128, 3, 1, 28),
                  (256, 256, 3, 1, 14), (1024, 256, 1, 1, 14)]
 HOMEWORK_SHAPES = [(3, 16, 3, 1, 32), (16, 16, 3, 1, 32)]
+# (Cin, Cout, k, stride, H, groups): a depth multiplier of 2 (one input channel per group), RegNet-400MF's last
+# stage (16 channels per group on 7×7); each took the slower of the two CPU paths before stop 24 (0.45x, 0.57x)
+GROUPED_SHAPES = [(16, 32, 3, 1, 28, 16), (400, 400, 3, 1, 7, 25)]
 RESIDUAL_SHAPE = (64, 64, 3, 1, 56)
 VARIANTS = {"cpu": [("fp32", torch.float32, torch.contiguous_format)],
             "cuda": [("fp32", torch.float32, torch.contiguous_format), ("fp16-CL", torch.float16, torch.channels_last),
@@ -31,9 +34,9 @@ _compiled = {}  # one torch.compile per module (compiling takes seconds to a min
 
 
 def make_block(shape, device, dtype, fmt):
-    cin, cout, k, stride, h = shape
+    cin, cout, k, stride, h, groups = (*shape, 1)[:6]
     torch.manual_seed(0)
-    conv = nn.Conv2d(cin, cout, k, stride, k // 2, bias=False)
+    conv = nn.Conv2d(cin, cout, k, stride, k // 2, bias=False, groups=groups)
     bn = nn.BatchNorm2d(cout)
     with torch.no_grad():
         bn.running_mean.normal_(0, 0.1), bn.running_var.uniform_(0.5, 1.5)
@@ -44,11 +47,11 @@ def make_block(shape, device, dtype, fmt):
 
 
 def counts(shape, batch, itemsize, residual=False):
-    cin, cout, k, stride, h = shape
+    cin, cout, k, stride, h, groups = (*shape, 1)[:6]
     oh = (h + 2 * (k // 2) - k) // stride + 1
     out = batch * cout * oh * oh
-    flops = 2 * out * cin * k * k
-    moved = (batch * cin * h * h + cout * cin * k * k + out * (2 if residual else 1)) * itemsize
+    flops = 2 * out * cin // groups * k * k
+    moved = (batch * cin * h * h + cout * cin // groups * k * k + out * (2 if residual else 1)) * itemsize
     return flops, moved
 
 
@@ -158,4 +161,21 @@ def bench_module(measure, device, shape, impl, variant):
     cin, cout, k, stride, h = shape
     with torch.no_grad():
         measure(f"[module] conv-bn-relu {cin}->{cout} k{k} s{stride} {h}x{h} b{x.shape[0]} {name}", impl, fn,
+                flops=flops, bytes=moved)
+
+
+@pytest.mark.parametrize("impl", ["pyops", "eager"])
+@pytest.mark.parametrize("shape", GROUPED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def bench_module_grouped(measure, device, shape, impl):
+    """Grouped layers on the CPU, where the rule picking our direct kernel or oneDNN matters most (bench/NOTES-
+    conv_bn_relu.md, stop 24): pyops.nn.ConvBNReLU2d against the unfused Sequential, fp32 NCHW."""
+    if device != "cpu":
+        pytest.skip("a CPU routing row")
+    block, x = make_block(shape, device, torch.float32, torch.contiguous_format)
+    module = pyops.nn.ConvBNReLU2d.from_modules(block[0], block[1])
+    fn = (lambda: module(x)) if impl == "pyops" else (lambda: block(x))
+    flops, moved = counts(shape, x.shape[0], x.element_size())
+    cin, cout, k, stride, h, groups = shape
+    with torch.no_grad():
+        measure(f"[module] conv-bn-relu {cin}->{cout} k{k} s{stride} g{groups} {h}x{h} b{x.shape[0]} fp32", impl, fn,
                 flops=flops, bytes=moved)

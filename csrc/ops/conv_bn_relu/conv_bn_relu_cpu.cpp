@@ -194,12 +194,19 @@ at::Tensor library_forward(const at::Tensor& x, const at::Tensor& w, const std::
 // multiply-adds a call the direct kernel was 1.16-3.9x faster on dense and grouped shapes with reductions up to 512
 // (2→2 to 256→64, 1×1 to 7×7, stride 1 and 2; 2 threads; around 9.4M it is 0.94-1.63x), but not with longer
 // reductions on tiny maps (128→128 3×3 on 2×2: 0.34x, 512→16 3×3 on 4×4: 0.62x; 64→64 3×3 on 4×4: 0.93-1.22x),
-// nor on depthwise layers (0.76-2.1x): those stay with the rule above.
+// nor on depthwise layers (0.76-2.1x): those stay with the rule above. Nor on rows narrower than the kernel's
+// 16-column tile (stop 24, 1 thread, µs direct vs oneDNN: RegNet's 400→400 in 25 groups on 7×7 314 vs 108, 160→160
+// in 10 groups on 14×14 285 vs 113, 256→256 1×1 on a 1×1 map 176 vs 70; 16×16 maps 90 vs 84). Layers with a
+// depth multiplier (one input channel per group, 2..16 outputs: 16→32 in 16 groups) are the direct kernel's at any
+// stride: oneDNN's grouped path took 190 vs 58 µs at 28×28, 4423 vs 1294 at 32→96 stride 2 on 56×56, batch 8; so
+// are single-channel stems at stride 1 (1→64 3×3 on 224×224: 6966 vs 1938 µs; at stride 2, 1→64 5×5: 403 vs 578).
 bool direct_is_faster(const ConvGeometry& g) {
-  const int64_t k = (g.cin / g.groups) * g.kh * g.kw, cout_g = g.cout / g.groups;
+  const int64_t cin_g = g.cin / g.groups, k = cin_g * g.kh * g.kw, cout_g = g.cout / g.groups;
   const int64_t macs = g.n * g.cout * g.oh * g.ow * k;
-  if (g.cin / g.groups > 1 && k <= 512 && macs < (int64_t{1} << 23)) return true;
-  return k <= 32 && g.stride[0] == 1 && g.stride[1] == 1 && cout_g >= 4 && cout_g <= 16;
+  const bool unit_stride = g.stride[0] == 1 && g.stride[1] == 1;
+  if (cin_g == 1) return cout_g >= 2 && k <= 32 && (cout_g <= 16 || unit_stride);
+  if (k <= 512 && macs < (int64_t{1} << 23) && g.ow >= 16) return true;
+  return k <= 32 && unit_stride && cout_g >= 4 && cout_g <= 16;
 }
 
 // The rule above was measured on NCHW tensors, the direct kernel's own layout. A channels_last output (a
