@@ -91,6 +91,37 @@ def test_conv2d_bn_relu_matches_float64_reference(device, path, seed):
         check_close(out, ref_d, dtype, magnitude(t, kw))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("activation", ["none", "relu", "relu6"])
+def test_one_by_one_layers_as_a_matrix_product(threads, activation, monkeypatch):
+    """A 1×1 layer on an NCHW float32 input runs as one matrix product under PYOPS_CONV_PATH=auto where ATen's own
+    rule does so (one thread and a batch under 16, or a small batch-1 input), the epilogue after it: bias, residual
+    (NCHW or channels_last), activation, a NaN kept as torch.relu keeps it, strided inputs and weights."""
+    monkeypatch.setenv("PYOPS_CONV_PATH", "auto")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        shapes = [(1, 116, 116, 12), (1, 5, 7, 1)] + ([(3, 24, 58, 9), (1, 116, 116, 14)] if threads == 1 else [])
+        for n, cin, cout, size in shapes:  # (on 2 threads: batch-1 inputs of at most 20480 values)
+            x, w = randn((n, cin, size, size + 1), 31, 2.0), randn((cout, cin, 1, 1), 32, 0.3)
+            b, r = randn((cout,), 33), randn((n, cout, size, size + 1), 34)
+            x[0, 0, 0, 0] = float("nan")
+            for bias, residual in [(b, r), (None, None), (b, r.contiguous(memory_format=torch.channels_last))]:
+                ref = reference.conv2d_bias_act(x, w, bias, activation=activation, residual=residual)
+                f32 = lambda t: None if t is None else t.float()  # noqa: E731
+                spread = torch.zeros(n, cin, size, 2 * (size + 1))
+                spread[..., ::2] = x.float()
+                transposed_weight = w.float().reshape(cout, cin).t().contiguous().t().reshape(cout, cin, 1, 1)
+                for xi, wi in [(x.float(), w.float()), (spread[..., ::2], transposed_weight)]:
+                    out = conv2d_bias_act(xi, wi, f32(bias), activation=activation, residual=f32(residual))
+                    assert out.is_contiguous()
+                    rtol, atol = tolerances(torch.float32)
+                    torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=max(atol, rtol * 50.0),
+                                               equal_nan=True)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("activation", ["none", "relu", "relu6"])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_conv2d_bias_act_matches_float64_reference(device, path, activation, with_residual):

@@ -221,12 +221,38 @@ bool use_library(const at::Tensor& input, const ConvGeometry& g, bool has_residu
          (requested == ConvPath::kLibrary || (requested == ConvPath::kAuto && library_faster));
 }
 
+// A 1×1 layer (stride 1, no padding, one group) on an NCHW float32 input is a matrix product per image. ATen runs it
+// as one (MKL's GEMM) rather than through oneDNN on one thread, and on small batch-1 inputs on any (its rule in
+// use_mkldnn); so do we, under PYOPS_CONV_PATH=auto, the epilogue in place after it. 1 thread, CPU time, µs, GEMM
+// vs oneDNN's fused call vs our direct kernel: 116→116 on 14×14 53 / 120 / 101, 64→64 on 56×56 batch 8 1558 / 6523
+// / 3365, 512→2048 on 7×7 846 / 1002 / 11114 (bench/NOTES-conv_bn_relu.md, stop 24).
+bool gemm_is_faster(const at::Tensor& x, const ConvGeometry& g, at::MemoryFormat fmt) {
+  if (x.scalar_type() != at::kFloat || fmt == at::MemoryFormat::ChannelsLast || g.kh != 1 || g.kw != 1 ||
+      g.groups != 1 || g.stride[0] != 1 || g.stride[1] != 1 || g.padding[0] != 0 || g.padding[1] != 0 ||
+      g.n == 0 || g.cin == 0 || requested_conv_path() != ConvPath::kAuto) {
+    return false;
+  }
+  return (at::get_num_threads() == 1 && g.n < 16) || (g.n == 1 && g.cin * g.h * g.w <= 20480);
+}
+
+at::Tensor gemm_forward(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
+                        const std::optional<at::Tensor>& residual, const ConvGeometry& g) {
+  at::Tensor out = at::matmul(w.reshape({g.cout, g.cin}), x.contiguous().view({g.n, g.cin, g.h * g.w}))
+                       .view({g.n, g.cout, g.oh, g.ow});
+  if (b.has_value()) out.add_(b->view({1, g.cout, 1, 1}));
+  if (residual.has_value()) out.add_(*residual);
+  if (g.act == Activation::kRelu) out.relu_();
+  if (g.act == Activation::kRelu6) out.clamp_(0, 6);  // (clamp keeps a NaN, as torch.relu6 does)
+  return out;
+}
+
 at::Tensor conv2d_bias_act_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                int64_t groups, int64_t activation, const std::optional<at::Tensor>& residual) {
   const ConvGeometry g =
       check_conv2d_bias_act_args(input, weight, bias, stride, padding, dilation, groups, activation, residual);
   const auto fmt = output_memory_format(input);
+  if (gemm_is_faster(input, g, fmt)) return gemm_forward(input, weight, bias, residual, g);
   if (!use_library(input, g, residual.has_value(), fmt)) {
     at::Tensor out = at::empty({g.n, g.cout, g.oh, g.ow}, input.options().memory_format(fmt));
     if (out.numel() == 0) return out;
