@@ -225,19 +225,14 @@ def deepcopy_sharing_hooks(model):
 
 def keep_attributes(gm, module):
     """gm, fused from module, takes module's hooks and its plain attributes (non-Module, non-tensor ones set in
-    __init__, which a hook or the caller's code may read: m.scale, backbone.out_channels), and keeps both through
-    copy.deepcopy: torch's GraphModule keeps only what its graph uses, and a deep copy of one drops forward hooks
-    (not through pickling, which rebuilds the hooks empty). The type is gm's: code checking module's class, or
-    calling its other methods or properties, sees a GraphModule."""
+    __init__, which a hook or the caller's code may read: m.scale, backbone.out_channels), which its deep copies keep
+    (FusedGraphModule). The type is gm's: code checking module's class, or calling its other methods or properties,
+    sees a GraphModule; forward's reads of these attributes were traced as constants (setting one later changes
+    nothing the graph computes)."""
     move_hooks(module, gm)
-    plain = {name: value for name, value in vars(module).items()
-             if not name.startswith("_") and name != "training" and not hasattr(gm, name)}
-    for name, value in plain.items():
-        setattr(gm, name, value)
-    preserved = gm.meta.setdefault("_user_preserved_attributes", {})  # (what GraphModule.__deepcopy__ restores)
-    preserved.update(plain)
-    preserved.update({name: getattr(gm, name) for name in HOOK_DICTS})
-    preserved["_is_full_backward_hook"] = gm._is_full_backward_hook
+    plain = [name for name in vars(module) if not name.startswith("_") and name != "training" and not hasattr(gm, name)]
+    for name in plain:
+        setattr(gm, name, getattr(module, name))
 
 
 def fuse_traceable_parts(model, inplace):
@@ -245,13 +240,17 @@ def fuse_traceable_parts(model, inplace):
     forward's (code outside it can only call it; not nn.Sequential, whose entries and slices code may call) is
     fused whole in its place, where that fuses something; the others are searched in. A detection model's
     backbone is such a part (its heads and transforms are not traceable). Returns {qualified name: fused part}."""
-    parts = {}
+    parts, done = {}, {}  # done: {id(submodule): what stands in its place}, so that aliases stay one module
 
     def search(module, prefix):
-        for name, child in list(module.named_children()):
+        for name, child in list(module._modules.items()):  # (not named_children: it skips a second name of one)
             qualified = f"{prefix}.{name}" if prefix else name
-            if next(child.children(), None) is None or isinstance(child, FUSED_MODULES):
+            if child is None or next(child.children(), None) is None or isinstance(child, FUSED_MODULES):
                 continue  # a leaf: nothing to fuse inside it
+            if id(child) in done:
+                module._modules[name] = done[id(child)]
+                continue
+            done[id(child)] = child
             if not adds_public_methods(child):
                 try:
                     graph_module = trace(child)
@@ -260,7 +259,7 @@ def fuse_traceable_parts(model, inplace):
                 if graph_module is not None:
                     fused = fuse_traced(child, child, graph_module, inplace, output_seen_by_code=True)
                     if any(isinstance(m, FUSED_MODULES) for m in fused.modules()):
-                        module._modules[name] = parts[qualified] = fused
+                        module._modules[name] = parts[qualified] = done[id(child)] = fused
                     continue  # traced: its graph had every chain inside it
             search(child, qualified)
 
@@ -269,14 +268,18 @@ def fuse_traceable_parts(model, inplace):
 
 
 def adds_public_methods(module):
-    """Whether module's class or a base below nn.Module defines a public method beyond forward, nn.Module's own
-    (extra_repr, train, ...) and reset_parameters (called at construction): code may call it (a detection model's
-    transform.postprocess, a container's entries), which a fused GraphModule in its place would not have."""
+    """Whether module's class or one of its bases (mixins included) defines a public method or property beyond
+    forward, nn.Module's own (extra_repr, train, ...) and reset_parameters (called at construction): code may call
+    it (a detection model's transform.postprocess, a container's entries), which a fused GraphModule in its place
+    would not have. A torch.fx GraphModule adds none of its own kind (its methods are GraphModule's)."""
+    if isinstance(module, fx.GraphModule):
+        return False
     for cls in type(module).__mro__:
-        if cls is nn.Module:
-            return False
-        if any(callable(value) and not name.startswith("_") and name not in ("forward", "reset_parameters")
-               and not hasattr(nn.Module, name) for name, value in vars(cls).items()):
+        if cls in (nn.Module, object):
+            continue
+        if any((callable(value) or isinstance(value, property)) and not name.startswith("_")
+               and name not in ("forward", "reset_parameters") and not hasattr(nn.Module, name)
+               for name, value in vars(cls).items()):
             return True
     return False
 
@@ -382,7 +385,22 @@ class FusionTracer(fx.Tracer):
     def trace_module(cls, root):
         tracer = cls()
         graph = tracer.trace(root)
-        return fx.GraphModule(tracer.root, graph, root.__class__.__name__)
+        return FusedGraphModule(tracer.root, graph, root.__class__.__name__)
+
+
+class FusedGraphModule(fx.GraphModule):
+    """The GraphModule fuse returns. torch's deep copy of a GraphModule keeps only what its graph uses and drops its
+    forward and backward hooks; this one copies them too, and its other public attributes (those fuse kept from the
+    module, keep_attributes, and any set since), as a deep copy of an nn.Module does. (Pickling still rebuilds a
+    plain GraphModule: hooks empty.)"""
+
+    def __deepcopy__(self, memo):
+        copied = super().__deepcopy__(memo)
+        for name, value in self.__dict__.items():
+            if name in (*HOOK_DICTS, "_is_full_backward_hook") or (
+                    not name.startswith("_") and name not in copied.__dict__):
+                setattr(copied, name, copy.deepcopy(value, memo))
+        return copied
 
 
 # --- graph rewriting -------------------------------------------------------------------------------------------

@@ -2229,3 +2229,77 @@ def test_hooks_of_a_traced_model_survive_its_copy():
     with torch.no_grad():
         for model in (traced, outer):
             assert_close_relative(pyops.fuse(model)(x), model(x), 1e-5)
+
+
+class Describes:
+    def describe(self):
+        return "part"
+
+
+class PartWithMixin(nn.Module, Describes):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class PartWithProperty(PartWithMixin.__base__):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+
+    @property
+    def width(self):
+        return self.conv.out_channels
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class UntraceableAroundParts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mixed, self.prop = PartWithMixin(), PartWithProperty()
+        self.traced = fx.symbolic_trace(nn.Sequential(nn.Conv2d(8, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
+        self.alias = self.traced
+
+    def forward(self, x):
+        if x.sum() > -1e30:
+            x = x * 2
+        assert self.mixed.describe() == "part" and self.prop.width == 8
+        return self.alias(self.traced(self.prop(self.mixed(x))[:, :, :, :].repeat(1, 1, 1, 1))[:, :, :, :]
+                          .repeat(1, 2, 1, 1))
+
+
+def test_fallback_parts_keep_methods_aliases_and_fuse_graph_modules():
+    """The fallback replaced a part whose public method came from a mixin after nn.Module, or which had a public
+    property (AttributeError in the parent's code); fused only the first name of a part the model holds twice (the
+    second kept its BatchNorm and stopped being the same module); and searched inside a torch.fx GraphModule (its
+    methods are GraphModule's) instead of fusing it, leaving its BatchNorms."""
+    model = randomized(UntraceableAroundParts())
+    x = torch.randn(2, 3, 16, 16, generator=gen())
+    with pytest.warns(UserWarning, match="could not trace"):
+        fused = pyops.fuse(model)
+    assert isinstance(fused.mixed, PartWithMixin) and isinstance(fused.prop, PartWithProperty)
+    assert fused.alias is fused.traced and not any(isinstance(m, _BatchNorm) for m in fused.traced.modules())
+    with torch.no_grad():
+        assert_close_relative(fused(x), model(x), 1e-5)
+
+
+def test_deep_copies_keep_the_current_attribute_values():
+    """fuse kept a part's plain attributes as a snapshot that torch's GraphModule deepcopy wrote back: a value set
+    after fusing (backbone.out_channels = 16) came back as the old one in copies and in fuse of the result."""
+    model = randomized(UntraceableWithParts())
+    with pytest.warns(UserWarning, match="could not trace"):
+        fused = pyops.fuse(model)
+    fused.backbone.out_channels = 16
+    assert copy.deepcopy(fused).backbone.out_channels == 16
+    traced = pyops.fuse(randomized(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))))
+    traced.note = "kept"
+    traced.register_forward_hook(lambda m, args, out: out * 2)
+    again = copy.deepcopy(traced)
+    x = torch.randn(1, 3, 6, 6, generator=gen())
+    with torch.no_grad():
+        assert again.note == "kept" and torch.equal(again(x), traced(x))
