@@ -508,7 +508,8 @@ def test_conv_path_reads_the_env_as_the_ops_do(monkeypatch, value, path):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("groups", [1, 2])
-@pytest.mark.parametrize("activation,with_residual", [("relu", True), ("none", True), ("relu6", False)])
+@pytest.mark.parametrize("activation,with_residual",
+                         [("relu", True), ("none", True), ("relu6", False), ("relu6", True)])
 def test_reduced_precision_accumulates_in_fp32(device, path, dtype, layout, groups, activation, with_residual):
     """float16/bfloat16 inputs accumulate in fp32 on every path: our direct kernels, oneDNN's on a CPU with the
     dtype's instructions (it fuses a residual only for groups 1 on channels_last tensors; the op adds it elsewhere:

@@ -135,8 +135,8 @@ bool reads_input(int64_t size, int64_t k, int64_t s, int64_t p, int64_t d, int64
   return false;
 }
 
-// oneDNN's post-ops cover none/relu/relu6 alone, none/relu after a residual add. Not a dilated dimension whose
-// every window lies in the padding: oneDNN (torch 2.14's, with post-ops) crashed there, e.g. a 1×2 kernel dilated
+// oneDNN's post-ops cover none/relu/relu6 alone, none/relu after a residual add (library_forward adds the others
+// after it). Not a dilated dimension whose every window lies in the padding: oneDNN (torch 2.14's, with post-ops) crashed there, e.g. a 1×2 kernel dilated
 // 1×2 with padding 0×3 on a 8×1 input, where F.conv2d, and our kernel, return the bias.
 bool library_supports(const at::Tensor& x, const ConvGeometry& g, bool has_residual) {
   // (the direct kernel converts half-precision values one by one: a bfloat16 resnet18 ran 12x slower than eager)
@@ -145,8 +145,15 @@ bool library_supports(const at::Tensor& x, const ConvGeometry& g, bool has_resid
       (g.dilation[1] > 1 && !reads_input(g.w, g.kw, g.stride[1], g.padding[1], g.dilation[1], g.ow))) {
     return false;
   }
-  if (onednn_op(has_residual ? "binary" : "") == nullptr) return false;
-  return !(has_residual && g.act == Activation::kRelu6);
+  return onednn_op(has_residual ? "binary" : "") != nullptr;
+}
+
+// The epilogue as ATen ops in place on out, where oneDNN's post-ops cannot run it (add_after in library_forward, the
+// GEMM path): a NaN stays NaN, as torch.relu and F.relu6 keep it.
+void add_and_activate_(at::Tensor& out, const std::optional<at::Tensor>& residual, Activation act) {
+  if (residual.has_value()) out.add_(*residual);
+  if (act == Activation::kRelu) out.relu_();
+  if (act == Activation::kRelu6) out.clamp_(0, 6);
 }
 
 at::Tensor library_forward(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
@@ -164,9 +171,11 @@ at::Tensor library_forward(const at::Tensor& x, const at::Tensor& w, const std::
   const c10::IValue bias = b.has_value() ? c10::IValue(b->contiguous()) : c10::IValue();
   const at::Tensor weight = w.is_mkldnn() ? w : w.contiguous();  // a prepacked (opaque) weight goes in as it is
   // With a residual, mkldnn::_convolution_pointwise fuses the add only for groups == 1 on channels_last tensors;
-  // elsewhere it adds with ATen's add_relu, which has no float16/bfloat16 kernel: those add here instead.
-  const bool add_after = residual.has_value() && x.scalar_type() != at::kFloat &&
-                         !(g.groups == 1 && fmt == at::MemoryFormat::ChannelsLast);
+  // elsewhere it adds with ATen's add_relu, which has no float16/bfloat16 kernel: those add here instead, as do
+  // residual adds followed by ReLU6, which its post-ops do not take (the direct kernel ran them: 13x slower in bf16).
+  const bool add_after = residual.has_value() &&
+                         (g.act == Activation::kRelu6 || (x.scalar_type() != at::kFloat &&
+                                                          !(g.groups == 1 && fmt == at::MemoryFormat::ChannelsLast)));
   torch::jit::Stack stack;
   if (residual.has_value() && !add_after) {
     stack = {x.contiguous(fmt), residual->contiguous(fmt), weight, bias, padding, stride, dilation, g.groups,
@@ -179,10 +188,7 @@ at::Tensor library_forward(const at::Tensor& x, const at::Tensor& w, const std::
     onednn_op("")->callBoxed(&stack);
   }
   at::Tensor out = stack.back().toTensor();
-  if (add_after) {
-    out.add_(*residual);
-    if (g.act == Activation::kRelu) out.relu_();
-  }
+  if (add_after) add_and_activate_(out, residual, g.act);
   return out.is_contiguous(fmt) ? out : out.contiguous(fmt);  // oneDNN keeps the format; this only guards it
 }
 
@@ -240,9 +246,7 @@ at::Tensor gemm_forward(const at::Tensor& x, const at::Tensor& w, const std::opt
   at::Tensor out = at::matmul(w.reshape({g.cout, g.cin}), x.contiguous().view({g.n, g.cin, g.h * g.w}))
                        .view({g.n, g.cout, g.oh, g.ow});
   if (b.has_value()) out.add_(b->view({1, g.cout, 1, 1}));
-  if (residual.has_value()) out.add_(*residual);
-  if (g.act == Activation::kRelu) out.relu_();
-  if (g.act == Activation::kRelu6) out.clamp_(0, 6);  // (clamp keeps a NaN, as torch.relu6 does)
+  add_and_activate_(out, residual, g.act);
   return out;
 }
 
