@@ -142,17 +142,9 @@ def _autograd_sees(*tensors):
             or forward_ad._current_level >= 0)  # no level open: no tensor carries a tangent
 
 
-def _onednn_dtypes():
-    """The dtypes oneDNN convolves on this CPU: float32, and bfloat16/float16 where the CPU has their instructions
-    (the queries ATen's convolution makes, as the op's CPU routing does: onednn_computes in conv_bn_relu_cpu.cpp)."""
-    if not torch.backends.mkldnn.is_available():
-        return (torch.float32,)
-    mkldnn = torch.ops.mkldnn
-    return ((torch.float32,) + ((torch.bfloat16,) if mkldnn._is_mkldnn_bf16_supported() else ())
-            + ((torch.float16,) if mkldnn._is_mkldnn_fp16_supported() else ()))
-
-
-_ONEDNN_DTYPES = _onednn_dtypes()  # a constant: read in forward, where torch.compile would otherwise trace the queries
+# The dtypes whose CPU inference runs oneDNN on the library path, in their own dtype (float32; bfloat16 where the CPU
+# has its instructions) or computed in float32 (float16; bfloat16 elsewhere): csrc/common/onednn.h. Not float64.
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _cpu_inference(x, weight, bias, residual, dtypes=(torch.float32,)):
@@ -278,9 +270,8 @@ class ConvBNReLU2d(DerivedWeights):
     switch (a layer already in eval mode: train() then eval(), or assign a new weight). That path
     computes in channels_last and returns a channels_last output (same values), as a PyTorch convolution with a
     channels_last weight does. A layer that widens fewer than 64 channels into 64 or more (a network's stem) also
-    returns channels_last in CPU inference, in fp32 and in the half-precision dtypes oneDNN computes on the CPU
-    (bf16/fp16 with AVX-512 BF16/FP16; see _widens_into_channels_last): a fused network thus is channels_last from
-    its stem on, where ATen's pooling and elementwise ops are faster.
+    returns channels_last in CPU inference (fp32, bf16, fp16; see _widens_into_channels_last): a fused network thus
+    is channels_last from its stem on, where ATen's pooling and elementwise ops are faster.
 
     CUDA inference on the default (cuDNN) path calls cuDNN's fused convolution straight from forward (see
     _cudnn_forward): the same kernel and the same values as the op, without the op's host path, which is the bound
@@ -372,9 +363,9 @@ class ConvBNReLU2d(DerivedWeights):
                             lambda: pack(x, weight, self.stride, self.padding, self.dilation, self.groups), keep=8)
 
     def _widens_into_channels_last(self, x, weight, bias, residual):
-        """Whether CPU inference in a dtype oneDNN computes converts an NCHW x to channels_last first, making this
-        layer's output channels_last: a layer that widens few channels (< 64) into many (>= 64), as a network's stem
-        does.
+        """Whether CPU inference (float32, bfloat16, float16: oneDNN's dtypes, _ONEDNN_DTYPES) converts an NCHW x to
+        channels_last first, making this layer's output channels_last: a layer that widens few channels (< 64) into
+        many (>= 64), as a network's stem does.
 
         The layers after it compute in channels_last (fp32: packed layers, whatever their input: _packed_weight;
         bf16/fp16: a channels_last input gives a channels_last output), so a fused network then is channels_last from

@@ -1,7 +1,9 @@
-// Which dtypes oneDNN convolves on this CPU, for the ops that route dense convolutions to it (conv2d_bias_act,
-// conv1d): float32 always; bfloat16 and float16 where the CPU has their instructions (AVX-512 BF16 / AMX, AVX-512
-// FP16), as mkldnn::_is_mkldnn_{bf16,fp16}_supported report: the test ATen's own convolution makes before taking
-// oneDNN's reduced-precision path. oneDNN accumulates them in fp32 and rounds the output once, as our kernels do.
+// Which dtypes the ops hand to oneDNN's convolution on this CPU as they are (conv2d_bias_act, dense conv1d): float32
+// always; bfloat16 where the CPU has its instructions (AVX-512 BF16 / AMX), as mkldnn::_is_mkldnn_bf16_supported
+// reports: the test ATen's own convolution makes before taking oneDNN's bf16 path. oneDNN accumulates it in fp32 and
+// rounds the output once, as our kernels do. Not float16: on the Sapphire Rapids VMs (AVX-512 FP16, no AMX-FP16)
+// oneDNN's fp16 convolutions ran slower than float32 ones with the conversions (64→64 3×3 on 56×56, batch 8: 7.8 vs
+// 5.4 ms), and its fp16 conv1d weight gradient 170x slower: the ops compute float16 in float32 and round once.
 #pragma once
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -18,8 +20,7 @@ inline bool onednn_computes(at::ScalarType dtype) {
     return stack.back().toBool();
   };
   static const bool bf16 = supported("mkldnn::_is_mkldnn_bf16_supported");
-  static const bool fp16 = supported("mkldnn::_is_mkldnn_fp16_supported");
-  return dtype == at::kFloat || (dtype == at::kBFloat16 && bf16) || (dtype == at::kHalf && fp16);
+  return dtype == at::kFloat || (dtype == at::kBFloat16 && bf16);
 }
 
 }  // namespace pyops

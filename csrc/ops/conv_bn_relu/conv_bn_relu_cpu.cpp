@@ -139,7 +139,6 @@ bool reads_input(int64_t size, int64_t k, int64_t s, int64_t p, int64_t d, int64
 // after it). Not a dilated dimension whose every window lies in the padding: oneDNN (torch 2.14's, with post-ops) crashed there, e.g. a 1×2 kernel dilated
 // 1×2 with padding 0×3 on a 8×1 input, where F.conv2d, and our kernel, return the bias.
 bool library_supports(const at::Tensor& x, const ConvGeometry& g, bool has_residual) {
-  // (the direct kernel converts half-precision values one by one: a bfloat16 resnet18 ran 12x slower than eager)
   if (!onednn_computes(x.scalar_type()) || g.cin == 0) return false;
   if ((g.dilation[0] > 1 && !reads_input(g.h, g.kh, g.stride[0], g.padding[0], g.dilation[0], g.oh)) ||
       (g.dilation[1] > 1 && !reads_input(g.w, g.kw, g.stride[1], g.padding[1], g.dilation[1], g.ow))) {
@@ -256,6 +255,17 @@ at::Tensor conv2d_bias_act_cpu(const at::Tensor& input, const at::Tensor& weight
   const ConvGeometry g =
       check_conv2d_bias_act_args(input, weight, bias, stride, padding, dilation, groups, activation, residual);
   const auto fmt = output_memory_format(input);
+  const at::ScalarType dtype = input.scalar_type();
+  if ((dtype == at::kHalf || dtype == at::kBFloat16) && !onednn_computes(dtype)) {
+    // computed in float32 (oneDNN's or our fp32 kernels, whichever the shape takes) and rounded once; each layout
+    // kept. Our direct kernel converted element by element: a float16 resnet18 ran 6x slower than eager.
+    const auto fp32 = [](const std::optional<at::Tensor>& t) {
+      return t.has_value() ? std::optional<at::Tensor>(t->to(at::kFloat)) : t;
+    };
+    return conv2d_bias_act_cpu(input.to(at::kFloat), weight.to(at::kFloat), fp32(bias), stride, padding, dilation,
+                               groups, activation, fp32(residual))
+        .to(dtype);
+  }
   if (gemm_is_faster(input, g, fmt)) return gemm_forward(input, weight, bias, residual, g);
   if (!use_library(input, g, residual.has_value(), fmt)) {
     at::Tensor out = at::empty({g.n, g.cout, g.oh, g.ow}, input.options().memory_format(fmt));
