@@ -1,4 +1,5 @@
 """Argument validation shared by the Python entry points: errors name the argument, as PyTorch's do."""
+import functools
 import numbers
 import operator
 
@@ -22,6 +23,20 @@ _AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def in_autocast_region(device):
     """Whether a torch.autocast region is active for device's type (never for types autocast lacks, e.g. meta)."""
     return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+
+
+@functools.cache
+def _cpu_computes_bf16():
+    """Whether oneDNN computes bfloat16 convolutions natively on this CPU (AVX-512 BF16 / AMX): the query
+    csrc/common/onednn.h makes."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def convolution_autocast_dtype(device):
+    """The dtype the ops' convolutions compute in inside device's torch.autocast region (csrc/common/autocast.h):
+    the region's on CUDA and where the CPU computes it natively (bfloat16 with AVX-512 BF16 / AMX), else float32."""
+    region = torch.get_autocast_dtype(device.type)
+    return region if device.type != "cpu" or (region is torch.bfloat16 and _cpu_computes_bf16()) else torch.float32
 
 
 def autocast_mixes(t, ref):

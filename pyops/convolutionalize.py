@@ -17,7 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 from torch.utils._python_dispatch import _disable_current_modes
 
-from ._checks import as_int, in_autocast_region, int_tuple
+from ._checks import as_int, convolution_autocast_dtype, in_autocast_region, int_tuple
 from ._derived import DerivedWeights
 from ._flags import autocast_cache_disabled, autocast_off, eval_mode, jit_tracing_paused, tf32
 from ._hooks import has_hooks
@@ -75,9 +75,10 @@ class FullyConvolutional(DerivedWeights):
         if self.training or (torch.is_grad_enabled() and (x.requires_grad or any(
                 p.requires_grad for p in self.head.parameters()))):
             # training / gradients: plain modules (the op is inference only), computing as the op does: in a CPU
-            # autocast region in the head's dtype, float32 (autocast ran the modules in bfloat16: another dtype and
-            # other values than the same call without gradients)
-            if f.device.type == "cpu" and in_autocast_region(f.device):
+            # autocast region whose dtype the CPU does not compute natively, in the head's dtype, float32 (autocast
+            # ran the modules in bfloat16: another dtype and other values than the same call without gradients)
+            if f.device.type == "cpu" and in_autocast_region(f.device) and \
+                    convolution_autocast_dtype(f.device) is torch.float32:
                 with autocast_off(f.device):
                     return self.head(f.to(next(self.head.parameters()).dtype))
             return self.head(f)

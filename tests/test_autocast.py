@@ -1,6 +1,6 @@
 """torch.autocast regions: the ops take arguments of mixed floating dtypes (a float32 weight next to the half-precision
-output of a layer autocast ran) and compute in one dtype — for the convolutions the region's on CUDA and float32 on
-the CPU, for smooth_max float32 (see csrc/common/autocast.h) — giving exactly what the op gives on arguments cast to
+output of a layer autocast ran) and compute in one dtype — for the convolutions the region's on CUDA and on a CPU
+computing it natively, else float32, for smooth_max float32 (see csrc/common/autocast.h) — giving exactly what the op gives on arguments cast to
 that dtype beforehand."""
 
 import pytest
@@ -24,7 +24,10 @@ REGIONS = [("cpu", torch.bfloat16), ("cpu", torch.float16),
 
 
 def compute_dtype(device, region_dtype):
-    return torch.float32 if device == "cpu" else region_dtype
+    """The convolutions' dtype in the region: the region's on CUDA and on a CPU whose oneDNN computes it natively
+    (bfloat16 with AVX-512 BF16 / AMX), else float32."""
+    native = region_dtype is torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return region_dtype if device == "cuda" or native else torch.float32
 
 
 def run_in_region(device, region_dtype, fn, *args):
@@ -139,7 +142,7 @@ def test_fused_model_runs_where_the_original_runs(device, region_dtype):
             original, ours = model(x), fused(x)
     assert ours.dtype == compute_dtype(device, region_dtype)
     assert original.dtype == region_dtype
-    # Both within half precision of the float64 model (ours computes its layers in float32 on the CPU).
+    # Both within half precision of the float64 model (ours may compute its layers in float32: compute_dtype).
     scale = exact.abs().max().item()
     for y in (original, ours):
         assert (y.double() - exact).abs().max().item() <= 2e-2 * scale
@@ -182,5 +185,5 @@ def test_compiled_fused_model_in_an_autocast_region():
     compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         got, expected = compiled(x), fused(x)
-    assert got.dtype == expected.dtype == torch.float32
-    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert got.dtype == expected.dtype == compute_dtype("cpu", torch.bfloat16)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)  # (the same kernels: equal)
