@@ -60,12 +60,17 @@ def bench_resnet18(measure, device, impl, batch):
 
 
 @pytest.mark.parametrize("impl", ["pyops", "eager"])
-def bench_resnet18_bf16(measure, device, impl):
-    """bfloat16 inference on the CPU (oneDNN computes it where the CPU has AVX-512 BF16/AMX; elsewhere ATen's and our
-    fallback kernels do): the fused layers run oneDNN with their epilogue, channels_last from the stem on."""
+@pytest.mark.parametrize("mode", ["bf16", "bf16-autocast"])
+def bench_resnet18_bf16(measure, device, impl, mode):
+    """bfloat16 inference on the CPU, of a bfloat16 model or of a float32 one in an autocast region (oneDNN computes
+    bf16 where the CPU has AVX-512 BF16 / AMX; elsewhere both sides compute in float32): the fused layers run oneDNN
+    with their epilogue, channels_last from the stem on."""
     if device != "cpu":
         pytest.skip("a CPU row (CUDA's half-precision rows are resnet50's)")
-    run_case(measure, device, "resnet18", 1, impl, torch.bfloat16)
+    if mode == "bf16":
+        run_case(measure, device, "resnet18", 1, impl, torch.bfloat16)
+    else:
+        run_case(measure, device, "resnet18", 1, impl, autocast=torch.bfloat16)
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
