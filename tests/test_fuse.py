@@ -2143,28 +2143,43 @@ class Postprocess(nn.Module):
         return y.flatten(1).sum(1)
 
 
-class UntraceableWithParts(nn.Module):
-    """Control flow on a value (untraceable) around a traceable backbone, with a plain attribute the parent reads."""
+class Features(nn.Module):
+    """A backbone returning a dict of feature maps (as torchvision's FPN backbones do): a widening stem, so that its
+    fused layers compute channels_last, and a ResNet block."""
     def __init__(self):
         super().__init__()
-        self.backbone = torchvision.models.resnet18(weights=None, num_classes=64)
-        self.backbone.out_channels = 64
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU())
+        self.block = torchvision.models.resnet.BasicBlock(64, 64)
+        self.out_channels = 64
+
+    def forward(self, x):
+        return {"out": self.block(self.stem(x)), "pool": F.adaptive_avg_pool2d(self.block(self.stem(x)), 1)}
+
+
+class UntraceableWithParts(nn.Module):
+    """Control flow on a value (untraceable) around a traceable backbone, with a plain attribute the parent reads
+    and a `.view` of the backbone's feature maps in the parent's own code."""
+    def __init__(self):
+        super().__init__()
+        self.backbone = Features()
         self.head = Postprocess()
 
     def forward(self, x):
         if x.sum() > -1e30:
             x = x * 1.5
         y = self.backbone(x)
-        assert self.backbone.out_channels == y.shape[1]
-        return self.head.postprocess(self.head(y.view(y.size(0), -1, 1, 1)))
+        assert self.backbone.out_channels == y["out"].shape[1]
+        flat = y["out"].view(y["out"].size(0), 64, -1)  # (a view: fails on a channels_last tensor)
+        return self.head.postprocess(self.head(flat.mean(2).view(-1, 64, 1, 1) + y["pool"]))
 
 
 @pytest.mark.parametrize("inplace", [False, True])
 def test_untraceable_model_fuses_its_traceable_parts(inplace):
     """One untraceable line in a model's forward left every chain its parts call by attribute unfused (only
     Sequentials were searched: a detection model kept 49 of its 53 FrozenBatchNorms). Now each part torch.fx traces
-    and whose class adds no public method is fused whole in its place (its plain attributes kept, its outputs in
-    its input's layout: the model's own code may view them); a part with other methods is searched in."""
+    and whose class adds no public method is fused whole in its place (its plain attributes kept, its outputs, a
+    dict here, in its input's layout: the model's own code may view them); a part with other methods is searched
+    in."""
     model = randomized(UntraceableWithParts())
     reference = copy.deepcopy(model)
     x = torch.randn(2, 3, 32, 32, generator=gen())
@@ -2174,8 +2189,12 @@ def test_untraceable_model_fuses_its_traceable_parts(inplace):
     assert not any(isinstance(m, _BatchNorm) for m in fused.backbone.modules())
     assert isinstance(fused.head, Postprocess) and isinstance(fused.head.bn, nn.BatchNorm2d)  # searched in: no chain
     assert fused.backbone.out_channels == 64
-    assert all(m.keep_input_layout for m in fused.backbone.modules() if isinstance(m, ConvBNReLU2d))
+    # its layers compute channels_last (CPU inference); the parent's code gets NCHW feature maps (its `.view`)
+    assert not any(m.keep_input_layout for m in fused.backbone.modules() if isinstance(m, ConvBNReLU2d))
     with torch.no_grad():
+        stem = next(m for m in fused.backbone.modules() if isinstance(m, ConvBNReLU2d) and m.in_channels == 3)
+        assert stem(x).is_contiguous(memory_format=torch.channels_last)
+        assert all(t.is_contiguous() for t in fused.backbone(x).values())
         assert_close_relative(fused(x), reference(x), 1e-5)
 
 
