@@ -94,7 +94,8 @@ constexpr int64_t kShortRow = 48;
 at::Tensor lay_end_to_end(const at::Tensor& t, int64_t lead, int64_t length, int64_t blocks);
 void take_end_to_end(const at::Tensor& rows, int64_t length, at::Tensor& out);
 int64_t end_to_end_blocks(int64_t batch);
-inline bool worth_laying_end_to_end(int64_t segment, int64_t outputs) { return segment <= 2 * outputs + 4; }
+// (segment in 128 bits: computed from strides, paddings and dilations that may be near 2^62)
+inline bool worth_laying_end_to_end(__int128 segment, int64_t outputs) { return segment <= 2 * outputs + 4; }
 // Whether every element of t (contiguous) is finite: one pass (at::isfinite makes four).
 bool all_finite(const at::Tensor& t);
 

@@ -271,15 +271,15 @@ void correlate_cpu(const at::Tensor& in, const at::Tensor& w, const at::Tensor& 
   // zero of its own segment; the outputs of each segment's first `out_length` positions are the sample's. Not with
   // a non-finite weight (a zero of the padding times it would be NaN).
   // Laid only where a segment is also at most about twice the sample (a padding far wider than the input would be
-  // written out as zeros: 1.3 GB for padding 5e6). In 128 bits: strides and paddings near 2^62 are valid arguments.
+  // written out as zeros: +0.6 GB for padding 5e6). In 128 bits: strides and paddings near 2^62 are valid arguments.
   const int64_t lead = std::max<int64_t>(0, -s.offset), offset = s.offset + lead;  // (offset >= 0)
   const __int128 last_read = static_cast<__int128>(s.out_length - 1) * s.stride +
                              static_cast<__int128>(s.dilation) * (s.kernel_size - 1) + offset;
   const __int128 wide = (std::max<__int128>(lead + s.in_length, last_read + 1) + s.stride - 1) / s.stride * s.stride;
-  const bool laid = end_to_end && s.batch > 1 && s.out_length < kShortRow && wide <= 2 * s.in_length + 4;
-  const int64_t length = laid ? static_cast<int64_t>(wide) : 0;
   const bool finite = all_finite(w);
-  if (laid && worth_laying_end_to_end(length / s.stride, s.out_length) && finite) {
+  if (end_to_end && s.batch > 1 && s.out_length < kShortRow && worth_laying_end_to_end(wide, s.in_length) &&
+      worth_laying_end_to_end(wide / s.stride, s.out_length) && finite) {
+    const int64_t length = static_cast<int64_t>(wide);
     const int64_t blocks = end_to_end_blocks(s.batch), per_block = (s.batch + blocks - 1) / blocks;
     const at::Tensor rows = lay_end_to_end(in, lead, length, blocks);
     at::Tensor out_rows = at::empty({blocks, s.out_channels, per_block * length / s.stride}, out.options());

@@ -153,9 +153,9 @@ void correlate_weight_cpu(const at::Tensor& gy, const at::Tensor& x, at::Tensor&
   const __int128 span = static_cast<__int128>(dilation) * (grad_weight.size(2) - 1);
   const __int128 wide = std::max<__int128>({in_length, gy_length, static_cast<__int128>(in_length) - offset,
                                             gy_length + span + offset});
-  const int64_t length = wide <= 2 * gy_length + 4 ? static_cast<int64_t>(wide) : -1;
-  if (end_to_end && batch > 1 && gy_length < kShortRow && length >= 0 && worth_laying_end_to_end(length, gy_length) &&
+  if (end_to_end && batch > 1 && gy_length < kShortRow && worth_laying_end_to_end(wide, gy_length) &&
       all_finite(x) && all_finite(gy)) {
+    const int64_t length = static_cast<int64_t>(wide);
     const int64_t blocks = end_to_end_blocks(batch);
     weight_kernel(lay_end_to_end(gy, 0, length, blocks), lay_end_to_end(x, 0, length, blocks), grad_weight,
                   dilation, offset, groups);

@@ -136,8 +136,9 @@ bool reads_input(int64_t size, int64_t k, int64_t s, int64_t p, int64_t d, int64
 }
 
 // oneDNN's post-ops cover none/relu/relu6 alone, none/relu after a residual add (library_forward adds the others
-// after it). Not a dilated dimension whose every window lies in the padding: oneDNN (torch 2.14's, with post-ops) crashed there, e.g. a 1×2 kernel dilated
-// 1×2 with padding 0×3 on a 8×1 input, where F.conv2d, and our kernel, return the bias.
+// after it). Not a dilated dimension whose every window lies in the padding: oneDNN (torch 2.14's, with post-ops)
+// crashed there, e.g. a 1×2 kernel dilated 1×2 with padding 0×3 on a 8×1 input, where F.conv2d, and our kernel,
+// return the bias.
 bool library_supports(const at::Tensor& x, const ConvGeometry& g, bool has_residual) {
   if (!onednn_computes(x.scalar_type()) || g.cin == 0) return false;
   if ((g.dilation[0] > 1 && !reads_input(g.h, g.kh, g.stride[0], g.padding[0], g.dilation[0], g.oh)) ||
@@ -182,8 +183,8 @@ at::Tensor library_forward(const at::Tensor& x, const at::Tensor& w, const std::
              g.act == Activation::kNone ? c10::IValue() : c10::IValue(unary), scalars, c10::IValue()};
     onednn_op("binary")->callBoxed(&stack);
   } else {
-    stack = {x.contiguous(fmt), weight, bias, padding, stride, dilation, g.groups, add_after ? std::string("none") : unary,
-             scalars, std::string("")};
+    stack = {x.contiguous(fmt), weight, bias, padding, stride, dilation, g.groups,
+             add_after ? std::string("none") : unary, scalars, std::string("")};
     onednn_op("")->callBoxed(&stack);
   }
   at::Tensor out = stack.back().toTensor();
