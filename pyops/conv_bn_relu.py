@@ -133,7 +133,7 @@ def conv2d_bias_act(x, weight, bias=None, stride=1, padding=0, dilation=1, group
         activation: "none", "relu" or "relu6", applied after the residual add.
         residual: (N, Cout, OH, OW) or None.
     Returns:
-        (N, Cout, OH, OW) in x's dtype (float32 in a CPU torch.autocast region: README, "Mixed precision") and
+        (N, Cout, OH, OW) in x's dtype (in a torch.autocast region: README, "Mixed precision") and
         memory format.
     """
     stride, padding, dilation = _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual)
@@ -156,7 +156,7 @@ def conv2d_bn_relu(x, weight, bias, bn_weight, bn_bias, running_mean, running_va
         relu: apply the ReLU (False: bn(conv) + residual only).
         residual: (N, Cout, OH, OW) added before the ReLU (ResNet's shortcut), or None.
     Returns:
-        (N, Cout, OH, OW) in x's dtype (float32 in a CPU torch.autocast region: README, "Mixed precision") and
+        (N, Cout, OH, OW) in x's dtype (in a torch.autocast region: README, "Mixed precision") and
         memory format.
     """
     stride, padding, dilation = _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual)

@@ -85,7 +85,8 @@ class FullyConvolutional(DerivedWeights):
         weights, biases, relu = self._head_operands(precision, f.dtype)
         if algorithm == "direct":
             return sliding_head(f, weights, biases, relu, precision, workspace_bytes)
-        if f.dtype in (torch.float16, torch.bfloat16) and in_autocast_region(f.device):
+        region = in_autocast_region(f.device)
+        if f.dtype in (torch.float16, torch.bfloat16) and region:
             f = f.float()  # features autocast to half precision: the FFT layer computes in float32 all the same
         if f.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"argument 'algorithm' = 'fft' takes float32 or float64 inputs, got {f.dtype}")
@@ -93,8 +94,8 @@ class FullyConvolutional(DerivedWeights):
             y = self._fft_layer(weights[0])(f).add_(biases[0].view(1, -1, 1, 1))
             if relu[0]:
                 y.relu_()
-        if len(weights) == 1:
-            return y
+        if len(weights) == 1:  # (in a region: the dtype the direct head returns there, whatever the head's depth)
+            return y.to(convolution_autocast_dtype(f.device)) if region and f.dtype is not torch.float64 else y
         return sliding_head(y, weights[1:], biases[1:], relu[1:], precision, workspace_bytes)
 
     def resolve_algorithm(self, algorithm, precision, x):

@@ -113,7 +113,7 @@ def fuse(model, inplace=False):
     without it), naming what the fallback fused, and the model's own code runs as written: each submodule torch.fx
     can trace whose class (mixins included) adds no public method or property beside forward (a detection model's
     backbone; not its transform, whose postprocess the model calls) is fused whole in its place (a GraphModule
-    keeping its plain attributes, such as out_channels; its fused layers return their input's layout; code reaching
+    keeping its plain attributes, such as out_channels, and giving NCHW feature maps; code reaching
     into it, as self.backbone.conv1.weight, sees the fused layers); elsewhere, inside nn.Sequential
     containers, the BatchNorm and ReLU modules absorbed into a fused layer become nn.Identity (indices and names
     keep working; code reading a Sequential's intermediate outputs sees the fused values).
@@ -177,8 +177,8 @@ def trace(module):
 
 def fuse_traced(model, work, graph_module, inplace, output_seen_by_code=False):
     """fuse's result from graph_module, work's graph (work: model or its working copy). output_seen_by_code: the
-    result's output goes to code no graph shows (a part of an untraceable model), which gets its tensors in the
-    layout the part's input had (outputs_in_input_layout) while the fused layers inside compute in theirs."""
+    result's output goes to code no graph shows (a part of an untraceable model), which gets NCHW tensors
+    (part_outputs_in_nchw) while the fused layers inside compute in their layout."""
     created = fuse_graph(graph_module)
     created += fuse_hooked_submodules(graph_module, inplace)
     # after both: a hooked container's fused layers may return channels_last to the graph's code too (and, fused on
@@ -186,7 +186,7 @@ def fuse_traced(model, work, graph_module, inplace, output_seen_by_code=False):
     # as well, whose input may be a fused layer's output (a hooked container)
     layout_safe_views(graph_module.graph, dict(graph_module.named_modules()), created)
     if output_seen_by_code and created:
-        outputs_in_input_layout(graph_module.graph)
+        part_outputs_in_nchw(graph_module, created)
     graph_module.graph.lint()
     graph_module.recompile()
     keep_attributes(graph_module, work)  # the model's own hooks (fx traced forward, which never ran them) & co.
@@ -674,31 +674,40 @@ def view_as_or_copy(x, other):
 
 
 @overridable  # recorded as one call when the fused graph is traced again (pickling re-traces a GraphModule)
-def in_input_layout(count, *tensors):
-    """tensors[count:] (a part's outputs), each channels_last 4-D one made NCHW-contiguous where none of
-    tensors[:count] (the part's inputs) was channels_last: the layout the part gave before its layers were fused."""
-    inputs, outputs = tensors[:count], tensors[count:]
-    if any(isinstance(t, torch.Tensor) and t.dim() == 4 and not t.is_contiguous()
-           and t.is_contiguous(memory_format=torch.channels_last) for t in inputs):
-        return outputs
+def nchw_unless_shared(count, *tensors):
+    """tensors[count:] (a part's outputs), each channels_last 4-D one made NCHW-contiguous unless it shares memory
+    with another of them or with tensors[:count] (the part's inputs): a copy would break that aliasing."""
+    def storage(t):
+        return t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) and t.device.type != "meta" else None
+
+    outputs = tensors[count:]
+    seen = [storage(t) for t in tensors]
     return tuple(t.contiguous() if isinstance(t, torch.Tensor) and t.dim() == 4 and not t.is_contiguous()
-                 and t.is_contiguous(memory_format=torch.channels_last) else t for t in outputs)
+                 and t.is_contiguous(memory_format=torch.channels_last) and seen.count(storage(t)) == 1 else t
+                 for t in outputs)
 
 
-def outputs_in_input_layout(graph):
-    """The graph's output values (any nesting: an FPN's dict) pass through in_input_layout: the fused layers of a
-    part of an untraceable model compute channels_last (CPU inference: ConvBNReLU2d) and the model's own code, which
-    may `.view` them, gets the layout it got before (an ssdlite backbone kept NCHW throughout: 0.93x eager; 1.5x
-    fused on its own)."""
+def part_outputs_in_nchw(graph_module, created):
+    """A part of an untraceable model hands its outputs (any nesting: an FPN's dict) to the model's own code, which
+    may `.view` them: its fused layers compute channels_last (CPU inference: ConvBNReLU2d), and nchw_unless_shared
+    makes the outputs NCHW (an ssdlite backbone whose layers all kept NCHW instead ran 0.93x eager; 1.6x so). Where
+    an output is a view or a layout-dependent result (a slice, a flatten: the model's code may write through it into
+    another output), the fused layers keep their input's layout instead."""
+    graph, modules = graph_module.graph, dict(graph_module.named_modules())
     output = next(n for n in graph.nodes if n.op == "output")
     leaves = []
     fx.node.map_arg(output.args[0], leaves.append)
     leaves = list(dict.fromkeys(leaves))
+    if any(is_alias(leaf, modules) or depends_on_layout(leaf, modules) for leaf in leaves):
+        for module in created:
+            if isinstance(module, pyops_nn.ConvBNReLU2d):
+                module.keep_input_layout = True
+        return
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
     if not leaves:
         return
     with graph.inserting_before(output):
-        restored = graph.call_function(in_input_layout, (len(inputs), *inputs, *leaves))
+        restored = graph.call_function(nchw_unless_shared, (len(inputs), *inputs, *leaves))
         replaced = {leaf: graph.call_function(operator.getitem, (restored, i)) for i, leaf in enumerate(leaves)}
     output.args = (fx.node.map_arg(output.args[0], lambda n: replaced[n]),)
 

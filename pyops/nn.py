@@ -148,10 +148,11 @@ _ONEDNN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _cpu_inference(x, weight, bias, residual, dtypes=(torch.float32,)):
-    """Whether a call is inference on the CPU in one of `dtypes` with a 4-D input, outside torch.compile,
-    torch.jit.trace and dispatch modes (FakeTensorMode: the shape probes of convolutionalize, make_fx; count_ops):
+    """Whether a call is inference on the CPU in one of `dtypes` with a 4-D input, outside CPU autocast regions,
+    torch.compile, torch.jit.trace and dispatch modes (FakeTensorMode: the shape probes of convolutionalize, make_fx; count_ops):
     where ConvBNReLU2d's CPU-only paths (packed weights: float32; a channels_last stem) apply."""
     return (x.is_cpu and weight.is_cpu and x.dtype in dtypes and weight.dtype is x.dtype and x.dim() == 4
+            and not torch.is_autocast_enabled("cpu")  # (autocast's kernel would cast an opaque packed weight)
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
             and not torch._C._len_torch_dispatch_stack() and not _subclassed(x, weight, bias, residual)
             and not _autograd_sees(x, weight, bias, residual) and not _functorch_wrapped(x, weight, bias, residual))

@@ -69,8 +69,9 @@ def sliding_head(features, weights, biases=None, relu=None, precision="fp32", wo
             operands, fp32 accumulation in the GEMMs, activations rounded to bf16; the result in features' dtype).
         workspace_bytes: bound on the op's im2col and activation buffers (positions are tiled to fit).
     Returns:
-        (B, N_last, H − kh + 1, W − kw + 1) in features' dtype (in a torch.autocast region: float32 on the CPU,
-        the region's dtype on CUDA, as for the other pyops ops).
+        (B, N_last, H − kh + 1, W − kw + 1) in features' dtype (in a torch.autocast region: the region's dtype on
+        CUDA and on a CPU computing it natively, else float32, as for the other pyops ops: README, "Mixed
+        precision").
     Raises:
         ValueError/TypeError for bad arguments; NotImplementedError where autograd would have to record the call
         (grad mode on and an argument requiring grad, e.g. nn.Parameters: use torch.no_grad()).

@@ -101,15 +101,17 @@ def test_one_by_one_layers_as_a_matrix_product(threads, activation, monkeypatch)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        shapes = [(1, 116, 116, 12), (1, 5, 7, 1)] + ([(3, 24, 58, 9), (1, 116, 116, 14)] if threads == 1 else [])
-        for n, cin, cout, size in shapes:  # (on 2 threads: batch-1 inputs of at most 20480 values)
-            x, w = randn((n, cin, size, size + 1), 31, 2.0), randn((cout, cin, 1, 1), 32, 0.3)
-            b, r = randn((cout,), 33), randn((n, cout, size, size + 1), 34)
+        # (n, cin, cout, h, w); on 2 threads: batch-1 inputs of at most 20480 values; 1×1 maps: one product
+        shapes = [(1, 116, 116, 12, 13), (1, 5, 7, 1, 2), (1, 64, 32, 1, 1)]
+        shapes += [(3, 24, 58, 9, 10), (1, 116, 116, 14, 15), (8, 64, 32, 1, 1)] if threads == 1 else []
+        for n, cin, cout, h, w_ in shapes:
+            x, w = randn((n, cin, h, w_), 31, 2.0), randn((cout, cin, 1, 1), 32, 0.3)
+            b, r = randn((cout,), 33), randn((n, cout, h, w_), 34)
             x[0, 0, 0, 0] = float("nan")
             for bias, residual in [(b, r), (None, None), (b, r.contiguous(memory_format=torch.channels_last))]:
                 ref = reference.conv2d_bias_act(x, w, bias, activation=activation, residual=residual)
                 f32 = lambda t: None if t is None else t.float()  # noqa: E731
-                spread = torch.zeros(n, cin, size, 2 * (size + 1))
+                spread = torch.zeros(n, cin, h, 2 * w_)
                 spread[..., ::2] = x.float()
                 transposed_weight = w.float().reshape(cout, cin).t().contiguous().t().reshape(cout, cin, 1, 1)
                 for xi, wi in [(x.float(), w.float()), (spread[..., ::2], transposed_weight)]:

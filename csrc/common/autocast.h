@@ -47,6 +47,7 @@ void autocast_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
     if (autocast_keeps_dtype(args[i])) continue;
     c10::IValue& value = (*stack)[first + i];
     if (value.isTensor()) {
+      if (value.toTensor().is_mkldnn()) continue;  // an opaque packed weight (conv2d_bias_act_packed) has its dtype
       value = at::autocast::cached_cast(target, value.toTensor(), kDevice);
     } else if (value.isTensorList()) {
       std::vector<at::Tensor> list = value.toTensorVector();
