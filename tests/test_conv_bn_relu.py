@@ -513,9 +513,10 @@ def test_conv_path_reads_the_env_as_the_ops_do(monkeypatch, value, path):
 @pytest.mark.parametrize("activation,with_residual",
                          [("relu", True), ("none", True), ("relu6", False), ("relu6", True)])
 def test_reduced_precision_accumulates_in_fp32(device, path, dtype, layout, groups, activation, with_residual):
-    """float16/bfloat16 inputs accumulate in fp32 on every path: our direct kernels, oneDNN's on a CPU with the
-    dtype's instructions (it fuses a residual only for groups 1 on channels_last tensors; the op adds it elsewhere:
-    ATen's add_relu, oneDNN's own fallback, has no half-precision kernel), cuDNN's on CUDA."""
+    """float16/bfloat16 inputs accumulate in fp32 on every path: on the CPU oneDNN's bfloat16 where the CPU has its
+    instructions (it fuses a residual only for groups 1 on channels_last tensors; the op adds it elsewhere: ATen's
+    add_relu, oneDNN's own fallback, has no half-precision kernel; and after ReLU6), else float32 kernels on
+    converted values; on CUDA ours and cuDNN's."""
     x, w, b = randn((2, 8, 10, 9), 11), randn((12, 8 // groups, 3, 3), 12, 0.3), randn((12,), 13)
     r = randn((2, 12, 10, 9), 14) if with_residual else None
     q = lambda t: None if t is None else t.to(dtype)  # noqa: E731  (the reference sees the same rounded inputs)
