@@ -237,9 +237,9 @@ def keep_attributes(gm, module):
 
 
 def fuse_traceable_parts(model, inplace):
-    """For a model torch.fx cannot trace: each submodule it can trace whose class adds no public method to
-    forward's (code outside it can only call it; not nn.Sequential, whose entries and slices code may call) is
-    fused whole in its place, where that fuses something; the others are searched in. A detection model's
+    """For a model torch.fx cannot trace: each submodule it can trace whose class adds no public method or
+    property beside forward (adds_public_methods: code outside it can only call it; not nn.Sequential, whose entries
+    and slices code may call) is fused whole in its place, where that fuses something; the others are searched in. A detection model's
     backbone is such a part (its heads and transforms are not traceable). Returns {qualified name: fused part}."""
     parts, done = {}, {}  # done: {id(submodule): what stands in its place}, so that aliases stay one module
 
@@ -305,11 +305,11 @@ def fuse_hooked_submodules(gm, inplace):
             done[id(module)] = fused = fuse(module, inplace=not inplace)
             # kept as it is (its class, methods and properties: a hooked parametrized conv) where nothing inside it
             # fused and its code has no view for the fused graph to rewrite (runs_own_code)
-            before = {id(m) for m in module.modules()}
-            if isinstance(fused, fx.GraphModule) and not any(
-                    isinstance(m, FUSED_MODULES) and id(m) not in before for m in fused.modules()) and not any(
-                    depends_on_layout(n, dict(fused.named_modules())) for n in fused.graph.nodes):
-                done[id(module)] = module
+            if isinstance(fused, fx.GraphModule):
+                before, inside = {id(m) for m in module.modules()}, dict(fused.named_modules())
+                if not any(isinstance(m, FUSED_MODULES) and id(m) not in before for m in inside.values()) and \
+                        not any(depends_on_layout(n, inside) for n in fused.graph.nodes):
+                    done[id(module)] = module
         gm.set_submodule(node.target, done[id(module)])
     return [m for fused in done.values() if isinstance(fused, fx.GraphModule) for m in fused.modules()
             if isinstance(m, pyops_nn.ConvBNReLU2d)]
@@ -698,14 +698,14 @@ def part_outputs_in_nchw(graph_module, created):
     leaves = []
     fx.node.map_arg(output.args[0], leaves.append)
     leaves = list(dict.fromkeys(leaves))
+    if not leaves:
+        return
     if any(is_alias(leaf, modules) or depends_on_layout(leaf, modules) for leaf in leaves):
         for module in created:
             if isinstance(module, pyops_nn.ConvBNReLU2d):
                 module.keep_input_layout = True
         return
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
-    if not leaves:
-        return
     with graph.inserting_before(output):
         restored = graph.call_function(nchw_unless_shared, (len(inputs), *inputs, *leaves))
         replaced = {leaf: graph.call_function(operator.getitem, (restored, i)) for i, leaf in enumerate(leaves)}
