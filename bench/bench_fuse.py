@@ -60,17 +60,18 @@ def bench_resnet18(measure, device, impl, batch):
 
 
 @pytest.mark.parametrize("impl", ["pyops", "eager"])
-@pytest.mark.parametrize("mode", ["bf16", "bf16-autocast"])
-def bench_resnet18_bf16(measure, device, impl, mode):
-    """bfloat16 inference on the CPU, of a bfloat16 model or of a float32 one in an autocast region (oneDNN computes
-    bf16 where the CPU has AVX-512 BF16 / AMX; elsewhere both sides compute in float32): the fused layers run oneDNN
-    with their epilogue, channels_last from the stem on."""
+@pytest.mark.parametrize("mode", ["bf16", "bf16-autocast", "fp16"])
+def bench_resnet18_half(measure, device, impl, mode):
+    """Half-precision inference on the CPU: a bfloat16 model, a float32 one in a bfloat16 autocast region (oneDNN
+    computes bf16 where the CPU has AVX-512 BF16 / AMX; elsewhere both sides compute in float32), a float16 model
+    (computed in float32 by both). The fused layers run oneDNN with their epilogue, channels_last from the stem on,
+    with their weights converted once (ConvBNReLU2d._converted_weights)."""
     if device != "cpu":
         pytest.skip("a CPU row (CUDA's half-precision rows are resnet50's)")
-    if mode == "bf16":
-        run_case(measure, device, "resnet18", 1, impl, torch.bfloat16)
-    else:
+    if mode == "bf16-autocast":
         run_case(measure, device, "resnet18", 1, impl, autocast=torch.bfloat16)
+    else:
+        run_case(measure, device, "resnet18", 1, impl, {"bf16": torch.bfloat16, "fp16": torch.float16}[mode])
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))

@@ -17,7 +17,7 @@ def check_floating(x, name):
         raise TypeError(f"argument '{name}' must be a floating-point tensor, got {x.dtype}")
 
 
-_AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def in_autocast_region(device):
@@ -26,7 +26,7 @@ def in_autocast_region(device):
 
 
 @functools.cache
-def _cpu_computes_bf16():
+def cpu_computes_bf16():
     """Whether oneDNN computes bfloat16 convolutions natively on this CPU (AVX-512 BF16 / AMX): the query
     csrc/common/onednn.h makes."""
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -36,13 +36,13 @@ def convolution_autocast_dtype(device):
     """The dtype the ops' convolutions compute in inside device's torch.autocast region (csrc/common/autocast.h):
     the region's on CUDA and where the CPU computes it natively (bfloat16 with AVX-512 BF16 / AMX), else float32."""
     region = torch.get_autocast_dtype(device.type)
-    return region if device.type != "cpu" or (region is torch.bfloat16 and _cpu_computes_bf16()) else torch.float32
+    return region if device.type != "cpu" or (region is torch.bfloat16 and cpu_computes_bf16()) else torch.float32
 
 
 def autocast_mixes(t, ref):
     """Whether t's and ref's dtypes may differ: inside a torch.autocast region of ref's device, half, bfloat16 and
     float32 mix (the ops' autocast kernels cast them to one dtype: csrc/common/autocast.h; autocast does for ATen's)."""
-    return t.dtype in _AUTOCAST_DTYPES and ref.dtype in _AUTOCAST_DTYPES and in_autocast_region(ref.device)
+    return t.dtype in AUTOCAST_DTYPES and ref.dtype in AUTOCAST_DTYPES and in_autocast_region(ref.device)
 
 
 def check_like(t, ref, name, ref_name):

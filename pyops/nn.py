@@ -20,7 +20,7 @@ from torch.autograd import forward_ad
 from torch.nn.modules.utils import _pair
 
 from ._C import conv_path
-from ._checks import as_int
+from ._checks import AUTOCAST_DTYPES, as_int, convolution_autocast_dtype, cpu_computes_bf16, in_autocast_region
 from ._derived import DerivedWeights
 from ._overrides import overridable
 from ._scripting import NotScriptable
@@ -148,14 +148,44 @@ _ONEDNN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _cpu_inference(x, weight, bias, residual, dtypes=(torch.float32,)):
-    """Whether a call is inference on the CPU in one of `dtypes` with a 4-D input, outside CPU autocast regions,
-    torch.compile, torch.jit.trace and dispatch modes (FakeTensorMode: the shape probes of convolutionalize, make_fx; count_ops):
+    """Whether a call is inference on the CPU in one of `dtypes` with a 4-D input (in a CPU autocast region: in the
+    dtype the region's convolutions compute in, so that its kernel casts nothing), outside torch.compile,
+    torch.jit.trace and dispatch modes (FakeTensorMode: the shape probes of convolutionalize, make_fx; count_ops):
     where ConvBNReLU2d's CPU-only paths (packed weights: float32; a channels_last stem) apply."""
     return (x.is_cpu and weight.is_cpu and x.dtype in dtypes and weight.dtype is x.dtype and x.dim() == 4
-            and not torch.is_autocast_enabled("cpu")  # (autocast's kernel would cast an opaque packed weight)
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and (not torch.is_autocast_enabled("cpu") or x.dtype is convolution_autocast_dtype(x.device))
+            and _plain_inference(x, weight, bias, residual))
+
+
+def _plain_inference(x, weight, bias, residual):
+    """Whether a call on these tensors (None allowed) is inference on plain tensors outside torch.compile,
+    torch.jit.trace and dispatch modes: where ConvBNReLU2d may keep derived weights and call what it likes."""
+    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing()
             and not torch._C._len_torch_dispatch_stack() and not _subclassed(x, weight, bias, residual)
             and not _autograd_sees(x, weight, bias, residual) and not _functorch_wrapped(x, weight, bias, residual))
+
+
+def _inference_compute_dtype(x, weight, residual):
+    """(compute dtype, output dtype) where inference converts x, weight, bias and residual before the op, else None.
+
+    Inside a torch.autocast region of x's device: the dtype the op's autocast kernel would cast them to (the region's
+    on CUDA and where the CPU computes it natively, else float32: convolution_autocast_dtype), the output's too. On
+    the CPU outside one, float16 and non-native bfloat16 compute in float32 (the op does the same, csrc/ops/
+    conv_bn_relu/conv_bn_relu_cpu.cpp) and the output is rounded back. Converting here lets the module keep the
+    converted weight (the op would convert it on every call: a float32 resnet18 in a bf16 region spent as much on
+    that as on its convolutions) and lets the float32 paths (packed weights, channels_last stems) serve the call."""
+    if x.dtype not in AUTOCAST_DTYPES or weight.dtype not in AUTOCAST_DTYPES or torch.compiler.is_compiling():
+        return None  # (a compiled graph converts as the op does: nothing is kept under torch.compile)
+    if in_autocast_region(x.device):
+        target = output = convolution_autocast_dtype(x.device)
+    elif x.is_cpu and x.dtype is weight.dtype and (
+            x.dtype is torch.float16 or (x.dtype is torch.bfloat16 and not cpu_computes_bf16())):
+        target, output = torch.float32, x.dtype
+    else:
+        return None
+    if x.dtype is target and weight.dtype is target and (residual is None or residual.dtype is target):
+        return None
+    return target, output
 
 
 def _subclassed(*tensors):
@@ -274,6 +304,12 @@ class ConvBNReLU2d(DerivedWeights):
     returns channels_last in CPU inference (fp32, bf16, fp16; see _widens_into_channels_last): a fused network thus
     is channels_last from its stem on, where ATen's pooling and elementwise ops are faster.
 
+    Inference inside a torch.autocast region converts x, residual, weight and bias to the dtype the op would cast
+    them to, and in CPU inference float16 (and bfloat16 on a CPU without its instructions) computes in float32 and
+    rounds the output back, as the op does; the converted weight and bias are kept as the packed weight is (one
+    more copy, rebuilt when they change; see _inference_compute_dtype). The float32 CPU paths above then serve
+    float16 layers too.
+
     CUDA inference on the default (cuDNN) path calls cuDNN's fused convolution straight from forward (see
     _cudnn_forward): the same kernel and the same values as the op, without the op's host path, which is the bound
     for small fp16/bf16 layers.
@@ -286,6 +322,8 @@ class ConvBNReLU2d(DerivedWeights):
     #   the kernel does not take (another dtype) is added keeping the output's dtype and shape, as add_ does.
     keep_input_layout = False
     residual_in_place = False
+    _converted = None  # an _Entry of DerivedWeights: (weight, bias) in the dtype inference computes in
+    _transient = ("_derived", "_converted")
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  activation="relu", device=None, dtype=None):
@@ -347,14 +385,15 @@ class ConvBNReLU2d(DerivedWeights):
         batch 8 on an NCHW input (the conversion to channels_last is then most of the work) and gain 5-70 % on a
         channels_last one (a fused network's inner layers). Hence: ≥ 64 input channels, groups 1, and a spatial
         kernel or a channels_last input. A packed weight is kept per input shape (up to 8: a detection head shared
-        by the levels of a feature pyramid, multi-scale inference), and only for the layer's own weight Parameter:
-        a weight computed anew for each call (a parametrization such as weight_norm, pruning's mask) would be
-        packed on every call, slower than the unpacked path.
+        by the levels of a feature pyramid, multi-scale inference), and only for a weight the layer keeps (its
+        Parameter, or its float32 conversion of a float16 one: _converted_weights; the caller tells): a weight
+        computed anew for each call (a parametrization such as weight_norm, pruning's mask) would be packed on every
+        call, slower than the unpacked path.
         """
         # cheapest tests first: most calls that take another path leave at the first or second
         if (self.in_channels < 64 or self.groups != 1 or self.training
                 or not _cpu_inference(x, weight, bias, residual) or x.numel() == 0
-                or weight is not self._parameters.get("weight") or not torch.backends.mkldnn.is_available()):
+                or not torch.backends.mkldnn.is_available()):
             return None
         if (self.kernel_size == (1, 1) or self.keep_input_layout) and (
                 x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last)):
@@ -362,6 +401,18 @@ class ConvBNReLU2d(DerivedWeights):
         pack = torch.ops.pyops.conv2d_pack_weight.default
         return self.derived(("packed", tuple(x.shape)), (weight,),
                             lambda: pack(x, weight, self.stride, self.padding, self.dilation, self.groups), keep=8)
+
+    def _converted_weights(self, weight, bias, dtype, kept):
+        """(weight, bias) converted to dtype for inference (_inference_compute_dtype), kept between calls when they
+        are the module's own Parameters (kept; a slot of its own beside the packed forms, rebuilt when either
+        changes: DerivedWeights): converting a float32 resnet18's weights to bfloat16 on every call cost as much as
+        its convolutions."""
+        def convert():
+            return tuple(None if t is None else t.detach().to(dtype) for t in (weight, bias))
+        if not kept:
+            return convert()
+        sources = (weight,) if bias is None else (weight, bias)
+        return self.derived(("converted", dtype), sources, convert, slot="_converted")
 
     def _widens_into_channels_last(self, x, weight, bias, residual):
         """Whether CPU inference (float32, bfloat16, float16: oneDNN's dtypes, _ONEDNN_DTYPES) converts an NCHW x to
@@ -391,7 +442,8 @@ class ConvBNReLU2d(DerivedWeights):
         call, its argument checks): more than the kernels of a small fp16 layer take, so a fused fp16 network was
         bound by the host (bench/NOTES-conv_bn_relu.md). For inference this calls the same cuDNN functions directly,
         after checks that cost a few µs. Everything else goes to the op: autograd, torch.compile, dispatch modes
-        (count_ops, FlopCounterMode), autocast regions (the op casts), ReLU6, float64, other paths, inputs that are
+        (count_ops, FlopCounterMode), autocast regions unless x is in the region's dtype (inference converts x and
+        weight first: _inference_compute_dtype; otherwise the op casts), ReLU6, float64, other paths, inputs that are
         neither NCHW- nor channels_last-contiguous, and any input cuDNN refuses (the op's checks then name the bad
         argument).
         """
@@ -399,7 +451,8 @@ class ConvBNReLU2d(DerivedWeights):
                 or self.activation == "relu6" or x.dim() != 4 or x.shape[1] != self.in_channels or x.numel() == 0
                 or _autograd_sees(x, weight, bias, residual) or _functorch_wrapped(x, weight, bias, residual)
                 or torch._C._len_torch_dispatch_stack() or torch.compiler.is_compiling()
-                or conv_path() == "direct" or torch.is_autocast_enabled("cuda")):
+                or conv_path() == "direct"
+                or (torch.is_autocast_enabled("cuda") and x.dtype is not torch.get_autocast_dtype("cuda"))):
             return None
         # The op's layout rule: the output is channels_last iff x is channels_last- and not NCHW-contiguous. cuDNN
         # returns the layout its operands share, so the weight (and residual) must be in x's.
@@ -466,6 +519,20 @@ def _conv_bn_relu2d_forward(module, x, residual=None):
         return module.forward(x.unsqueeze(0), batched_residual).squeeze(0)
     # Each parameter read goes through nn.Module.__getattr__ (~1.5 µs): once a call, passed on from here.
     weight, bias = module.weight, module.bias
+    compute = _inference_compute_dtype(x, weight, residual)
+    if compute is not None and _plain_inference(x, weight, bias, residual):
+        dtype, out_dtype = compute
+        kept = (not module.training  # (a training loop may write its weights without a trace: _packed_weight)
+                and weight is module._parameters.get("weight") and bias is module._parameters.get("bias"))
+        weight, bias = module._converted_weights(weight, bias, dtype, kept)
+        x, residual = x.to(dtype), None if residual is None else residual.to(dtype)
+        return _fused_call(module, x, weight, bias, residual, kept).to(out_dtype)
+    return _fused_call(module, x, weight, bias, residual, weight is module._parameters.get("weight"))
+
+
+def _fused_call(module, x, weight, bias, residual, kept):
+    """The layer's call on a batched x, by the first path that applies. kept: whether weight is one the module keeps
+    between calls (its own Parameter, or its kept conversion of it), which may be packed."""
     # Straight to the op: it checks every argument itself (its errors name them), and skipping the functional
     # wrapper's Python checks saves 10-15 µs a layer (measured on the CPU with a tiny input), about the kernel
     # time of a small fp16 layer on a GPU.
@@ -475,7 +542,7 @@ def _conv_bn_relu2d_forward(module, x, residual=None):
     activation = ACTIVATION_CODES[module.activation]
     if module._widens_into_channels_last(x, weight, bias, residual):
         x = x.contiguous(memory_format=torch.channels_last)
-    packed = module._packed_weight(x, weight, bias, residual)
+    packed = module._packed_weight(x, weight, bias, residual) if kept else None
     if packed is not None:
         return torch.ops.pyops.conv2d_bias_act_packed.default(x, weight, packed, bias, module.stride, module.padding,
                                                               module.dilation, module.groups, activation, residual)
