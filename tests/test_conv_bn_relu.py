@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import pyops
 from pyops import reference
-from pyops.conv_bn_relu import conv2d_bias_act
+from pyops.conv_bn_relu import ACTIVATIONS, conv2d_bias_act
 from conftest import tolerances
 
 PATHS = {"cpu": ["direct", "library"], "cuda": ["ours", "cudnn"]}
@@ -95,8 +95,9 @@ def test_conv2d_bn_relu_matches_float64_reference(device, path, seed):
 @pytest.mark.parametrize("activation", ["none", "relu", "relu6"])
 def test_one_by_one_layers_as_a_matrix_product(threads, activation, monkeypatch):
     """A 1×1 layer on an NCHW float32 input runs as one matrix product under PYOPS_CONV_PATH=auto where ATen's own
-    rule does so (one thread and a batch under 16, or a small batch-1 input), the epilogue after it: bias, residual
-    (NCHW or channels_last), activation, a NaN kept as torch.relu keeps it, strided inputs and weights."""
+    rule does so (one thread and a batch under 16, or a small batch-1 input), on a channels_last one where it has
+    few positions (one thread, N·H·W <= 1024; the packed op too), the epilogue after it: bias, residual (NCHW or
+    channels_last), activation, a NaN kept as torch.relu keeps it, strided inputs and weights; each layout kept."""
     monkeypatch.setenv("PYOPS_CONV_PATH", "auto")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -114,9 +115,20 @@ def test_one_by_one_layers_as_a_matrix_product(threads, activation, monkeypatch)
                 spread = torch.zeros(n, cin, h, 2 * w_)
                 spread[..., ::2] = x.float()
                 transposed_weight = w.float().reshape(cout, cin).t().contiguous().t().reshape(cout, cin, 1, 1)
-                for xi, wi in [(x.float(), w.float()), (spread[..., ::2], transposed_weight)]:
-                    out = conv2d_bias_act(xi, wi, f32(bias), activation=activation, residual=f32(residual))
-                    assert out.is_contiguous()
+                channels_last = x.float().contiguous(memory_format=torch.channels_last)
+                packed = torch.ops.pyops.conv2d_pack_weight(channels_last, w.float(), [1, 1], [0, 0], [1, 1], 1)
+                cases = [(x.float(), w.float()), (spread[..., ::2], transposed_weight)]
+                if threads == 1:  # (on 2 threads oneDNN runs channels_last layers: its fused ReLU makes NaN 0)
+                    cases += [(channels_last, w.float()), (channels_last, packed)]
+                for xi, wi in cases:
+                    if wi.is_mkldnn:
+                        out = torch.ops.pyops.conv2d_bias_act_packed(
+                            xi, w.float(), wi, f32(bias), [1, 1], [0, 0], [1, 1], 1, ACTIVATIONS[activation],
+                            f32(residual))
+                    else:
+                        out = conv2d_bias_act(xi, wi, f32(bias), activation=activation, residual=f32(residual))
+                    assert out.is_contiguous(memory_format=torch.channels_last if xi is channels_last
+                                             else torch.contiguous_format)
                     rtol, atol = tolerances(torch.float32)
                     torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=max(atol, rtol * 50.0),
                                                equal_nan=True)

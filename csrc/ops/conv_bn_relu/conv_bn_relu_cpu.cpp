@@ -232,23 +232,36 @@ bool use_library(const at::Tensor& input, const ConvGeometry& g, bool has_residu
 // use_mkldnn); so do we, under PYOPS_CONV_PATH=auto, the epilogue in place after it. 1 thread, CPU time, µs, GEMM
 // vs oneDNN's fused call vs our direct kernel: 116→116 on 14×14 53 / 120 / 101, 64→64 on 56×56 batch 8 1558 / 6523
 // / 3365, 512→2048 on 7×7 846 / 1002 / 11114 (bench/NOTES-conv_bn_relu.md, stop 24).
+// On a channels_last input the product is one GEMM over all positions ((N·H·W, Cin) rows times the weight's
+// transpose: the output's channels_last rows), where oneDNN runs channels_last natively; there oneDNN's call costs
+// ~30 µs whatever the size (1 thread: an 8→8 layer on 4×4), so the GEMM wins on few positions and loses on many.
+// 1 thread, µs, GEMM vs oneDNN: 72→24 on 28×28 30 / 53, 96→40 on 14×14 18 / 46, 576→96 on 7×7 39 / 69 (a
+// mobilenet_v3's), 512→2048 on 7×7 696 / 978; but 64→256 on 56×56 817 / 551, 1024→256 on 14×14 batch 8 4099 / 3800.
 bool gemm_is_faster(const at::Tensor& x, const ConvGeometry& g, at::MemoryFormat fmt) {
-  if (x.scalar_type() != at::kFloat || fmt == at::MemoryFormat::ChannelsLast || g.kh != 1 || g.kw != 1 ||
-      g.groups != 1 || g.stride[0] != 1 || g.stride[1] != 1 || g.padding[0] != 0 || g.padding[1] != 0 ||
-      g.n == 0 || g.cin == 0 || requested_conv_path() != ConvPath::kAuto) {
+  if (x.scalar_type() != at::kFloat || g.kh != 1 || g.kw != 1 || g.groups != 1 || g.stride[0] != 1 ||
+      g.stride[1] != 1 || g.padding[0] != 0 || g.padding[1] != 0 || g.n == 0 || g.cin == 0 ||
+      requested_conv_path() != ConvPath::kAuto) {
     return false;
   }
+  if (fmt == at::MemoryFormat::ChannelsLast) return at::get_num_threads() == 1 && g.n * g.h * g.w <= 1024;
   return (at::get_num_threads() == 1 && g.n < 16) || (g.n == 1 && g.cin * g.h * g.w <= 20480);
 }
 
 at::Tensor gemm_forward(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
-                        const std::optional<at::Tensor>& residual, const ConvGeometry& g) {
+                        const std::optional<at::Tensor>& residual, const ConvGeometry& g, at::MemoryFormat fmt) {
   const at::Tensor w2 = w.reshape({g.cout, g.cin});
   // A 1×1 map (DeepLab's ASPP pooling branch) is one product over the batch: per image it would be a batch of
   // matrix-vector products, each reading the whole weight (2048→256 at batch 8: 3x slower than eager).
-  at::Tensor out = g.h * g.w == 1 ? at::mm(x.reshape({g.n, g.cin}), w2.t())
-                                  : at::matmul(w2, x.contiguous().view({g.n, g.cin, g.h * g.w}));
-  out = out.view({g.n, g.cout, g.oh, g.ow});
+  at::Tensor out;
+  if (g.h * g.w == 1) {
+    out = at::mm(x.reshape({g.n, g.cin}), w2.t()).view({g.n, g.cout, g.oh, g.ow});
+  } else if (fmt == at::MemoryFormat::ChannelsLast) {
+    out = at::mm(x.permute({0, 2, 3, 1}).reshape({g.n * g.h * g.w, g.cin}), w2.t())
+              .view({g.n, g.oh, g.ow, g.cout})
+              .permute({0, 3, 1, 2});
+  } else {
+    out = at::matmul(w2, x.contiguous().view({g.n, g.cin, g.h * g.w})).view({g.n, g.cout, g.oh, g.ow});
+  }
   if (b.has_value()) out.add_(b->view({1, g.cout, 1, 1}));
   add_and_activate_(out, residual, g.act);
   return out;
@@ -271,7 +284,7 @@ at::Tensor conv2d_bias_act_cpu(const at::Tensor& input, const at::Tensor& weight
                                groups, activation, fp32(residual))
         .to(dtype);
   }
-  if (gemm_is_faster(input, g, fmt)) return gemm_forward(input, weight, bias, residual, g);
+  if (gemm_is_faster(input, g, fmt)) return gemm_forward(input, weight, bias, residual, g, fmt);
   if (!use_library(input, g, residual.has_value(), fmt)) {
     at::Tensor out = at::empty({g.n, g.cout, g.oh, g.ow}, input.options().memory_format(fmt));
     if (out.numel() == 0) return out;
@@ -320,7 +333,7 @@ at::Tensor conv2d_bias_act_packed_cpu(const at::Tensor& input, const at::Tensor&
   // convolution does for a channels_last weight: the output is channels_last whatever the input's format. Every
   // path here keeps that, so the result's layout depends only on which op was called.
   const auto cl = at::MemoryFormat::ChannelsLast;
-  if (!use_library(input, g, residual.has_value(), cl))
+  if (gemm_is_faster(input, g, cl) || !use_library(input, g, residual.has_value(), cl))
     return conv2d_bias_act_cpu(input.contiguous(cl), weight, bias, stride, padding, dilation, groups, activation,
                                residual);
   return library_forward(input, packed_weight, bias, residual, g, cl);
