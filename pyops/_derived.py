@@ -112,10 +112,10 @@ class DerivedWeights(NotScriptable, nn.Module):
         if torch.compiler.is_compiling():
             return make()
         head = getattr(self, slot)  # read once: another thread may replace it meanwhile (make() releases the GIL)
+        if isinstance(head, _Entry) and head.matches(kind, sources):
+            return head.value  # (the common case, first: this runs on every call of a layer)
         entries = [head, *head.older] if isinstance(head, _Entry) else []
-        hit = next((e for e in entries if e.matches(kind, sources)), None)
-        if hit is head and hit is not None:
-            return hit.value
+        hit = next((e for e in entries[1:] if e.matches(kind, sources)), None)
         # the forms of a slot are made from the same sources: those that no longer match them are stale; of the
         # others, the keep - 1 most recent stay
         rest = [_Entry(e.kind, e.key, e.value) for e in entries  # (re-made: an entry's own `older` would keep the

@@ -19,7 +19,7 @@ from torch import nn
 from torch.autograd import forward_ad
 from torch.nn.modules.utils import _pair
 
-from ._C import conv_path
+from ._C import conv_path, one_by_one_runs_as_gemm
 from ._checks import AUTOCAST_DTYPES, as_int, convolution_autocast_dtype, cpu_computes_bf16, in_autocast_region
 from ._derived import DerivedWeights
 from ._overrides import overridable
@@ -384,23 +384,41 @@ class ConvBNReLU2d(DerivedWeights):
         layout then costs more than the per-call reorder of a small weight it replaces. 1×1 layers lose 10-35 % at
         batch 8 on an NCHW input (the conversion to channels_last is then most of the work) and gain 5-70 % on a
         channels_last one (a fused network's inner layers). Hence: ≥ 64 input channels, groups 1, and a spatial
-        kernel or a channels_last input. A packed weight is kept per input shape (up to 8: a detection head shared
+        kernel or a channels_last input, but not a 1×1 layer the op runs as a GEMM (one thread, few positions:
+        csrc/ops/conv_bn_relu/conv_bn_relu_cpu.cpp). A packed weight is kept per input shape (up to 8: a detection head shared
         by the levels of a feature pyramid, multi-scale inference), and only for a weight the layer keeps (its
         Parameter, or its float32 conversion of a float16 one: _converted_weights; the caller tells): a weight
         computed anew for each call (a parametrization such as weight_norm, pruning's mask) would be packed on every
         call, slower than the unpacked path.
         """
-        # cheapest tests first: most calls that take another path leave at the first or second
-        if (self.in_channels < 64 or self.groups != 1 or self.training
-                or not _cpu_inference(x, weight, bias, residual) or x.numel() == 0
-                or not torch.backends.mkldnn.is_available()):
-            return None
-        if (self.kernel_size == (1, 1) or self.keep_input_layout) and (
-                x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last)):
+        if not self._packs(x) or not _cpu_inference(x, weight, bias, residual):
             return None
         pack = torch.ops.pyops.conv2d_pack_weight.default
         return self.derived(("packed", tuple(x.shape)), (weight,),
                             lambda: pack(x, weight, self.stride, self.padding, self.dilation, self.groups), keep=8)
+
+    def _packs(self, x):
+        """The layer's and x's part of _packed_weight's rule (the call's part: _cpu_inference)."""
+        # cheapest tests first: most layers leave at the first or second
+        if self.in_channels < 64 or self.groups != 1 or self.training or x.numel() == 0 or _functorch_wrapped(x):
+            return False  # (vmap's batched tensors answer no layout query but NCHW's)
+        if (self.kernel_size == (1, 1) or self.keep_input_layout) and (
+                x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last)):
+            return False
+        if (self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
+                and one_by_one_runs_as_gemm(*x.shape, True)):
+            return False  # (the packed op would run it as a GEMM too, without the packed weight)
+        return torch.backends.mkldnn.is_available()
+
+    def _conversion_pays(self, x, weight, residual, dtype):
+        """Whether converting x and the weights to dtype here (and keeping the converted weights) beats letting the
+        op convert them on every call: where the converted call takes a path of its own (a packed float32 weight, a
+        widening layer's channels_last) or the weight is large. A small layer's conversion costs the op less than
+        the conversion path costs here (~15 µs of Python a call, 1 thread: a float16 mobilenet_v3_small and
+        shufflenet ran 7-24 % slower with every layer converting here; float16 1×1 layers break even at 2^18
+        weights, 3×3 ones gain 1.1-5.9x with their packed float32 weight)."""
+        return (weight.numel() >= 1 << 18 or self._widens(x, residual)
+                or (dtype is torch.float32 and self._packs(x)))
 
     def _converted_weights(self, weight, bias, dtype, kept):
         """(weight, bias) converted to dtype for inference (_inference_compute_dtype), kept between calls when they
@@ -426,10 +444,13 @@ class ConvBNReLU2d(DerivedWeights):
         this project's CPU (bench/NOTES-conv_bn_relu.md). The input is the small side of such a layer (3×224×224 vs
         64×112×112 values), so converting it costs little.
         """
+        return self._widens(x, residual) and _cpu_inference(x, weight, bias, residual, _ONEDNN_DTYPES)
+
+    def _widens(self, x, residual):
+        """The layer's and x's part of _widens_into_channels_last's rule (the call's part: _cpu_inference)."""
         # cheapest tests first: most layers leave at the first
         return (self.in_channels < 64 <= self.out_channels and self.groups == 1 and residual is None
-                and not self.keep_input_layout
-                and _cpu_inference(x, weight, bias, residual, _ONEDNN_DTYPES)
+                and not self.keep_input_layout and not _functorch_wrapped(x)  # (as in _packs)
                 and x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last))
 
     def _cudnn_forward(self, x, weight, bias, residual):
@@ -520,7 +541,8 @@ def _conv_bn_relu2d_forward(module, x, residual=None):
     # Each parameter read goes through nn.Module.__getattr__ (~1.5 µs): once a call, passed on from here.
     weight, bias = module.weight, module.bias
     compute = _inference_compute_dtype(x, weight, residual)
-    if compute is not None and _plain_inference(x, weight, bias, residual):
+    if (compute is not None and module._conversion_pays(x, weight, residual, compute[0])
+            and _plain_inference(x, weight, bias, residual)):
         dtype, out_dtype = compute
         kept = (not module.training  # (a training loop may write its weights without a trace: _packed_weight)
                 and weight is module._parameters.get("weight") and bias is module._parameters.get("bias"))

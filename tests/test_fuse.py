@@ -461,13 +461,24 @@ def test_packed_module_copies_pickles_converts_and_trains():
     torch.testing.assert_close(out.detach(), y.contiguous(), rtol=1e-5, atol=1e-5)
 
 
-def test_packing_only_where_it_pays():
+@pytest.mark.parametrize("threads", [1, 2])
+def test_packing_only_where_it_pays(threads):
     """The measured rule: layers with >= 64 input channels and groups 1 pack when their kernel is spatial or their
     input channels_last; a 16-channel layer, a 1×1 layer on an NCHW input, a grouped layer, fp64 and calls that need
-    grad do not (their results come from the unpacked op)."""
+    grad do not (their results come from the unpacked op), nor a 1×1 layer the op runs as a GEMM (one thread, a
+    channels_last input of few positions)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_packing_rule(threads)
+    finally:
+        torch.set_num_threads(before)
+
+
+def check_packing_rule(threads):
     cl = torch.channels_last
     cases = [(fp32_conv_bn(cin=16, padding=1), 16, torch.contiguous_format, False),
-             (fp32_conv_bn(k=1), 64, torch.contiguous_format, False), (fp32_conv_bn(k=1), 64, cl, True),
+             (fp32_conv_bn(k=1), 64, torch.contiguous_format, False), (fp32_conv_bn(k=1), 64, cl, threads > 1),
              (fp32_conv_bn(padding=1, groups=4), 64, torch.contiguous_format, False),
              (fp32_conv_bn(padding=1), 64, torch.contiguous_format, True), (fp32_conv_bn(padding=1), 64, cl, True)]
     for (conv, bn), cin, layout, packs in cases:
@@ -532,28 +543,35 @@ def region_compute_dtype(region_dtype):
     return region_dtype if native else torch.float32
 
 
-# (module dtype, autocast region dtype or None, whether the converted weights are kept)
+# (module dtype, autocast region dtype or None, whether inference converts before the op)
 CONVERSIONS = [(torch.float16, None, True),
                (torch.bfloat16, None, not torch.ops.mkldnn._is_mkldnn_bf16_supported()),  # computed in float32
                (torch.float32, torch.bfloat16, region_compute_dtype(torch.bfloat16) is not torch.float32),
                (torch.float32, torch.float16, False),  # the CPU computes a float16 region in float32
                (torch.float16, torch.float16, True)]  # ... so a float16 model is converted there
+# (input channels, output channels): where converting pays (ConvBNReLU2d._conversion_pays): never for a small layer,
+# always for a widening one (its channels_last path) and one of >= 2^18 weights, for a float32 computation where
+# the layer packs its weight
+CONVERTED_LAYERS = {"small": (16, 24), "widening": (16, 64), "packing": (64, 24), "large": (512, 64)}
 
 
-@pytest.mark.parametrize("dtype,region,kept", CONVERSIONS)
-@pytest.mark.parametrize("cin", [16, 64])  # the direct/oneDNN paths; the packed path (float32 compute)
-def test_inference_keeps_the_converted_weights(dtype, region, kept, cin):
-    """CPU inference converts a layer's weight and bias to the dtype it computes in once and keeps them: a float16
-    model computes in float32 (the op converted the weights on every call: a fused float16 resnet18 took 44 ms vs
-    26 in float32) and a float32 model in a bfloat16 region in bfloat16 (29 -> 16 ms). Values and output dtype:
-    the op's in the same place (the op converts x, weight, bias and residual the same way); an in-place update of
-    the weight is followed, copies and pickles carry no converted weights."""
-    conv, bn = fp32_conv_bn(cin=cin, padding=1)
+@pytest.mark.parametrize("dtype,region,converts", CONVERSIONS)
+@pytest.mark.parametrize("layer", list(CONVERTED_LAYERS))
+def test_inference_keeps_the_converted_weights(dtype, region, converts, layer):
+    """CPU inference converts a layer's weight and bias to the dtype it computes in once and keeps them, where that
+    pays: a float16 model computes in float32 (the op converted the weights on every call: a fused float16
+    resnet18 took 44 ms vs 26 in float32) and a float32 model in a bfloat16 region in bfloat16 (29 -> 16 ms).
+    Values and output dtype: the op's in the same place (the op converts x, weight, bias and residual the same
+    way); an in-place update of the weight is followed, copies and pickles carry no converted weights."""
+    cin, cout = CONVERTED_LAYERS[layer]
+    conv, bn = fp32_conv_bn(cin=cin, cout=cout, padding=1)
     fused = ConvBNReLU2d.from_modules(conv, bn).to(dtype)
     x = torch.randn(2, cin, 9, 9, generator=gen()).to(dtype)
-    residual = torch.randn(2, 24, 9, 9, generator=gen(1)).to(dtype)
+    residual = torch.randn(2, cout, 9, 9, generator=gen(1)).to(dtype)
     region_cm = (lambda: torch.autocast("cpu", dtype=region)) if region else contextlib.nullcontext
     out_dtype = region_compute_dtype(region) if region else dtype
+    compute_dtype = region_compute_dtype(region) if region else torch.float32
+    kept = converts and (layer in ("widening", "large") or (layer == "packing" and compute_dtype == torch.float32))
     rtol, atol = tolerances(torch.bfloat16 if torch.bfloat16 in (dtype, region) else torch.float16)
 
     def check():
@@ -567,8 +585,8 @@ def test_inference_keeps_the_converted_weights(dtype, region, kept, cin):
     assert (fused._converted is not None) == kept
     if kept:
         converted = fused._converted.value[0]
-        assert converted.dtype == (region_compute_dtype(region) if region else torch.float32)
-        if cin == 64 and converted.dtype == torch.float32:
+        assert converted.dtype == compute_dtype
+        if layer == "packing":
             assert fused._derived is not None, "the float32 conversion was not packed"
         check()
         assert fused._converted.value[0] is converted  # served, not converted again
@@ -584,7 +602,7 @@ def test_inference_converts_without_keeping_where_weights_may_change():
     """In training mode (a loop's own writes may bypass the version counter) and whenever autograd records the call
     the conversion is not kept (autograd: the op's autocast kernel casts, differentiably; gradients reach the
     float32 parameters); a weight swapped in for one call (torch.func.functional_call) is not served later."""
-    fused = ConvBNReLU2d.from_modules(*fp32_conv_bn(cin=16, padding=1)).half()
+    fused = ConvBNReLU2d.from_modules(*fp32_conv_bn(cin=16, cout=64, padding=1)).half()  # (converting pays)
     x = torch.randn(2, 16, 9, 9, generator=gen()).half()
     with torch.no_grad():
         expected = conv2d_bias_act(x, fused.weight, fused.bias, 1, 1)
@@ -597,7 +615,7 @@ def test_inference_converts_without_keeping_where_weights_may_change():
         torch.testing.assert_close(torch.func.functional_call(fused, {"weight": w}, (x,)),
                                    conv2d_bias_act(x, w, fused.bias, 1, 1), rtol=0, atol=0)
         torch.testing.assert_close(fused(x), expected, rtol=0, atol=0)  # not served the swapped weight's form
-    fused = ConvBNReLU2d.from_modules(*fp32_conv_bn(cin=16, padding=1))
+    fused = ConvBNReLU2d.from_modules(*fp32_conv_bn(cin=16, cout=64, padding=1))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = fused(x.float())
     out.float().sum().backward()

@@ -238,13 +238,9 @@ bool use_library(const at::Tensor& input, const ConvGeometry& g, bool has_residu
 // 1 thread, µs, GEMM vs oneDNN: 72→24 on 28×28 30 / 53, 96→40 on 14×14 18 / 46, 576→96 on 7×7 39 / 69 (a
 // mobilenet_v3's), 512→2048 on 7×7 696 / 978; but 64→256 on 56×56 817 / 551, 1024→256 on 14×14 batch 8 4099 / 3800.
 bool gemm_is_faster(const at::Tensor& x, const ConvGeometry& g, at::MemoryFormat fmt) {
-  if (x.scalar_type() != at::kFloat || g.kh != 1 || g.kw != 1 || g.groups != 1 || g.stride[0] != 1 ||
-      g.stride[1] != 1 || g.padding[0] != 0 || g.padding[1] != 0 || g.n == 0 || g.cin == 0 ||
-      requested_conv_path() != ConvPath::kAuto) {
-    return false;
-  }
-  if (fmt == at::MemoryFormat::ChannelsLast) return at::get_num_threads() == 1 && g.n * g.h * g.w <= 1024;
-  return (at::get_num_threads() == 1 && g.n < 16) || (g.n == 1 && g.cin * g.h * g.w <= 20480);
+  return x.scalar_type() == at::kFloat && g.kh == 1 && g.kw == 1 && g.groups == 1 && g.stride[0] == 1 &&
+         g.stride[1] == 1 && g.padding[0] == 0 && g.padding[1] == 0 &&
+         one_by_one_runs_as_gemm(g.n, g.cin, g.h, g.w, fmt);
 }
 
 at::Tensor gemm_forward(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
@@ -340,6 +336,12 @@ at::Tensor conv2d_bias_act_packed_cpu(const at::Tensor& input, const at::Tensor&
 }
 
 }  // namespace
+
+bool one_by_one_runs_as_gemm(int64_t n, int64_t cin, int64_t h, int64_t w, at::MemoryFormat fmt) {
+  if (n == 0 || cin == 0 || requested_conv_path() != ConvPath::kAuto) return false;
+  if (fmt == at::MemoryFormat::ChannelsLast) return at::get_num_threads() == 1 && n * h * w <= 1024;
+  return (at::get_num_threads() == 1 && n < 16) || (n == 1 && cin * h * w <= 20480);
+}
 
 TORCH_LIBRARY_IMPL(pyops, CPU, m) {
   m.impl("conv2d_bias_act", &conv2d_bias_act_cpu);
