@@ -306,9 +306,10 @@ class ConvBNReLU2d(DerivedWeights):
 
     Inference inside a torch.autocast region converts x, residual, weight and bias to the dtype the op would cast
     them to, and in CPU inference float16 (and bfloat16 on a CPU without its instructions) computes in float32 and
-    rounds the output back, as the op does; the converted weight and bias are kept as the packed weight is (one
-    more copy, rebuilt when they change; see _inference_compute_dtype). The float32 CPU paths above then serve
-    float16 layers too.
+    rounds the output back, as the op does. Where that pays (_conversion_pays: a packed or widening layer, a large
+    weight) the converted weight and bias are kept as the packed weight is: one more copy, rebuilt when they change,
+    with the same rule for seeing changes (above: a write through `.data` outside an optimizer is seen after the
+    next train()/eval() switch). The float32 CPU paths above then serve float16 layers too.
 
     CUDA inference on the default (cuDNN) path calls cuDNN's fused convolution straight from forward (see
     _cudnn_forward): the same kernel and the same values as the op, without the op's host path, which is the bound
