@@ -386,9 +386,9 @@ class ConvBNReLU2d(DerivedWeights):
         batch 8 on an NCHW input (the conversion to channels_last is then most of the work) and gain 5-70 % on a
         channels_last one (a fused network's inner layers). Hence: ≥ 64 input channels, groups 1, and a spatial
         kernel or a channels_last input, but not a 1×1 layer the op runs as a GEMM (one thread, few positions:
-        csrc/ops/conv_bn_relu/conv_bn_relu_cpu.cpp). A packed weight is kept per input shape (up to 8: a detection head shared
-        by the levels of a feature pyramid, multi-scale inference), and only for a weight the layer keeps (its
-        Parameter, or its float32 conversion of a float16 one: _converted_weights; the caller tells): a weight
+        csrc/ops/conv_bn_relu/conv_bn_relu_cpu.cpp). A packed weight is kept per input shape (up to 8: a detection
+        head shared by the levels of a feature pyramid, multi-scale inference), and only for a weight the layer keeps
+        (its Parameter, or its float32 conversion of a float16 one: _converted_weights; the caller tells): a weight
         computed anew for each call (a parametrization such as weight_norm, pruning's mask) would be packed on every
         call, slower than the unpacked path.
         """
@@ -413,12 +413,13 @@ class ConvBNReLU2d(DerivedWeights):
 
     def _conversion_pays(self, x, weight, residual, dtype):
         """Whether converting x and the weights to dtype here (and keeping the converted weights) beats letting the
-        op convert them on every call: where the converted call takes a path of its own (a packed float32 weight, a
-        widening layer's channels_last) or the weight is large. A small layer's conversion costs the op less than
-        the conversion path costs here (~15 µs of Python a call, 1 thread: a float16 mobilenet_v3_small and
-        shufflenet ran 7-24 % slower with every layer converting here; float16 1×1 layers break even at 2^18
+        op convert them on every call: where the converted call takes a path of its own (cuDNN called directly in a
+        CUDA autocast region, _cudnn_forward, instead of the op's 20-40 µs host path; a packed float32 weight; a
+        widening layer's channels_last) or the weight is large. On the CPU a small layer's conversion costs the op
+        less than the conversion path costs here (~15 µs of Python a call, 1 thread: a float16 mobilenet_v3_small
+        and shufflenet ran 7-24 % slower with every layer converting here; float16 1×1 layers break even at 2^18
         weights, 3×3 ones gain 1.1-5.9x with their packed float32 weight)."""
-        return (weight.numel() >= 1 << 18 or self._widens(x, residual)
+        return (not x.is_cpu or weight.numel() >= 1 << 18 or self._widens(x, residual)
                 or (dtype is torch.float32 and self._packs(x)))
 
     def _converted_weights(self, weight, bias, dtype, kept):
