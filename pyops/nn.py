@@ -396,17 +396,20 @@ class ConvBNReLU2d(DerivedWeights):
         computed anew for each call (a parametrization such as weight_norm, pruning's mask) would be packed on every
         call, slower than the unpacked path.
         """
-        if not self._packs(x) or not _cpu_inference(x, weight, bias, residual):
+        # (the call's rule before x's layout and shape: under torch.export a query of them specializes its shape)
+        if self.in_channels < 64 or not _cpu_inference(x, weight, bias, residual) or not self._packs(x):
             return None
         pack = torch.ops.pyops.conv2d_pack_weight.default
         return self.derived(("packed", tuple(x.shape)), (weight,),
                             lambda: pack(x, weight, self.stride, self.padding, self.dilation, self.groups), keep=8)
 
     def _packs(self, x):
-        """The layer's and x's part of _packed_weight's rule (the call's part: _cpu_inference)."""
+        """The layer's and x's part of _packed_weight's rule, asked after the call's part (_cpu_inference or
+        _plain_inference: vmap's batched tensors answer no layout query but NCHW's, torch.export's symbolic shapes
+        would be specialized by the shape queries)."""
         # cheapest tests first: most layers leave at the first or second
-        if self.in_channels < 64 or self.groups != 1 or self.training or x.numel() == 0 or _functorch_wrapped(x):
-            return False  # (vmap's batched tensors answer no layout query but NCHW's)
+        if self.in_channels < 64 or self.groups != 1 or self.training or x.numel() == 0:
+            return False
         if (self.kernel_size == (1, 1) or self.keep_input_layout) and (
                 x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last)):
             return False
@@ -450,13 +453,14 @@ class ConvBNReLU2d(DerivedWeights):
         this project's CPU (bench/NOTES-conv_bn_relu.md). The input is the small side of such a layer (3×224×224 vs
         64×112×112 values), so converting it costs little.
         """
-        return self._widens(x, residual) and _cpu_inference(x, weight, bias, residual, _ONEDNN_DTYPES)
+        return (self.in_channels < 64 <= self.out_channels  # (as in _packed_weight, the call's rule before _widens)
+                and _cpu_inference(x, weight, bias, residual, _ONEDNN_DTYPES) and self._widens(x, residual))
 
     def _widens(self, x, residual):
-        """The layer's and x's part of _widens_into_channels_last's rule (the call's part: _cpu_inference)."""
+        """The layer's and x's part of _widens_into_channels_last's rule, asked after the call's part (as _packs)."""
         # cheapest tests first: most layers leave at the first
         return (self.in_channels < 64 <= self.out_channels and self.groups == 1 and residual is None
-                and not self.keep_input_layout and not _functorch_wrapped(x)  # (as in _packs)
+                and not self.keep_input_layout
                 and x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last))
 
     def _cudnn_forward(self, x, weight, bias, residual):
@@ -547,8 +551,8 @@ def _conv_bn_relu2d_forward(module, x, residual=None):
     # Each parameter read goes through nn.Module.__getattr__ (~1.5 µs): once a call, passed on from here.
     weight, bias = module.weight, module.bias
     compute = _inference_compute_dtype(x, weight, residual)
-    if (compute is not None and module._conversion_pays(x, weight, residual, compute[0])
-            and _plain_inference(x, weight, bias, residual)):
+    if (compute is not None and _plain_inference(x, weight, bias, residual)
+            and module._conversion_pays(x, weight, residual, compute[0])):
         dtype, out_dtype = compute
         kept = (not module.training  # (a training loop may write its weights without a trace: _packed_weight)
                 and weight is module._parameters.get("weight") and bias is module._parameters.get("bias"))

@@ -68,6 +68,27 @@ def test_export_fused_strided_layers_with_dynamic_image_sizes(strict):
             torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_export_keeps_dynamic_shapes_of_layers_with_inference_paths(dtype, layout):
+    """A widening stem, a 1×1 layer and a packing 3×3 layer, float32 and float16: the eager inference paths ask the
+    input's layout and shape (the packing and conversion rules), which under torch.export specialized a dynamic
+    batch to a constant (UserError); their rules ask only after the call's own (not tracing)."""
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                                       nn.Conv2d(64, 64, 1), nn.BatchNorm2d(64), nn.ReLU(),
+                                       nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64))).eval().to(dtype)
+    fused = pyops.fuse(model)
+    batch, side = torch.export.Dim("batch", min=1, max=16), torch.export.Dim("side", min=4, max=64)
+    x = rand(2, 3, 16, 16).to(dtype).contiguous(memory_format=layout)
+    program = torch.export.export(fused, (x,), dynamic_shapes=({0: batch, 2: side, 3: side},))
+    with torch.no_grad():
+        for n, s in ((2, 16), (5, 9)):
+            x = rand(n, 3, s, s, seed=n).to(dtype).contiguous(memory_format=layout)
+            tol = 1e-4 if dtype == torch.float32 else 1e-2  # (eager may take another path: packed, GEMM)
+            torch.testing.assert_close(program.module()(x), fused(x), rtol=tol, atol=tol)
+
+
 class FunctionalOps(nn.Module):
     """Each functional op once: conv2d_bn_relu with a residual, conv1d, smooth_max, lse_pool2d."""
 
