@@ -43,8 +43,8 @@ const char* conv_path() {
 }
 
 // For ConvBNReLU2d's packing rule: a layer the op runs as a GEMM gains nothing from a packed oneDNN weight.
-bool one_by_one_runs_as_gemm(int64_t n, int64_t cin, int64_t h, int64_t w, bool channels_last) {
-  return pyops::one_by_one_runs_as_gemm(n, cin, h, w,
+bool one_by_one_runs_as_gemm(int64_t n, int64_t cin, int64_t cout, int64_t h, int64_t w, bool channels_last) {
+  return pyops::one_by_one_runs_as_gemm(n, cin, cout, h, w,
                                         channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
 }
 
@@ -57,8 +57,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("conv_path", &conv_path,
         "PYOPS_CONV_PATH, read now: 'auto', 'direct' (also set as 'ours') or 'library' (also 'cudnn'); ValueError "
         "if it holds anything else");
-  m.def("one_by_one_runs_as_gemm", &one_by_one_runs_as_gemm, py::arg("n"), py::arg("cin"), py::arg("h"),
-        py::arg("w"), py::arg("channels_last"),
-        "Whether a float32 1x1 layer (stride 1, no padding, one group) on an (n, cin, h, w) CPU input runs as a GEMM "
-        "(no oneDNN call, so no packed weight to gain from)");
+  m.def("one_by_one_runs_as_gemm", &one_by_one_runs_as_gemm, py::arg("n"), py::arg("cin"), py::arg("cout"),
+        py::arg("h"), py::arg("w"), py::arg("channels_last"),
+        "Whether a float32 1x1 layer (stride 1, no padding, one group) from cin to cout channels on an (n, cin, h, w) "
+        "CPU input runs as a GEMM (no oneDNN call, so no packed weight to gain from)");
 }

@@ -1,5 +1,4 @@
 """Argument validation shared by the Python entry points: errors name the argument, as PyTorch's do."""
-import functools
 import numbers
 import operator
 
@@ -25,11 +24,15 @@ def in_autocast_region(device):
     return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
 
 
-@functools.cache
+# Asked once, at import: made first inside torch.jit.trace the query was recorded, and the tracer cannot record its
+# bool output (an error); under torch.compile a constant costs nothing to trace.
+_CPU_COMPUTES_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def cpu_computes_bf16():
     """Whether oneDNN computes bfloat16 convolutions natively on this CPU (AVX-512 BF16 / AMX): the query
     csrc/common/onednn.h makes."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return _CPU_COMPUTES_BF16
 
 
 def convolution_autocast_dtype(device):

@@ -389,7 +389,7 @@ class ConvBNReLU2d(DerivedWeights):
         layout then costs more than the per-call reorder of a small weight it replaces. 1×1 layers lose 10-35 % at
         batch 8 on an NCHW input (the conversion to channels_last is then most of the work) and gain 5-70 % on a
         channels_last one (a fused network's inner layers). Hence: ≥ 64 input channels, groups 1, and a spatial
-        kernel or a channels_last input, but not a 1×1 layer the op runs as a GEMM (one thread, few positions:
+        kernel or a channels_last input, but not a 1×1 layer the op runs as a GEMM (small layers, few positions:
         csrc/ops/conv_bn_relu/conv_bn_relu_cpu.cpp). A packed weight is kept per input shape (up to 8: a detection
         head shared by the levels of a feature pyramid, multi-scale inference), and only for a weight the layer keeps
         (its Parameter, or its float32 conversion of a float16 one: _converted_weights; the caller tells): a weight
@@ -414,7 +414,7 @@ class ConvBNReLU2d(DerivedWeights):
                 x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last)):
             return False
         if (self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
-                and one_by_one_runs_as_gemm(*x.shape, True)):
+                and one_by_one_runs_as_gemm(x.shape[0], self.in_channels, self.out_channels, *x.shape[2:], True)):
             return False  # (the packed op would run it as a GEMM too, without the packed weight)
         return torch.backends.mkldnn.is_available()
 

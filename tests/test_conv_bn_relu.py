@@ -94,17 +94,19 @@ def test_conv2d_bn_relu_matches_float64_reference(device, path, seed):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("activation", ["none", "relu", "relu6"])
 def test_one_by_one_layers_as_a_matrix_product(threads, activation, monkeypatch):
-    """A 1×1 layer on an NCHW float32 input runs as one matrix product under PYOPS_CONV_PATH=auto where ATen's own
-    rule does so (one thread and a batch under 16, or a small batch-1 input), on a channels_last one where it has
-    few positions (one thread, N·H·W <= 1024; the packed op too), the epilogue after it: bias, residual (NCHW or
-    channels_last), activation, a NaN kept as torch.relu keeps it, strided inputs and weights; each layout kept."""
+    """A float32 1×1 layer runs as a matrix product under PYOPS_CONV_PATH=auto where that beats oneDNN's call
+    (pyops._C.one_by_one_runs_as_gemm: NCHW inputs of fewer than 16 images or maps of >= 196 positions, channels_last
+    ones of few positions or a small product, 1×1 maps; the packed op too), the epilogue after it: bias, residual
+    (NCHW or channels_last), activation, a NaN kept as torch.relu keeps it (oneDNN's fused ReLU makes it 0, so a
+    case that went to oneDNN fails), strided inputs and weights; the op's layout rule kept (the packed op: always
+    channels_last)."""
     monkeypatch.setenv("PYOPS_CONV_PATH", "auto")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        # (n, cin, cout, h, w); on 2 threads: batch-1 inputs of at most 20480 values; 1×1 maps: one product
-        shapes = [(1, 116, 116, 12, 13), (1, 5, 7, 1, 2), (1, 64, 32, 1, 1)]
-        shapes += [(3, 24, 58, 9, 10), (1, 116, 116, 14, 15), (8, 64, 32, 1, 1)] if threads == 1 else []
+        # (n, cin, cout, h, w)
+        shapes = [(1, 116, 116, 12, 13), (1, 5, 7, 1, 2), (1, 64, 32, 1, 1), (3, 24, 58, 9, 10),
+                  (1, 116, 116, 14, 15), (8, 64, 32, 1, 1), (32, 64, 32, 1, 1), (2, 1, 16, 8, 8), (16, 8, 12, 14, 14)]
         for n, cin, cout, h, w_ in shapes:
             x, w = randn((n, cin, h, w_), 31, 2.0), randn((cout, cin, 1, 1), 32, 0.3)
             b, r = randn((cout,), 33), randn((n, cout, h, w_), 34)
@@ -117,23 +119,49 @@ def test_one_by_one_layers_as_a_matrix_product(threads, activation, monkeypatch)
                 transposed_weight = w.float().reshape(cout, cin).t().contiguous().t().reshape(cout, cin, 1, 1)
                 channels_last = x.float().contiguous(memory_format=torch.channels_last)
                 packed = torch.ops.pyops.conv2d_pack_weight(channels_last, w.float(), [1, 1], [0, 0], [1, 1], 1)
-                cases = [(x.float(), w.float()), (spread[..., ::2], transposed_weight)]
-                if threads == 1:  # (on 2 threads oneDNN runs channels_last layers: its fused ReLU makes NaN 0)
-                    cases += [(channels_last, w.float()), (channels_last, packed)]
-                for xi, wi in cases:
+                for xi, wi in [(x.float(), w.float()), (spread[..., ::2], transposed_weight),
+                               (channels_last, w.float()), (channels_last, packed)]:
                     if wi.is_mkldnn:
                         out = torch.ops.pyops.conv2d_bias_act_packed(
                             xi, w.float(), wi, f32(bias), [1, 1], [0, 0], [1, 1], 1, ACTIVATIONS[activation],
                             f32(residual))
+                        assert out.is_contiguous(memory_format=torch.channels_last)
                     else:
                         out = conv2d_bias_act(xi, wi, f32(bias), activation=activation, residual=f32(residual))
-                    assert out.is_contiguous(memory_format=torch.channels_last if xi is channels_last
-                                             else torch.contiguous_format)
+                        cl = xi.is_contiguous(memory_format=torch.channels_last) and not xi.is_contiguous()
+                        assert out.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
                     rtol, atol = tolerances(torch.float32)
                     torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=max(atol, rtol * 50.0),
                                                equal_nan=True)
     finally:
         torch.set_num_threads(before)
+
+
+def test_one_by_one_rule():
+    """Where the GEMM runs (measured: bench/NOTES-conv_bn_relu.md, stop 25), any thread count."""
+    gemm = pyops._C.one_by_one_runs_as_gemm
+    assert gemm(256, 256, 256, 1, 1, False) and gemm(256, 256, 256, 1, 1, True)  # 1×1 maps: a Linear
+    assert gemm(8, 64, 64, 56, 56, False) and gemm(32, 256, 64, 56, 56, False)  # NCHW: one product per image
+    assert not gemm(16, 512, 2048, 7, 7, False)  # ... but not many images of few positions
+    assert gemm(1, 72, 24, 28, 28, True) and gemm(1, 512, 2048, 7, 7, True)  # channels_last: small or few positions
+    assert not gemm(1, 64, 256, 56, 56, True) and not gemm(8, 1024, 256, 14, 14, True)
+    assert not gemm(0, 64, 64, 7, 7, False) and not gemm(1, 0, 64, 7, 7, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [1, 3])
+def test_channels_last_image_with_an_odd_batch_stride(dtype, k):
+    """vmap's per-sample fallback hands the op one channels_last image whose batch stride is not C·H·W
+    (x.unsqueeze(1)[i]): oneDNN's layout query took it for NCHW and added the residual with ATen's add_relu, which
+    has no bfloat16 kernel (INTERNAL ASSERT)."""
+    batch = randn((3, 256, 8, 8), 41).to(dtype).contiguous(memory_format=torch.channels_last)
+    x = batch.unsqueeze(1)[1]
+    assert x.stride(0) != 256 * 8 * 8 and x.is_contiguous(memory_format=torch.channels_last)
+    w, b = (randn((256, 256, k, k), 42) / (16 * k)).to(dtype), randn((256,), 43).to(dtype)
+    residual = randn((3, 256, 8, 8), 44).to(dtype).contiguous(memory_format=torch.channels_last).unsqueeze(1)[2]
+    out = conv2d_bias_act(x, w, b, padding=k // 2, residual=residual)
+    ref = reference.conv2d_bias_act(x.double(), w.double(), b.double(), padding=k // 2, residual=residual.double())
+    check_close(out, ref, dtype, ref.abs().max().item())
 
 
 @pytest.mark.parametrize("activation", ["none", "relu", "relu6"])

@@ -3,6 +3,10 @@ exported graph, the program saves, loads and computes what the eager model does)
 classifier."""
 
 import io
+import os
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import pytest
@@ -14,6 +18,8 @@ from torch._subclasses.fake_tensor import FakeTensor
 import pyops
 from pyops import reference
 from pyops.demo.conv_bn_relu import randomize_batchnorms_
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def rand(*shape, seed=0):
@@ -209,6 +215,28 @@ def test_compiled_sliding_classifier_plans_outside_the_graph():
         expected = reference.crop_loop(clf, x, 16, 1)
     assert calls and not any(calls)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_jit_trace_as_a_processs_first_call():
+    """The bf16 capability query (Python and C++) made first inside torch.jit.trace was recorded, and the tracer
+    cannot record its bool output: tracing a bf16 fused model, or any in a bf16 autocast region, as a process's first
+    pyops call raised. A fresh process, so that nothing has asked before."""
+    code = textwrap.dedent("""
+        import torch, warnings
+        from torch import nn
+        import pyops
+        warnings.simplefilter("ignore")
+        model = nn.Sequential(nn.Conv2d(64, 96, 3), nn.BatchNorm2d(96), nn.ReLU()).eval()
+        x = torch.randn(1, 64, 8, 8)
+        with torch.no_grad():
+            torch.jit.trace(pyops.fuse(model).bfloat16(), x.bfloat16(), check_trace=False)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                torch.jit.trace(pyops.fuse(model), x, check_trace=False)
+        print("traced")
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0 and "traced" in run.stdout, run.stderr[-2000:]
 
 
 def test_jit_trace_keeps_the_pyops_ops():

@@ -461,29 +461,20 @@ def test_packed_module_copies_pickles_converts_and_trains():
     torch.testing.assert_close(out.detach(), y.contiguous(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_packing_only_where_it_pays(threads):
+def test_packing_only_where_it_pays():
     """The measured rule: layers with >= 64 input channels and groups 1 pack when their kernel is spatial or their
     input channels_last; a 16-channel layer, a 1×1 layer on an NCHW input, a grouped layer, fp64 and calls that need
-    grad do not (their results come from the unpacked op), nor a 1×1 layer the op runs as a GEMM (one thread, a
-    channels_last input of few positions)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        check_packing_rule(threads)
-    finally:
-        torch.set_num_threads(before)
-
-
-def check_packing_rule(threads):
-    cl = torch.channels_last
-    cases = [(fp32_conv_bn(cin=16, padding=1), 16, torch.contiguous_format, False),
-             (fp32_conv_bn(k=1), 64, torch.contiguous_format, False), (fp32_conv_bn(k=1), 64, cl, threads > 1),
-             (fp32_conv_bn(padding=1, groups=4), 64, torch.contiguous_format, False),
-             (fp32_conv_bn(padding=1), 64, torch.contiguous_format, True), (fp32_conv_bn(padding=1), 64, cl, True)]
-    for (conv, bn), cin, layout, packs in cases:
+    grad do not (their results come from the unpacked op), nor a 1×1 layer the op runs as a GEMM (a channels_last
+    input of few positions: pyops._C.one_by_one_runs_as_gemm)."""
+    cl, nchw = torch.channels_last, torch.contiguous_format
+    cases = [(fp32_conv_bn(cin=16, padding=1), 16, nchw, 8, False),
+             (fp32_conv_bn(k=1), 64, nchw, 8, False), (fp32_conv_bn(k=1), 64, cl, 8, False),
+             (fp32_conv_bn(k=1, cout=128), 64, cl, 48, True),
+             (fp32_conv_bn(padding=1, groups=4), 64, nchw, 8, False),
+             (fp32_conv_bn(padding=1), 64, nchw, 8, True), (fp32_conv_bn(padding=1), 64, cl, 8, True)]
+    for (conv, bn), cin, layout, side, packs in cases:
         fused = ConvBNReLU2d.from_modules(conv, bn)
-        x = torch.randn(2, cin, 8, 8, generator=gen()).contiguous(memory_format=layout)
+        x = torch.randn(2, cin, side, side, generator=gen()).contiguous(memory_format=layout)
         with torch.no_grad():
             out = fused(x)
             assert (fused._derived is not None) == packs, (cin, conv, layout)

@@ -8,6 +8,7 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/ScalarType.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 namespace pyops {
 
@@ -15,6 +16,8 @@ inline bool onednn_computes(at::ScalarType dtype) {
   const auto supported = [](const char* query) {
     const auto op = c10::Dispatcher::singleton().findSchema({query, ""});
     if (!op.has_value()) return false;  // a build without oneDNN
+    // (not recorded: a torch.jit.trace that makes the first call cannot record a bool output and raised)
+    c10::impl::ExcludeDispatchKeyGuard no_tracer(c10::DispatchKey::Tracer);
     torch::jit::Stack stack;
     op->callBoxed(&stack);
     return stack.back().toBool();

@@ -48,9 +48,10 @@ at::MemoryFormat output_memory_format(const at::Tensor& input);
 enum class ConvPath { kAuto, kDirect, kLibrary };
 ConvPath requested_conv_path();
 
-// Whether a float32 1×1 layer (stride 1, no padding, one group) on an N × Cin × H × W CPU input in format fmt runs
-// as a GEMM (conv_bn_relu_cpu.cpp), here and in the packed op: ConvBNReLU2d packs no weight for such a layer.
-bool one_by_one_runs_as_gemm(int64_t n, int64_t cin, int64_t h, int64_t w, at::MemoryFormat fmt);
+// Whether a float32 1×1 layer (stride 1, no padding, one group) from Cin to Cout channels on an N × Cin × H × W CPU
+// input in format fmt runs as a GEMM (conv_bn_relu_cpu.cpp), here and in the packed op: ConvBNReLU2d packs no
+// weight for such a layer.
+bool one_by_one_runs_as_gemm(int64_t n, int64_t cin, int64_t cout, int64_t h, int64_t w, at::MemoryFormat fmt);
 
 // CPU kernels (conv_direct_cpu.cpp, conv_bn_relu_cpu.cpp).
 // out: allocated in output_memory_format(input); x, w contiguous NCHW; b (Cout,) contiguous or undefined;

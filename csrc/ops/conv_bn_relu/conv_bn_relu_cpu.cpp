@@ -5,6 +5,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/strides.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -156,6 +157,19 @@ void add_and_activate_(at::Tensor& out, const std::optional<at::Tensor>& residua
   if (act == Activation::kRelu6) out.clamp_(0, 6);
 }
 
+// t in memory format fmt with the strides a fresh tensor of its sizes has. contiguous(fmt) keeps a size-1
+// dimension's stride as it is (vmap's per-sample slices: batch stride 256 on a 1×64×8×32 channels_last image), and
+// mkldnn::_convolution_pointwise, which asks suggest_memory_format, then took such an input for NCHW and added the
+// residual with ATen's add_relu, which has no bfloat16 kernel (INTERNAL ASSERT; fp32: an unfused add).
+at::Tensor with_canonical_strides(const at::Tensor& t, at::MemoryFormat fmt) {
+  at::Tensor c = t.contiguous(fmt);
+  const auto sizes = c.sizes();
+  const bool canonical = fmt == at::MemoryFormat::ChannelsLast
+                             ? c.strides() == at::IntArrayRef(c10::get_channels_last_strides_2d(sizes))
+                             : c.strides() == at::IntArrayRef(c10::contiguous_strides(sizes));
+  return canonical ? c : at::empty(sizes, c.options().memory_format(fmt)).copy_(c);
+}
+
 at::Tensor library_forward(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
                            const std::optional<at::Tensor>& residual, const ConvGeometry& g, at::MemoryFormat fmt) {
   const std::vector<int64_t> padding(g.padding.begin(), g.padding.end()), stride(g.stride.begin(), g.stride.end()),
@@ -178,12 +192,12 @@ at::Tensor library_forward(const at::Tensor& x, const at::Tensor& w, const std::
                                                           !(g.groups == 1 && fmt == at::MemoryFormat::ChannelsLast)));
   torch::jit::Stack stack;
   if (residual.has_value() && !add_after) {
-    stack = {x.contiguous(fmt), residual->contiguous(fmt), weight, bias, padding, stride, dilation, g.groups,
-             std::string("add"), c10::IValue(),
+    stack = {with_canonical_strides(x, fmt), with_canonical_strides(*residual, fmt), weight, bias, padding, stride,
+             dilation, g.groups, std::string("add"), c10::IValue(),
              g.act == Activation::kNone ? c10::IValue() : c10::IValue(unary), scalars, c10::IValue()};
     onednn_op("binary")->callBoxed(&stack);
   } else {
-    stack = {x.contiguous(fmt), weight, bias, padding, stride, dilation, g.groups,
+    stack = {with_canonical_strides(x, fmt), weight, bias, padding, stride, dilation, g.groups,
              add_after ? std::string("none") : unary, scalars, std::string("")};
     onednn_op("")->callBoxed(&stack);
   }
@@ -227,20 +241,25 @@ bool use_library(const at::Tensor& input, const ConvGeometry& g, bool has_residu
          (requested == ConvPath::kLibrary || (requested == ConvPath::kAuto && library_faster));
 }
 
-// A 1×1 layer (stride 1, no padding, one group) on an NCHW float32 input is a matrix product per image. ATen runs it
-// as one (MKL's GEMM) rather than through oneDNN on one thread, and on small batch-1 inputs on any (its rule in
-// use_mkldnn); so do we, under PYOPS_CONV_PATH=auto, the epilogue in place after it. 1 thread, CPU time, µs, GEMM
-// vs oneDNN's fused call vs our direct kernel: 116→116 on 14×14 53 / 120 / 101, 64→64 on 56×56 batch 8 1558 / 6523
+// A 1×1 layer (stride 1, no padding, one group) on a float32 input is a matrix product, run under
+// PYOPS_CONV_PATH=auto as MKL's GEMM with the epilogue in place after it where that beats oneDNN's fused call
+// (`one_by_one_runs_as_gemm`). On an NCHW input it is one product per image; 1 thread, CPU time, µs, GEMM vs
+// oneDNN's fused call vs our direct kernel: 116→116 on 14×14 53 / 120 / 101, 64→64 on 56×56 batch 8 1558 / 6523
 // / 3365, 512→2048 on 7×7 846 / 1002 / 11114 (bench/NOTES-conv_bn_relu.md, stop 24).
 // On a channels_last input the product is one GEMM over all positions ((N·H·W, Cin) rows times the weight's
 // transpose: the output's channels_last rows), where oneDNN runs channels_last natively; there oneDNN's call costs
-// ~30 µs whatever the size (1 thread: an 8→8 layer on 4×4), so the GEMM wins on few positions and loses on many.
-// 1 thread, µs, GEMM vs oneDNN: 72→24 on 28×28 30 / 53, 96→40 on 14×14 18 / 46, 576→96 on 7×7 39 / 69 (a
-// mobilenet_v3's), 512→2048 on 7×7 696 / 978; but 64→256 on 56×56 817 / 551, 1024→256 on 14×14 batch 8 4099 / 3800.
+// ~30 µs whatever the size (an 8→8 layer on 4×4), so the GEMM wins on small layers and loses on many positions.
+// µs, GEMM vs oneDNN, 1 thread / 2 threads (bench/NOTES-conv_bn_relu.md, stop 25): 72→24 on 28×28 30 / 53, 23 / 52;
+// 96→40 on 14×14 18 / 46, 16 / 49; 512→2048 on 7×7 696 / 978, 479 / 562; 1024→256 on 14×14 583 / 577, 317 / 333;
+// but 64→256 on 56×56 817 / 551, 385 / 292 and 1024→256 on 14×14 batch 8 4099 / 3800, 2063 / 1991.
+// On an NCHW input the GEMM (one per image) wins on both thread counts, 1.04-3.9x on 2 threads (64→64 on 56×56
+// batch 8 766 vs 1130), except for many images of few positions: 2048→512 on 7×7 batch 32 13868 vs 11496, 512→2048
+// on 7×7 batch 16 7686 vs 5685 (2 threads). A 1×1 map is one product over the batch, a Linear: 2.5-3.2x faster
+// than oneDNN's call (256→256 at batch 256: 111 vs 290 µs).
 bool gemm_is_faster(const at::Tensor& x, const ConvGeometry& g, at::MemoryFormat fmt) {
   return x.scalar_type() == at::kFloat && g.kh == 1 && g.kw == 1 && g.groups == 1 && g.stride[0] == 1 &&
          g.stride[1] == 1 && g.padding[0] == 0 && g.padding[1] == 0 &&
-         one_by_one_runs_as_gemm(g.n, g.cin, g.h, g.w, fmt);
+         one_by_one_runs_as_gemm(g.n, g.cin, g.cout, g.h, g.w, fmt);
 }
 
 at::Tensor gemm_forward(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
@@ -329,7 +348,8 @@ at::Tensor conv2d_bias_act_packed_cpu(const at::Tensor& input, const at::Tensor&
   // convolution does for a channels_last weight: the output is channels_last whatever the input's format. Every
   // path here keeps that, so the result's layout depends only on which op was called.
   const auto cl = at::MemoryFormat::ChannelsLast;
-  if (gemm_is_faster(input, g, cl) || !use_library(input, g, residual.has_value(), cl))
+  if (gemm_is_faster(input, g, cl)) return gemm_forward(input, weight, bias, residual, g, cl);
+  if (!use_library(input, g, residual.has_value(), cl))
     return conv2d_bias_act_cpu(input.contiguous(cl), weight, bias, stride, padding, dilation, groups, activation,
                                residual);
   return library_forward(input, packed_weight, bias, residual, g, cl);
@@ -337,10 +357,12 @@ at::Tensor conv2d_bias_act_packed_cpu(const at::Tensor& input, const at::Tensor&
 
 }  // namespace
 
-bool one_by_one_runs_as_gemm(int64_t n, int64_t cin, int64_t h, int64_t w, at::MemoryFormat fmt) {
+bool one_by_one_runs_as_gemm(int64_t n, int64_t cin, int64_t cout, int64_t h, int64_t w, at::MemoryFormat fmt) {
   if (n == 0 || cin == 0 || requested_conv_path() != ConvPath::kAuto) return false;
-  if (fmt == at::MemoryFormat::ChannelsLast) return at::get_num_threads() == 1 && n * h * w <= 1024;
-  return (at::get_num_threads() == 1 && n < 16) || (n == 1 && cin * h * w <= 20480);
+  if (h * w == 1) return true;
+  if (fmt != at::MemoryFormat::ChannelsLast) return n < 16 || h * w >= 196;
+  const double positions = static_cast<double>(n) * h * w;  // (double: no overflow for any shape)
+  return positions <= 256 || positions * cin * cout <= double(1 << 23);
 }
 
 TORCH_LIBRARY_IMPL(pyops, CPU, m) {
