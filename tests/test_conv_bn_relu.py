@@ -143,7 +143,8 @@ def test_one_by_one_rule():
     assert gemm(256, 256, 256, 1, 1, False) and gemm(256, 256, 256, 1, 1, True)  # 1×1 maps: a Linear
     assert gemm(8, 64, 64, 56, 56, False) and gemm(32, 256, 64, 56, 56, False)  # NCHW: one product per image
     assert not gemm(16, 512, 2048, 7, 7, False)  # ... but not many images of few positions
-    assert gemm(1, 72, 24, 28, 28, True) and gemm(1, 512, 2048, 7, 7, True)  # channels_last: small or few positions
+    assert gemm(1, 72, 24, 28, 28, True) and gemm(1, 96, 96, 56, 56, True)  # channels_last: a small product ...
+    assert gemm(1, 512, 2048, 7, 7, True)  # ... or few positions
     assert not gemm(1, 64, 256, 56, 56, True) and not gemm(8, 1024, 256, 14, 14, True)
     assert not gemm(0, 64, 64, 7, 7, False) and not gemm(1, 0, 64, 7, 7, True)
 

@@ -469,7 +469,7 @@ def test_packing_only_where_it_pays():
     cl, nchw = torch.channels_last, torch.contiguous_format
     cases = [(fp32_conv_bn(cin=16, padding=1), 16, nchw, 8, False),
              (fp32_conv_bn(k=1), 64, nchw, 8, False), (fp32_conv_bn(k=1), 64, cl, 8, False),
-             (fp32_conv_bn(k=1, cout=128), 64, cl, 48, True),
+             (fp32_conv_bn(k=1, cout=256), 64, cl, 64, True),
              (fp32_conv_bn(padding=1, groups=4), 64, nchw, 8, False),
              (fp32_conv_bn(padding=1), 64, nchw, 8, True), (fp32_conv_bn(padding=1), 64, cl, 8, True)]
     for (conv, bn), cin, layout, side, packs in cases:

@@ -251,7 +251,8 @@ bool use_library(const at::Tensor& input, const ConvGeometry& g, bool has_residu
 // ~30 µs whatever the size (an 8→8 layer on 4×4), so the GEMM wins on small layers and loses on many positions.
 // µs, GEMM vs oneDNN, 1 thread / 2 threads (bench/NOTES-conv_bn_relu.md, stop 25): 72→24 on 28×28 30 / 53, 23 / 52;
 // 96→40 on 14×14 18 / 46, 16 / 49; 512→2048 on 7×7 696 / 978, 479 / 562; 1024→256 on 14×14 583 / 577, 317 / 333;
-// but 64→256 on 56×56 817 / 551, 385 / 292 and 1024→256 on 14×14 batch 8 4099 / 3800, 2063 / 1991.
+// 104→104 on 28×28 119 / 143, 64 / 96; 96→96 on 56×56 365 / 368, 181 / 184 (3.5·2^23 multiply-adds); but 64→256 on
+// 56×56 817 / 551, 385 / 292 (6·2^23) and 1024→256 on 14×14 batch 8 4099 / 3800, 2063 / 1991.
 // On an NCHW input the GEMM (one per image) wins on both thread counts, 1.04-3.9x on 2 threads (64→64 on 56×56
 // batch 8 766 vs 1130), except for many images of few positions: 2048→512 on 7×7 batch 32 13868 vs 11496, 512→2048
 // on 7×7 batch 16 7686 vs 5685 (2 threads). A 1×1 map is one product over the batch, a Linear: 2.5-3.2x faster
@@ -362,7 +363,7 @@ bool one_by_one_runs_as_gemm(int64_t n, int64_t cin, int64_t cout, int64_t h, in
   if (h * w == 1) return true;
   if (fmt != at::MemoryFormat::ChannelsLast) return n < 16 || h * w >= 196;
   const double positions = static_cast<double>(n) * h * w;  // (double: no overflow for any shape)
-  return positions <= 256 || positions * cin * cout <= double(1 << 23);
+  return positions <= 256 || positions * cin * cout <= double(1 << 25);
 }
 
 TORCH_LIBRARY_IMPL(pyops, CPU, m) {
