@@ -95,8 +95,8 @@ def test_conv2d_bn_relu_matches_float64_reference(device, path, seed):
 @pytest.mark.parametrize("activation", ["none", "relu", "relu6"])
 def test_one_by_one_layers_as_a_matrix_product(threads, activation, monkeypatch):
     """A float32 1×1 layer runs as a matrix product under PYOPS_CONV_PATH=auto where that beats oneDNN's call
-    (pyops._C.one_by_one_runs_as_gemm: NCHW inputs of fewer than 16 images or maps of >= 196 positions, channels_last
-    ones of few positions or a small product, 1×1 maps; the packed op too), the epilogue after it: bias, residual
+    (pyops._C.one_by_one_runs_as_gemm: few positions or a small product, NCHW images of >= 196 positions, 1×1 maps;
+    the packed op too), the epilogue after it: bias, residual
     (NCHW or channels_last), activation, a NaN kept as torch.relu keeps it (oneDNN's fused ReLU makes it 0, so a
     case that went to oneDNN fails), strided inputs and weights; the op's layout rule kept (the packed op: always
     channels_last)."""
@@ -142,7 +142,8 @@ def test_one_by_one_rule():
     gemm = pyops._C.one_by_one_runs_as_gemm
     assert gemm(256, 256, 256, 1, 1, False) and gemm(256, 256, 256, 1, 1, True)  # 1×1 maps: a Linear
     assert gemm(8, 64, 64, 56, 56, False) and gemm(32, 256, 64, 56, 56, False)  # NCHW: one product per image
-    assert not gemm(16, 512, 2048, 7, 7, False)  # ... but not many images of few positions
+    assert not gemm(16, 512, 2048, 7, 7, False) and not gemm(4, 2048, 512, 7, 7, False)  # ... but not several
+    assert gemm(2, 2048, 512, 7, 7, False) and gemm(8, 96, 576, 7, 7, False)  # images of few positions, many channels
     assert gemm(1, 72, 24, 28, 28, True) and gemm(1, 96, 96, 56, 56, True)  # channels_last: a small product ...
     assert gemm(1, 512, 2048, 7, 7, True)  # ... or few positions
     assert not gemm(1, 64, 256, 56, 56, True) and not gemm(8, 1024, 256, 14, 14, True)

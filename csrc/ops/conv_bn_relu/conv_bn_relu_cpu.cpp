@@ -253,10 +253,11 @@ bool use_library(const at::Tensor& input, const ConvGeometry& g, bool has_residu
 // 96→40 on 14×14 18 / 46, 16 / 49; 512→2048 on 7×7 696 / 978, 479 / 562; 1024→256 on 14×14 583 / 577, 317 / 333;
 // 104→104 on 28×28 119 / 143, 64 / 96; 96→96 on 56×56 365 / 368, 181 / 184 (3.5·2^23 multiply-adds); but 64→256 on
 // 56×56 817 / 551, 385 / 292 (6·2^23) and 1024→256 on 14×14 batch 8 4099 / 3800, 2063 / 1991.
-// On an NCHW input the GEMM (one per image) wins on both thread counts, 1.04-3.9x on 2 threads (64→64 on 56×56
-// batch 8 766 vs 1130), except for many images of few positions: 2048→512 on 7×7 batch 32 13868 vs 11496, 512→2048
-// on 7×7 batch 16 7686 vs 5685 (2 threads). A 1×1 map is one product over the batch, a Linear: 2.5-3.2x faster
-// than oneDNN's call (256→256 at batch 256: 111 vs 290 µs).
+// On an NCHW input (one GEMM per image, of H·W columns) the GEMM wins on both thread counts where the images have
+// >= 196 positions, 1.04-3.9x on 2 threads (64→64 on 56×56 batch 8 766 vs 1130), and on small products as above,
+// but not on several images of few positions and many channels: 2048→512 on 7×7 batch 4 1560 vs 1419, batch 8
+// 3096 vs 2626, 512→2048 on 7×7 batch 16 7686 vs 5685 (2 threads). A 1×1 map is one product over the batch, a
+// Linear: 2.5-3.2x faster than oneDNN's call (256→256 at batch 256: 111 vs 290 µs).
 bool gemm_is_faster(const at::Tensor& x, const ConvGeometry& g, at::MemoryFormat fmt) {
   return x.scalar_type() == at::kFloat && g.kh == 1 && g.kw == 1 && g.groups == 1 && g.stride[0] == 1 &&
          g.stride[1] == 1 && g.padding[0] == 0 && g.padding[1] == 0 &&
@@ -361,9 +362,9 @@ at::Tensor conv2d_bias_act_packed_cpu(const at::Tensor& input, const at::Tensor&
 bool one_by_one_runs_as_gemm(int64_t n, int64_t cin, int64_t cout, int64_t h, int64_t w, at::MemoryFormat fmt) {
   if (n == 0 || cin == 0 || requested_conv_path() != ConvPath::kAuto) return false;
   if (h * w == 1) return true;
-  if (fmt != at::MemoryFormat::ChannelsLast) return n < 16 || h * w >= 196;
   const double positions = static_cast<double>(n) * h * w;  // (double: no overflow for any shape)
-  return positions <= 256 || positions * cin * cout <= double(1 << 25);
+  if (positions <= 128 || positions * cin * cout <= double(1 << 25)) return true;
+  return fmt != at::MemoryFormat::ChannelsLast && h * w >= 196;
 }
 
 TORCH_LIBRARY_IMPL(pyops, CPU, m) {
