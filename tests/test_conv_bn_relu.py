@@ -137,6 +137,17 @@ def test_one_by_one_layers_as_a_matrix_product(threads, activation, monkeypatch)
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_packed_op_returns_channels_last_for_an_empty_batch(k):
+    """The packed op's output is channels_last whatever the input; an empty batch too (it came back with NCHW
+    strides: an empty tensor counts as NCHW-contiguous, which the plain op's layout rule then chose)."""
+    x, w = randn((2, 64, 5, 5), 51).float(), randn((8, 64, k, k), 52).float()
+    packed = torch.ops.pyops.conv2d_pack_weight(x, w, [1, 1], [k // 2] * 2, [1, 1], 1)
+    out = torch.ops.pyops.conv2d_bias_act_packed(x[:0], w, packed, None, [1, 1], [k // 2] * 2, [1, 1], 1, 1, None)
+    assert out.shape == (0, 8, 5, 5)
+    assert out.stride() == torch.empty(0, 8, 5, 5, memory_format=torch.channels_last).stride()
+
+
 def test_one_by_one_rule():
     """Where the GEMM runs (measured: bench/NOTES-conv_bn_relu.md, stop 25), any thread count."""
     gemm = pyops._C.one_by_one_runs_as_gemm
@@ -146,7 +157,9 @@ def test_one_by_one_rule():
     assert gemm(2, 2048, 512, 7, 7, False) and gemm(8, 96, 576, 7, 7, False)  # images of few positions, many channels
     assert gemm(1, 72, 24, 28, 28, True) and gemm(1, 96, 96, 56, 56, True)  # channels_last: a small product ...
     assert gemm(1, 512, 2048, 7, 7, True)  # ... or few positions
+    assert gemm(8, 2048, 512, 7, 7, True)  # (392 positions)
     assert not gemm(1, 64, 256, 56, 56, True) and not gemm(8, 1024, 256, 14, 14, True)
+    assert not gemm(1, 16, 96, 112, 112, True)  # a small product, but a large output: oneDNN fuses its epilogue
     assert not gemm(0, 64, 64, 7, 7, False) and not gemm(1, 0, 64, 7, 7, True)
 
 

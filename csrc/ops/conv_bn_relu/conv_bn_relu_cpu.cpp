@@ -251,8 +251,10 @@ bool use_library(const at::Tensor& input, const ConvGeometry& g, bool has_residu
 // ~30 µs whatever the size (an 8→8 layer on 4×4), so the GEMM wins on small layers and loses on many positions.
 // µs, GEMM vs oneDNN, 1 thread / 2 threads (bench/NOTES-conv_bn_relu.md, stop 25): 72→24 on 28×28 30 / 53, 23 / 52;
 // 96→40 on 14×14 18 / 46, 16 / 49; 512→2048 on 7×7 696 / 978, 479 / 562; 1024→256 on 14×14 583 / 577, 317 / 333;
-// 104→104 on 28×28 119 / 143, 64 / 96; 96→96 on 56×56 365 / 368, 181 / 184 (3.5·2^23 multiply-adds); but 64→256 on
-// 56×56 817 / 551, 385 / 292 (6·2^23) and 1024→256 on 14×14 batch 8 4099 / 3800, 2063 / 1991.
+// 104→104 on 28×28 119 / 143, 64 / 96; 2048→512 on 7×7 batch 8 4577 / 5228, 2328 / 2887 (392 positions); but
+// 64→256 on 56×56 817 / 551, 385 / 292 (2^25·1.5 multiply-adds), 1024→256 on 14×14 batch 8 4099 / 3800, 2063 /
+// 1991, and small products with large outputs, whose bias and ReLU passes after the GEMM cost more than oneDNN's
+// fused epilogue: 16→96 on 112×112 638 / 370, 286 / 207.
 // On an NCHW input (one GEMM per image, of H·W columns) the GEMM wins on both thread counts where the images have
 // >= 196 positions, 1.04-3.9x on 2 threads (64→64 on 56×56 batch 8 766 vs 1130), and on small products as above,
 // but not on several images of few positions and many channels: 2048→512 on 7×7 batch 4 1560 vs 1419, batch 8
@@ -350,6 +352,8 @@ at::Tensor conv2d_bias_act_packed_cpu(const at::Tensor& input, const at::Tensor&
   // convolution does for a channels_last weight: the output is channels_last whatever the input's format. Every
   // path here keeps that, so the result's layout depends only on which op was called.
   const auto cl = at::MemoryFormat::ChannelsLast;
+  if (g.n == 0 || g.cout == 0 || g.oh * g.ow == 0)  // (an empty tensor counts as NCHW too: the format by hand)
+    return at::empty({g.n, g.cout, g.oh, g.ow}, input.options().memory_format(cl));
   if (gemm_is_faster(input, g, cl)) return gemm_forward(input, weight, bias, residual, g, cl);
   if (!use_library(input, g, residual.has_value(), cl))
     return conv2d_bias_act_cpu(input.contiguous(cl), weight, bias, stride, padding, dilation, groups, activation,
@@ -363,8 +367,9 @@ bool one_by_one_runs_as_gemm(int64_t n, int64_t cin, int64_t cout, int64_t h, in
   if (n == 0 || cin == 0 || requested_conv_path() != ConvPath::kAuto) return false;
   if (h * w == 1) return true;
   const double positions = static_cast<double>(n) * h * w;  // (double: no overflow for any shape)
-  if (positions <= 128 || positions * cin * cout <= double(1 << 25)) return true;
-  return fmt != at::MemoryFormat::ChannelsLast && h * w >= 196;
+  const bool small_product = positions * cin * cout <= double(1 << 25);
+  if (fmt == at::MemoryFormat::ChannelsLast) return positions <= 512 || (small_product && positions * cout <= 1 << 19);
+  return positions <= 128 || small_product || h * w >= 196;
 }
 
 TORCH_LIBRARY_IMPL(pyops, CPU, m) {
