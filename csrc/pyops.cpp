@@ -1,9 +1,11 @@
 // The Python module pyops._C. Importing it loads this library, whose static initializers register every op
 // (each csrc/ops/<op>/<op>.cpp declares its schemas with TORCH_LIBRARY_FRAGMENT(pyops, ...) and each backend file
-// registers its kernels). pybind11 adds build_info(), conv_path() and one_by_one_runs_as_gemm().
+// registers its kernels). pybind11 adds build_info(), conv_path(), cpu_computes_bf16() and
+// one_by_one_runs_as_gemm().
 #include <pybind11/pybind11.h>
 #include <torch/version.h>
 
+#include "common/onednn.h"
 #include "ops/conv_bn_relu/conv_bn_relu.h"
 
 namespace py = pybind11;
@@ -57,6 +59,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("conv_path", &conv_path,
         "PYOPS_CONV_PATH, read now: 'auto', 'direct' (also set as 'ours') or 'library' (also 'cudnn'); ValueError "
         "if it holds anything else");
+  m.def("cpu_computes_bf16", [] { return pyops::onednn_computes(at::kBFloat16); },
+        "Whether the ops hand bfloat16 to oneDNN's convolution on this CPU (it has AVX-512 BF16 / AMX), "
+        "common/onednn.h: the CPU autocast policy and the half-precision paths follow it");
   m.def("one_by_one_runs_as_gemm", &one_by_one_runs_as_gemm, py::arg("n"), py::arg("cin"), py::arg("cout"),
         py::arg("h"), py::arg("w"), py::arg("channels_last"),
         "Whether a float32 1x1 layer (stride 1, no padding, one group) from cin to cout channels on an (n, cin, h, w) "

@@ -4,6 +4,8 @@ import operator
 
 import torch
 
+from . import _C
+
 
 def check_tensor(x, name):
     if not isinstance(x, torch.Tensor):
@@ -24,14 +26,13 @@ def in_autocast_region(device):
     return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
 
 
-# Asked once, at import: made first inside torch.jit.trace the query was recorded, and the tracer cannot record its
-# bool output (an error); under torch.compile a constant costs nothing to trace.
-_CPU_COMPUTES_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+# The C++ kernels' own answer (csrc/common/onednn.h), asked once, at import: a constant costs nothing to trace under
+# torch.compile, and torch.jit.trace records nothing of it.
+_CPU_COMPUTES_BF16 = _C.cpu_computes_bf16()
 
 
 def cpu_computes_bf16():
-    """Whether oneDNN computes bfloat16 convolutions natively on this CPU (AVX-512 BF16 / AMX): the query
-    csrc/common/onednn.h makes."""
+    """Whether oneDNN computes bfloat16 convolutions natively on this CPU (AVX-512 BF16 / AMX), as the ops decide."""
     return _CPU_COMPUTES_BF16
 
 

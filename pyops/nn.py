@@ -178,10 +178,8 @@ def _inference_compute_dtype(x, weight, residual):
     if x.dtype not in AUTOCAST_DTYPES or weight.dtype not in AUTOCAST_DTYPES:
         return None
     if torch.is_autocast_enabled("cpu") if x.is_cpu else in_autocast_region(x.device):
-        if torch.compiler.is_compiling():
-            return None  # (a compiled graph converts as the op does: nothing is kept under torch.compile)
         target = output = convolution_autocast_dtype(x.device)
-    elif x.is_cpu and x.dtype is weight.dtype and x.dtype is not torch.float32 and not torch.compiler.is_compiling():
+    elif x.is_cpu and x.dtype is weight.dtype and x.dtype is not torch.float32:
         if x.dtype is torch.bfloat16 and cpu_computes_bf16():
             return None
         target, output = torch.float32, x.dtype

@@ -26,6 +26,13 @@ def device(request):
     return request.param
 
 
+def autocast_compute_dtype(device, region_dtype):
+    """The dtype the convolution ops compute in inside a torch.autocast region: the region's on CUDA and on a CPU
+    whose oneDNN computes it natively (bfloat16 with AVX-512 BF16 / AMX), else float32 (csrc/common/autocast.h)."""
+    native = region_dtype is torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return region_dtype if device == "cuda" or native else torch.float32
+
+
 def tolerances(dtype):
     """(rtol, atol) for comparing against a float64 reference."""
     return {

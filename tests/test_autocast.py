@@ -10,7 +10,7 @@ from torch import nn
 
 import pyops
 from pyops import reference
-from conftest import tolerances
+from conftest import autocast_compute_dtype as compute_dtype, tolerances
 
 
 def rand(*shape, device="cpu", dtype=torch.float32, seed=0):
@@ -21,13 +21,6 @@ def rand(*shape, device="cpu", dtype=torch.float32, seed=0):
 REGIONS = [("cpu", torch.bfloat16), ("cpu", torch.float16),
            pytest.param("cuda", torch.float16, marks=pytest.mark.cuda),
            pytest.param("cuda", torch.bfloat16, marks=pytest.mark.cuda)]
-
-
-def compute_dtype(device, region_dtype):
-    """The convolutions' dtype in the region: the region's on CUDA and on a CPU whose oneDNN computes it natively
-    (bfloat16 with AVX-512 BF16 / AMX), else float32."""
-    native = region_dtype is torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return region_dtype if device == "cuda" or native else torch.float32
 
 
 def run_in_region(device, region_dtype, fn, *args):

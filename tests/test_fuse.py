@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 import torchvision
-from conftest import run_in_threads, tolerances
+from conftest import autocast_compute_dtype, run_in_threads, tolerances
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.flop_counter import FlopCounterMode
@@ -528,16 +528,10 @@ def test_widening_layer_in_half_precision(dtype):
 
 # --- inference that converts: float16 on the CPU (computed in float32), any dtype in an autocast region ---------------
 
-def region_compute_dtype(region_dtype):
-    """The dtype the op computes a CPU autocast region's convolutions in (csrc/common/autocast.h)."""
-    native = region_dtype is torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return region_dtype if native else torch.float32
-
-
 # (module dtype, autocast region dtype or None, whether inference converts before the op)
 CONVERSIONS = [(torch.float16, None, True),
                (torch.bfloat16, None, not torch.ops.mkldnn._is_mkldnn_bf16_supported()),  # computed in float32
-               (torch.float32, torch.bfloat16, region_compute_dtype(torch.bfloat16) is not torch.float32),
+               (torch.float32, torch.bfloat16, autocast_compute_dtype("cpu", torch.bfloat16) is not torch.float32),
                (torch.float32, torch.float16, False),  # the CPU computes a float16 region in float32
                (torch.float16, torch.float16, True)]  # ... so a float16 model is converted there
 # (input channels, output channels): where converting pays (ConvBNReLU2d._conversion_pays): never for a small layer,
@@ -560,8 +554,8 @@ def test_inference_keeps_the_converted_weights(dtype, region, converts, layer):
     x = torch.randn(2, cin, 9, 9, generator=gen()).to(dtype)
     residual = torch.randn(2, cout, 9, 9, generator=gen(1)).to(dtype)
     region_cm = (lambda: torch.autocast("cpu", dtype=region)) if region else contextlib.nullcontext
-    out_dtype = region_compute_dtype(region) if region else dtype
-    compute_dtype = region_compute_dtype(region) if region else torch.float32
+    out_dtype = autocast_compute_dtype("cpu", region) if region else dtype
+    compute_dtype = autocast_compute_dtype("cpu", region) if region else torch.float32
     kept = converts and (layer in ("widening", "large") or (layer == "packing" and compute_dtype == torch.float32))
     rtol, atol = tolerances(torch.bfloat16 if torch.bfloat16 in (dtype, region) else torch.float16)
 

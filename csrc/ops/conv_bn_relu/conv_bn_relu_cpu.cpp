@@ -243,9 +243,7 @@ bool use_library(const at::Tensor& input, const ConvGeometry& g, bool has_residu
 
 // A 1×1 layer (stride 1, no padding, one group) on a float32 input is a matrix product, run under
 // PYOPS_CONV_PATH=auto as MKL's GEMM with the epilogue in place after it where that beats oneDNN's fused call
-// (`one_by_one_runs_as_gemm`). On an NCHW input it is one product per image; 1 thread, CPU time, µs, GEMM vs
-// oneDNN's fused call vs our direct kernel: 116→116 on 14×14 53 / 120 / 101, 64→64 on 56×56 batch 8 1558 / 6523
-// / 3365, 512→2048 on 7×7 846 / 1002 / 11114 (bench/NOTES-conv_bn_relu.md, stop 24).
+// (`one_by_one_runs_as_gemm`; measurements in bench/NOTES-conv_bn_relu.md, stops 24 and 25).
 // On a channels_last input the product is one GEMM over all positions ((N·H·W, Cin) rows times the weight's
 // transpose: the output's channels_last rows), where oneDNN runs channels_last natively; there oneDNN's call costs
 // ~30 µs whatever the size (an 8→8 layer on 4×4), so the GEMM wins on small layers and loses on many positions.
@@ -256,7 +254,8 @@ bool use_library(const at::Tensor& input, const ConvGeometry& g, bool has_residu
 // 1991, and small products with large outputs, whose bias and ReLU passes after the GEMM cost more than oneDNN's
 // fused epilogue: 16→96 on 112×112 638 / 370, 286 / 207.
 // On an NCHW input (one GEMM per image, of H·W columns) the GEMM wins on both thread counts where the images have
-// >= 196 positions, 1.04-3.9x on 2 threads (64→64 on 56×56 batch 8 766 vs 1130), and on small products as above,
+// >= 196 positions, 1.04-3.9x on 2 threads (64→64 on 56×56 batch 8 766 vs 1130; 1 thread, against oneDNN and our
+// direct kernel: 1558 / 6523 / 3365, 116→116 on 14×14 53 / 120 / 101), and on small products as above,
 // but not on several images of few positions and many channels: 2048→512 on 7×7 batch 4 1560 vs 1419, batch 8
 // 3096 vs 2626, 512→2048 on 7×7 batch 16 7686 vs 5685 (2 threads). A 1×1 map is one product over the batch, a
 // Linear: 2.5-3.2x faster than oneDNN's call (256→256 at batch 256: 111 vs 290 µs).
@@ -368,7 +367,8 @@ bool one_by_one_runs_as_gemm(int64_t n, int64_t cin, int64_t cout, int64_t h, in
   if (h * w == 1) return true;
   const double positions = static_cast<double>(n) * h * w;  // (double: no overflow for any shape)
   const bool small_product = positions * cin * cout <= double(1 << 25);
-  if (fmt == at::MemoryFormat::ChannelsLast) return positions <= 512 || (small_product && positions * cout <= 1 << 19);
+  if (fmt == at::MemoryFormat::ChannelsLast)
+    return positions <= 512 || (small_product && positions * cout <= double(1 << 19));
   return positions <= 128 || small_product || h * w >= 196;
 }
 
