@@ -8,16 +8,21 @@ real function when the graph runs. Plain tensors cost one C-level check (about 0
 """
 import functools
 
+from torch.nn import Module
 from torch.overrides import handle_torch_function, has_torch_function
 
 
 def _candidates(args, kwargs):
-    """Every argument, and the elements of list/tuple arguments (sliding_head takes lists of weights)."""
-    for a in (*args, *kwargs.values()):
+    """The arguments an override may come from: every argument and the elements of list/tuple arguments
+    (sliding_head takes lists of weights), but no nn.Module (a fused layer's forward hands its module on): looking
+    for __torch_function__ on a module goes through nn.Module.__getattr__'s failure, ~1 µs of a layer's call."""
+    relevant = []
+    for a in (*args, *kwargs.values()) if kwargs else args:
         if isinstance(a, (list, tuple)):
-            yield from a
-        else:
-            yield a
+            relevant.extend(a)
+        elif not isinstance(a, Module):
+            relevant.append(a)
+    return relevant
 
 
 def overridable(fn):
@@ -27,7 +32,7 @@ def overridable(fn):
     and allows a few per code (torch._dynamo.config.recompile_limit, 8), so with one shared `public` code, compiling
     a ninth pyops function failed under fullgraph=True (and fell back to eager without it)."""
     def public(*args, **kwargs):
-        relevant = tuple(_candidates(args, kwargs))
+        relevant = _candidates(args, kwargs)
         if has_torch_function(relevant):
             return handle_torch_function(public, relevant, *args, **kwargs)
         return fn(*args, **kwargs)

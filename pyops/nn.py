@@ -145,6 +145,7 @@ def _autograd_sees(*tensors):
 # The dtypes whose CPU inference runs oneDNN on the library path, in their own dtype (float32; bfloat16 where the CPU
 # has its instructions) or computed in float32 (float16; bfloat16 elsewhere): csrc/common/onednn.h. Not float64.
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_HAS_ONEDNN = torch.backends.mkldnn.is_available()  # (a property of the torch build: asked once)
 
 
 def _cpu_inference(x, weight, bias, residual, dtypes=(torch.float32,)):
@@ -161,8 +162,8 @@ def _plain_inference(x, weight, bias, residual):
     """Whether a call on these tensors (None allowed) is inference on plain tensors outside torch.compile,
     torch.jit.trace and dispatch modes: where ConvBNReLU2d may keep derived weights and call what it likes."""
     return (not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-            and not torch._C._len_torch_dispatch_stack() and not _subclassed(x, weight, bias, residual)
-            and not _autograd_sees(x, weight, bias, residual) and not _functorch_wrapped(x, weight, bias, residual))
+            and not torch._C._len_torch_dispatch_stack() and not _autograd_sees(x, weight, bias, residual)
+            and _plain_tensors(x, weight, bias, residual))
 
 
 def _inference_compute_dtype(x, weight, residual):
@@ -190,19 +191,21 @@ def _inference_compute_dtype(x, weight, residual):
     return target, output
 
 
-def _subclassed(*tensors):
-    """Whether one of the tensors (None allowed) is a tensor subclass (a FakeTensor outside its mode, ...), which
-    the packed weights' opaque tensors cannot serve: the op handles it."""
-    return any(t is not None and type(t) not in (torch.Tensor, nn.Parameter) for t in tensors)
-
-
-def _functorch_wrapped(*tensors):
-    """Whether one of the tensors (None allowed) is a torch.func transform's wrapper (vmap's batched tensor, ...):
-    the op handles it (through vmap's fallback, a loop over the batch: pyops registers no batching rule), the
-    inference-only paths (packed weights, layout queries) do not. Any
-    operand counts: an ensemble vmapped over stacked weights (torch.func.stack_module_state) sees a plain input."""
+def _plain_tensors(*tensors):
+    """Whether each of the tensors (None allowed) is a plain tensor: neither a tensor subclass (a FakeTensor outside
+    its mode, ...), which the packed weights' opaque tensors cannot serve, nor a torch.func transform's wrapper
+    (vmap's batched tensor, ...), which the inference-only paths (packed weights, layout queries) cannot serve: the
+    op handles both (a wrapper through vmap's fallback, a loop over the batch: pyops registers no batching rule).
+    Any operand counts: an ensemble vmapped over stacked weights (torch.func.stack_module_state) sees a plain input.
+    (One loop for both tests: this runs on every inference call of a fused layer.)"""
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return any(t is not None and wrapped(t) for t in tensors)
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN_TYPES or wrapped(t)):
+            return False
+    return True
+
+
+_PLAIN_TYPES = (torch.Tensor, nn.Parameter)
 
 
 def module_activation(module):
@@ -394,19 +397,23 @@ class ConvBNReLU2d(DerivedWeights):
         computed anew for each call (a parametrization such as weight_norm, pruning's mask) would be packed on every
         call, slower than the unpacked path.
         """
-        # (the call's rule before x's layout and shape: under torch.export a query of them specializes its shape)
-        if self.in_channels < 64 or not _cpu_inference(x, weight, bias, residual) or not self._packs(x):
+        # (the layer's rule, then the call's, then x's layout and shape: under torch.export a query of them
+        # specializes its shape)
+        if not self._may_pack() or not _cpu_inference(x, weight, bias, residual) or not self._packs(x):
             return None
         pack = torch.ops.pyops.conv2d_pack_weight.default
         return self.derived(("packed", tuple(x.shape)), (weight,),
                             lambda: pack(x, weight, self.stride, self.padding, self.dilation, self.groups), keep=8)
 
+    def _may_pack(self):
+        """The layer's part of _packed_weight's rule, asked first (most layers leave here, before the call's part)."""
+        return self.in_channels >= 64 and self.groups == 1 and not self.training
+
     def _packs(self, x):
         """The layer's and x's part of _packed_weight's rule, asked after the call's part (_cpu_inference or
         _plain_inference: vmap's batched tensors answer no layout query but NCHW's, torch.export's symbolic shapes
         would be specialized by the shape queries)."""
-        # cheapest tests first: most layers leave at the first or second
-        if self.in_channels < 64 or self.groups != 1 or self.training or x.numel() == 0:
+        if not self._may_pack() or x.numel() == 0:
             return False
         if (self.kernel_size == (1, 1) or self.keep_input_layout) and (
                 x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last)):
@@ -414,7 +421,7 @@ class ConvBNReLU2d(DerivedWeights):
         if (self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
                 and one_by_one_runs_as_gemm(x.shape[0], self.in_channels, self.out_channels, *x.shape[2:], True)):
             return False  # (the packed op would run it as a GEMM too, without the packed weight)
-        return torch.backends.mkldnn.is_available()
+        return _HAS_ONEDNN
 
     def _conversion_pays(self, x, weight, residual, dtype):
         """Whether converting x and the weights to dtype here (and keeping the converted weights) beats letting the
@@ -478,7 +485,7 @@ class ConvBNReLU2d(DerivedWeights):
         """
         if (not x.is_cuda or x.dtype is not weight.dtype or x.dtype not in _CUDNN_FUSED_DTYPES
                 or self.activation == "relu6" or x.dim() != 4 or x.shape[1] != self.in_channels or x.numel() == 0
-                or _autograd_sees(x, weight, bias, residual) or _functorch_wrapped(x, weight, bias, residual)
+                or _autograd_sees(x, weight, bias, residual) or not _plain_tensors(x, weight, bias, residual)
                 or torch._C._len_torch_dispatch_stack() or torch.compiler.is_compiling()
                 or conv_path() == "direct"
                 or (torch.is_autocast_enabled("cuda") and x.dtype is not torch.get_autocast_dtype("cuda"))):
@@ -546,18 +553,23 @@ def _conv_bn_relu2d_forward(module, x, residual=None):
     if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes
         batched_residual = residual.unsqueeze(0) if residual is not None else None
         return module.forward(x.unsqueeze(0), batched_residual).squeeze(0)
-    # Each parameter read goes through nn.Module.__getattr__ (~1.5 µs): once a call, passed on from here.
-    weight, bias = module.weight, module.bias
+    # The parameters, read once a call and passed on from here: from _parameters where they are the module's own
+    # (module.weight goes through nn.Module.__getattr__, ~0.5 µs a read), else as attributes (a parametrization's
+    # property, weight_norm's or pruning's computed weight).
+    params = module._parameters
+    weight = params["weight"] if "weight" in params else module.weight
+    bias = params["bias"] if "bias" in params else module.bias
+    own_weight = weight is params.get("weight")
     compute = _inference_compute_dtype(x, weight, residual)
     if (compute is not None and _plain_inference(x, weight, bias, residual)
             and module._conversion_pays(x, weight, residual, compute[0])):
         dtype, out_dtype = compute
         kept = (not module.training  # (a training loop may write its weights without a trace: _packed_weight)
-                and weight is module._parameters.get("weight") and bias is module._parameters.get("bias"))
+                and own_weight and bias is params.get("bias"))
         weight, bias = module._converted_weights(weight, bias, dtype, kept)
         x, residual = x.to(dtype), None if residual is None else residual.to(dtype)
         return _fused_call(module, x, weight, bias, residual, kept).to(out_dtype)
-    return _fused_call(module, x, weight, bias, residual, weight is module._parameters.get("weight"))
+    return _fused_call(module, x, weight, bias, residual, own_weight)
 
 
 def _fused_call(module, x, weight, bias, residual, kept):

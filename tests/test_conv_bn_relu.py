@@ -96,8 +96,8 @@ def test_conv2d_bn_relu_matches_float64_reference(device, path, seed):
 def test_one_by_one_layers_as_a_matrix_product(threads, activation, monkeypatch):
     """A float32 1×1 layer runs as a matrix product under PYOPS_CONV_PATH=auto where that beats oneDNN's call
     (pyops._C.one_by_one_runs_as_gemm: few positions or a small product, NCHW images of >= 196 positions, 1×1 maps;
-    the packed op too), the epilogue after it: bias, residual
-    (NCHW or channels_last), activation, a NaN kept as torch.relu keeps it (oneDNN's fused ReLU makes it 0, so a
+    the packed op too), the epilogue after it in one pass: bias (or none), residual
+    (NCHW, channels_last or a strided view), activation, a NaN kept as torch.relu keeps it (oneDNN's fused ReLU makes it 0, so a
     case that went to oneDNN fails), strided inputs and weights; the op's layout rule kept (the packed op: always
     channels_last)."""
     monkeypatch.setenv("PYOPS_CONV_PATH", "auto")
@@ -111,7 +111,11 @@ def test_one_by_one_layers_as_a_matrix_product(threads, activation, monkeypatch)
             x, w = randn((n, cin, h, w_), 31, 2.0), randn((cout, cin, 1, 1), 32, 0.3)
             b, r = randn((cout,), 33), randn((n, cout, h, w_), 34)
             x[0, 0, 0, 0] = float("nan")
-            for bias, residual in [(b, r), (None, None), (b, r.contiguous(memory_format=torch.channels_last))]:
+            strided_residual = torch.zeros(n, cout, h, 2 * w_, dtype=r.dtype)
+            strided_residual[..., ::2] = r
+            strided_residual = strided_residual[..., ::2]
+            for bias, residual in [(b, r), (None, None), (b, r.contiguous(memory_format=torch.channels_last)),
+                                   (None, strided_residual)]:
                 ref = reference.conv2d_bias_act(x, w, bias, activation=activation, residual=residual)
                 f32 = lambda t: None if t is None else t.float()  # noqa: E731
                 spread = torch.zeros(n, cin, h, 2 * w_)
