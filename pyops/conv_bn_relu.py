@@ -48,6 +48,28 @@ def _pair(v, name, minimum):
     return list(int_tuple(v, name, 2, minimum))
 
 
+def padding_pair(padding, kernel_size, dilation, stride, name="padding"):
+    """padding (an int, a pair, 'valid' or 'same', as nn.Conv2d and F.conv2d take it) as a tuple of two ints >= 0;
+    'same' becomes the symmetric padding it stands for. ValueError (naming argument `name`) for an asymmetric 'same'
+    (an even effective kernel: PyTorch pads one more on the right, which the fused kernel cannot), a strided 'same'
+    (as F.conv2d) and any other string."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0)
+        if padding != "same":
+            raise ValueError(f"argument '{name}' has padding={padding!r}; expected an int, a pair, 'valid' or 'same'")
+        if any(s != 1 for s in stride):
+            raise ValueError(f"argument '{name}' has padding='same', which is not supported for strided "
+                             "convolutions (as in F.conv2d)")
+        totals = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
+        if any(t % 2 for t in totals):
+            raise ValueError(f"argument '{name}' has padding='same' with an even effective kernel size, which pads "
+                             "asymmetrically; the fused kernel takes symmetric padding only (fold the BatchNorm "
+                             "with pyops.fold_bn and keep the conv)")
+        return tuple(t // 2 for t in totals)
+    return int_tuple(padding, name, 2, 0)
+
+
 def _check_channel_vector(t, name, channels, ref, ref_name):
     if t is None:
         return
@@ -82,7 +104,8 @@ def _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residua
     if weight.dim() != 4:
         raise ValueError(f"argument 'weight' must be 4-D (Cout, Cin/groups, KH, KW), got shape {tuple(weight.shape)}")
     check_like(weight, x, "weight", "x")
-    stride, padding, dilation = _pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1)
+    stride, dilation = _pair(stride, "stride", 1), _pair(dilation, "dilation", 1)
+    padding = list(padding_pair(padding, weight.shape[2:], dilation, stride))
     groups = as_int(groups, "groups", 1)
     cin, cout = x.shape[1], weight.shape[0]
     if cin % groups != 0 or cout % groups != 0:
@@ -118,7 +141,9 @@ def _check_bn_args(weight, bn_weight, bn_bias, running_mean, running_var, eps):
         _check_channel_vector(t, name, cout, weight, "weight")
     _check_channel_vector(bn_weight, "bn_weight", cout, weight, "weight")
     _check_channel_vector(bn_bias, "bn_bias", cout, weight, "weight")
-    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not eps >= 0 or eps == float("inf"):
+    if not isinstance(eps, numbers.Real) or isinstance(eps, bool):
+        raise TypeError(f"argument 'eps' must be a number, got {type(eps).__name__}")
+    if not eps >= 0 or eps == float("inf"):
         raise ValueError(f"argument 'eps' must be a finite number >= 0, got {eps!r}")
 
 
@@ -131,7 +156,8 @@ def conv2d_bias_act(x, weight, bias=None, stride=1, padding=0, dilation=1, group
         x: (N, Cin, H, W), float32/float64 (+ float16/bfloat16), NCHW, channels_last or any strides.
         weight: (Cout, Cin/groups, KH, KW), x's dtype and device (typically BN already folded in).
         bias: (Cout,) or None.
-        stride, padding, dilation: int or pair, as F.conv2d. groups: int dividing Cin and Cout.
+        stride, dilation: int or pair; padding: int, pair, 'valid' or 'same' (symmetric only), as F.conv2d.
+        groups: int dividing Cin and Cout.
         activation: "none", "relu" or "relu6", applied after the residual add.
         residual: (N, Cout, OH, OW) or None.
     Returns:
@@ -154,7 +180,7 @@ def conv2d_bn_relu(x, weight, bias, bn_weight, bn_bias, running_mean, running_va
         x: (N, Cin, H, W); weight: (Cout, Cin/groups, KH, KW); bias: (Cout,) or None.
         bn_weight, bn_bias: γ, β of shape (Cout,), or None (affine=False: γ = 1, β = 0).
         running_mean, running_var: μ, σ² of shape (Cout,), any floating dtype (folded in float64).
-        eps: ε added to σ². stride, padding, dilation, groups: as F.conv2d.
+        eps: ε added to σ². stride, padding, dilation, groups: as conv2d_bias_act.
         relu: apply the ReLU (False: bn(conv) + residual only).
         residual: (N, Cout, OH, OW) added before the ReLU (ResNet's shortcut), or None.
     Returns:

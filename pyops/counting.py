@@ -357,9 +357,17 @@ class _CountingMode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         name = func._schema.name
         counter = _COUNTERS.get(name)
+        if counter is None:
+            # Inference tensors (made under torch.inference_mode: a model's parameters, its input) carry no autograd
+            # keys, so composite ops (aten.conv2d, aten.linear) reach the mode whole, not as the convolution and
+            # addmm they decompose into: decomposed here (as FlopCounterMode does), their parts come back counted.
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        out = func(*args, **kwargs)
         if counter is not None:
             result = _first_tensor(out)
             for work in counter(_bind(func, args, kwargs), result):

@@ -27,6 +27,7 @@ import warnings
 
 import torch
 
+from ._checks import as_int
 from ._flags import tf32
 from ._scripting import NotScriptable
 
@@ -77,7 +78,7 @@ class FFTConv2d(NotScriptable, torch.nn.Module):
             raise ValueError(f"argument 'weight' has no elements (shape {tuple(weight.shape)}): the FFT needs "
                              "input and output channels and a non-empty kernel")
         out_ch, in_ch, kh, kw = weight.shape
-        size = default_fft_size(max(kh, kw)) if fft_size is None else int(fft_size)
+        size = default_fft_size(max(kh, kw)) if fft_size is None else as_int(fft_size, "fft_size")
         if size < max(kh, kw):
             raise ValueError(f"argument 'fft_size' = {size} must be >= the kernel size {(kh, kw)}")
         if bias is not None and bias.shape != (out_ch,):

@@ -108,7 +108,7 @@ def fuse(model, inplace=False):
     input's layout. Hooks are the caller's code: they may see channels_last outputs (a hook calling `.view(n, -1)`
     on one fails; use `.reshape`).
     ValueError: a model (or submodule) in training mode (torch.nn's stateless layers and containers do not count,
-    dropouts do). Warns (UserWarning) when torch.fx cannot trace the model, or when its forward has an argument
+    dropouts do), or with lazy layers (nn.LazyConv2d, ...) no input has initialized yet. Warns (UserWarning) when torch.fx cannot trace the model, or when its forward has an argument
     defaulting to None that the trace uses (torch.fx takes it as a tensor, dropping the model's code for calls
     without it), naming what the fallback fused, and the model's own code runs as written: each submodule torch.fx
     can trace whose class (mixins included) adds no public method or property beside forward (a detection model's
@@ -136,6 +136,12 @@ def fuse(model, inplace=False):
         raise ValueError(f"argument 'model' is in training mode ({', '.join(training[:5])}"
                          f"{', ...' if len(training) > 5 else ''}): BatchNorm can only be folded in eval mode; "
                          f"call model.eval() first")
+    lazy = [name or type(model).__name__ for name, m in model.named_modules()
+            if isinstance(m, torch.nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()]
+    if lazy:
+        raise ValueError(f"argument 'model' has lazy layers its input has not initialized yet ({', '.join(lazy[:5])}"
+                         f"{', ...' if len(lazy) > 5 else ''}): their BatchNorms cannot be folded before their "
+                         "weights have shapes; run the model once on an input first")
     if any(getattr(torch.nn.modules.module, name, None) for name in GLOBAL_HOOKS):
         warnings.warn("pyops.fuse: global module hooks are registered (torch.nn.modules.module.register_module_"
                       "forward_hook and the like): they run on the fused model's modules, not on the BatchNorms and "

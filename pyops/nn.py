@@ -12,6 +12,7 @@ treat them like the layers they replace.
 """
 import copy
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +26,13 @@ from ._derived import DerivedWeights
 from ._overrides import overridable
 from ._scripting import NotScriptable
 from .conv1d import conv1d
-from .conv_bn_relu import ACTIVATIONS as ACTIVATION_CODES, conv2d_bias_act
+from .conv_bn_relu import ACTIVATIONS as ACTIVATION_CODES, conv2d_bias_act, padding_pair
 from .convolutionalize import convolutionalize
 from .fold import fold_bn
 from .sliding import DEFAULT_MAX_MEMORY, _pair as _pair_arg, classify_fcn
+
+# The public modules; the functions below without an underscore are shared with pyops.fuse, not API.
+__all__ = ["Conv1d", "ConvBNReLU2d", "FoldedConv1d", "LinearBNReLU", "SlidingClassifier", "swap_conv1d"]
 
 
 class Conv1d(NotScriptable, torch.nn.Conv1d):
@@ -71,20 +75,23 @@ class FoldedConv1d(NotScriptable, torch.nn.Conv1d):
     the fold does not compute (the model raised there, unless L_out equals C_out)."""
 
     def forward(self, x):
-        return _folded_conv1d_forward(self, x)
+        """x (N, C_in, L) → (N, C_out, L_out), as nn.Conv1d."""
+        return _folded_conv1d_forward(self, x, _forward_parameters(self))
 
 
 @overridable
-def _folded_conv1d_forward(module, x):
+def _folded_conv1d_forward(module, x, parameters=None):
     """FoldedConv1d.forward (a function for the reason _conv_bn_relu2d_forward gives)."""
     _check_bn1d_fold_holds(x, 3, f"(N, {module.in_channels}, L)", "channels", "on an unbatched input BatchNorm1d "
                            "normalizes along the length: that Conv1d → BatchNorm1d cannot be fused")
-    return torch.nn.Conv1d.forward(module, x)
+    return module._conv_forward(x, *(_forward_parameters(module) if parameters is None else parameters))
 
 
 def _check_bn1d_fold_holds(x, ndim, shape, normalized, otherwise):
     """ValueError unless x is ndim-D (`shape`), the inputs on which a folded BatchNorm1d normalized the layer's
     `normalized` (elsewhere it normalizes another dim: `otherwise`)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"argument 'x' must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != ndim:
         raise ValueError(f"argument 'x' must be {ndim}-D {shape}, where the BatchNorm1d folded into "
                          f"this layer normalized its {normalized}; got shape {tuple(x.shape)} ({otherwise})")
@@ -208,6 +215,18 @@ def _plain_tensors(*tensors):
 _PLAIN_TYPES = (torch.Tensor, nn.Parameter)
 
 
+def _forward_parameters(module):
+    """(weight, bias) of a fused layer as its forward reads them, under its forward pre-hooks: pruning's and
+    old-style weight_norm's hooks recompute module.weight before each call. The layers' forwards read them and pass
+    them on, so torch.fx.symbolic_trace records the call with what the hooks computed (a function reading
+    module.weight when the traced graph runs, past the hooks, got the tracer's Proxy or a stale weight). Read from
+    _parameters where they are the module's own (module.weight goes through nn.Module.__getattr__, ~0.5 µs a read),
+    else as attributes (a parametrization's property, a hook's computed tensor)."""
+    params = module._parameters
+    return (params["weight"] if "weight" in params else module.weight,
+            params["bias"] if "bias" in params else module.bias)
+
+
 def module_activation(module):
     """"relu"/"relu6" for an nn.ReLU/nn.ReLU6 (or a subclass) that computes what that class does, else None: a
     subclass with a forward of its own (a leaky variant, say) computes another function, which was fused as a ReLU."""
@@ -239,6 +258,7 @@ def activation_name(relu):
 
 
 def check_activation(activation):
+    """activation, if it is one of ACTIVATIONS' names, else ValueError."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"argument 'activation' must be one of {ACTIVATIONS}, got {activation!r}")
     return activation
@@ -260,27 +280,6 @@ def explicit_padding(conv):
         raise ValueError(f"argument 'conv' has padding_mode={conv.padding_mode!r}; ConvBNReLU2d supports 'zeros' "
                          f"only (fold it with pyops.fold_bn instead)")
     return padding_pair(conv.padding, conv.kernel_size, conv.dilation, conv.stride, "conv")
-
-
-def padding_pair(padding, kernel_size, dilation, stride, name="padding"):
-    """padding (an int, a pair, 'valid' or 'same', as nn.Conv2d takes it) as a pair of ints; 'same' becomes the
-    symmetric padding it stands for. ValueError (naming argument `name`) for an asymmetric 'same' (an even
-    effective kernel: nn.Conv2d pads one more on the right, which the fused kernel cannot), a strided 'same' (as
-    nn.Conv2d) and any other string."""
-    if isinstance(padding, str):
-        if padding == "valid":
-            return (0, 0)
-        if padding != "same":
-            raise ValueError(f"argument '{name}' has padding={padding!r}; expected an int, a pair, 'valid' or 'same'")
-        if any(s != 1 for s in stride):
-            raise ValueError(f"argument '{name}' has padding='same', which is not supported for strided "
-                             "convolutions (as in nn.Conv2d)")
-        totals = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
-        if any(t % 2 for t in totals):
-            raise ValueError(f"argument '{name}' has padding='same' with an even effective kernel size, which pads "
-                             "asymmetrically; ConvBNReLU2d needs symmetric padding (fold it with pyops.fold_bn)")
-        return tuple(t // 2 for t in totals)
-    return _pair(padding)
 
 
 class ConvBNReLU2d(DerivedWeights):
@@ -515,7 +514,9 @@ class ConvBNReLU2d(DerivedWeights):
             return None  # e.g. another device or an input smaller than the kernel: the op raises a clear error
 
     def forward(self, x, residual=None):
-        return _conv_bn_relu2d_forward(self, x, residual)
+        """x (N, C_in, H, W) or (C_in, H, W) [, residual: the output's shape, or one broadcasting to it]
+        → act(conv(x) + bias [+ residual]) (N, C_out, H_out, W_out) or (C_out, H_out, W_out)."""
+        return _conv_bn_relu2d_forward(self, x, residual, _forward_parameters(self))
 
     def extra_repr(self):
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
@@ -529,18 +530,21 @@ class ConvBNReLU2d(DerivedWeights):
 
 
 @overridable
-def _conv_bn_relu2d_forward(module, x, residual=None):
+def _conv_bn_relu2d_forward(module, x, residual=None, parameters=None):
     """ConvBNReLU2d.forward, as a module-level function that torch.fx can record: symbolic tracing of a fused model
-    hands it the module (as a get_attr node) and the traced input, and the graph calls it, all of the layer's
-    paths included, when it runs (pyops/_overrides.py). A method would not do: the traced graph names its target
-    by its qualified name, and a pickled GraphModule cannot import a method by it."""
-    if residual is not None and (not isinstance(residual, torch.Tensor) or residual.dtype != x.dtype
-                                 or tuple(residual.shape) != module.output_shape(x)):
+    hands it the module (as a get_attr node), the traced input and the parameters forward read (_forward_parameters;
+    None: read here), and the graph calls it, all of the layer's paths included, when it runs (pyops/_overrides.py).
+    A method would not do: the traced graph names its target by its qualified name, and a pickled GraphModule cannot
+    import a method by it."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"argument 'x' must be a torch.Tensor, got {type(x).__name__}")
+    weight, bias = _forward_parameters(module) if parameters is None else parameters
+    if residual is not None and not _kernel_takes(module, x, residual):
         # A residual the kernel does not take (one that only broadcasts to the output, another dtype, a number):
         # the add as PyTorch does it (broadcasting, type promotion), as the unfused chain did.
         batched = x.unsqueeze(0) if x.dim() == 3 else x
-        out = conv2d_bias_act(batched, module.weight, module.bias, module.stride, module.padding, module.dilation,
-                              module.groups, activation="none")
+        out = conv2d_bias_act(batched, weight, bias, module.stride, module.padding, module.dilation, module.groups,
+                              activation="none")
         out = out.squeeze(0) if x.dim() == 3 else out
         if isinstance(residual, torch.Tensor):
             try:
@@ -552,13 +556,8 @@ def _conv_bn_relu2d_forward(module, x, residual=None):
                                  module.activation)
     if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes
         batched_residual = residual.unsqueeze(0) if residual is not None else None
-        return module.forward(x.unsqueeze(0), batched_residual).squeeze(0)
-    # The parameters, read once a call and passed on from here: from _parameters where they are the module's own
-    # (module.weight goes through nn.Module.__getattr__, ~0.5 µs a read), else as attributes (a parametrization's
-    # property, weight_norm's or pruning's computed weight).
+        return _conv_bn_relu2d_forward(module, x.unsqueeze(0), batched_residual, (weight, bias)).squeeze(0)
     params = module._parameters
-    weight = params["weight"] if "weight" in params else module.weight
-    bias = params["bias"] if "bias" in params else module.bias
     own_weight = weight is params.get("weight")
     compute = _inference_compute_dtype(x, weight, residual)
     if (compute is not None and _plain_inference(x, weight, bias, residual)
@@ -570,6 +569,19 @@ def _conv_bn_relu2d_forward(module, x, residual=None):
         x, residual = x.to(dtype), None if residual is None else residual.to(dtype)
         return _fused_call(module, x, weight, bias, residual, kept).to(out_dtype)
     return _fused_call(module, x, weight, bias, residual, own_weight)
+
+
+def _kernel_takes(module, x, residual):
+    """Whether the fused kernel adds residual itself: a tensor of x's dtype and of the output's shape."""
+    if not isinstance(residual, torch.Tensor) or residual.dtype != x.dtype:
+        return False
+    if not torch.jit.is_tracing():
+        return tuple(residual.shape) == module.output_shape(x)
+    # torch.jit.trace sees the sizes as tensors and warns that the comparison becomes a constant of the trace: the
+    # kernel's branch kept, right for a residual of the output's shape at any input size (the op checks it).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return tuple(residual.shape) == module.output_shape(x)
 
 
 def _fused_call(module, x, weight, bias, residual, kept):
@@ -630,7 +642,8 @@ class LinearBNReLU(NotScriptable, nn.Module):
         return fused.train(linear.training)
 
     def forward(self, x):
-        return _linear_bn_relu_forward(self, x)
+        """x (N, in_features) → act(linear(x)) (N, out_features)."""
+        return _linear_bn_relu_forward(self, x, _forward_parameters(self))
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias=True, " \
@@ -638,11 +651,12 @@ class LinearBNReLU(NotScriptable, nn.Module):
 
 
 @overridable
-def _linear_bn_relu_forward(module, x):
+def _linear_bn_relu_forward(module, x, parameters=None):
     """LinearBNReLU.forward (a function for the reason _conv_bn_relu2d_forward gives)."""
     _check_bn1d_fold_holds(x, 2, f"(N, {module.in_features})", "features", "on a 3-D input BatchNorm1d normalizes "
                            "dim 1: that Linear → BatchNorm1d cannot be fused")
-    return apply_activation_(F.linear(x, module.weight, module.bias), module.activation)
+    weight, bias = _forward_parameters(module) if parameters is None else parameters
+    return apply_activation_(F.linear(x, weight, bias), module.activation)
 
 
 class SlidingClassifier(NotScriptable, nn.Module):

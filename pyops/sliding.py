@@ -312,7 +312,9 @@ def _crop_batches(model, images, window, stride, max_memory, precision):
     with _autograd_if_wanted(images), _cudnn_tf32(precision == "tf32"):
         for c0 in range(0, n, chunk):
             k = torch.arange(c0, min(n, c0 + chunk), device=images.device)
-            parts.append(model(crops[k // (ny * nx), (k // nx) % ny, k % nx]))  # gathers only this chunk
+            # gathers only this chunk, as NCHW crops whatever the images' layout (a channels_last gather kept it,
+            # and a classifier flattening with .view(n, -1) failed on it)
+            parts.append(model(crops[k // (ny * nx), (k // nx) % ny, k % nx].contiguous()))
     scores = torch.cat(parts)
     return scores.view(B, ny, nx, scores.shape[-1]).permute(0, 3, 1, 2)
 

@@ -12,6 +12,8 @@ before its bias is added, as a half-precision matmul followed by `+ bias` rounds
 half type except where the bias cancels most of the product (a random 16-channel 5×5 head: 4 % of the outputs more
 than 2 ulps off, the worst 86 ulps in float16, 168 in bfloat16). Use float32 features where that matters.
 """
+import numbers
+
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
@@ -81,7 +83,12 @@ def sliding_head(features, weights, biases=None, relu=None, precision="fp32", wo
         biases = [None] * len(weights)
     biases = [torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if b is None else b
               for w, b in zip(weights, biases)]
-    relu = [i + 1 < len(weights) for i in range(len(weights))] if relu is None else [bool(r) for r in relu]
+    if relu is None:
+        relu = [i + 1 < len(weights) for i in range(len(weights))]
+    elif not isinstance(relu, (list, tuple)) or not all(isinstance(r, (bool, numbers.Integral)) for r in relu):
+        # (bool() would take any object: relu=["no"] meant a ReLU)
+        raise TypeError(f"argument 'relu' must be a list of bools, got {relu!r}")
+    relu = [bool(r) for r in relu]
     if precision not in PRECISIONS:
         raise ValueError(f"argument 'precision' must be one of {PRECISIONS}, got {precision!r}")
     if isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int) or workspace_bytes <= 0:

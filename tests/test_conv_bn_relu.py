@@ -433,7 +433,25 @@ def bad_cases():
         ("residual dtype", dict(residual=torch.randn(2, 6, 6, 6, dtype=torch.float64)), TypeError, "'residual'"),
         ("kernel too large", dict(x=torch.randn(2, 4, 2, 2)), ValueError, "smaller than the dilated kernel"),
         ("negative eps", dict(eps=-1.0), ValueError, "'eps'"),
+        ("tensor eps", dict(eps=torch.tensor(1e-5)), TypeError, "'eps' must be a number"),
+        ("padding past int64's count", dict(padding=2 ** 40), ValueError, "'padding' .* gives an output of"),
+        ("unknown padding string", dict(padding="full"), ValueError, "'padding' has padding='full'"),
+        ("strided same", dict(padding="same", stride=2), ValueError, "not supported for strided"),
+        ("asymmetric same", dict(padding="same", weight=torch.randn(6, 4, 2, 2)), ValueError, "asymmetrically"),
     ], dict(x=x, weight=w, bias=None, **stats)
+
+
+@pytest.mark.parametrize("padding,dilation", [("same", 1), ("same", (2, 1)), ("valid", 1)])
+def test_string_padding_as_f_conv2d(padding, dilation):
+    """padding='same' / 'valid' as F.conv2d takes them (ConvBNReLU2d took them; the functions refused them)."""
+    x, w, b = randn((2, 4, 9, 8), 61), randn((6, 4, 3, 5), 62, 0.3), randn((6,), 63)
+    ones, zeros = torch.ones(6, dtype=torch.float64), torch.zeros(6, dtype=torch.float64)
+    conv = F.conv2d(x, w, b, padding=padding, dilation=dilation)
+    out = pyops.conv2d_bn_relu(x, w, b, ones, zeros, zeros, ones, 0.0, padding=padding, dilation=dilation)
+    torch.testing.assert_close(out, conv.relu())
+    residual = conv.clone()
+    out = conv2d_bias_act(x, w, b, padding=padding, dilation=dilation, activation="none", residual=residual)
+    torch.testing.assert_close(out, conv + residual)
 
 
 @pytest.mark.parametrize("case", range(len(bad_cases()[0])), ids=[c[0] for c in bad_cases()[0]])

@@ -583,12 +583,19 @@ def test_sliding_classify_counts_the_scoring_not_its_probes():
 
 
 def test_counts_in_inference_mode_traced_models_and_in_place_matmuls():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ConvTranspose2d(4, 2, 3, stride=2), nn.Flatten(),
-                          nn.Linear(2 * 13 * 13, 5)).eval()
-    x = torch.randn(2, 3, 8, 8)
+    def make():
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ConvTranspose2d(4, 2, 3, stride=2), nn.Flatten(),
+                             nn.Linear(2 * 13 * 13, 5)).eval(), torch.randn(2, 3, 8, 8)
+    model, x = make()
     plain = pyops.count_ops(model, x)
     with torch.inference_mode():  # (the dispatch mode saw aten.conv2d / aten.linear there: everything was 0)
         assert pyops.count_ops(model, x) == plain
+        # a model and input made as inference tensors: without autograd keys, composite ops (aten.conv2d) reached
+        # the mode whole, in inference mode or out of it, and counted 0
+        inference_model, inference_x = make()
+    assert pyops.count_ops(inference_model, inference_x) == plain
+    with torch.inference_mode():
+        assert pyops.count_ops(inference_model, inference_x) == plain
     with pytest.warns(Warning):  # (torch.jit's deprecation)
         traced = torch.jit.trace(model, x)
     assert pyops.count_ops(traced, x).total == plain.total  # aten::_convolution

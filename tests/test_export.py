@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.utils.prune
 import torchvision
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
@@ -261,6 +262,20 @@ def test_jit_trace_keeps_the_pyops_ops():
             torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)  # eager may take the packed path
 
 
+def test_jit_trace_of_a_fused_resnet_warns_nothing_of_ours():
+    """The residual's shape test (the kernel's add or PyTorch's broadcasting one) gave a TracerWarning per block:
+    64 alarming lines for a trace that is right at every input size (the op checks the shape itself)."""
+    model = pyops.fuse(randomize_bn(torchvision.models.resnet18(num_classes=10)).eval())
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traced = torch.jit.trace(model, rand(1, 3, 64, 64), check_trace=False)
+    ours = [w for w in caught if "pyops" in w.filename]
+    assert not ours, [f"{w.filename}:{w.lineno}: {w.message}" for w in ours[:3]]
+    x = rand(3, 3, 80, 72)  # another batch and size
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), model(x), rtol=1e-4, atol=1e-5)
+
+
 class _UsesFunctionalOps(nn.Module):
     """pyops' functions called from a user's forward, as a model would: FX must record each as one call."""
 
@@ -316,6 +331,42 @@ def test_fx_symbolic_trace_of_models_using_pyops():
                 for g, e in zip(got if isinstance(got, tuple) else (got,),
                                 expected if isinstance(expected, tuple) else (expected,)):
                     torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+class _Wraps(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def test_fx_symbolic_trace_keeps_the_fused_layers_pre_hooks():
+    """Pruning and old-style weight_norm recompute layer.weight in a forward pre-hook. Symbolic tracing runs the hook
+    (its ops go into the graph) and then the fused layer's forward function, which read module.weight when the
+    graph ran, past the hook: the tracer's Proxy right after tracing (an error, or a Proxy returned), a stale weight
+    after an update of the hook's inputs. The forwards now pass on the weight they read."""
+    torch.manual_seed(0)
+    layers = [(torch.nn.utils.prune.l1_unstructured(pyops.nn.ConvBNReLU2d(8, 8, 3).eval(), "weight", 0.3),
+               rand(1, 8, 6, 6), "weight_orig"),
+              (torch.nn.utils.weight_norm(pyops.nn.ConvBNReLU2d(8, 8, 3).eval()), rand(2, 8, 6, 6), "weight_g"),
+              (torch.nn.utils.weight_norm(pyops.nn.ConvBNReLU2d(8, 8, 3).eval()), rand(8, 6, 6), "weight_g"),
+              (torch.nn.utils.weight_norm(pyops.nn.LinearBNReLU(4, 5).eval()), rand(3, 4), "weight_g"),
+              (torch.nn.utils.prune.l1_unstructured(pyops.nn.LinearBNReLU(4, 5).eval(), "weight", 0.3), rand(3, 4),
+               "weight_orig"),
+              (torch.nn.utils.weight_norm(pyops.nn.FoldedConv1d(4, 4, 3)), rand(2, 4, 10), "weight_g")]
+    for layer, x, source in layers:
+        net = _Wraps(layer)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (old-style weight_norm's deprecation)
+            traced = torch.fx.symbolic_trace(net)
+        for step in range(2):
+            with torch.no_grad():
+                got = traced(x)
+                assert type(got) is torch.Tensor
+                torch.testing.assert_close(got, net(x), rtol=0, atol=0)
+                getattr(layer, source).mul_(2.0)  # an optimizer's step on what the hook reads
 
 
 def test_public_functions_follow_the_torch_function_protocol():

@@ -46,6 +46,9 @@ def test_fft_conv_rejects_bad_arguments():
     weight = torch.randn(3, 2, 4, 4)
     with pytest.raises(ValueError, match="fft_size"):
         FFTConv2d(weight, fft_size=3)
+    for not_an_int in (8.9, "8"):  # (int() made them 8)
+        with pytest.raises(TypeError, match="'fft_size' must be an int"):
+            FFTConv2d(weight, fft_size=not_an_int)
     with pytest.raises(ValueError, match="bias"):
         FFTConv2d(weight, torch.randn(4))
     with pytest.raises(ValueError, match="weight"):

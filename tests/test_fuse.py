@@ -968,6 +968,20 @@ def test_fuse_rejects_training_mode():
         pyops.fuse(model)
 
 
+def test_fuse_refuses_lazy_layers_not_initialized_yet():
+    """An uninitialized nn.LazyConv2d has no weight shape to fold a BatchNorm into: fuse returned the model
+    unfused, BatchNorm kept, without a word. Once an input has initialized it, it fuses."""
+    model = nn.Sequential(nn.LazyConv2d(4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    with pytest.raises(ValueError, match=r"lazy layers .*\(0\).*run the model once"):
+        pyops.fuse(model)
+    x = torch.randn(2, 3, 8, 8, generator=gen())
+    with torch.no_grad():
+        want = model(x)
+        fused = pyops.fuse(model)
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+        torch.testing.assert_close(fused(x), want, rtol=1e-5, atol=1e-5)
+
+
 def test_fuse_ignores_stateless_torch_layers_in_training_mode_and_leaves_them():
     """An nn.Identity put in after model.eval() (training by default) changes nothing; inplace=True leaves the
     caller's module as it was, the result is in eval mode."""

@@ -611,6 +611,16 @@ def test_padded_network_exact_equals_loop_and_fcn_warns():
     assert approx.shape == ref.shape and (approx - ref).abs().max() > 1e-6
 
 
+def test_exact_takes_channels_last_images():
+    """exact=True gathered the crops in the images' layout: channels_last images gave channels_last crops, and a
+    classifier flattening with .view(n, -1) (the homework's) failed on them, where the FCN path took the images."""
+    model = eval64(reference.homework_net1(small=True, dtype=torch.float64))
+    x = rand((2, 3, 35, 34), seed=7)
+    ref = reference.crop_loop(model, x, 32, 1)
+    exact = pyops.sliding_classify(model, x.contiguous(memory_format=torch.channels_last), 32, exact=True)
+    torch.testing.assert_close(exact, ref, rtol=1e-10, atol=1e-12)
+
+
 # ---- tiling and the memory bound ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("make,window,small", [
@@ -915,6 +925,9 @@ def test_sliding_head_bad_inputs_python_and_cpp():
             call(f, [weights[0].double()] + weights[1:], biases, [1, 1, 0])
     with pytest.raises(ValueError, match="workspace_bytes"):
         op(f, weights, biases, [1, 1, 0], False, 0)
+    for relu in (["no", True, False], "yes", [None, 1, 0]):  # (bool() took any object: "no" meant a ReLU)
+        with pytest.raises(TypeError, match="'relu' must be a list of bools"):
+            pyops.sliding_head(f, weights, biases, relu)
     for call in (pyops.sliding_head, lambda *a: op(*a)):
         with pytest.raises(TypeError, match=r"'biases\[2\]'"):  # the index, not a placeholder
             call(f, weights, biases[:2] + [biases[2].double()], [1, 1, 0])

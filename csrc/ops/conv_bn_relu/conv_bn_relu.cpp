@@ -3,6 +3,7 @@
 #include "ops/conv_bn_relu/conv_bn_relu.h"
 
 #include <ATen/ATen.h>
+#include <c10/util/safe_numerics.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -77,6 +78,13 @@ ConvGeometry check_conv2d_bias_act_args(const at::Tensor& input, const at::Tenso
                     " is smaller than the dilated kernel (", span_h, ", ", span_w, ")");
   g.oh = (g.h + 2 * g.padding[0] - span_h) / g.stride[0] + 1;
   g.ow = (g.w + 2 * g.padding[1] - span_w) / g.stride[1] + 1;
+  // A padding within int64 can still ask for more outputs than int64 counts (2^40 on each side: oneDNN then failed
+  // with "could not construct a memory descriptor", naming nothing of ours)
+  int64_t count = 0;
+  TORCH_CHECK_VALUE(!c10::mul_overflows(g.oh, g.ow, &count) && !c10::mul_overflows(count, g.cout, &count) &&
+                        !c10::mul_overflows(count, std::max<int64_t>(g.n, 1), &count),
+                    "pyops.conv2d: argument 'padding' = ", padding, " gives an output of (", g.n, ", ", g.cout, ", ",
+                    g.oh, ", ", g.ow, ") values, more than int64 counts");
   g.groups = groups;
   g.act = static_cast<Activation>(activation);
   if (bias.has_value()) {
