@@ -33,6 +33,7 @@ Main loops (PYOPS_CONV_PATH forces one; default `auto` picks per shape, see benc
                   cuDNN's convolution with the epilogue in place; TF32 as torch's conv allows it. The default on
                   every shape: cuDNN was faster than ours on all of them on an H200.
 """
+import math
 import numbers
 
 import torch
@@ -121,13 +122,17 @@ def _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residua
         if x.shape[2 + i] + 2 * padding[i] < dilation[i] * (k - 1) + 1:
             raise ValueError(f"argument 'x' of spatial size {tuple(x.shape[2:])} plus padding {padding} is smaller "
                              f"than the dilated kernel")
+    shape = output_shape(x, weight, stride, padding, dilation)
+    # (as the op's C++ check, for the meta kernel, which failed on the storage size; not on symbolic sizes, where it
+    # would add a guard)
+    if all(type(v) is int for v in shape) and math.prod(shape) > 2 ** 63 - 1:
+        raise ValueError(f"argument 'padding' = {padding} gives an output of {shape} values, more than int64 counts")
     _check_channel_vector(bias, "bias", cout, x, "x")
     if bias is not None:
         check_like(bias, x, "bias", "x")
     if residual is not None:
         check_tensor(residual, "residual")
         check_like(residual, x, "residual", "x")
-        shape = output_shape(x, weight, stride, padding, dilation)
         if tuple(residual.shape) != shape:
             raise ValueError(f"argument 'residual' must have the output's shape {shape}, got {tuple(residual.shape)}")
     return stride, padding, dilation

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd import forward_ad
-from torch.nn.modules.utils import _pair
 
 from ._C import conv_path, one_by_one_runs_as_gemm
-from ._checks import AUTOCAST_DTYPES, as_int, convolution_autocast_dtype, cpu_computes_bf16, in_autocast_region
+from ._checks import (AUTOCAST_DTYPES, as_int, convolution_autocast_dtype, cpu_computes_bf16, in_autocast_region,
+                      int_tuple)
 from ._derived import DerivedWeights
 from ._overrides import overridable
 from ._scripting import NotScriptable
@@ -338,7 +338,8 @@ class ConvBNReLU2d(DerivedWeights):
             raise ValueError(f"argument 'groups' = {groups} must divide in_channels = {in_channels} and "
                              f"out_channels = {out_channels}")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
+        self.kernel_size = int_tuple(kernel_size, "kernel_size", 2, 1)
+        self.stride, self.dilation = int_tuple(stride, "stride", 2, 1), int_tuple(dilation, "dilation", 2, 1)
         self.padding = padding_pair(padding, self.kernel_size, self.dilation, self.stride)
         self.activation = check_activation(activation)
         factory = dict(device=device, dtype=dtype)

@@ -96,9 +96,9 @@ def test_conv2d_bn_relu_matches_float64_reference(device, path, seed):
 def test_one_by_one_layers_as_a_matrix_product(threads, activation, monkeypatch):
     """A float32 1×1 layer runs as a matrix product under PYOPS_CONV_PATH=auto where that beats oneDNN's call
     (pyops._C.one_by_one_runs_as_gemm: few positions or a small product, NCHW images of >= 196 positions, 1×1 maps;
-    the packed op too), the epilogue after it in one pass: bias (or none), residual
-    (NCHW, channels_last or a strided view), activation, a NaN kept as torch.relu keeps it (oneDNN's fused ReLU makes it 0, so a
-    case that went to oneDNN fails), strided inputs and weights; the op's layout rule kept (the packed op: always
+    the packed op too), the epilogue after it in one pass: bias (or none), residual (NCHW, channels_last or a
+    strided view), activation, a NaN kept as torch.relu keeps it (oneDNN's fused ReLU makes it 0, so a case that
+    went to oneDNN fails), strided inputs and weights; the op's layout rule kept (the packed op: always
     channels_last)."""
     monkeypatch.setenv("PYOPS_CONV_PATH", "auto")
     before = torch.get_num_threads()
@@ -454,10 +454,18 @@ def test_string_padding_as_f_conv2d(padding, dilation):
     torch.testing.assert_close(out, conv + residual)
 
 
-@pytest.mark.parametrize("case", range(len(bad_cases()[0])), ids=[c[0] for c in bad_cases()[0]])
-def test_bad_input_names_the_problem(case):
+BAD_CASE_DEVICES = [(i, device) for i, case in enumerate(bad_cases()[0]) for device in ("cpu", "meta")
+                    if not (device == "meta" and case[0] == "device mismatch")]  # (that one is a meta tensor)
+
+
+@pytest.mark.parametrize("case,device", BAD_CASE_DEVICES,
+                         ids=[f"{bad_cases()[0][i][0]}-{d}" for i, d in BAD_CASE_DEVICES])
+def test_bad_input_names_the_problem(case, device):
+    """On the CPU and on the meta device (the shape-only kernels torch.compile and torch.export run)."""
     (_, change, exc, match), args = bad_cases()[0][case], bad_cases()[1]
     args.update(change)
+    if device == "meta":  # (eps as a 0-d tensor stays: it is the bad argument, not an operand)
+        args = {k: v.to("meta") if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in args.items()}
     with pytest.raises(exc, match=match):
         pyops.conv2d_bn_relu(**args)
 

@@ -263,7 +263,10 @@ def test_conv_bn_relu_module_constructor_takes_conv2d_arguments():
     for kwargs, message in [(dict(groups=0), "'groups' must be >= 1"),
                             (dict(padding="full"), "expected an int, a pair, 'valid' or 'same'"),
                             (dict(padding="same", stride=2), "not supported for strided"),
-                            (dict(kernel_size=2, padding="same"), "pads asymmetrically")]:
+                            (dict(kernel_size=2, padding="same"), "pads asymmetrically"),
+                            (dict(stride=0, padding="same"), "'stride' must be >= 1"),  # (named the padding)
+                            (dict(dilation=(1, 0)), "'dilation' must be >= 1"),
+                            (dict(padding=-1), "'padding' must be >= 0")]:
         with pytest.raises(ValueError, match=message):
             ConvBNReLU2d(4, 6, **{"kernel_size": 3, **kwargs})
 

@@ -220,11 +220,23 @@ at::Tensor library_forward(const at::Tensor& x, const at::Tensor& w, const std::
 // depth multiplier (one input channel per group, 2..16 outputs: 16→32 in 16 groups) are the direct kernel's at any
 // stride: oneDNN's grouped path took 190 vs 58 µs at 28×28, 4423 vs 1294 at 32→96 stride 2 on 56×56, batch 8; so
 // are single-channel stems at stride 1 (1→64 3×3 on 224×224: 6966 vs 1938 µs; at stride 2, 1→64 5×5: 403 vs 578).
+// All of that on AVX2 CPUs. Where oneDNN runs AVX-512 beside our AVX2 kernel (onednn_vectors_wider: the Sapphire
+// Rapids VMs, stop 26) its call costs ~30-50 µs and its dense convolutions run ~2x faster: the direct kernel wins
+// on small products only, under ~1.5M multiply-adds per thread (µs direct vs oneDNN, 1 / 2 threads: 3→16 on 32×32
+// batch 1 26 vs 55 / 18 vs 57, batch 8 178 vs 123 / 95 vs 85, the homework's batch 100 2246 vs 1136 / 1143 vs 619;
+// 16→16 on 32×32 81 vs 84 / 48 vs 89; 1→32 3×3 on 112×112 265 vs 253 / 137 vs 118), and on depth multipliers
+// (16→64 in 16 groups on 28×28, batch 8: 563 vs 2236 / 288 vs 1134). Measured on 1 and 2 threads; more threads
+// keep the 2-thread bound.
 bool direct_is_faster(const ConvGeometry& g) {
   const int64_t cin_g = g.cin / g.groups, k = cin_g * g.kh * g.kw, cout_g = g.cout / g.groups;
   const int64_t macs = g.n * g.cout * g.oh * g.ow * k;
   const bool unit_stride = g.stride[0] == 1 && g.stride[1] == 1;
-  if (cin_g == 1) return cout_g >= 2 && k <= 32 && (cout_g <= 16 || unit_stride);
+  const bool depth_multiplier = cin_g == 1 && cout_g >= 2 && k <= 32 && (cout_g <= 16 || unit_stride);
+  if (onednn_vectors_wider()) {
+    const int64_t small = 3 * (int64_t{1} << 19) * std::min<int64_t>(at::get_num_threads(), 2);
+    return (depth_multiplier && g.groups > 1) || (k <= 512 && macs < small && g.ow >= 16);
+  }
+  if (cin_g == 1) return depth_multiplier;
   if (k <= 512 && macs < (int64_t{1} << 23) && g.ow >= 16) return true;
   return k <= 32 && unit_stride && cout_g >= 4 && cout_g <= 16;
 }
