@@ -108,9 +108,10 @@ def fuse(model, inplace=False):
     input's layout. Hooks are the caller's code: they may see channels_last outputs (a hook calling `.view(n, -1)`
     on one fails; use `.reshape`).
     ValueError: a model (or submodule) in training mode (torch.nn's stateless layers and containers do not count,
-    dropouts do), or with lazy layers (nn.LazyConv2d, ...) no input has initialized yet. Warns (UserWarning) when torch.fx cannot trace the model, or when its forward has an argument
-    defaulting to None that the trace uses (torch.fx takes it as a tensor, dropping the model's code for calls
-    without it), naming what the fallback fused, and the model's own code runs as written: each submodule torch.fx
+    dropouts do), or with lazy layers (nn.LazyConv2d, ...) no input has initialized yet. Warns (UserWarning) when
+    torch.fx cannot trace the model, or when its forward has an argument defaulting to None that the trace uses
+    (torch.fx takes it as a tensor, dropping the model's code for calls without it), naming what the fallback
+    fused, and the model's own code runs as written: each submodule torch.fx
     can trace whose class (mixins included) adds no public method or property beside forward (a detection model's
     backbone; not its transform, whose postprocess the model calls) is fused whole in its place (a GraphModule
     keeping its plain attributes, such as out_channels, and giving NCHW feature maps; code reaching

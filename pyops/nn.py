@@ -198,6 +198,9 @@ def _inference_compute_dtype(x, weight, residual):
     return target, output
 
 
+_PLAIN_TYPES = (torch.Tensor, nn.Parameter)
+
+
 def _plain_tensors(*tensors):
     """Whether each of the tensors (None allowed) is a plain tensor: neither a tensor subclass (a FakeTensor outside
     its mode, ...), which the packed weights' opaque tensors cannot serve, nor a torch.func transform's wrapper
@@ -210,9 +213,6 @@ def _plain_tensors(*tensors):
         if t is not None and (type(t) not in _PLAIN_TYPES or wrapped(t)):
             return False
     return True
-
-
-_PLAIN_TYPES = (torch.Tensor, nn.Parameter)
 
 
 def _forward_parameters(module):
