@@ -22,9 +22,12 @@ import pyops
 RESNET_SHAPES = [(3, 64, 7, 2, 112), (64, 64, 1, 1, 56), (64, 64, 3, 1, 56), (128, 128, 3, 1, 28),
                  (256, 256, 3, 1, 14), (1024, 256, 1, 1, 14)]
 HOMEWORK_SHAPES = [(3, 16, 3, 1, 32), (16, 16, 3, 1, 32)]
-# (Cin, Cout, k, stride, H, groups): a depth multiplier of 2 (one input channel per group), RegNet-400MF's last
-# stage (16 channels per group on 7×7); each took the slower of the two CPU paths before stop 24 (0.45x, 0.57x)
-GROUPED_SHAPES = [(16, 32, 3, 1, 28, 16), (400, 400, 3, 1, 7, 25)]
+# (Cin, Cout, k, stride, H, groups, batch): CPU routing rows. A depth multiplier of 2 (one input channel per group),
+# RegNet-400MF's last stage (16 channels per group on 7×7): each took the slower of the two CPU paths before stop 24
+# (0.45x, 0.57x); small single images (a late stage at batch 1), which took oneDNN's ~40 µs call before stop 27
+# (0.38x and 0.80x eager, 1 thread)
+ROUTING_SHAPES = [(16, 32, 3, 1, 28, 16, 8), (400, 400, 3, 1, 7, 25, 8), (16, 16, 3, 1, 8, 1, 1),
+                  (32, 32, 3, 1, 14, 1, 1)]
 RESIDUAL_SHAPE = (64, 64, 3, 1, 56)
 VARIANTS = {"cpu": [("fp32", torch.float32, torch.contiguous_format)],
             "cuda": [("fp32", torch.float32, torch.contiguous_format), ("fp16-CL", torch.float16, torch.channels_last),
@@ -33,7 +36,7 @@ BATCH = {"cpu": 8, "cuda": 32}
 _compiled = {}  # one torch.compile per module (compiling takes seconds to a minute on this CPU)
 
 
-def make_block(shape, device, dtype, fmt):
+def make_block(shape, device, dtype, fmt, batch=None):
     cin, cout, k, stride, h, groups = (*shape, 1)[:6]
     torch.manual_seed(0)
     conv = nn.Conv2d(cin, cout, k, stride, k // 2, bias=False, groups=groups)
@@ -42,7 +45,7 @@ def make_block(shape, device, dtype, fmt):
         bn.running_mean.normal_(0, 0.1), bn.running_var.uniform_(0.5, 1.5)
         bn.weight.uniform_(0.5, 1.5), bn.bias.normal_(0, 0.1)
     block = nn.Sequential(conv, bn, nn.ReLU()).eval().to(device=device, dtype=dtype, memory_format=fmt)
-    x = torch.randn(BATCH[device], cin, h, h, device=device, dtype=dtype).contiguous(memory_format=fmt)
+    x = torch.randn(batch or BATCH[device], cin, h, h, device=device, dtype=dtype).contiguous(memory_format=fmt)
     return block, x
 
 
@@ -165,17 +168,18 @@ def bench_module(measure, device, shape, impl, variant):
 
 
 @pytest.mark.parametrize("impl", ["pyops", "eager"])
-@pytest.mark.parametrize("shape", GROUPED_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def bench_module_grouped(measure, device, shape, impl):
-    """Grouped layers on the CPU, where the rule picking our direct kernel or oneDNN matters most (bench/NOTES-
-    conv_bn_relu.md, stop 24): pyops.nn.ConvBNReLU2d against the unfused Sequential, fp32 NCHW."""
+@pytest.mark.parametrize("shape", ROUTING_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def bench_module_routing(measure, device, shape, impl):
+    """Layers on the CPU where the rule picking a main loop (our direct kernel, an unfolded GEMM, oneDNN) matters most
+    (bench/NOTES-conv_bn_relu.md, stops 24 and 27): pyops.nn.ConvBNReLU2d against the unfused Sequential, fp32 NCHW."""
     if device != "cpu":
         pytest.skip("a CPU routing row")
-    block, x = make_block(shape, device, torch.float32, torch.contiguous_format)
+    block, x = make_block(shape[:6], device, torch.float32, torch.contiguous_format, batch=shape[6])
     module = pyops.nn.ConvBNReLU2d.from_modules(block[0], block[1])
     fn = (lambda: module(x)) if impl == "pyops" else (lambda: block(x))
-    flops, moved = counts(shape, x.shape[0], x.element_size())
-    cin, cout, k, stride, h, groups = shape
+    flops, moved = counts(shape[:6], x.shape[0], x.element_size())
+    cin, cout, k, stride, h, groups, _ = shape
+    grouped = f" g{groups}" if groups > 1 else ""
     with torch.no_grad():
-        measure(f"[module] conv-bn-relu {cin}->{cout} k{k} s{stride} g{groups} {h}x{h} b{x.shape[0]} fp32", impl, fn,
+        measure(f"[module] conv-bn-relu {cin}->{cout} k{k} s{stride}{grouped} {h}x{h} b{x.shape[0]} fp32", impl, fn,
                 flops=flops, bytes=moved)

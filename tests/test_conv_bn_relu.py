@@ -141,6 +141,47 @@ def test_one_by_one_layers_as_a_matrix_product(threads, activation, monkeypatch)
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("activation", ["none", "relu", "relu6"])
+def test_small_images_never_reach_onednn(threads, activation, monkeypatch):
+    """Under PYOPS_CONV_PATH=auto a float32 image that ATen's own convolution gives to its im2col GEMM (one image of
+    at most 20480 values (channels_last: 10240), one group, no dilation, a kernel up to 3 wide in some dimension) runs
+    that GEMM with our epilogue after it, or our direct kernel where its rule takes the layer: never oneDNN, whose
+    ~40 µs a call made such layers 2-3x slower than eager. Each input has a NaN, kept by ours as torch.relu keeps it (oneDNN's fused
+    ReLU makes it 0, so a case that went to oneDNN fails); bias or none, residual in any layout, strided inputs, the
+    layout rule kept."""
+    monkeypatch.setenv("PYOPS_CONV_PATH", "auto")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        # (cin, cout, (kh, kw), (h, w), stride, padding)
+        cases = [(16, 16, (3, 3), (4, 4), 1, 1), (32, 32, (3, 3), (7, 7), 1, 1), (48, 40, (3, 3), (14, 14), 1, 1),
+                 (8, 16, (3, 3), (14, 14), 2, 1), (64, 64, (3, 3), (7, 7), 1, 1), (10, 8, (1, 5), (32, 32), 1, (0, 2)),
+                 (5, 7, (3, 2), (2, 3), 1, 2), (3, 16, (3, 3), (32, 32), 1, 1), (512, 24, (3, 3), (2, 2), 1, 1)]
+        for i, (cin, cout, k, (h, w_), stride, padding) in enumerate(cases):
+            x, w, b = randn((1, cin, h, w_), 60 + i, 2.0), randn((cout, cin, *k), 70 + i, 0.3), randn((cout,), 80 + i)
+            x[0, cin // 2, h // 2, w_ // 2] = float("nan")
+            ref_shape = reference.conv2d_bias_act(x, w, None, stride, padding, activation="none").shape
+            r = randn(ref_shape, 90 + i)
+            spread = torch.zeros(1, cin, h, 2 * w_)
+            spread[..., ::2] = x.float()
+            for xi in (x.float(), x.float().contiguous(memory_format=torch.channels_last), spread[..., ::2]):
+                for bias, residual in [(b, None), (None, r), (b, r.contiguous(memory_format=torch.channels_last))]:
+                    f32 = lambda t: None if t is None else t.float()  # noqa: E731
+                    out = conv2d_bias_act(xi, w.float(), f32(bias), stride, padding, activation=activation,
+                                          residual=f32(residual))
+                    ref = reference.conv2d_bias_act(x, w, bias, stride, padding, activation=activation,
+                                                    residual=residual)
+                    cl = xi.is_contiguous(memory_format=torch.channels_last) and not xi.is_contiguous()
+                    assert out.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+                    assert out.isnan().any()
+                    rtol, atol = tolerances(torch.float32)
+                    torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=max(atol, rtol * 50.0),
+                                               equal_nan=True)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_packed_op_returns_channels_last_for_an_empty_batch(k):
     """The packed op's output is channels_last whatever the input; an empty batch too (it came back with NCHW

@@ -332,6 +332,36 @@ at::Tensor gemm_forward(const at::Tensor& x, const at::Tensor& w, const std::opt
   return out.view({g.n, g.cout, g.oh, g.ow});
 }
 
+// A small image that auto would give to oneDNN runs ATen's own im2col + GEMM (the convolution F.conv2d calls
+// "slow": the input unfolded, MKL's GEMM, the bias in it) with our epilogue in one pass after it, on the images for
+// which ATen's convolution itself prefers that main loop to oneDNN's (aten/src/ATen/native/Convolution.cpp,
+// use_mkldnn: one image of at most 20480 input values, one group, no dilation, not a kernel wider than 3 in both
+// dimensions); channels_last ones, which oneDNN runs natively, up to half that. There oneDNN's call costs ~30-50 µs
+// whatever the size, and its per-call weight reorder more (µs, 1 thread, NCHW / channels_last, oneDNN vs unfolded
+// GEMM: 16→16 3×3 on 4×4 55 / 40 vs 11 / 11, 32→32 on 7×7 59 / 48 vs 28 / 22, 48→48 on 14×14 107 / 86 vs 90 / 68,
+// 512→512 on 2×2 1185 / 3737 vs 700 / 1649; channels_last 24→24 on 28×28 92 vs 111, 20→20 on 32×32 100 vs 130;
+// bench/NOTES-conv_bn_relu.md, stop 27). Our direct kernel, where its rule takes a layer, stays ahead of both.
+bool unfolded_gemm_is_faster(const at::Tensor& x, const ConvGeometry& g, at::MemoryFormat fmt) {
+  const int64_t most = fmt == at::MemoryFormat::ChannelsLast ? 10240 : 20480;
+  return requested_conv_path() == ConvPath::kAuto && x.scalar_type() == at::kFloat && g.n == 1 && g.groups == 1 &&
+         g.dilation[0] == 1 && g.dilation[1] == 1 && !(g.kh > 3 && g.kw > 3) && g.cin * g.h * g.w <= most;
+}
+
+at::Tensor unfolded_gemm_forward(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
+                                 const std::optional<at::Tensor>& residual, const ConvGeometry& g,
+                                 at::MemoryFormat fmt) {
+  const std::optional<at::Tensor> bias = b.has_value() ? std::optional<at::Tensor>(b->contiguous()) : b;
+  // (an NCHW weight: with a channels_last one ATen's output would be channels_last whatever x is)
+  at::Tensor out = at::_slow_conv2d_forward(x, w.contiguous(), {g.kh, g.kw}, bias, {g.stride[0], g.stride[1]},
+                                            {g.padding[0], g.padding[1]})
+                       .contiguous(fmt);
+  const at::Tensor res = residual.has_value() ? residual->contiguous(fmt) : at::Tensor();
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  bias_residual_act_(out.mutable_data_ptr<float>(), nullptr, res.defined() ? res.const_data_ptr<float>() : nullptr,
+                     g.n * (cl ? g.oh * g.ow : g.cout), cl ? g.cout : g.oh * g.ow, !cl, g.cout, g.act);
+  return out;
+}
+
 at::Tensor conv2d_bias_act_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                int64_t groups, int64_t activation, const std::optional<at::Tensor>& residual) {
@@ -350,7 +380,10 @@ at::Tensor conv2d_bias_act_cpu(const at::Tensor& input, const at::Tensor& weight
         .to(dtype);
   }
   if (gemm_is_faster(input, g, fmt)) return gemm_forward(input, weight, bias, residual, g, fmt);
-  if (!use_library(input, g, residual.has_value(), fmt)) {
+  const bool library = use_library(input, g, residual.has_value(), fmt);
+  if (library && unfolded_gemm_is_faster(input, g, fmt))
+    return unfolded_gemm_forward(input, weight, bias, residual, g, fmt);
+  if (!library) {
     at::Tensor out = at::empty({g.n, g.cout, g.oh, g.ow}, input.options().memory_format(fmt));
     if (out.numel() == 0) return out;
     const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
