@@ -3,8 +3,8 @@
     conv2d_bn_relu(x, W, b, γ, β, μ, σ², ε) = relu(γ·(conv2d(x, W) + b − μ)/√(σ²+ε) + β + residual)
     conv2d_bias_act(x, W', b')             = act(conv2d(x, W') + b' + residual),  act ∈ {none, relu, relu6}
 
-NaN: torch.relu keeps a NaN, and so do our kernels' epilogues (the direct CPU kernel, the CPU GEMM path of 1×1
-layers, the CUDA implicit GEMM: every layout and dtype). oneDNN's fused ReLU/ReLU6 post-op (PYOPS_CONV_PATH=library,
+NaN: torch.relu keeps a NaN, and so do our kernels' epilogues (the direct CPU kernel, the CPU GEMM paths of 1×1
+layers and of small single images, the CUDA implicit GEMM: every layout and dtype). oneDNN's fused ReLU/ReLU6 post-op (PYOPS_CONV_PATH=library,
 which `auto` picks for large CPU layers) maps a NaN to 0, and in float32 a +inf after a residual add to the largest
 float (tests/test_conv_bn_relu.py checks ours; oneDNN's was measured): which of the two a layer gets depends on its
 shape and layout, and on the batch size for 1×1 layers; what cuDNN's runtime fusion
@@ -27,7 +27,9 @@ weight, bias, residual and γ, β, never to μ, σ².
 
 Main loops (PYOPS_CONV_PATH forces one; default `auto` picks per shape, see bench/NOTES-conv_bn_relu.md):
   CPU   `direct`  ours, bias/residual/activation applied to each L1-resident tile before its only store;
-        `library` oneDNN's convolution with the same epilogue as its post-ops (fp32).
+        `library` oneDNN's convolution with the same epilogue as its post-ops (fp32);
+        and under `auto` only, for float32 1×1 layers and single images of up to 20480 values, MKL's GEMM (ATen's
+        im2col for the latter) with our epilogue in one pass after it.
   CUDA  `ours`    our tiled implicit GEMM, fp32 FMA (never TF32), epilogue fused;
         `cudnn`   cuDNN runtime fusion (torch.cudnn_convolution_relu / _add_relu) for ReLU in fp32/fp16/bf16, else
                   cuDNN's convolution with the epilogue in place; TF32 as torch's conv allows it. The default on
