@@ -233,7 +233,13 @@ bool direct_is_faster(const ConvGeometry& g) {
   const bool unit_stride = g.stride[0] == 1 && g.stride[1] == 1;
   const bool depth_multiplier = cin_g == 1 && cout_g >= 2 && k <= 32 && (cout_g <= 16 || unit_stride);
   if (onednn_vectors_wider()) {
-    const int64_t small = 3 * (int64_t{1} << 19) * std::min<int64_t>(at::get_num_threads(), 2);
+    const int64_t threads = std::min<int64_t>(at::get_num_threads(), 2);
+    // Depthwise layers are oneDNN's but where its fixed cost is most of the call: under 16K multiply-adds a thread
+    // (stop 27, oneDNN / direct time, 1 thread: 32 channels 3×3 on 7×7 at batch 1 2.6, 288 on 2×2 1.45, 960 on 1×1
+    // 0.93; above it 288 on 4×4 0.65, 32 on 20×20 0.95, at batch 8 0.1-0.8; they had fallen under the dense
+    // clause below, 3-5x slower than oneDNN on 16×16 to 28×28 maps).
+    if (cin_g == 1 && cout_g == 1 && g.groups > 1) return macs < (int64_t{1} << 14) * threads;
+    const int64_t small = 3 * (int64_t{1} << 19) * threads;
     return (depth_multiplier && g.groups > 1) || (k <= 512 && macs < small && g.ow >= 16);
   }
   if (cin_g == 1) return depth_multiplier;
@@ -324,8 +330,11 @@ at::Tensor gemm_forward(const at::Tensor& x, const at::Tensor& w, const std::opt
     return rows.view({g.n, g.oh, g.ow, g.cout}).permute({0, 3, 1, 2});
   }
   // NCHW: one product per image (H·W columns), batched (a loop of per-image products, each with its epilogue
-  // while in cache, was 10-35 % slower on 2 threads: MKL's batched call spreads better).
-  at::Tensor out = at::matmul(w2, x.contiguous().view({g.n, g.cin, hw})).contiguous();  // (the epilogue's rows)
+  // while in cache, was 10-35 % slower on 2 threads: MKL's batched call spreads better). bmm with the weight
+  // broadcast, not at::matmul: for a weight that requires grad (a module's Parameter, even under inference_mode)
+  // matmul folds the batch into one product of the transposed images, copying the input and the result, 2-9x
+  // slower (240→48 on 112×112 at batch 4: 57.6 vs 6.8 ms, 1 thread; bench/NOTES-conv_bn_relu.md, stop 27).
+  at::Tensor out = at::bmm(w2.expand({g.n, g.cout, g.cin}), x.contiguous().view({g.n, g.cin, hw}));
   const at::Tensor res = residual.has_value() ? residual->contiguous() : at::Tensor();
   bias_residual_act_(out.mutable_data_ptr<float>(), bias_ptr, res.defined() ? res.const_data_ptr<float>() : nullptr,
                      g.n * g.cout, hw, true, g.cout, g.act);
