@@ -307,6 +307,25 @@ def test_conv_bn_relu_module_packed_cpu_path(conv_args, relu, layout):
             assert_close_relative(out.double(), chain(x, residual), 2e-6)
 
 
+@pytest.mark.parametrize("relu", [True, "relu6", False])
+@pytest.mark.parametrize("groups, cout, k", [(4, 24, 3), (64, 64, 3), (64, 128, 5), (2, 24, 1)],
+                         ids=["grouped", "depthwise", "multiplier", "grouped-1x1"])
+def test_grouped_module_packed_on_channels_last(groups, cout, k, relu):
+    """Grouped, depthwise and depth-multiplier layers pack on a channels_last input (stop 27): float64-chain values
+    within fp32 tolerance with and without a residual, strided too; a channels_last output."""
+    for stride in (1, 2):
+        conv, bn = fp32_conv_bn(cout=cout, k=k, stride=stride, padding=k // 2, groups=groups)
+        fused = ConvBNReLU2d.from_modules(conv, bn, relu)
+        chain = float64_chain(conv, bn, fused.activation)
+        x = (torch.randn(2, 64, 11, 13, generator=gen()) * 2).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            for residual in (None, torch.randn(chain(x).shape, generator=gen(1))):
+                out = fused(x, residual)
+                assert fused._derived is not None, "the packed path was not taken"
+                assert out.is_contiguous(memory_format=torch.channels_last)
+                assert_close_relative(out.double(), chain(x, residual), 2e-6)
+
+
 def packed_shapes(module):
     entry = module._derived
     return [] if entry is None else [e.kind[1] for e in (entry, *entry.older)]
@@ -465,15 +484,19 @@ def test_packed_module_copies_pickles_converts_and_trains():
 
 
 def test_packing_only_where_it_pays():
-    """The measured rule: layers with >= 64 input channels and groups 1 pack when their kernel is spatial or their
-    input channels_last; a 16-channel layer, a 1×1 layer on an NCHW input, a grouped layer, fp64 and calls that need
-    grad do not (their results come from the unpacked op), nor a 1×1 layer the op runs as a GEMM (a channels_last
-    input of few positions: pyops._C.one_by_one_runs_as_gemm)."""
+    """The measured rule: layers with >= 64 input channels pack when their input is channels_last, or when their
+    kernel is spatial and they have one group; a 16-channel layer, a 1×1 or grouped layer on an NCHW input, fp64
+    and calls that need grad do not (their results come from the unpacked op), nor a 1×1 layer the op runs as a
+    GEMM (a channels_last input of few positions: pyops._C.one_by_one_runs_as_gemm; a grouped 1×1 layer, which
+    the op never runs as one, packs)."""
     cl, nchw = torch.channels_last, torch.contiguous_format
     cases = [(fp32_conv_bn(cin=16, padding=1), 16, nchw, 8, False),
              (fp32_conv_bn(k=1), 64, nchw, 8, False), (fp32_conv_bn(k=1), 64, cl, 8, False),
              (fp32_conv_bn(k=1, cout=256), 64, cl, 64, True),
              (fp32_conv_bn(padding=1, groups=4), 64, nchw, 8, False),
+             (fp32_conv_bn(padding=1, groups=4), 64, cl, 8, True),
+             (fp32_conv_bn(cout=64, padding=1, groups=64), 64, cl, 8, True),
+             (fp32_conv_bn(k=1, groups=2), 64, cl, 8, True),
              (fp32_conv_bn(padding=1), 64, nchw, 8, True), (fp32_conv_bn(padding=1), 64, cl, 8, True)]
     for (conv, bn), cin, layout, side, packs in cases:
         fused = ConvBNReLU2d.from_modules(conv, bn)
