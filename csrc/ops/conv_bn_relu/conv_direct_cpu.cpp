@@ -93,15 +93,16 @@ inline void micro_kernel(const acc* strip, int64_t k_total, int64_t ld_strip, co
           continue;
         }
       }
+      // Other dtypes and strided rows: the residual gathered into lanes, added and activated as a vector (a scalar
+      // ReLU after a residual add branched on the sign of each value: a bfloat16 1×1 layer ran 5x slower with
+      // its residual than without), then each lane rounded to the output's dtype.
       acc lanes[VL];
-      r.store(lanes);
-      for (int64_t i = 0; i < count; ++i) {
-        acc x = lanes[i] + (res ? static_cast<acc>(res[(ow + i) * e.rs[3]]) : acc(0));
-        // written so that a NaN passes through (the comparisons are false for it), as torch.relu/hardtanh keep it
-        if (e.act != Activation::kNone) x = x < acc(0) ? acc(0) : x;
-        if (e.act == Activation::kRelu6) x = x > acc(6) ? acc(6) : x;
-        dst[(ow + i) * e.os[3]] = static_cast<scalar_t>(x);
+      if (res) {
+        for (int64_t i = 0; i < VL; ++i) lanes[i] = i < count ? static_cast<acc>(res[(ow + i) * e.rs[3]]) : acc(0);
+        r = r + Vec::loadu(lanes);
       }
+      activate(r, e.act).store(lanes);
+      for (int64_t i = 0; i < count; ++i) dst[(ow + i) * e.os[3]] = static_cast<scalar_t>(lanes[i]);
     }
   }
 }
