@@ -4,12 +4,12 @@
     conv2d_bias_act(x, W', b')             = act(conv2d(x, W') + b' + residual),  act ∈ {none, relu, relu6}
 
 NaN: torch.relu keeps a NaN, and so do our kernels' epilogues (the direct CPU kernel, the CPU GEMM paths of 1×1
-layers and of small single images, the CUDA implicit GEMM: every layout and dtype). oneDNN's fused ReLU/ReLU6 post-op (PYOPS_CONV_PATH=library,
-which `auto` picks for large CPU layers) maps a NaN to 0, and in float32 a +inf after a residual add to the largest
-float (tests/test_conv_bn_relu.py checks ours; oneDNN's was measured): which of the two a layer gets depends on its
-shape and layout, and on the batch size for 1×1 layers; what cuDNN's runtime fusion
-(torch.cudnn_convolution_relu) does with a NaN is not yet measured. A NaN in the input makes the outputs whose
-windows see it NaN before the activation; to find NaNs, check the input or force PYOPS_CONV_PATH=direct.
+layers and of small single images, the CUDA implicit GEMM: every layout and dtype). oneDNN's fused ReLU/ReLU6
+post-op (PYOPS_CONV_PATH=library, which `auto` picks for large CPU layers) maps a NaN to 0, and in float32 a +inf
+after a residual add to the largest float (tests/test_conv_bn_relu.py checks ours; oneDNN's was measured): which of
+the two a layer gets depends on its shape and layout, and on the batch size for 1×1 layers; what cuDNN's runtime
+fusion (torch.cudnn_convolution_relu) does with a NaN is not yet measured. A NaN in the input makes the outputs
+whose windows see it NaN before the activation; to find NaNs, check the input or force PYOPS_CONV_PATH=direct.
 With eps = 0, a zero running variance divides by zero: the fold's infinite scale makes that channel's outputs NaN
 (the unfused BatchNorm gives NaN or ±inf there as well); use a positive eps, as BatchNorm's default 1e-5. The fold
 multiplies the weights by γ/√(σ²+ε) before the convolution: with a tiny variance and huge inputs W'·x can overflow
