@@ -16,6 +16,7 @@
 #include "common/cpu_vec.h"
 #include "common/onednn.h"
 #include "ops/conv_bn_relu/conv_bn_relu.h"
+#include "ops/conv_bn_relu/conv_epilogue_cpu.h"
 
 namespace pyops {
 
@@ -286,18 +287,14 @@ bool gemm_is_faster(const at::Tensor& x, const ConvGeometry& g, at::MemoryFormat
 // out = act(out + bias [+ residual]) on a float32 GEMM result of `rows` rows of `cols` values, in one pass (each
 // ATen op a pass of its own: the bias add and ReLU after 64→64 on 56×56 at batch 8 took 240 of the call's 784 µs).
 // bias_per_row: a row is one channel of one image (NCHW: row r is channel r % channels), else a row holds one
-// position's channels. residual: the same rows in the same order. NaN stays NaN (maximum/minimum propagate it), as
-// torch.relu and F.relu6 keep it.
+// position's channels. residual: the same rows in the same order. NaN stays NaN (`activate`).
 void bias_residual_act_(float* out, const float* bias, const float* residual, int64_t rows, int64_t cols,
                         bool bias_per_row, int64_t channels, Activation act) {
   if (!bias && !residual && act == Activation::kNone) return;  // (a pass over a cold output costs ~1/3 of the GEMM)
   using Vec = Vectorized<float>;
   constexpr int64_t V = Vec::size();
-  const Vec zero(0.f), six(6.f);
   const auto finish = [&](Vec v, const float* res, int64_t n) {
-    if (res) v = v + Vec::loadu(res, n);
-    if (act != Activation::kNone) v = at::vec::maximum(v, zero);
-    return act == Activation::kRelu6 ? at::vec::minimum(v, six) : v;
+    return activate(res ? v + Vec::loadu(res, n) : v, act);
   };
   at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {

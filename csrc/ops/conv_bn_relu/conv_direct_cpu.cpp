@@ -16,19 +16,13 @@
 
 #include "common/cpu_vec.h"
 #include "ops/conv_bn_relu/conv_bn_relu.h"
+#include "ops/conv_bn_relu/conv_epilogue_cpu.h"
 
 namespace pyops {
 
 namespace {
 
 constexpr int64_t kStripBytes = 192 * 1024;
-
-template <typename acc>
-inline Vectorized<acc> activate(Vectorized<acc> v, Activation act) {
-  if (act == Activation::kNone) return v;
-  v = at::vec::maximum(v, Vectorized<acc>(acc(0)));
-  return act == Activation::kRelu6 ? at::vec::minimum(v, Vectorized<acc>(acc(6))) : v;
-}
 
 // Weights regrouped as [group][k][oc padded to a multiple of J] (zeros in the padding) so the micro-kernel reads
 // its J weights of one k contiguously.
