@@ -85,3 +85,27 @@ def bench_resnet50_batch32(measure, device, impl, dtype, memory_format, autocast
     if device != "cuda":
         pytest.skip("resnet50 batch 32 is a CUDA target (seconds per forward on this 2-core CPU)")
     run_case(measure, device, "resnet50", 32, impl, dtype, memory_format, autocast)
+
+
+@pytest.mark.parametrize("impl", ["pyops", "eager-frozen-bn", "eager-eval-bn"])
+def bench_resnet18_finetune(measure, device, impl):
+    """Fine-tuning with frozen BatchNorm statistics (detection backbones): forward and backward of resnet18, batch
+    4, every weight trained. pyops: the fused model (its layers' autograd: one pass applies the ReLU mask and the BN
+    scale before ATen's convolution backward). The eager peers: torchvision's FrozenBatchNorm2d layers (what
+    detection models use), and BatchNorm2d layers in eval mode (one fused batch_norm kernel each way)."""
+    model = torchvision_model("resnet18", device)
+    if impl == "pyops":
+        model = pyops.fuse(model)
+    elif impl == "eager-frozen-bn":  # (the same statistics, in torchvision's FrozenBatchNorm2d buffers)
+        frozen = torchvision.models.resnet18(weights=None, norm_layer=torchvision.ops.misc.FrozenBatchNorm2d)
+        frozen.load_state_dict(model.state_dict())
+        model = frozen.to(device)
+    x = torch.rand(4, 3, 224, 224, generator=torch.Generator().manual_seed(1)).to(device)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        loss = model(x).square().mean()
+        return torch.autograd.grad(loss, parameters)
+
+    # (forward and backward: 3 times the forward's operations)
+    measure("resnet18 fwd+bwd batch 4 3x224x224 fp32 (frozen BN)", impl, step, flops=3 * FLOPS["resnet18"] * 4)

@@ -356,6 +356,37 @@ def test_gradients_match_autograd_reference(device, path):
             torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_activation_backward_pass_equals_torch_rules(device, dtype, channels_last):
+    """conv_act_backward, the backward's one pass: grad·act'(output)·scale[c] and grad·act'(output), against
+    torch's select rules computed in float32 from the same values (so equal to the bit): rows of 35 positions and 19
+    channels, which end in partial vectors; inf and NaN gradients where the mask is 0 give 0, as in
+    threshold_backward (the CPU kernel multiplied by the mask: NaN); a NaN output passes ReLU's gradient."""
+    torch.manual_seed(0)
+    shape = (2, 19, 5, 7)
+    output = (torch.randn(shape) * 4).to(dtype)
+    grad = torch.randn(shape).to(dtype)
+    output[0, 0, 0, :3] = torch.tensor([-1.0, 7.0, float("nan")])
+    grad[0, 0, 0, :3] = torch.tensor([float("inf"), float("nan"), 2.0])
+    scale = torch.rand(19) + 0.5
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    output, grad = (t.to(device=device, memory_format=fmt) for t in (output, grad))
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g, y = grad.to(acc), output.to(acc)
+    passes = {0: torch.ones_like(y, dtype=torch.bool), 1: ~(y <= 0), 2: (y > 0) & (y < 6)}
+    for code, mask in passes.items():
+        masked = torch.where(mask, g, 0)
+        for sc in (None, scale):
+            scaled, unscaled = torch.ops.pyops.conv_act_backward(grad, output, None if sc is None else sc.to(device),
+                                                                code, True)
+            s = 1 if sc is None else sc.to(device=device, dtype=acc).view(1, -1, 1, 1)
+            torch.testing.assert_close(scaled, (masked * s).to(dtype), rtol=0, atol=0, equal_nan=True)
+            assert scaled.is_contiguous(memory_format=fmt)
+            if sc is not None:
+                torch.testing.assert_close(unscaled, masked.to(dtype), rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("present", list(itertools.product([True, False], repeat=4)), ids=str)
 def test_gradients_with_absent_arguments_and_partial_requires_grad(device, present):
     """bias, γ, β and residual each present or None, and only some tensors requiring grad: each gradient asked for

@@ -4,12 +4,14 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/strides.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "common/checks.h"
@@ -66,12 +68,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_fold_cpu(
 
 // ---- backward: grad·act'(output)·scale[c] (and grad·act'(output)) in one pass ----
 
+// grad·act'(output) on one vector: a select, as torch's threshold_backward and hardtanh_backward (a masked lane is 0
+// even where the gradient is inf or NaN; a NaN output passes ReLU's gradient, as torch.relu's, and stops ReLU6's).
 template <typename acc>
-inline acc act_mask(acc out, Activation act) {
-  switch (act) {
-    case Activation::kRelu: return out <= acc(0) ? acc(0) : acc(1);  // (a NaN output passes, as in torch.relu's)
-    case Activation::kRelu6: return (out > acc(0) && out < acc(6)) ? acc(1) : acc(0);
-    default: return acc(1);
+inline Vectorized<acc> act_grad(Vectorized<acc> grad, Vectorized<acc> output, Activation act) {
+  using Vec = Vectorized<acc>;
+  const Vec zero(acc(0));
+  if (act == Activation::kRelu) return Vec::blendv(grad, zero, output <= zero);
+  if (act == Activation::kRelu6) return Vec::blendv(zero, grad, (output > zero) & (output < Vec(acc(6))));
+  return grad;
+}
+
+// The pass over one row of len values (a channel of one image, scale[c] for all; or a position's channels, scale
+// read along the row), in vectors of scalar_t: fp16/bf16 lanes are converted to two float vectors and back.
+template <typename scalar_t>
+void act_backward_row(const scalar_t* grad, const scalar_t* output, const acc_t<scalar_t>* scale_along,
+                      acc_t<scalar_t> row_scale, scalar_t* scaled, scalar_t* masked, int64_t len, Activation act) {
+  using acc = acc_t<scalar_t>;
+  using Vec = Vectorized<scalar_t>;
+  using AccVec = Vectorized<acc>;
+  constexpr int64_t V = Vec::size(), A = AccVec::size();
+  const auto scaled_by = [&](AccVec m, int64_t i, int64_t n) {
+    return scale_along ? m * AccVec::loadu(scale_along + i, std::max<int64_t>(0, std::min(A, n))) : m * AccVec(row_scale);
+  };
+  for (int64_t i = 0; i < len; i += V) {
+    const int64_t n = std::min(V, len - i);
+    const Vec g = Vec::loadu(grad + i, n), y = Vec::loadu(output + i, n);
+    if constexpr (std::is_same_v<scalar_t, acc>) {
+      const AccVec m = act_grad(g, y, act);
+      scaled_by(m, i, n).store(scaled + i, n);
+      if (masked) m.store(masked + i, n);
+    } else {
+      auto [g0, g1] = at::vec::convert_to_float<scalar_t>(g);
+      auto [y0, y1] = at::vec::convert_to_float<scalar_t>(y);
+      const AccVec m0 = act_grad(g0, y0, act), m1 = act_grad(g1, y1, act);
+      at::vec::convert_from_float<scalar_t>(scaled_by(m0, i, n), scaled_by(m1, i + A, n - A)).store(scaled + i, n);
+      if (masked) at::vec::convert_from_float<scalar_t>(m0, m1).store(masked + i, n);
+    }
   }
 }
 
@@ -101,13 +134,8 @@ std::tuple<at::Tensor, at::Tensor> conv_act_backward_cpu(const at::Tensor& grad,
     at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(len, 1)), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t off = r * len;
-        const acc row_scale = (!cl && sp) ? sp[r % c] : acc(1);
-        for (int64_t i = 0; i < len; ++i) {
-          const acc masked = static_cast<acc>(gp[off + i]) * act_mask(static_cast<acc>(op[off + i]), act);
-          const acc s = sp ? (cl ? sp[i] : row_scale) : acc(1);
-          gs[off + i] = static_cast<scalar_t>(masked * s);
-          if (gm) gm[off + i] = static_cast<scalar_t>(masked);
-        }
+        act_backward_row<scalar_t>(gp + off, op + off, cl ? sp : nullptr, (!cl && sp) ? sp[r % c] : acc(1), gs + off,
+                                   gm ? gm + off : nullptr, len, act);
       }
     });
   });
