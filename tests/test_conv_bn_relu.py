@@ -193,6 +193,38 @@ def test_packed_op_returns_channels_last_for_an_empty_batch(k):
     assert out.stride() == torch.empty(0, 8, 5, 5, memory_format=torch.channels_last).stride()
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_strided_one_by_one_layers_as_a_matrix_product(threads, monkeypatch):
+    """A strided 1×1 layer (ResNet's downsampling shortcut) runs as the matrix product over the input's subsampled
+    positions where the rule takes its output positions: NCHW, channels_last and strided-view inputs, bias, residual
+    and ReLU, odd sizes and strides, a 1×1 output map, against the float64 reference; a NaN at a sampled position is
+    kept (oneDNN's fused ReLU, which ran these layers before, makes it 0)."""
+    monkeypatch.setenv("PYOPS_CONV_PATH", "auto")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        # (n, cin, cout, h, w, stride)
+        for n, cin, cout, h, w_, stride in [(1, 64, 32, 13, 9, (2, 2)), (2, 24, 40, 14, 14, (2, 3)),
+                                             (1, 256, 512, 14, 14, (2, 2)), (3, 8, 16, 2, 2, (2, 2))]:
+            oh, ow = (h - 1) // stride[0] + 1, (w_ - 1) // stride[1] + 1
+            assert pyops._C.one_by_one_runs_as_gemm(n, cin, cout, oh, ow, False)
+            x, w = randn((n, cin, h, w_), 41, 2.0), randn((cout, cin, 1, 1), 42, 0.3)
+            b, r = randn((cout,), 43), randn((n, cout, oh, ow), 44)
+            x[0, 0, 0, 0] = float("nan")
+            ref = reference.conv2d_bias_act(x, w, b, stride, activation="relu", residual=r)
+            assert ref[0, :, 0, 0].isnan().all()
+            spread = torch.zeros(n, cin, h, 2 * w_)
+            spread[..., ::2] = x.float()
+            for xi in (x.float(), x.float().contiguous(memory_format=torch.channels_last), spread[..., ::2]):
+                out = conv2d_bias_act(xi, w.float(), b.float(), stride, activation="relu", residual=r.float())
+                cl = xi.is_contiguous(memory_format=torch.channels_last) and not xi.is_contiguous()
+                assert out.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+                rtol, atol = tolerances(torch.float32)
+                torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=max(atol, rtol * 50.0), equal_nan=True)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_one_by_one_rule():
     """Where the GEMM runs (measured: bench/NOTES-conv_bn_relu.md, stop 25), any thread count."""
     gemm = pyops._C.one_by_one_runs_as_gemm

@@ -306,11 +306,19 @@ bool use_library(const at::Tensor& input, const ConvGeometry& g, bool has_residu
 // but not on several images of few positions and many channels: 2048→512 on 7×7 batch 4 1560 vs 1419, batch 8
 // 3096 vs 2626, 512→2048 on 7×7 batch 16 7686 vs 5685 (2 threads). A 1×1 map is one product over the batch, a
 // Linear: 2.5-3.2x faster than oneDNN's call (256→256 at batch 256: 111 vs 290 µs).
+// A strided 1×1 layer (ResNet's downsampling shortcuts) is the same product over the input's subsampled positions
+// (a strided view, gathered by the copy into the product's layout), under the same rule on its output positions.
+// µs, GEMM vs oneDNN's call, 1 / 2 threads (stop 28): NCHW 64→128 stride 2 on 56×56 123 / 219, 88 / 144; at batch
+// 8 1052 / 1488, 582 / 847; 256→512 on 14×14 123 / 176, 84 / 133; channels_last 256→512 on 14×14 98 / 154, 83 /
+// 120; 1024→2048 on 14×14 batch 8 9537 / 11398, 4840 / 5792; but 1024→2048 on 14×14 NCHW 1781 / 2053, 1161 / 1116.
+// oneDNN with a packed weight (conv2d_bias_act_packed) was as fast or faster on those (channels_last 1024→2048 on
+// 14×14 1281 / 697 µs): the packed op keeps it for strided layers.
 bool gemm_is_faster(const at::Tensor& x, const ConvGeometry& g, at::MemoryFormat fmt) {
-  return x.scalar_type() == at::kFloat && g.kh == 1 && g.kw == 1 && g.groups == 1 && g.stride[0] == 1 &&
-         g.stride[1] == 1 && g.padding[0] == 0 && g.padding[1] == 0 &&
-         one_by_one_runs_as_gemm(g.n, g.cin, g.cout, g.h, g.w, fmt);
+  return x.scalar_type() == at::kFloat && g.kh == 1 && g.kw == 1 && g.groups == 1 && g.padding[0] == 0 &&
+         g.padding[1] == 0 && one_by_one_runs_as_gemm(g.n, g.cin, g.cout, g.oh, g.ow, fmt);
 }
+
+bool unit_stride(const ConvGeometry& g) { return g.stride[0] == 1 && g.stride[1] == 1; }
 
 // out = act(out + bias [+ residual]) on a float32 GEMM result of `rows` rows of `cols` values, in one pass (each
 // ATen op a pass of its own: the bias add and ReLU after 64→64 on 56×56 at batch 8 took 240 of the call's 784 µs).
@@ -338,12 +346,14 @@ void bias_residual_act_(float* out, const float* bias, const float* residual, in
   });
 }
 
-at::Tensor gemm_forward(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
+at::Tensor gemm_forward(const at::Tensor& input, const at::Tensor& w, const std::optional<at::Tensor>& b,
                         const std::optional<at::Tensor>& residual, const ConvGeometry& g, at::MemoryFormat fmt) {
+  const at::Tensor x =
+      unit_stride(g) ? input : input.slice(2, 0, g.h, g.stride[0]).slice(3, 0, g.w, g.stride[1]);  // (oh × ow)
   const at::Tensor w2 = w.reshape({g.cout, g.cin});
   const at::Tensor bias = b.has_value() ? b->contiguous() : at::Tensor();
   const float* bias_ptr = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
-  const int64_t hw = g.h * g.w;
+  const int64_t hw = g.oh * g.ow;
   // A 1×1 map (DeepLab's ASPP pooling branch) is one product over the batch: per image it would be a batch of
   // matrix-vector products, each reading the whole weight (2048→256 at batch 8: 3x slower than eager). A
   // channels_last input is one product over all positions. Either way a row of the result is one position's channels.
@@ -467,7 +477,7 @@ at::Tensor conv2d_bias_act_packed_cpu(const at::Tensor& input, const at::Tensor&
   const auto cl = at::MemoryFormat::ChannelsLast;
   if (g.n == 0 || g.cout == 0 || g.oh * g.ow == 0)  // (an empty tensor counts as NCHW too: the format by hand)
     return at::empty({g.n, g.cout, g.oh, g.ow}, input.options().memory_format(cl));
-  if (gemm_is_faster(input, g, cl)) return gemm_forward(input, weight, bias, residual, g, cl);
+  if (unit_stride(g) && gemm_is_faster(input, g, cl)) return gemm_forward(input, weight, bias, residual, g, cl);
   if (!use_library(input, g, residual.has_value(), cl))
     return conv2d_bias_act_cpu(input.contiguous(cl), weight, bias, stride, padding, dilation, groups, activation,
                                residual);
