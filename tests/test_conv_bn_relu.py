@@ -145,33 +145,37 @@ def test_one_by_one_layers_as_a_matrix_product(threads, activation, monkeypatch)
 @pytest.mark.parametrize("activation", ["none", "relu", "relu6"])
 def test_small_images_never_reach_onednn(threads, activation, monkeypatch):
     """Under PYOPS_CONV_PATH=auto a float32 image that ATen's own convolution gives to its im2col GEMM (one image of
-    at most 20480 values (channels_last: 10240), one group, no dilation, a kernel up to 3 wide in some dimension) runs
-    that GEMM with our epilogue after it, or our direct kernel where its rule takes the layer: never oneDNN, whose
-    ~40 µs a call made such layers 2-3x slower than eager. Each input has a NaN, kept by ours as torch.relu keeps it (oneDNN's fused
-    ReLU makes it 0, so a case that went to oneDNN fails); bias or none, residual in any layout, strided inputs, the
-    layout rule kept."""
+    at most 20480 values (channels_last: 10240), one group, a kernel up to 3 wide in some dimension; dilated ones
+    with at most 64 output positions, either layout up to 20480 values) runs that GEMM with our epilogue after it, or
+    our direct kernel where its rule takes the layer: never oneDNN, whose ~40 µs a call made such layers 2-3x slower
+    than eager. Each input has a NaN, kept by ours as torch.relu keeps it (oneDNN's fused ReLU makes it 0, so a case
+    that went to oneDNN fails); bias or none, residual in any layout, strided inputs, the layout rule kept."""
     monkeypatch.setenv("PYOPS_CONV_PATH", "auto")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        # (cin, cout, (kh, kw), (h, w), stride, padding)
-        cases = [(16, 16, (3, 3), (4, 4), 1, 1), (32, 32, (3, 3), (7, 7), 1, 1), (48, 40, (3, 3), (14, 14), 1, 1),
-                 (8, 16, (3, 3), (14, 14), 2, 1), (64, 64, (3, 3), (7, 7), 1, 1), (10, 8, (1, 5), (32, 32), 1, (0, 2)),
-                 (5, 7, (3, 2), (2, 3), 1, 2), (3, 16, (3, 3), (32, 32), 1, 1), (512, 24, (3, 3), (2, 2), 1, 1)]
-        for i, (cin, cout, k, (h, w_), stride, padding) in enumerate(cases):
+        # (cin, cout, (kh, kw), (h, w), stride, padding, dilation)
+        cases = [(16, 16, (3, 3), (4, 4), 1, 1, 1), (32, 32, (3, 3), (7, 7), 1, 1, 1),
+                 (48, 40, (3, 3), (14, 14), 1, 1, 1), (8, 16, (3, 3), (14, 14), 2, 1, 1),
+                 (64, 64, (3, 3), (7, 7), 1, 1, 1), (10, 8, (1, 5), (32, 32), 1, (0, 2), 1),
+                 (5, 7, (3, 2), (2, 3), 1, 2, 1), (3, 16, (3, 3), (32, 32), 1, 1, 1), (512, 24, (3, 3), (2, 2), 1, 1, 1),
+                 (24, 128, (3, 3), (8, 8), 1, 0, 2), (48, 48, (3, 3), (5, 5), 2, 0, 2), (8, 128, (3, 3), (14, 14), 3, 0, 2),
+                 (384, 16, (3, 3), (2, 2), 1, 4, 4), (128, 8, (3, 3), (8, 8), 1, 2, 2),
+                 (80, 16, (3, 3), (16, 16), 2, 2, 2), (256, 32, (3, 1), (8, 8), 1, (2, 0), (2, 1))]
+        for i, (cin, cout, k, (h, w_), stride, padding, dilation) in enumerate(cases):
             x, w, b = randn((1, cin, h, w_), 60 + i, 2.0), randn((cout, cin, *k), 70 + i, 0.3), randn((cout,), 80 + i)
             x[0, cin // 2, h // 2, w_ // 2] = float("nan")
-            ref_shape = reference.conv2d_bias_act(x, w, None, stride, padding, activation="none").shape
+            conv = dict(stride=stride, padding=padding, dilation=dilation)
+            ref_shape = reference.conv2d_bias_act(x, w, None, **conv, activation="none").shape
             r = randn(ref_shape, 90 + i)
             spread = torch.zeros(1, cin, h, 2 * w_)
             spread[..., ::2] = x.float()
             for xi in (x.float(), x.float().contiguous(memory_format=torch.channels_last), spread[..., ::2]):
                 for bias, residual in [(b, None), (None, r), (b, r.contiguous(memory_format=torch.channels_last))]:
                     f32 = lambda t: None if t is None else t.float()  # noqa: E731
-                    out = conv2d_bias_act(xi, w.float(), f32(bias), stride, padding, activation=activation,
+                    out = conv2d_bias_act(xi, w.float(), f32(bias), **conv, activation=activation,
                                           residual=f32(residual))
-                    ref = reference.conv2d_bias_act(x, w, bias, stride, padding, activation=activation,
-                                                    residual=residual)
+                    ref = reference.conv2d_bias_act(x, w, bias, **conv, activation=activation, residual=residual)
                     cl = xi.is_contiguous(memory_format=torch.channels_last) and not xi.is_contiguous()
                     assert out.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
                     assert out.isnan().any()
@@ -180,6 +184,31 @@ def test_small_images_never_reach_onednn(threads, activation, monkeypatch):
                                                equal_nan=True)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("activation", ["relu", "relu6"])
+def test_residuals_onednn_cannot_fuse_are_added_after_it(activation, monkeypatch):
+    """oneDNN's fused call adds a residual only for one group on channels_last tensors; elsewhere (NCHW, groups) it
+    fell back to at::convolution, which adds the bias one channel at a time on small dilated images, and ATen's
+    add_relu, whose scalar tail makes a NaN 0 (the last values of an output whose size is not a multiple of the
+    vector's). Now oneDNN convolves and our pass adds the residual and activates: equal to the float64 reference,
+    NaNs at the start and at the end kept, as torch.relu keeps them."""
+    monkeypatch.setenv("PYOPS_CONV_PATH", "library")
+    # (n, cin, cout, h, groups, dilation, channels_last); the outputs' sizes are not multiples of 16
+    for n, cin, cout, h, groups, dilation, cl in [(2, 64, 63, 7, 1, 1, False), (2, 48, 47, 9, 1, 2, False),
+                                                  (3, 32, 60, 7, 4, 1, True), (2, 16, 18, 9, 2, 2, False)]:
+        x, w = randn((n, cin, h, h), 91, 2.0), randn((cout, cin // groups, 3, 3), 92, 0.3)
+        b = randn((cout,), 93)
+        x[0, 0, h // 2, h // 2] = x[-1, :, -1, -1] = float("nan")
+        conv = dict(padding=dilation, dilation=dilation, groups=groups)
+        r = randn((n, cout, h, h), 94)
+        ref = reference.conv2d_bias_act(x, w, b, **conv, activation=activation, residual=r)
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        out = conv2d_bias_act(x.float().contiguous(memory_format=fmt), w.float(), b.float(), **conv,
+                              activation=activation, residual=r.float())
+        assert out.is_contiguous(memory_format=fmt) and out[-1, :, -1, -1].isnan().all()
+        rtol, atol = tolerances(torch.float32)
+        torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=max(atol, rtol * 50.0), equal_nan=True)
 
 
 @pytest.mark.parametrize("k", [1, 3])

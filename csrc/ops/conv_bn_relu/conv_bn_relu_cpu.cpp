@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <type_traits>
 #include <vector>
@@ -178,12 +179,42 @@ bool library_supports(const at::Tensor& x, const ConvGeometry& g, bool has_resid
   return onednn_op(has_residual ? "binary" : "") != nullptr;
 }
 
-// The epilogue as ATen ops in place on out, where oneDNN's post-ops cannot run it (add_after in library_forward, the
-// GEMM path): a NaN stays NaN, as torch.relu and F.relu6 keep it.
-void add_and_activate_(at::Tensor& out, const std::optional<at::Tensor>& residual, Activation act) {
-  if (residual.has_value()) out.add_(*residual);
-  if (act == Activation::kRelu) out.relu_();
-  if (act == Activation::kRelu6) out.clamp_(0, 6);
+// out = act(out + bias [+ residual]) on a float32 GEMM result of `rows` rows of `cols` values, in one pass (each
+// ATen op a pass of its own: the bias add and ReLU after 64→64 on 56×56 at batch 8 took 240 of the call's 784 µs).
+// bias_per_row: a row is one channel of one image (NCHW: row r is channel r % channels), else a row holds one
+// position's channels. residual: the same rows in the same order. NaN stays NaN (`activate`).
+void bias_residual_act_(float* out, const float* bias, const float* residual, int64_t rows, int64_t cols,
+                        bool bias_per_row, int64_t channels, Activation act) {
+  if (!bias && !residual && act == Activation::kNone) return;  // (a pass over a cold output costs ~1/3 of the GEMM)
+  using Vec = Vectorized<float>;
+  constexpr int64_t V = Vec::size();
+  const auto finish = [&](Vec v, const float* res, int64_t n) {
+    return activate(res ? v + Vec::loadu(res, n) : v, act);
+  };
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* row = out + r * cols;
+      const float* res = residual ? residual + r * cols : nullptr;
+      const Vec row_bias(bias && bias_per_row ? bias[r % channels] : 0.f);
+      for (int64_t i = 0; i < cols; i += V) {
+        const int64_t n = std::min(V, cols - i);
+        const Vec b = bias && !bias_per_row ? Vec::loadu(bias + i, n) : row_bias;
+        finish(Vec::loadu(row + i, n) + b, res ? res + i : nullptr, n).store(row + i, n);
+      }
+    }
+  });
+}
+
+// out = act(out + bias [+ residual]) in place on a float32 convolution output (bias: one per output channel, or
+// undefined), in one pass of bias_residual_act_ over out's rows in memory format fmt.
+void epilogue_(at::Tensor& out, const at::Tensor& bias, const std::optional<at::Tensor>& residual,
+               const ConvGeometry& g, at::MemoryFormat fmt) {
+  TORCH_INTERNAL_ASSERT(out.scalar_type() == at::kFloat && out.is_contiguous(fmt));
+  const at::Tensor res = residual.has_value() ? residual->contiguous(fmt) : at::Tensor();
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  bias_residual_act_(out.mutable_data_ptr<float>(), bias.defined() ? bias.const_data_ptr<float>() : nullptr,
+                     res.defined() ? res.const_data_ptr<float>() : nullptr, g.n * (cl ? g.oh * g.ow : g.cout),
+                     cl ? g.cout : g.oh * g.ow, !cl, g.cout, g.act);
 }
 
 // t in memory format fmt with the strides a fresh tensor of its sizes has. contiguous(fmt) keeps a size-1
@@ -214,11 +245,12 @@ at::Tensor library_forward(const at::Tensor& x, const at::Tensor& w, const std::
   const c10::IValue bias = b.has_value() ? c10::IValue(b->contiguous()) : c10::IValue();
   const at::Tensor weight = w.is_mkldnn() ? w : w.contiguous();  // a prepacked (opaque) weight goes in as it is
   // With a residual, mkldnn::_convolution_pointwise fuses the add only for groups == 1 on channels_last tensors;
-  // elsewhere it adds with ATen's add_relu, which has no float16/bfloat16 kernel: those add here instead, as do
-  // residual adds followed by ReLU6, which its post-ops do not take (the direct kernel ran them: 13x slower in bf16).
-  const bool add_after = residual.has_value() &&
-                         (g.act == Activation::kRelu6 || (x.scalar_type() != at::kFloat &&
-                                                          !(g.groups == 1 && fmt == at::MemoryFormat::ChannelsLast)));
+  // elsewhere it falls back to at::convolution and ATen's add_relu, which has no float16/bfloat16 kernel, and
+  // at::convolution gives a small dilated image to slow_conv_dilated2d, which adds the bias one channel at a time
+  // (3 ATen calls a channel: 48→48 on 5×5 took 110 µs, oneDNN's unary call 12). Those add here, after oneDNN's
+  // convolution, as do residual adds followed by ReLU6, which its post-ops do not take.
+  const bool add_after = residual.has_value() && (g.act == Activation::kRelu6 || g.groups != 1 ||
+                                                  fmt != at::MemoryFormat::ChannelsLast);
   torch::jit::Stack stack;
   if (residual.has_value() && !add_after) {
     stack = {with_canonical_strides(x, fmt), with_canonical_strides(*residual, fmt), weight, bias, padding, stride,
@@ -231,8 +263,14 @@ at::Tensor library_forward(const at::Tensor& x, const at::Tensor& w, const std::
     onednn_op("")->callBoxed(&stack);
   }
   at::Tensor out = stack.back().toTensor();
-  if (add_after) add_and_activate_(out, residual, g.act);
-  return out.is_contiguous(fmt) ? out : out.contiguous(fmt);  // oneDNN keeps the format; this only guards it
+  if (!out.is_contiguous(fmt)) out = out.contiguous(fmt);  // oneDNN keeps the format; this only guards it
+  if (add_after && out.scalar_type() == at::kFloat) epilogue_(out, at::Tensor(), residual, g, fmt);
+  if (add_after && out.scalar_type() != at::kFloat) {  // (a NaN stays NaN, as torch.relu and F.relu6 keep it)
+    out.add_(*residual);
+    if (g.act == Activation::kRelu) out.relu_();
+    if (g.act == Activation::kRelu6) out.clamp_(0, 6);
+  }
+  return out;
 }
 
 // Measured (bench/NOTES-conv_bn_relu.md, single-thread CPU time): our direct kernel beats oneDNN only where the
@@ -320,89 +358,71 @@ bool gemm_is_faster(const at::Tensor& x, const ConvGeometry& g, at::MemoryFormat
 
 bool unit_stride(const ConvGeometry& g) { return g.stride[0] == 1 && g.stride[1] == 1; }
 
-// out = act(out + bias [+ residual]) on a float32 GEMM result of `rows` rows of `cols` values, in one pass (each
-// ATen op a pass of its own: the bias add and ReLU after 64→64 on 56×56 at batch 8 took 240 of the call's 784 µs).
-// bias_per_row: a row is one channel of one image (NCHW: row r is channel r % channels), else a row holds one
-// position's channels. residual: the same rows in the same order. NaN stays NaN (`activate`).
-void bias_residual_act_(float* out, const float* bias, const float* residual, int64_t rows, int64_t cols,
-                        bool bias_per_row, int64_t channels, Activation act) {
-  if (!bias && !residual && act == Activation::kNone) return;  // (a pass over a cold output costs ~1/3 of the GEMM)
-  using Vec = Vectorized<float>;
-  constexpr int64_t V = Vec::size();
-  const auto finish = [&](Vec v, const float* res, int64_t n) {
-    return activate(res ? v + Vec::loadu(res, n) : v, act);
-  };
-  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      float* row = out + r * cols;
-      const float* res = residual ? residual + r * cols : nullptr;
-      const Vec row_bias(bias && bias_per_row ? bias[r % channels] : 0.f);
-      for (int64_t i = 0; i < cols; i += V) {
-        const int64_t n = std::min(V, cols - i);
-        const Vec b = bias && !bias_per_row ? Vec::loadu(bias + i, n) : row_bias;
-        finish(Vec::loadu(row + i, n) + b, res ? res + i : nullptr, n).store(row + i, n);
-      }
-    }
-  });
-}
-
 at::Tensor gemm_forward(const at::Tensor& input, const at::Tensor& w, const std::optional<at::Tensor>& b,
                         const std::optional<at::Tensor>& residual, const ConvGeometry& g, at::MemoryFormat fmt) {
   const at::Tensor x =
       unit_stride(g) ? input : input.slice(2, 0, g.h, g.stride[0]).slice(3, 0, g.w, g.stride[1]);  // (oh × ow)
   const at::Tensor w2 = w.reshape({g.cout, g.cin});
   const at::Tensor bias = b.has_value() ? b->contiguous() : at::Tensor();
-  const float* bias_ptr = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
   const int64_t hw = g.oh * g.ow;
   // A 1×1 map (DeepLab's ASPP pooling branch) is one product over the batch: per image it would be a batch of
   // matrix-vector products, each reading the whole weight (2048→256 at batch 8: 3x slower than eager). A
-  // channels_last input is one product over all positions. Either way a row of the result is one position's channels.
+  // channels_last input is one product over all positions. Either way a row of the result is one position's channels
+  // (the output's channels_last layout, which for a 1×1 map is also NCHW's).
   if (hw == 1 || fmt == at::MemoryFormat::ChannelsLast) {
-    at::Tensor rows = at::mm(x.permute({0, 2, 3, 1}).reshape({g.n * hw, g.cin}), w2.t());
-    const at::Tensor res = residual.has_value() ? residual->contiguous(at::MemoryFormat::ChannelsLast) : at::Tensor();
-    bias_residual_act_(rows.mutable_data_ptr<float>(), bias_ptr, res.defined() ? res.const_data_ptr<float>() : nullptr,
-                       g.n * hw, g.cout, false, g.cout, g.act);
-    return rows.view({g.n, g.oh, g.ow, g.cout}).permute({0, 3, 1, 2});
+    at::Tensor out = at::mm(x.permute({0, 2, 3, 1}).reshape({g.n * hw, g.cin}), w2.t())
+                         .view({g.n, g.oh, g.ow, g.cout})
+                         .permute({0, 3, 1, 2});
+    epilogue_(out, bias, residual, g, at::MemoryFormat::ChannelsLast);
+    return out;
   }
   // NCHW: one product per image (H·W columns), batched (a loop of per-image products, each with its epilogue
   // while in cache, was 10-35 % slower on 2 threads: MKL's batched call spreads better). bmm with the weight
   // broadcast, not at::matmul: for a weight that requires grad (a module's Parameter, even under inference_mode)
   // matmul folds the batch into one product of the transposed images, copying the input and the result, 2-9x
   // slower (240→48 on 112×112 at batch 4: 57.6 vs 6.8 ms, 1 thread; bench/NOTES-conv_bn_relu.md, stop 27).
-  at::Tensor out = at::bmm(w2.expand({g.n, g.cout, g.cin}), x.contiguous().view({g.n, g.cin, hw}));
-  const at::Tensor res = residual.has_value() ? residual->contiguous() : at::Tensor();
-  bias_residual_act_(out.mutable_data_ptr<float>(), bias_ptr, res.defined() ? res.const_data_ptr<float>() : nullptr,
-                     g.n * g.cout, hw, true, g.cout, g.act);
-  return out.view({g.n, g.cout, g.oh, g.ow});
+  at::Tensor out = at::bmm(w2.expand({g.n, g.cout, g.cin}), x.contiguous().view({g.n, g.cin, hw}))
+                       .view({g.n, g.cout, g.oh, g.ow});
+  epilogue_(out, bias, residual, g, at::MemoryFormat::Contiguous);
+  return out;
 }
 
 // A small image that auto would give to oneDNN runs ATen's own im2col + GEMM (the convolution F.conv2d calls
-// "slow": the input unfolded, MKL's GEMM, the bias in it) with our epilogue in one pass after it, on the images for
-// which ATen's convolution itself prefers that main loop to oneDNN's (aten/src/ATen/native/Convolution.cpp,
-// use_mkldnn: one image of at most 20480 input values, one group, no dilation, not a kernel wider than 3 in both
-// dimensions); channels_last ones, which oneDNN runs natively, up to half that. There oneDNN's call costs ~30-50 µs
-// whatever the size, and its per-call weight reorder more (µs, 1 thread, NCHW / channels_last, oneDNN vs unfolded
-// GEMM: 16→16 3×3 on 4×4 55 / 40 vs 11 / 11, 32→32 on 7×7 59 / 48 vs 28 / 22, 48→48 on 14×14 107 / 86 vs 90 / 68,
-// 512→512 on 2×2 1185 / 3737 vs 700 / 1649; channels_last 24→24 on 28×28 92 vs 111, 20→20 on 32×32 100 vs 130;
+// "slow": the input unfolded, MKL's GEMM) with our epilogue in one pass after it, on the images for which ATen's
+// convolution itself prefers that main loop to oneDNN's (aten/src/ATen/native/Convolution.cpp, use_mkldnn: one
+// image of at most 20480 input values, one group, not a kernel wider than 3 in both dimensions); channels_last
+// ones, which oneDNN runs natively, up to half that. There oneDNN's call costs ~30-50 µs whatever the size, and its
+// per-call weight reorder more (µs, 1 thread, NCHW / channels_last, oneDNN vs unfolded GEMM: 16→16 3×3 on 4×4
+// 55 / 40 vs 11 / 11, 32→32 on 7×7 59 / 48 vs 28 / 22, 48→48 on 14×14 107 / 86 vs 90 / 68, 512→512 on 2×2
+// 1185 / 3737 vs 700 / 1649; channels_last 24→24 on 28×28 92 vs 111, 20→20 on 32×32 100 vs 130;
 // bench/NOTES-conv_bn_relu.md, stop 27). Our direct kernel, where its rule takes a layer, stays ahead of both.
+// Dilated images (ATen's slow_conv_dilated2d, the bias left to our epilogue: it adds one channel at a time) only
+// up to 64 output positions, in either layout: µs, 1 thread, oneDNN vs unfolded, 24→128 3×3 dilation 2 on 8×8
+// 71 / 60 vs 22 / 30, 512→256 on 4×4 689 / 1201 vs 372 / 990, 256→256 on 8×8 627 / 850 vs 568 / 810; but
+// 128→128 dilation 6 on 12×12 198 / 249 vs 345 / 319, 16→16 dilation 2 on 32×32 83 / 65 vs 214 / 85 (stop 28).
 bool unfolded_gemm_is_faster(const at::Tensor& x, const ConvGeometry& g, at::MemoryFormat fmt) {
-  const int64_t most = fmt == at::MemoryFormat::ChannelsLast ? 10240 : 20480;
+  const bool dilated = g.dilation[0] > 1 || g.dilation[1] > 1;
+  const int64_t most = fmt == at::MemoryFormat::ChannelsLast && !dilated ? 10240 : 20480;
   return requested_conv_path() == ConvPath::kAuto && x.scalar_type() == at::kFloat && g.n == 1 && g.groups == 1 &&
-         g.dilation[0] == 1 && g.dilation[1] == 1 && !(g.kh > 3 && g.kw > 3) && g.cin * g.h * g.w <= most;
+         !(g.kh > 3 && g.kw > 3) && g.cin * g.h * g.w <= most && (!dilated || g.oh * g.ow <= 64);
 }
 
 at::Tensor unfolded_gemm_forward(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
                                  const std::optional<at::Tensor>& residual, const ConvGeometry& g,
                                  at::MemoryFormat fmt) {
-  const std::optional<at::Tensor> bias = b.has_value() ? std::optional<at::Tensor>(b->contiguous()) : b;
+  const at::Tensor bias = b.has_value() ? b->contiguous() : at::Tensor();
+  const std::array<int64_t, 2> kernel{g.kh, g.kw}, stride{g.stride[0], g.stride[1]},
+      padding{g.padding[0], g.padding[1]}, dilation{g.dilation[0], g.dilation[1]};
   // (an NCHW weight: with a channels_last one ATen's output would be channels_last whatever x is)
-  at::Tensor out = at::_slow_conv2d_forward(x, w.contiguous(), {g.kh, g.kw}, bias, {g.stride[0], g.stride[1]},
-                                            {g.padding[0], g.padding[1]})
-                       .contiguous(fmt);
-  const at::Tensor res = residual.has_value() ? residual->contiguous(fmt) : at::Tensor();
-  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
-  bias_residual_act_(out.mutable_data_ptr<float>(), nullptr, res.defined() ? res.const_data_ptr<float>() : nullptr,
-                     g.n * (cl ? g.oh * g.ow : g.cout), cl ? g.cout : g.oh * g.ow, !cl, g.cout, g.act);
+  const at::Tensor weight = w.contiguous();
+  at::Tensor out;
+  if (g.dilation[0] > 1 || g.dilation[1] > 1) {
+    out = at::slow_conv_dilated2d(x, weight, kernel, std::nullopt, stride, padding, dilation).contiguous(fmt);
+    epilogue_(out, bias, residual, g, fmt);
+  } else {  // (the bias inside its GEMM)
+    out = at::_slow_conv2d_forward(x, weight, kernel, bias, stride, padding).contiguous(fmt);
+    epilogue_(out, at::Tensor(), residual, g, fmt);
+  }
   return out;
 }
 
