@@ -322,7 +322,9 @@ def grads_of(x, w, b, args, grad_out):
 
 
 @pytest.mark.parametrize("config", [(4, 64, 64, 257, 3, 1, 1, 1, 1), (2, 16, 16, 1000, 4, 1, 3, 1, 16),
-                                    (37, 1, 1, 2000, 9, 1, 4, 1, 1), (3, 8, 8, 300, 3, 2, 1, 2, 2)], ids=str)
+                                    (37, 1, 1, 2000, 9, 1, 4, 1, 1), (3, 8, 8, 300, 3, 2, 1, 2, 2),
+                                    # one image: on several threads its output channels are split among work items
+                                    (1, 8, 130, 1024, 9, 1, 4, 1, 1), (1, 3, 7, 500, 5, 2, 2, 1, 1)], ids=str)
 @pytest.mark.parametrize("path", ["auto", "direct", "library", "gemm"])
 def test_deterministic_across_runs_and_thread_counts(device, config, path, monkeypatch):
     """Our kernels (`direct`) are bitwise reproducible across runs and thread counts as they are. The library path

@@ -207,12 +207,22 @@ void correlate_typed(const T* in, const T* w, const T* bias, T* out, const Corre
   std::vector<int64_t> direct_taps(K);
   for (int64_t k = 0; k < K; ++k) direct_taps[k] = k * s.dilation + s.offset;
   const int64_t chunks = std::max<int64_t>(1, (s.out_length - start + chunk - 1) / chunk);
-  const int64_t items = s.batch * s.groups * chunks;
-  const int64_t work = std::max<int64_t>(1, og * std::min(chunk, s.out_length) * std::max<int64_t>(row, 1));
+  // A single image has few chunks (two for 8 input channels of 1024 positions: 768 + 256 positions), too few to
+  // spread over several threads evenly: its output channels' blocks are then split among items too, each staging
+  // its own window (stop 28, 1 image of 1024 positions, 2 threads, forward time over the library's: 8→256 k9 1.68 →
+  // 1.49, 2→512 k9 2.29 → 1.05, 16→512 k3 1.77 → 1.48; bench/NOTES-conv1d.md).
+  const int64_t threads = at::get_num_threads(), windows = s.batch * s.groups * chunks;
+  const int64_t spread = threads > 1 ? 4 * threads : 1;
+  const int64_t splits =
+      windows >= spread ? 1 : std::clamp<int64_t>((spread + windows - 1) / windows, 1, std::max<int64_t>(full, 1));
+  const int64_t items = windows * splits;
+  const int64_t work =
+      std::max<int64_t>(1, og / splits * std::min(chunk, s.out_length) * std::max<int64_t>(row, 1));
   at::parallel_for(0, items, std::max<int64_t>(1, 32768 / work), [&](int64_t begin, int64_t end) {
     std::vector<T> staged;
     std::vector<int64_t> staged_taps(K);
-    for (int64_t it = begin; it < end; ++it) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t it = item / splits, split = item % splits;
       const int64_t n = it / (s.groups * chunks), g = (it / chunks) % s.groups, ch = it % chunks;
       const int64_t la = ch == 0 ? 0 : start + ch * chunk;
       const int64_t lb = ch == chunks - 1 ? s.out_length : start + (ch + 1) * chunk;
@@ -238,13 +248,13 @@ void correlate_typed(const T* in, const T* w, const T* bias, T* out, const Corre
       }
       T* y = out + (n * s.out_channels + g * og) * s.out_length;
       const T* b = bias ? bias + g * og : nullptr;
-      for (int64_t blk = 0; blk < full; ++blk) {
+      for (int64_t blk = full * split / splits; blk < full * (split + 1) / splits; ++blk) {
         const Rows<T> r{x, packed.data() + (g * full + blk) * row * OB, b ? b + blk * OB : nullptr,
                         y + blk * OB * s.out_length};
         if (stage) correlate_staged<T, OB, NV>(r, s, reads, la, lb);
         else correlate_direct<T, OB, NV>(r, s, reads, inner, la, lb);
       }
-      for (int64_t o = full * OB; o < og; ++o) {
+      for (int64_t o = full * OB; o < og && split == splits - 1; ++o) {
         const Rows<T> r{x, w + (g * og + o) * row, b ? b + o : nullptr, y + o * s.out_length};
         if (stage) correlate_staged<T, 1, 4>(r, s, reads, la, lb);
         else correlate_direct<T, 1, 4>(r, s, reads, inner, la, lb);
