@@ -75,12 +75,24 @@ at::Tensor transposed_flipped(const at::Tensor& weight, int64_t groups) {
       .contiguous();
 }
 
+// The forward of a single float32 image that F.conv1d gives to ATen's im2col GEMM (at most 20480 input values:
+// ATen's use_mkldnn), at stride 1, into many outputs (>= 128) of a reduction of >= 40 taps: the GEMM beat the
+// direct kernel 1.1-1.7x there on 1 and 2 threads (stop 28 sweep, bench/NOTES-conv1d.md: 8→256 k9 on 1024
+// positions 1.31x / 1.49x, 16→128 k5 1.38x / 1.13x; 16→128 k3 1.30x / 0.98x), while at batch 4-8, with more input
+// values (oneDNN's path) or a shorter reduction the direct kernel was as fast or faster. The backward directions
+// keep conv1d_use_library's rule (not measured apart).
+bool forward_unfolded_is_faster(const at::Tensor& input, const Conv1dGeometry& g) {
+  return conv1d_path() == Conv1dPath::kAuto && input.scalar_type() == at::kFloat && g.batch == 1 && g.groups == 1 &&
+         g.stride == 1 && g.dilation == 1 && g.in_channels * g.in_length <= 20480 && g.out_channels >= 128 &&
+         g.in_channels * g.kernel_size >= 40;
+}
+
 at::Tensor conv1d_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                       int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
   const Conv1dGeometry g = check_conv1d(input, weight, bias, stride, padding, dilation, groups);
   stride = g.stride;  // (a stride past the padded length, capped: checked_conv_stride)
   const bool empty = g.batch * g.out_channels * g.out_length == 0;
-  const bool library = !empty && conv1d_use_library(g, /*cuda=*/false);
+  const bool library = !empty && (conv1d_use_library(g, /*cuda=*/false) || forward_unfolded_is_faster(input, g));
   if (computes_in_float(input, library)) {
     return conv1d_cpu(as_float(input), as_float(weight), as_float(bias), stride, padding, dilation, groups)
         .to(input.scalar_type());
