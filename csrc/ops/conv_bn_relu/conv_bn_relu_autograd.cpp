@@ -49,7 +49,8 @@ std::tuple<at::Tensor, at::Tensor> act_backward(const at::Tensor& grad, const at
   // (torch.relu's rule: zero where the output is <= 0, so a NaN output passes the gradient; hardtanh's stops it.
   // A select, not a product with the mask: a masked inf or NaN gradient gives 0, as in the op and in torch's.)
   if (activation == static_cast<int64_t>(Activation::kRelu)) g = at::where(output.le(0), 0, grad);
-  if (activation == static_cast<int64_t>(Activation::kRelu6)) g = at::where(output.gt(0).logical_and(output.lt(6)), grad, 0);
+  if (activation == static_cast<int64_t>(Activation::kRelu6))
+    g = at::where(output.gt(0).logical_and(output.lt(6)), grad, 0);
   if (!scale.has_value()) return {g, at::Tensor()};
   const at::Tensor scaled = g * scale->to(g.scalar_type()).view({1, -1, 1, 1});
   return {scaled, unscaled_too ? g : at::Tensor()};

@@ -89,8 +89,9 @@ void act_backward_row(const scalar_t* grad, const scalar_t* output, const acc_t<
   using Vec = Vectorized<scalar_t>;
   using AccVec = Vectorized<acc>;
   constexpr int64_t V = Vec::size(), A = AccVec::size();
-  const auto scaled_by = [&](AccVec m, int64_t i, int64_t n) {
-    return scale_along ? m * AccVec::loadu(scale_along + i, std::max<int64_t>(0, std::min(A, n))) : m * AccVec(row_scale);
+  const auto scaled_by = [&](AccVec m, int64_t i, int64_t n) {  // (n <= 0: the second float vector of a short tail)
+    return scale_along ? m * AccVec::loadu(scale_along + i, std::max<int64_t>(0, std::min(A, n)))
+                       : m * AccVec(row_scale);
   };
   for (int64_t i = 0; i < len; i += V) {
     const int64_t n = std::min(V, len - i);
