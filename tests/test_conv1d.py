@@ -807,9 +807,10 @@ def test_short_rows_of_a_batch_sum_only_existing_pairs():
 
 
 def test_single_small_image_into_many_outputs_takes_the_unfolded_gemm(monkeypatch):
-    """Under auto, the forward of one float32 image that F.conv1d gives to ATen's im2col GEMM (<= 20480 input values),
-    stride 1, into >= 128 outputs of >= 40 taps runs that GEMM (1.1-1.7x faster than the direct kernel there); a
-    batch of 2, a short reduction or a larger image keep the direct kernel. Values equal F.conv1d's either way."""
+    """Under auto, one float32 image that F.conv1d gives to ATen's im2col GEMM (<= 20480 input values), stride 1, into
+    >= 128 outputs of >= 40 taps runs ATen's convolution forward and for the weight gradient (1.1-1.7x faster than
+    the direct kernels there), the input gradient ours; a batch of 2, a short reduction or a larger image keep the
+    direct kernels. Values and gradients equal F.conv1d's either way."""
     monkeypatch.setenv("PYOPS_CONV1D_PATH", "auto")
     g = torch.Generator().manual_seed(8)
     # (n, cin, cout, length, k, unfolded)
@@ -818,9 +819,14 @@ def test_single_small_image_into_many_outputs_takes_the_unfolded_gemm(monkeypatc
                                               (1, 24, 128, 1024, 9, False), (1, 8, 64, 1024, 9, False)]:
         x, w = rand((n, cin, length), torch.float32, "cpu", g), rand((cout, cin, k), torch.float32, "cpu", g)
         b = rand((cout,), torch.float32, "cpu", g)
+        grad_out = rand((n, cout, length), torch.float32, "cpu", g)
         with torch.profiler.profile() as prof:
-            y = pyops.conv1d(x, w, b, padding=k // 2)
-        ran_aten = any(e.name == "aten::convolution" for e in prof.events())
-        assert ran_aten == unfolded, (n, cin, cout, length, k)
-        ref = torch.nn.functional.conv1d(x.double(), w.double(), b.double(), padding=k // 2)
-        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * cin * k)
+            ours, _ = forward_and_grads(pyops.conv1d, x, w, b, (1, k // 2, 1, 1), grad_out)
+        names = {e.name for e in prof.events()}
+        assert ("aten::convolution" in names) == unfolded, (n, cin, cout, length, k)
+        assert ("aten::convolution_backward" in names) == unfolded, (n, cin, cout, length, k)
+        assert "pyops::conv1d_backward_input" in names and "aten::conv_transpose1d" not in names
+        want, _ = forward_and_grads(torch.nn.functional.conv1d, x.double(), w.double(), b.double(),
+                                    (1, k // 2, 1, 1), grad_out.double())
+        for a, e in zip(ours, want):
+            torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-5 * cin * k)

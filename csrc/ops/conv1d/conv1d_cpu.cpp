@@ -75,13 +75,14 @@ at::Tensor transposed_flipped(const at::Tensor& weight, int64_t groups) {
       .contiguous();
 }
 
-// The forward of a single float32 image that F.conv1d gives to ATen's im2col GEMM (at most 20480 input values:
-// ATen's use_mkldnn), at stride 1, into many outputs (>= 128) of a reduction of >= 40 taps: the GEMM beat the
-// direct kernel 1.1-1.7x there on 1 and 2 threads (stop 28 sweep, bench/NOTES-conv1d.md: 8→256 k9 on 1024
-// positions 1.31x / 1.49x, 16→128 k5 1.38x / 1.13x; 16→128 k3 1.30x / 0.98x), while at batch 4-8, with more input
-// values (oneDNN's path) or a shorter reduction the direct kernel was as fast or faster. The backward directions
-// keep conv1d_use_library's rule (not measured apart).
-bool forward_unfolded_is_faster(const at::Tensor& input, const Conv1dGeometry& g) {
+// A single float32 image that F.conv1d gives to ATen's im2col GEMM (at most 20480 input values: ATen's use_mkldnn),
+// at stride 1, into many outputs (>= 128) of a reduction of >= 40 taps, where ATen's convolution (that GEMM) beat
+// the direct kernels forward and for the weight gradient, 1.1-1.7x on 1 and 2 threads (stop 28 sweep,
+// bench/NOTES-conv1d.md; forward: 8→256 k9 on 1024 positions 1.31x / 1.49x, 16→128 k5 1.38x / 1.13x, 16→128 k3
+// 1.30x / 0.98x; weight gradient: 8→256 k9 1.74x / 1.38x, 16→128 k3 1.64x / 1.30x, 8→128 k5 1.46x / 1.21x, where
+// the per-tap GEMMs were slower than the direct kernel). At batch 4-8, with more input values (oneDNN's path) or a
+// shorter reduction the direct kernels were as fast or faster; so was the input gradient's (0.5-1.2x).
+bool one_small_image_into_many_outputs(const at::Tensor& input, const Conv1dGeometry& g) {
   return conv1d_path() == Conv1dPath::kAuto && input.scalar_type() == at::kFloat && g.batch == 1 && g.groups == 1 &&
          g.stride == 1 && g.dilation == 1 && g.in_channels * g.in_length <= 20480 && g.out_channels >= 128 &&
          g.in_channels * g.kernel_size >= 40;
@@ -92,7 +93,7 @@ at::Tensor conv1d_cpu(const at::Tensor& input, const at::Tensor& weight, const s
   const Conv1dGeometry g = check_conv1d(input, weight, bias, stride, padding, dilation, groups);
   stride = g.stride;  // (a stride past the padded length, capped: checked_conv_stride)
   const bool empty = g.batch * g.out_channels * g.out_length == 0;
-  const bool library = !empty && (conv1d_use_library(g, /*cuda=*/false) || forward_unfolded_is_faster(input, g));
+  const bool library = !empty && (conv1d_use_library(g, /*cuda=*/false) || one_small_image_into_many_outputs(input, g));
   if (computes_in_float(input, library)) {
     return conv1d_cpu(as_float(input), as_float(weight), as_float(bias), stride, padding, dilation, groups)
         .to(input.scalar_type());
@@ -158,7 +159,10 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cpu(const at::Tensor& grad_ou
   stride = g.stride;  // (a stride past the padded length, capped: checked_conv_stride)
   const auto bias_sum = [&] { return with_bias ? grad_output.sum(at::IntArrayRef{0, 2}) : at::Tensor(); };
   const bool empty = g.batch * g.out_channels * g.in_per_group() == 0;
-  const bool library = !empty && conv1d_use_library(g, /*cuda=*/false);
+  // (ATen's own weight gradient for a small image into many outputs: the per-tap GEMMs were 1.2-6x slower there)
+  const bool rule = !empty && conv1d_use_library(g, /*cuda=*/false);
+  const bool aten_gemm = !empty && !rule && one_small_image_into_many_outputs(input, g);
+  const bool library = rule || aten_gemm;
   if (computes_in_float(grad_output, library)) {
     const at::Tensor grad_weight = std::get<0>(backward_weight_cpu(as_float(grad_output), as_float(input), kernel_size,
                                                                    stride, padding, dilation, groups, false));
@@ -166,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cpu(const at::Tensor& grad_ou
   }
   check_cpu_dtype(grad_output, "grad_output");
   if (library) {
-    if (!use_gemm_backward_weight(g, input.scalar_type())) {
+    if (aten_gemm || !use_gemm_backward_weight(g, input.scalar_type())) {
       return library_conv1d_backward_weight(grad_output, input, g, with_bias);
     }
     return {gemm_conv1d_backward_weight(grad_output, input, g), bias_sum()};
