@@ -186,6 +186,32 @@ def test_small_images_never_reach_onednn(threads, activation, monkeypatch):
         torch.set_num_threads(before)
 
 
+def test_grouped_short_reductions_on_nchw_take_the_direct_kernel(monkeypatch):
+    """Grouped layers with fewer than 32 taps a reduction on NCHW inputs run our direct kernel under auto (oneDNN's
+    NCHW grouped convolution was 2.5-2.8x slower on them), where the CPU's rule would otherwise call oneDNN (seen by
+    the profiler); channels_last inputs keep oneDNN. Values equal the float64 reference, a NaN kept (oneDNN's fused
+    ReLU makes it 0: documented)."""
+    monkeypatch.setenv("PYOPS_CONV_PATH", "auto")
+    # (n, cin, cout, k, stride, groups, h)
+    # (more than 3.1M multiply-adds: the rule for small products would take them either way)
+    for n, cin, cout, k, stride, groups, h in [(8, 24, 128, 3, 2, 8, 38), (4, 64, 128, 3, 1, 32, 23),
+                                               (8, 64, 64, 1, 1, 4, 24)]:
+        x, w = randn((n, cin, h, h), 95, 2.0), randn((cout, cin // groups, k, k), 96, 0.3)
+        b = randn((cout,), 97)
+        x[0, 0, h // 2, h // 2] = float("nan")
+        conv = dict(stride=stride, padding=k // 2, groups=groups)
+        ref = reference.conv2d_bias_act(x, w, b, **conv)
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            with torch.profiler.profile() as prof:
+                out = conv2d_bias_act(x.float().contiguous(memory_format=fmt), w.float(), b.float(), **conv)
+            onednn = any(e.name == "mkldnn::_convolution_pointwise" for e in prof.events())
+            assert onednn == (fmt == torch.channels_last)
+            if fmt == torch.contiguous_format:
+                assert out.isnan().any()
+                rtol, atol = tolerances(torch.float32)
+                torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=max(atol, rtol * 50.0), equal_nan=True)
+
+
 @pytest.mark.parametrize("activation", ["relu", "relu6"])
 def test_residuals_onednn_cannot_fuse_are_added_after_it(activation, monkeypatch):
     """oneDNN's fused call adds a residual only for one group on channels_last tensors; elsewhere (NCHW, groups) it
