@@ -93,7 +93,8 @@ at::Tensor conv1d_cpu(const at::Tensor& input, const at::Tensor& weight, const s
   const Conv1dGeometry g = check_conv1d(input, weight, bias, stride, padding, dilation, groups);
   stride = g.stride;  // (a stride past the padded length, capped: checked_conv_stride)
   const bool empty = g.batch * g.out_channels * g.out_length == 0;
-  const bool library = !empty && (conv1d_use_library(g, /*cuda=*/false) || one_small_image_into_many_outputs(input, g));
+  const bool library =
+      !empty && (conv1d_use_library(g, /*cuda=*/false) || one_small_image_into_many_outputs(input, g));
   if (computes_in_float(input, library)) {
     return conv1d_cpu(as_float(input), as_float(weight), as_float(bias), stride, padding, dilation, groups)
         .to(input.scalar_type());

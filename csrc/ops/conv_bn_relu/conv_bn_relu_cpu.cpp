@@ -274,6 +274,9 @@ at::Tensor library_forward(const at::Tensor& x, const at::Tensor& w, const std::
   return out;
 }
 
+bool unit_stride(const ConvGeometry& g) { return g.stride[0] == 1 && g.stride[1] == 1; }
+bool dilated(const ConvGeometry& g) { return g.dilation[0] > 1 || g.dilation[1] > 1; }
+
 // Measured (bench/NOTES-conv_bn_relu.md, single-thread CPU time): our direct kernel beats oneDNN only where the
 // reduction per output is short (Cin/groups·KH·KW <= 32, e.g. the homework's 3→16 3×3 layer), the stride is 1 (its
 // strip gather is contiguous) and there are 4..16 output channels per group; oneDNN wins on ResNet-sized layers,
@@ -298,8 +301,7 @@ at::Tensor library_forward(const at::Tensor& x, const at::Tensor& w, const std::
 bool direct_is_faster(const ConvGeometry& g) {
   const int64_t cin_g = g.cin / g.groups, k = cin_g * g.kh * g.kw, cout_g = g.cout / g.groups;
   const int64_t macs = g.n * g.cout * g.oh * g.ow * k;
-  const bool unit_stride = g.stride[0] == 1 && g.stride[1] == 1;
-  const bool depth_multiplier = cin_g == 1 && cout_g >= 2 && k <= 32 && (cout_g <= 16 || unit_stride);
+  const bool depth_multiplier = cin_g == 1 && cout_g >= 2 && k <= 32 && (cout_g <= 16 || unit_stride(g));
   if (onednn_vectors_wider()) {
     const int64_t threads = std::min<int64_t>(at::get_num_threads(), 2);
     // Depthwise layers are oneDNN's but where its fixed cost is most of the call: under 16K multiply-adds a thread
@@ -317,7 +319,7 @@ bool direct_is_faster(const ConvGeometry& g) {
   }
   if (cin_g == 1) return depth_multiplier;
   if (k <= 512 && macs < (int64_t{1} << 23) && g.ow >= 16) return true;
-  return k <= 32 && unit_stride && cout_g >= 4 && cout_g <= 16;
+  return k <= 32 && unit_stride(g) && cout_g >= 4 && cout_g <= 16;
 }
 
 // The rule above was measured on NCHW tensors, the direct kernel's own layout. A channels_last output (a
@@ -362,8 +364,6 @@ bool gemm_is_faster(const at::Tensor& x, const ConvGeometry& g, at::MemoryFormat
          g.padding[1] == 0 && one_by_one_runs_as_gemm(g.n, g.cin, g.cout, g.oh, g.ow, fmt);
 }
 
-bool unit_stride(const ConvGeometry& g) { return g.stride[0] == 1 && g.stride[1] == 1; }
-
 at::Tensor gemm_forward(const at::Tensor& input, const at::Tensor& w, const std::optional<at::Tensor>& b,
                         const std::optional<at::Tensor>& residual, const ConvGeometry& g, at::MemoryFormat fmt) {
   const at::Tensor x =
@@ -407,10 +407,9 @@ at::Tensor gemm_forward(const at::Tensor& input, const at::Tensor& w, const std:
 // 71 / 60 vs 22 / 30, 512→256 on 4×4 689 / 1201 vs 372 / 990, 256→256 on 8×8 627 / 850 vs 568 / 810; but
 // 128→128 dilation 6 on 12×12 198 / 249 vs 345 / 319, 16→16 dilation 2 on 32×32 83 / 65 vs 214 / 85 (stop 28).
 bool unfolded_gemm_is_faster(const at::Tensor& x, const ConvGeometry& g, at::MemoryFormat fmt) {
-  const bool dilated = g.dilation[0] > 1 || g.dilation[1] > 1;
-  const int64_t most = fmt == at::MemoryFormat::ChannelsLast && !dilated ? 10240 : 20480;
+  const int64_t most = fmt == at::MemoryFormat::ChannelsLast && !dilated(g) ? 10240 : 20480;
   return requested_conv_path() == ConvPath::kAuto && x.scalar_type() == at::kFloat && g.n == 1 && g.groups == 1 &&
-         !(g.kh > 3 && g.kw > 3) && g.cin * g.h * g.w <= most && (!dilated || g.oh * g.ow <= 64);
+         !(g.kh > 3 && g.kw > 3) && g.cin * g.h * g.w <= most && (!dilated(g) || g.oh * g.ow <= 64);
 }
 
 at::Tensor unfolded_gemm_forward(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
@@ -422,7 +421,7 @@ at::Tensor unfolded_gemm_forward(const at::Tensor& x, const at::Tensor& w, const
   // (an NCHW weight: with a channels_last one ATen's output would be channels_last whatever x is)
   const at::Tensor weight = w.contiguous();
   at::Tensor out;
-  if (g.dilation[0] > 1 || g.dilation[1] > 1) {
+  if (dilated(g)) {
     out = at::slow_conv_dilated2d(x, weight, kernel, std::nullopt, stride, padding, dilation).contiguous(fmt);
     epilogue_(out, bias, residual, g, fmt);
   } else {  // (the bias inside its GEMM)
