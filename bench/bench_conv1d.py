@@ -14,6 +14,9 @@ CASES = {
     # our kernels' other regimes on the CPU: a strided small-channel layer (staged in phases), many short rows
     "strided small": (("cpu",), 8, 16, 16, 2000, 4, 2, 1, 1, ("fp32",)),
     "short rows": (("cpu",), 4096, 8, 8, 4, 3, 1, 1, 1, ("fp32",)),
+    # wav2vec2's first two layers on one second of audio (one clip): the CPU routes each op by its own product
+    "wav2vec2 conv0 1 clip": (("cpu",), 1, 1, 512, 16000, 10, 5, 0, 1, ("fp32",)),
+    "wav2vec2 conv1 1 clip": (("cpu",), 1, 512, 512, 3199, 3, 2, 0, 1, ("fp32",)),
     "depthwise causal large": (("cuda",), 8, 2048, 2048, 2048, 4, 1, 3, 2048, ("fp32", "bf16")),
     "wav2vec2 conv0": (("cuda",), 8, 1, 512, 16000, 10, 5, 0, 1, ("fp32", "bf16")),
     "wav2vec2 conv1": (("cuda",), 8, 512, 512, 3199, 3, 2, 0, 1, ("fp32", "bf16")),

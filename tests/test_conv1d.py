@@ -89,7 +89,7 @@ def test_large_shapes_match_torch(device, config, path, monkeypatch):
 
 
 # Dense layers whose weight gradient runs as per-tap GEMMs on CPU (conv1d_cpu_gemm.cpp; `auto` takes them for
-# float32 where MKL runs oneDNN's vector width, `gemm` on every CPU): dilation, 'same' padding, strides over odd
+# float32 where they are faster than oneDNN's, per CPU kind, `gemm` on every CPU): dilation, 'same' padding, strides over odd
 # lengths (the input split into phases), every tap reading only padding (stride 8 over length 4), a pointwise
 # filter, and a batch of 17 with 512 channels (two chunks of the batched GEMM).
 @pytest.mark.parametrize("config", [(3, 40, 36, 50, 3, 1, "same", 2, 1), (2, 32, 48, 61, 4, 2, 5, 1, 1),
@@ -806,27 +806,42 @@ def test_short_rows_of_a_batch_sum_only_existing_pairs():
     assert not both.isnan().any()
 
 
-def test_single_small_image_into_many_outputs_takes_the_unfolded_gemm(monkeypatch):
-    """Under auto, one float32 image that F.conv1d gives to ATen's im2col GEMM (<= 20480 input values), stride 1, into
-    >= 128 outputs of >= 40 taps runs ATen's convolution forward and for the weight gradient (1.1-1.7x faster than
-    the direct kernels there), the input gradient ours; a batch of 2, a short reduction or a larger image keep the
-    direct kernels. Values and gradients equal F.conv1d's either way."""
+# (N, C_in, C_out, L, K, stride) and whether auto sends (forward, input gradient, weight gradient) to ATen
+ROUTES = [
+    ((4, 128, 128, 1024, 3, 1), (True, True, True)),  # the dense TCN: wide products everywhere
+    ((4, 256, 2, 256, 3, 1), (False, False, False)),  # few outputs forward, a short reduction backward
+    ((2, 8, 256, 1024, 9, 1), (False, False, False)),  # short reductions on oneDNN's side (> 1 image)
+    ((8, 64, 64, 6, 3, 1), (False, False, True)),  # < 1M multiply-adds; the weight gradient of 32 positions
+    ((1, 8, 256, 1024, 9, 1), (True, True, True)),  # one small image: ATen's im2col GEMM
+    ((1, 1, 512, 16000, 10, 5), (False, True, True)),  # wav2vec2's first layer on one second of audio
+    ((1, 24, 384, 273, 5, 2), (True, True, True)),  # one small image at stride 2
+]
+
+
+@pytest.mark.parametrize("config,library", ROUTES, ids=str)
+def test_each_op_takes_aten_where_its_own_product_is_wide(config, library, monkeypatch):
+    """Under auto on the CPU, each op goes to ATen's convolution by its own product (conv1d_use_library): forward
+    and weight gradient by the layer's output channels and input channels x taps, the input gradient the other way
+    round; with lower bars for the backward ops where ATen's kernel is its im2col GEMM (one image of <= 20480
+    values), a multiply-add floor where it is oneDNN, and the weight gradient of few positions. Checked by the ATen
+    ops each pyops op calls (torch.profiler); values equal F.conv1d's in float64 either way."""
     monkeypatch.setenv("PYOPS_CONV1D_PATH", "auto")
+    n, cin, cout, length, k, stride = config
     g = torch.Generator().manual_seed(8)
-    # (n, cin, cout, length, k, unfolded)
-    for n, cin, cout, length, k, unfolded in [(1, 8, 256, 1024, 9, True), (1, 16, 128, 1024, 3, True),
-                                              (2, 8, 256, 1024, 9, False), (1, 4, 256, 1024, 9, False),
-                                              (1, 24, 128, 1024, 9, False), (1, 8, 64, 1024, 9, False)]:
-        x, w = rand((n, cin, length), torch.float32, "cpu", g), rand((cout, cin, k), torch.float32, "cpu", g)
-        b = rand((cout,), torch.float32, "cpu", g)
-        grad_out = rand((n, cout, length), torch.float32, "cpu", g)
+    x, w = rand((n, cin, length), torch.float32, "cpu", g), rand((cout, cin, k), torch.float32, "cpu", g)
+    b = rand((cout,), torch.float32, "cpu", g)
+    y = torch.nn.functional.conv1d(x, w, b, stride=stride, padding=k // 2)
+    grad_out = rand(tuple(y.shape), torch.float32, "cpu", g)
+    calls = [lambda: torch.ops.pyops.conv1d(x, w, b, stride, k // 2, 1, 1),
+             lambda: torch.ops.pyops.conv1d_backward_input(grad_out, w, length, stride, k // 2, 1, 1),
+             lambda: torch.ops.pyops.conv1d_backward_weight(grad_out, x, k, stride, k // 2, 1, 1)]
+    aten_op = ["aten::convolution", "aten::convolution_backward", "aten::convolution_backward"]
+    for call, name, expected in zip(calls, aten_op, library):
         with torch.profiler.profile() as prof:
-            ours, _ = forward_and_grads(pyops.conv1d, x, w, b, (1, k // 2, 1, 1), grad_out)
-        names = {e.name for e in prof.events()}
-        assert ("aten::convolution" in names) == unfolded, (n, cin, cout, length, k)
-        assert ("aten::convolution_backward" in names) == unfolded, (n, cin, cout, length, k)
-        assert "pyops::conv1d_backward_input" in names and "aten::conv_transpose1d" not in names
-        want, _ = forward_and_grads(torch.nn.functional.conv1d, x.double(), w.double(), b.double(),
-                                    (1, k // 2, 1, 1), grad_out.double())
-        for a, e in zip(ours, want):
-            torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-5 * cin * k)
+            call()
+        assert (name in {e.name for e in prof.events()}) == expected, (config, name)
+    ours, _ = forward_and_grads(pyops.conv1d, x, w, b, (stride, k // 2, 1, 1), grad_out)
+    want, _ = forward_and_grads(torch.nn.functional.conv1d, x.double(), w.double(), b.double(),
+                                (stride, k // 2, 1, 1), grad_out.double())
+    for a, e in zip(ours, want):
+        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-5 * max(cin, cout) * k)

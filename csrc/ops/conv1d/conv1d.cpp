@@ -80,21 +80,44 @@ Conv1dPath conv1d_path() {
   return Conv1dPath::kGemm;
 }
 
-bool conv1d_use_library(const Conv1dGeometry& g, bool cuda) {
+bool aten_takes_im2col(const Conv1dGeometry& g) {
+  return g.batch == 1 && g.groups == 1 && double(g.in_channels) * g.in_length <= 20480;
+}
+
+bool conv1d_use_library(const Conv1dGeometry& g, Conv1dOp op, bool cuda) {
   const Conv1dPath path = conv1d_path();
   if (path != Conv1dPath::kAuto) return path != Conv1dPath::kDirect;
-  // CPU, 2026-11-27, N=4 C=128->128 L=1024 k=3: our forward 6.9 ms vs oneDNN 3.8 ms, fwd+bwd 21.0 vs 14.4 ms;
-  // 2026-12-06, grouped: 128->128 in 2 groups (64 per group) ours 0.61-0.65x, its weight gradient at stride 2 11x
-  // slower. H200, 2026-11-27: wav2vec2 conv1 (512->512, k=3, s=2) ours 12.8 ms vs cuDNN 0.66 ms forward; conv0
-  // (1->512, k=10, s=5) 0.31 vs 0.12 ms. Our kernels win on depthwise and single-channel layers on both. (CUDA's
-  // grouped layers are not measured: they stay ours.)
+  // CUDA: H200, 2026-11-27: wav2vec2 conv1 (512->512, k=3, s=2) ours 12.8 ms vs cuDNN 0.66 ms forward; conv0
+  // (1->512, k=10, s=5) 0.31 vs 0.12 ms; ours wins on depthwise and single-channel layers. (Grouped layers are not
+  // measured: they stay ours.)
   if (cuda) return g.groups == 1 && (g.in_channels >= 32 || g.out_channels >= 32);
-  // Also long reductions into few outputs (stop 27, a fuzzing helper; oneDNN / direct forward time, 1 thread,
-  // batch 1 and 8): 512→16 0.05-0.08 at stride 3-4 with dilation (its window outgrows the staging budget: the
-  // bounds-checked loop), 0.3-0.7 at stride 1-2; 256→16 0.07-0.79; 128→16 0.75-0.94; but 128→8 1.35-1.51, 64→16
-  // 0.75-1.23, 16→128 0.95-1.9: the direct kernel keeps many outputs of short reductions.
+  // CPU: each op is a product of M output channels by a reduction over K = channels x taps (per group) at each of
+  // P positions (N * L_out), which ATen's kernels run as a matrix product. Where that is oneDNN's convolution, it
+  // wins once the product is wide on both sides (M >= 16, K >= 128) and large enough (>= 1M multiply-adds) to pay
+  // its fixed cost (~50 us a call on this VM); our direct kernels take the rest (depthwise, single-channel and
+  // small-channel layers, few outputs, short reductions). The same test for each op on its own M and K: the input
+  // gradient reduces over the layer's output channels, so a long reduction into few outputs forward (256->2) is
+  // many outputs of a short one backward, where ours is 2-7x faster, and the other way round. The weight gradient
+  // reduces over the positions instead: with few of them (<= 128) our kernel cannot fill its vectors, and the
+  // library is faster from M * K >= 2048. Where ATen takes its im2col GEMM instead (aten_takes_im2col: little fixed
+  // cost), the backward ops go to it much sooner: the input gradient from K >= 32 (wav2vec2's 1->512 k10 stride 5:
+  // 0.25 vs 1.1 ms), the weight gradient from M >= 16, K >= 16, or from M * K >= 4096 undilated (the same layer:
+  // 0.42 vs 0.97 ms; dilated, ATen's kernel is slower); our forward stays ahead to K = 128 as elsewhere.
+  // Stop 29 sweep of 910 random layers (batch 1-8, stride 1-5, 1 and 2 threads, bench/NOTES-conv1d.md).
   const int64_t in = g.in_per_group(), out = g.out_per_group();
-  return (in >= 32 && out >= 32) || (in >= 128 && out >= 16) || in >= 256;
+  const bool input_gradient = op == Conv1dOp::kBackwardInput;
+  const double outputs = input_gradient ? in : out, reduction = double(input_gradient ? out : in) * g.kernel_size;
+  if (aten_takes_im2col(g)) {
+    switch (op) {
+      case Conv1dOp::kForward: return outputs >= 16 && reduction >= 128;
+      case Conv1dOp::kBackwardInput: return reduction >= 32;
+      case Conv1dOp::kBackwardWeight:  // (or a wide filter read at stride: our kernel re-reads grad_output per phase)
+        return (outputs >= 16 && reduction >= 16) || (outputs * reduction >= 4096 && g.dilation == 1);
+    }
+  }
+  const double positions = double(g.batch) * g.out_length;
+  if (outputs >= 16 && reduction >= 128 && outputs * reduction * positions >= 1e6) return true;
+  return op == Conv1dOp::kBackwardWeight && outputs * reduction >= 2048 && positions <= 128;
 }
 
 at::Tensor library_conv1d(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
@@ -103,12 +126,17 @@ at::Tensor library_conv1d(const at::Tensor& input, const at::Tensor& weight, con
                          {g.dilation}, false, {0}, g.groups);
 }
 
+// F.conv1d's own input gradient: convolution_backward with only the input output, which reads the input's shape
+// and nothing of its values (an uninitialized tensor stands in). conv_transpose1d computes the same sums but ATen
+// picks its kernel for a transposed convolution: 1.0x where both reach oneDNN, 2.5x slower where F.conv1d's
+// backward takes the im2col GEMM (one small image, 24->384 k5 stride 2: 0.208 vs 0.082 ms), 10x slower on
+// wav2vec2's 1->512 k10 stride 5 (2.46 vs 0.25 ms; stop 29, bench/NOTES-conv1d.md).
 at::Tensor library_conv1d_backward_input(const at::Tensor& grad_output, const at::Tensor& weight,
                                          const Conv1dGeometry& g) {
-  // output_padding makes the transposed convolution's length round-trip to the input's
-  const int64_t natural = (grad_output.size(2) - 1) * g.stride - 2 * g.padding + g.dilation * (g.kernel_size - 1) + 1;
-  return at::conv_transpose1d(standard_strides(grad_output), standard_strides(weight), {}, {g.stride}, {g.padding},
-                              {g.in_length - natural}, g.groups, {g.dilation});
+  const at::Tensor input_shape = at::empty({g.batch, g.in_channels, g.in_length}, grad_output.options());
+  return std::get<0>(at::convolution_backward(standard_strides(grad_output), input_shape, standard_strides(weight),
+                                              std::nullopt, {g.stride}, {g.padding}, {g.dilation}, false, {0},
+                                              g.groups, {true, false, false}));
 }
 
 std::tuple<at::Tensor, at::Tensor> library_conv1d_backward_weight(const at::Tensor& grad_output,

@@ -44,12 +44,19 @@ Conv1dGeometry check_conv1d_backward_weight(const at::Tensor& grad_output, const
 enum class Conv1dPath { kAuto, kDirect, kLibrary, kGemm };
 Conv1dPath conv1d_path();
 
-// Whether the library convolution (ATen: oneDNN on CPU, cuDNN on CUDA) runs instead of our kernels: as forced by
-// conv1d_path(), or under auto for dense layers only, where bench/ shows it faster (bench/NOTES-conv1d.md):
-//   CPU:  >= 32 channels in and out per group (ours runs ~0.6x oneDNN on 64 per group, 11x slower on a grouped
-//         strided layer's weight gradient);
-//   CUDA: groups == 1 with >= 32 channels in or out (depthwise and small-channel layers stay ours).
-bool conv1d_use_library(const Conv1dGeometry& g, bool cuda);
+// Whether the library convolution (ATen: oneDNN or its im2col GEMM on CPU, cuDNN on CUDA) runs op instead of our
+// kernels: as forced by conv1d_path(), or under auto where bench/ shows it faster (bench/NOTES-conv1d.md):
+//   CPU:  where op's product is wide on both sides: >= 16 output channels per group (the input gradient's are the
+//         layer's input channels) from a reduction of >= 128 channels x taps (the input gradient's over the
+//         layer's output channels), with >= 1M multiply-adds where oneDNN runs; the weight gradient of few
+//         positions (N * L_out <= 128) into many outputs; and on single small images (aten_takes_im2col) the
+//         backward ops from lower bars (conv1d.cpp);
+//   CUDA: groups == 1 with >= 32 channels in or out, every op (depthwise and small-channel layers stay ours).
+enum class Conv1dOp { kForward, kBackwardInput, kBackwardWeight };
+// Whether ATen runs a float32 CPU convolution of this geometry as its im2col GEMM rather than oneDNN's: one image
+// of at most 20480 input values, groups 1 (ATen's use_mkldnn, as F.conv1d reaches it).
+bool aten_takes_im2col(const Conv1dGeometry& g);
+bool conv1d_use_library(const Conv1dGeometry& g, Conv1dOp op, bool cuda);
 // The three ops through the library (bias may be undefined); on CPU the dense float32 weight gradient takes the
 // per-tap GEMMs below instead where they are faster than oneDNN's (use_gemm_backward_weight). They follow torch's
 // flags as F.conv1d does: TF32 (torch.backends.cudnn.allow_tf32) and determinism (torch.backends.cudnn.deterministic

@@ -75,17 +75,16 @@ at::Tensor transposed_flipped(const at::Tensor& weight, int64_t groups) {
       .contiguous();
 }
 
-// A single float32 image that F.conv1d gives to ATen's im2col GEMM (at most 20480 input values: ATen's use_mkldnn),
-// at stride 1, into many outputs (>= 128) of a reduction of >= 40 taps, where ATen's convolution (that GEMM) beat
-// the direct kernels forward and for the weight gradient, 1.1-1.7x on 1 and 2 threads (stop 28 sweep,
-// bench/NOTES-conv1d.md; forward: 8→256 k9 on 1024 positions 1.31x / 1.49x, 16→128 k5 1.38x / 1.13x, 16→128 k3
-// 1.30x / 0.98x; weight gradient: 8→256 k9 1.74x / 1.38x, 16→128 k3 1.64x / 1.30x, 8→128 k5 1.46x / 1.21x, where
-// the per-tap GEMMs were slower than the direct kernel). At batch 4-8, with more input values (oneDNN's path) or a
-// shorter reduction the direct kernels were as fast or faster; so was the input gradient's (0.5-1.2x).
+// A single float32 image that F.conv1d gives to ATen's im2col GEMM (aten_takes_im2col), undilated (a dilated one
+// takes ATen's slow_conv_dilated2d, 2-6x slower than our kernel), into many outputs (>= 128) of a reduction of >= 40
+// taps -- short of the forward's bar in conv1d_use_library -- where ATen's convolution (that GEMM) beat the direct
+// forward 1.1-1.5x on 1 and 2 threads (stop 28 sweep, bench/NOTES-conv1d.md: 8→256 k9 on 1024 positions 1.31x /
+// 1.49x, 16→128 k5 1.38x / 1.13x, 16→128 k3 1.30x / 0.98x); at stride 2-5 too (stop 29: 24→384 k5 stride 2 on 273
+// positions 2.4x, 8→256 k9 1.29x, 64→512 k1 1.64x; 16→128 k3 0.96x, 8→128 k10 stride 5 0.84x). At batch 4-8, with
+// more input values (oneDNN's path) or a shorter reduction the direct kernel was as fast or faster.
 bool one_small_image_into_many_outputs(const at::Tensor& input, const Conv1dGeometry& g) {
-  return conv1d_path() == Conv1dPath::kAuto && input.scalar_type() == at::kFloat && g.batch == 1 && g.groups == 1 &&
-         g.stride == 1 && g.dilation == 1 && g.in_channels * g.in_length <= 20480 && g.out_channels >= 128 &&
-         g.in_channels * g.kernel_size >= 40;
+  return conv1d_path() == Conv1dPath::kAuto && input.scalar_type() == at::kFloat && aten_takes_im2col(g) &&
+         g.dilation == 1 && g.out_channels >= 128 && g.in_channels * g.kernel_size >= 40;
 }
 
 at::Tensor conv1d_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -93,8 +92,8 @@ at::Tensor conv1d_cpu(const at::Tensor& input, const at::Tensor& weight, const s
   const Conv1dGeometry g = check_conv1d(input, weight, bias, stride, padding, dilation, groups);
   stride = g.stride;  // (a stride past the padded length, capped: checked_conv_stride)
   const bool empty = g.batch * g.out_channels * g.out_length == 0;
-  const bool library =
-      !empty && (conv1d_use_library(g, /*cuda=*/false) || one_small_image_into_many_outputs(input, g));
+  const bool library = !empty && (conv1d_use_library(g, Conv1dOp::kForward, /*cuda=*/false) ||
+                                   one_small_image_into_many_outputs(input, g));
   if (computes_in_float(input, library)) {
     return conv1d_cpu(as_float(input), as_float(weight), as_float(bias), stride, padding, dilation, groups)
         .to(input.scalar_type());
@@ -120,7 +119,7 @@ at::Tensor conv1d_backward_input_cpu(const at::Tensor& grad_output, const at::Te
       check_conv1d_backward_input(grad_output, weight, input_length, stride, padding, dilation, groups);
   stride = g.stride;  // (a stride past the padded length, capped: checked_conv_stride)
   const bool empty = g.batch * g.in_channels * g.in_length == 0;
-  const bool library = !empty && conv1d_use_library(g, /*cuda=*/false);
+  const bool library = !empty && conv1d_use_library(g, Conv1dOp::kBackwardInput, /*cuda=*/false);
   if (computes_in_float(grad_output, library)) {
     return conv1d_backward_input_cpu(as_float(grad_output), as_float(weight), input_length, stride, padding, dilation,
                                      groups)
@@ -160,10 +159,7 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cpu(const at::Tensor& grad_ou
   stride = g.stride;  // (a stride past the padded length, capped: checked_conv_stride)
   const auto bias_sum = [&] { return with_bias ? grad_output.sum(at::IntArrayRef{0, 2}) : at::Tensor(); };
   const bool empty = g.batch * g.out_channels * g.in_per_group() == 0;
-  // (ATen's own weight gradient for a small image into many outputs: the per-tap GEMMs were 1.2-6x slower there)
-  const bool rule = !empty && conv1d_use_library(g, /*cuda=*/false);
-  const bool aten_gemm = !empty && !rule && one_small_image_into_many_outputs(input, g);
-  const bool library = rule || aten_gemm;
+  const bool library = !empty && conv1d_use_library(g, Conv1dOp::kBackwardWeight, /*cuda=*/false);
   if (computes_in_float(grad_output, library)) {
     const at::Tensor grad_weight = std::get<0>(backward_weight_cpu(as_float(grad_output), as_float(input), kernel_size,
                                                                    stride, padding, dilation, groups, false));
@@ -171,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cpu(const at::Tensor& grad_ou
   }
   check_cpu_dtype(grad_output, "grad_output");
   if (library) {
-    if (aten_gemm || !use_gemm_backward_weight(g, input.scalar_type())) {
+    if (!use_gemm_backward_weight(g, input.scalar_type())) {
       return library_conv1d_backward_weight(grad_output, input, g, with_bias);
     }
     return {gemm_conv1d_backward_weight(grad_output, input, g), bias_sum()};

@@ -103,7 +103,7 @@ at::Tensor conv1d_cuda(const at::Tensor& input, const at::Tensor& weight, const 
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   const bool empty = g.batch * g.out_channels * g.out_length == 0;
-  if (!empty && conv1d_use_library(g, /*cuda=*/true)) {
+  if (!empty && conv1d_use_library(g, Conv1dOp::kForward, /*cuda=*/true)) {
     return library_conv1d(input, weight, b, g);
   }
   at::Tensor out = at::empty({g.batch, g.out_channels, g.out_length}, input.options());
@@ -129,7 +129,7 @@ at::Tensor conv1d_backward_input_cuda(const at::Tensor& grad_output, const at::T
   stride = g.stride;  // (a stride past the padded length, capped: checked_conv_stride)
   const c10::cuda::CUDAGuard guard(grad_output.device());
   const bool empty = g.batch * g.in_channels * g.in_length == 0;
-  if (!empty && conv1d_use_library(g, /*cuda=*/true)) {
+  if (!empty && conv1d_use_library(g, Conv1dOp::kBackwardInput, /*cuda=*/true)) {
     return library_conv1d_backward_input(grad_output, weight, g);
   }
   at::Tensor grad_input = at::empty({g.batch, g.in_channels, g.in_length}, grad_output.options());
@@ -159,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cuda(const at::Tensor& grad_o
   const c10::cuda::CUDAGuard guard(input.device());
   const auto bias_sum = [&] { return with_bias ? grad_output.sum(at::IntArrayRef{0, 2}) : at::Tensor(); };
   const bool empty = g.batch * g.out_channels * g.in_per_group() == 0;
-  if (!empty && conv1d_use_library(g, /*cuda=*/true)) {
+  if (!empty && conv1d_use_library(g, Conv1dOp::kBackwardWeight, /*cuda=*/true)) {
     return library_conv1d_backward_weight(grad_output, input, g, with_bias);
   }
   at::Tensor grad_weight = at::empty({g.out_channels, g.in_per_group(), kernel_size}, input.options());
