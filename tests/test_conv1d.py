@@ -806,15 +806,16 @@ def test_short_rows_of_a_batch_sum_only_existing_pairs():
     assert not both.isnan().any()
 
 
-# (N, C_in, C_out, L, K, stride) and whether auto sends (forward, input gradient, weight gradient) to ATen
+# (N, C_in, C_out, L, K, stride, groups) and whether auto sends (forward, input gradient, weight gradient) to ATen
 ROUTES = [
-    ((4, 128, 128, 1024, 3, 1), (True, True, True)),  # the dense TCN: wide products everywhere
-    ((4, 256, 2, 256, 3, 1), (False, False, False)),  # few outputs forward, a short reduction backward
-    ((2, 8, 256, 1024, 9, 1), (False, False, False)),  # short reductions on oneDNN's side (> 1 image)
-    ((8, 64, 64, 6, 3, 1), (False, False, True)),  # < 1M multiply-adds; the weight gradient of 32 positions
-    ((1, 8, 256, 1024, 9, 1), (True, True, True)),  # one small image: ATen's im2col GEMM
-    ((1, 1, 512, 16000, 10, 5), (False, True, True)),  # wav2vec2's first layer on one second of audio
-    ((1, 24, 384, 273, 5, 2), (True, True, True)),  # one small image at stride 2
+    ((4, 128, 128, 1024, 3, 1, 1), (True, True, True)),  # the dense TCN: wide products everywhere
+    ((4, 256, 2, 256, 3, 1, 1), (False, False, False)),  # few outputs forward, a short reduction backward
+    ((2, 8, 256, 1024, 9, 1, 1), (False, False, False)),  # short reductions on oneDNN's side (> 1 image)
+    ((8, 64, 64, 6, 3, 1, 1), (False, False, True)),  # < 1M multiply-adds; the weight gradient of 48 positions
+    ((8, 1024, 512, 9, 5, 5, 8), (True, True, True)),  # 8 groups of 128->64: 655k multiply-adds each, 5.2M a call
+    ((1, 8, 256, 1024, 9, 1, 1), (True, True, True)),  # one small image: ATen's im2col GEMM
+    ((1, 1, 512, 16000, 10, 5, 1), (False, True, True)),  # wav2vec2's first layer on one second of audio
+    ((1, 24, 384, 273, 5, 2, 1), (True, True, True)),  # one small image at stride 2
 ]
 
 
@@ -826,22 +827,22 @@ def test_each_op_takes_aten_where_its_own_product_is_wide(config, library, monke
     values), a multiply-add floor where it is oneDNN, and the weight gradient of few positions. Checked by the ATen
     ops each pyops op calls (torch.profiler); values equal F.conv1d's in float64 either way."""
     monkeypatch.setenv("PYOPS_CONV1D_PATH", "auto")
-    n, cin, cout, length, k, stride = config
+    n, cin, cout, length, k, stride, groups = config
     g = torch.Generator().manual_seed(8)
-    x, w = rand((n, cin, length), torch.float32, "cpu", g), rand((cout, cin, k), torch.float32, "cpu", g)
+    x, w = rand((n, cin, length), torch.float32, "cpu", g), rand((cout, cin // groups, k), torch.float32, "cpu", g)
     b = rand((cout,), torch.float32, "cpu", g)
-    y = torch.nn.functional.conv1d(x, w, b, stride=stride, padding=k // 2)
-    grad_out = rand(tuple(y.shape), torch.float32, "cpu", g)
-    calls = [lambda: torch.ops.pyops.conv1d(x, w, b, stride, k // 2, 1, 1),
-             lambda: torch.ops.pyops.conv1d_backward_input(grad_out, w, length, stride, k // 2, 1, 1),
-             lambda: torch.ops.pyops.conv1d_backward_weight(grad_out, x, k, stride, k // 2, 1, 1)]
+    args = (stride, k // 2, 1, groups)
+    grad_out = rand(tuple(torch.nn.functional.conv1d(x, w, b, *args).shape), torch.float32, "cpu", g)
+    calls = [lambda: torch.ops.pyops.conv1d(x, w, b, *args),
+             lambda: torch.ops.pyops.conv1d_backward_input(grad_out, w, length, *args),
+             lambda: torch.ops.pyops.conv1d_backward_weight(grad_out, x, k, *args)]
     aten_op = ["aten::convolution", "aten::convolution_backward", "aten::convolution_backward"]
     for call, name, expected in zip(calls, aten_op, library):
         with torch.profiler.profile() as prof:
             call()
         assert (name in {e.name for e in prof.events()}) == expected, (config, name)
-    ours, _ = forward_and_grads(pyops.conv1d, x, w, b, (stride, k // 2, 1, 1), grad_out)
-    want, _ = forward_and_grads(torch.nn.functional.conv1d, x.double(), w.double(), b.double(),
-                                (stride, k // 2, 1, 1), grad_out.double())
+    ours, _ = forward_and_grads(pyops.conv1d, x, w, b, args, grad_out)
+    want, _ = forward_and_grads(torch.nn.functional.conv1d, x.double(), w.double(), b.double(), args,
+                                grad_out.double())
     for a, e in zip(ours, want):
         torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-5 * max(cin, cout) * k)

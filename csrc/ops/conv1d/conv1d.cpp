@@ -103,7 +103,8 @@ bool conv1d_use_library(const Conv1dGeometry& g, Conv1dOp op, bool cuda) {
   // cost), the backward ops go to it much sooner: the input gradient from K >= 32 (wav2vec2's 1->512 k10 stride 5:
   // 0.25 vs 1.1 ms), the weight gradient from M >= 16, K >= 16, or from M * K >= 4096 undilated (the same layer:
   // 0.42 vs 0.97 ms; dilated, ATen's kernel is slower); our forward stays ahead to K = 128 as elsewhere.
-  // Stop 29 sweep of 910 random layers (batch 1-8, stride 1-5, 1 and 2 threads, bench/NOTES-conv1d.md).
+  // Stop 29 sweeps of 910 random layers (batch 1-8, stride 1-5, 1 and 2 threads) and 150 grouped ones (2-8
+  // groups of 4-128 channels), bench/NOTES-conv1d.md.
   const int64_t in = g.in_per_group(), out = g.out_per_group();
   const bool input_gradient = op == Conv1dOp::kBackwardInput;
   const double outputs = input_gradient ? in : out, reduction = double(input_gradient ? out : in) * g.kernel_size;
@@ -115,8 +116,8 @@ bool conv1d_use_library(const Conv1dGeometry& g, Conv1dOp op, bool cuda) {
         return (outputs >= 16 && reduction >= 16) || (outputs * reduction >= 4096 && g.dilation == 1);
     }
   }
-  const double positions = double(g.batch) * g.out_length;
-  if (outputs >= 16 && reduction >= 128 && outputs * reduction * positions >= 1e6) return true;
+  const double positions = double(g.batch) * g.out_length;  // (the call's multiply-adds: every group's)
+  if (outputs >= 16 && reduction >= 128 && outputs * reduction * positions * g.groups >= 1e6) return true;
   return op == Conv1dOp::kBackwardWeight && outputs * reduction >= 2048 && positions <= 128;
 }
 
