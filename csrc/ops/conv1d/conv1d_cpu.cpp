@@ -1,8 +1,8 @@
 // CPU entries of conv1d and its backward ops: checks, contiguous operands (float16/bfloat16 ones computed in
 // float32), and the rewrites that turn each op into one of the two CPU correlation kernels (conv1d_cpu_correlate.cpp,
-// conv1d_cpu_weight.cpp) -- or, for dense layers where oneDNN's GEMM-based convolution is faster
-// (bench/NOTES-conv1d.md), into ATen's convolution, except the float32 weight gradient, which per-tap GEMMs compute
-// faster still on CPUs where MKL runs oneDNN's vector width (conv1d_cpu_gemm.cpp).
+// conv1d_cpu_weight.cpp) -- or, for the ops whose product ATen's GEMM-based convolution runs faster
+// (conv1d_use_library, bench/NOTES-conv1d.md), into ATen's convolution, except the float32 weight gradient of the
+// dense layers where per-tap GEMMs are faster still (conv1d_cpu_gemm.cpp).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
