@@ -212,6 +212,42 @@ def test_grouped_short_reductions_on_nchw_take_the_direct_kernel(monkeypatch):
                 torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=max(atol, rtol * 50.0), equal_nan=True)
 
 
+def test_tiny_dilated_layers_take_the_direct_kernel(monkeypatch):
+    """Dilated layers whose output rows are narrower than 16 columns and whose product is small (<= 192 taps a
+    reduction, < 1M multiply-adds) run our direct kernel under auto, in either layout and through ConvBNReLU2d's
+    packed weight: oneDNN's call made them 2-5x slower (seen by the profiler); a longer reduction keeps oneDNN.
+    Values equal the float64 reference, a NaN kept (oneDNN's fused ReLU makes it 0: documented)."""
+    monkeypatch.setenv("PYOPS_CONV_PATH", "auto")
+    # (n, cin, cout, (kh, kw), dilation, h, direct)
+    for n, cin, cout, k, d, h, direct in [(1, 16, 16, (3, 1), 2, 12, True), (1, 16, 8, (3, 3), 2, 9, True),
+                                          (2, 32, 16, (1, 3), 6, 14, True), (1, 8, 16, (1, 3), 4, 14, True),
+                                          (2, 128, 8, (1, 3), 4, 14, False)]:
+        x, w = randn((n, cin, h, h), 98, 2.0), randn((cout, cin, *k), 99, 0.3)
+        b = randn((cout,), 100)
+        x[0, 0, h // 2, h // 2] = float("nan")
+        conv = dict(padding=(d * (k[0] // 2), d * (k[1] // 2)), dilation=d)
+        ref = reference.conv2d_bias_act(x, w, b, **conv)
+        layer = torch.nn.Conv2d(cin, cout, k, **conv)
+        with torch.no_grad():
+            layer.weight.copy_(w.float())
+            layer.bias.copy_(b.float())
+        bn = torch.nn.BatchNorm2d(cout).eval()  # (identity statistics: the fused layer computes conv + bias + ReLU)
+        bn.eps = 0.0
+        module = pyops.nn.ConvBNReLU2d.from_modules(layer, bn)
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            xf = x.float().contiguous(memory_format=fmt)
+            for run in (lambda: conv2d_bias_act(xf, w.float(), b.float(), **conv), lambda: module(xf)):
+                with torch.profiler.profile() as prof, torch.no_grad():
+                    out = run()
+                names = {e.name for e in prof.events()}
+                assert bool(names & {"mkldnn::_convolution_pointwise", "aten::mkldnn_convolution"}) != direct
+                if direct:
+                    assert out.isnan().any()
+                    rtol, atol = tolerances(torch.float32)
+                    torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=max(atol, rtol * 50.0),
+                                               equal_nan=True)
+
+
 @pytest.mark.parametrize("activation", ["relu", "relu6"])
 def test_residuals_onednn_cannot_fuse_are_added_after_it(activation, monkeypatch):
     """oneDNN's fused call adds a residual only for one group on channels_last tensors; elsewhere (NCHW, groups) it

@@ -298,9 +298,22 @@ bool dilated(const ConvGeometry& g) { return g.dilation[0] > 1 || g.dilation[1] 
 // 16→16 on 32×32 81 vs 84 / 48 vs 89; 1→32 3×3 on 112×112 265 vs 253 / 137 vs 118), and on depth multipliers
 // (16→64 in 16 groups on 28×28, batch 8: 563 vs 2236 / 288 vs 1134). Measured on 1 and 2 threads; more threads
 // keep the 2-thread bound.
+// Dilated layers with rows narrower than the direct kernel's 16-column tile and a small product: oneDNN's call
+// (~50 µs on the AVX-512 VMs, ~150 on AVX2 ones) is most of their time, and the direct kernel is 2-5x faster even
+// where it must write a channels_last output (stop 29: 60 random dilated layers, 8-128 channels, dilation 2-6, 5×5 to
+// 17×17 maps, batch 1-8, 1 and 2 threads, pyops.nn.ConvBNReLU2d µs direct vs oneDNN: 16→16 (3,1) dilation 2 on
+// 12×12 14 vs 63, 16→8 3×3 on 9×9 17 vs 65, 8→16 (1,3) dilation 4 on 14×14 12 vs 51, 32→16 (1,3) dilation 6 on 14×14
+// batch 2 27 vs 72, 64→8 (1,3) on 7×7 30 vs 49; but a 384-long reduction 128→8 (1,3) on 14×14 batch 2 106 vs 71,
+// and 4.8M multiply-adds, 32→32 (3,1) on 14×14 batch 8, 110 vs 95). Measured on Sapphire Rapids (AVX-512).
+bool tiny_dilated_layer(const ConvGeometry& g) {
+  const int64_t k = g.cin / g.groups * g.kh * g.kw, threads = std::min<int64_t>(at::get_num_threads(), 2);
+  return dilated(g) && g.ow < 16 && k <= 192 && g.n * g.cout * g.oh * g.ow * k < (int64_t{1} << 20) * threads;
+}
+
 bool direct_is_faster(const ConvGeometry& g) {
   const int64_t cin_g = g.cin / g.groups, k = cin_g * g.kh * g.kw, cout_g = g.cout / g.groups;
   const int64_t macs = g.n * g.cout * g.oh * g.ow * k;
+  if (tiny_dilated_layer(g)) return true;
   const bool depth_multiplier = cin_g == 1 && cout_g >= 2 && k <= 32 && (cout_g <= 16 || unit_stride(g));
   if (onednn_vectors_wider()) {
     const int64_t threads = std::min<int64_t>(at::get_num_threads(), 2);
@@ -326,10 +339,11 @@ bool direct_is_faster(const ConvGeometry& g) {
 // channels_last input, or any packed call) makes it convert the input to NCHW and store the output one element at a
 // time, while oneDNN runs channels_last natively: there oneDNN runs. In fused networks, which are channels_last
 // from the stem on, that took mobilenet_v2 at batch 1 from 20.7 to 14.2 ms and resnet18 from 24.7 to 22.8 ms
-// (bench/NOTES-conv_bn_relu.md, stop 16).
+// (bench/NOTES-conv_bn_relu.md, stop 16). Except tiny dilated layers, which oneDNN's fixed cost makes slower anyway.
 bool use_library(const at::Tensor& input, const ConvGeometry& g, bool has_residual, at::MemoryFormat out_format) {
   const ConvPath requested = requested_conv_path();
-  const bool library_faster = out_format == at::MemoryFormat::ChannelsLast || !direct_is_faster(g);
+  const bool library_faster =
+      (out_format == at::MemoryFormat::ChannelsLast && !tiny_dilated_layer(g)) || !direct_is_faster(g);
   return g.n > 0 && g.cout > 0 && g.oh * g.ow > 0 && library_supports(input, g, has_residual) &&
          (requested == ConvPath::kLibrary || (requested == ConvPath::kAuto && library_faster));
 }
