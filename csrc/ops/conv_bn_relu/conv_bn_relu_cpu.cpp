@@ -313,7 +313,6 @@ bool tiny_dilated_layer(const ConvGeometry& g) {
 bool direct_is_faster(const ConvGeometry& g) {
   const int64_t cin_g = g.cin / g.groups, k = cin_g * g.kh * g.kw, cout_g = g.cout / g.groups;
   const int64_t macs = g.n * g.cout * g.oh * g.ow * k;
-  if (tiny_dilated_layer(g)) return true;
   const bool depth_multiplier = cin_g == 1 && cout_g >= 2 && k <= 32 && (cout_g <= 16 || unit_stride(g));
   if (onednn_vectors_wider()) {
     const int64_t threads = std::min<int64_t>(at::get_num_threads(), 2);
@@ -339,11 +338,12 @@ bool direct_is_faster(const ConvGeometry& g) {
 // channels_last input, or any packed call) makes it convert the input to NCHW and store the output one element at a
 // time, while oneDNN runs channels_last natively: there oneDNN runs. In fused networks, which are channels_last
 // from the stem on, that took mobilenet_v2 at batch 1 from 20.7 to 14.2 ms and resnet18 from 24.7 to 22.8 ms
-// (bench/NOTES-conv_bn_relu.md, stop 16). Except tiny dilated layers, which oneDNN's fixed cost makes slower anyway.
+// (bench/NOTES-conv_bn_relu.md, stop 16). Tiny dilated layers take the direct kernel in either layout: oneDNN's
+// fixed cost makes it slower anyway.
 bool use_library(const at::Tensor& input, const ConvGeometry& g, bool has_residual, at::MemoryFormat out_format) {
   const ConvPath requested = requested_conv_path();
   const bool library_faster =
-      (out_format == at::MemoryFormat::ChannelsLast && !tiny_dilated_layer(g)) || !direct_is_faster(g);
+      !tiny_dilated_layer(g) && (out_format == at::MemoryFormat::ChannelsLast || !direct_is_faster(g));
   return g.n > 0 && g.cout > 0 && g.oh * g.ow > 0 && library_supports(input, g, has_residual) &&
          (requested == ConvPath::kLibrary || (requested == ConvPath::kAuto && library_faster));
 }
