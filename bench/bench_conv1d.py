@@ -17,6 +17,9 @@ CASES = {
     # wav2vec2's first two layers on one second of audio (one clip): the CPU routes each op by its own product
     "wav2vec2 conv0 1 clip": (("cpu",), 1, 1, 512, 16000, 10, 5, 0, 1, ("fp32",)),
     "wav2vec2 conv1 1 clip": (("cpu",), 1, 512, 512, 3199, 3, 2, 0, 1, ("fp32",)),
+    # a training batch of short clips (a keyword-spotting CNN's first layer on 32 x 1 s of 40 MFCCs): short rows,
+    # whose weight gradient the CPU runs as one matrix product over the batch
+    "keyword spotting b32": (("cpu",), 32, 40, 64, 101, 3, 1, 1, 1, ("fp32",)),
     "depthwise causal large": (("cuda",), 8, 2048, 2048, 2048, 4, 1, 3, 2048, ("fp32", "bf16")),
     "wav2vec2 conv0": (("cuda",), 8, 1, 512, 16000, 10, 5, 0, 1, ("fp32", "bf16")),
     "wav2vec2 conv1": (("cuda",), 8, 512, 512, 3199, 3, 2, 0, 1, ("fp32", "bf16")),

@@ -1,4 +1,6 @@
 import math
+import os
+import platform
 import random
 import warnings
 
@@ -88,10 +90,10 @@ def test_large_shapes_match_torch(device, config, path, monkeypatch):
                          torch.float32)
 
 
-# Dense layers whose weight gradient runs as per-tap GEMMs on CPU (conv1d_cpu_gemm.cpp; `auto` takes them for
-# float32 where they are faster than oneDNN's, per CPU kind, `gemm` on every CPU): dilation, 'same' padding,
-# strides over odd lengths (the input split into phases), every tap reading only padding (stride 8 over length 4),
-# a pointwise filter, and a batch of 17 with 512 channels (two chunks of the batched GEMM).
+# Dense layers whose weight gradient runs as one matrix product on CPU (conv1d_cpu_gemm.cpp; `auto` takes it for
+# float32 where it is faster, per CPU kind, `gemm` on every CPU): dilation, 'same' padding, strides over odd lengths,
+# every tap reading only padding (stride 8 over length 4), a pointwise filter, and a batch of 17 with 512 channels
+# (two chunks of the columns: the last one shorter).
 @pytest.mark.parametrize("config", [(3, 40, 36, 50, 3, 1, "same", 2, 1), (2, 32, 48, 61, 4, 2, 5, 1, 1),
                                     (2, 33, 64, 40, 3, 3, 2, 2, 1), (2, 32, 32, 4, 3, 8, 3, 1, 1),
                                     (2, 64, 32, 30, 1, 1, 0, 1, 1), (17, 512, 512, 8, 3, 1, 1, 1, 1)], ids=str)
@@ -806,26 +808,56 @@ def test_short_rows_of_a_batch_sum_only_existing_pairs():
     assert not both.isnan().any()
 
 
-# (N, C_in, C_out, L, K, stride, groups) and whether auto sends (forward, input gradient, weight gradient) to ATen
+def gemm_weight_gradient_runs_here():
+    """Whether auto may take the weight gradient's matrix product on this CPU (conv1d_cpu_gemm.cpp: where MKL runs
+    as wide as oneDNN, CPUs without AVX-512 or Intel ones)."""
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    x86 = platform.machine() in ("x86_64", "AMD64")
+    return x86 and torch.backends.mkl.is_available() and ("avx512f" not in flags or "GenuineIntel" in flags)
+
+
+@pytest.mark.parametrize("path", ["gemm", "auto"])
+def test_gemm_weight_gradient_sums_only_existing_pairs(path, monkeypatch):
+    """The matrix product multiplies grad_output by the zeros its columns hold where a tap reads padding: an inf
+    there made NaN where the sum of the existing pairs is -inf or finite. Such a result is recomputed by our kernel,
+    so the weight gradient equals the direct path's, NaN where it has NaN only."""
+    g = torch.Generator().manual_seed(5)
+    x, gy = rand((2, 8, 50), torch.float32, gen=g), rand((2, 16, 50), torch.float32, gen=g)  # (auto's GEMM: float32)
+    gy[0, 3, 0] = -math.inf  # read with the left padding by tap 0 only
+    monkeypatch.setenv("PYOPS_CONV1D_PATH", "direct")
+    want = ops.conv1d_backward_weight(gy, x, 3, 1, 1, 1, 1)
+    monkeypatch.setenv("PYOPS_CONV1D_PATH", path)
+    got = ops.conv1d_backward_weight(gy, x, 3, 1, 1, 1, 1)
+    assert not want.isnan().any() and want.isinf().any()
+    torch.testing.assert_close(got, want)
+
+
+# (N, C_in, C_out, L, K, stride, groups), whether auto sends the forward and the input gradient to ATen's convolution,
+# and the weight gradient's path: where the matrix product runs on this CPU, and where it does not (oneDNN's or ours)
 ROUTES = [
-    ((4, 128, 128, 1024, 3, 1, 1), (True, True, True)),  # the dense TCN: wide products everywhere
-    ((4, 256, 2, 256, 3, 1, 1), (False, False, False)),  # few outputs forward, a short reduction backward
-    ((2, 8, 256, 1024, 9, 1, 1), (False, False, False)),  # short reductions on oneDNN's side (> 1 image)
-    ((8, 64, 64, 6, 3, 1, 1), (False, False, True)),  # < 1M multiply-adds; the weight gradient of 48 positions
-    ((8, 1024, 512, 9, 5, 5, 8), (True, True, True)),  # 8 groups of 128->64: 655k multiply-adds each, 5.2M a call
-    ((1, 8, 256, 1024, 9, 1, 1), (True, True, True)),  # one small image: ATen's im2col GEMM
-    ((1, 1, 512, 16000, 10, 5, 1), (False, True, True)),  # wav2vec2's first layer on one second of audio
-    ((1, 24, 384, 273, 5, 2, 1), (True, True, True)),  # one small image at stride 2
+    ((4, 128, 128, 1024, 3, 1, 1), (True, True, "library", "library")),  # the dense TCN: wide products, long rows
+    ((2, 256, 256, 200, 3, 2, 1), (True, True, "gemm", "library")),  # wide and strided, as wav2vec2's, shorter rows
+    ((4, 256, 2, 256, 3, 1, 1), (False, False, "direct", "direct")),  # few outputs forward, a short reduction back
+    ((2, 8, 256, 1024, 9, 1, 1), (False, False, "direct", "direct")),  # short reductions, long rows (> 1 image)
+    ((8, 64, 64, 6, 3, 1, 1), (False, False, "gemm", "library")),  # < 1M multiply-adds; weight gradient of 48 positions
+    ((32, 40, 64, 101, 3, 1, 1), (False, True, "gemm", "direct")),  # a keyword-spotting layer: short rows, batch 32
+    ((8, 256, 16, 300, 3, 1, 1), (True, False, "library", "library")),  # few outputs from a long reduction
+    ((8, 1024, 512, 9, 5, 5, 8), (True, True, "library", "library")),  # 8 groups of 128->64: 655k multiply-adds each
+    ((1, 8, 256, 1024, 9, 1, 1), (True, True, "library", "library")),  # one small image: ATen's im2col GEMM
+    ((1, 1, 512, 16000, 10, 5, 1), (False, True, "library", "library")),  # wav2vec2's first layer on one clip
+    ((1, 24, 384, 273, 5, 2, 1), (True, True, "library", "library")),  # one small image at stride 2
 ]
 
 
-@pytest.mark.parametrize("config,library", ROUTES, ids=str)
-def test_each_op_takes_aten_where_its_own_product_is_wide(config, library, monkeypatch):
+@pytest.mark.parametrize("config,routes", ROUTES, ids=str)
+def test_each_op_takes_aten_where_its_own_product_is_wide(config, routes, monkeypatch):
     """Under auto on the CPU, each op goes to ATen's convolution by its own product (conv1d_use_library): forward
     and weight gradient by the layer's output channels and input channels x taps, the input gradient the other way
     round; with lower bars for the backward ops where ATen's kernel is its im2col GEMM (one image of <= 20480
-    values), a multiply-add floor where it is oneDNN, and the weight gradient of few positions. Checked by the ATen
-    ops each pyops op calls (torch.profiler); values equal F.conv1d's in float64 either way."""
+    values), a multiply-add floor where it is oneDNN, and the weight gradient of few positions. The weight gradient
+    runs as one matrix product (aten::addmm_) where that is faster (cpu_weight_gradient_path): short rows that would
+    be ours, and all but few outputs from long reductions that would be oneDNN's. Checked by the ATen ops each pyops
+    op calls (torch.profiler); values equal F.conv1d's in float64 either way."""
     monkeypatch.setenv("PYOPS_CONV1D_PATH", "auto")
     n, cin, cout, length, k, stride, groups = config
     g = torch.Generator().manual_seed(8)
@@ -833,15 +865,18 @@ def test_each_op_takes_aten_where_its_own_product_is_wide(config, library, monke
     b = rand((cout,), torch.float32, "cpu", g)
     args = (stride, k // 2, 1, groups)
     grad_out = rand(tuple(torch.nn.functional.conv1d(x, w, b, *args).shape), torch.float32, "cpu", g)
-    calls = [lambda: torch.ops.pyops.conv1d(x, w, b, *args),
-             lambda: torch.ops.pyops.conv1d_backward_input(grad_out, w, length, *args),
-             lambda: torch.ops.pyops.conv1d_backward_weight(grad_out, x, k, *args)]
-    # (the weight gradient's library path may be the per-tap GEMMs, aten::bmm, on CPUs where they beat oneDNN's)
-    aten_ops = [{"aten::convolution"}, {"aten::convolution_backward"}, {"aten::convolution_backward", "aten::bmm"}]
-    for call, names, expected in zip(calls, aten_ops, library):
+    forward, input_gradient, weight_with_gemm, weight_without = routes
+    weight = weight_with_gemm if gemm_weight_gradient_runs_here() else weight_without
+    calls = [(lambda: torch.ops.pyops.conv1d(x, w, b, *args), "aten::convolution", forward),
+             (lambda: torch.ops.pyops.conv1d_backward_input(grad_out, w, length, *args), "aten::convolution_backward",
+              input_gradient),
+             (lambda: torch.ops.pyops.conv1d_backward_weight(grad_out, x, k, *args), "aten::convolution_backward",
+              weight == "library"),
+             (lambda: torch.ops.pyops.conv1d_backward_weight(grad_out, x, k, *args), "aten::addmm_", weight == "gemm")]
+    for call, name, expected in calls:
         with torch.profiler.profile() as prof:
             call()
-        assert bool(names & {e.name for e in prof.events()}) == expected, (config, names)
+        assert (name in {e.name for e in prof.events()}) == expected, (config, name)
     ours, _ = forward_and_grads(pyops.conv1d, x, w, b, args, grad_out)
     want, _ = forward_and_grads(torch.nn.functional.conv1d, x.double(), w.double(), b.double(), args,
                                 grad_out.double())

@@ -104,7 +104,8 @@ bool conv1d_use_library(const Conv1dGeometry& g, Conv1dOp op, bool cuda) {
   // 0.25 vs 1.1 ms), the weight gradient from M >= 16, K >= 16, or from M * K >= 4096 undilated (the same layer:
   // 0.42 vs 0.97 ms; dilated, ATen's kernel is slower); our forward stays ahead to K = 128 as elsewhere.
   // Stop 29 sweeps of 910 random layers (batch 1-8, stride 1-5, 1 and 2 threads) and 150 grouped ones (2-8
-  // groups of 4-128 channels), bench/NOTES-conv1d.md.
+  // groups of 4-128 channels), bench/NOTES-conv1d.md. The weight gradient's choice is refined by
+  // cpu_weight_gradient_path, which may give either side's layers to a third path (a matrix product).
   const int64_t in = g.in_per_group(), out = g.out_per_group();
   const bool input_gradient = op == Conv1dOp::kBackwardInput;
   const double outputs = input_gradient ? in : out, reduction = double(input_gradient ? out : in) * g.kernel_size;

@@ -39,8 +39,8 @@ Conv1dGeometry check_conv1d_backward_weight(const at::Tensor& grad_output, const
                                             int64_t groups);
 
 // PYOPS_CONV1D_PATH, read per call so that tests can force each path: auto (the default), direct (our kernels),
-// library (ATen's convolution, as F.conv1d), gemm (library, but a CPU weight gradient of groups 1 through the
-// per-tap GEMMs below whatever the CPU). A ValueError names any other value.
+// library (ATen's convolution, as F.conv1d), gemm (library, but the CPU weight gradient through the matrix product
+// below whatever the CPU and layer). A ValueError names any other value.
 enum class Conv1dPath { kAuto, kDirect, kLibrary, kGemm };
 Conv1dPath conv1d_path();
 
@@ -57,10 +57,10 @@ enum class Conv1dOp { kForward, kBackwardInput, kBackwardWeight };
 // of at most 20480 input values, groups 1 (ATen's use_mkldnn, as F.conv1d reaches it).
 bool aten_takes_im2col(const Conv1dGeometry& g);
 bool conv1d_use_library(const Conv1dGeometry& g, Conv1dOp op, bool cuda);
-// The three ops through the library (bias may be undefined); on CPU the dense float32 weight gradient takes the
-// per-tap GEMMs below instead where they are faster than oneDNN's (use_gemm_backward_weight). They follow torch's
-// flags as F.conv1d does: TF32 (torch.backends.cudnn.allow_tf32) and determinism (torch.backends.cudnn.deterministic
-// or torch.use_deterministic_algorithms; cuDNN's default algorithms may add in a run-dependent order). Our own
+// The three ops through the library (bias may be undefined); the CPU weight gradient chooses among its paths with
+// cpu_weight_gradient_path (below) instead of conv1d_use_library. They follow torch's flags as F.conv1d does: TF32
+// (torch.backends.cudnn.allow_tf32) and determinism (torch.backends.cudnn.deterministic or
+// torch.use_deterministic_algorithms; cuDNN's default algorithms may add in a run-dependent order). Our own
 // kernels are deterministic whatever the flags.
 at::Tensor library_conv1d(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                           const Conv1dGeometry& g);
@@ -106,9 +106,11 @@ inline bool worth_laying_end_to_end(__int128 segment, int64_t outputs) { return 
 // Whether every element of t (contiguous) is finite: one pass (at::isfinite makes four).
 bool all_finite(const at::Tensor& t);
 
-// grad_weight of a dense (groups == 1) CPU layer as per-tap GEMMs through ATen's BLAS (conv1d_cpu_gemm.cpp), and
-// whether the library path takes it: forced by conv1d_path(), or under auto where it is faster than oneDNN's.
-bool use_gemm_backward_weight(const Conv1dGeometry& g, at::ScalarType dtype);
+// How the CPU computes a weight gradient: our kernel, the library's (oneDNN's, or ATen's im2col GEMM on one small
+// image), or one matrix product through ATen's BLAS (conv1d_cpu_gemm.cpp): as forced by conv1d_path() (gemm: float32
+// and float64; half precision takes the library's), or under auto where each is fastest (cpu_weight_gradient_path).
+enum class WeightGradientPath { kDirect, kLibrary, kGemm };
+WeightGradientPath cpu_weight_gradient_path(const Conv1dGeometry& g, at::ScalarType dtype);
 at::Tensor gemm_conv1d_backward_weight(const at::Tensor& grad_output, const at::Tensor& input,
                                        const Conv1dGeometry& g);
 

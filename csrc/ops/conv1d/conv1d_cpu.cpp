@@ -1,8 +1,8 @@
 // CPU entries of conv1d and its backward ops: checks, contiguous operands (float16/bfloat16 ones computed in
 // float32), and the rewrites that turn each op into one of the two CPU correlation kernels (conv1d_cpu_correlate.cpp,
 // conv1d_cpu_weight.cpp) -- or, for the ops whose product ATen's GEMM-based convolution runs faster
-// (conv1d_use_library, bench/NOTES-conv1d.md), into ATen's convolution, except the float32 weight gradient of the
-// dense layers where per-tap GEMMs are faster still (conv1d_cpu_gemm.cpp).
+// (conv1d_use_library, bench/NOTES-conv1d.md), into ATen's convolution; the weight gradient into one of three paths,
+// the third a matrix product through BLAS (cpu_weight_gradient_path, conv1d_cpu_gemm.cpp).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -159,18 +159,21 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cpu(const at::Tensor& grad_ou
   stride = g.stride;  // (a stride past the padded length, capped: checked_conv_stride)
   const auto bias_sum = [&] { return with_bias ? grad_output.sum(at::IntArrayRef{0, 2}) : at::Tensor(); };
   const bool empty = g.batch * g.out_channels * g.in_per_group() == 0;
-  const bool library = !empty && conv1d_use_library(g, Conv1dOp::kBackwardWeight, /*cuda=*/false);
-  if (computes_in_float(grad_output, library)) {
+  const WeightGradientPath path =
+      empty ? WeightGradientPath::kDirect : cpu_weight_gradient_path(g, grad_output.scalar_type());
+  if (computes_in_float(grad_output, path == WeightGradientPath::kLibrary)) {
     const at::Tensor grad_weight = std::get<0>(backward_weight_cpu(as_float(grad_output), as_float(input), kernel_size,
                                                                    stride, padding, dilation, groups, false));
     return {grad_weight.to(grad_output.scalar_type()), bias_sum()};
   }
   check_cpu_dtype(grad_output, "grad_output");
-  if (library) {
-    if (!use_gemm_backward_weight(g, input.scalar_type())) {
-      return library_conv1d_backward_weight(grad_output, input, g, with_bias);
-    }
-    return {gemm_conv1d_backward_weight(grad_output, input, g), bias_sum()};
+  if (path == WeightGradientPath::kLibrary) return library_conv1d_backward_weight(grad_output, input, g, with_bias);
+  if (path == WeightGradientPath::kGemm) {
+    // The product also multiplies the columns' zeros (where a tap reads padding) by grad_output: an inf or NaN there
+    // makes NaN where the sum of the existing pairs is not. Then our kernel sums only those pairs (a non-finite
+    // result is the sign: checking the operands first would cost a pass over them on every call).
+    at::Tensor grad_weight = gemm_conv1d_backward_weight(grad_output, input, g);
+    if (all_finite(grad_weight)) return {grad_weight, bias_sum()};
   }
   at::Tensor grad_weight = at::empty({g.out_channels, g.in_per_group(), kernel_size}, input.options());
   if (grad_weight.numel() == 0) return {grad_weight, bias_sum()};

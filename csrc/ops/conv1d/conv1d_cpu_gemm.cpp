@@ -1,10 +1,14 @@
-// grad_weight of dense CPU layers as one batched GEMM per tap through ATen's BLAS (MKL), with no im2col buffer:
-// grad_weight[:, :, t] = sum_n grad_output[n][:, l] @ input[n][:, l*stride + t*dilation - padding]^T over the
-// positions l where tap t reads inside the input. Faster than oneDNN's weight gradient on dense float32 layers
-// where both libraries run the same vector width (on AVX-512 only for layers wider than 128 -> 128), slower where
-// MKL is held to AVX2 beside an AVX-512 oneDNN (bench/NOTES-conv1d.md); the rule is use_gemm_backward_weight.
+// grad_weight of CPU layers as one matrix product through ATen's BLAS (MKL), the batch and positions its reduction:
+//   grad_weight[o, (c, t)] = sum over (n, l) of grad_output[n, o, l] * input[n, c, l*stride + t*dilation - padding],
+// per group a (C_out/groups, P) x (P, C_in/groups * K) product, P = N * L_out, from grad_output with the channel
+// first and the input's columns (im2col: one row per (channel, tap), zero where the tap reads padding). One deep
+// product instead of a batch of per-sample ones: MKL blocks it well whatever the row length (the per-tap batched
+// GEMMs it replaced were 2-4x slower on short rows: 64 x 178->106 k5 stride 2 on 8 positions 1.80 vs 0.51 ms).
+// Where it runs instead of our kernel or oneDNN's is cpu_weight_gradient_path (bench/NOTES-conv1d.md).
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 
@@ -14,23 +18,49 @@
 namespace pyops {
 namespace {
 
-// (stride, N, C, ceil(L / stride)): phase r holds input positions r, r + stride, ..., so that a strided tap reads
-// a unit-stride slice of one phase, which BLAS takes without a copy (one copy of the input instead of one per tap).
-at::Tensor split_phases(const at::Tensor& input, int64_t stride) {
-  if (stride == 1) return input.contiguous().unsqueeze(0);
-  const int64_t length = input.size(2), phase_length = (length + stride - 1) / stride;
-  at::Tensor phases = at::empty({stride, input.size(0), input.size(1), phase_length}, input.options());
-  for (int64_t r = 0; r < stride; ++r) {
-    const int64_t count = (length - r + stride - 1) / stride;
-    phases[r].narrow(2, 0, count).copy_(input.slice(2, r, length, stride));
-    // a shorter phase's last column lies past the input's end: taps never read it, zeroed so nothing is undefined
-    if (count < phase_length) phases[r].narrow(2, count, phase_length - count).zero_();
-  }
-  return phases;
+// cols (C_in * K, count * L_out): row (c, t) holds, for samples n0 .. n0 + count - 1 in turn, the input value that
+// tap t reads at each output position, zero where it reads padding; x contiguous (N, C_in, L).
+template <typename T>
+void lay_columns(const T* x, const Conv1dGeometry& g, int64_t n0, int64_t count, T* cols) {
+  const int64_t k = g.kernel_size, lo = g.out_length;
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, count * lo));
+  at::parallel_for(0, g.in_channels * k, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t ct = begin; ct < end; ++ct) {
+      const int64_t c = ct / k, t = ct % k, shift = t * g.dilation - g.padding;
+      const TapRange r = tap_range(shift, g.stride, g.in_length, 0, lo);
+      const int64_t a = std::min(r.lo, lo), b = std::min(r.hi, lo);  // (a tap reading only padding: a = b)
+      for (int64_t n = 0; n < count; ++n) {
+        const T* src = x + ((n0 + n) * g.in_channels + c) * g.in_length + shift;
+        T* dst = cols + (ct * count + n) * lo;
+        // (plain loops: rows may be a few values long, where a call to memmove per row costs more than the copy)
+        for (int64_t l = 0; l < a; ++l) dst[l] = T(0);
+        if (g.stride == 1) {
+          for (int64_t l = a; l < b; ++l) dst[l] = src[l];
+        } else {
+          for (int64_t l = a; l < b; ++l) dst[l] = src[l * g.stride];
+        }
+        for (int64_t l = b; l < lo; ++l) dst[l] = T(0);
+      }
+    }
+  });
+}
+
+// gyt (C_out, count * L_out) = grad_output[n0 .. n0 + count) with the channel first; gy contiguous.
+template <typename T>
+void channels_first(const T* gy, const Conv1dGeometry& g, int64_t n0, int64_t count, T* gyt) {
+  const int64_t lo = g.out_length;
+  at::parallel_for(0, g.out_channels * count, std::max<int64_t>(1, 4096 / lo), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t o = row / count, n = row % count;
+      const T* src = gy + ((n0 + n) * g.out_channels + o) * lo;
+      T* dst = gyt + row * lo;
+      for (int64_t l = 0; l < lo; ++l) dst[l] = src[l];
+    }
+  });
 }
 
 // Which CPU the rule below is measured on. MKL takes its AVX-512 kernels on Intel CPUs only; oneDNN takes them on
-// any CPU that has them. So on an AMD CPU with AVX-512 our GEMMs run at AVX2 speed beside an AVX-512 oneDNN.
+// any CPU that has them. So on an AMD CPU with AVX-512 our GEMM runs at AVX2 speed beside an AVX-512 oneDNN.
 enum class BlasIsa { kAvx2, kIntelAvx512, kAmdAvx512, kOther };
 
 BlasIsa blas_isa() {
@@ -46,68 +76,79 @@ BlasIsa blas_isa() {
 #endif
 }
 
+// Columns of at most 2^22 values a chunk (16 MB in float32).
+constexpr int64_t kColumnBudget = int64_t{1} << 22;
+
 }  // namespace
 
-// Measured on the 2-vCPU dev VMs, interleaved min-of-rounds vs oneDNN's weight gradient (convolution_backward
-// with only the weight output), float32:
-//   Zen 3 (AVX2), 2026-11-27: faster on every dense layer tried, 1.04-1.40x (TCN N=4 128->128 L=1024 k=3 3.5 vs
-//     4.9 ms; wav2vec2 conv1 512->512 s=2 21.4 vs 25.4 ms; 32..1024 channels, k=1..5, stride 1..2, dilation 1..2);
-//     float64 slower, 0.89-0.94x (128->128: 9.2 vs 8.2 ms).
-//   Zen 4 (AVX-512, MKL on AVX2), 2026-12-02: slower, 0.83-0.96x (TCN 3.09 vs 2.75 ms), except k=1 1.11x;
-//   Zen 5 (AVX-512, full-width), 2026-12-02: slower, 0.55x (TCN 2.15 vs 1.17 ms).
-//   Intel Sapphire Rapids (both libraries on AVX-512), stop 29, 1 / 2 threads: faster from C_in * C_out > 128 * 128
-//     on (192->192 1.01x / 1.07x, 128->512 1.12x / 1.11x, 256->256 1.12x / 1.02x, 512->512 stride 2 1.08x / 1.08x),
-//     slower up to it (TCN 128->128 0.90-0.92x / 0.79-0.91x, 64->64 L=2048 0.85x / 0.89x, 32->32 0.81x / 0.93x):
-//     each sample's GEMM of a small layer is too small for MKL's blocking, while oneDNN's reduces over the batch;
-//     and slower with >= 9 taps (1.04-1.54x in 6 of 7 sweep layers: one pass over the operands per tap, where
-//     oneDNN makes one), as fast or faster with <= 5.
-bool use_gemm_backward_weight(const Conv1dGeometry& g, at::ScalarType dtype) {
+// Stop 30 (bench/NOTES-conv1d.md): 1500 random layers (batch 1-64, 4-256 channels, k 1-11, stride 1-3, dilation
+// 1-2, groups 1-4, 1 and 2 threads, Intel Sapphire Rapids) timed on each path, half to fit the rule, half held out.
+// The product was the fastest of four paths (ours, oneDNN's, it, the per-tap GEMMs it replaced) on 747 layers,
+// ours on 432, oneDNN's on 126. It takes two regions from the others:
+// - from our kernel, rows of < 128 positions into >= 4 outputs from >= 8 columns (channels x taps) a group: ours
+//   reduces along each row in vectors and pays each row's edges and tail (training batches of short clips; the
+//   keyword-spotting CNN's 40->64 k3 on 32 x 101 positions: 0.31 vs ours 0.83 ms); longer rows, and fewer outputs
+//   or columns (depthwise, single-channel layers), stay ours;
+// - from oneDNN's (where conv1d_use_library sends the weight gradient), all but few outputs from long reductions
+//   (< 48 outputs from >= 384 columns: there the columns cost more than the product they feed; 7 outputs from 2214
+//   columns 5.1 vs oneDNN 2.1 ms), on rows of < 512 positions or into >= 2^19 weights a group: on longer rows
+//   oneDNN's was as fast or faster below (the TCN's 128->128 k3 on 4 x 1024: 1.85 vs 1.74 ms; 256->256 0.98x;
+//   64->64 0.85x) and slower above (512->512 k3 on 4 x 1024: 21.4 vs 24.3 ms; wav2vec2's 512->512 k3 stride 2 on 8
+//   clips: 68 vs 84 ms).
+// Not on one small image (ATen's own im2col GEMM, which oneDNN's place holds there, was as fast or faster) nor with
+// more than 4 groups (not swept: 8 groups of 128->64 on 2 positions 0.49 vs oneDNN 0.28 ms). On 900 more layers
+// with the final build, the chosen path's time over the fastest of the three: geomean 1.08 (the previous rule 1.36),
+// total 1.15 (1.29). Applied where MKL runs as wide as oneDNN: AVX2 CPUs (Zen 3, 2026-11: the per-tap GEMMs beat
+// oneDNN's on every dense layer tried, 1.04-1.40x) and Intel AVX-512 ones; not on AMD AVX-512 ones, where MKL stays
+// on AVX2 (Zen 4 0.83-0.96x, Zen 5 0.55x oneDNN's speed with the per-tap GEMMs); float32 only (float64: the per-tap
+// GEMMs were 0.89-0.94x oneDNN's on Zen 3; this product not measured).
+WeightGradientPath cpu_weight_gradient_path(const Conv1dGeometry& g, at::ScalarType dtype) {
+  const bool gemm_dtype = dtype == at::kFloat || dtype == at::kDouble;  // (half: computed in float32 or oneDNN's)
   switch (conv1d_path()) {
-    case Conv1dPath::kGemm:  // (half precision: oneDNN's, which sums in fp32; per-sample GEMMs would round each)
-      return g.groups == 1 && (dtype == at::kFloat || dtype == at::kDouble);
-    case Conv1dPath::kAuto: {
-      // (short rows make per-sample GEMMs of depth < 64: 3.7x slower at L_out = 10; fewer than 256 positions in all
-      // leave too little to sum for the per-tap passes: 1.06-1.54x slower in the stop 29 sweep, 512->512 k2 stride
-      // 2 on 99 positions 0.92 vs 0.61 ms; where ATen's weight gradient is its im2col GEMM, one product over all
-      // taps, the per-tap GEMMs were 1.2-6x slower: stop 28)
-      if (g.groups != 1 || g.out_length < 64 || double(g.batch) * g.out_length < 256 || dtype != at::kFloat ||
-          !at::globalContext().hasMKL() || aten_takes_im2col(g)) {
-        return false;
-      }
-      switch (blas_isa()) {
-        case BlasIsa::kAvx2: return true;
-        case BlasIsa::kIntelAvx512: return g.in_channels * g.out_channels > 128 * 128 && g.kernel_size <= 5;
-        default: return false;
-      }
-    }
-    default: return false;
+    case Conv1dPath::kDirect: return WeightGradientPath::kDirect;
+    case Conv1dPath::kLibrary: return WeightGradientPath::kLibrary;
+    case Conv1dPath::kGemm: return gemm_dtype ? WeightGradientPath::kGemm : WeightGradientPath::kLibrary;
+    case Conv1dPath::kAuto: break;
   }
+  const bool library = conv1d_use_library(g, Conv1dOp::kBackwardWeight, /*cuda=*/false);
+  const WeightGradientPath otherwise = library ? WeightGradientPath::kLibrary : WeightGradientPath::kDirect;
+  const BlasIsa isa = blas_isa();
+  const bool full_width = (isa == BlasIsa::kAvx2 || isa == BlasIsa::kIntelAvx512) && at::globalContext().hasMKL();
+  if (dtype != at::kFloat || !full_width || aten_takes_im2col(g) || g.groups > 4 ||
+      double(g.in_channels) * g.kernel_size * g.out_length > kColumnBudget) {
+    return otherwise;
+  }
+  const double outputs = g.out_per_group(), columns = double(g.in_per_group()) * g.kernel_size;
+  const bool gemm = library ? (outputs >= 48 || columns < 384) && (g.out_length < 512 || outputs * columns >= 524288)
+                            : g.out_length < 128 && outputs >= 4 && columns >= 8;
+  return gemm ? WeightGradientPath::kGemm : otherwise;
 }
 
 at::Tensor gemm_conv1d_backward_weight(const at::Tensor& grad_output, const at::Tensor& input,
                                        const Conv1dGeometry& g) {
-  const at::Tensor gy = grad_output.contiguous();
-  const at::Tensor phases = split_phases(input, g.stride);
-  // (K, C_out, C_in): each tap's block is contiguous for BLAS; permuted to the weight's layout at the end
-  at::Tensor taps = at::zeros({g.kernel_size, g.out_channels, g.in_channels}, input.options());
-  // One batched GEMM per tap and batch chunk gives a (chunk, C_out, C_in) product summed over the chunk; chunks of
-  // at most 4M elements (16 MB in float32) bound that temporary. The chunking depends on the shape only and the
-  // sums run in a fixed order (no atomics), so at a fixed thread count the result is the same on every run.
-  const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 22) / (g.out_channels * g.in_channels));
-  for (int64_t t = 0; t < g.kernel_size; ++t) {
-    const int64_t shift = t * g.dilation - g.padding;
-    const TapRange r = tap_range(shift, g.stride, g.in_length, 0, g.out_length);
-    if (r.hi == r.lo) continue;  // the tap reads only padding
-    const int64_t offset = floor_div(shift, g.stride), phase = shift - offset * g.stride;
-    const at::Tensor x = phases.select(0, phase).narrow(2, r.lo + offset, r.hi - r.lo);
-    const at::Tensor dy = gy.narrow(2, r.lo, r.hi - r.lo);
-    at::Tensor block = taps.select(0, t);
-    for (int64_t n0 = 0; n0 < g.batch; n0 += chunk) {
-      const int64_t count = std::min(chunk, g.batch - n0);
-      block.add_(at::bmm(dy.narrow(0, n0, count), x.narrow(0, n0, count).transpose(1, 2)).sum(0));
+  const int64_t cg = g.in_per_group(), og = g.out_per_group(), k = g.kernel_size, lo = g.out_length;
+  const at::Tensor x = input.contiguous(), gy = grad_output.contiguous();
+  at::Tensor grad = at::zeros({g.out_channels, cg * k}, input.options());
+  // Chunks of the batch bound the columns; the chunking depends on the shape only and the chunks are summed in
+  // order (no atomics), so at a fixed thread count the result is the same on every run.
+  const int64_t chunk = std::clamp<int64_t>(kColumnBudget / (g.in_channels * k * lo), 1, g.batch);
+  const at::Tensor cols_buffer = at::empty({g.in_channels * k * chunk * lo}, input.options());
+  const at::Tensor gyt_buffer = at::empty({g.out_channels * chunk * lo}, input.options());
+  for (int64_t n0 = 0; n0 < g.batch; n0 += chunk) {
+    const int64_t count = std::min(chunk, g.batch - n0);
+    // (a shorter last chunk: the buffers' first values as contiguous (rows, count * L_out) matrices)
+    const int64_t width = count * lo;
+    const at::Tensor rows = cols_buffer.narrow(0, 0, g.in_channels * k * width).view({g.in_channels * k, width});
+    const at::Tensor dy = gyt_buffer.narrow(0, 0, g.out_channels * width).view({g.out_channels, width});
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pyops_conv1d_gemm_weight", [&] {
+      lay_columns(x.const_data_ptr<scalar_t>(), g, n0, count, rows.mutable_data_ptr<scalar_t>());
+      channels_first(gy.const_data_ptr<scalar_t>(), g, n0, count, dy.mutable_data_ptr<scalar_t>());
+    });
+    for (int64_t grp = 0; grp < g.groups; ++grp) {
+      grad.narrow(0, grp * og, og).addmm_(dy.narrow(0, grp * og, og), rows.narrow(0, grp * cg * k, cg * k).t());
     }
   }
-  return taps.permute({1, 2, 0}).contiguous();
+  return grad.view({g.out_channels, cg, k});
 }
 
 }  // namespace pyops
