@@ -18,6 +18,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <tuple>
 
 namespace pyops {
 
@@ -111,7 +112,8 @@ bool all_finite(const at::Tensor& t);
 // and float64; half precision takes the library's), or under auto where each is fastest (cpu_weight_gradient_path).
 enum class WeightGradientPath { kDirect, kLibrary, kGemm };
 WeightGradientPath cpu_weight_gradient_path(const Conv1dGeometry& g, at::ScalarType dtype);
-at::Tensor gemm_conv1d_backward_weight(const at::Tensor& grad_output, const at::Tensor& input,
-                                       const Conv1dGeometry& g);
+// grad_weight, and grad_bias when with_bias (from the same pass over grad_output; undefined otherwise).
+std::tuple<at::Tensor, at::Tensor> gemm_conv1d_backward_weight(const at::Tensor& grad_output, const at::Tensor& input,
+                                                               const Conv1dGeometry& g, bool with_bias);
 
 }  // namespace pyops

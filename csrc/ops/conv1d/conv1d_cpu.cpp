@@ -149,8 +149,8 @@ at::Tensor conv1d_backward_input_cpu(const at::Tensor& grad_output, const at::Te
   return grad_input;
 }
 
-// grad_weight and, when with_bias, grad_bias (undefined otherwise). oneDNN's weight gradient sums the bias in the
-// same pass; the other paths sum it apart.
+// grad_weight and, when with_bias, grad_bias (undefined otherwise). oneDNN's weight gradient and the matrix product
+// sum the bias in their pass over grad_output; our kernel's path sums it apart.
 std::tuple<at::Tensor, at::Tensor> backward_weight_cpu(const at::Tensor& grad_output, const at::Tensor& input,
                                                        int64_t kernel_size, int64_t stride, int64_t padding,
                                                        int64_t dilation, int64_t groups, bool with_bias) {
@@ -172,8 +172,8 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cpu(const at::Tensor& grad_ou
     // The product also multiplies the columns' zeros (where a tap reads padding) by grad_output: an inf or NaN there
     // makes NaN where the sum of the existing pairs is not. Then our kernel sums only those pairs (a non-finite
     // result is the sign: checking the operands first would cost a pass over them on every call).
-    at::Tensor grad_weight = gemm_conv1d_backward_weight(grad_output, input, g);
-    if (all_finite(grad_weight)) return {grad_weight, bias_sum()};
+    auto [grad_weight, grad_bias] = gemm_conv1d_backward_weight(grad_output, input, g, with_bias);
+    if (all_finite(grad_weight)) return {grad_weight, grad_bias};
   }
   at::Tensor grad_weight = at::empty({g.out_channels, g.in_per_group(), kernel_size}, input.options());
   if (grad_weight.numel() == 0) return {grad_weight, bias_sum()};

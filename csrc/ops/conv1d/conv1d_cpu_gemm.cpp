@@ -12,6 +12,7 @@
 
 #include <algorithm>
 
+#include "common/cpu_vec.h"
 #include "ops/conv1d/conv1d.h"
 #include "ops/conv1d/conv1d_cpu_util.h"
 
@@ -45,16 +46,28 @@ void lay_columns(const T* x, const Conv1dGeometry& g, int64_t n0, int64_t count,
   });
 }
 
-// gyt (C_out, count * L_out) = grad_output[n0 .. n0 + count) with the channel first; gy contiguous.
+// gyt (C_out, count * L_out) = grad_output[n0 .. n0 + count) with the channel first; gy contiguous. With row_sums,
+// also each copied row's sum, row_sums[o * count + n] (the bias gradient's terms, in the same pass over grad_output).
 template <typename T>
-void channels_first(const T* gy, const Conv1dGeometry& g, int64_t n0, int64_t count, T* gyt) {
+void channels_first(const T* gy, const Conv1dGeometry& g, int64_t n0, int64_t count, T* gyt, T* row_sums) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size();
   const int64_t lo = g.out_length;
   at::parallel_for(0, g.out_channels * count, std::max<int64_t>(1, 4096 / lo), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t o = row / count, n = row % count;
       const T* src = gy + ((n0 + n) * g.out_channels + o) * lo;
       T* dst = gyt + row * lo;
-      for (int64_t l = 0; l < lo; ++l) dst[l] = src[l];
+      Vec sum(T(0));
+      int64_t l = 0;
+      for (; l + V <= lo; l += V) {
+        const Vec v = Vec::loadu(src + l);
+        v.store(dst + l);
+        sum = sum + v;
+      }
+      T tail = 0;
+      for (; l < lo; ++l) tail += dst[l] = src[l];
+      if (row_sums != nullptr) row_sums[row] = hsum(sum) + tail;
     }
   });
 }
@@ -125,16 +138,19 @@ WeightGradientPath cpu_weight_gradient_path(const Conv1dGeometry& g, at::ScalarT
   return gemm ? WeightGradientPath::kGemm : otherwise;
 }
 
-at::Tensor gemm_conv1d_backward_weight(const at::Tensor& grad_output, const at::Tensor& input,
-                                       const Conv1dGeometry& g) {
+std::tuple<at::Tensor, at::Tensor> gemm_conv1d_backward_weight(const at::Tensor& grad_output, const at::Tensor& input,
+                                                               const Conv1dGeometry& g, bool with_bias) {
   const int64_t cg = g.in_per_group(), og = g.out_per_group(), k = g.kernel_size, lo = g.out_length;
   const at::Tensor x = input.contiguous(), gy = grad_output.contiguous();
   at::Tensor grad = at::zeros({g.out_channels, cg * k}, input.options());
   // Chunks of the batch bound the columns; the chunking depends on the shape only and the chunks are summed in
-  // order (no atomics), so at a fixed thread count the result is the same on every run.
+  // order (no atomics), so at a fixed thread count the result is the same on every run (the bias gradient, summed in
+  // a fixed order by us, at any thread count).
   const int64_t chunk = std::clamp<int64_t>(kColumnBudget / (g.in_channels * k * lo), 1, g.batch);
   const at::Tensor cols_buffer = at::empty({g.in_channels * k * chunk * lo}, input.options());
   const at::Tensor gyt_buffer = at::empty({g.out_channels * chunk * lo}, input.options());
+  const at::Tensor sums_buffer = at::empty({with_bias ? g.out_channels * chunk : 0}, input.options());
+  at::Tensor grad_bias = with_bias ? at::zeros({g.out_channels}, input.options()) : at::Tensor();
   for (int64_t n0 = 0; n0 < g.batch; n0 += chunk) {
     const int64_t count = std::min(chunk, g.batch - n0);
     // (a shorter last chunk: the buffers' first values as contiguous (rows, count * L_out) matrices)
@@ -143,13 +159,15 @@ at::Tensor gemm_conv1d_backward_weight(const at::Tensor& grad_output, const at::
     const at::Tensor dy = gyt_buffer.narrow(0, 0, g.out_channels * width).view({g.out_channels, width});
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pyops_conv1d_gemm_weight", [&] {
       lay_columns(x.const_data_ptr<scalar_t>(), g, n0, count, rows.mutable_data_ptr<scalar_t>());
-      channels_first(gy.const_data_ptr<scalar_t>(), g, n0, count, dy.mutable_data_ptr<scalar_t>());
+      channels_first(gy.const_data_ptr<scalar_t>(), g, n0, count, dy.mutable_data_ptr<scalar_t>(),
+                     with_bias ? sums_buffer.mutable_data_ptr<scalar_t>() : nullptr);
     });
     for (int64_t grp = 0; grp < g.groups; ++grp) {
       grad.narrow(0, grp * og, og).addmm_(dy.narrow(0, grp * og, og), rows.narrow(0, grp * cg * k, cg * k).t());
     }
+    if (with_bias) grad_bias.add_(sums_buffer.narrow(0, 0, g.out_channels * count).view({g.out_channels, count}).sum(1));
   }
-  return grad.view({g.out_channels, cg, k});
+  return {grad.view({g.out_channels, cg, k}), grad_bias};
 }
 
 }  // namespace pyops
