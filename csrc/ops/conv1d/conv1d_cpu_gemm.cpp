@@ -159,13 +159,17 @@ std::tuple<at::Tensor, at::Tensor> gemm_conv1d_backward_weight(const at::Tensor&
     const at::Tensor dy = gyt_buffer.narrow(0, 0, g.out_channels * width).view({g.out_channels, width});
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pyops_conv1d_gemm_weight", [&] {
       lay_columns(x.const_data_ptr<scalar_t>(), g, n0, count, rows.mutable_data_ptr<scalar_t>());
-      channels_first(gy.const_data_ptr<scalar_t>(), g, n0, count, dy.mutable_data_ptr<scalar_t>(),
-                     with_bias ? sums_buffer.mutable_data_ptr<scalar_t>() : nullptr);
+      scalar_t* sums = with_bias ? sums_buffer.mutable_data_ptr<scalar_t>() : nullptr;
+      channels_first(gy.const_data_ptr<scalar_t>(), g, n0, count, dy.mutable_data_ptr<scalar_t>(), sums);
+      if (sums == nullptr) return;
+      scalar_t* bias = grad_bias.mutable_data_ptr<scalar_t>();
+      for (int64_t o = 0; o < g.out_channels; ++o) {
+        for (int64_t n = 0; n < count; ++n) bias[o] += sums[o * count + n];
+      }
     });
     for (int64_t grp = 0; grp < g.groups; ++grp) {
       grad.narrow(0, grp * og, og).addmm_(dy.narrow(0, grp * og, og), rows.narrow(0, grp * cg * k, cg * k).t());
     }
-    if (with_bias) grad_bias.add_(sums_buffer.narrow(0, 0, g.out_channels * count).view({g.out_channels, count}).sum(1));
   }
   return {grad.view({g.out_channels, cg, k}), grad_bias};
 }
