@@ -20,6 +20,9 @@ CASES = {
     # a training batch of short clips (a keyword-spotting CNN's first layer on 32 x 1 s of 40 MFCCs): short rows,
     # whose weight gradient the CPU runs as one matrix product over the batch
     "keyword spotting b32": (("cpu",), 32, 40, 64, 101, 3, 1, 1, 1, ("fp32",)),
+    # a pointwise layer of a separable conv1d network (QuartzNet's 256-channel blocks on 8 x 4 s of audio): on the CPU
+    # every op a matrix product (F.conv1d's oneDNN converts the input and output to its blocked layout and back)
+    "pointwise b8": (("cpu",), 8, 256, 256, 400, 1, 1, 0, 1, ("fp32",)),
     "depthwise causal large": (("cuda",), 8, 2048, 2048, 2048, 4, 1, 3, 2048, ("fp32", "bf16")),
     "wav2vec2 conv0": (("cuda",), 8, 1, 512, 16000, 10, 5, 0, 1, ("fp32", "bf16")),
     "wav2vec2 conv1": (("cuda",), 8, 512, 512, 3199, 3, 2, 0, 1, ("fp32", "bf16")),

@@ -107,6 +107,34 @@ def test_dense_gemm_weight_gradient_matches_torch(device, config, path, monkeypa
                          torch.float32)
 
 
+# Pointwise layers (kernel 1, no padding, one group) as matrix products on the CPU (pointwise_as_product: `auto` where
+# faster, `gemm` always, float32 and float64): forward and input gradient per sample, the weight gradient per sample
+# on rows of >= 64 positions and as one product of copies below; strides (positions between the reads get no input
+# gradient), a batch of one, no bias, and inputs that are views (transposed, sliced).
+@pytest.mark.parametrize("config", [(3, 48, 40, 130, 2, True), (4, 20, 24, 100, 1, False), (1, 64, 80, 63, 1, True),
+                                    (5, 16, 16, 40, 3, True), (2, 8, 12, 200, 1, True)], ids=str)
+@pytest.mark.parametrize("view", ["contiguous", "transposed", "sliced"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("path", ["auto", "gemm"])
+def test_pointwise_layers_as_products_match_torch(device, config, view, dtype, path, monkeypatch):
+    monkeypatch.setenv("PYOPS_CONV1D_PATH", path)
+    n, cin, cout, length, stride, bias = config
+    g = torch.Generator().manual_seed(23)
+    if view == "transposed":
+        x = rand((n, length, cin), dtype, device, g).transpose(1, 2)
+    elif view == "sliced":
+        x = rand((n, cin + 3, length + 5), dtype, device, g)[:, 2:cin + 2, 5:]
+    else:
+        x = rand((n, cin, length), dtype, device, g)
+    w = rand((cout, cin, 1), dtype, device, g)
+    b = rand((cout,), dtype, device, g) if bias else None
+    assert_matches_torch(x, w, b, (stride, 0, 1, 1), dtype)
+    if device == "cpu" and path == "gemm":  # (the products ran: forward and input gradient through bmm)
+        with torch.profiler.profile() as prof:
+            pyops.conv1d(x.detach().requires_grad_(), w, b, stride).sum().backward()
+        assert sum(e.name == "aten::bmm" for e in prof.events()) == 2
+
+
 # The CPU correlation kernel's regimes (conv1d_cpu_correlate.cpp): a strided layer's window staged in the stride's
 # phases (kernels narrower and wider than the stride, dilation, several chunks per row, 1, 4 and 8 input channels
 # per group, rows shorter than one vector), short rows of dense and depthwise layers (partial tiles; batches of
@@ -326,7 +354,9 @@ def grads_of(x, w, b, args, grad_out):
 @pytest.mark.parametrize("config", [(4, 64, 64, 257, 3, 1, 1, 1, 1), (2, 16, 16, 1000, 4, 1, 3, 1, 16),
                                     (37, 1, 1, 2000, 9, 1, 4, 1, 1), (3, 8, 8, 300, 3, 2, 1, 2, 2),
                                     # one image: on several threads its output channels are split among work items
-                                    (1, 8, 130, 1024, 9, 1, 4, 1, 1), (1, 3, 7, 500, 5, 2, 2, 1, 1)], ids=str)
+                                    (1, 8, 130, 1024, 9, 1, 4, 1, 1), (1, 3, 7, 500, 5, 2, 2, 1, 1),
+                                    # pointwise: per-sample products, and one product of copies on short rows
+                                    (4, 64, 64, 257, 1, 1, 0, 1, 1), (16, 32, 48, 20, 1, 1, 0, 1, 1)], ids=str)
 @pytest.mark.parametrize("path", ["auto", "direct", "library", "gemm"])
 def test_deterministic_across_runs_and_thread_counts(device, config, path, monkeypatch):
     """Our kernels (`direct`) are bitwise reproducible across runs and thread counts as they are. The library path
@@ -850,21 +880,34 @@ def test_both_precisions_take_the_weight_gradients_product(dtype, monkeypatch):
     torch.testing.assert_close(got.double(), want, rtol=tolerance / 100, atol=tolerance)
 
 
-# (N, C_in, C_out, L, K, stride, groups), whether auto sends the forward and the input gradient to ATen's convolution,
-# and the weight gradient's path: where the matrix product runs on this CPU, and where it does not (oneDNN's or ours)
+# (N, C_in, C_out, L, K, stride, groups) and where auto runs each op (forward, input gradient, weight gradient):
+# "library" (ATen's convolution), "direct" (our kernels) or "gemm" (a matrix product through BLAS); a pair where it
+# depends on the CPU: (where the products run as wide as oneDNN, elsewhere)
 ROUTES = [
-    ((4, 128, 128, 1024, 3, 1, 1), (True, True, "library", "library")),  # the dense TCN: wide products, long rows
-    ((2, 256, 256, 200, 3, 2, 1), (True, True, "gemm", "library")),  # wide and strided, as wav2vec2's, shorter rows
-    ((4, 256, 2, 256, 3, 1, 1), (False, False, "direct", "direct")),  # few outputs forward, a short reduction back
-    ((2, 8, 256, 1024, 9, 1, 1), (False, False, "direct", "direct")),  # short reductions, long rows (> 1 image)
-    ((8, 64, 64, 6, 3, 1, 1), (False, False, "gemm", "library")),  # < 1M multiply-adds; weight gradient of 48 positions
-    ((32, 40, 64, 101, 3, 1, 1), (False, True, "gemm", "direct")),  # a keyword-spotting layer: short rows, batch 32
-    ((8, 256, 16, 300, 3, 1, 1), (True, False, "library", "library")),  # few outputs from a long reduction
-    ((8, 1024, 512, 9, 5, 5, 8), (True, True, "library", "library")),  # 8 groups of 128->64: 655k multiply-adds each
-    ((1, 8, 256, 1024, 9, 1, 1), (True, True, "library", "library")),  # one small image: ATen's im2col GEMM
-    ((1, 1, 512, 16000, 10, 5, 1), (False, True, "library", "library")),  # wav2vec2's first layer on one clip
-    ((1, 24, 384, 273, 5, 2, 1), (True, True, "library", "library")),  # one small image at stride 2
+    ((4, 128, 128, 1024, 3, 1, 1), ("library", "library", "library")),  # the dense TCN: wide products, long rows
+    ((2, 256, 256, 200, 3, 2, 1), ("library", "library", ("gemm", "library"))),  # wide, strided (wav2vec2), shorter rows
+    ((4, 256, 2, 256, 3, 1, 1), ("direct", "direct", "direct")),  # few outputs forward, a short reduction back
+    ((2, 8, 256, 1024, 9, 1, 1), ("direct", "direct", "direct")),  # short reductions, long rows (> 1 image)
+    ((8, 64, 64, 6, 3, 1, 1), ("direct", "direct", ("gemm", "library"))),  # < 1M multiply-adds; 48 positions back
+    ((32, 40, 64, 101, 3, 1, 1), ("direct", "library", ("gemm", "direct"))),  # keyword spotting: short rows, batch 32
+    ((8, 256, 16, 300, 3, 1, 1), ("library", "direct", "library")),  # few outputs from a long reduction
+    ((8, 1024, 512, 9, 5, 5, 8), ("library", "library", "library")),  # 8 groups of 128->64: 655k multiply-adds each
+    ((1, 8, 256, 1024, 9, 1, 1), ("library", "library", "library")),  # one small image: ATen's im2col GEMM
+    ((1, 1, 512, 16000, 10, 5, 1), ("direct", "library", "library")),  # wav2vec2's first layer on one clip
+    ((1, 24, 384, 273, 5, 2, 1), ("library", "library", "library")),  # one small image at stride 2
+    # pointwise layers: products outright (forward from >= 16 input channels; the weight gradient per sample from
+    # rows of >= 64 positions, else by the rule above)
+    ((8, 256, 256, 400, 1, 1, 1), (("gemm", "library"), ("gemm", "library"), ("gemm", "library"))),  # QuartzNet's
+    ((16, 64, 128, 300, 1, 2, 1), (("gemm", "direct"), ("gemm", "library"), ("gemm", "direct"))),  # a strided shortcut
+    ((4, 8, 64, 500, 1, 1, 1), ("direct", ("gemm", "direct"), ("gemm", "direct"))),  # a short reduction forward
+    ((64, 32, 32, 20, 1, 1, 1), (("gemm", "direct"), ("gemm", "direct"), ("gemm", "direct"))),  # short rows
+    ((4, 64, 64, 300, 1, 1, 2), ("direct", "direct", "direct")),  # grouped: not a product
 ]
+
+# the ATen op that reveals each path of each pyops op (none: our kernels)
+PATH_OPS = {"forward": {"library": "aten::convolution", "gemm": "aten::bmm"},
+            "input": {"library": "aten::convolution_backward", "gemm": "aten::bmm"},
+            "weight": {"library": "aten::convolution_backward", "gemm": "aten::addmm_"}}
 
 
 @pytest.mark.parametrize("config,routes", ROUTES, ids=str)
@@ -874,8 +917,9 @@ def test_each_op_takes_aten_where_its_own_product_is_wide(config, routes, monkey
     round; with lower bars for the backward ops where ATen's kernel is its im2col GEMM (one image of <= 20480
     values), a multiply-add floor where it is oneDNN, and the weight gradient of few positions. The weight gradient
     runs as one matrix product (aten::addmm_) where that is faster (cpu_weight_gradient_path): short rows that would
-    be ours, and all but few outputs from long reductions that would be oneDNN's. Checked by the ATen ops each pyops
-    op calls (torch.profiler); values equal F.conv1d's in float64 either way."""
+    be ours, and all but few outputs from long reductions that would be oneDNN's. A pointwise layer's ops are matrix
+    products (pointwise_as_product: aten::bmm, the weight gradient's aten::addmm_). Checked by the ATen ops each
+    pyops op calls (torch.profiler); values equal F.conv1d's in float64 either way."""
     monkeypatch.setenv("PYOPS_CONV1D_PATH", "auto")
     n, cin, cout, length, k, stride, groups = config
     g = torch.Generator().manual_seed(8)
@@ -883,18 +927,18 @@ def test_each_op_takes_aten_where_its_own_product_is_wide(config, routes, monkey
     b = rand((cout,), torch.float32, "cpu", g)
     args = (stride, k // 2, 1, groups)
     grad_out = rand(tuple(torch.nn.functional.conv1d(x, w, b, *args).shape), torch.float32, "cpu", g)
-    forward, input_gradient, weight_with_gemm, weight_without = routes
-    weight = weight_with_gemm if gemm_weight_gradient_runs_here() else weight_without
-    calls = [(lambda: torch.ops.pyops.conv1d(x, w, b, *args), "aten::convolution", forward),
-             (lambda: torch.ops.pyops.conv1d_backward_input(grad_out, w, length, *args), "aten::convolution_backward",
-              input_gradient),
-             (lambda: torch.ops.pyops.conv1d_backward_weight(grad_out, x, k, *args), "aten::convolution_backward",
-              weight == "library"),
-             (lambda: torch.ops.pyops.conv1d_backward_weight(grad_out, x, k, *args), "aten::addmm_", weight == "gemm")]
-    for call, name, expected in calls:
+    here = gemm_weight_gradient_runs_here()
+    expected = {op: route if isinstance(route, str) else route[0 if here else 1]
+                for op, route in zip(("forward", "input", "weight"), routes)}
+    calls = {"forward": lambda: torch.ops.pyops.conv1d(x, w, b, *args),
+             "input": lambda: torch.ops.pyops.conv1d_backward_input(grad_out, w, length, *args),
+             "weight": lambda: torch.ops.pyops.conv1d_backward_weight(grad_out, x, k, *args)}
+    for op, call in calls.items():
         with torch.profiler.profile() as prof:
             call()
-        assert (name in {e.name for e in prof.events()}) == expected, (config, name)
+        names = {e.name for e in prof.events()}
+        for path, name in PATH_OPS[op].items():
+            assert (name in names) == (expected[op] == path), (config, op, name)
     ours, _ = forward_and_grads(pyops.conv1d, x, w, b, args, grad_out)
     want, _ = forward_and_grads(torch.nn.functional.conv1d, x.double(), w.double(), b.double(), args,
                                 grad_out.double())

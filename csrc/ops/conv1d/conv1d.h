@@ -40,8 +40,8 @@ Conv1dGeometry check_conv1d_backward_weight(const at::Tensor& grad_output, const
                                             int64_t groups);
 
 // PYOPS_CONV1D_PATH, read per call so that tests can force each path: auto (the default), direct (our kernels),
-// library (ATen's convolution, as F.conv1d), gemm (library, but the CPU weight gradient through the matrix product
-// below whatever the CPU and layer). A ValueError names any other value.
+// library (ATen's convolution, as F.conv1d), gemm (library, but the CPU weight gradient and every op of a pointwise
+// layer through the matrix products below, whatever the CPU and layer). A ValueError names any other value.
 enum class Conv1dPath { kAuto, kDirect, kLibrary, kGemm };
 Conv1dPath conv1d_path();
 
@@ -113,7 +113,19 @@ bool all_finite(const at::Tensor& t);
 enum class WeightGradientPath { kDirect, kLibrary, kGemm };
 WeightGradientPath cpu_weight_gradient_path(const Conv1dGeometry& g, at::ScalarType dtype);
 // grad_weight, and grad_bias when with_bias (from the same pass over grad_output; undefined otherwise).
+// A pointwise layer's (below) on rows of >= 64 positions sums per-sample products instead of one product of copies.
 std::tuple<at::Tensor, at::Tensor> gemm_conv1d_backward_weight(const at::Tensor& grad_output, const at::Tensor& input,
                                                                const Conv1dGeometry& g, bool with_bias);
+
+// Pointwise layers (kernel 1, no padding, one group; any stride) on the CPU: the forward is a batch of matrix
+// products out[n] = W (C_out, C_in) x[n][:, ::stride] (C_in, L_out), and the input gradient W^T gy[n] (zero between
+// the strided reads), through ATen's BLAS (bmm); their weight gradient runs as above. Whether op runs so: forced by
+// conv1d_path() (gemm: float32 and float64 layers), or under auto where bench/ shows it faster
+// (pointwise_as_product, conv1d_cpu_gemm.cpp). bias (C_out) contiguous or undefined; weight (C_out, C_in, 1).
+bool pointwise_as_product(const Conv1dGeometry& g, at::ScalarType dtype, Conv1dOp op);
+at::Tensor gemm_pointwise_conv1d(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                                 const Conv1dGeometry& g);
+at::Tensor gemm_pointwise_backward_input(const at::Tensor& grad_output, const at::Tensor& weight,
+                                         const Conv1dGeometry& g);
 
 }  // namespace pyops

@@ -2,7 +2,8 @@
 // float32), and the rewrites that turn each op into one of the two CPU correlation kernels (conv1d_cpu_correlate.cpp,
 // conv1d_cpu_weight.cpp) -- or, for the ops whose product ATen's GEMM-based convolution runs faster
 // (conv1d_use_library, bench/NOTES-conv1d.md), into ATen's convolution; the weight gradient into one of three paths,
-// the third a matrix product through BLAS (cpu_weight_gradient_path, conv1d_cpu_gemm.cpp).
+// the third a matrix product through BLAS (cpu_weight_gradient_path, conv1d_cpu_gemm.cpp); and the ops of pointwise
+// layers into matrix products (pointwise_as_product, conv1d_cpu_gemm.cpp).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -100,6 +101,8 @@ at::Tensor conv1d_cpu(const at::Tensor& input, const at::Tensor& weight, const s
   }
   check_cpu_dtype(input, "input");
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  if (!empty && pointwise_as_product(g, input.scalar_type(), Conv1dOp::kForward))
+    return gemm_pointwise_conv1d(input, weight, b, g);
   // ATen allocates its own output: decide before allocating ours
   if (library) return library_conv1d(input, weight, b, g);
   at::Tensor out = at::empty({g.batch, g.out_channels, g.out_length}, input.options());
@@ -126,6 +129,8 @@ at::Tensor conv1d_backward_input_cpu(const at::Tensor& grad_output, const at::Te
         .to(grad_output.scalar_type());
   }
   check_cpu_dtype(grad_output, "grad_output");
+  if (!empty && pointwise_as_product(g, grad_output.scalar_type(), Conv1dOp::kBackwardInput))
+    return gemm_pointwise_backward_input(grad_output, weight, g);
   if (library) return library_conv1d_backward_input(grad_output, weight, g);
   if (empty) return at::empty({g.batch, g.in_channels, g.in_length}, grad_output.options());
   // Phase r of grad_input (positions r, r + stride, ...) sums the taps of the class reading input phase r: output m

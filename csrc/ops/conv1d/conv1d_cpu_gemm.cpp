@@ -1,4 +1,6 @@
-// grad_weight of CPU layers as one matrix product through ATen's BLAS (MKL), the batch and positions its reduction:
+// conv1d on the CPU as matrix products through ATen's BLAS (MKL). Pointwise layers (pointwise_as_product, below) are
+// products outright: forward and input gradient a batch of per-sample ones, the weight gradient their sum.
+// grad_weight of other layers is one matrix product, the batch and positions its reduction:
 //   grad_weight[o, (c, t)] = sum over (n, l) of grad_output[n, o, l] * input[n, c, l*stride + t*dilation - padding],
 // per group a (C_out/groups, P) x (P, C_in/groups * K) product, P = N * L_out, from grad_output with the channel
 // first and the input's columns (im2col: one row per (channel, tap), zero where the tap reads padding). One deep
@@ -48,6 +50,7 @@ void lay_columns(const T* x, const Conv1dGeometry& g, int64_t n0, int64_t count,
 
 // gyt (C_out, count * L_out) = grad_output[n0 .. n0 + count) with the channel first; gy contiguous. With row_sums,
 // also each copied row's sum, row_sums[o * count + n] (the bias gradient's terms, in the same pass over grad_output).
+// Without gyt, only the sums.
 template <typename T>
 void channels_first(const T* gy, const Conv1dGeometry& g, int64_t n0, int64_t count, T* gyt, T* row_sums) {
   using Vec = Vectorized<T>;
@@ -57,17 +60,44 @@ void channels_first(const T* gy, const Conv1dGeometry& g, int64_t n0, int64_t co
     for (int64_t row = begin; row < end; ++row) {
       const int64_t o = row / count, n = row % count;
       const T* src = gy + ((n0 + n) * g.out_channels + o) * lo;
-      T* dst = gyt + row * lo;
+      T* dst = gyt == nullptr ? nullptr : gyt + row * lo;
       Vec sum(T(0));
       int64_t l = 0;
       for (; l + V <= lo; l += V) {
         const Vec v = Vec::loadu(src + l);
-        v.store(dst + l);
+        if (dst != nullptr) v.store(dst + l);
         sum = sum + v;
       }
       T tail = 0;
-      for (; l < lo; ++l) tail += dst[l] = src[l];
+      for (; l < lo; ++l) {
+        tail += src[l];
+        if (dst != nullptr) dst[l] = src[l];
+      }
       if (row_sums != nullptr) row_sums[row] = hsum(sum) + tail;
+    }
+  });
+}
+
+// grad_bias[o] += sum over n of sums[o * count + n], in that order (whatever the thread count).
+template <typename T>
+void add_row_sums(const T* sums, int64_t channels, int64_t count, T* grad_bias) {
+  for (int64_t o = 0; o < channels; ++o) {
+    for (int64_t n = 0; n < count; ++n) grad_bias[o] += sums[o * count + n];
+  }
+}
+
+// out[n, o, :] += bias[o]; out contiguous (N, C, L).
+template <typename T>
+void add_bias(T* out, const T* bias, int64_t batch, int64_t channels, int64_t length) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  at::parallel_for(0, batch * channels, std::max<int64_t>(1, 4096 / length), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      T* at = out + row * length;
+      const Vec b(bias[row % channels]);
+      int64_t l = 0;
+      for (; l + V <= length; l += V) (Vec::loadu(at + l) + b).store(at + l);
+      for (; l < length; ++l) at[l] += bias[row % channels];
     }
   });
 }
@@ -89,8 +119,27 @@ BlasIsa blas_isa() {
 #endif
 }
 
+// Where MKL's products run as wide as oneDNN's convolutions, the rules below' measurements hold.
+bool blas_runs_full_width() {
+  const BlasIsa isa = blas_isa();
+  return (isa == BlasIsa::kAvx2 || isa == BlasIsa::kIntelAvx512) && at::globalContext().hasMKL();
+}
+
+bool product_dtype(at::ScalarType dtype) { return dtype == at::kFloat || dtype == at::kDouble; }
+
 // Columns of at most 2^22 values a chunk (16 MB in float32).
 constexpr int64_t kColumnBudget = int64_t{1} << 22;
+
+// Pointwise weight gradients from rows of at least this many positions sum per-sample products of grad_output and
+// the input as they lie (no copies); shorter rows make one product of copies (lay_columns, channels_first).
+constexpr int64_t kPerSampleRow = 64;
+
+bool is_pointwise(const Conv1dGeometry& g) { return g.kernel_size == 1 && g.padding == 0 && g.groups == 1; }
+
+// x[:, :, ::stride] (the positions a pointwise layer reads), as bmm takes it: x itself at stride 1
+at::Tensor read_positions(const at::Tensor& x, const Conv1dGeometry& g) {
+  return g.stride == 1 ? x : x.slice(2, 0, x.size(2), g.stride).contiguous();
+}
 
 }  // namespace
 
@@ -117,7 +166,7 @@ constexpr int64_t kColumnBudget = int64_t{1} << 22;
 // path is its own im2col convolution, oneDNN having none): 240 random float64 layers, this rule fitted on float32
 // scored 1.11 geomean / 1.13 total over the fastest path, stop 29's 1.50 / 1.38 (the product fastest on 152).
 WeightGradientPath cpu_weight_gradient_path(const Conv1dGeometry& g, at::ScalarType dtype) {
-  const bool gemm_dtype = dtype == at::kFloat || dtype == at::kDouble;  // (half: computed in float32 or oneDNN's)
+  const bool gemm_dtype = product_dtype(dtype);  // (half: computed in float32 or oneDNN's)
   switch (conv1d_path()) {
     case Conv1dPath::kDirect: return WeightGradientPath::kDirect;
     case Conv1dPath::kLibrary: return WeightGradientPath::kLibrary;
@@ -126,9 +175,9 @@ WeightGradientPath cpu_weight_gradient_path(const Conv1dGeometry& g, at::ScalarT
   }
   const bool library = conv1d_use_library(g, Conv1dOp::kBackwardWeight, /*cuda=*/false);
   const WeightGradientPath otherwise = library ? WeightGradientPath::kLibrary : WeightGradientPath::kDirect;
-  const BlasIsa isa = blas_isa();
-  const bool full_width = (isa == BlasIsa::kAvx2 || isa == BlasIsa::kIntelAvx512) && at::globalContext().hasMKL();
-  if (!gemm_dtype || !full_width || aten_takes_im2col(g) || g.groups > 4 ||
+  if (!gemm_dtype || !blas_runs_full_width()) return otherwise;
+  if (is_pointwise(g) && g.out_length >= kPerSampleRow) return WeightGradientPath::kGemm;  // (see pointwise_as_product)
+  if (aten_takes_im2col(g) || g.groups > 4 ||
       double(g.in_channels) * g.kernel_size * g.out_length > kColumnBudget) {
     return otherwise;
   }
@@ -138,10 +187,36 @@ WeightGradientPath cpu_weight_gradient_path(const Conv1dGeometry& g, at::ScalarT
   return gemm ? WeightGradientPath::kGemm : otherwise;
 }
 
+namespace {
+
+// A pointwise layer's weight gradient as the sum of the per-sample products gy[n] (C_out, L_out) x[n]^T (L_out,
+// C_in), in batch order; the bias gradient from one pass of row sums over grad_output.
+std::tuple<at::Tensor, at::Tensor> per_sample_weight_gradient(const at::Tensor& gy, const at::Tensor& input,
+                                                              const Conv1dGeometry& g, bool with_bias) {
+  const at::Tensor x = read_positions(input, g);
+  at::Tensor grad = at::zeros({g.out_channels, g.in_channels}, gy.options());
+  for (int64_t n = 0; n < g.batch; ++n) grad.addmm_(gy[n], x[n].t());
+  at::Tensor grad_bias = with_bias ? at::zeros({g.out_channels}, gy.options()) : at::Tensor();
+  if (with_bias) {
+    const at::Tensor sums = at::empty({g.out_channels * g.batch}, gy.options());
+    AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "pyops_conv1d_pointwise_bias", [&] {
+      // (the rows in channel-first order, as channels_first numbers them)
+      channels_first(gy.const_data_ptr<scalar_t>(), g, 0, g.batch, static_cast<scalar_t*>(nullptr),
+                     sums.mutable_data_ptr<scalar_t>());
+      add_row_sums(sums.const_data_ptr<scalar_t>(), g.out_channels, g.batch, grad_bias.mutable_data_ptr<scalar_t>());
+    });
+  }
+  return {grad.view({g.out_channels, g.in_channels, 1}), grad_bias};
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> gemm_conv1d_backward_weight(const at::Tensor& grad_output, const at::Tensor& input,
                                                                const Conv1dGeometry& g, bool with_bias) {
   const int64_t cg = g.in_per_group(), og = g.out_per_group(), k = g.kernel_size, lo = g.out_length;
-  const at::Tensor x = input.contiguous(), gy = grad_output.contiguous();
+  const at::Tensor gy = grad_output.contiguous();
+  if (is_pointwise(g) && lo >= kPerSampleRow) return per_sample_weight_gradient(gy, input, g, with_bias);
+  const at::Tensor x = input.contiguous();
   at::Tensor grad = at::zeros({g.out_channels, cg * k}, input.options());
   // Chunks of the batch bound the columns; the chunking depends on the shape only and the chunks are summed in
   // order (no atomics), so at a fixed thread count the result is the same on every run (the bias gradient, summed in
@@ -161,17 +236,59 @@ std::tuple<at::Tensor, at::Tensor> gemm_conv1d_backward_weight(const at::Tensor&
       lay_columns(x.const_data_ptr<scalar_t>(), g, n0, count, rows.mutable_data_ptr<scalar_t>());
       scalar_t* sums = with_bias ? sums_buffer.mutable_data_ptr<scalar_t>() : nullptr;
       channels_first(gy.const_data_ptr<scalar_t>(), g, n0, count, dy.mutable_data_ptr<scalar_t>(), sums);
-      if (sums == nullptr) return;
-      scalar_t* bias = grad_bias.mutable_data_ptr<scalar_t>();
-      for (int64_t o = 0; o < g.out_channels; ++o) {
-        for (int64_t n = 0; n < count; ++n) bias[o] += sums[o * count + n];
-      }
+      if (sums != nullptr) add_row_sums(sums, g.out_channels, count, grad_bias.mutable_data_ptr<scalar_t>());
     });
     for (int64_t grp = 0; grp < g.groups; ++grp) {
       grad.narrow(0, grp * og, og).addmm_(dy.narrow(0, grp * og, og), rows.narrow(0, grp * cg * k, cg * k).t());
     }
   }
   return {grad.view({g.out_channels, cg, k}), grad_bias};
+}
+
+// Pointwise layers (stop 31, bench/NOTES-conv1d.md): 182 random ones (batch 1-64, 8-1024 channels, 8-5800
+// positions, 1 and 2 threads, Intel Sapphire Rapids) timed as products and as they ran before (our kernels, oneDNN,
+// the weight gradient's paths above), the chosen time over the fastest: forward 1.41 before, 1.03 now (geomean);
+// input gradient 1.93, 1.00; weight gradient 1.24, 1.11. oneDNN converts a pointwise layer's input and output to its
+// blocked layout and back, which costs as much as the product itself; the input gradient is the product of the
+// transposed weight, fastest on 177 of the 182 layers. The forward's products lose to our kernel only on short
+// reductions (< 16 input channels), the weight gradient's per-sample products (no copies) to one product of copies
+// on rows of < 64 positions (kPerSampleRow; there cpu_weight_gradient_path's general rule decides). On the final
+// build (237 more layers, 73 of them at stride 2), the chosen path over the fastest: 1.03 / 1.03 / 1.08 (before:
+// 1.44 / 1.87 / 1.25 on the stride-1 ones).
+bool pointwise_as_product(const Conv1dGeometry& g, at::ScalarType dtype, Conv1dOp op) {
+  if (!is_pointwise(g) || !product_dtype(dtype) || g.batch * g.out_length == 0) return false;
+  switch (conv1d_path()) {
+    case Conv1dPath::kGemm: return true;
+    case Conv1dPath::kAuto: break;
+    default: return false;
+  }
+  if (!blas_runs_full_width()) return false;
+  return op != Conv1dOp::kForward || g.in_channels >= 16;
+}
+
+at::Tensor gemm_pointwise_conv1d(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                                 const Conv1dGeometry& g) {
+  // bmm with the weight broadcast over the batch: one product a sample, MKL's batched call spreading them
+  const at::Tensor w = weight.reshape({g.out_channels, g.in_channels});
+  at::Tensor out = at::bmm(w.expand({g.batch, g.out_channels, g.in_channels}), read_positions(input, g));
+  if (bias.defined()) {
+    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "pyops_conv1d_pointwise_bias", [&] {
+      add_bias(out.mutable_data_ptr<scalar_t>(), bias.const_data_ptr<scalar_t>(), g.batch, g.out_channels,
+               g.out_length);
+    });
+  }
+  return out;
+}
+
+at::Tensor gemm_pointwise_backward_input(const at::Tensor& grad_output, const at::Tensor& weight,
+                                         const Conv1dGeometry& g) {
+  const at::Tensor wt = weight.reshape({g.out_channels, g.in_channels}).t();
+  const at::Tensor products = at::bmm(wt.expand({g.batch, g.in_channels, g.out_channels}), grad_output);
+  if (g.stride == 1) return products;
+  // (positions between the strided reads get no gradient)
+  at::Tensor grad_input = at::zeros({g.batch, g.in_channels, g.in_length}, grad_output.options());
+  grad_input.slice(2, 0, g.in_length, g.stride).copy_(products);
+  return grad_input;
 }
 
 }  // namespace pyops
