@@ -536,6 +536,40 @@ def test_gradients_with_absent_arguments_and_partial_requires_grad(device, prese
             torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_by_one_gradients_are_a_pointwise_conv1ds(device, dtype, monkeypatch):
+    """A 1×1 layer at stride 1 without padding (one group, NCHW) is a pointwise conv1d over its H·W positions: on the
+    CPU its input and weight gradients come from pyops' conv1d backward ops under PYOPS_CONV_PATH=auto (matrix
+    products where faster: oneDNN converts such a layer's tensors to its blocked layout and back), from ATen's
+    convolution_backward when a path is forced. Every gradient equals the reference's either way, with the weight's
+    alone, with a bias's alone, and in a double backward."""
+    torch.manual_seed(0)
+    d = dict(dtype=dtype, device=device)
+    x, w, b = torch.randn(3, 40, 9, 11, **d), torch.randn(24, 40, 1, 1, **d), torch.randn(24, **d)
+    g, beta, mean, var = torch.randn(24, **d), torch.randn(24, **d), torch.randn(24, **d), torch.rand(24, **d) + 0.5
+    r, gy = torch.randn(3, 24, 9, 11, **d), torch.randn(3, 24, 9, 11, **d)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-4)
+    for path in ("auto", "library"):
+        monkeypatch.setenv("PYOPS_CONV_PATH", path)
+        for wanted in ((x, w, b, g, beta, r), (w,), (b,)):
+            for t in (x, w, b, g, beta, r):
+                t.requires_grad_(any(t is u for u in wanted))
+            with torch.profiler.profile() as prof:
+                out = pyops.conv2d_bn_relu(x, w, b, g, beta, mean, var, 1e-3, residual=r)
+                got = torch.autograd.grad(out, wanted, gy)
+            ref = reference.conv2d_bn_relu(*(t.double() for t in (x, w, b, g, beta, mean, var)), 1e-3,
+                                           residual=r.double())
+            for a, e in zip(got, torch.autograd.grad(ref, wanted, gy.double())):
+                torch.testing.assert_close(a.double(), e.double(), **tol)
+            names = {e.name for e in prof.events()}
+            conv1d_ops = any(n.startswith("pyops::conv1d_backward") for n in names)
+            assert conv1d_ops == (device == "cpu" and path == "auto" and wanted[0] is not b), (path, len(wanted))
+    monkeypatch.setenv("PYOPS_CONV_PATH", "auto")
+    if dtype == torch.float64:
+        xs, ws = x[:1, :3, :3, :4].detach().requires_grad_(), w[:5, :3].detach().requires_grad_()
+        assert torch.autograd.gradgradcheck(lambda x, w: conv2d_bias_act(x, w, None), (xs, ws))
+
+
 def test_gradcheck(device):
     x, w, b, g, beta, mean, var, r = grad_inputs(device)
     # small slices keep gradcheck's numerical Jacobian cheap on this 2-core CPU

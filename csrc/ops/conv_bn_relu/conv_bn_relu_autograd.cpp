@@ -90,11 +90,51 @@ struct ConvArgs {
   }
 };
 
+// A 1×1 layer at stride 1 without padding, one group, on NCHW float32/float64 CPU tensors is a pointwise conv1d over
+// its H·W positions, whose CPU gradients are matrix products where that is faster (conv1d's routing,
+// pointwise_as_product): oneDNN's convolution_backward converts a 1×1 layer's tensors to its blocked layout and back
+// (ResNet-50's bottleneck 1×1 layers at batch 4: 1.1-1.4x; bench/NOTES-conv_bn_relu.md, stop 31). Under
+// PYOPS_CONV_PATH=auto only: library and direct keep ATen's backward.
+bool is_pointwise_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w, const ConvArgs& c) {
+  const bool one_by_one = w.dim() == 4 && w.size(2) == 1 && w.size(3) == 1 && c.groups == 1;
+  const bool unit = c.stride == std::vector<int64_t>{1, 1} && c.padding == std::vector<int64_t>{0, 0};
+  const bool dtype = x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
+  return one_by_one && unit && dtype && x.device().is_cpu() && x.dim() == 4 && x.is_contiguous() &&
+         grad.is_contiguous() && requested_conv_path() == ConvPath::kAuto;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pointwise_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                                  const at::Tensor& w, std::array<bool, 3> mask) {
+  using Conv1dBackwardInput = at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt, int64_t, int64_t,
+                                         int64_t, int64_t);
+  using Conv1dBackwardWeight = at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt, int64_t, int64_t,
+                                          int64_t, int64_t);
+  using Conv1dBackwardWeightBias = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                      c10::SymInt, int64_t, int64_t, int64_t, int64_t);
+  static const auto input_op = find_op<Conv1dBackwardInput>("pyops::conv1d_backward_input");
+  static const auto weight_op = find_op<Conv1dBackwardWeight>("pyops::conv1d_backward_weight");
+  static const auto weight_bias_op = find_op<Conv1dBackwardWeightBias>("pyops::conv1d_backward_weight_bias");
+  const int64_t n = x.size(0), positions = x.size(2) * x.size(3);
+  const at::Tensor gy = grad.view({n, grad.size(1), positions}), x1 = x.view({n, x.size(1), positions});
+  const at::Tensor w1 = w.reshape({w.size(0), w.size(1), 1});
+  at::Tensor gx, gw, gb;
+  if (mask[0]) gx = input_op.call(gy, w1, positions, 1, 0, 1, 1).view(x.sizes());
+  if (mask[1] && mask[2]) {
+    std::tie(gw, gb) = weight_bias_op.call(gy, x1, 1, 1, 0, 1, 1);
+  } else if (mask[1]) {
+    gw = weight_op.call(gy, x1, 1, 1, 0, 1, 1);
+  } else if (mask[2]) {
+    gb = grad.sum(at::IntArrayRef{0, 2, 3});
+  }
+  return {gx, mask[1] ? gw.view(w.sizes()) : gw, gb};
+}
+
 // (grad_x, grad_weight, grad_bias) of conv2d for the gradient of its output; undefined where not asked for.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward(const at::Tensor& grad, const at::Tensor& x,
                                                              const at::Tensor& w, bool has_bias, const ConvArgs& c,
                                                              std::array<bool, 3> mask) {
   if (!mask[0] && !mask[1] && !mask[2]) return {};
+  if (is_pointwise_cpu(grad, x, w, c)) return pointwise_backward(grad, x, w, mask);
   const int64_t out_channels = w.size(0);
   const at::OptionalIntArrayRef bias_sizes =
       has_bias ? at::OptionalIntArrayRef(at::IntArrayRef(&out_channels, 1)) : std::nullopt;
