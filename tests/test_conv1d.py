@@ -283,6 +283,27 @@ def test_non_contiguous_and_channels_last_inputs(device):
     assert_matches_torch(base.transpose(1, 2)[:, :6], w_strided, None, (1, 0, 1, 1), torch.float64)
 
 
+@pytest.mark.parametrize("config", [(3, 2, 1), (1, 3, 1), (4, 2, 2), (2, 3, 1), (5, 3, 2)], ids=str)
+def test_strided_input_gradient_writes_every_phase_once(config, monkeypatch):
+    """At a stride above 1 our input gradient computes each phase of the input (positions r, r + stride, ...) that
+    some tap reads as a correlation, and zeros the phases no tap reads (k=1 at stride 3, dilation 2 at stride 2): the
+    zeros are written only where such a phase exists. Memory freed full of NaN just before (the allocator hands it
+    back for a result of the same size) shows any position left unwritten."""
+    monkeypatch.setenv("PYOPS_CONV1D_PATH", "direct")
+    k, stride, dilation = config
+    g = torch.Generator().manual_seed(31)
+    n, c, length = 4, 64, 601
+    w, x = rand((c, c, k), torch.float32, gen=g), rand((n, c, length), torch.float32, gen=g)
+    grad_out = rand(tuple(torch.nn.functional.conv1d(x, w, None, stride, 1, dilation).shape), torch.float32, gen=g)
+    want = torch.ops.aten.convolution_backward(grad_out.double(), x.double(), w.double(), None, [stride], [1],
+                                               [dilation], False, [0], 1, [True, False, False])[0]
+    for _ in range(3):
+        garbage = torch.full((n, c, length), math.nan)
+        del garbage
+        got = torch.ops.pyops.conv1d_backward_input(grad_out, w, length, stride, 1, dilation, 1)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("path", ["direct", "library", "gemm"])
 def test_strided_gradients_of_infinite_values_stay_where_torch_puts_them(device, path, monkeypatch):
     """Our CPU backward correlated a grad_output upsampled with zeros: 0·inf made NaN of gradients F.conv1d keeps

@@ -63,6 +63,16 @@ TapClasses tap_classes(int64_t kernel_size, int64_t stride, int64_t padding, int
   return t;
 }
 
+// Whether the classes read every phase of an input of `length` positions (a phase at or past the end has none);
+// classes' phases are distinct.
+bool reads_every_phase(const TapClasses& t, int64_t stride, int64_t length) {
+  const int64_t phases = std::min(stride, length);
+  const auto read = std::count_if(t.classes.begin(), t.classes.end(), [&](const TapClass& c) {
+    return c.phase < phases;
+  });
+  return read == phases;
+}
+
 // x[..., phase::stride], contiguous (empty past the end)
 at::Tensor phase_of(const at::Tensor& x, int64_t phase, int64_t stride) {
   const int64_t length = x.size(2);
@@ -135,11 +145,14 @@ at::Tensor conv1d_backward_input_cpu(const at::Tensor& grad_output, const at::Te
   if (empty) return at::empty({g.batch, g.in_channels, g.in_length}, grad_output.options());
   // Phase r of grad_input (positions r, r + stride, ...) sums the taps of the class reading input phase r: output m
   // of the phase takes tap first + t*step from grad_output[m + shift' - t*dilation'], shift' = -shift, a
-  // correlation with that class's taps flipped. Phases no class reads get no gradient.
-  at::Tensor grad_input = stride == 1 ? at::empty({g.batch, g.in_channels, g.in_length}, grad_output.options())
-                                      : at::zeros({g.batch, g.in_channels, g.in_length}, grad_output.options());
-  const at::Tensor gy = grad_output.contiguous();
+  // correlation with that class's taps flipped. Phases no class reads get no gradient (zeros, set only where such
+  // a phase exists: a pass over grad_input that was 15-25 % of a strided depthwise layer's).
   const TapClasses t = tap_classes(g.kernel_size, stride, padding, dilation);
+  const bool every_phase_read = reads_every_phase(t, stride, g.in_length);
+  at::Tensor grad_input = every_phase_read
+                              ? at::empty({g.batch, g.in_channels, g.in_length}, grad_output.options())
+                              : at::zeros({g.batch, g.in_channels, g.in_length}, grad_output.options());
+  const at::Tensor gy = grad_output.contiguous();
   for (const TapClass& c : t.classes) {
     const int64_t length = (g.in_length - c.phase + stride - 1) / stride;
     if (length <= 0) continue;
