@@ -598,19 +598,22 @@ def test_int_arguments_take_integer_likes():
 
 def test_opcheck_all_ops(device):
     g = torch.Generator().manual_seed(11)
-    # (C_out, stride, padding, dilation, groups): general, strided grouped, depthwise (the fused CUDA kernels)
-    for cout, stride, padding, dilation, groups in [(6, 1, 1, 1, 1), (6, 2, 3, 2, 2), (4, 1, 2, 1, 4)]:
-        x = rand((2, 4, 23), device=device, gen=g).requires_grad_()
-        w = rand((cout, 4 // groups, 3), device=device, gen=g).requires_grad_()
+    # (C_in, C_out, K, L, stride, padding, dilation, groups): general, strided grouped, depthwise (the fused CUDA
+    # kernels), pointwise at stride 1 and 2 (the CPU's matrix products)
+    for cin, cout, k, length, stride, padding, dilation, groups in [
+            (4, 6, 3, 23, 1, 1, 1, 1), (4, 6, 3, 23, 2, 3, 2, 2), (4, 4, 3, 23, 1, 2, 1, 4),
+            (20, 6, 1, 70, 1, 0, 1, 1), (20, 6, 1, 140, 2, 0, 1, 1)]:
+        x = rand((2, cin, length), device=device, gen=g).requires_grad_()
+        w = rand((cout, cin // groups, k), device=device, gen=g).requires_grad_()
         b = rand((cout,), device=device, gen=g).requires_grad_()
         hyper = (stride, padding, dilation, groups)
         y = ops.conv1d(x, w, b, *hyper)
         gy = rand(y.shape, device=device, gen=g).requires_grad_()
         torch.library.opcheck(ops.conv1d, (x, w, b, *hyper))
         torch.library.opcheck(ops.conv1d, (x, w, None, *hyper))
-        torch.library.opcheck(ops.conv1d_backward_input, (gy, w, 23, *hyper))
-        torch.library.opcheck(ops.conv1d_backward_weight, (gy, x, 3, *hyper))
-        torch.library.opcheck(ops.conv1d_backward_weight_bias, (gy, x, 3, *hyper))
+        torch.library.opcheck(ops.conv1d_backward_input, (gy, w, length, *hyper))
+        torch.library.opcheck(ops.conv1d_backward_weight, (gy, x, k, *hyper))
+        torch.library.opcheck(ops.conv1d_backward_weight_bias, (gy, x, k, *hyper))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
