@@ -108,9 +108,15 @@ def eval_mode(module):
     module is used with eval semantics (BatchNorm's running statistics, no Dropout) and left as it was (a train-mode
     BatchNorm would otherwise update its statistics and num_batches_tracked). Calls in several threads at once keep
     eval mode until the last one ends (_override). The flags are set directly, both ways, not through
-    train()/eval(), whose overrides (pyops' DerivedWeights drops its cache) are for real mode switches."""
+    train()/eval(), whose overrides (pyops' DerivedWeights drops its cache) are for real mode switches. A submodule
+    already in eval mode that no other block holds is left alone: nothing can make it train during the block but a
+    train() call from another thread, which is unsupported anyway (and a block that begins on it meanwhile reads
+    and restores False). The common case, a model in eval mode, then costs one walk over its modules instead of
+    two writes and two lock round trips each (0.1-0.2 ms of a 1.5 ms sliding_classify call on a small model)."""
     with contextlib.ExitStack() as stack:
         for m in module.modules():
+            if not m.training and (id(m), "training") not in _active:
+                continue
             stack.enter_context(_override((id(m), "training"), lambda m=m: m.training,
                                           lambda v, m=m: setattr(m, "training", v), False))
         yield module

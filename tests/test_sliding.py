@@ -441,7 +441,7 @@ def test_train_mode_model_is_used_with_eval_semantics_and_left_unchanged():
     torch.manual_seed(0)
     model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.Flatten(),
                                        nn.Linear(4 * 8 * 8, 3))).double().train()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = before_model = {k: v.clone() for k, v in model.state_dict().items()}
     x = rand((2, 3, 13, 12), seed=6)
     expected = reference.crop_loop(eval64(copy.deepcopy(model)), x, 10)
     for exact in (False, True):
@@ -462,6 +462,13 @@ def test_train_mode_model_is_used_with_eval_semantics_and_left_unchanged():
         assert all(m.training for m in fcn.modules())
         for k, v in fcn.state_dict().items():
             assert torch.equal(v, before[k]), f"{k} changed"
+    # Mixed flags (eval_mode leaves a submodule already in eval mode alone): only the BatchNorm in training mode
+    model.eval()
+    model[1].train()
+    torch.testing.assert_close(pyops.sliding_classify(model, x, 10), expected, rtol=1e-10, atol=1e-12)
+    assert [m.training for m in model.modules()] == [m is model[1] for m in model.modules()]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before_model[k]), f"{k} changed"
 
 
 class FunctionalDropoutNet(nn.Module):
