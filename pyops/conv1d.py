@@ -19,6 +19,10 @@ _ops = torch.ops.pyops
 
 
 def _int_arg(value, name, minimum):
+    # (the common cases first: nn.Conv1d's 1-tuples and plain ints, checked in a few hundred ns instead of a few µs)
+    plain = value[0] if type(value) is tuple and len(value) == 1 else value
+    if type(plain) is int and plain >= minimum:
+        return plain
     return int_tuple(value, name, 1, minimum)[0]
 
 
