@@ -88,7 +88,8 @@ def fuse(model, inplace=False):
         and the activation are fused into the kernel's epilogue),
       - Linear → BatchNorm1d [→ ReLU/ReLU6] is one pyops.nn.LinearBNReLU,
       - Conv1d/Conv3d (and Conv2d with a non-zero padding mode) → BatchNorm is one folded conv (pyops.fold_bn; a
-        Conv1d's is a pyops.nn.FoldedConv1d, which refuses the unbatched inputs the fold does not cover).
+        Conv1d's is a pyops.nn.FoldedConv1d, computed by pyops.conv1d, which refuses the unbatched inputs the fold
+        does not cover; pyops.nn.swap_conv1d(fuse(model)) computes the model's other Conv1d layers by it too).
     A ReLU is nn.ReLU, nn.ReLU6, F.relu, F.relu6, torch.relu or Tensor.relu, in-place or not. A link of a chain is
     fused only where the previous node's output has no other user (so no other computation sees a changed value);
     a residual add only where nothing between the layer and the add may change a tensor in place (the fused call

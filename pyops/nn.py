@@ -2,7 +2,8 @@
 
 Conv1d: a subclass of torch.nn.Conv1d (same constructor, parameters, state_dict) computed by pyops.conv1d;
 swap_conv1d(model) puts it in place of a model's nn.Conv1d layers.
-FoldedConv1d: the Conv1d → BatchNorm1d pyops.fuse folds, refusing the unbatched inputs the fold does not cover.
+FoldedConv1d: the Conv1d → BatchNorm1d pyops.fuse folds (a Conv1d), refusing the unbatched inputs the fold does
+not cover.
 ConvBNReLU2d: Conv2d → BatchNorm2d (→ residual add) (→ ReLU/ReLU6) as one fused kernel (pyops.conv2d_bias_act).
 LinearBNReLU: Linear → BatchNorm1d (→ ReLU/ReLU6) as one GEMM with the activation applied in place.
 SlidingClassifier: a crop classifier applied densely to whole images (pyops.sliding_classify as a module).
@@ -69,10 +70,11 @@ class Conv1d(NotScriptable, torch.nn.Conv1d):
         return new.train(conv.training)
 
 
-class FoldedConv1d(NotScriptable, torch.nn.Conv1d):
-    """An nn.Conv1d with a BatchNorm1d folded into it, as pyops.fuse installs one: the same layer, refusing
-    unbatched (C, L) inputs. On those the BatchNorm1d it replaced took C as the batch and normalized along L, which
-    the fold does not compute (the model raised there, unless L_out equals C_out)."""
+class FoldedConv1d(Conv1d):
+    """An nn.Conv1d with a BatchNorm1d folded into it, as pyops.fuse installs one: the same layer computed by
+    pyops.conv1d (a Conv1d above: the depthwise, pointwise and small-channel layers of 1-D networks run pyops'
+    kernels), refusing unbatched (C, L) inputs. On those the BatchNorm1d it replaced took C as the batch and
+    normalized along L, which the fold does not compute (the model raised there, unless L_out equals C_out)."""
 
     def forward(self, x):
         """x (N, C_in, L) → (N, C_out, L_out), as nn.Conv1d."""
