@@ -119,7 +119,7 @@ BlasIsa blas_isa() {
 #endif
 }
 
-// Where MKL's products run as wide as oneDNN's convolutions, the rules below' measurements hold.
+// Whether MKL's products run as wide as oneDNN's convolutions here: where the measurements behind the rules below hold.
 bool blas_runs_full_width() {
   const BlasIsa isa = blas_isa();
   return (isa == BlasIsa::kAvx2 || isa == BlasIsa::kIntelAvx512) && at::globalContext().hasMKL();
