@@ -136,6 +136,10 @@ constexpr int64_t kPerSampleRow = 64;
 
 bool is_pointwise(const Conv1dGeometry& g) { return g.kernel_size == 1 && g.padding == 0 && g.groups == 1; }
 
+// Whether a weight gradient sums per-sample products (per_sample_weight_gradient): what auto takes for such layers
+// and how the product path computes them, whoever chose it.
+bool sums_per_sample_products(const Conv1dGeometry& g) { return is_pointwise(g) && g.out_length >= kPerSampleRow; }
+
 // x[:, :, ::stride] (the positions a pointwise layer reads), as bmm takes it: x itself at stride 1
 at::Tensor read_positions(const at::Tensor& x, const Conv1dGeometry& g) {
   return g.stride == 1 ? x : x.slice(2, 0, x.size(2), g.stride).contiguous();
@@ -176,7 +180,7 @@ WeightGradientPath cpu_weight_gradient_path(const Conv1dGeometry& g, at::ScalarT
   const bool library = conv1d_use_library(g, Conv1dOp::kBackwardWeight, /*cuda=*/false);
   const WeightGradientPath otherwise = library ? WeightGradientPath::kLibrary : WeightGradientPath::kDirect;
   if (!gemm_dtype || !blas_runs_full_width()) return otherwise;
-  if (is_pointwise(g) && g.out_length >= kPerSampleRow) return WeightGradientPath::kGemm;  // (see pointwise_as_product)
+  if (sums_per_sample_products(g)) return WeightGradientPath::kGemm;  // (see pointwise_as_product)
   if (aten_takes_im2col(g) || g.groups > 4 ||
       double(g.in_channels) * g.kernel_size * g.out_length > kColumnBudget) {
     return otherwise;
@@ -215,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor> gemm_conv1d_backward_weight(const at::Tensor&
                                                                const Conv1dGeometry& g, bool with_bias) {
   const int64_t cg = g.in_per_group(), og = g.out_per_group(), k = g.kernel_size, lo = g.out_length;
   const at::Tensor gy = grad_output.contiguous();
-  if (is_pointwise(g) && lo >= kPerSampleRow) return per_sample_weight_gradient(gy, input, g, with_bias);
+  if (sums_per_sample_products(g)) return per_sample_weight_gradient(gy, input, g, with_bias);
   const at::Tensor x = input.contiguous();
   at::Tensor grad = at::zeros({g.out_channels, cg * k}, input.options());
   // Chunks of the batch bound the columns; the chunking depends on the shape only and the chunks are summed in
