@@ -109,3 +109,30 @@ def bench_resnet18_finetune(measure, device, impl):
 
     # (forward and backward: 3 times the forward's operations)
     measure("resnet18 fwd+bwd batch 4 3x224x224 fp32 (frozen BN)", impl, step, flops=3 * FLOPS["resnet18"] * 4)
+
+
+def speech_block(device):
+    """A QuartzNet block on 8 × 256 × 400 (8 clips of 4 s of 10 ms frames): 5 × (depthwise Conv1d k33 → pointwise
+    Conv1d 256→256 → BatchNorm1d → ReLU), random weights and BN statistics, eval mode."""
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(5):
+        layers += [torch.nn.Conv1d(256, 256, 33, padding=16, groups=256), torch.nn.Conv1d(256, 256, 1),
+                   torch.nn.BatchNorm1d(256), torch.nn.ReLU()]
+    model = randomize_batchnorms_(torch.nn.Sequential(*layers), torch.Generator().manual_seed(0))
+    return model.eval().to(device)
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def bench_speech_block(measure, device, impl):
+    """1-D inference: pyops.nn.swap_conv1d(pyops.fuse(m)) (the README's recipe: each pointwise → BN → ReLU one
+    FoldedConv1d applying the ReLU as its kernel stores, the depthwise layers pyops.conv1d) vs eager and
+    torch.compile."""
+    if impl == "torch.compile" and os.environ.get("PYOPS_BENCH_COMPILE", "1") == "0":
+        pytest.skip("PYOPS_BENCH_COMPILE=0: torch.compile not timed")
+    model = speech_block(device)
+    model = pyops.nn.swap_conv1d(pyops.fuse(model)) if impl == "pyops" else IMPLS[impl](model)
+    x = torch.randn(8, 256, 400, generator=torch.Generator().manual_seed(1)).to(device)
+    flops = 5 * 2 * 8 * 400 * 256 * (33 + 256)  # multiply-adds of the depthwise and pointwise layers, x 2
+    with torch.no_grad():
+        measure("QuartzNet block fwd batch 8 256x400 fp32", impl, lambda: model(x), flops=flops)

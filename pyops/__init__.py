@@ -9,7 +9,7 @@ from . import _C  # noqa: F401  (registers torch.ops.pyops.*)
 from ._C import build_info
 from . import conv_bn_relu  # noqa: F401  (registers the fused conv ops' fake kernels, autograd, flop formulas)
 from . import fft_conv, nn, reference
-from .conv1d import conv1d
+from .conv1d import conv1d, conv1d_bias_act
 from .conv_bn_relu import conv2d_bn_relu
 from .convolutionalize import convolutionalize
 from .counting import OpCount, count_ops
@@ -20,6 +20,6 @@ from .sliding import sliding_classify
 from .sliding_head import sliding_head
 from .smooth_max import smooth_max
 
-__all__ = ["build_info", "conv1d", "conv2d_bn_relu", "convolutionalize", "count_ops", "fold_bn", "fuse", "lse_pool2d",
+__all__ = ["build_info", "conv1d", "conv1d_bias_act", "conv2d_bn_relu", "convolutionalize", "count_ops", "fold_bn", "fuse", "lse_pool2d",
            "nn", "OpCount", "sliding_classify", "sliding_head", "smooth_max"]
 __version__ = "0.1.0"

@@ -4,9 +4,10 @@ conv1d_backward_weight), grad_bias the sum of grad_output over batch and length.
 asks for grad_weight and grad_bias together (torch.ops.pyops.conv1d_backward_weight_bias), so a kernel can take
 both from one read of grad_output (the CUDA depthwise one does). Only the gradients that are needed are computed.
 The backward ops are linear in each argument, so their own gradients are again pyops conv1d ops, and double
-backward works. The autograd of all four ops is C++ (csrc/ops/conv1d/conv1d_autograd.cpp: a Python autograd kernel
-costs more host time than a small layer's kernels); this module adds argument handling, fake kernels and FLOP
-formulas.
+backward works. conv1d_bias_act is the same convolution with a ReLU/ReLU6 applied as the output is stored (the
+Conv1d → BatchNorm1d → ReLU chains pyops.fuse folds). The autograd of the ops is C++
+(csrc/ops/conv1d/conv1d_autograd.cpp: a Python autograd kernel costs more host time than a small layer's kernels);
+this module adds argument handling, fake kernels and FLOP formulas.
 """
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from ._checks import check_devices, check_floating, check_like, check_tensor, int_tuple
 from ._overrides import overridable
+from .conv_bn_relu import ACTIVATIONS
 
 _ops = torch.ops.pyops
 
@@ -76,6 +78,24 @@ def conv1d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     Non-finite weights: the border outputs may differ from F.conv1d's (either side can make NaN of 0·inf with the
     zero padding, depending on the layer and the path); with finite values they agree.
     """
+    return _conv1d(x, weight, bias, stride, padding, dilation, groups, 0)
+
+
+@overridable
+def conv1d_bias_act(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, activation="relu"):
+    """act(conv1d(x, weight, bias)), the activation applied as the output is stored (on the CPU; the CUDA kernels
+    apply it in a second pass): what pyops.fuse computes for a Conv1d → BatchNorm1d → ReLU/ReLU6 chain.
+
+    Args: as pyops.conv1d, and activation: "none", "relu" or "relu6" (NaN stays NaN, as torch.relu and F.relu6 keep
+    it). Returns: as pyops.conv1d. Gradients: those of F.relu(F.conv1d(...)) (F.relu6's), from the saved output.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"argument 'activation' must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    return _conv1d(x, weight, bias, stride, padding, dilation, groups, ACTIVATIONS[activation])
+
+
+def _conv1d(x, weight, bias, stride, padding, dilation, groups, activation):
+    """The argument handling both share; activation: the op's code (0: the pyops::conv1d op itself)."""
     _check_tensors(x, weight, bias)
     stride = _int_arg(stride, "stride", 1)
     dilation = _int_arg(dilation, "dilation", 1)
@@ -100,7 +120,10 @@ def conv1d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     else:
         padding = _int_arg(padding, "padding", 0)
     _check_geometry(x.shape[1], x.shape[2], weight, stride, padding, dilation, groups)
-    out = _ops.conv1d.default(x, weight, bias, stride, padding, dilation, groups)
+    if activation:
+        out = _ops.conv1d_bias_act.default(x, weight, bias, stride, padding, dilation, groups, activation)
+    else:
+        out = _ops.conv1d.default(x, weight, bias, stride, padding, dilation, groups)
     return out.squeeze(0) if unbatched else out
 
 
@@ -116,6 +139,12 @@ def _conv1d_fake(x, weight, bias, stride, padding, dilation, groups):
     length = _out_length(x.shape[2], weight.shape[2], stride, padding, dilation)
     torch._check(length >= 1, lambda: "pyops.conv1d: input shorter than the dilated filter span")
     return x.new_empty((x.shape[0], weight.shape[0], length))
+
+
+@torch.library.register_fake("pyops::conv1d_bias_act")
+def _conv1d_bias_act_fake(x, weight, bias, stride, padding, dilation, groups, activation):
+    torch._check(activation in ACTIVATIONS.values(), lambda: f"pyops.conv1d_bias_act: bad activation {activation}")
+    return _conv1d_fake(x, weight, bias, stride, padding, dilation, groups)
 
 
 @torch.library.register_fake("pyops::conv1d_backward_input")
@@ -145,7 +174,7 @@ def _conv_flops(batch, out_channels, out_length, in_per_group, kernel_size):
     return 2 * batch * out_channels * out_length * in_per_group * kernel_size
 
 
-@register_flop_formula(_ops.conv1d)
+@register_flop_formula([_ops.conv1d, _ops.conv1d_bias_act])
 def _conv1d_flops(x_shape, w_shape, *args, out_shape=None, **kwargs):
     return _conv_flops(x_shape[0], w_shape[0], out_shape[2], w_shape[1], w_shape[2])
 

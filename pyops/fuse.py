@@ -1,5 +1,5 @@
 """Whole-model fusion: every conv/linear → BatchNorm (→ residual add) (→ ReLU) chain of an eval-mode model becomes
-one fused module (pyops.nn.ConvBNReLU2d, pyops.nn.LinearBNReLU, or a folded Conv1d/Conv3d).
+one fused module (pyops.nn.ConvBNReLU2d, pyops.nn.LinearBNReLU, pyops.nn.FoldedConv1d, or a folded Conv3d).
 
 The chains are found on the model's torch.fx graph, so models whose forward calls submodules by attribute
 (torchvision ResNet, MobileNet, VGG) are covered as well as nn.Sequential; a model that torch.fx cannot trace
@@ -87,9 +87,11 @@ def fuse(model, inplace=False):
       - Conv2d → BatchNorm2d [→ add(·, residual)] [→ ReLU/ReLU6] is one pyops.nn.ConvBNReLU2d (the residual add
         and the activation are fused into the kernel's epilogue),
       - Linear → BatchNorm1d [→ ReLU/ReLU6] is one pyops.nn.LinearBNReLU,
-      - Conv1d/Conv3d (and Conv2d with a non-zero padding mode) → BatchNorm is one folded conv (pyops.fold_bn; a
-        Conv1d's is a pyops.nn.FoldedConv1d, computed by pyops.conv1d, which refuses the unbatched inputs the fold
-        does not cover; pyops.nn.swap_conv1d(fuse(model)) computes the model's other Conv1d layers by it too).
+      - Conv1d → BatchNorm1d [→ ReLU/ReLU6] is one pyops.nn.FoldedConv1d, computed by pyops' conv1d kernels with
+        the activation applied as they store the output (it refuses the unbatched inputs the fold does not cover;
+        pyops.nn.swap_conv1d(fuse(model)) computes the model's other Conv1d layers by pyops.conv1d too),
+      - Conv3d (and Conv2d with a non-zero padding mode) → BatchNorm is one folded conv (pyops.fold_bn); an
+        activation after it stays a module of its own.
     A ReLU is nn.ReLU, nn.ReLU6, F.relu, F.relu6, torch.relu or Tensor.relu, in-place or not. A link of a chain is
     fused only where the previous node's output has no other user (so no other computation sees a changed value);
     a residual add only where nothing between the layer and the add may change a tensor in place (the fused call
@@ -609,16 +611,9 @@ def fused_class(layer):
         return pyops_nn.ConvBNReLU2d
     if isinstance(layer, nn.Linear):
         return pyops_nn.LinearBNReLU
+    if isinstance(layer, nn.Conv1d):
+        return pyops_nn.FoldedConv1d
     return None
-
-
-def folded_layer(layer, bn):
-    """fold_bn(layer, bn), a Conv1d's as a pyops.nn.FoldedConv1d (which refuses the unbatched inputs the fold does
-    not cover; the class adds no state)."""
-    folded = fold_bn(layer, bn)
-    if type(folded) is nn.Conv1d:
-        folded.__class__ = pyops_nn.FoldedConv1d
-    return folded
 
 
 def replace_chain(gm, modules, chain, folded, created):
@@ -637,7 +632,7 @@ def replace_chain(gm, modules, chain, folded, created):
     if first is not None and first[2] == epilogue:
         name = first[0]
     else:
-        fused = folded_layer(layer, bn) if cls is None else cls.from_modules(layer, bn, chain["activation"])
+        fused = fold_bn(layer, bn) if cls is None else cls.from_modules(layer, bn, chain["activation"])
         if chain.get("in_place"):
             fused.residual_in_place = True
         if first is not None:
@@ -890,7 +885,7 @@ def fuse_sequentials(model, skip=()):
             act_key, act = items[i + 2] if i + 2 < len(items) else (None, None)
             activation = (act is not None and cls and not has_hooks(act) and pyops_nn.module_activation(act)) \
                 or "none"
-            fused = folded_layer(layer, bn) if cls is None else cls.from_modules(layer, bn, activation)
+            fused = fold_bn(layer, bn) if cls is None else cls.from_modules(layer, bn, activation)
             if cls is pyops_nn.ConvBNReLU2d:
                 # The model's own code runs as written: no channels_last outputs it might .view (see
                 # ConvBNReLU2d.keep_input_layout).

@@ -2,8 +2,8 @@
 
 Conv1d: a subclass of torch.nn.Conv1d (same constructor, parameters, state_dict) computed by pyops.conv1d;
 swap_conv1d(model) puts it in place of a model's nn.Conv1d layers.
-FoldedConv1d: the Conv1d → BatchNorm1d pyops.fuse folds (a Conv1d), refusing the unbatched inputs the fold does
-not cover.
+FoldedConv1d: the Conv1d → BatchNorm1d (→ ReLU/ReLU6) pyops.fuse folds (a Conv1d; the activation applied as the
+kernel stores), refusing the unbatched inputs the fold does not cover.
 ConvBNReLU2d: Conv2d → BatchNorm2d (→ residual add) (→ ReLU/ReLU6) as one fused kernel (pyops.conv2d_bias_act).
 LinearBNReLU: Linear → BatchNorm1d (→ ReLU/ReLU6) as one GEMM with the activation applied in place.
 SlidingClassifier: a crop classifier applied densely to whole images (pyops.sliding_classify as a module).
@@ -26,7 +26,7 @@ from ._checks import (AUTOCAST_DTYPES, as_int, convolution_autocast_dtype, cpu_c
 from ._derived import DerivedWeights
 from ._overrides import overridable
 from ._scripting import NotScriptable
-from .conv1d import conv1d
+from .conv1d import conv1d, conv1d_bias_act
 from .conv_bn_relu import ACTIVATIONS as ACTIVATION_CODES, conv2d_bias_act, padding_pair
 from .convolutionalize import convolutionalize
 from .fold import fold_bn
@@ -46,10 +46,14 @@ class Conv1d(NotScriptable, torch.nn.Conv1d):
     """
 
     def _conv_forward(self, x, weight, bias):
+        x, padding = self._padded(x)
+        return conv1d(x, weight, bias, self.stride, padding, self.dilation, self.groups)
+
+    def _padded(self, x):
+        """(x, padding) as the kernel takes them: x padded by F.pad where the padding mode is not 'zeros'."""
         if self.padding_mode != "zeros":
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return conv1d(x, weight, bias, self.stride, 0, self.dilation, self.groups)
-        return conv1d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+            return F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), 0
+        return x, self.padding
 
     @classmethod
     def from_module(cls, conv):
@@ -71,14 +75,39 @@ class Conv1d(NotScriptable, torch.nn.Conv1d):
 
 
 class FoldedConv1d(Conv1d):
-    """An nn.Conv1d with a BatchNorm1d folded into it, as pyops.fuse installs one: the same layer computed by
-    pyops.conv1d (a Conv1d above: the depthwise, pointwise and small-channel layers of 1-D networks run pyops'
-    kernels), refusing unbatched (C, L) inputs. On those the BatchNorm1d it replaced took C as the batch and
-    normalized along L, which the fold does not compute (the model raised there, unless L_out equals C_out)."""
+    """An nn.Conv1d with a BatchNorm1d folded into it, and the ReLU/ReLU6 that followed, as pyops.fuse installs one:
+    the layer computed by pyops.conv1d (a Conv1d above: the depthwise, pointwise and small-channel layers of 1-D
+    networks run pyops' kernels), the activation applied as the kernel stores the output (conv1d_bias_act), refusing
+    unbatched (C, L) inputs. On those the BatchNorm1d it replaced took C as the batch and normalized along L, which
+    the fold does not compute (the model raised there, unless L_out equals C_out).
+    activation: "none", "relu" or "relu6"."""
+
+    activation = "none"
+
+    @classmethod
+    def from_modules(cls, conv, bn, relu=False):
+        """conv (nn.Conv1d) → bn (eval-mode BatchNorm1d) → relu, folded once (pyops.fold_bn).
+
+        relu: False/"none" (the default: the fold alone), True/"relu"/nn.ReLU(), "relu6"/nn.ReLU6(). The new module
+        has conv's hyper-parameters, padding mode, dtype and device; conv and bn are not modified."""
+        if not isinstance(conv, nn.Conv1d):
+            raise TypeError(f"argument 'conv' must be an nn.Conv1d, got {type(conv).__name__}")
+        activation = activation_name(relu)
+        folded = fold_bn(conv, bn)  # (a fresh nn.Conv1d: fold_bn returns the layer's torch.nn class)
+        folded.__class__ = cls
+        folded.activation = activation
+        return folded
 
     def forward(self, x):
-        """x (N, C_in, L) → (N, C_out, L_out), as nn.Conv1d."""
+        """x (N, C_in, L) → act(conv(x)) (N, C_out, L_out)."""
         return _folded_conv1d_forward(self, x, _forward_parameters(self))
+
+    def _conv_forward(self, x, weight, bias):
+        x, padding = self._padded(x)
+        return conv1d_bias_act(x, weight, bias, self.stride, padding, self.dilation, self.groups, self.activation)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", activation={self.activation}"
 
 
 @overridable

@@ -47,6 +47,7 @@ def test_conv1d_mixed_dtypes(device, region_dtype):
     x = rand(2, 4, 33, device=device, dtype=region_dtype)
     w, b = rand(8, 2, 3, device=device, seed=1), rand(8, device=device, seed=2)
     assert_as_if_cast_first(device, region_dtype, lambda *a: pyops.conv1d(*a, padding=1, groups=2), [x, w, b])
+    assert_as_if_cast_first(device, region_dtype, lambda *a: pyops.conv1d_bias_act(*a, padding=1, groups=2), [x, w, b])
 
 
 @pytest.mark.parametrize("device,region_dtype", REGIONS)

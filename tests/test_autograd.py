@@ -14,6 +14,7 @@ WEIGHTS = {"conv1d": torch.randn(4, 4, 3, generator=torch.Generator().manual_see
 # One call of each op on x (2, 4, 9) float64, returning one tensor.
 OP_CALLS = {
     "conv1d": lambda x: torch.ops.pyops.conv1d(x, WEIGHTS["conv1d"].to(x), None, 1, 1, 1, 1),
+    "conv1d_bias_act": lambda x: torch.ops.pyops.conv1d_bias_act(x, WEIGHTS["conv1d"].to(x), None, 1, 1, 1, 1, 1),
     "conv1d_backward_input": lambda x: torch.ops.pyops.conv1d_backward_input(x, WEIGHTS["conv1d"].to(x), 9, 1, 1, 1,
                                                                            1),
     "conv1d_backward_weight": lambda x: torch.ops.pyops.conv1d_backward_weight(x, x, 3, 1, 1, 1, 1),
@@ -53,7 +54,7 @@ def test_calls_autograd_does_not_see_give_the_same_values_and_no_graph(device, o
     torch.testing.assert_close(out, recorded.detach(), rtol=0, atol=0)
 
 
-FORWARD_OPS = ["conv1d", "smooth_max", "conv2d_bias_act", "conv2d_bn_relu"]
+FORWARD_OPS = ["conv1d", "conv1d_bias_act", "smooth_max", "conv2d_bias_act", "conv2d_bn_relu"]
 
 
 @pytest.mark.parametrize("op", FORWARD_OPS)

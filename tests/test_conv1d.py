@@ -52,9 +52,9 @@ def forward_and_grads(fn, x, w, b, args, grad_out=None):
     return [y] + list(torch.autograd.grad(y, inputs, grad_out)), grad_out
 
 
-def assert_matches_torch(x, w, b, args, dtype):
-    ours, grad_out = forward_and_grads(pyops.conv1d, x, w, b, args)
-    ref, _ = forward_and_grads(reference.conv1d, x.double().cpu(), w.double().cpu(),
+def assert_matches_torch(x, w, b, args, dtype, ours=pyops.conv1d, reference=reference.conv1d):
+    ours, grad_out = forward_and_grads(ours, x, w, b, args)
+    ref, _ = forward_and_grads(reference, x.double().cpu(), w.double().cpu(),
                                b.double().cpu() if b is not None else None, args, grad_out.double().cpu())
     rtol, atol = tolerances(dtype)
     for name, o, r in zip(["output", "grad_input", "grad_weight", "grad_bias"], ours, ref):
@@ -968,3 +968,97 @@ def test_each_op_takes_aten_where_its_own_product_is_wide(config, routes, monkey
                                 grad_out.double())
     for a, e in zip(ours, want):
         torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-5 * max(cin, cout) * k)
+
+
+# --- conv1d_bias_act: the activation applied as each path stores its output ---------------------------------------
+
+ACTIVATIONS = {"relu": F.relu, "relu6": F.relu6}
+# Every forward path: the ROUTES layers (library, direct, pointwise products) and short rows laid end to end, a
+# strided staged window, a single channel, a depthwise layer, one position past a row's tiles.
+ACT_LAYERS = [config for config, _ in ROUTES] + [(64, 8, 8, 20, 3, 1, 1), (4, 16, 16, 2000, 4, 2, 1),
+                                                 (2, 1, 1, 4000, 9, 1, 1), (2, 32, 32, 301, 5, 1, 32),
+                                                 (3, 5, 7, 25, 3, 1, 1)]
+
+
+@pytest.mark.parametrize("activation", ["relu", "relu6"])
+@pytest.mark.parametrize("path", ["auto", "direct", "library", "gemm"])
+def test_conv1d_bias_act_is_the_activation_of_the_same_convolution(device, activation, path, monkeypatch):
+    """Bit for bit act(pyops.conv1d(...)) on the same path, forward and gradients: the activation is applied to the
+    finished sums wherever the output is stored (the direct kernel's tiles and edge loop, rows laid end to end, the
+    pointwise products' bias pass, a pass after the library's call), and the backward is the same convolution
+    backward of gy·act'(output) (ReLU6 clamps a fair share of these outputs: their scale is ~4)."""
+    monkeypatch.setenv("PYOPS_CONV1D_PATH", path)
+    g = torch.Generator().manual_seed(21)
+    for n, cin, cout, length, k, stride, groups in ACT_LAYERS:
+        x = rand((n, cin, length), torch.float32, device, g)
+        w = rand((cout, cin // groups, k), torch.float32, device, g) * (4 / math.sqrt(cin // groups * k))
+        b = rand((cout,), torch.float32, device, g)
+        args = (stride, k // 2, 1, groups)
+        ours, gy = forward_and_grads(
+            lambda *a: pyops.conv1d_bias_act(*a, activation=activation), x, w, b, args)
+        same, _ = forward_and_grads(lambda *a: ACTIVATIONS[activation](pyops.conv1d(*a)), x, w, b, args, gy)
+        assert (ours[0] == 0).any() and (activation == "relu" or (ours[0] == 6).any())
+        for name, a, e in zip(["output", "grad_input", "grad_weight", "grad_bias"], ours, same):
+            assert torch.equal(a, e), (path, (n, cin, cout, length, k, stride, groups), name)
+
+
+@pytest.mark.parametrize("activation", ["relu", "relu6"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("config", random_configs(12, seed=22), ids=str)
+def test_conv1d_bias_act_matches_torch(device, dtype, activation, config):
+    n, cin, cout, length, k, stride, padding, dilation, groups, bias = config
+    g = torch.Generator().manual_seed(hash(config) % 10000)
+    x, w = rand((n, cin, length), dtype, device, g), rand((cout, cin // groups, k), dtype, device, g) * 3
+    b = rand((cout,), dtype, device, g) if bias else None
+    assert_matches_torch(x, w, b, (stride, padding, dilation, groups), dtype,
+                         ours=lambda *a: pyops.conv1d_bias_act(*a, activation=activation),
+                         reference=lambda *a: ACTIVATIONS[activation](reference.conv1d(*a)))
+
+
+@pytest.mark.parametrize("path", ["auto", "direct", "library", "gemm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv1d_bias_act_keeps_nan_and_half_precision(device, path, dtype, monkeypatch):
+    """NaN stays NaN through both activations (torch.relu and F.relu6 keep it); in bfloat16 (computed in float32 on
+    the CPU) the activation of the rounded result is the rounded activation."""
+    monkeypatch.setenv("PYOPS_CONV1D_PATH", path)
+    g = torch.Generator().manual_seed(23)
+    for n, cin, cout, length, k in [(2, 64, 64, 300, 3), (4, 32, 32, 200, 1), (8, 4, 4, 30, 3)]:
+        x, w = rand((n, cin, length), dtype, device, g), rand((cout, cin, k), dtype, device, g)
+        b = rand((cout,), dtype, device, g)
+        x[0, 1, 17] = float("nan")
+        for activation, act in ACTIVATIONS.items():
+            got = pyops.conv1d_bias_act(x, w, b, 1, k // 2, activation=activation)
+            want = act(pyops.conv1d(x, w, b, 1, k // 2))
+            assert got.dtype == dtype and got[0, :, 17].isnan().all()
+            torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+def test_conv1d_bias_act_gradcheck_opcheck_compile(device):
+    g = torch.Generator().manual_seed(24)
+    for activation, code in [("relu", 1), ("relu6", 2)]:
+        for cin, cout, k, length, stride, padding, groups in [(4, 6, 3, 23, 1, 1, 1), (4, 4, 3, 23, 2, 2, 4),
+                                                             (20, 6, 1, 70, 1, 0, 1)]:
+            x = rand((2, cin, length), device=device, gen=g).requires_grad_()
+            w = (rand((cout, cin // groups, k), device=device, gen=g) * 3).requires_grad_()
+            b = rand((cout,), device=device, gen=g).requires_grad_()
+            hyper = (stride, padding, 1, groups)
+            torch.library.opcheck(ops.conv1d_bias_act, (x, w, b, *hyper, code))
+            torch.library.opcheck(ops.conv1d_bias_act, (x, w, None, *hyper, code))
+            fn = lambda x, w, b: pyops.conv1d_bias_act(x, w, b, *hyper, activation)  # noqa: E731
+            assert torch.autograd.gradcheck(fn, (x, w, b))
+            assert torch.autograd.gradgradcheck(fn, (x, w, b))
+        compiled = torch.compile(lambda x, w, b: fn(x, w, b).sin().sum(), fullgraph=True)
+        got = torch.autograd.grad(compiled(x, w, b), (x, w, b))
+        want = torch.autograd.grad(fn(x, w, b).sin().sum(), (x, w, b))
+        for a, c in zip(got, want):
+            torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
+
+
+def test_conv1d_bias_act_names_a_bad_activation(device):
+    x, w = rand((2, 4, 10), device=device), rand((3, 4, 3), device=device)
+    with pytest.raises(ValueError, match="'activation' must be one of"):
+        pyops.conv1d_bias_act(x, w, activation="gelu")
+    with pytest.raises(ValueError, match="argument 'activation' must be 0"):
+        ops.conv1d_bias_act(x, w, None, 1, 0, 1, 1, 3)
+    with pytest.raises(ValueError, match="channel mismatch"):  # the convolution's checks, as pyops.conv1d's
+        pyops.conv1d_bias_act(x, rand((3, 5, 3), device=device))

@@ -131,6 +131,13 @@ def test_export_conv1d_module():
     assert "pyops.conv1d.default" in call_targets(program)
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), model(x), rtol=0, atol=0)
+    # a fused Conv1d → BatchNorm1d → ReLU: one conv1d_bias_act
+    chain = nn.Sequential(nn.Conv1d(8, 16, 3, padding=1), nn.BatchNorm1d(16), nn.ReLU()).eval()
+    fused = pyops.fuse(chain)
+    program = export_roundtrip(fused, (x,))
+    assert "pyops.conv1d_bias_act.default" in call_targets(program)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), fused(x), rtol=0, atol=0)
 
 
 def crop_classifier():
@@ -383,6 +390,7 @@ def test_public_functions_follow_the_torch_function_protocol():
     x = rand(2, 4, 20).as_subclass(Tracked)
     weight, bn = rand(6, 4, 3, seed=1), [rand(6, seed=s) for s in (2, 3, 4)] + [rand(6, seed=5).abs() + 0.5]
     calls = [(pyops.conv1d, (x, weight)),
+             (pyops.conv1d_bias_act, (x, weight)),
              (pyops.smooth_max, (x, 2.0)),
              (pyops.lse_pool2d, (x.unsqueeze(0), 2.0)),
              (pyops.conv2d_bn_relu, (x.unsqueeze(0), weight[:, :2, None], None, *bn)),
@@ -402,7 +410,8 @@ def test_each_public_function_compiles_under_its_own_code_object():
     torch._dynamo.reset()
     w, mean, var = rand(3, 4, 3, 3, seed=1), rand(3, seed=2), rand(3, seed=3).abs() + 1
     cases = [(pyops.smooth_max, lambda x: (x, 2.0)), (pyops.lse_pool2d, lambda x: (x, 2.0)),
-             (pyops.conv1d, lambda x: (x[:, :, 0], w[:, :, 0])), (pyops.conv_bn_relu.conv2d_bias_act, lambda x: (x, w)),
+             (pyops.conv1d, lambda x: (x[:, :, 0], w[:, :, 0])), (pyops.conv1d_bias_act, lambda x: (x[:, :, 0], w[:, :, 0])),
+             (pyops.conv_bn_relu.conv2d_bias_act, lambda x: (x, w)),
              (pyops.conv2d_bn_relu, lambda x: (x, w, None, None, None, mean, var))]
     assert len({fn.__code__ for fn, _ in cases}) == len(cases)
     assert all(fn.__code__.co_name == fn.__name__ for fn, _ in cases)

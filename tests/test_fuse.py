@@ -889,16 +889,58 @@ def test_fuse_sequential():
     assert_state_equal(model, snapshot)
 
 
-def test_fuse_conv1d_and_conv3d_chains_fold_only():
+class Conv1dResidual(nn.Module):
+    """A 1-D ResNet block's tail, relu(bn(conv(x)) + x), and a functional ReLU6 after a second chain."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv1d(4, 4, 3, padding=1), nn.BatchNorm1d(4)
+        self.conv2, self.bn2 = nn.Conv1d(4, 6, 1), nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)) + x)
+        return F.relu6(self.bn2(self.conv2(y)))
+
+
+def test_fuse_conv1d_chains_take_the_activation_conv3d_chains_fold_only():
+    """Conv1d → BatchNorm1d → ReLU/ReLU6 is one FoldedConv1d whose kernels apply the activation as they store
+    (pyops::conv1d_bias_act; no ReLU left in the graph), in the traced graph and in the Sequential fallback; a
+    residual add between them stays unfused (the 1-D op takes no residual), with its ReLU. Conv3d chains fold only."""
     torch.manual_seed(0)
-    for model, shape in ((nn.Sequential(nn.Conv1d(3, 5, 3), nn.BatchNorm1d(5), nn.ReLU()), (2, 3, 9)),
-                         (nn.Sequential(nn.Conv3d(3, 5, 3), nn.BatchNorm3d(5), nn.ReLU()), (2, 3, 5, 5, 5))):
-        model = randomized(model.double())
-        fused = pyops.fuse(model)
-        assert_no_batchnorm(fused)
-        x = torch.randn(shape, dtype=torch.float64, generator=gen())
-        with torch.no_grad():
-            torch.testing.assert_close(fused(x), model(x), rtol=1e-10, atol=1e-12)
+    chains = [(nn.ReLU(), "relu"), (nn.ReLU(inplace=True), "relu"), (nn.ReLU6(), "relu6")]
+    for act, name in chains:
+        model = randomized(nn.Sequential(nn.Conv1d(3, 5, 3, padding=1), nn.BatchNorm1d(5), act).double())
+        x = torch.randn(2, 3, 9, dtype=torch.float64, generator=gen()) * 3
+        fallback = copy.deepcopy(model)
+        fuse_sequentials(fallback)
+        for fused in (pyops.fuse(model), fallback):
+            assert_no_batchnorm(fused)
+            layer = getattr(fused, "0")
+            assert type(layer) is pyops.nn.FoldedConv1d and layer.activation == name
+            assert not any(isinstance(m, (nn.ReLU, nn.ReLU6)) for m in fused.modules())
+            assert f"activation={name}" in repr(layer)
+            with torch.no_grad(), torch.profiler.profile() as prof:
+                got = fused(x)
+            assert sum(e.name == "pyops::conv1d_bias_act" for e in prof.events()) == 1
+            with torch.no_grad():
+                want = model(x.clone())
+            assert (want == 0).any()
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    model = randomized(Conv1dResidual().double())
+    fused = pyops.fuse(model)
+    assert_no_batchnorm(fused)
+    assert fused.conv.activation == "none" and fused.conv2.activation == "relu6"
+    assert [n.target for n in fused.graph.nodes if n.op == "call_function"] == [operator.add, torch.relu]
+    x = torch.randn(2, 4, 12, dtype=torch.float64, generator=gen()) * 3
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-10, atol=1e-12)
+    model = randomized(nn.Sequential(nn.Conv3d(3, 5, 3), nn.BatchNorm3d(5), nn.ReLU()).double())
+    fused = pyops.fuse(model)
+    assert_no_batchnorm(fused)
+    assert any(isinstance(m, nn.ReLU) for m in fused.modules())
+    x = torch.randn(2, 3, 5, 5, 5, dtype=torch.float64, generator=gen())
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-10, atol=1e-12)
     # Unbatched (C, L): BatchNorm1d takes C as the batch and normalizes along L (a number only where L_out equals
     # C_out); the folded layer refuses what it does not compute.
     model = randomized(nn.Sequential(nn.Conv1d(3, 4, 3), nn.BatchNorm1d(4)).double())

@@ -128,6 +128,11 @@ at::Tensor library_conv1d(const at::Tensor& input, const at::Tensor& weight, con
                          {g.dilation}, false, {0}, g.groups);
 }
 
+void activate_in_place(at::Tensor& out, Activation act) {
+  if (act == Activation::kRelu) out.relu_();
+  if (act == Activation::kRelu6) out.clamp_(0, 6);  // (hardtanh_ as F.relu6; clamp keeps NaN, as it does)
+}
+
 // F.conv1d's own input gradient: convolution_backward with only the input output, which reads the input's shape
 // and nothing of its values (an uninitialized tensor stands in). conv_transpose1d computes the same sums but ATen
 // picks its kernel for a transposed convolution: 1.0x where both reach oneDNN, 2.5x slower where F.conv1d's
@@ -221,6 +226,10 @@ Conv1dGeometry check_conv1d_backward_weight(const at::Tensor& grad_output, const
 
 TORCH_LIBRARY_FRAGMENT(pyops, m) {
   m.def("conv1d(Tensor input, Tensor weight, Tensor? bias, int stride, int padding, int dilation, int groups) -> Tensor");
+  // act(conv1d(input, weight, bias)), the activation (0 none, 1 relu, 2 relu6: common/activation.h) applied as the
+  // output is stored: the Conv1d → BatchNorm1d → ReLU chains pyops.fuse folds.
+  m.def("conv1d_bias_act(Tensor input, Tensor weight, Tensor? bias, int stride, int padding, int dilation, int groups, "
+        "int activation) -> Tensor");
   m.def("conv1d_backward_input(Tensor grad_output, Tensor weight, SymInt input_length, int stride, int padding, "
         "int dilation, int groups) -> Tensor");
   m.def("conv1d_backward_weight(Tensor grad_output, Tensor input, SymInt kernel_size, int stride, int padding, "
@@ -233,7 +242,11 @@ TORCH_LIBRARY_FRAGMENT(pyops, m) {
 
 // In autocast regions: one dtype for input, weight and bias (csrc/common/autocast.h). The backward ops need none:
 // they get the dtypes of the forward's (cast) tensors.
-TORCH_LIBRARY_IMPL(pyops, AutocastCPU, m) { m.impl("conv1d", autocast_kernel<c10::DeviceType::CPU>()); }
-TORCH_LIBRARY_IMPL(pyops, AutocastCUDA, m) { m.impl("conv1d", autocast_kernel<c10::DeviceType::CUDA>()); }
+TORCH_LIBRARY_IMPL(pyops, AutocastCPU, m) {
+  for (const char* op : {"conv1d", "conv1d_bias_act"}) m.impl(op, autocast_kernel<c10::DeviceType::CPU>());
+}
+TORCH_LIBRARY_IMPL(pyops, AutocastCUDA, m) {
+  for (const char* op : {"conv1d", "conv1d_bias_act"}) m.impl(op, autocast_kernel<c10::DeviceType::CUDA>());
+}
 
 }  // namespace pyops

@@ -20,6 +20,8 @@
 #include <optional>
 #include <tuple>
 
+#include "common/activation.h"
+
 namespace pyops {
 
 struct Conv1dGeometry {
@@ -65,6 +67,9 @@ bool conv1d_use_library(const Conv1dGeometry& g, Conv1dOp op, bool cuda);
 // kernels are deterministic whatever the flags.
 at::Tensor library_conv1d(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                           const Conv1dGeometry& g);
+// conv1d_bias_act's activation in place on a finished output, by ATen (one pass, any device), where the kernel that
+// computed it could not apply it as it stored (a library call; the CUDA kernels). NaN stays NaN.
+void activate_in_place(at::Tensor& out, Activation act);
 at::Tensor library_conv1d_backward_input(const at::Tensor& grad_output, const at::Tensor& weight,
                                          const Conv1dGeometry& g);
 // grad_weight, and grad_bias in the same call when with_bias (oneDNN sums it in its weight pass; a separate sum
@@ -76,9 +81,11 @@ std::tuple<at::Tensor, at::Tensor> library_conv1d_backward_weight(const at::Tens
 // The correlation above on contiguous CPU tensors (float32/float64); bias may be undefined. It sums only the
 // (position, tap) pairs that read inside the input: an infinite weight beside the padding makes no NaN (F.conv1d's
 // input gradient does the same; its forward multiplies the padding on some backends and not on others).
+// act: applied to each sum as it is stored (conv1d_bias_act's forward; the gradients' correlations take none).
 struct CorrelationShape {
   int64_t batch, in_channels, in_length, out_channels, kernel_size, out_length;
   int64_t stride, dilation, offset, groups;
+  Activation act = Activation::kNone;
 };
 // end_to_end: whether short rows may be laid end to end (below); not for the per-phase calls of a strided layer's
 // gradients, each of which would lay the whole grad_output again.
@@ -124,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor> gemm_conv1d_backward_weight(const at::Tensor&
 // (pointwise_as_product, conv1d_cpu_gemm.cpp). bias (C_out) contiguous or undefined; weight (C_out, C_in, 1).
 bool pointwise_as_product(const Conv1dGeometry& g, at::ScalarType dtype, Conv1dOp op);
 at::Tensor gemm_pointwise_conv1d(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
-                                 const Conv1dGeometry& g);
+                                 const Conv1dGeometry& g, Activation act);
 at::Tensor gemm_pointwise_backward_input(const at::Tensor& grad_output, const at::Tensor& weight,
                                          const Conv1dGeometry& g);
 

@@ -4,6 +4,7 @@
 // The gradients (gy = grad_output, gg = the gradient flowing into a backward op's output):
 //   conv1d(x, w, b):          grad_x = backward_input(gy, w), grad_w = backward_weight(gy, x), grad_b = sum gy
 //                             (grad_w and grad_b together from backward_weight_bias, which a kernel may fuse).
+//   conv1d_bias_act:          the same with gy·act'(output) for gy.
 //   backward_input(gy, w):    the adjoint of x -> conv1d(x, w), so <gg, backward_input(gy, w)> = <gy, conv1d(gg, w)>:
 //                             grad_gy = conv1d(gg, w), grad_w = backward_weight(gy, gg).
 //   backward_weight(gy, x):   the adjoint of w -> conv1d(x, w):
@@ -17,6 +18,7 @@
 #include <optional>
 #include <tuple>
 
+#include "common/activation.h"
 #include "common/dispatch.h"
 
 namespace pyops {
@@ -32,6 +34,23 @@ at::Tensor call_conv1d(const at::Tensor& x, const at::Tensor& w, const std::opti
   static const auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                             int64_t, int64_t, int64_t, int64_t)>("pyops::conv1d");
   return op.call(x, w, b, stride, padding, dilation, groups);
+}
+
+at::Tensor call_conv1d_bias_act(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
+                                int64_t stride, int64_t padding, int64_t dilation, int64_t groups, int64_t activation) {
+  static const auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                            int64_t, int64_t, int64_t, int64_t, int64_t)>("pyops::conv1d_bias_act");
+  return op.call(x, w, b, stride, padding, dilation, groups, activation);
+}
+
+// conv1d, or conv1d_bias_act where there is an activation (so a plain convolution is pyops::conv1d in profiles
+// and graphs).
+at::Tensor call_forward(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b, int64_t stride,
+                        int64_t padding, int64_t dilation, int64_t groups, int64_t activation) {
+  if (activation == static_cast<int64_t>(Activation::kNone)) {
+    return call_conv1d(x, w, b, stride, padding, dilation, groups);
+  }
+  return call_conv1d_bias_act(x, w, b, stride, padding, dilation, groups, activation);
 }
 
 at::Tensor call_backward_input(const at::Tensor& gy, const at::Tensor& w, c10::SymInt input_length, int64_t stride,
@@ -94,23 +113,32 @@ std::tuple<at::Tensor, at::Tensor> weight_and_bias_grads(const at::Tensor& gy, c
   return {grad_w, grad_b};
 }
 
+// conv1d (activation none) and conv1d_bias_act. With an activation, the output is saved too: gy·act'(output)
+// (act_backward, common/activation.h: one pass) is the convolution's gradient.
 class Conv1dFunction : public torch::autograd::Function<Conv1dFunction> {
  public:
   static constexpr bool is_traceable = true;  // (compiled autograd: the backward calls ops on saved state)
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
                             const std::optional<at::Tensor>& b, int64_t stride, int64_t padding, int64_t dilation,
-                            int64_t groups) {
+                            int64_t groups, int64_t activation) {
     save_state(ctx, x, w, {stride, padding, dilation, groups});
     InputEdges::save(ctx, {true, true, is_defined(b)});
-    return below_autograd(call_conv1d, x, w, b, stride, padding, dilation, groups);
+    ctx->saved_data["activation"] = activation;
+    at::Tensor out = below_autograd(call_forward, x, w, b, stride, padding, dilation, groups, activation);
+    if (activation != static_cast<int64_t>(Activation::kNone)) ctx->save_for_backward({x, w, out});
+    return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const at::Tensor& gy = grads[0];
-    variable_list out(7);
+    at::Tensor gy = grads[0];
+    variable_list out(8);
     if (!gy.defined()) return out;
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &w = saved[1];
+    const int64_t activation = ctx->saved_data["activation"].toInt();
+    if (activation != static_cast<int64_t>(Activation::kNone)) {
+      gy = std::get<0>(act_backward(gy, saved[2], std::nullopt, activation, /*unscaled_too=*/false));
+    }
     const Hyper h = Hyper::load(ctx);
     const InputEdges edges(ctx);
     if (edges.needs(0)) out[0] = call_backward_input(gy, w, x.sym_size(2), h.stride, h.padding, h.dilation, h.groups);
@@ -194,11 +222,24 @@ class BackwardWeightBiasFunction : public torch::autograd::Function<BackwardWeig
   }
 };
 
+at::Tensor conv1d_bias_act_autograd(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
+                                    int64_t stride, int64_t padding, int64_t dilation, int64_t groups,
+                                    int64_t activation) {
+  if (!needs_autograd(x, w, b)) {
+    return below_autograd(call_forward, x, w, b, stride, padding, dilation, groups, activation);
+  }
+  if (needs_composite(x, w, b)) {  // dispatch.h
+    const at::Tensor y = at::conv1d(x, w, b, {stride}, {padding}, {dilation}, groups);
+    const Activation act = checked_activation(activation, "pyops.conv1d_bias_act");
+    if (act == Activation::kRelu) return at::relu(y);
+    return act == Activation::kRelu6 ? at::hardtanh(y, 0, 6) : y;
+  }
+  return Conv1dFunction::apply(x, w, b, stride, padding, dilation, groups, activation);
+}
+
 at::Tensor conv1d_autograd(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
                            int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
-  if (!needs_autograd(x, w, b)) return below_autograd(call_conv1d, x, w, b, stride, padding, dilation, groups);
-  if (needs_composite(x, w, b)) return at::conv1d(x, w, b, {stride}, {padding}, {dilation}, groups);  // dispatch.h
-  return Conv1dFunction::apply(x, w, b, stride, padding, dilation, groups);
+  return conv1d_bias_act_autograd(x, w, b, stride, padding, dilation, groups, static_cast<int64_t>(Activation::kNone));
 }
 
 at::Tensor conv1d_backward_input_autograd(const at::Tensor& gy, const at::Tensor& w, c10::SymInt input_length,
@@ -232,6 +273,7 @@ std::tuple<at::Tensor, at::Tensor> conv1d_backward_weight_bias_autograd(const at
 
 TORCH_LIBRARY_IMPL(pyops, Autograd, m) {
   m.impl("conv1d", &conv1d_autograd);
+  m.impl("conv1d_bias_act", &conv1d_bias_act_autograd);
   m.impl("conv1d_backward_input", &conv1d_backward_input_autograd);
   m.impl("conv1d_backward_weight", &conv1d_backward_weight_autograd);
   m.impl("conv1d_backward_weight_bias", &conv1d_backward_weight_bias_autograd);

@@ -98,29 +98,46 @@ bool one_small_image_into_many_outputs(const at::Tensor& input, const Conv1dGeom
          g.dilation == 1 && g.out_channels >= 128 && g.in_channels * g.kernel_size >= 40;
 }
 
-at::Tensor conv1d_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                      int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
+// conv1d, and conv1d_bias_act with act: applied as each path stores its output (the library's: one pass after it).
+at::Tensor conv1d_act_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          int64_t stride, int64_t padding, int64_t dilation, int64_t groups, Activation act) {
   const Conv1dGeometry g = check_conv1d(input, weight, bias, stride, padding, dilation, groups);
   stride = g.stride;  // (a stride past the padded length, capped: checked_conv_stride)
   const bool empty = g.batch * g.out_channels * g.out_length == 0;
   const bool library = !empty && (conv1d_use_library(g, Conv1dOp::kForward, /*cuda=*/false) ||
                                    one_small_image_into_many_outputs(input, g));
-  if (computes_in_float(input, library)) {
-    return conv1d_cpu(as_float(input), as_float(weight), as_float(bias), stride, padding, dilation, groups)
+  if (computes_in_float(input, library)) {  // (the activation commutes with the rounding: both are monotone)
+    return conv1d_act_cpu(as_float(input), as_float(weight), as_float(bias), stride, padding, dilation, groups, act)
         .to(input.scalar_type());
   }
   check_cpu_dtype(input, "input");
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   if (!empty && pointwise_as_product(g, input.scalar_type(), Conv1dOp::kForward))
-    return gemm_pointwise_conv1d(input, weight, b, g);
+    return gemm_pointwise_conv1d(input, weight, b, g, act);
   // ATen allocates its own output: decide before allocating ours
-  if (library) return library_conv1d(input, weight, b, g);
+  if (library) {
+    at::Tensor out = library_conv1d(input, weight, b, g);
+    activate_in_place(out, act);
+    return out;
+  }
   at::Tensor out = at::empty({g.batch, g.out_channels, g.out_length}, input.options());
   if (empty) return out;
   correlate_cpu(input.contiguous(), weight.contiguous(), b, out,
                 {g.batch, g.in_channels, g.in_length, g.out_channels, g.kernel_size, g.out_length, stride, dilation,
-                 -padding, groups});
+                 -padding, groups, act});
   return out;
+}
+
+at::Tensor conv1d_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                      int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
+  return conv1d_act_cpu(input, weight, bias, stride, padding, dilation, groups, Activation::kNone);
+}
+
+at::Tensor conv1d_bias_act_cpu(const at::Tensor& input, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, int64_t stride, int64_t padding,
+                               int64_t dilation, int64_t groups, int64_t activation) {
+  return conv1d_act_cpu(input, weight, bias, stride, padding, dilation, groups,
+                        checked_activation(activation, "pyops.conv1d_bias_act"));
 }
 
 // grad_input[n, c, i] = sum_{o, k} weight[o, c, k] * grad_output[n, o, (i + padding - k*dilation) / stride]
@@ -224,6 +241,7 @@ std::tuple<at::Tensor, at::Tensor> conv1d_backward_weight_bias_cpu(const at::Ten
 
 TORCH_LIBRARY_IMPL(pyops, CPU, m) {
   m.impl("conv1d", &conv1d_cpu);
+  m.impl("conv1d_bias_act", &conv1d_bias_act_cpu);
   m.impl("conv1d_backward_input", &conv1d_backward_input_cpu);
   m.impl("conv1d_backward_weight", &conv1d_backward_weight_cpu);
   m.impl("conv1d_backward_weight_bias", &conv1d_backward_weight_bias_cpu);

@@ -1,5 +1,6 @@
 // The CPU correlation kernel behind conv1d's forward and grad_input (see conv1d.h):
-//   out[n, o, l] = bias[o] + sum_{c, k} w[o, c, k] * in[n, g*Cg + c, l*stride + k*dilation + offset].
+//   out[n, o, l] = act(bias[o] + sum_{c, k} w[o, c, k] * in[n, g*Cg + c, l*stride + k*dilation + offset])
+// (act: conv1d_bias_act's activation, applied as a sum is stored; none for conv1d and the input gradient).
 // Work items are (batch, group, chunk of positions), run in parallel. Positions go through a register-blocked
 // micro-kernel: OB output channels x NV vectors of positions accumulate in registers over input channels and taps,
 // each input vector loaded once and used OB times. It reads either a staged copy of the chunk's input window, split
@@ -13,6 +14,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "common/activation_cpu.h"
 #include "common/cpu_vec.h"
 #include "ops/conv1d/conv1d.h"
 #include "ops/conv1d/conv1d_cpu_util.h"
@@ -54,6 +56,8 @@ void correlate_range(const Rows<T>& r, const CorrelationShape& s, int64_t la, in
         for (int64_t l = t.lo; l < t.hi; ++l) y[l] += wk * x[l * s.stride + shift];
       }
     }
+    if (s.act != Activation::kNone)
+      for (int64_t l = la; l < lb; ++l) y[l] = activate(y[l], s.act);
   }
 }
 
@@ -91,8 +95,9 @@ inline void correlate_tile(const Rows<T>& r, const CorrelationShape& s, const Ti
   for (int j = 0; j < OB; ++j)
     for (int v = 0; v < NV; ++v) {
       T* y = r.out + j * s.out_length + l0 + v * V;
-      if (count >= (v + 1) * V) acc[j][v].store(y);
-      else if (count > v * V) acc[j][v].store(y, count - v * V);
+      const Vec result = activate(acc[j][v], s.act);
+      if (count >= (v + 1) * V) result.store(y);
+      else if (count > v * V) result.store(y, count - v * V);
     }
 }
 
@@ -295,7 +300,7 @@ void correlate_cpu(const at::Tensor& in, const at::Tensor& w, const at::Tensor& 
     at::Tensor out_rows = at::empty({blocks, s.out_channels, per_block * length / s.stride}, out.options());
     correlate_kernel(rows, w, bias, out_rows,
                      {blocks, s.in_channels, per_block * length, s.out_channels, s.kernel_size,
-                      per_block * length / s.stride, s.stride, s.dilation, offset, s.groups},
+                      per_block * length / s.stride, s.stride, s.dilation, offset, s.groups, s.act},
                      finite);
     take_end_to_end(out_rows, length / s.stride, out);
     return;

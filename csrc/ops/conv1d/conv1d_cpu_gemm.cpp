@@ -14,6 +14,7 @@
 
 #include <algorithm>
 
+#include "common/activation_cpu.h"
 #include "common/cpu_vec.h"
 #include "ops/conv1d/conv1d.h"
 #include "ops/conv1d/conv1d_cpu_util.h"
@@ -86,18 +87,18 @@ void add_row_sums(const T* sums, int64_t channels, int64_t count, T* grad_bias) 
   }
 }
 
-// out[n, o, :] += bias[o]; out contiguous (N, C, L).
+// out[n, o, :] = act(out[n, o, :] + bias[o]) in one pass (bias may be null); out contiguous (N, C, L).
 template <typename T>
-void add_bias(T* out, const T* bias, int64_t batch, int64_t channels, int64_t length) {
+void add_bias_act(T* out, const T* bias, int64_t batch, int64_t channels, int64_t length, Activation act) {
   using Vec = Vectorized<T>;
   constexpr int64_t V = Vec::size();
   at::parallel_for(0, batch * channels, std::max<int64_t>(1, 4096 / length), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       T* at = out + row * length;
-      const Vec b(bias[row % channels]);
+      const T b = bias ? bias[row % channels] : T(0);
       int64_t l = 0;
-      for (; l + V <= length; l += V) (Vec::loadu(at + l) + b).store(at + l);
-      for (; l < length; ++l) at[l] += bias[row % channels];
+      for (; l + V <= length; l += V) activate(Vec::loadu(at + l) + Vec(b), act).store(at + l);
+      for (; l < length; ++l) at[l] = activate(at[l] + b, act);
     }
   });
 }
@@ -271,14 +272,14 @@ bool pointwise_as_product(const Conv1dGeometry& g, at::ScalarType dtype, Conv1dO
 }
 
 at::Tensor gemm_pointwise_conv1d(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
-                                 const Conv1dGeometry& g) {
+                                 const Conv1dGeometry& g, Activation act) {
   // bmm with the weight broadcast over the batch: one product a sample, MKL's batched call spreading them
   const at::Tensor w = weight.reshape({g.out_channels, g.in_channels});
   at::Tensor out = at::bmm(w.expand({g.batch, g.out_channels, g.in_channels}), read_positions(input, g));
-  if (bias.defined()) {
-    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "pyops_conv1d_pointwise_bias", [&] {
-      add_bias(out.mutable_data_ptr<scalar_t>(), bias.const_data_ptr<scalar_t>(), g.batch, g.out_channels,
-               g.out_length);
+  if (bias.defined() || act != Activation::kNone) {
+    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "pyops_conv1d_pointwise_bias_act", [&] {
+      add_bias_act(out.mutable_data_ptr<scalar_t>(), bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+                   g.batch, g.out_channels, g.out_length, act);
     });
   }
   return out;

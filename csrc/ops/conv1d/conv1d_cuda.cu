@@ -122,6 +122,17 @@ at::Tensor conv1d_cuda(const at::Tensor& input, const at::Tensor& weight, const 
   return out;
 }
 
+// The activation in a second pass over the output (the CUDA kernels store without it; measured on the CPU only,
+// where the kernels apply it as they store).
+at::Tensor conv1d_bias_act_cuda(const at::Tensor& input, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, int64_t stride, int64_t padding,
+                                int64_t dilation, int64_t groups, int64_t activation) {
+  const Activation act = checked_activation(activation, "pyops.conv1d_bias_act");
+  at::Tensor out = conv1d_cuda(input, weight, bias, stride, padding, dilation, groups);
+  activate_in_place(out, act);
+  return out;
+}
+
 at::Tensor conv1d_backward_input_cuda(const at::Tensor& grad_output, const at::Tensor& weight, int64_t input_length,
                                       int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
   const Conv1dGeometry g =
@@ -208,6 +219,7 @@ std::tuple<at::Tensor, at::Tensor> conv1d_backward_weight_bias_cuda(const at::Te
 
 TORCH_LIBRARY_IMPL(pyops, CUDA, m) {
   m.impl("conv1d", &conv1d_cuda);
+  m.impl("conv1d_bias_act", &conv1d_bias_act_cuda);
   m.impl("conv1d_backward_input", &conv1d_backward_input_cuda);
   m.impl("conv1d_backward_weight", &conv1d_backward_weight_cuda);
   m.impl("conv1d_backward_weight_bias", &conv1d_backward_weight_bias_cuda);

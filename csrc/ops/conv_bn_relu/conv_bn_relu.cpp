@@ -46,8 +46,7 @@ ConvGeometry check_conv2d_bias_act_args(const at::Tensor& input, const at::Tenso
   check_pair(padding, "padding", 0);
   check_pair(dilation, "dilation", 1);
   TORCH_CHECK_VALUE(groups >= 1, "pyops.conv2d: argument 'groups' must be >= 1, got ", groups);
-  TORCH_CHECK_VALUE(activation >= 0 && activation <= 2, "pyops.conv2d: argument 'activation' must be 0 (none), ",
-                    "1 (relu) or 2 (relu6), got ", activation);
+  checked_activation(activation, "pyops.conv2d");
   ConvGeometry g{};
   g.n = input.size(0), g.cin = input.size(1), g.h = input.size(2), g.w = input.size(3);
   g.cout = weight.size(0), g.kh = weight.size(2), g.kw = weight.size(3);
@@ -124,14 +123,14 @@ Activation check_conv_act_backward_args(const at::Tensor& grad, const at::Tensor
   check_same_device(grad, output, "grad", "output");
   TORCH_CHECK_VALUE(grad.sizes() == output.sizes(), "pyops.conv_act_backward: argument 'grad' has shape ",
                     grad.sizes(), " but 'output' has ", output.sizes());
-  TORCH_CHECK_VALUE(activation >= 0 && activation <= 2, "pyops.conv_act_backward: bad 'activation' ", activation);
+  const Activation act = checked_activation(activation, "pyops.conv_act_backward");
   if (scale.has_value()) {
     check_floating(*scale, "scale");
     check_same_device(*scale, output, "scale", "output");
     TORCH_CHECK_VALUE(scale->dim() == 1 && scale->size(0) == output.size(1), "pyops.conv_act_backward: argument ",
                       "'scale' must have shape (", output.size(1), ",), got ", scale->sizes());
   }
-  return static_cast<Activation>(activation);
+  return act;
 }
 
 std::tuple<at::Tensor, at::Tensor> conv_act_backward_outputs(const at::Tensor& output, bool has_scale,

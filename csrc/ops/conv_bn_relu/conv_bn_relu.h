@@ -11,9 +11,9 @@
 #include <optional>
 #include <tuple>
 
-namespace pyops {
+#include "common/activation.h"
 
-enum class Activation : int64_t { kNone = 0, kRelu = 1, kRelu6 = 2 };
+namespace pyops {
 
 // Everything a kernel needs to know about one convolution besides the tensors.
 struct ConvGeometry {

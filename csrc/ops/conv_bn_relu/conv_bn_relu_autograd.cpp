@@ -38,13 +38,20 @@ std::tuple<at::Tensor, at::Tensor> call_conv_act_backward(const at::Tensor& grad
   return op.call(grad, output, scale, activation, unscaled_too);
 }
 
-// The same (grad·act'(output)·scale, grad·act'(output)) by the fused op, or, when the backward is itself recorded
-// (create_graph=True: a double backward, e.g. a gradient penalty), by ATen ops that autograd differentiates: the op
-// has no derivative of its own, and a double backward through it was silently wrong (the mask's derivative is
-// zero, as for torch.relu's).
+}  // namespace
+
+// act_backward (common/activation.h) by the fused op, or, when the backward is itself recorded (create_graph=True: a
+// double backward, e.g. a gradient penalty), by ATen ops that autograd differentiates: the op has no derivative of
+// its own, and a double backward through it was silently wrong (the mask's derivative is zero, as for torch.relu's).
 std::tuple<at::Tensor, at::Tensor> act_backward(const at::Tensor& grad, const at::Tensor& output,
                                                 const OptTensor& scale, int64_t activation, bool unscaled_too) {
-  if (!at::GradMode::is_enabled()) return call_conv_act_backward(grad, output, scale, activation, unscaled_too);
+  if (!at::GradMode::is_enabled()) {
+    if (output.dim() == 4) return call_conv_act_backward(grad, output, scale, activation, unscaled_too);
+    // (the op takes (N, C, H, W): a conv1d's (N, C, L) output as (N, C, 1, L))
+    auto [scaled, masked] =
+        call_conv_act_backward(grad.unsqueeze(2), output.unsqueeze(2), scale, activation, unscaled_too);
+    return {scaled.squeeze(2), masked.dim() == 4 ? masked.squeeze(2) : masked};
+  }
   at::Tensor g = grad;
   // (torch.relu's rule: zero where the output is <= 0, so a NaN output passes the gradient; hardtanh's stops it.
   // A select, not a product with the mask: a masked inf or NaN gradient gives 0, as in the op and in torch's.)
@@ -52,9 +59,13 @@ std::tuple<at::Tensor, at::Tensor> act_backward(const at::Tensor& grad, const at
   if (activation == static_cast<int64_t>(Activation::kRelu6))
     g = at::where(output.gt(0).logical_and(output.lt(6)), grad, 0);
   if (!scale.has_value()) return {g, at::Tensor()};
-  const at::Tensor scaled = g * scale->to(g.scalar_type()).view({1, -1, 1, 1});
+  std::vector<int64_t> per_channel(output.dim(), 1);
+  per_channel[1] = -1;
+  const at::Tensor scaled = g * scale->to(g.scalar_type()).view(per_channel);
   return {scaled, unscaled_too ? g : at::Tensor()};
 }
+
+namespace {
 
 // The strides the op computes with (checked_conv_stride: a stride past the padded size gives its one output
 // position), for the ATen convolutions of the backward and the composites: a stride of 2**31 - 1 crashed oneDNN's

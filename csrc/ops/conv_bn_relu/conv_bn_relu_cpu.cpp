@@ -15,11 +15,11 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/activation_cpu.h"
 #include "common/checks.h"
 #include "common/cpu_vec.h"
 #include "common/onednn.h"
 #include "ops/conv_bn_relu/conv_bn_relu.h"
-#include "ops/conv_bn_relu/conv_epilogue_cpu.h"
 
 namespace pyops {
 

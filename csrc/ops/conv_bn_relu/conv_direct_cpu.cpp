@@ -14,9 +14,9 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/activation_cpu.h"
 #include "common/cpu_vec.h"
 #include "ops/conv_bn_relu/conv_bn_relu.h"
-#include "ops/conv_bn_relu/conv_epilogue_cpu.h"
 
 namespace pyops {
 
