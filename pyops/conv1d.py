@@ -82,21 +82,30 @@ def conv1d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
 
 
 @overridable
-def conv1d_bias_act(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, activation="relu"):
-    """act(conv1d(x, weight, bias)), the activation applied as the output is stored (on the CPU; the CUDA kernels
-    apply it in a second pass): what pyops.fuse computes for a Conv1d → BatchNorm1d → ReLU/ReLU6 chain.
+def conv1d_bias_act(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, activation="relu",
+                    residual=None):
+    """act(conv1d(x, weight, bias) + residual), the residual added and the activation applied as the output is stored
+    (on the CPU; on CUDA in a second pass): what pyops.fuse computes for a Conv1d → BatchNorm1d [→ add] [→ ReLU/ReLU6]
+    chain.
 
-    Args: as pyops.conv1d, and activation: "none", "relu" or "relu6" (NaN stays NaN, as torch.relu and F.relu6 keep
-    it). Returns: as pyops.conv1d. Gradients: those of F.relu(F.conv1d(...)) (F.relu6's), from the saved output.
+    Args: as pyops.conv1d, and
+        activation: "none", "relu" or "relu6" (NaN stays NaN, as torch.relu and F.relu6 keep it);
+        residual: None, or a tensor of the output's shape ((N, C_out, L_out), or (C_out, L_out) for unbatched
+            input), dtype and device (a 1-D ResNet block's shortcut).
+    Returns: as pyops.conv1d. Gradients: those of F.relu(F.conv1d(...) + residual) (F.relu6's), from the saved
+    output.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"argument 'activation' must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    return _conv1d(x, weight, bias, stride, padding, dilation, groups, ACTIVATIONS[activation])
+    return _conv1d(x, weight, bias, stride, padding, dilation, groups, ACTIVATIONS[activation], residual)
 
 
-def _conv1d(x, weight, bias, stride, padding, dilation, groups, activation):
-    """The argument handling both share; activation: the op's code (0: the pyops::conv1d op itself)."""
+def _conv1d(x, weight, bias, stride, padding, dilation, groups, activation, residual=None):
+    """The argument handling both share; activation: the op's code (0 without a residual: the pyops::conv1d op)."""
     _check_tensors(x, weight, bias)
+    if residual is not None:
+        check_tensor(residual, "residual")
+        check_like(residual, x, "residual", "input")
     stride = _int_arg(stride, "stride", 1)
     dilation = _int_arg(dilation, "dilation", 1)
     groups = _int_arg(groups, "groups", 1)
@@ -105,6 +114,7 @@ def _conv1d(x, weight, bias, stride, padding, dilation, groups, activation):
     unbatched = x.dim() == 2
     if unbatched:
         x = x.unsqueeze(0)
+        residual = residual.unsqueeze(0) if residual is not None else None
     if isinstance(padding, str):
         if padding == "valid":
             padding = 0
@@ -120,8 +130,13 @@ def _conv1d(x, weight, bias, stride, padding, dilation, groups, activation):
     else:
         padding = _int_arg(padding, "padding", 0)
     _check_geometry(x.shape[1], x.shape[2], weight, stride, padding, dilation, groups)
-    if activation:
-        out = _ops.conv1d_bias_act.default(x, weight, bias, stride, padding, dilation, groups, activation)
+    if residual is not None:
+        shape = (x.shape[0], weight.shape[0], _out_length(x.shape[2], weight.shape[2], stride, padding, dilation))
+        if tuple(residual.shape) != shape:
+            raise ValueError(f"argument 'residual' must have the output's shape {shape[1 if unbatched else 0:]}, "
+                             f"got {tuple(residual.shape)[1 if unbatched else 0:]}")
+    if activation or residual is not None:
+        out = _ops.conv1d_bias_act.default(x, weight, bias, stride, padding, dilation, groups, activation, residual)
     else:
         out = _ops.conv1d.default(x, weight, bias, stride, padding, dilation, groups)
     return out.squeeze(0) if unbatched else out
@@ -142,9 +157,14 @@ def _conv1d_fake(x, weight, bias, stride, padding, dilation, groups):
 
 
 @torch.library.register_fake("pyops::conv1d_bias_act")
-def _conv1d_bias_act_fake(x, weight, bias, stride, padding, dilation, groups, activation):
+def _conv1d_bias_act_fake(x, weight, bias, stride, padding, dilation, groups, activation, residual=None):
     torch._check(activation in ACTIVATIONS.values(), lambda: f"pyops.conv1d_bias_act: bad activation {activation}")
-    return _conv1d_fake(x, weight, bias, stride, padding, dilation, groups)
+    out = _conv1d_fake(x, weight, bias, stride, padding, dilation, groups)
+    if residual is not None:
+        check_devices(x, "input", residual=residual)
+        torch._check(residual.shape == out.shape, lambda: "pyops.conv1d_bias_act: 'residual' must have the output's "
+                     "shape")
+    return out
 
 
 @torch.library.register_fake("pyops::conv1d_backward_input")

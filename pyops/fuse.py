@@ -87,9 +87,10 @@ def fuse(model, inplace=False):
       - Conv2d → BatchNorm2d [→ add(·, residual)] [→ ReLU/ReLU6] is one pyops.nn.ConvBNReLU2d (the residual add
         and the activation are fused into the kernel's epilogue),
       - Linear → BatchNorm1d [→ ReLU/ReLU6] is one pyops.nn.LinearBNReLU,
-      - Conv1d → BatchNorm1d [→ ReLU/ReLU6] is one pyops.nn.FoldedConv1d, computed by pyops' conv1d kernels with
-        the activation applied as they store the output (it refuses the unbatched inputs the fold does not cover;
-        pyops.nn.swap_conv1d(fuse(model)) computes the model's other Conv1d layers by pyops.conv1d too),
+      - Conv1d → BatchNorm1d [→ add(·, residual)] [→ ReLU/ReLU6] is one pyops.nn.FoldedConv1d, computed by pyops'
+        conv1d kernels with the add and the activation applied as they store the output (it refuses the unbatched
+        inputs the fold does not cover; pyops.nn.swap_conv1d(fuse(model)) computes the model's other Conv1d layers
+        by pyops.conv1d too),
       - Conv3d (and Conv2d with a non-zero padding mode) → BatchNorm is one folded conv (pyops.fold_bn); an
         activation after it stays a module of its own.
     A ReLU is nn.ReLU, nn.ReLU6, F.relu, F.relu6, torch.relu or Tensor.relu, in-place or not. A link of a chain is
@@ -583,7 +584,7 @@ def match_chain(node, modules):
     if fused_class(layer) is None:  # fold only: the add and the activation stay as they are
         return chain
     user = sole_user(node)
-    residual = residual_of(user, node) if user is not None and isinstance(layer, nn.Conv2d) else None
+    residual = residual_of(user, node) if user is not None and isinstance(layer, (nn.Conv1d, nn.Conv2d)) else None
     if residual is not None:
         # The fused call reads the layer's input and the residual at one point (the add: the residual may be
         # computed after the layer), while the chain read the input at the layer and the residual at the add. That

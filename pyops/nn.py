@@ -75,14 +75,16 @@ class Conv1d(NotScriptable, torch.nn.Conv1d):
 
 
 class FoldedConv1d(Conv1d):
-    """An nn.Conv1d with a BatchNorm1d folded into it, and the ReLU/ReLU6 that followed, as pyops.fuse installs one:
-    the layer computed by pyops.conv1d (a Conv1d above: the depthwise, pointwise and small-channel layers of 1-D
-    networks run pyops' kernels), the activation applied as the kernel stores the output (conv1d_bias_act), refusing
-    unbatched (C, L) inputs. On those the BatchNorm1d it replaced took C as the batch and normalized along L, which
-    the fold does not compute (the model raised there, unless L_out equals C_out).
-    activation: "none", "relu" or "relu6"."""
+    """An nn.Conv1d with a BatchNorm1d folded into it, and the residual add and ReLU/ReLU6 that followed, as
+    pyops.fuse installs one: the layer computed by pyops.conv1d (a Conv1d above: the depthwise, pointwise and
+    small-channel layers of 1-D networks run pyops' kernels), the residual added and the activation applied as the
+    kernel stores the output (pyops.conv1d_bias_act), refusing unbatched (C, L) inputs. On those the BatchNorm1d it
+    replaced took C as the batch and normalized along L, which the fold does not compute (the model raised there,
+    unless L_out equals C_out).
+    activation: "none", "relu" or "relu6". residual_in_place: as ConvBNReLU2d's."""
 
     activation = "none"
+    residual_in_place = False
 
     @classmethod
     def from_modules(cls, conv, bn, relu=False):
@@ -98,24 +100,41 @@ class FoldedConv1d(Conv1d):
         folded.activation = activation
         return folded
 
-    def forward(self, x):
-        """x (N, C_in, L) → act(conv(x)) (N, C_out, L_out)."""
-        return _folded_conv1d_forward(self, x, _forward_parameters(self))
+    def forward(self, x, residual=None):
+        """x (N, C_in, L) [, residual (N, C_out, L_out)] → act(conv(x) + residual) (N, C_out, L_out)."""
+        return _folded_conv1d_forward(self, x, _forward_parameters(self), residual)
 
-    def _conv_forward(self, x, weight, bias):
+    def _conv_forward(self, x, weight, bias, residual=None, activation=None):
         x, padding = self._padded(x)
-        return conv1d_bias_act(x, weight, bias, self.stride, padding, self.dilation, self.groups, self.activation)
+        return conv1d_bias_act(x, weight, bias, self.stride, padding, self.dilation, self.groups,
+                               self.activation if activation is None else activation, residual)
 
     def extra_repr(self):
         return super().extra_repr() + f", activation={self.activation}"
 
 
 @overridable
-def _folded_conv1d_forward(module, x, parameters=None):
+def _folded_conv1d_forward(module, x, parameters=None, residual=None):
     """FoldedConv1d.forward (a function for the reason _conv_bn_relu2d_forward gives)."""
     _check_bn1d_fold_holds(x, 3, f"(N, {module.in_channels}, L)", "channels", "on an unbatched input BatchNorm1d "
                            "normalizes along the length: that Conv1d → BatchNorm1d cannot be fused")
-    return module._conv_forward(x, *(_forward_parameters(module) if parameters is None else parameters))
+    weight, bias = _forward_parameters(module) if parameters is None else parameters
+    if residual is None or (isinstance(residual, torch.Tensor) and residual.dtype == x.dtype
+                            and tuple(residual.shape) == _conv1d_output_shape(module, x)):
+        return module._conv_forward(x, weight, bias, residual)
+    # A residual the kernel does not take (one that only broadcasts to the output, another dtype, a number): the add
+    # as PyTorch does it (broadcasting, type promotion), as the unfused chain did.
+    out = module._conv_forward(x, weight, bias, activation="none")
+    return apply_activation_(out.add_(residual) if module.residual_in_place else out + residual, module.activation)
+
+
+def _conv1d_output_shape(module, x):
+    """The shape nn.Conv1d module gives for a batched input x."""
+    if module.padding == "same":
+        return (x.shape[0], module.out_channels, x.shape[2])
+    padding = 0 if module.padding == "valid" else module.padding[0]
+    span = module.dilation[0] * (module.kernel_size[0] - 1) + 1
+    return (x.shape[0], module.out_channels, (x.shape[2] + 2 * padding - span) // module.stride[0] + 1)
 
 
 def _check_bn1d_fold_holds(x, ndim, shape, normalized, otherwise):

@@ -14,7 +14,8 @@ WEIGHTS = {"conv1d": torch.randn(4, 4, 3, generator=torch.Generator().manual_see
 # One call of each op on x (2, 4, 9) float64, returning one tensor.
 OP_CALLS = {
     "conv1d": lambda x: torch.ops.pyops.conv1d(x, WEIGHTS["conv1d"].to(x), None, 1, 1, 1, 1),
-    "conv1d_bias_act": lambda x: torch.ops.pyops.conv1d_bias_act(x, WEIGHTS["conv1d"].to(x), None, 1, 1, 1, 1, 1),
+    "conv1d_bias_act": lambda x: torch.ops.pyops.conv1d_bias_act(x, WEIGHTS["conv1d"].to(x), None, 1, 1, 1, 1, 1,
+                                                                 x.flip(-1)),
     "conv1d_backward_input": lambda x: torch.ops.pyops.conv1d_backward_input(x, WEIGHTS["conv1d"].to(x), 9, 1, 1, 1,
                                                                            1),
     "conv1d_backward_weight": lambda x: torch.ops.pyops.conv1d_backward_weight(x, x, 3, 1, 1, 1, 1),

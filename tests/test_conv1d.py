@@ -970,9 +970,9 @@ def test_each_op_takes_aten_where_its_own_product_is_wide(config, routes, monkey
         torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-5 * max(cin, cout) * k)
 
 
-# --- conv1d_bias_act: the activation applied as each path stores its output ---------------------------------------
+# --- conv1d_bias_act: the residual added and the activation applied as each path stores its output --------------
 
-ACTIVATIONS = {"relu": F.relu, "relu6": F.relu6}
+ACTIVATIONS = {"relu": F.relu, "relu6": F.relu6, "none": lambda y: y}
 # Every forward path: the ROUTES layers (library, direct, pointwise products) and short rows laid end to end, a
 # strided staged window, a single channel, a depthwise layer, one position past a row's tiles.
 ACT_LAYERS = [config for config, _ in ROUTES] + [(64, 8, 8, 20, 3, 1, 1), (4, 16, 16, 2000, 4, 2, 1),
@@ -980,25 +980,43 @@ ACT_LAYERS = [config for config, _ in ROUTES] + [(64, 8, 8, 20, 3, 1, 1), (4, 16
                                                  (3, 5, 7, 25, 3, 1, 1)]
 
 
-@pytest.mark.parametrize("activation", ["relu", "relu6"])
+def outputs_and_grads(fn, tensors, grad_out=None):
+    """fn(*tensors) and the gradients of every tensor (x, w, b, residual), for grad_out (random if None)."""
+    tensors = [t.detach().requires_grad_() for t in tensors]
+    y = fn(*tensors)
+    if grad_out is None:
+        grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.device, y.dtype)
+    return [y, *torch.autograd.grad(y, tensors, grad_out)], grad_out
+
+
+@pytest.mark.parametrize("activation,residual", [("relu", False), ("relu6", False), ("relu", True), ("relu6", True),
+                                                 ("none", True)])
 @pytest.mark.parametrize("path", ["auto", "direct", "library", "gemm"])
-def test_conv1d_bias_act_is_the_activation_of_the_same_convolution(device, activation, path, monkeypatch):
-    """Bit for bit act(pyops.conv1d(...)) on the same path, forward and gradients: the activation is applied to the
-    finished sums wherever the output is stored (the direct kernel's tiles and edge loop, rows laid end to end, the
-    pointwise products' bias pass, a pass after the library's call), and the backward is the same convolution
-    backward of gy·act'(output) (ReLU6 clamps a fair share of these outputs: their scale is ~4)."""
+def test_conv1d_bias_act_is_the_activation_of_the_same_convolution(device, activation, residual, path, monkeypatch):
+    """Bit for bit act(pyops.conv1d(...) + residual) on the same path, forward and gradients: the residual is added
+    to the finished sums and the activation applied wherever the output is stored (the direct kernel's tiles and
+    edge loop, rows laid end to end with the residual laid alike, the pointwise products' bias pass, a pass after
+    the library's call), and the backward is the same convolution backward of gy·act'(output), which is the
+    residual's gradient too (ReLU6 clamps a fair share of these outputs: their scale is ~4)."""
     monkeypatch.setenv("PYOPS_CONV1D_PATH", path)
     g = torch.Generator().manual_seed(21)
+    act = ACTIVATIONS[activation]
     for n, cin, cout, length, k, stride, groups in ACT_LAYERS:
         x = rand((n, cin, length), torch.float32, device, g)
         w = rand((cout, cin // groups, k), torch.float32, device, g) * (4 / math.sqrt(cin // groups * k))
         b = rand((cout,), torch.float32, device, g)
         args = (stride, k // 2, 1, groups)
-        ours, gy = forward_and_grads(
-            lambda *a: pyops.conv1d_bias_act(*a, activation=activation), x, w, b, args)
-        same, _ = forward_and_grads(lambda *a: ACTIVATIONS[activation](pyops.conv1d(*a)), x, w, b, args, gy)
-        assert (ours[0] == 0).any() and (activation == "relu" or (ours[0] == 6).any())
-        for name, a, e in zip(["output", "grad_input", "grad_weight", "grad_bias"], ours, same):
+        tensors = [x, w, b]
+        if residual:
+            tensors.append(rand(tuple(F.conv1d(x[:1], w, None, *args).shape[1:]), torch.float32, device, g)
+                           .expand(n, -1, -1).contiguous() * 2)
+        ours, gy = outputs_and_grads(lambda x, w, b, *r: pyops.conv1d_bias_act(
+            x, w, b, *args, activation=activation, residual=r[0] if r else None), tensors)
+        same, _ = outputs_and_grads(lambda x, w, b, *r: act(pyops.conv1d(x, w, b, *args) + (r[0] if r else 0)),
+                                    tensors, gy)
+        if activation != "none":
+            assert (ours[0] == 0).any() and (activation == "relu" or (ours[0] == 6).any())
+        for name, a, e in zip(["output", "grad_input", "grad_weight", "grad_bias", "grad_residual"], ours, same):
             assert torch.equal(a, e), (path, (n, cin, cout, length, k, stride, groups), name)
 
 
@@ -1006,13 +1024,23 @@ def test_conv1d_bias_act_is_the_activation_of_the_same_convolution(device, activ
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("config", random_configs(12, seed=22), ids=str)
 def test_conv1d_bias_act_matches_torch(device, dtype, activation, config):
+    """Against the float64 reference, with a residual on every other layer (and its gradient)."""
     n, cin, cout, length, k, stride, padding, dilation, groups, bias = config
     g = torch.Generator().manual_seed(hash(config) % 10000)
     x, w = rand((n, cin, length), dtype, device, g), rand((cout, cin // groups, k), dtype, device, g) * 3
     b = rand((cout,), dtype, device, g) if bias else None
-    assert_matches_torch(x, w, b, (stride, padding, dilation, groups), dtype,
-                         ours=lambda *a: pyops.conv1d_bias_act(*a, activation=activation),
+    hyper = (stride, padding, dilation, groups)
+    assert_matches_torch(x, w, b, hyper, dtype, ours=lambda *a: pyops.conv1d_bias_act(*a, activation=activation),
                          reference=lambda *a: ACTIVATIONS[activation](reference.conv1d(*a)))
+    r = rand(tuple(F.conv1d(x.cpu().double(), w.cpu().double(), None, *hyper).shape), dtype, device, g)
+    ours, gy = outputs_and_grads(lambda x, w, r: pyops.conv1d_bias_act(x, w, None, *hyper, activation, r), [x, w, r])
+    want, _ = outputs_and_grads(lambda x, w, r: ACTIVATIONS[activation](reference.conv1d(x, w, None, *hyper) + r),
+                                [t.cpu().double() for t in (x, w, r)], gy.cpu().double())
+    rtol, atol = tolerances(dtype)
+    for name, o, e in zip(["output", "grad_input", "grad_weight", "grad_residual"], ours, want):
+        assert o.dtype == dtype and o.device == x.device, name
+        torch.testing.assert_close(o.double().cpu(), e, rtol=rtol, atol=atol * max(1.0, e.abs().max().item()),
+                                   msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("path", ["auto", "direct", "library", "gemm"])
@@ -1042,14 +1070,16 @@ def test_conv1d_bias_act_gradcheck_opcheck_compile(device):
             w = (rand((cout, cin // groups, k), device=device, gen=g) * 3).requires_grad_()
             b = rand((cout,), device=device, gen=g).requires_grad_()
             hyper = (stride, padding, 1, groups)
+            r = rand(tuple(F.conv1d(x, w, b, *hyper).shape), device=device, gen=g).requires_grad_()
             torch.library.opcheck(ops.conv1d_bias_act, (x, w, b, *hyper, code))
-            torch.library.opcheck(ops.conv1d_bias_act, (x, w, None, *hyper, code))
-            fn = lambda x, w, b: pyops.conv1d_bias_act(x, w, b, *hyper, activation)  # noqa: E731
-            assert torch.autograd.gradcheck(fn, (x, w, b))
-            assert torch.autograd.gradgradcheck(fn, (x, w, b))
-        compiled = torch.compile(lambda x, w, b: fn(x, w, b).sin().sum(), fullgraph=True)
-        got = torch.autograd.grad(compiled(x, w, b), (x, w, b))
-        want = torch.autograd.grad(fn(x, w, b).sin().sum(), (x, w, b))
+            torch.library.opcheck(ops.conv1d_bias_act, (x, w, None, *hyper, code, r))
+            fn = lambda x, w, b, r: pyops.conv1d_bias_act(x, w, b, *hyper, activation, r)  # noqa: E731
+            assert torch.autograd.gradcheck(fn, (x, w, b, r))
+            assert torch.autograd.gradgradcheck(fn, (x, w, b, r))
+            assert torch.autograd.gradcheck(lambda x, w: fn(x, w, None, None), (x, w))
+        compiled = torch.compile(lambda x, w, b, r: fn(x, w, b, r).sin().sum(), fullgraph=True)
+        got = torch.autograd.grad(compiled(x, w, b, r), (x, w, b, r))
+        want = torch.autograd.grad(fn(x, w, b, r).sin().sum(), (x, w, b, r))
         for a, c in zip(got, want):
             torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
 
@@ -1062,3 +1092,15 @@ def test_conv1d_bias_act_names_a_bad_activation(device):
         ops.conv1d_bias_act(x, w, None, 1, 0, 1, 1, 3)
     with pytest.raises(ValueError, match="channel mismatch"):  # the convolution's checks, as pyops.conv1d's
         pyops.conv1d_bias_act(x, rand((3, 5, 3), device=device))
+    with pytest.raises(ValueError, match=r"'residual' must have the output's shape \(2, 3, 8\), got \(2, 3, 10\)"):
+        pyops.conv1d_bias_act(x, w, residual=rand((2, 3, 10), device=device))
+    with pytest.raises(ValueError, match=r"'residual' must have the output's shape \(3, 8\)"):
+        pyops.conv1d_bias_act(x[0], w, residual=rand((2, 3, 8), device=device))
+    with pytest.raises(TypeError, match="'residual' has dtype torch.float32"):
+        pyops.conv1d_bias_act(x, w, residual=rand((2, 3, 8), torch.float32, device))
+    with pytest.raises(TypeError, match="'residual' must be a torch.Tensor"):
+        pyops.conv1d_bias_act(x, w, residual=1.0)
+    with pytest.raises(ValueError, match="argument 'residual' must have the output's shape"):  # the op's own check
+        ops.conv1d_bias_act(x, w, None, 1, 0, 1, 1, 1, rand((2, 3, 1), device=device))
+    unbatched = pyops.conv1d_bias_act(x[0], w, residual=rand((3, 8), device=device))
+    assert unbatched.shape == (3, 8)

@@ -903,9 +903,9 @@ class Conv1dResidual(nn.Module):
 
 
 def test_fuse_conv1d_chains_take_the_activation_conv3d_chains_fold_only():
-    """Conv1d → BatchNorm1d → ReLU/ReLU6 is one FoldedConv1d whose kernels apply the activation as they store
-    (pyops::conv1d_bias_act; no ReLU left in the graph), in the traced graph and in the Sequential fallback; a
-    residual add between them stays unfused (the 1-D op takes no residual), with its ReLU. Conv3d chains fold only."""
+    """Conv1d → BatchNorm1d [→ add] → ReLU/ReLU6 is one FoldedConv1d whose kernels add the residual and apply the
+    activation as they store (pyops::conv1d_bias_act; no add or ReLU left in the graph), in the traced graph and (no
+    residual there) in the Sequential fallback. Conv3d chains fold only."""
     torch.manual_seed(0)
     chains = [(nn.ReLU(), "relu"), (nn.ReLU(inplace=True), "relu"), (nn.ReLU6(), "relu6")]
     for act, name in chains:
@@ -929,11 +929,23 @@ def test_fuse_conv1d_chains_take_the_activation_conv3d_chains_fold_only():
     model = randomized(Conv1dResidual().double())
     fused = pyops.fuse(model)
     assert_no_batchnorm(fused)
-    assert fused.conv.activation == "none" and fused.conv2.activation == "relu6"
-    assert [n.target for n in fused.graph.nodes if n.op == "call_function"] == [operator.add, torch.relu]
+    assert fused.conv.activation == "relu" and fused.conv2.activation == "relu6"
+    assert [n.op for n in fused.graph.nodes] == ["placeholder", "call_module", "call_module", "output"]
     x = torch.randn(2, 4, 12, dtype=torch.float64, generator=gen()) * 3
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        got = fused(x)
+    assert sum(e.name == "pyops::conv1d_bias_act" for e in prof.events()) == 2
     with torch.no_grad():
-        torch.testing.assert_close(fused(x), model(x), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got, model(x), rtol=1e-10, atol=1e-12)
+    # a residual the kernel does not take (broadcast over the length, another dtype): added as PyTorch adds it
+    for residual in (torch.randn(2, 4, 1, dtype=torch.float64), torch.randn(2, 4, 12)):
+        with torch.no_grad():
+            want = F.relu(model.bn(model.conv(x)) + residual)
+            torch.testing.assert_close(fused.conv(x, residual=residual), want, rtol=1e-10, atol=1e-12)
+    # fine-tuning through it: the gradients of the unfused chain with the BatchNorm frozen
+    xg = x.clone().requires_grad_()
+    torch.testing.assert_close(torch.autograd.grad(fused(xg).sum(), xg)[0],
+                               torch.autograd.grad(model(xg).sum(), xg)[0], rtol=1e-10, atol=1e-12)
     model = randomized(nn.Sequential(nn.Conv3d(3, 5, 3), nn.BatchNorm3d(5), nn.ReLU()).double())
     fused = pyops.fuse(model)
     assert_no_batchnorm(fused)

@@ -128,7 +128,11 @@ at::Tensor library_conv1d(const at::Tensor& input, const at::Tensor& weight, con
                          {g.dilation}, false, {0}, g.groups);
 }
 
-void activate_in_place(at::Tensor& out, Activation act) {
+void add_residual_activate(at::Tensor& out, const at::Tensor& residual, Activation act) {
+  const bool vectorized = out.device().is_cpu() && (out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble);
+  if (vectorized) return add_bias_residual_activate_cpu(out, at::Tensor(), residual.defined() ? residual.contiguous()
+                                                                                               : residual, act);
+  if (residual.defined()) out.add_(residual);
   if (act == Activation::kRelu) out.relu_();
   if (act == Activation::kRelu6) out.clamp_(0, 6);  // (hardtanh_ as F.relu6; clamp keeps NaN, as it does)
 }
@@ -179,6 +183,18 @@ Conv1dGeometry check_conv1d(const at::Tensor& input, const at::Tensor& weight, c
                   dilation, groups);
 }
 
+void check_conv1d_residual(const std::optional<at::Tensor>& residual, const at::Tensor& input,
+                           const Conv1dGeometry& g) {
+  if (!residual.has_value() || !residual->defined()) return;
+  check_floating(*residual, "residual");
+  check_same_dtype(*residual, input, "residual", "input");
+  check_same_device(*residual, input, "residual", "input");
+  TORCH_CHECK_VALUE(residual->dim() == 3 && residual->size(0) == g.batch && residual->size(1) == g.out_channels &&
+                        residual->size(2) == g.out_length,
+                    "pyops.conv1d_bias_act: argument 'residual' must have the output's shape (", g.batch, ", ",
+                    g.out_channels, ", ", g.out_length, "), got ", residual->sizes());
+}
+
 Conv1dGeometry check_conv1d_backward_input(const at::Tensor& grad_output, const at::Tensor& weight,
                                            int64_t input_length, int64_t stride, int64_t padding, int64_t dilation,
                                            int64_t groups) {
@@ -226,10 +242,10 @@ Conv1dGeometry check_conv1d_backward_weight(const at::Tensor& grad_output, const
 
 TORCH_LIBRARY_FRAGMENT(pyops, m) {
   m.def("conv1d(Tensor input, Tensor weight, Tensor? bias, int stride, int padding, int dilation, int groups) -> Tensor");
-  // act(conv1d(input, weight, bias)), the activation (0 none, 1 relu, 2 relu6: common/activation.h) applied as the
-  // output is stored: the Conv1d → BatchNorm1d → ReLU chains pyops.fuse folds.
+  // act(conv1d(input, weight, bias) + residual), the activation (0 none, 1 relu, 2 relu6: common/activation.h)
+  // applied as the output is stored: the Conv1d → BatchNorm1d (→ add) → ReLU chains pyops.fuse folds.
   m.def("conv1d_bias_act(Tensor input, Tensor weight, Tensor? bias, int stride, int padding, int dilation, int groups, "
-        "int activation) -> Tensor");
+        "int activation, Tensor? residual=None) -> Tensor");
   m.def("conv1d_backward_input(Tensor grad_output, Tensor weight, SymInt input_length, int stride, int padding, "
         "int dilation, int groups) -> Tensor");
   m.def("conv1d_backward_weight(Tensor grad_output, Tensor input, SymInt kernel_size, int stride, int padding, "

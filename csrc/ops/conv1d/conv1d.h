@@ -34,6 +34,9 @@ struct Conv1dGeometry {
 // Each validates its arguments (the message names the one at fault) and returns the geometry.
 Conv1dGeometry check_conv1d(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             int64_t stride, int64_t padding, int64_t dilation, int64_t groups);
+// conv1d_bias_act's residual, if given: (N, C_out, L_out) of the geometry g, input's dtype and device.
+void check_conv1d_residual(const std::optional<at::Tensor>& residual, const at::Tensor& input,
+                           const Conv1dGeometry& g);
 Conv1dGeometry check_conv1d_backward_input(const at::Tensor& grad_output, const at::Tensor& weight,
                                            int64_t input_length, int64_t stride, int64_t padding, int64_t dilation,
                                            int64_t groups);
@@ -67,9 +70,10 @@ bool conv1d_use_library(const Conv1dGeometry& g, Conv1dOp op, bool cuda);
 // kernels are deterministic whatever the flags.
 at::Tensor library_conv1d(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                           const Conv1dGeometry& g);
-// conv1d_bias_act's activation in place on a finished output, by ATen (one pass, any device), where the kernel that
-// computed it could not apply it as it stored (a library call; the CUDA kernels). NaN stays NaN.
-void activate_in_place(at::Tensor& out, Activation act);
+// conv1d_bias_act's epilogue in place on a finished output, out = act(out + residual) (residual may be undefined),
+// where the kernel that computed it could not apply it as it stored (a library call; the CUDA kernels): by ATen on
+// any device, in one vectorized pass on the CPU (float32/float64). NaN stays NaN.
+void add_residual_activate(at::Tensor& out, const at::Tensor& residual, Activation act);
 at::Tensor library_conv1d_backward_input(const at::Tensor& grad_output, const at::Tensor& weight,
                                          const Conv1dGeometry& g);
 // grad_weight, and grad_bias in the same call when with_bias (oneDNN sums it in its weight pass; a separate sum
@@ -81,7 +85,8 @@ std::tuple<at::Tensor, at::Tensor> library_conv1d_backward_weight(const at::Tens
 // The correlation above on contiguous CPU tensors (float32/float64); bias may be undefined. It sums only the
 // (position, tap) pairs that read inside the input: an infinite weight beside the padding makes no NaN (F.conv1d's
 // input gradient does the same; its forward multiplies the padding on some backends and not on others).
-// act: applied to each sum as it is stored (conv1d_bias_act's forward; the gradients' correlations take none).
+// act: applied to each sum as it is stored, after adding the residual if correlate_cpu is given one
+// (conv1d_bias_act's forward; the gradients' correlations take neither).
 struct CorrelationShape {
   int64_t batch, in_channels, in_length, out_channels, kernel_size, out_length;
   int64_t stride, dilation, offset, groups;
@@ -89,8 +94,9 @@ struct CorrelationShape {
 };
 // end_to_end: whether short rows may be laid end to end (below); not for the per-phase calls of a strided layer's
 // gradients, each of which would lay the whole grad_output again.
-void correlate_cpu(const at::Tensor& in, const at::Tensor& w, const at::Tensor& bias, at::Tensor& out,
-                   const CorrelationShape& s, bool end_to_end = true);
+// residual: undefined, or contiguous and shaped as out.
+void correlate_cpu(const at::Tensor& in, const at::Tensor& w, const at::Tensor& bias, const at::Tensor& residual,
+                   at::Tensor& out, const CorrelationShape& s, bool end_to_end = true);
 // grad_weight[o, c, k] = sum_{n, j} gy[n, o, j] * x[n, g*Cg + c, j + k*dilation + offset] (stride 1 in j),
 // reduced over the batch in a fixed order whatever the thread count.
 void correlate_weight_cpu(const at::Tensor& gy, const at::Tensor& x, at::Tensor& grad_weight, int64_t dilation,
@@ -130,8 +136,13 @@ std::tuple<at::Tensor, at::Tensor> gemm_conv1d_backward_weight(const at::Tensor&
 // conv1d_path() (gemm: float32 and float64 layers), or under auto where bench/ shows it faster
 // (pointwise_as_product, conv1d_cpu_gemm.cpp). bias (C_out) contiguous or undefined; weight (C_out, C_in, 1).
 bool pointwise_as_product(const Conv1dGeometry& g, at::ScalarType dtype, Conv1dOp op);
+// (forward: act(W x[n] + bias + residual); residual contiguous (N, C_out, L_out) or undefined)
 at::Tensor gemm_pointwise_conv1d(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
-                                 const Conv1dGeometry& g, Activation act);
+                                 const at::Tensor& residual, const Conv1dGeometry& g, Activation act);
+// out = act(out + bias + residual) in one pass, out contiguous float32/float64 (N, C, L), bias (C) and residual
+// (out's shape, contiguous) each undefined or of out's dtype.
+void add_bias_residual_activate_cpu(at::Tensor& out, const at::Tensor& bias, const at::Tensor& residual,
+                                    Activation act);
 at::Tensor gemm_pointwise_backward_input(const at::Tensor& grad_output, const at::Tensor& weight,
                                          const Conv1dGeometry& g);
 

@@ -4,7 +4,7 @@
 // The gradients (gy = grad_output, gg = the gradient flowing into a backward op's output):
 //   conv1d(x, w, b):          grad_x = backward_input(gy, w), grad_w = backward_weight(gy, x), grad_b = sum gy
 //                             (grad_w and grad_b together from backward_weight_bias, which a kernel may fuse).
-//   conv1d_bias_act:          the same with gy·act'(output) for gy.
+//   conv1d_bias_act:          the same with gy·act'(output) for gy, which is also the residual's gradient.
 //   backward_input(gy, w):    the adjoint of x -> conv1d(x, w), so <gg, backward_input(gy, w)> = <gy, conv1d(gg, w)>:
 //                             grad_gy = conv1d(gg, w), grad_w = backward_weight(gy, gg).
 //   backward_weight(gy, x):   the adjoint of w -> conv1d(x, w):
@@ -20,6 +20,7 @@
 
 #include "common/activation.h"
 #include "common/dispatch.h"
+#include "ops/conv1d/conv1d.h"
 
 namespace pyops {
 namespace {
@@ -37,20 +38,23 @@ at::Tensor call_conv1d(const at::Tensor& x, const at::Tensor& w, const std::opti
 }
 
 at::Tensor call_conv1d_bias_act(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
-                                int64_t stride, int64_t padding, int64_t dilation, int64_t groups, int64_t activation) {
-  static const auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                            int64_t, int64_t, int64_t, int64_t, int64_t)>("pyops::conv1d_bias_act");
-  return op.call(x, w, b, stride, padding, dilation, groups, activation);
+                                int64_t stride, int64_t padding, int64_t dilation, int64_t groups, int64_t activation,
+                                const std::optional<at::Tensor>& residual) {
+  static const auto op =
+      find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t, int64_t,
+                         int64_t, int64_t, int64_t, const std::optional<at::Tensor>&)>("pyops::conv1d_bias_act");
+  return op.call(x, w, b, stride, padding, dilation, groups, activation, residual);
 }
 
-// conv1d, or conv1d_bias_act where there is an activation (so a plain convolution is pyops::conv1d in profiles
-// and graphs).
+// conv1d, or conv1d_bias_act where there is an activation or a residual (so a plain convolution is pyops::conv1d
+// in profiles and graphs).
 at::Tensor call_forward(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b, int64_t stride,
-                        int64_t padding, int64_t dilation, int64_t groups, int64_t activation) {
-  if (activation == static_cast<int64_t>(Activation::kNone)) {
+                        int64_t padding, int64_t dilation, int64_t groups, int64_t activation,
+                        const std::optional<at::Tensor>& residual) {
+  if (activation == static_cast<int64_t>(Activation::kNone) && !is_defined(residual)) {
     return call_conv1d(x, w, b, stride, padding, dilation, groups);
   }
-  return call_conv1d_bias_act(x, w, b, stride, padding, dilation, groups, activation);
+  return call_conv1d_bias_act(x, w, b, stride, padding, dilation, groups, activation, residual);
 }
 
 at::Tensor call_backward_input(const at::Tensor& gy, const at::Tensor& w, c10::SymInt input_length, int64_t stride,
@@ -113,25 +117,25 @@ std::tuple<at::Tensor, at::Tensor> weight_and_bias_grads(const at::Tensor& gy, c
   return {grad_w, grad_b};
 }
 
-// conv1d (activation none) and conv1d_bias_act. With an activation, the output is saved too: gy·act'(output)
-// (act_backward, common/activation.h: one pass) is the convolution's gradient.
+// conv1d (activation none, no residual) and conv1d_bias_act. With an activation, the output is saved too:
+// gy·act'(output) (act_backward, common/activation.h: one pass) is the convolution's and the residual's gradient.
 class Conv1dFunction : public torch::autograd::Function<Conv1dFunction> {
  public:
   static constexpr bool is_traceable = true;  // (compiled autograd: the backward calls ops on saved state)
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
                             const std::optional<at::Tensor>& b, int64_t stride, int64_t padding, int64_t dilation,
-                            int64_t groups, int64_t activation) {
+                            int64_t groups, int64_t activation, const std::optional<at::Tensor>& residual) {
     save_state(ctx, x, w, {stride, padding, dilation, groups});
-    InputEdges::save(ctx, {true, true, is_defined(b)});
+    InputEdges::save(ctx, {true, true, is_defined(b), is_defined(residual)});
     ctx->saved_data["activation"] = activation;
-    at::Tensor out = below_autograd(call_forward, x, w, b, stride, padding, dilation, groups, activation);
+    at::Tensor out = below_autograd(call_forward, x, w, b, stride, padding, dilation, groups, activation, residual);
     if (activation != static_cast<int64_t>(Activation::kNone)) ctx->save_for_backward({x, w, out});
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     at::Tensor gy = grads[0];
-    variable_list out(8);
+    variable_list out(9);
     if (!gy.defined()) return out;
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &w = saved[1];
@@ -143,6 +147,7 @@ class Conv1dFunction : public torch::autograd::Function<Conv1dFunction> {
     const InputEdges edges(ctx);
     if (edges.needs(0)) out[0] = call_backward_input(gy, w, x.sym_size(2), h.stride, h.padding, h.dilation, h.groups);
     std::tie(out[1], out[2]) = weight_and_bias_grads(gy, x, w.sym_size(2), edges.needs(1), edges.needs(2), h);
+    if (edges.needs(3)) out[8] = gy;
     return out;
   }
 };
@@ -224,22 +229,27 @@ class BackwardWeightBiasFunction : public torch::autograd::Function<BackwardWeig
 
 at::Tensor conv1d_bias_act_autograd(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
                                     int64_t stride, int64_t padding, int64_t dilation, int64_t groups,
-                                    int64_t activation) {
-  if (!needs_autograd(x, w, b)) {
-    return below_autograd(call_forward, x, w, b, stride, padding, dilation, groups, activation);
+                                    int64_t activation, const std::optional<at::Tensor>& residual) {
+  if (!needs_autograd(x, w, b, residual)) {
+    return below_autograd(call_forward, x, w, b, stride, padding, dilation, groups, activation, residual);
   }
-  if (needs_composite(x, w, b)) {  // dispatch.h
-    const at::Tensor y = at::conv1d(x, w, b, {stride}, {padding}, {dilation}, groups);
+  if (needs_composite(x, w, b, residual)) {  // dispatch.h
+    at::Tensor y = at::conv1d(x, w, b, {stride}, {padding}, {dilation}, groups);
+    if (is_defined(residual)) {  // (checked as the kernels check it: `+` would broadcast)
+      check_conv1d_residual(residual, x, check_conv1d(x, w, b, stride, padding, dilation, groups));
+      y = y + *residual;
+    }
     const Activation act = checked_activation(activation, "pyops.conv1d_bias_act");
     if (act == Activation::kRelu) return at::relu(y);
     return act == Activation::kRelu6 ? at::hardtanh(y, 0, 6) : y;
   }
-  return Conv1dFunction::apply(x, w, b, stride, padding, dilation, groups, activation);
+  return Conv1dFunction::apply(x, w, b, stride, padding, dilation, groups, activation, residual);
 }
 
 at::Tensor conv1d_autograd(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
                            int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
-  return conv1d_bias_act_autograd(x, w, b, stride, padding, dilation, groups, static_cast<int64_t>(Activation::kNone));
+  return conv1d_bias_act_autograd(x, w, b, stride, padding, dilation, groups, static_cast<int64_t>(Activation::kNone),
+                                  std::nullopt);
 }
 
 at::Tensor conv1d_backward_input_autograd(const at::Tensor& gy, const at::Tensor& w, c10::SymInt input_length,

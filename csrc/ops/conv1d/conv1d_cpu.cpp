@@ -98,31 +98,36 @@ bool one_small_image_into_many_outputs(const at::Tensor& input, const Conv1dGeom
          g.dilation == 1 && g.out_channels >= 128 && g.in_channels * g.kernel_size >= 40;
 }
 
-// conv1d, and conv1d_bias_act with act: applied as each path stores its output (the library's: one pass after it).
+// conv1d, and conv1d_bias_act with act and residual: added and applied as each path stores its output (after the
+// library's call: one pass).
 at::Tensor conv1d_act_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                          int64_t stride, int64_t padding, int64_t dilation, int64_t groups, Activation act) {
+                          int64_t stride, int64_t padding, int64_t dilation, int64_t groups, Activation act,
+                          const std::optional<at::Tensor>& residual) {
   const Conv1dGeometry g = check_conv1d(input, weight, bias, stride, padding, dilation, groups);
+  check_conv1d_residual(residual, input, g);
   stride = g.stride;  // (a stride past the padded length, capped: checked_conv_stride)
   const bool empty = g.batch * g.out_channels * g.out_length == 0;
   const bool library = !empty && (conv1d_use_library(g, Conv1dOp::kForward, /*cuda=*/false) ||
                                    one_small_image_into_many_outputs(input, g));
   if (computes_in_float(input, library)) {  // (the activation commutes with the rounding: both are monotone)
-    return conv1d_act_cpu(as_float(input), as_float(weight), as_float(bias), stride, padding, dilation, groups, act)
+    return conv1d_act_cpu(as_float(input), as_float(weight), as_float(bias), stride, padding, dilation, groups, act,
+                          as_float(residual))
         .to(input.scalar_type());
   }
   check_cpu_dtype(input, "input");
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  const at::Tensor r = residual.has_value() && residual->defined() ? residual->contiguous() : at::Tensor();
   if (!empty && pointwise_as_product(g, input.scalar_type(), Conv1dOp::kForward))
-    return gemm_pointwise_conv1d(input, weight, b, g, act);
+    return gemm_pointwise_conv1d(input, weight, b, r, g, act);
   // ATen allocates its own output: decide before allocating ours
   if (library) {
     at::Tensor out = library_conv1d(input, weight, b, g);
-    activate_in_place(out, act);
+    add_residual_activate(out, r, act);
     return out;
   }
   at::Tensor out = at::empty({g.batch, g.out_channels, g.out_length}, input.options());
   if (empty) return out;
-  correlate_cpu(input.contiguous(), weight.contiguous(), b, out,
+  correlate_cpu(input.contiguous(), weight.contiguous(), b, r, out,
                 {g.batch, g.in_channels, g.in_length, g.out_channels, g.kernel_size, g.out_length, stride, dilation,
                  -padding, groups, act});
   return out;
@@ -130,14 +135,15 @@ at::Tensor conv1d_act_cpu(const at::Tensor& input, const at::Tensor& weight, con
 
 at::Tensor conv1d_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                       int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
-  return conv1d_act_cpu(input, weight, bias, stride, padding, dilation, groups, Activation::kNone);
+  return conv1d_act_cpu(input, weight, bias, stride, padding, dilation, groups, Activation::kNone, std::nullopt);
 }
 
 at::Tensor conv1d_bias_act_cpu(const at::Tensor& input, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias, int64_t stride, int64_t padding,
-                               int64_t dilation, int64_t groups, int64_t activation) {
+                               int64_t dilation, int64_t groups, int64_t activation,
+                               const std::optional<at::Tensor>& residual) {
   return conv1d_act_cpu(input, weight, bias, stride, padding, dilation, groups,
-                        checked_activation(activation, "pyops.conv1d_bias_act"));
+                        checked_activation(activation, "pyops.conv1d_bias_act"), residual);
 }
 
 // grad_input[n, c, i] = sum_{o, k} weight[o, c, k] * grad_output[n, o, (i + padding - k*dilation) / stride]
@@ -175,7 +181,7 @@ at::Tensor conv1d_backward_input_cpu(const at::Tensor& grad_output, const at::Te
     if (length <= 0) continue;
     const at::Tensor flipped = transposed_flipped(weight.slice(2, c.first, g.kernel_size, t.step), groups);
     at::Tensor part = stride == 1 ? grad_input : at::empty({g.batch, g.in_channels, length}, gy.options());
-    correlate_cpu(gy, flipped, at::Tensor(), part,
+    correlate_cpu(gy, flipped, at::Tensor(), at::Tensor(), part,
                   {g.batch, g.out_channels, g.out_length, g.in_channels, c.taps, length, 1, t.dilation,
                    -c.shift - t.dilation * (c.taps - 1), groups},
                   /*end_to_end=*/stride == 1);

@@ -1,6 +1,7 @@
 // The CPU correlation kernel behind conv1d's forward and grad_input (see conv1d.h):
-//   out[n, o, l] = act(bias[o] + sum_{c, k} w[o, c, k] * in[n, g*Cg + c, l*stride + k*dilation + offset])
-// (act: conv1d_bias_act's activation, applied as a sum is stored; none for conv1d and the input gradient).
+//   out[n, o, l] = act(bias[o] + sum_{c, k} w[o, c, k] * in[n, g*Cg + c, l*stride + k*dilation + offset]
+//                      + residual[n, o, l])
+// (act and residual: conv1d_bias_act's, applied as a sum is stored; neither for conv1d and the input gradient).
 // Work items are (batch, group, chunk of positions), run in parallel. Positions go through a register-blocked
 // micro-kernel: OB output channels x NV vectors of positions accumulate in registers over input channels and taps,
 // each input vector loaded once and used OB times. It reads either a staged copy of the chunk's input window, split
@@ -27,6 +28,7 @@ struct Rows {      // output channels [o0, o0 + count) of one batch element
   const T* in;     // in[n, g*Cg, 0], or the staged window of the chunk
   const T* w;      // their filters, laid out [c][k][count] (a packed block of 4, or one row of w)
   const T* bias;   // bias + o0, or nullptr
+  const T* res;    // residual[n, o0, 0], or nullptr
   T* out;          // out[n, o0, 0]
 };
 
@@ -56,8 +58,9 @@ void correlate_range(const Rows<T>& r, const CorrelationShape& s, int64_t la, in
         for (int64_t l = t.lo; l < t.hi; ++l) y[l] += wk * x[l * s.stride + shift];
       }
     }
-    if (s.act != Activation::kNone)
-      for (int64_t l = la; l < lb; ++l) y[l] = activate(y[l], s.act);
+    const T* res = r.res ? r.res + j * s.out_length : nullptr;
+    if (res || s.act != Activation::kNone)
+      for (int64_t l = la; l < lb; ++l) y[l] = activate(res ? y[l] + res[l] : y[l], s.act);
   }
 }
 
@@ -94,10 +97,12 @@ inline void correlate_tile(const Rows<T>& r, const CorrelationShape& s, const Ti
   }
   for (int j = 0; j < OB; ++j)
     for (int v = 0; v < NV; ++v) {
-      T* y = r.out + j * s.out_length + l0 + v * V;
-      const Vec result = activate(acc[j][v], s.act);
-      if (count >= (v + 1) * V) result.store(y);
-      else if (count > v * V) result.store(y, count - v * V);
+      const int64_t at = j * s.out_length + l0 + v * V, n = std::min<int64_t>(V, count - v * V);
+      if (n <= 0) continue;
+      const Vec sum = r.res ? acc[j][v] + (n == V ? Vec::loadu(r.res + at) : Vec::loadu(r.res + at, n)) : acc[j][v];
+      const Vec result = activate(sum, s.act);
+      if (n == V) result.store(r.out + at);
+      else result.store(r.out + at, n);
     }
 }
 
@@ -184,7 +189,8 @@ void stage_row(const T* src, int64_t length, int64_t first, int64_t stride, T* d
 // with tiles over the interior, above it through the bounds-checked loop.
 // finite: whether every weight is finite (correlate_cpu checks it once for both of its paths).
 template <typename T>
-void correlate_typed(const T* in, const T* w, const T* bias, T* out, const CorrelationShape& s, bool finite) {
+void correlate_typed(const T* in, const T* w, const T* bias, const T* residual, T* out, const CorrelationShape& s,
+                     bool finite) {
   constexpr int OB = 4, NV = 3;
   constexpr int64_t V = Vectorized<T>::size(), tile = NV * V;
   const int64_t og = s.out_channels / s.groups, cg = s.in_channels / s.groups, full = og / OB;
@@ -251,16 +257,19 @@ void correlate_typed(const T* in, const T* w, const T* bias, T* out, const Corre
         x = staged.data();
         reads.tap = staged_taps.data();
       }
-      T* y = out + (n * s.out_channels + g * og) * s.out_length;
+      const int64_t first_row = (n * s.out_channels + g * og) * s.out_length;
+      T* y = out + first_row;
+      const T* res = residual ? residual + first_row : nullptr;
       const T* b = bias ? bias + g * og : nullptr;
       for (int64_t blk = full * split / splits; blk < full * (split + 1) / splits; ++blk) {
         const Rows<T> r{x, packed.data() + (g * full + blk) * row * OB, b ? b + blk * OB : nullptr,
-                        y + blk * OB * s.out_length};
+                        res ? res + blk * OB * s.out_length : nullptr, y + blk * OB * s.out_length};
         if (stage) correlate_staged<T, OB, NV>(r, s, reads, la, lb);
         else correlate_direct<T, OB, NV>(r, s, reads, inner, la, lb);
       }
       for (int64_t o = full * OB; o < og && split == splits - 1; ++o) {
-        const Rows<T> r{x, w + (g * og + o) * row, b ? b + o : nullptr, y + o * s.out_length};
+        const Rows<T> r{x, w + (g * og + o) * row, b ? b + o : nullptr, res ? res + o * s.out_length : nullptr,
+                        y + o * s.out_length};
         if (stage) correlate_staged<T, 1, 4>(r, s, reads, la, lb);
         else correlate_direct<T, 1, 4>(r, s, reads, inner, la, lb);
       }
@@ -268,19 +277,20 @@ void correlate_typed(const T* in, const T* w, const T* bias, T* out, const Corre
   });
 }
 
-void correlate_kernel(const at::Tensor& in, const at::Tensor& w, const at::Tensor& bias, at::Tensor& out,
-                      const CorrelationShape& s, bool finite) {
+void correlate_kernel(const at::Tensor& in, const at::Tensor& w, const at::Tensor& bias, const at::Tensor& residual,
+                      at::Tensor& out, const CorrelationShape& s, bool finite) {
   AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "pyops_conv1d_correlate_cpu", [&] {
     correlate_typed<scalar_t>(in.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
                               bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+                              residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr,
                               out.mutable_data_ptr<scalar_t>(), s, finite);
   });
 }
 
 }  // namespace
 
-void correlate_cpu(const at::Tensor& in, const at::Tensor& w, const at::Tensor& bias, at::Tensor& out,
-                   const CorrelationShape& s, bool end_to_end) {
+void correlate_cpu(const at::Tensor& in, const at::Tensor& w, const at::Tensor& bias, const at::Tensor& residual,
+                   at::Tensor& out, const CorrelationShape& s, bool end_to_end) {
   // Short rows (conv1d.h, lay_end_to_end): each sample's segment holds `lead` zeros, its values, and zeros up to a
   // length (a multiple of the stride) past every position its outputs read, so every read outside the sample is a
   // zero of its own segment; the outputs of each segment's first `out_length` positions are the sample's. Not with
@@ -298,14 +308,17 @@ void correlate_cpu(const at::Tensor& in, const at::Tensor& w, const at::Tensor& 
     const int64_t blocks = end_to_end_blocks(s.batch), per_block = (s.batch + blocks - 1) / blocks;
     const at::Tensor rows = lay_end_to_end(in, lead, length, blocks);
     at::Tensor out_rows = at::empty({blocks, s.out_channels, per_block * length / s.stride}, out.options());
-    correlate_kernel(rows, w, bias, out_rows,
+    // (a residual laid the same way as the outputs: sample m's at [m * length / stride, ...) of its block's rows)
+    const at::Tensor residual_rows =
+        residual.defined() ? lay_end_to_end(residual, 0, length / s.stride, blocks) : at::Tensor();
+    correlate_kernel(rows, w, bias, residual_rows, out_rows,
                      {blocks, s.in_channels, per_block * length, s.out_channels, s.kernel_size,
                       per_block * length / s.stride, s.stride, s.dilation, offset, s.groups, s.act},
                      finite);
     take_end_to_end(out_rows, length / s.stride, out);
     return;
   }
-  correlate_kernel(in, w, bias, out, s, finite);
+  correlate_kernel(in, w, bias, residual, out, s, finite);
 }
 
 }  // namespace pyops

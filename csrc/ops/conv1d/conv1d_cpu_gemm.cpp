@@ -87,22 +87,6 @@ void add_row_sums(const T* sums, int64_t channels, int64_t count, T* grad_bias) 
   }
 }
 
-// out[n, o, :] = act(out[n, o, :] + bias[o]) in one pass (bias may be null); out contiguous (N, C, L).
-template <typename T>
-void add_bias_act(T* out, const T* bias, int64_t batch, int64_t channels, int64_t length, Activation act) {
-  using Vec = Vectorized<T>;
-  constexpr int64_t V = Vec::size();
-  at::parallel_for(0, batch * channels, std::max<int64_t>(1, 4096 / length), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      T* at = out + row * length;
-      const T b = bias ? bias[row % channels] : T(0);
-      int64_t l = 0;
-      for (; l + V <= length; l += V) activate(Vec::loadu(at + l) + Vec(b), act).store(at + l);
-      for (; l < length; ++l) at[l] = activate(at[l] + b, act);
-    }
-  });
-}
-
 // Which CPU the rule below is measured on. MKL takes its AVX-512 kernels on Intel CPUs only; oneDNN takes them on
 // any CPU that has them. So on an AMD CPU with AVX-512 our GEMM runs at AVX2 speed beside an AVX-512 oneDNN.
 enum class BlasIsa { kAvx2, kIntelAvx512, kAmdAvx512, kOther };
@@ -272,17 +256,38 @@ bool pointwise_as_product(const Conv1dGeometry& g, at::ScalarType dtype, Conv1dO
 }
 
 at::Tensor gemm_pointwise_conv1d(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
-                                 const Conv1dGeometry& g, Activation act) {
+                                 const at::Tensor& residual, const Conv1dGeometry& g, Activation act) {
   // bmm with the weight broadcast over the batch: one product a sample, MKL's batched call spreading them
   const at::Tensor w = weight.reshape({g.out_channels, g.in_channels});
   at::Tensor out = at::bmm(w.expand({g.batch, g.out_channels, g.in_channels}), read_positions(input, g));
-  if (bias.defined() || act != Activation::kNone) {
-    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "pyops_conv1d_pointwise_bias_act", [&] {
-      add_bias_act(out.mutable_data_ptr<scalar_t>(), bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
-                   g.batch, g.out_channels, g.out_length, act);
-    });
-  }
+  add_bias_residual_activate_cpu(out, bias, residual, act);
   return out;
+}
+
+void add_bias_residual_activate_cpu(at::Tensor& out, const at::Tensor& bias, const at::Tensor& residual,
+                                    Activation act) {
+  if (!bias.defined() && !residual.defined() && act == Activation::kNone) return;
+  const int64_t channels = out.size(1), length = out.size(2);
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "pyops_conv1d_bias_residual_act", [&] {
+    using Vec = Vectorized<scalar_t>;
+    constexpr int64_t V = Vec::size();
+    scalar_t* data = out.mutable_data_ptr<scalar_t>();
+    const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* r = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, out.size(0) * channels, std::max<int64_t>(1, 4096 / length), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        scalar_t* y = data + row * length;
+        const scalar_t* res = r ? r + row * length : nullptr;
+        const scalar_t add = b ? b[row % channels] : scalar_t(0);
+        int64_t l = 0;  // ((y + bias) + residual: the order of conv1d's output plus a residual added after it)
+        for (; l + V <= length; l += V) {
+          const Vec sum = Vec::loadu(y + l) + Vec(add);
+          activate(res ? sum + Vec::loadu(res + l) : sum, act).store(y + l);
+        }
+        for (; l < length; ++l) y[l] = activate(res ? (y[l] + add) + res[l] : y[l] + add, act);
+      }
+    });
+  });
 }
 
 at::Tensor gemm_pointwise_backward_input(const at::Tensor& grad_output, const at::Tensor& weight,

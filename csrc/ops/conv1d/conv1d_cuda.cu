@@ -122,14 +122,16 @@ at::Tensor conv1d_cuda(const at::Tensor& input, const at::Tensor& weight, const 
   return out;
 }
 
-// The activation in a second pass over the output (the CUDA kernels store without it; measured on the CPU only,
-// where the kernels apply it as they store).
+// The residual and activation in a second pass over the output (the CUDA kernels store without them; measured on
+// the CPU only, where the kernels apply them as they store).
 at::Tensor conv1d_bias_act_cuda(const at::Tensor& input, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias, int64_t stride, int64_t padding,
-                                int64_t dilation, int64_t groups, int64_t activation) {
+                                int64_t dilation, int64_t groups, int64_t activation,
+                                const std::optional<at::Tensor>& residual) {
   const Activation act = checked_activation(activation, "pyops.conv1d_bias_act");
+  check_conv1d_residual(residual, input, check_conv1d(input, weight, bias, stride, padding, dilation, groups));
   at::Tensor out = conv1d_cuda(input, weight, bias, stride, padding, dilation, groups);
-  activate_in_place(out, act);
+  add_residual_activate(out, residual.has_value() ? *residual : at::Tensor(), act);
   return out;
 }
 
