@@ -131,13 +131,23 @@ def test_export_conv1d_module():
     assert "pyops.conv1d.default" in call_targets(program)
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), model(x), rtol=0, atol=0)
-    # a fused Conv1d → BatchNorm1d → ReLU: one conv1d_bias_act
-    chain = nn.Sequential(nn.Conv1d(8, 16, 3, padding=1), nn.BatchNorm1d(16), nn.ReLU()).eval()
-    fused = pyops.fuse(chain)
+    # fused Conv1d → BatchNorm1d (→ add) → ReLU chains: conv1d_bias_act ops, the second with the residual
+    fused = pyops.fuse(Residual1d().eval())
     program = export_roundtrip(fused, (x,))
     assert "pyops.conv1d_bias_act.default" in call_targets(program)
+    assert not {"aten.add.Tensor", "aten.relu.default"} & call_targets(program)
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), fused(x), rtol=0, atol=0)
+
+
+class Residual1d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv1d(8, 8, 3, padding=1), nn.BatchNorm1d(8)
+        self.conv2, self.bn2 = nn.Conv1d(8, 8, 3, padding=1), nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + x)
 
 
 def crop_classifier():
