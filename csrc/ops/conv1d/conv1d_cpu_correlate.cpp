@@ -68,7 +68,10 @@ void correlate_range(const Rows<T>& r, const CorrelationShape& s, int64_t la, in
 // (input channel, tap) NV vector loads of the input and OB broadcasts of consecutive weights feed OB*NV FMAs. Only
 // the first `count` positions are stored: a last, partial tile reads past them inside a staged window (whose rows
 // are padded for it), or reads only them (masked loads, Masked) from the input itself.
-template <typename T, int OB, int NV, bool Masked = false>
+// Epi: whether the stores add a residual and apply an activation (conv1d_bias_act's forward); a template
+// argument, so the plain convolution's tiles compile as they did without it (a runtime test per stored vector made
+// the short-row and single-channel layers 10-25 % slower).
+template <typename T, int OB, int NV, bool Masked = false, bool Epi = false>
 inline void correlate_tile(const Rows<T>& r, const CorrelationShape& s, const TileReads& reads, int64_t l0,
                            int64_t count = NV * Vectorized<T>::size()) {
   using Vec = Vectorized<T>;
@@ -97,38 +100,41 @@ inline void correlate_tile(const Rows<T>& r, const CorrelationShape& s, const Ti
   }
   for (int j = 0; j < OB; ++j)
     for (int v = 0; v < NV; ++v) {
-      const int64_t at = j * s.out_length + l0 + v * V, n = std::min<int64_t>(V, count - v * V);
-      if (n <= 0) continue;
-      const Vec sum = r.res ? acc[j][v] + (n == V ? Vec::loadu(r.res + at) : Vec::loadu(r.res + at, n)) : acc[j][v];
-      const Vec result = activate(sum, s.act);
-      if (n == V) result.store(r.out + at);
-      else result.store(r.out + at, n);
+      const int64_t at = j * s.out_length + l0 + v * V;
+      Vec result = acc[j][v];
+      if constexpr (Epi) {
+        const int64_t n = count - v * V;  // (positions of this vector to store)
+        if (r.res && n > 0) result = result + (n >= V ? Vec::loadu(r.res + at) : Vec::loadu(r.res + at, n));
+        result = activate(result, s.act);
+      }
+      if (count >= (v + 1) * V) result.store(r.out + at);
+      else if (count > v * V) result.store(r.out + at, count - v * V);
     }
 }
 
 // The last `count` (< NV*V) positions from l: one tile of as many vectors as they need, at least 2, the last one
 // partial (a full-width tile cost a short output as much as NV*V positions; staged rows are padded for this).
-template <typename T, int OB, int NV, bool Masked>
+template <typename T, int OB, int NV, bool Masked, bool Epi>
 void correlate_last(const Rows<T>& r, const CorrelationShape& s, const TileReads& reads, int64_t l, int64_t count) {
   constexpr int64_t V = Vectorized<T>::size();
   if constexpr (NV > 2) {  // (not below 2: GCC keeps a 4 x 1 tile's sums in memory, slower than a 4 x 3 one)
-    if (count <= (NV - 1) * V) return correlate_last<T, OB, NV - 1, Masked>(r, s, reads, l, count);
+    if (count <= (NV - 1) * V) return correlate_last<T, OB, NV - 1, Masked, Epi>(r, s, reads, l, count);
   }
-  correlate_tile<T, OB, NV, Masked>(r, s, reads, l, count);
+  correlate_tile<T, OB, NV, Masked, Epi>(r, s, reads, l, count);
 }
 
 // Positions [la, lb) of OB rows from a staged window: every position is a register tile, the last one partial.
-template <typename T, int OB, int NV>
+template <typename T, int OB, int NV, bool Epi>
 void correlate_staged(const Rows<T>& r, const CorrelationShape& s, const TileReads& reads, int64_t la, int64_t lb) {
   constexpr int64_t V = Vectorized<T>::size();
   int64_t l = la;
-  for (; l + NV * V <= lb; l += NV * V) correlate_tile<T, OB, NV>(r, s, reads, l);
-  if (l < lb) correlate_last<T, OB, NV, false>(r, s, reads, l, lb - l);
+  for (; l + NV * V <= lb; l += NV * V) correlate_tile<T, OB, NV, false, Epi>(r, s, reads, l);
+  if (l < lb) correlate_last<T, OB, NV, false, Epi>(r, s, reads, l, lb - l);
 }
 
 // Positions [la, lb) of OB rows read straight from the input: register tiles over the stride-1 interior, the
 // bounds-checked loop elsewhere (and everywhere at a stride above 1).
-template <typename T, int OB, int NV>
+template <typename T, int OB, int NV, bool Epi>
 void correlate_direct(const Rows<T>& r, const CorrelationShape& s, const TileReads& reads, const Interior& in,
                       int64_t la, int64_t lb) {
   constexpr int64_t V = Vectorized<T>::size();
@@ -139,10 +145,10 @@ void correlate_direct(const Rows<T>& r, const CorrelationShape& s, const TileRea
   const int64_t lo = std::clamp(in.lo, la, lb), hi = std::clamp(in.hi, lo, lb);
   correlate_range<T, OB>(r, s, la, lo);
   int64_t l = lo;
-  for (; l + NV * V <= hi; l += NV * V) correlate_tile<T, OB, NV>(r, s, reads, l);
+  for (; l + NV * V <= hi; l += NV * V) correlate_tile<T, OB, NV, false, Epi>(r, s, reads, l);
   // the interior's last positions: one tile with masked loads (single vectors reload every weight per vector, and
   // the bounds-checked loop per position and tap ran 10-25x slower than F.conv1d on short outputs of wide filters)
-  if (l < hi) correlate_last<T, OB, NV, true>(r, s, reads, l, hi - l);
+  if (l < hi) correlate_last<T, OB, NV, true, Epi>(r, s, reads, l, hi - l);
   correlate_range<T, OB>(r, s, hi, lb);
 }
 
@@ -188,7 +194,7 @@ void stage_row(const T* src, int64_t length, int64_t first, int64_t stride, T* d
 // (depthwise and single-channel ones at stride 1, windows too wide for L1) read the input directly: at stride 1
 // with tiles over the interior, above it through the bounds-checked loop.
 // finite: whether every weight is finite (correlate_cpu checks it once for both of its paths).
-template <typename T>
+template <typename T, bool Epi>
 void correlate_typed(const T* in, const T* w, const T* bias, const T* residual, T* out, const CorrelationShape& s,
                      bool finite) {
   constexpr int OB = 4, NV = 3;
@@ -264,14 +270,14 @@ void correlate_typed(const T* in, const T* w, const T* bias, const T* residual, 
       for (int64_t blk = full * split / splits; blk < full * (split + 1) / splits; ++blk) {
         const Rows<T> r{x, packed.data() + (g * full + blk) * row * OB, b ? b + blk * OB : nullptr,
                         res ? res + blk * OB * s.out_length : nullptr, y + blk * OB * s.out_length};
-        if (stage) correlate_staged<T, OB, NV>(r, s, reads, la, lb);
-        else correlate_direct<T, OB, NV>(r, s, reads, inner, la, lb);
+        if (stage) correlate_staged<T, OB, NV, Epi>(r, s, reads, la, lb);
+        else correlate_direct<T, OB, NV, Epi>(r, s, reads, inner, la, lb);
       }
       for (int64_t o = full * OB; o < og && split == splits - 1; ++o) {
         const Rows<T> r{x, w + (g * og + o) * row, b ? b + o : nullptr, res ? res + o * s.out_length : nullptr,
                         y + o * s.out_length};
-        if (stage) correlate_staged<T, 1, 4>(r, s, reads, la, lb);
-        else correlate_direct<T, 1, 4>(r, s, reads, inner, la, lb);
+        if (stage) correlate_staged<T, 1, 4, Epi>(r, s, reads, la, lb);
+        else correlate_direct<T, 1, 4, Epi>(r, s, reads, inner, la, lb);
       }
     }
   });
@@ -280,10 +286,12 @@ void correlate_typed(const T* in, const T* w, const T* bias, const T* residual, 
 void correlate_kernel(const at::Tensor& in, const at::Tensor& w, const at::Tensor& bias, const at::Tensor& residual,
                       at::Tensor& out, const CorrelationShape& s, bool finite) {
   AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "pyops_conv1d_correlate_cpu", [&] {
-    correlate_typed<scalar_t>(in.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
-                              bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
-                              residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr,
-                              out.mutable_data_ptr<scalar_t>(), s, finite);
+    const auto typed = residual.defined() || s.act != Activation::kNone ? correlate_typed<scalar_t, true>
+                                                                         : correlate_typed<scalar_t, false>;
+    typed(in.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+          bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+          residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>(), s,
+          finite);
   });
 }
 
