@@ -198,6 +198,26 @@ def test_same_padding_matches_torch_including_asymmetric(device, k, dilation):
     assert_matches_torch(x, w, b, (1, "valid", dilation, 1), torch.float64)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("config", [(3, 2, 64, 150, 33, 1), (2, 16, 16, 200, 31, 1), (2, 16, 16, 37, 31, 1),
+                                    (4, 3, 40, 90, 7, 2), (2, 1, 16, 60, 5, 3), (5, 4, 8, 20, 15, 1)], ids=str)
+def test_wide_filters_over_zero_padding_match_torch(device, dtype, config):
+    """Padded layers whose edge positions (taps reaching the zeros) the CPU kernel computes from staged windows:
+    wide filters from few input channels, depthwise k31, rows shorter than the filter's span, dilations; 'same' and
+    full padding; a NaN and an infinity in the input at an edge stay where F.conv1d puts them."""
+    n, cin, cout, length, k, dilation = config
+    groups = cin if cin == cout else 1
+    g = torch.Generator().manual_seed(k)
+    x, w = rand((n, cin, length), dtype, device, g), rand((cout, cin // groups, k), dtype, device, g)
+    for padding in ("same", dilation * (k - 1)):
+        assert_matches_torch(x, w, rand((cout,), dtype, device, g), (1, padding, dilation, groups), dtype)
+    special = x.clone()
+    special[0, 0, 1], special[-1, -1, -2] = float("nan"), float("inf")
+    got = pyops.conv1d(special, w, None, 1, "same", dilation, groups)
+    want = F.conv1d(special.double().cpu(), w.double().cpu(), None, 1, "same", dilation, groups)
+    assert torch.equal(got.isnan().cpu(), want.isnan()) and torch.equal(got.isinf().cpu(), want.isinf())
+
+
 def test_unbatched_input_and_tuple_arguments(device):
     g = torch.Generator().manual_seed(2)
     x, w = rand((4, 30), device=device, gen=g), rand((6, 2, 3), device=device, gen=g)
@@ -977,7 +997,8 @@ ACTIVATIONS = {"relu": F.relu, "relu6": F.relu6, "none": lambda y: y}
 # strided staged window, a single channel, a depthwise layer, one position past a row's tiles.
 ACT_LAYERS = [config for config, _ in ROUTES] + [(64, 8, 8, 20, 3, 1, 1), (4, 16, 16, 2000, 4, 2, 1),
                                                  (2, 1, 1, 4000, 9, 1, 1), (2, 32, 32, 301, 5, 1, 32),
-                                                 (3, 5, 7, 25, 3, 1, 1)]
+                                                 (3, 5, 7, 25, 3, 1, 1), (4, 2, 64, 150, 33, 1, 1),
+                                                 (2, 16, 16, 200, 31, 1, 16)]
 
 
 def outputs_and_grads(fn, tensors, grad_out=None):
