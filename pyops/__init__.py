@@ -20,6 +20,6 @@ from .sliding import sliding_classify
 from .sliding_head import sliding_head
 from .smooth_max import smooth_max
 
-__all__ = ["build_info", "conv1d", "conv1d_bias_act", "conv2d_bn_relu", "convolutionalize", "count_ops", "fold_bn", "fuse", "lse_pool2d",
-           "nn", "OpCount", "sliding_classify", "sliding_head", "smooth_max"]
+__all__ = ["build_info", "conv1d", "conv1d_bias_act", "conv2d_bn_relu", "convolutionalize", "count_ops", "fold_bn",
+           "fuse", "lse_pool2d", "nn", "OpCount", "sliding_classify", "sliding_head", "smooth_max"]
 __version__ = "0.1.0"

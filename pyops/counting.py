@@ -30,7 +30,7 @@ Conventions (exact integers; batch size multiplies everything):
   folded bias, so a bias-free conv's row gains one addition per output), and their epilogue as kind 'other': batch norm as one
   scale multiplication and one shift addition per output, the residual as one addition per output; activations
   (ReLU and the like) are comparisons or transcendentals, neither multiplications nor additions. conv1d is a
-  convolution. smooth_max ν_β = (1/β)·log Σ exp(β·x) over n values counts, per output, the formula's n
+  convolution, conv1d_bias_act one with conv2d_bias_act's epilogue (a fused Conv1d → BatchNorm1d's folded bias). smooth_max ν_β = (1/β)·log Σ exp(β·x) over n values counts, per output, the formula's n
   multiplications by β, its n − 1 additions and the final multiplication by 1/β ('other'; exp, log and the
   max-subtraction that keeps it stable are not multiplications or additions of the formula); at β = ±inf it is
   the max / min, nothing.
@@ -305,6 +305,11 @@ def _count_conv2d_pack_weight(a, out):
 @register_op_counter("pyops::conv1d")
 def _count_conv1d(a, out):
     return [_conv_args_work(a, out)]
+
+
+@register_op_counter("pyops::conv1d_bias_act")
+def _count_conv1d_bias_act(a, out):
+    return _with_epilogue(_conv_args_work(a, out), out, 0, int(a["residual"] is not None))
 
 
 @register_op_counter("pyops::sliding_head")

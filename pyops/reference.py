@@ -16,6 +16,15 @@ def conv1d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     return torch.nn.functional.conv1d(x, weight, bias, stride, padding, dilation, groups)
 
 
+def conv1d_bias_act(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, activation="relu",
+                    residual=None):
+    """act(F.conv1d(x, weight, bias) + residual), act ∈ {"none", "relu", "relu6"}."""
+    y = torch.nn.functional.conv1d(x, weight, bias, stride, padding, dilation, groups)
+    if residual is not None:
+        y = y + residual
+    return _ACTIVATIONS[activation](y)
+
+
 def toeplitz(w, length, padding=0):
     """A_w: the (L_out, length) matrix with (A_w y) = conv1d(y, w, padding=padding) for one channel,
     A_w[i, j] = w[j - i + padding] where 0 <= j - i + padding < K (PyTorch's conv1d is a correlation)."""
@@ -61,7 +70,10 @@ def conv2d_bias_act(x, weight, bias=None, stride=1, padding=0, dilation=1, group
     y = torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
     if residual is not None:
         y = y + residual
-    return {"none": lambda t: t, "relu": torch.relu, "relu6": torch.nn.functional.relu6}[activation](y)
+    return _ACTIVATIONS[activation](y)
+
+
+_ACTIVATIONS = {"none": lambda t: t, "relu": torch.relu, "relu6": torch.nn.functional.relu6}
 
 
 def conv2d_bn_relu(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps=1e-5, stride=1, padding=0,

@@ -1052,10 +1052,10 @@ def test_conv1d_bias_act_matches_torch(device, dtype, activation, config):
     b = rand((cout,), dtype, device, g) if bias else None
     hyper = (stride, padding, dilation, groups)
     assert_matches_torch(x, w, b, hyper, dtype, ours=lambda *a: pyops.conv1d_bias_act(*a, activation=activation),
-                         reference=lambda *a: ACTIVATIONS[activation](reference.conv1d(*a)))
+                         reference=lambda *a: reference.conv1d_bias_act(*a, activation=activation))
     r = rand(tuple(F.conv1d(x.cpu().double(), w.cpu().double(), None, *hyper).shape), dtype, device, g)
     ours, gy = outputs_and_grads(lambda x, w, r: pyops.conv1d_bias_act(x, w, None, *hyper, activation, r), [x, w, r])
-    want, _ = outputs_and_grads(lambda x, w, r: ACTIVATIONS[activation](reference.conv1d(x, w, None, *hyper) + r),
+    want, _ = outputs_and_grads(lambda x, w, r: reference.conv1d_bias_act(x, w, None, *hyper, activation, r),
                                 [t.cpu().double() for t in (x, w, r)], gy.cpu().double())
     rtol, atol = tolerances(dtype)
     for name, o, e in zip(["output", "grad_input", "grad_weight", "grad_residual"], ours, want):

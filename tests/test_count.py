@@ -546,6 +546,40 @@ def test_fused_resnet_counts_the_same_convolution_products():
     assert fused.linear == plain.linear
 
 
+def test_fused_1d_model_counts_the_same_convolution_products():
+    """A fused Conv1d → BatchNorm1d (→ add) → ReLU is one conv1d_bias_act: the convolution's products as before, one
+    more addition per output for the folded bias of a bias-free conv, the residual as an 'other' addition."""
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv1d(8, 8, 3, padding=1, bias=False), torch.nn.BatchNorm1d(8)
+
+        def forward(self, x):
+            return torch.relu(self.bn(self.conv(x)) + x)
+
+    model = torch.nn.Sequential(torch.nn.Conv1d(3, 8, 5, padding=2), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
+                                Block()).eval()
+    x = torch.randn(2, 3, 50)
+    plain, fused = pyops.count_ops(model, x), pyops.count_ops(pyops.fuse(model), x)
+    plain_conv = [r for r in plain.by_layer if r.kind == "conv"]
+    fused_conv = [r for r in fused.by_layer if r.kind == "conv"]
+    assert len(plain_conv) == len(fused_conv) == 2
+    assert [r.mults for r in fused_conv] == [r.mults for r in plain_conv]
+    assert [r.adds for r in fused_conv] == [plain_conv[0].adds, plain_conv[1].adds + 2 * 8 * 50]
+    assert fused.other == 2 * 8 * 50 and plain.other == 0  # the fused residual add (an ATen add is not counted)
+
+
+def test_every_forward_op_has_a_counter():
+    """A new pyops op without a counter would count as nothing in models that use it (a fused Conv1d chain did, for a
+    while): every op but the backward ones and the fold (arithmetic on weights, not per input) has one."""
+    from pyops import counting
+    names = {n for n in torch._C._dispatch_get_all_op_names() if n.startswith("pyops::")}
+    uncounted = names - set(counting._COUNTERS)
+    assert uncounted == {"pyops::conv1d_backward_input", "pyops::conv1d_backward_weight",
+                         "pyops::conv1d_backward_weight_bias", "pyops::conv_act_backward", "pyops::conv_bn_fold",
+                         "pyops::smooth_max_backward"}
+
+
 def test_flop_counter_mode_sees_the_pyops_convolutions():
     x, w = torch.randn(2, 4, 9, 9), torch.randn(6, 4, 3, 3)
     with FlopCounterMode(display=False) as ours:
