@@ -4,8 +4,8 @@ conv1d_backward_weight), grad_bias the sum of grad_output over batch and length.
 asks for grad_weight and grad_bias together (torch.ops.pyops.conv1d_backward_weight_bias), so a kernel can take
 both from one read of grad_output (the CUDA depthwise one does). Only the gradients that are needed are computed.
 The backward ops are linear in each argument, so their own gradients are again pyops conv1d ops, and double
-backward works. conv1d_bias_act is the same convolution with a ReLU/ReLU6 applied as the output is stored (the
-Conv1d → BatchNorm1d → ReLU chains pyops.fuse folds). The autograd of the ops is C++
+backward works. conv1d_bias_act is the same convolution with a residual added and a ReLU/ReLU6 applied as the
+output is stored (the Conv1d → BatchNorm1d (→ add) → ReLU chains pyops.fuse folds). The autograd of the ops is C++
 (csrc/ops/conv1d/conv1d_autograd.cpp: a Python autograd kernel costs more host time than a small layer's kernels);
 this module adds argument handling, fake kernels and FLOP formulas.
 """
@@ -84,9 +84,9 @@ def conv1d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
 @overridable
 def conv1d_bias_act(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, activation="relu",
                     residual=None):
-    """act(conv1d(x, weight, bias) + residual), the residual added and the activation applied as the output is stored
-    (on the CPU; on CUDA in a second pass): what pyops.fuse computes for a Conv1d → BatchNorm1d [→ add] [→ ReLU/ReLU6]
-    chain.
+    """act(conv1d(x, weight, bias) + residual), the residual added and the activation applied as the output is
+    stored (on the CPU; on CUDA in a second pass): what pyops.fuse computes for a Conv1d → BatchNorm1d [→ add]
+    [→ ReLU/ReLU6] chain.
 
     Args: as pyops.conv1d, and
         activation: "none", "relu" or "relu6" (NaN stays NaN, as torch.relu and F.relu6 keep it);

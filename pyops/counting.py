@@ -30,8 +30,9 @@ Conventions (exact integers; batch size multiplies everything):
   folded bias, so a bias-free conv's row gains one addition per output), and their epilogue as kind 'other': batch norm as one
   scale multiplication and one shift addition per output, the residual as one addition per output; activations
   (ReLU and the like) are comparisons or transcendentals, neither multiplications nor additions. conv1d is a
-  convolution, conv1d_bias_act one with conv2d_bias_act's epilogue (a fused Conv1d → BatchNorm1d's folded bias). smooth_max ν_β = (1/β)·log Σ exp(β·x) over n values counts, per output, the formula's n
-  multiplications by β, its n − 1 additions and the final multiplication by 1/β ('other'; exp, log and the
+  convolution, conv1d_bias_act one with conv2d_bias_act's epilogue (a fused Conv1d → BatchNorm1d's folded bias).
+  smooth_max ν_β = (1/β)·log Σ exp(β·x) over n values counts, per output, the formula's n multiplications by β,
+  its n − 1 additions and the final multiplication by 1/β ('other'; exp, log and the
   max-subtraction that keeps it stable are not multiplications or additions of the formula); at β = ±inf it is
   the max / min, nothing.
 - Everything else (pooling, elementwise ops, batch norm as ATen runs it, softmax, ...) is not counted.

@@ -2,8 +2,8 @@
 
 Conv1d: a subclass of torch.nn.Conv1d (same constructor, parameters, state_dict) computed by pyops.conv1d;
 swap_conv1d(model) puts it in place of a model's nn.Conv1d layers.
-FoldedConv1d: the Conv1d → BatchNorm1d (→ ReLU/ReLU6) pyops.fuse folds (a Conv1d; the activation applied as the
-kernel stores), refusing the unbatched inputs the fold does not cover.
+FoldedConv1d: the Conv1d → BatchNorm1d (→ residual add) (→ ReLU/ReLU6) pyops.fuse folds (a Conv1d; the add and
+the activation applied as the kernel stores), refusing the unbatched inputs the fold does not cover.
 ConvBNReLU2d: Conv2d → BatchNorm2d (→ residual add) (→ ReLU/ReLU6) as one fused kernel (pyops.conv2d_bias_act).
 LinearBNReLU: Linear → BatchNorm1d (→ ReLU/ReLU6) as one GEMM with the activation applied in place.
 SlidingClassifier: a crop classifier applied densely to whole images (pyops.sliding_classify as a module).
