@@ -19,10 +19,8 @@ def conv1d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
 def conv1d_bias_act(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, activation="relu",
                     residual=None):
     """act(F.conv1d(x, weight, bias) + residual), act ∈ {"none", "relu", "relu6"}."""
-    y = torch.nn.functional.conv1d(x, weight, bias, stride, padding, dilation, groups)
-    if residual is not None:
-        y = y + residual
-    return _ACTIVATIONS[activation](y)
+    return _add_activate(torch.nn.functional.conv1d(x, weight, bias, stride, padding, dilation, groups), residual,
+                         activation)
 
 
 def toeplitz(w, length, padding=0):
@@ -67,13 +65,15 @@ def conv_net_gradients(x, filters, biases, paddings, u):
 def conv2d_bias_act(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, activation="relu",
                     residual=None):
     """act(F.conv2d(x, weight, bias) + residual), act ∈ {"none", "relu", "relu6"}."""
-    y = torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    return _add_activate(torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups), residual,
+                         activation)
+
+
+def _add_activate(y, residual, activation):
+    """act(y + residual) (residual may be None), act ∈ {"none", "relu", "relu6"}."""
     if residual is not None:
         y = y + residual
-    return _ACTIVATIONS[activation](y)
-
-
-_ACTIVATIONS = {"none": lambda t: t, "relu": torch.relu, "relu6": torch.nn.functional.relu6}
+    return {"none": lambda t: t, "relu": torch.relu, "relu6": torch.nn.functional.relu6}[activation](y)
 
 
 def conv2d_bn_relu(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps=1e-5, stride=1, padding=0,
