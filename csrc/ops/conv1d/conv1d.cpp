@@ -129,7 +129,8 @@ at::Tensor library_conv1d(const at::Tensor& input, const at::Tensor& weight, con
 }
 
 void add_residual_activate(at::Tensor& out, const at::Tensor& residual, Activation act) {
-  const bool vectorized = out.device().is_cpu() && (out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble);
+  const bool vectorized = out.device().is_cpu() && out.is_contiguous() &&
+                          (out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble);
   if (vectorized) return add_bias_residual_activate_cpu(out, at::Tensor(), residual.defined() ? residual.contiguous()
                                                                                                : residual, act);
   if (residual.defined()) out.add_(residual);
