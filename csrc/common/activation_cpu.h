@@ -4,6 +4,10 @@
 // CUDA sources include too.
 #pragma once
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
 #include "common/activation.h"
 #include "common/cpu_vec.h"
 
@@ -21,6 +25,32 @@ inline T activate(T v, Activation act) {
   if (act == Activation::kNone) return v;
   v = v < T(0) ? T(0) : v;
   return act == Activation::kRelu6 && v > T(6) ? T(6) : v;
+}
+
+// out = act(out + bias [+ residual]) on a convolution's result of `rows` rows of `cols` values, in place and in one
+// pass (each ATen op a pass of its own: the bias add and ReLU after 64→64 on 56×56 at batch 8 took 240 of the call's
+// 784 µs). bias_per_row: a row is one channel of one sample (row r is channel r % channels), else a row holds one
+// position's channels (channels_last). bias, residual: null or their values; residual the same rows in the same
+// order. Adds in the order ((out + bias) + residual), the order of a convolution's output plus a residual added
+// after it. Shared by the fused 2-D paths after MKL or oneDNN and conv1d_bias_act's passes.
+template <typename T>
+void bias_residual_activate(T* out, const T* bias, const T* residual, int64_t rows, int64_t cols, bool bias_per_row,
+                            int64_t channels, Activation act) {
+  if (!bias && !residual && act == Activation::kNone) return;  // (a pass over a cold output costs ~1/3 of the GEMM)
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      T* row = out + r * cols;
+      const T* res = residual ? residual + r * cols : nullptr;
+      const Vec row_bias(bias && bias_per_row ? bias[r % channels] : T(0));
+      for (int64_t i = 0; i < cols; i += V) {
+        const int64_t n = std::min(V, cols - i);
+        const Vec sum = Vec::loadu(row + i, n) + (bias && !bias_per_row ? Vec::loadu(bias + i, n) : row_bias);
+        activate(res ? sum + Vec::loadu(res + i, n) : sum, act).store(row + i, n);
+      }
+    }
+  });
 }
 
 }  // namespace pyops

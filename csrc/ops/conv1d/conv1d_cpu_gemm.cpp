@@ -266,27 +266,10 @@ at::Tensor gemm_pointwise_conv1d(const at::Tensor& input, const at::Tensor& weig
 
 void add_bias_residual_activate_cpu(at::Tensor& out, const at::Tensor& bias, const at::Tensor& residual,
                                     Activation act) {
-  if (!bias.defined() && !residual.defined() && act == Activation::kNone) return;
-  const int64_t channels = out.size(1), length = out.size(2);
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "pyops_conv1d_bias_residual_act", [&] {
-    using Vec = Vectorized<scalar_t>;
-    constexpr int64_t V = Vec::size();
-    scalar_t* data = out.mutable_data_ptr<scalar_t>();
-    const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* r = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, out.size(0) * channels, std::max<int64_t>(1, 4096 / length), [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        scalar_t* y = data + row * length;
-        const scalar_t* res = r ? r + row * length : nullptr;
-        const scalar_t add = b ? b[row % channels] : scalar_t(0);
-        int64_t l = 0;  // ((y + bias) + residual: the order of conv1d's output plus a residual added after it)
-        for (; l + V <= length; l += V) {
-          const Vec sum = Vec::loadu(y + l) + Vec(add);
-          activate(res ? sum + Vec::loadu(res + l) : sum, act).store(y + l);
-        }
-        for (; l < length; ++l) y[l] = activate(res ? (y[l] + add) + res[l] : y[l] + add, act);
-      }
-    });
+    bias_residual_activate(out.mutable_data_ptr<scalar_t>(), bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+                           residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr,
+                           out.size(0) * out.size(1), out.size(2), /*bias_per_row=*/true, out.size(1), act);
   });
 }
 

@@ -180,40 +180,14 @@ bool library_supports(const at::Tensor& x, const ConvGeometry& g, bool has_resid
   return onednn_op(has_residual ? "binary" : "") != nullptr;
 }
 
-// out = act(out + bias [+ residual]) on a float32 GEMM result of `rows` rows of `cols` values, in one pass (each
-// ATen op a pass of its own: the bias add and ReLU after 64→64 on 56×56 at batch 8 took 240 of the call's 784 µs).
-// bias_per_row: a row is one channel of one image (NCHW: row r is channel r % channels), else a row holds one
-// position's channels. residual: the same rows in the same order. NaN stays NaN (`activate`).
-void bias_residual_act_(float* out, const float* bias, const float* residual, int64_t rows, int64_t cols,
-                        bool bias_per_row, int64_t channels, Activation act) {
-  if (!bias && !residual && act == Activation::kNone) return;  // (a pass over a cold output costs ~1/3 of the GEMM)
-  using Vec = Vectorized<float>;
-  constexpr int64_t V = Vec::size();
-  const auto finish = [&](Vec v, const float* res, int64_t n) {
-    return activate(res ? v + Vec::loadu(res, n) : v, act);
-  };
-  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      float* row = out + r * cols;
-      const float* res = residual ? residual + r * cols : nullptr;
-      const Vec row_bias(bias && bias_per_row ? bias[r % channels] : 0.f);
-      for (int64_t i = 0; i < cols; i += V) {
-        const int64_t n = std::min(V, cols - i);
-        const Vec b = bias && !bias_per_row ? Vec::loadu(bias + i, n) : row_bias;
-        finish(Vec::loadu(row + i, n) + b, res ? res + i : nullptr, n).store(row + i, n);
-      }
-    }
-  });
-}
-
 // out = act(out + bias [+ residual]) in place on a float32 convolution output (bias: one per output channel, or
-// undefined), in one pass of bias_residual_act_ over out's rows in memory format fmt.
+// undefined), in one pass of bias_residual_activate over out's rows in memory format fmt.
 void epilogue_(at::Tensor& out, const at::Tensor& bias, const std::optional<at::Tensor>& residual,
                const ConvGeometry& g, at::MemoryFormat fmt) {
   TORCH_INTERNAL_ASSERT(out.scalar_type() == at::kFloat && out.is_contiguous(fmt));
   const at::Tensor res = residual.has_value() ? residual->contiguous(fmt) : at::Tensor();
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
-  bias_residual_act_(out.mutable_data_ptr<float>(), bias.defined() ? bias.const_data_ptr<float>() : nullptr,
+  bias_residual_activate(out.mutable_data_ptr<float>(), bias.defined() ? bias.const_data_ptr<float>() : nullptr,
                      res.defined() ? res.const_data_ptr<float>() : nullptr, g.n * (cl ? g.oh * g.ow : g.cout),
                      cl ? g.cout : g.oh * g.ow, !cl, g.cout, g.act);
 }
