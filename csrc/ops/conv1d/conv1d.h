@@ -97,10 +97,11 @@ struct CorrelationShape {
 // residual: undefined, or contiguous and shaped as out.
 void correlate_cpu(const at::Tensor& in, const at::Tensor& w, const at::Tensor& bias, const at::Tensor& residual,
                    at::Tensor& out, const CorrelationShape& s, bool end_to_end = true);
-// grad_weight[o, c, k] = sum_{n, j} gy[n, o, j] * x[n, g*Cg + c, j + k*dilation + offset] (stride 1 in j),
-// reduced over the batch in a fixed order whatever the thread count.
-void correlate_weight_cpu(const at::Tensor& gy, const at::Tensor& x, at::Tensor& grad_weight, int64_t dilation,
-                          int64_t offset, int64_t groups, bool end_to_end = true);
+// grad_weight[o, c, k] = sum_{n, j} gy[n, o, j] * x[n, g*Cg + c, j + k*dilation + offset] (stride 1 in j), and
+// where grad_bias is defined grad_bias[o] = sum_{n, j} gy[n, o, j] from the same reads of gy; reduced over the
+// batch in a fixed order whatever the thread count.
+void correlate_weight_cpu(const at::Tensor& gy, const at::Tensor& x, at::Tensor& grad_weight, at::Tensor& grad_bias,
+                          int64_t dilation, int64_t offset, int64_t groups, bool end_to_end = true);
 
 // Short rows on the CPU: rows much shorter than the kernels' vectors spend their time in per-row edges and loop
 // overhead (N=1024 rows of 16: 3-7x slower than oneDNN), so below kShortRow positions the kernels lay the samples

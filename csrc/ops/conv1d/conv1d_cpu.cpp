@@ -190,8 +190,8 @@ at::Tensor conv1d_backward_input_cpu(const at::Tensor& grad_output, const at::Te
   return grad_input;
 }
 
-// grad_weight and, when with_bias, grad_bias (undefined otherwise). oneDNN's weight gradient and the matrix product
-// sum the bias in their pass over grad_output; our kernel's path sums it apart.
+// grad_weight and, when with_bias, grad_bias (undefined otherwise), each path summing the bias in its pass over
+// grad_output (oneDNN's weight gradient, the matrix product, our kernel).
 std::tuple<at::Tensor, at::Tensor> backward_weight_cpu(const at::Tensor& grad_output, const at::Tensor& input,
                                                        int64_t kernel_size, int64_t stride, int64_t padding,
                                                        int64_t dilation, int64_t groups, bool with_bias) {
@@ -219,16 +219,18 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cpu(const at::Tensor& grad_ou
   at::Tensor grad_weight = at::empty({g.out_channels, g.in_per_group(), kernel_size}, input.options());
   if (grad_weight.numel() == 0) return {grad_weight, bias_sum()};
   // Each class of taps correlates grad_output with its input phase: tap first + t*step reads phase element
-  // j + shift + t*dilation' for output j.
+  // j + shift + t*dilation' for output j. The first class's pass sums the bias too.
   const at::Tensor gy = grad_output.contiguous(), x = input.contiguous();
   const TapClasses t = tap_classes(kernel_size, stride, padding, dilation);
+  at::Tensor grad_bias = with_bias ? at::empty({g.out_channels}, input.options()) : at::Tensor(), no_bias;
   for (const TapClass& c : t.classes) {
     at::Tensor part = stride == 1 ? grad_weight : at::empty({g.out_channels, g.in_per_group(), c.taps}, x.options());
-    correlate_weight_cpu(gy, stride == 1 ? x : phase_of(x, c.phase, stride), part, t.dilation, c.shift, groups,
+    correlate_weight_cpu(gy, stride == 1 ? x : phase_of(x, c.phase, stride), part,
+                         &c == &t.classes.front() ? grad_bias : no_bias, t.dilation, c.shift, groups,
                          /*end_to_end=*/stride == 1);
     if (stride > 1) grad_weight.slice(2, c.first, kernel_size, t.step).copy_(part);
   }
-  return {grad_weight, bias_sum()};
+  return {grad_weight, grad_bias};
 }
 
 at::Tensor conv1d_backward_weight_cpu(const at::Tensor& grad_output, const at::Tensor& input, int64_t kernel_size,

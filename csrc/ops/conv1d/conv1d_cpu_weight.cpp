@@ -2,6 +2,8 @@
 //   grad_weight[o, c, k] = sum_{n, j} gy[n, o, j] * x[n, g*Cg + c, j + k*dilation + offset]   (stride 1 in j).
 // Columns (c, k) are flattened, so one register-blocked micro-kernel fits any kernel size: OB output channels x JB
 // columns of vector partial sums, each loaded gy vector used JB times and each x vector OB times.
+// grad_bias[o] = sum_{n, j} gy[n, o, j], where asked for, comes from the same reads of grad_output (the first
+// block of columns of each output channel sums its gy vectors too): a separate sum was a second pass over it.
 // Deterministic whatever the thread count: the batch is split into a number of blocks that depends only on the
 // shape, each block's sums are formed in a fixed order, then the blocks are added in order.
 #include <ATen/ATen.h>
@@ -25,10 +27,10 @@ struct WeightShape {
 };
 
 // Sums for output channels [o0, o0+OB) x columns [col0, col0+JB) of group g over batch [n0, n1), into res
-// (row stride res_row).
-template <typename T, int OB, int JB>
+// (row stride res_row); Bias: also those channels' sums of gy, into bias_res[0, OB).
+template <typename T, int OB, int JB, bool Bias = false>
 void weight_block(const T* gy, const T* x, const WeightShape& s, int64_t n0, int64_t n1, int64_t g, int64_t o0,
-                  int64_t col0, T* res, int64_t res_row) {
+                  int64_t col0, T* res, int64_t res_row, T* bias_res = nullptr) {
   using Vec = Vectorized<T>;
   constexpr int64_t V = Vec::size();
   int64_t chan[JB], shift[JB];
@@ -42,10 +44,12 @@ void weight_block(const T* gy, const T* x, const WeightShape& s, int64_t n0, int
   }
   lo = std::min(lo, s.gy_length);
   hi = std::max(hi, lo);
-  Vec acc[OB][JB];
-  T sacc[OB][JB];
-  for (int ob = 0; ob < OB; ++ob)
+  Vec acc[OB][JB], bacc[OB];
+  T sacc[OB][JB], sbias[OB];
+  for (int ob = 0; ob < OB; ++ob) {
     for (int jb = 0; jb < JB; ++jb) acc[ob][jb] = Vec(T(0)), sacc[ob][jb] = T(0);
+    bacc[ob] = Vec(T(0)), sbias[ob] = T(0);
+  }
   for (int64_t n = n0; n < n1; ++n) {
     const T* gyr[OB];
     const T* xr[JB];
@@ -55,6 +59,8 @@ void weight_block(const T* gy, const T* x, const WeightShape& s, int64_t n0, int
     for (; l + V <= hi; l += V) {
       Vec gv[OB];
       for (int ob = 0; ob < OB; ++ob) gv[ob] = Vec::loadu(gyr[ob] + l);
+      if constexpr (Bias)
+        for (int ob = 0; ob < OB; ++ob) bacc[ob] = bacc[ob] + gv[ob];
       for (int jb = 0; jb < JB; ++jb) {
         const Vec xv = Vec::loadu(xr[jb] + l + shift[jb]);
         for (int ob = 0; ob < OB; ++ob) acc[ob][jb] = at::vec::fmadd(gv[ob], xv, acc[ob][jb]);
@@ -71,78 +77,110 @@ void weight_block(const T* gy, const T* x, const WeightShape& s, int64_t n0, int
         }
       }
     }
+    if constexpr (Bias) {  // (the positions the vectors left: [0, lo) and [l, gy_length))
+      for (int ob = 0; ob < OB; ++ob) {
+        for (int64_t p = 0; p < lo; ++p) sbias[ob] += gyr[ob][p];
+        for (int64_t p = l; p < s.gy_length; ++p) sbias[ob] += gyr[ob][p];
+      }
+    }
   }
   for (int ob = 0; ob < OB; ++ob)
     for (int jb = 0; jb < JB; ++jb) res[ob * res_row + col0 + jb] = hsum(acc[ob][jb]) + sacc[ob][jb];
+  if constexpr (Bias)
+    for (int ob = 0; ob < OB; ++ob) bias_res[ob] = hsum(bacc[ob]) + sbias[ob];
 }
 
-// All columns of `count` output channels from o0 (res points at their first row).
+// The first block of columns of a row block, with its sums of gy where bias_res is given.
+template <typename T, int OB, int JB>
+void first_weight_block(const T* gy, const T* x, const WeightShape& s, int64_t n0, int64_t n1, int64_t g, int64_t o0,
+                        T* res, int64_t res_row, T* bias_res) {
+  if (bias_res) weight_block<T, OB, JB, true>(gy, x, s, n0, n1, g, o0, 0, res, res_row, bias_res);
+  else weight_block<T, OB, JB>(gy, x, s, n0, n1, g, o0, 0, res, res_row);
+}
+
+// All columns of `count` output channels from o0 (res points at their first row), and their sums of gy into
+// bias_res where given.
 template <typename T>
 void weight_rows(const T* gy, const T* x, const WeightShape& s, int64_t n0, int64_t n1, int64_t g, int64_t o0,
-                 int64_t count, T* res) {
+                 int64_t count, T* res, T* bias_res) {
   const int64_t cols = s.columns();
   if (count == 4) {
-    int64_t col = 0;
+    int64_t col = cols >= 3 ? 3 : 1;
+    if (cols >= 3) first_weight_block<T, 4, 3>(gy, x, s, n0, n1, g, o0, res, cols, bias_res);
+    else first_weight_block<T, 4, 1>(gy, x, s, n0, n1, g, o0, res, cols, bias_res);
     for (; col + 3 <= cols; col += 3) weight_block<T, 4, 3>(gy, x, s, n0, n1, g, o0, col, res, cols);
     for (; col < cols; ++col) weight_block<T, 4, 1>(gy, x, s, n0, n1, g, o0, col, res, cols);
     return;
   }
   for (int64_t j = 0; j < count; ++j) {
-    int64_t col = 0;
-    for (; col + 8 <= cols; col += 8) weight_block<T, 1, 8>(gy, x, s, n0, n1, g, o0 + j, col, res + j * cols, cols);
-    for (; col + 4 <= cols; col += 4) weight_block<T, 1, 4>(gy, x, s, n0, n1, g, o0 + j, col, res + j * cols, cols);
-    // the last 1-3 columns in one pass over the rows (a depthwise k=3 filter is 3 columns)
-    if (cols - col == 3) weight_block<T, 1, 3>(gy, x, s, n0, n1, g, o0 + j, col, res + j * cols, cols);
-    if (cols - col == 2) weight_block<T, 1, 2>(gy, x, s, n0, n1, g, o0 + j, col, res + j * cols, cols);
-    if (cols - col == 1) weight_block<T, 1, 1>(gy, x, s, n0, n1, g, o0 + j, col, res + j * cols, cols);
+    T* row = res + j * cols;
+    T* b = bias_res ? bias_res + j : nullptr;
+    // the first block by the same rule as the rest: 8 columns, 4, or the last 1-3 in one pass over the rows (a
+    // depthwise k=3 filter is 3 columns)
+    const int64_t first = cols >= 8 ? 8 : cols >= 4 ? 4 : cols;
+    if (first == 8) first_weight_block<T, 1, 8>(gy, x, s, n0, n1, g, o0 + j, row, cols, b);
+    if (first == 4) first_weight_block<T, 1, 4>(gy, x, s, n0, n1, g, o0 + j, row, cols, b);
+    if (first == 3) first_weight_block<T, 1, 3>(gy, x, s, n0, n1, g, o0 + j, row, cols, b);
+    if (first == 2) first_weight_block<T, 1, 2>(gy, x, s, n0, n1, g, o0 + j, row, cols, b);
+    if (first == 1) first_weight_block<T, 1, 1>(gy, x, s, n0, n1, g, o0 + j, row, cols, b);
+    int64_t col = first;
+    for (; col + 8 <= cols; col += 8) weight_block<T, 1, 8>(gy, x, s, n0, n1, g, o0 + j, col, row, cols);
+    for (; col + 4 <= cols; col += 4) weight_block<T, 1, 4>(gy, x, s, n0, n1, g, o0 + j, col, row, cols);
+    if (cols - col == 3) weight_block<T, 1, 3>(gy, x, s, n0, n1, g, o0 + j, col, row, cols);
+    if (cols - col == 2) weight_block<T, 1, 2>(gy, x, s, n0, n1, g, o0 + j, col, row, cols);
+    if (cols - col == 1) weight_block<T, 1, 1>(gy, x, s, n0, n1, g, o0 + j, col, row, cols);
   }
 }
 
 template <typename T>
-void weight_typed(const T* gy, const T* x, T* grad_weight, const WeightShape& s) {
+void weight_typed(const T* gy, const T* x, T* grad_weight, T* grad_bias, const WeightShape& s) {
   constexpr int64_t OB = 4;
   const int64_t og = s.og(), blocks = (og + OB - 1) / OB, cols = s.columns();
   // Enough independent items for the threads: few output channels (single-channel layers) split the batch.
   const int64_t batch_blocks = std::min(s.batch, std::max<int64_t>(1, (64 + s.groups * blocks - 1) / (s.groups * blocks)));
   const int64_t per_block = (s.batch + batch_blocks - 1) / batch_blocks;
-  std::vector<T> partial(batch_blocks > 1 ? batch_blocks * s.out_channels * cols : 0);
-  T* dst = batch_blocks > 1 ? partial.data() : grad_weight;
+  // (per batch block: its grad_weight sums, then its grad_bias sums where asked for)
+  const int64_t total = s.out_channels * cols, per_partial = total + (grad_bias ? s.out_channels : 0);
+  std::vector<T> partial(batch_blocks > 1 ? batch_blocks * per_partial : 0);
   at::parallel_for(0, batch_blocks * s.groups * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t it = begin; it < end; ++it) {
       const int64_t bb = it / (s.groups * blocks), g = (it / blocks) % s.groups, b = it % blocks;
       const int64_t o0 = g * og + b * OB, n0 = std::min(s.batch, bb * per_block);
+      T* w_dst = batch_blocks > 1 ? partial.data() + bb * per_partial : grad_weight;
+      T* b_dst = !grad_bias ? nullptr : batch_blocks > 1 ? partial.data() + bb * per_partial + total : grad_bias;
       weight_rows(gy, x, s, n0, std::min(s.batch, n0 + per_block), g, o0, std::min(OB, og - b * OB),
-                  dst + (bb * s.out_channels + o0) * cols);
+                  w_dst + o0 * cols, b_dst ? b_dst + o0 : nullptr);
     }
   });
   if (batch_blocks == 1) return;
-  const int64_t total = s.out_channels * cols;
-  at::parallel_for(0, total, 4096, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, per_partial, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       T sum = 0;
-      for (int64_t bb = 0; bb < batch_blocks; ++bb) sum += partial[bb * total + i];
-      grad_weight[i] = sum;
+      for (int64_t bb = 0; bb < batch_blocks; ++bb) sum += partial[bb * per_partial + i];
+      (i < total ? grad_weight[i] : grad_bias[i - total]) = sum;
     }
   });
 }
 
-void weight_kernel(const at::Tensor& gy, const at::Tensor& x, at::Tensor& grad_weight, int64_t dilation,
-                   int64_t offset, int64_t groups) {
+void weight_kernel(const at::Tensor& gy, const at::Tensor& x, at::Tensor& grad_weight, at::Tensor& grad_bias,
+                   int64_t dilation, int64_t offset, int64_t groups) {
   const WeightShape s{x.size(0), x.size(1), x.size(2), gy.size(1), grad_weight.size(2), gy.size(2),
                       dilation, offset, groups};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pyops_conv1d_weight_cpu", [&] {
     weight_typed<scalar_t>(gy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                           grad_weight.mutable_data_ptr<scalar_t>(), s);
+                           grad_weight.mutable_data_ptr<scalar_t>(),
+                           grad_bias.defined() ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr, s);
   });
 }
 
 }  // namespace
 
-void correlate_weight_cpu(const at::Tensor& gy, const at::Tensor& x, at::Tensor& grad_weight, int64_t dilation,
-                          int64_t offset, int64_t groups, bool end_to_end) {
+void correlate_weight_cpu(const at::Tensor& gy, const at::Tensor& x, at::Tensor& grad_weight, at::Tensor& grad_bias,
+                          int64_t dilation, int64_t offset, int64_t groups, bool end_to_end) {
   const int64_t batch = x.size(0), in_length = x.size(2), gy_length = gy.size(2);
   if (batch == 0) {
     grad_weight.zero_();
+    if (grad_bias.defined()) grad_bias.zero_();
     return;
   }
   // Short rows (conv1d.h, lay_end_to_end): samples end to end, each padded with zeros to a length at which no tap of
@@ -157,11 +195,12 @@ void correlate_weight_cpu(const at::Tensor& gy, const at::Tensor& x, at::Tensor&
       all_finite(x) && all_finite(gy)) {
     const int64_t length = static_cast<int64_t>(wide);
     const int64_t blocks = end_to_end_blocks(batch);
+    // (the zeros between samples add nothing to the sums of gy)
     weight_kernel(lay_end_to_end(gy, 0, length, blocks), lay_end_to_end(x, 0, length, blocks), grad_weight,
-                  dilation, offset, groups);
+                  grad_bias, dilation, offset, groups);
     return;
   }
-  weight_kernel(gy, x, grad_weight, dilation, offset, groups);
+  weight_kernel(gy, x, grad_weight, grad_bias, dilation, offset, groups);
 }
 
 }  // namespace pyops
