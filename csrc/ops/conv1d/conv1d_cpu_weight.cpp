@@ -98,8 +98,21 @@ void first_weight_block(const T* gy, const T* x, const WeightShape& s, int64_t n
   else weight_block<T, OB, JB>(gy, x, s, n0, n1, g, o0, 0, res, res_row);
 }
 
+// Columns [col, col + width) of one output channel (width <= JB) in one pass over its rows.
+template <typename T, int JB>
+void weight_columns(const T* gy, const T* x, const WeightShape& s, int64_t n0, int64_t n1, int64_t g, int64_t o,
+                    int64_t col, int64_t width, T* res, T* bias_res) {
+  if constexpr (JB > 1) {
+    if (width < JB) return weight_columns<T, JB - 1>(gy, x, s, n0, n1, g, o, col, width, res, bias_res);
+  }
+  if (bias_res) weight_block<T, 1, JB, true>(gy, x, s, n0, n1, g, o, col, res, s.columns(), bias_res);
+  else weight_block<T, 1, JB>(gy, x, s, n0, n1, g, o, col, res, s.columns());
+}
+
 // All columns of `count` output channels from o0 (res points at their first row), and their sums of gy into
-// bias_res where given.
+// bias_res where given. Blocks of 4 channels take 3 columns a pass (12 sums); a single channel up to 12 columns a
+// pass (12 sums and two vectors fill AVX2's 16 registers), its columns split evenly among the fewest passes: each
+// pass reads grad_output and the input again (a 9-tap filter had taken 8 columns and then 1, a 5-tap 4 and 1).
 template <typename T>
 void weight_rows(const T* gy, const T* x, const WeightShape& s, int64_t n0, int64_t n1, int64_t g, int64_t o0,
                  int64_t count, T* res, T* bias_res) {
@@ -112,23 +125,15 @@ void weight_rows(const T* gy, const T* x, const WeightShape& s, int64_t n0, int6
     for (; col < cols; ++col) weight_block<T, 4, 1>(gy, x, s, n0, n1, g, o0, col, res, cols);
     return;
   }
+  constexpr int64_t kWidest = 12;
+  const int64_t passes = (cols + kWidest - 1) / kWidest;
   for (int64_t j = 0; j < count; ++j) {
-    T* row = res + j * cols;
-    T* b = bias_res ? bias_res + j : nullptr;
-    // the first block by the same rule as the rest: 8 columns, 4, or the last 1-3 in one pass over the rows (a
-    // depthwise k=3 filter is 3 columns)
-    const int64_t first = cols >= 8 ? 8 : cols >= 4 ? 4 : cols;
-    if (first == 8) first_weight_block<T, 1, 8>(gy, x, s, n0, n1, g, o0 + j, row, cols, b);
-    if (first == 4) first_weight_block<T, 1, 4>(gy, x, s, n0, n1, g, o0 + j, row, cols, b);
-    if (first == 3) first_weight_block<T, 1, 3>(gy, x, s, n0, n1, g, o0 + j, row, cols, b);
-    if (first == 2) first_weight_block<T, 1, 2>(gy, x, s, n0, n1, g, o0 + j, row, cols, b);
-    if (first == 1) first_weight_block<T, 1, 1>(gy, x, s, n0, n1, g, o0 + j, row, cols, b);
-    int64_t col = first;
-    for (; col + 8 <= cols; col += 8) weight_block<T, 1, 8>(gy, x, s, n0, n1, g, o0 + j, col, row, cols);
-    for (; col + 4 <= cols; col += 4) weight_block<T, 1, 4>(gy, x, s, n0, n1, g, o0 + j, col, row, cols);
-    if (cols - col == 3) weight_block<T, 1, 3>(gy, x, s, n0, n1, g, o0 + j, col, row, cols);
-    if (cols - col == 2) weight_block<T, 1, 2>(gy, x, s, n0, n1, g, o0 + j, col, row, cols);
-    if (cols - col == 1) weight_block<T, 1, 1>(gy, x, s, n0, n1, g, o0 + j, col, row, cols);
+    for (int64_t p = 0, col = 0; p < passes; ++p) {
+      const int64_t width = (cols - col) / (passes - p);  // (the later passes take the remainder's extra columns)
+      weight_columns<T, kWidest>(gy, x, s, n0, n1, g, o0 + j, col, width, res + j * cols,
+                                 bias_res && p == 0 ? bias_res + j : nullptr);
+      col += width;
+    }
   }
 }
 
