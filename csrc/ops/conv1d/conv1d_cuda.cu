@@ -96,10 +96,10 @@ __global__ void __launch_bounds__(kConvThreads)
   if (threadIdx.x == 0) partial[chunk * weights + widx] = total;
 }
 
-at::Tensor conv1d_cuda(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                       int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
-  const Conv1dGeometry g = check_conv1d(input, weight, bias, stride, padding, dilation, groups);
-  stride = g.stride;  // (a stride past the padded length, capped: checked_conv_stride)
+// conv1d of arguments check_conv1d accepted (g: their geometry, its stride capped): cuDNN's, the depthwise kernel's
+// or the general one's.
+at::Tensor convolve_cuda(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         const Conv1dGeometry& g) {
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   const bool empty = g.batch * g.out_channels * g.out_length == 0;
@@ -110,7 +110,7 @@ at::Tensor conv1d_cuda(const at::Tensor& input, const at::Tensor& weight, const 
   if (empty) return out;
   const at::Tensor x = input.contiguous(), w = weight.contiguous();
   if (depthwise_fast_path(g)) {
-    depthwise_correlate_cuda(x, w, b, out, dilation, -padding, /*flip=*/false);
+    depthwise_correlate_cuda(x, w, b, out, g.dilation, -g.padding, /*flip=*/false);
     return out;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pyops_conv1d_cuda", [&] {
@@ -122,6 +122,11 @@ at::Tensor conv1d_cuda(const at::Tensor& input, const at::Tensor& weight, const 
   return out;
 }
 
+at::Tensor conv1d_cuda(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
+  return convolve_cuda(input, weight, bias, check_conv1d(input, weight, bias, stride, padding, dilation, groups));
+}
+
 // The residual and activation in a second pass over the output (the CUDA kernels store without them; measured on
 // the CPU only, where the kernels apply them as they store).
 at::Tensor conv1d_bias_act_cuda(const at::Tensor& input, const at::Tensor& weight,
@@ -129,8 +134,9 @@ at::Tensor conv1d_bias_act_cuda(const at::Tensor& input, const at::Tensor& weigh
                                 int64_t dilation, int64_t groups, int64_t activation,
                                 const std::optional<at::Tensor>& residual) {
   const Activation act = checked_activation(activation, "pyops.conv1d_bias_act");
-  check_conv1d_residual(residual, input, check_conv1d(input, weight, bias, stride, padding, dilation, groups));
-  at::Tensor out = conv1d_cuda(input, weight, bias, stride, padding, dilation, groups);
+  const Conv1dGeometry g = check_conv1d(input, weight, bias, stride, padding, dilation, groups);
+  check_conv1d_residual(residual, input, g);
+  at::Tensor out = convolve_cuda(input, weight, bias, g);
   add_residual_activate(out, residual.has_value() ? *residual : at::Tensor(), act);
   return out;
 }

@@ -188,8 +188,8 @@ void epilogue_(at::Tensor& out, const at::Tensor& bias, const std::optional<at::
   const at::Tensor res = residual.has_value() ? residual->contiguous(fmt) : at::Tensor();
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   bias_residual_activate(out.mutable_data_ptr<float>(), bias.defined() ? bias.const_data_ptr<float>() : nullptr,
-                     res.defined() ? res.const_data_ptr<float>() : nullptr, g.n * (cl ? g.oh * g.ow : g.cout),
-                     cl ? g.cout : g.oh * g.ow, !cl, g.cout, g.act);
+                         res.defined() ? res.const_data_ptr<float>() : nullptr, g.n * (cl ? g.oh * g.ow : g.cout),
+                         cl ? g.cout : g.oh * g.ow, !cl, g.cout, g.act);
 }
 
 // t in memory format fmt with the strides a fresh tensor of its sizes has. contiguous(fmt) keeps a size-1
