@@ -10,13 +10,14 @@
 //   forward:    in = input, w = weight,                          offset = -padding
 //   grad_input: in = grad_output, w = weight transposed per group and flipped, stride 1,
 //               offset = padding - dilation*(K-1), output length = L_in (at a stride above 1, one such
-//               correlation per phase of the input: conv1d_cpu.cpp)
+//               correlation per phase of the input, into its phase slab: conv1d_cpu.cpp, PhaseSlabs below)
 // and grad_weight[o, c, k] = sum_{n, j} gy[n, o, j] * input[n, g*Cg + c, j*stride + k*dilation - padding] (at a
-// stride above 1, one stride-1 correlation per phase of the input).
+// stride above 1, every tap a stride-1 correlation with one phase of the input, read from its phase slab).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 
@@ -97,11 +98,11 @@ struct CorrelationShape {
 // residual: undefined, or contiguous and shaped as out.
 void correlate_cpu(const at::Tensor& in, const at::Tensor& w, const at::Tensor& bias, const at::Tensor& residual,
                    at::Tensor& out, const CorrelationShape& s, bool end_to_end = true);
-// grad_weight[o, c, k] = sum_{n, j} gy[n, o, j] * x[n, g*Cg + c, j + k*dilation + offset] (stride 1 in j), and
-// where grad_bias is defined grad_bias[o] = sum_{n, j} gy[n, o, j] from the same reads of gy; reduced over the
-// batch in a fixed order whatever the thread count.
+// grad_weight[o, c, k] = sum_{n, j} gy[n, o, j] * x[n, g*Cg + c, j*stride + k*dilation + offset], and where
+// grad_bias is defined grad_bias[o] = sum_{n, j} gy[n, o, j] from the same reads of gy; reduced over the batch in a
+// fixed order whatever the thread count. x (N, C, L) contiguous. Short rows are laid end to end (below) at stride 1.
 void correlate_weight_cpu(const at::Tensor& gy, const at::Tensor& x, at::Tensor& grad_weight, at::Tensor& grad_bias,
-                          int64_t dilation, int64_t offset, int64_t groups, bool end_to_end = true);
+                          int64_t stride, int64_t dilation, int64_t offset, int64_t groups);
 
 // Short rows on the CPU: rows much shorter than the kernels' vectors spend their time in per-row edges and loop
 // overhead (N=1024 rows of 16: 3-7x slower than oneDNN), so below kShortRow positions the kernels lay the samples
@@ -120,6 +121,24 @@ int64_t end_to_end_blocks(int64_t batch);
 inline bool worth_laying_end_to_end(__int128 segment, int64_t outputs) { return segment <= 2 * outputs + 4; }
 // Whether every element of t (contiguous) is finite: one pass (at::isfinite makes four).
 bool all_finite(const at::Tensor& t);
+
+// A strided layer's gradients on the CPU are stride-1 correlations on the phases of the input (conv1d_cpu.cpp,
+// conv1d_cpu_weight.cpp): phase p of an (N, C, L) tensor is positions p, p + stride, ... of each row. Its phase slabs
+// lay them out in one flat buffer of N*C*L values: the slab of phase p (p < phases()) holds t[:, :, p::stride], contiguous
+// (N, C, phase_length(p)), after the slabs of the phases before it.
+struct PhaseSlabs {
+  int64_t batch, channels, length, stride;
+  int64_t phases() const { return std::min(stride, length); }
+  int64_t phase_length(int64_t p) const { return p < length ? (length - p + stride - 1) / stride : 0; }
+  // (the phases before p hold p*(length / stride) positions, plus one each for those below length % stride)
+  int64_t slab_offset(int64_t p) const {
+    return batch * channels * (p * (length / stride) + std::min(p, length % stride));
+  }
+  at::Tensor slab(const at::Tensor& slabs, int64_t p) const;  // (N, C, phase_length(p)), a view
+};
+// t (N, C, L) as its phase slabs (one pass); and the reverse, out (N, C, L) contiguous from slabs (one pass).
+at::Tensor split_phases(const at::Tensor& t, int64_t stride);
+void merge_phases(const at::Tensor& slabs, int64_t stride, at::Tensor& out);
 
 // How the CPU computes a weight gradient: our kernel, the library's (oneDNN's, or ATen's im2col GEMM on one small
 // image), or one matrix product through ATen's BLAS (conv1d_cpu_gemm.cpp): as forced by conv1d_path() (gemm: float32

@@ -35,7 +35,7 @@ std::optional<at::Tensor> as_float(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? std::optional<at::Tensor>(as_float(*t)) : t;
 }
 
-// A strided layer's backward as stride-1 correlations, one per phase (polyphase). Tap k reads input position
+// A strided layer's input gradient as stride-1 correlations, one per phase (polyphase). Tap k reads input position
 // j*stride + k*dilation - padding for output j: the taps whose k*dilation - padding leave the same remainder r modulo
 // the stride read only the input positions of phase r (r, r + stride, ...), and they are every `step`-th tap
 // (step = stride / gcd(stride, dilation)), spaced dilation / gcd apart on that phase. So the first `step` taps each
@@ -61,22 +61,6 @@ TapClasses tap_classes(int64_t kernel_size, int64_t stride, int64_t padding, int
     t.classes.push_back({k, (kernel_size - k + t.step - 1) / t.step, phase, (e - phase) / stride});
   }
   return t;
-}
-
-// Whether the classes read every phase of an input of `length` positions (a phase at or past the end has none);
-// classes' phases are distinct.
-bool reads_every_phase(const TapClasses& t, int64_t stride, int64_t length) {
-  const int64_t phases = std::min(stride, length);
-  const auto read = std::count_if(t.classes.begin(), t.classes.end(), [&](const TapClass& c) {
-    return c.phase < phases;
-  });
-  return read == phases;
-}
-
-// x[..., phase::stride], contiguous (empty past the end)
-at::Tensor phase_of(const at::Tensor& x, int64_t phase, int64_t stride) {
-  const int64_t length = x.size(2);
-  return phase < length ? x.slice(2, phase, length, stride).contiguous() : x.narrow(2, 0, 0).contiguous();
 }
 
 // The per-group transposed, flipped filter (groups * Cin/groups, Cout/groups, taps): grad_input as a correlation.
@@ -168,25 +152,29 @@ at::Tensor conv1d_backward_input_cpu(const at::Tensor& grad_output, const at::Te
   if (empty) return at::empty({g.batch, g.in_channels, g.in_length}, grad_output.options());
   // Phase r of grad_input (positions r, r + stride, ...) sums the taps of the class reading input phase r: output m
   // of the phase takes tap first + t*step from grad_output[m + shift' - t*dilation'], shift' = -shift, a
-  // correlation with that class's taps flipped. Phases no class reads get no gradient (zeros, set only where such
-  // a phase exists: a pass over grad_input that was 14-17 % of a strided depthwise layer's).
+  // correlation with that class's taps flipped. Phases no class reads get no gradient (zeros, written only into
+  // their slabs: zeroing all of grad_input first was 14-17 % of a strided depthwise layer's time).
   const TapClasses t = tap_classes(g.kernel_size, stride, padding, dilation);
-  const bool every_phase_read = reads_every_phase(t, stride, g.in_length);
-  at::Tensor grad_input = every_phase_read
-                              ? at::empty({g.batch, g.in_channels, g.in_length}, grad_output.options())
-                              : at::zeros({g.batch, g.in_channels, g.in_length}, grad_output.options());
   const at::Tensor gy = grad_output.contiguous();
+  at::Tensor grad_input = at::empty({g.batch, g.in_channels, g.in_length}, grad_output.options());
+  // (at a stride above 1 the phases are computed into their slabs, then merged into grad_input in one pass)
+  const PhaseSlabs ph{g.batch, g.in_channels, g.in_length, stride};
+  const at::Tensor slabs = stride == 1 ? at::Tensor() : at::empty({grad_input.numel()}, gy.options());
   for (const TapClass& c : t.classes) {
-    const int64_t length = (g.in_length - c.phase + stride - 1) / stride;
-    if (length <= 0) continue;
+    if (c.phase >= ph.phases()) continue;
     const at::Tensor flipped = transposed_flipped(weight.slice(2, c.first, g.kernel_size, t.step), groups);
-    at::Tensor part = stride == 1 ? grad_input : at::empty({g.batch, g.in_channels, length}, gy.options());
+    at::Tensor part = stride == 1 ? grad_input : ph.slab(slabs, c.phase);
     correlate_cpu(gy, flipped, at::Tensor(), at::Tensor(), part,
-                  {g.batch, g.out_channels, g.out_length, g.in_channels, c.taps, length, 1, t.dilation,
+                  {g.batch, g.out_channels, g.out_length, g.in_channels, c.taps, part.size(2), 1, t.dilation,
                    -c.shift - t.dilation * (c.taps - 1), groups},
                   /*end_to_end=*/stride == 1);
-    if (stride > 1) grad_input.slice(2, c.phase, g.in_length, stride).copy_(part);
   }
+  if (stride == 1) return grad_input;
+  for (int64_t p = 0; p < ph.phases(); ++p) {
+    const bool read = std::any_of(t.classes.begin(), t.classes.end(), [&](const TapClass& c) { return c.phase == p; });
+    if (!read) ph.slab(slabs, p).zero_();
+  }
+  merge_phases(slabs, stride, grad_input);
   return grad_input;
 }
 
@@ -218,18 +206,9 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cpu(const at::Tensor& grad_ou
   }
   at::Tensor grad_weight = at::empty({g.out_channels, g.in_per_group(), kernel_size}, input.options());
   if (grad_weight.numel() == 0) return {grad_weight, bias_sum()};
-  // Each class of taps correlates grad_output with its input phase: tap first + t*step reads phase element
-  // j + shift + t*dilation' for output j. The first class's pass sums the bias too.
-  const at::Tensor gy = grad_output.contiguous(), x = input.contiguous();
-  const TapClasses t = tap_classes(kernel_size, stride, padding, dilation);
-  at::Tensor grad_bias = with_bias ? at::empty({g.out_channels}, input.options()) : at::Tensor(), no_bias;
-  for (const TapClass& c : t.classes) {
-    at::Tensor part = stride == 1 ? grad_weight : at::empty({g.out_channels, g.in_per_group(), c.taps}, x.options());
-    correlate_weight_cpu(gy, stride == 1 ? x : phase_of(x, c.phase, stride), part,
-                         &c == &t.classes.front() ? grad_bias : no_bias, t.dilation, c.shift, groups,
-                         /*end_to_end=*/stride == 1);
-    if (stride > 1) grad_weight.slice(2, c.first, kernel_size, t.step).copy_(part);
-  }
+  at::Tensor grad_bias = with_bias ? at::empty({g.out_channels}, input.options()) : at::Tensor();
+  correlate_weight_cpu(grad_output.contiguous(), input.contiguous(), grad_weight, grad_bias, stride, dilation,
+                       -padding, groups);
   return {grad_weight, grad_bias};
 }
 

@@ -13,11 +13,13 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "common/activation_cpu.h"
 #include "common/cpu_vec.h"
 #include "ops/conv1d/conv1d.h"
+#include "ops/conv1d/conv1d_cpu_phase_rows.h"
 #include "ops/conv1d/conv1d_cpu_util.h"
 
 namespace pyops {
@@ -209,19 +211,25 @@ std::vector<T> pack_blocks_of_4(const T* w, const CorrelationShape& s) {
   return packed;
 }
 
-// dst[q] = src[first + q*stride] for q in [0, width), zero where that is outside [0, length).
+// The staged rows of one input channel's window: row p (p < stride, at dst + p*width) holds dst[p*width + q] =
+// src[first + p + q*stride] for q in [0, width), zero where that is outside [0, length). rows: room for `stride`
+// pointers.
 template <typename T>
-void stage_row(const T* src, int64_t length, int64_t first, int64_t stride, T* dst, int64_t width) {
-  const TapRange inside = tap_range(first, stride, length, 0, width);
-  // (a window wholly left of the input: tap_range's lo is past width, and its range empty)
-  const int64_t lo = std::min(inside.lo, width), hi = std::clamp(inside.hi, lo, width);
-  std::fill(dst, dst + lo, T(0));
-  if (stride == 1) {
-    std::copy(src + first + lo, src + first + hi, dst + lo);
-  } else {
-    for (int64_t q = lo; q < hi; ++q) dst[q] = src[first + q * stride];
+void stage_rows(const T* src, int64_t length, int64_t first, int64_t stride, T* dst, int64_t width, T** rows) {
+  // [lo, hi): the q at which every row reads inside the input, split in one pass (move_phase_row); the window's
+  // ends one value at a time
+  const int64_t lo = std::clamp<int64_t>(ceil_div_signed(-first, stride), 0, width);
+  const int64_t hi = std::clamp<int64_t>(floor_div(length - first, stride), lo, width);
+  for (int64_t p = 0; p < stride; ++p) rows[p] = dst + p * width + lo;
+  if (hi > lo) move_phase_row<T, true>(src + first + lo * stride, rows, (hi - lo) * stride, stride);
+  for (int64_t p = 0; p < stride; ++p) {
+    for (const auto [a, b] : {std::pair<int64_t, int64_t>{0, lo}, {hi, width}}) {
+      for (int64_t q = a; q < b; ++q) {
+        const int64_t at = first + p + q * stride;
+        dst[p * width + q] = at >= 0 && at < length ? src[at] : T(0);
+      }
+    }
   }
-  std::fill(dst + hi, dst + width, T(0));
 }
 
 // Work items: (batch, group, chunk of positions). A chunk is sized so its input window (all the group's input
@@ -287,6 +295,7 @@ void correlate_typed(const T* in, const T* w, const T* bias, const T* residual, 
   const bool stage_edges = !stage && S == 1 && finite && bounded;
   at::parallel_for(0, items, std::max<int64_t>(1, 32768 / work), [&](int64_t begin, int64_t end) {
     std::vector<T> staged, edge_rows;
+    std::vector<T*> phase_rows(stage ? S : 1);  // (stage_rows' room; S <= budget where staged)
     std::vector<int64_t> staged_taps(K), edge_taps(2 * K);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t it = item / splits, split = item % splits;
@@ -303,9 +312,8 @@ void correlate_typed(const T* in, const T* w, const T* bias, const T* residual, 
         reads.pitch = S * width;
         if (static_cast<int64_t>(staged.size()) < cg * reads.pitch) staged.resize(cg * reads.pitch);
         for (int64_t c = 0; c < cg; ++c)
-          for (int64_t p = 0; p < S; ++p)
-            stage_row(x + c * s.in_length, s.in_length, first + p, S, staged.data() + c * reads.pitch + p * width,
-                      width);
+          stage_rows(x + c * s.in_length, s.in_length, first, S, staged.data() + c * reads.pitch, width,
+                     phase_rows.data());
         for (int64_t k = 0; k < K; ++k) {
           const int64_t kd = k * s.dilation;
           staged_taps[k] = kd % S * width + kd / S - la;
@@ -333,7 +341,8 @@ void correlate_typed(const T* in, const T* w, const T* bias, const T* residual, 
           edges.in[i] = nullptr;
           if (width[i] == 0) continue;
           for (int64_t c = 0; c < cg; ++c)
-            stage_row(x + c * s.in_length, s.in_length, a + s.offset, 1, base + c * width[i], width[i]);
+            stage_rows(x + c * s.in_length, s.in_length, a + s.offset, 1, base + c * width[i], width[i],
+                       phase_rows.data());
           for (int64_t k = 0; k < K; ++k) edge_taps[i * K + k] = k * s.dilation - a;
           edges.in[i] = base;
           edges.reads[i] = {width[i], edge_taps.data() + i * K};

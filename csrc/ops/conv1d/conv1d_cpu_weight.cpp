@@ -1,5 +1,8 @@
 // The CPU grad_weight kernel of conv1d (see conv1d.h): the correlation of grad_output with the input,
-//   grad_weight[o, c, k] = sum_{n, j} gy[n, o, j] * x[n, g*Cg + c, j + k*dilation + offset]   (stride 1 in j).
+//   grad_weight[o, c, k] = sum_{n, j} gy[n, o, j] * x[n, g*Cg + c, j*stride + k*dilation + offset].
+// At a stride above 1 the input is read as its phase slabs (PhaseSlabs, split in one pass first): tap k reads the
+// consecutive elements j + q of phase p, where k*dilation + offset = q*stride + p, so every tap is a stride-1
+// correlation and all of them run in one pass over grad_output.
 // Columns (c, k) are flattened, so one register-blocked micro-kernel fits any kernel size: OB output channels x JB
 // columns of vector partial sums, each loaded gy vector used JB times and each x vector OB times.
 // grad_bias[o] = sum_{n, j} gy[n, o, j], where asked for, comes from the same reads of grad_output (the first
@@ -11,6 +14,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "common/cpu_vec.h"
 #include "ops/conv1d/conv1d.h"
@@ -19,8 +23,15 @@
 namespace pyops {
 namespace {
 
+// Column (c, k) of a group: tap k of its input channel c reads element j + shift of the row of c's phase p (in the
+// phase slabs: x + slab + (n*C + g*Cg + c) * length for batch element n, group g), length its phase's length.
+struct WeightColumn {
+  int64_t slab, channel, length, shift;
+};
+
 struct WeightShape {
-  int64_t batch, in_channels, in_length, out_channels, kernel_size, gy_length, dilation, offset, groups;
+  int64_t batch, in_channels, in_length, out_channels, kernel_size, gy_length, stride, dilation, offset, groups;
+  const WeightColumn* column;  // [columns()], computed once per call (weight_kernel): no divisions per block
   int64_t cg() const { return in_channels / groups; }
   int64_t og() const { return out_channels / groups; }
   int64_t columns() const { return cg() * kernel_size; }
@@ -33,17 +44,29 @@ void weight_block(const T* gy, const T* x, const WeightShape& s, int64_t n0, int
                   int64_t col0, T* res, int64_t res_row, T* bias_res = nullptr) {
   using Vec = Vectorized<T>;
   constexpr int64_t V = Vec::size();
-  int64_t chan[JB], shift[JB];
+  // column jb reads x + xbase[jb] + n*xstep[jb] (its phase's row of batch element n, phase_length[jb] long) at
+  // j + shift[jb]; lo..hi: where every column's reads are inside
+  int64_t xbase[JB], xstep[JB], shift[JB], phase_length[JB];
   int64_t lo = 0, hi = s.gy_length;
   for (int jb = 0; jb < JB; ++jb) {
-    const int64_t col = col0 + jb;
-    chan[jb] = g * s.cg() + col / s.kernel_size;
-    shift[jb] = (col % s.kernel_size) * s.dilation + s.offset;
-    lo = std::max(lo, -shift[jb]);
-    hi = std::min(hi, s.in_length - shift[jb]);
+    const WeightColumn& c = s.column[col0 + jb];
+    phase_length[jb] = c.length;
+    xbase[jb] = c.slab + (g * s.cg() + c.channel) * c.length;
+    xstep[jb] = s.in_channels * c.length;
+    shift[jb] = c.shift;
+    lo = std::max(lo, -c.shift);
+    hi = std::min(hi, c.length - c.shift);
   }
   lo = std::min(lo, s.gy_length);
   hi = std::max(hi, lo);
+  // vectors over [lo, end); the rest, [0, lo) and [end, gy_length), each column clipped to where it reads inside
+  // its phase, by scalar loops (the same ranges for every batch element: computed once)
+  const int64_t end = lo + (hi - lo) / V * V;
+  TapRange edges[JB][2];
+  for (int jb = 0; jb < JB; ++jb) {
+    edges[jb][0] = tap_range(shift[jb], 1, phase_length[jb], 0, lo);
+    edges[jb][1] = tap_range(shift[jb], 1, phase_length[jb], end, s.gy_length);
+  }
   Vec acc[OB][JB], bacc[OB];
   T sacc[OB][JB], sbias[OB];
   for (int ob = 0; ob < OB; ++ob) {
@@ -54,9 +77,8 @@ void weight_block(const T* gy, const T* x, const WeightShape& s, int64_t n0, int
     const T* gyr[OB];
     const T* xr[JB];
     for (int ob = 0; ob < OB; ++ob) gyr[ob] = gy + (n * s.out_channels + o0 + ob) * s.gy_length;
-    for (int jb = 0; jb < JB; ++jb) xr[jb] = x + (n * s.in_channels + chan[jb]) * s.in_length;
-    int64_t l = lo;
-    for (; l + V <= hi; l += V) {
+    for (int jb = 0; jb < JB; ++jb) xr[jb] = x + xbase[jb] + n * xstep[jb];
+    for (int64_t l = lo; l < end; l += V) {
       Vec gv[OB];
       for (int ob = 0; ob < OB; ++ob) gv[ob] = Vec::loadu(gyr[ob] + l);
       if constexpr (Bias)
@@ -66,10 +88,8 @@ void weight_block(const T* gy, const T* x, const WeightShape& s, int64_t n0, int
         for (int ob = 0; ob < OB; ++ob) acc[ob][jb] = at::vec::fmadd(gv[ob], xv, acc[ob][jb]);
       }
     }
-    // Edges and the tail: [0, lo) and [l, gy_length), each column clipped to where it reads inside the input.
     for (int jb = 0; jb < JB; ++jb) {
-      for (const TapRange part : {tap_range(shift[jb], 1, s.in_length, 0, lo),
-                                  tap_range(shift[jb], 1, s.in_length, l, s.gy_length)}) {
+      for (const TapRange& part : edges[jb]) {
         for (int ob = 0; ob < OB; ++ob) {
           T sum = 0;
           for (int64_t p = part.lo; p < part.hi; ++p) sum += gyr[ob][p] * xr[jb][p + shift[jb]];
@@ -77,10 +97,10 @@ void weight_block(const T* gy, const T* x, const WeightShape& s, int64_t n0, int
         }
       }
     }
-    if constexpr (Bias) {  // (the positions the vectors left: [0, lo) and [l, gy_length))
+    if constexpr (Bias) {  // (the positions the vectors left: [0, lo) and [end, gy_length))
       for (int ob = 0; ob < OB; ++ob) {
         for (int64_t p = 0; p < lo; ++p) sbias[ob] += gyr[ob][p];
-        for (int64_t p = l; p < s.gy_length; ++p) sbias[ob] += gyr[ob][p];
+        for (int64_t p = end; p < s.gy_length; ++p) sbias[ob] += gyr[ob][p];
       }
     }
   }
@@ -167,12 +187,21 @@ void weight_typed(const T* gy, const T* x, T* grad_weight, T* grad_bias, const W
   });
 }
 
+// x (N, C, L) contiguous: read in place at stride 1, as its phase slabs above (the same layout at stride 1).
 void weight_kernel(const at::Tensor& gy, const at::Tensor& x, at::Tensor& grad_weight, at::Tensor& grad_bias,
-                   int64_t dilation, int64_t offset, int64_t groups) {
-  const WeightShape s{x.size(0), x.size(1), x.size(2), gy.size(1), grad_weight.size(2), gy.size(2),
-                      dilation, offset, groups};
+                   int64_t stride, int64_t dilation, int64_t offset, int64_t groups) {
+  const int64_t kernel_size = grad_weight.size(2);
+  const PhaseSlabs ph{x.size(0), x.size(1), x.size(2), stride};
+  std::vector<WeightColumn> columns(grad_weight.size(1) * kernel_size);
+  for (int64_t col = 0; col < static_cast<int64_t>(columns.size()); ++col) {
+    const int64_t e = (col % kernel_size) * dilation + offset, q = floor_div(e, stride), p = e - q * stride;
+    columns[col] = {ph.slab_offset(p), col / kernel_size, ph.phase_length(p), q};
+  }
+  const WeightShape s{x.size(0), x.size(1), x.size(2), gy.size(1), kernel_size, gy.size(2),
+                      stride, dilation, offset, groups, columns.data()};
+  const at::Tensor slabs = stride == 1 ? x : split_phases(x, stride);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pyops_conv1d_weight_cpu", [&] {
-    weight_typed<scalar_t>(gy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+    weight_typed<scalar_t>(gy.const_data_ptr<scalar_t>(), slabs.const_data_ptr<scalar_t>(),
                            grad_weight.mutable_data_ptr<scalar_t>(),
                            grad_bias.defined() ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr, s);
   });
@@ -181,7 +210,7 @@ void weight_kernel(const at::Tensor& gy, const at::Tensor& x, at::Tensor& grad_w
 }  // namespace
 
 void correlate_weight_cpu(const at::Tensor& gy, const at::Tensor& x, at::Tensor& grad_weight, at::Tensor& grad_bias,
-                          int64_t dilation, int64_t offset, int64_t groups, bool end_to_end) {
+                          int64_t stride, int64_t dilation, int64_t offset, int64_t groups) {
   const int64_t batch = x.size(0), in_length = x.size(2), gy_length = gy.size(2);
   if (batch == 0) {
     grad_weight.zero_();
@@ -196,16 +225,16 @@ void correlate_weight_cpu(const at::Tensor& gy, const at::Tensor& x, at::Tensor&
   const __int128 span = static_cast<__int128>(dilation) * (grad_weight.size(2) - 1);
   const __int128 wide = std::max<__int128>({in_length, gy_length, static_cast<__int128>(in_length) - offset,
                                             gy_length + span + offset});
-  if (end_to_end && batch > 1 && gy_length < kShortRow && worth_laying_end_to_end(wide, gy_length) &&
+  if (stride == 1 && batch > 1 && gy_length < kShortRow && worth_laying_end_to_end(wide, gy_length) &&
       all_finite(x) && all_finite(gy)) {
     const int64_t length = static_cast<int64_t>(wide);
     const int64_t blocks = end_to_end_blocks(batch);
     // (the zeros between samples add nothing to the sums of gy)
     weight_kernel(lay_end_to_end(gy, 0, length, blocks), lay_end_to_end(x, 0, length, blocks), grad_weight,
-                  grad_bias, dilation, offset, groups);
+                  grad_bias, 1, dilation, offset, groups);
     return;
   }
-  weight_kernel(gy, x, grad_weight, grad_bias, dilation, offset, groups);
+  weight_kernel(gy, x, grad_weight, grad_bias, stride, dilation, offset, groups);
 }
 
 }  // namespace pyops
