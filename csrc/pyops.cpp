@@ -3,6 +3,7 @@
 // registers its kernels). pybind11 adds build_info(), conv_path(), cpu_computes_bf16() and
 // one_by_one_runs_as_gemm().
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <torch/version.h>
 
 #include "common/onednn.h"
@@ -45,9 +46,11 @@ const char* conv_path() {
 }
 
 // For ConvBNReLU2d's packing rule: a layer the op runs as a GEMM gains nothing from a packed oneDNN weight.
-bool one_by_one_runs_as_gemm(int64_t n, int64_t cin, int64_t cout, int64_t h, int64_t w, bool channels_last) {
+bool one_by_one_runs_as_gemm(int64_t n, int64_t cin, int64_t cout, int64_t h, int64_t w, bool channels_last,
+                             std::optional<bool> full_width_blas) {
   return pyops::one_by_one_runs_as_gemm(n, cin, cout, h, w,
-                                        channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+                                        channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous,
+                                        full_width_blas);
 }
 
 }  // namespace
@@ -63,7 +66,8 @@ PYBIND11_MODULE(_C, m) {
         "Whether the ops hand bfloat16 to oneDNN's convolution on this CPU (it has AVX-512 BF16 / AMX), "
         "common/onednn.h: the CPU autocast policy and the half-precision paths follow it");
   m.def("one_by_one_runs_as_gemm", &one_by_one_runs_as_gemm, py::arg("n"), py::arg("cin"), py::arg("cout"),
-        py::arg("h"), py::arg("w"), py::arg("channels_last"),
+        py::arg("h"), py::arg("w"), py::arg("channels_last"), py::arg("full_width_blas") = py::none(),
         "Whether a float32 1x1 layer (stride 1, no padding, one group) from cin to cout channels on an (n, cin, h, w) "
-        "CPU input runs as a GEMM (no oneDNN call, so no packed weight to gain from)");
+        "CPU input runs as a GEMM (no oneDNN call, so no packed weight to gain from); full_width_blas: the rule for "
+        "a CPU where MKL runs as wide as oneDNN (True) or narrower (False, AMD AVX-512), None: this CPU's");
 }

@@ -1,3 +1,5 @@
+import os
+import platform
 import sys
 import threading
 
@@ -31,6 +33,15 @@ def autocast_compute_dtype(device, region_dtype):
     whose oneDNN computes it natively (bfloat16 with AVX-512 BF16 / AMX), else float32 (csrc/common/autocast.h)."""
     native = region_dtype is torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     return region_dtype if device == "cuda" or native else torch.float32
+
+
+def blas_runs_full_width():
+    """Whether MKL's matrix products run as wide as oneDNN's convolutions on this CPU (common/onednn.h: x86 without
+    AVX-512, or Intel's), where auto prefers a product to oneDNN's call in more places (conv1d's weight gradients,
+    conv_bn_relu's 1×1 layers)."""
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    x86 = platform.machine() in ("x86_64", "AMD64")
+    return x86 and torch.backends.mkl.is_available() and ("avx512f" not in flags or "GenuineIntel" in flags)
 
 
 def tolerances(dtype):

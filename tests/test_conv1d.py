@@ -1,6 +1,4 @@
 import math
-import os
-import platform
 import random
 import warnings
 
@@ -10,7 +8,7 @@ import torch.nn.functional as F
 
 import pyops
 from pyops import reference
-from conftest import tolerances
+from conftest import blas_runs_full_width, tolerances
 
 ops = torch.ops.pyops
 # F.conv1d (the reference) warns that its own 'same' padding with an even kernel copies the input
@@ -890,14 +888,6 @@ def test_short_rows_of_a_batch_sum_only_existing_pairs():
     assert not both.isnan().any()
 
 
-def gemm_weight_gradient_runs_here():
-    """Whether auto may take the weight gradient's matrix product on this CPU (conv1d_cpu_gemm.cpp: where MKL runs
-    as wide as oneDNN, CPUs without AVX-512 or Intel ones)."""
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    x86 = platform.machine() in ("x86_64", "AMD64")
-    return x86 and torch.backends.mkl.is_available() and ("avx512f" not in flags or "GenuineIntel" in flags)
-
-
 @pytest.mark.parametrize("path", ["gemm", "auto"])
 def test_gemm_weight_gradient_sums_only_existing_pairs(path, monkeypatch):
     """The matrix product multiplies grad_output by the zeros its columns hold where a tap reads padding: an inf
@@ -924,7 +914,7 @@ def test_both_precisions_take_the_weight_gradients_product(dtype, monkeypatch):
     x, gy = rand((32, 40, 101), dtype, gen=g), rand((32, 64, 101), dtype, gen=g)
     with torch.profiler.profile() as prof:
         got = ops.conv1d_backward_weight(gy, x, 3, 1, 1, 1, 1)
-    assert ("aten::addmm_" in {e.name for e in prof.events()}) == gemm_weight_gradient_runs_here()
+    assert ("aten::addmm_" in {e.name for e in prof.events()}) == blas_runs_full_width()
     want = torch.ops.aten.convolution_backward(gy.double(), x.double(), torch.zeros(64, 40, 3, dtype=torch.float64),
                                                None, [1], [1], [1], False, [0], 1, [False, True, False])[1]
     # (sums of 3232 products of magnitude ~57: float32 to 1e-3, float64 to 1e-10)
@@ -982,7 +972,7 @@ def test_each_op_takes_aten_where_its_own_product_is_wide(config, routes, monkey
     b = rand((cout,), torch.float32, "cpu", g)
     args = (stride, k // 2, 1, groups)
     grad_out = rand(tuple(torch.nn.functional.conv1d(x, w, b, *args).shape), torch.float32, "cpu", g)
-    here = gemm_weight_gradient_runs_here()
+    here = blas_runs_full_width()
     expected = {op: route if isinstance(route, str) else route[0 if here else 1]
                 for op, route in zip(("forward", "input", "weight"), routes)}
     calls = {"forward": lambda: torch.ops.pyops.conv1d(x, w, b, *args),

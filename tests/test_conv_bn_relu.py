@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import pyops
 from pyops import reference
 from pyops.conv_bn_relu import ACTIVATIONS, conv2d_bias_act
-from conftest import tolerances
+from conftest import blas_runs_full_width, tolerances
 
 PATHS = {"cpu": ["direct", "library"], "cuda": ["ours", "cudnn"]}
 
@@ -296,7 +296,7 @@ def test_strided_one_by_one_layers_as_a_matrix_product(threads, monkeypatch):
     try:
         # (n, cin, cout, h, w, stride)
         for n, cin, cout, h, w_, stride in [(1, 64, 32, 13, 9, (2, 2)), (2, 24, 40, 14, 14, (2, 3)),
-                                             (1, 256, 512, 14, 14, (2, 2)), (3, 8, 16, 2, 2, (2, 2))]:
+                                             (1, 128, 256, 14, 14, (2, 2)), (3, 8, 16, 2, 2, (2, 2))]:
             oh, ow = (h - 1) // stride[0] + 1, (w_ - 1) // stride[1] + 1
             assert pyops._C.one_by_one_runs_as_gemm(n, cin, cout, oh, ow, False)
             x, w = randn((n, cin, h, w_), 41, 2.0), randn((cout, cin, 1, 1), 42, 0.3)
@@ -317,8 +317,12 @@ def test_strided_one_by_one_layers_as_a_matrix_product(threads, monkeypatch):
 
 
 def test_one_by_one_rule():
-    """Where the GEMM runs (measured: bench/NOTES-conv_bn_relu.md, stop 25), any thread count."""
-    gemm = pyops._C.one_by_one_runs_as_gemm
+    """Where the GEMM runs (measured: bench/NOTES-conv_bn_relu.md, stops 25 and 34), any thread count: the rule of a
+    CPU where MKL runs as wide as oneDNN, and of one where it runs narrower (AMD AVX-512), each asked for by name;
+    and this CPU's."""
+    def gemm(*shape, wide=True):
+        return pyops._C.one_by_one_runs_as_gemm(*shape, full_width_blas=wide)
+
     assert gemm(256, 256, 256, 1, 1, False) and gemm(256, 256, 256, 1, 1, True)  # 1×1 maps: a Linear
     assert gemm(8, 64, 64, 56, 56, False) and gemm(32, 256, 64, 56, 56, False)  # NCHW: one product per image
     assert not gemm(16, 512, 2048, 7, 7, False) and not gemm(4, 2048, 512, 7, 7, False)  # ... but not several
@@ -329,6 +333,15 @@ def test_one_by_one_rule():
     assert not gemm(1, 64, 256, 56, 56, True) and not gemm(8, 1024, 256, 14, 14, True)
     assert not gemm(1, 16, 96, 112, 112, True)  # a small product, but a large output: oneDNN fuses its epilogue
     assert not gemm(0, 64, 64, 7, 7, False) and not gemm(1, 0, 64, 7, 7, True)
+    # MKL narrower than oneDNN: 1×1 maps and small products only (up to 2^22 multiply-adds), either layout
+    for cl in (False, True):
+        assert gemm(256, 256, 256, 1, 1, cl, wide=False)
+        assert gemm(1, 116, 116, 14, 14, cl, wide=False) and gemm(1, 72, 24, 28, 28, cl, wide=False)
+        assert not gemm(1, 64, 64, 56, 56, cl, wide=False) and not gemm(8, 64, 64, 56, 56, cl, wide=False)
+        assert not gemm(8, 1024, 256, 14, 14, cl, wide=False) and not gemm(8, 2048, 512, 7, 7, cl, wide=False)
+        assert not gemm(1, 4, 96, 112, 112, cl, wide=False)  # (a small product, but a large output)
+    here = pyops._C.one_by_one_runs_as_gemm(8, 1024, 256, 14, 14, False)
+    assert here == gemm(8, 1024, 256, 14, 14, False, wide=blas_runs_full_width())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -6,6 +6,7 @@
 // 5.4 ms), and its fp16 conv1d weight gradient 170x slower: the ops compute float16 in float32 and round once.
 #pragma once
 
+#include <ATen/Context.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/ScalarType.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -43,6 +44,23 @@ inline bool onednn_vectors_wider() {
   return wider;
 #else
   return false;  // (not measured off x86)
+#endif
+}
+
+// Whether MKL's matrix products run as wide as oneDNN's convolutions here, where the rules that prefer a product to
+// oneDNN's call (conv1d's weight gradients and pointwise layers, conv_bn_relu's 1×1 layers) were measured: x86 CPUs
+// without AVX-512, and Intel's with it. MKL takes its AVX-512 kernels on Intel CPUs only, oneDNN on any CPU that has
+// them: on an AMD CPU with AVX-512 (Zen 4, Zen 5) the products run AVX2 code beside an AVX-512 oneDNN (0.45-0.66x
+// its speed on 1×1 layers of >= 2^22 multiply-adds, stop 34). Off x86 (not measured) oneDNN's, the one ATen uses.
+inline bool blas_runs_full_width() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool full = [] {
+    __builtin_cpu_init();
+    return !__builtin_cpu_supports("avx512f") || __builtin_cpu_is("intel");
+  }();
+  return full && at::globalContext().hasMKL();
+#else
+  return false;
 #endif
 }
 

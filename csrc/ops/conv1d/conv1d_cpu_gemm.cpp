@@ -16,6 +16,7 @@
 
 #include "common/activation_cpu.h"
 #include "common/cpu_vec.h"
+#include "common/onednn.h"
 #include "ops/conv1d/conv1d.h"
 #include "ops/conv1d/conv1d_cpu_util.h"
 
@@ -85,29 +86,6 @@ void add_row_sums(const T* sums, int64_t channels, int64_t count, T* grad_bias) 
   for (int64_t o = 0; o < channels; ++o) {
     for (int64_t n = 0; n < count; ++n) grad_bias[o] += sums[o * count + n];
   }
-}
-
-// Which CPU the rule below is measured on. MKL takes its AVX-512 kernels on Intel CPUs only; oneDNN takes them on
-// any CPU that has them. So on an AMD CPU with AVX-512 our GEMM runs at AVX2 speed beside an AVX-512 oneDNN.
-enum class BlasIsa { kAvx2, kIntelAvx512, kAmdAvx512, kOther };
-
-BlasIsa blas_isa() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  static const BlasIsa isa = [] {
-    __builtin_cpu_init();
-    if (!__builtin_cpu_supports("avx512f")) return BlasIsa::kAvx2;
-    return __builtin_cpu_is("intel") ? BlasIsa::kIntelAvx512 : BlasIsa::kAmdAvx512;
-  }();
-  return isa;
-#else
-  return BlasIsa::kOther;  // not measured off x86: keep oneDNN's weight gradient, the one F.conv1d uses
-#endif
-}
-
-// Whether MKL's products run as wide as oneDNN's convolutions here: where the measurements behind the rules below hold.
-bool blas_runs_full_width() {
-  const BlasIsa isa = blas_isa();
-  return (isa == BlasIsa::kAvx2 || isa == BlasIsa::kIntelAvx512) && at::globalContext().hasMKL();
 }
 
 bool product_dtype(at::ScalarType dtype) { return dtype == at::kFloat || dtype == at::kDouble; }

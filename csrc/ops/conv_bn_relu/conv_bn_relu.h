@@ -50,8 +50,10 @@ ConvPath requested_conv_path();
 
 // Whether a float32 1×1 layer (stride 1, no padding, one group) from Cin to Cout channels on an N × Cin × H × W CPU
 // input in format fmt runs as a GEMM (conv_bn_relu_cpu.cpp), here and in the packed op: ConvBNReLU2d packs no
-// weight for such a layer.
-bool one_by_one_runs_as_gemm(int64_t n, int64_t cin, int64_t cout, int64_t h, int64_t w, at::MemoryFormat fmt);
+// weight for such a layer. full_width_blas: the rule of a CPU where MKL runs as wide as oneDNN or not (tests ask
+// for either); this CPU's (blas_runs_full_width, common/onednn.h) when not given.
+bool one_by_one_runs_as_gemm(int64_t n, int64_t cin, int64_t cout, int64_t h, int64_t w, at::MemoryFormat fmt,
+                             std::optional<bool> full_width_blas = std::nullopt);
 
 // CPU kernels (conv_direct_cpu.cpp, conv_bn_relu_cpu.cpp).
 // out: allocated in output_memory_format(input); x, w contiguous NCHW; b (Cout,) contiguous or undefined;
