@@ -9,6 +9,7 @@
 #include <algorithm>
 
 #include "common/cpu_vec.h"
+#include "common/onednn.h"
 #include "ops/sliding_head/sliding_head.h"
 
 namespace pyops {
@@ -110,10 +111,13 @@ constexpr int64_t kCpuColsBytes = 4 << 20;
 // beats both together by 1.2-2.2x. Its efficiency falls with the patch length: at C*kh*kw >= 20k the GEMM is as fast
 // or 2-5x faster (bench/NOTES-sliding.md, stop 13). fp32 only: oneDNN has no fp64 convolution, and its bf16/fp16
 // ones depend on the CPU's instruction set. Not with torch.backends.mkldnn disabled: ATen's fallback convolution
-// makes an im2col of the whole map, outside the workspace bound.
+// makes an im2col of the whole map, outside the workspace bound. At any patch length where MKL's GEMM runs narrower
+// than oneDNN (common/onednn.h: AMD AVX-512 CPUs): Net1's 18×18 layer (256-channel patches into 4096 outputs on a
+// 34×34 map) took 1055 ms as the GEMM, 807 ms as oneDNN's convolution (stop 34, Zen 4; the head 1037 → 858 ms).
 constexpr int64_t kCpuDirectMaxPatch = 8192, kCpuDirectMaxOutputs = 256;
 bool direct_first_layer_cpu(const HeadGeometry& g, const at::Tensor& w0) {
-  return w0.scalar_type() == at::kFloat && g.patch() <= kCpuDirectMaxPatch && w0.size(0) <= kCpuDirectMaxOutputs &&
+  return w0.scalar_type() == at::kFloat &&
+         ((g.patch() <= kCpuDirectMaxPatch && w0.size(0) <= kCpuDirectMaxOutputs) || !blas_runs_full_width()) &&
          at::globalContext().userEnabledMkldnn();
 }
 
