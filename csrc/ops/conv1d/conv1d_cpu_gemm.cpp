@@ -148,7 +148,7 @@ WeightGradientPath cpu_weight_gradient_path(const Conv1dGeometry& g, at::ScalarT
                           outputs >= 4 && columns >= 8;
   if (!gemm_dtype || !blas_runs_full_width()) {
     // Without the product (MKL narrower than oneDNN: AMD AVX-512 CPUs), oneDNN's weight gradient takes that region's
-    // larger float32 layers: >= 8 outputs from >= 64 columns, >= 2^20 multiply-adds. Stop 34, Zen 4, 450 random
+    // larger float32 layers: >= 8 outputs from >= 64 columns, >= 2^20 multiply-adds. Stop 34, Zen 5, 450 random
     // layers of the region (1-4 groups, 4-127 positions, strides 1-3), the chosen path's time over the faster of the
     // two: geomean 1.03, worst 2.7x (ours everywhere, the rule before: 1.09, worst 5.4x; the keyword-spotting CNN's
     // 40->64 k3 on 32 x 101 positions: ours 0.59 ms, oneDNN's 0.23 ms).

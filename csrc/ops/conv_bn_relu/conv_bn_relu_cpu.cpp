@@ -505,7 +505,7 @@ bool one_by_one_runs_as_gemm(int64_t n, int64_t cin, int64_t cout, int64_t h, in
   if (h * w == 1) return true;
   const double positions = static_cast<double>(n) * h * w;  // (double: no overflow for any shape)
   // Where MKL runs narrower than oneDNN (common/onednn.h: AMD AVX-512 CPUs) only small products, whose oneDNN call
-  // costs ~30-70 µs whatever the size: stop 34, Zen 4, 2 threads, GEMM vs oneDNN µs, NCHW / channels_last: 116→116
+  // costs ~30-70 µs whatever the size: stop 34, Zen 5, 2 threads, GEMM vs oneDNN µs, NCHW / channels_last: 116→116
   // on 14×14 46 / 88, 49 / 61; 72→24 on 28×28 37 / 98, 30 / 46; but 64→64 on 56×56 203 / 163, 152 / 91; at batch
   // 8 1133 / 636, 442 / 439; 1024→256 on 14×14 batch 8 3931 / 1829, 1658 / 1651; 512→2048 on 7×7 batch 8 1883 /
   // 1880, 4255 / 1990 (bench/NOTES-conv_bn_relu.md).

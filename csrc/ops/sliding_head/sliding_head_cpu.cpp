@@ -113,7 +113,7 @@ constexpr int64_t kCpuColsBytes = 4 << 20;
 // ones depend on the CPU's instruction set. Not with torch.backends.mkldnn disabled: ATen's fallback convolution
 // makes an im2col of the whole map, outside the workspace bound. At any patch length where MKL's GEMM runs narrower
 // than oneDNN (common/onednn.h: AMD AVX-512 CPUs): Net1's 18×18 layer (256-channel patches into 4096 outputs on a
-// 34×34 map) took 1055 ms as the GEMM, 807 ms as oneDNN's convolution (stop 34, Zen 4; the head 1037 → 858 ms).
+// 34×34 map) took 1055 ms as the GEMM, 807 ms as oneDNN's convolution (stop 34, Zen 5; the head 1037 → 858 ms).
 constexpr int64_t kCpuDirectMaxPatch = 8192, kCpuDirectMaxOutputs = 256;
 bool direct_first_layer_cpu(const HeadGeometry& g, const at::Tensor& w0) {
   return w0.scalar_type() == at::kFloat &&
