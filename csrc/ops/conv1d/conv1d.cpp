@@ -9,6 +9,7 @@
 
 #include "common/autocast.h"
 #include "common/checks.h"
+#include "common/onednn.h"
 
 namespace pyops {
 namespace {
@@ -102,7 +103,8 @@ bool conv1d_use_library(const Conv1dGeometry& g, Conv1dOp op, bool cuda) {
   // library is faster from M * K >= 2048. Where ATen takes its im2col GEMM instead (aten_takes_im2col: little fixed
   // cost), the backward ops go to it much sooner: the input gradient from K >= 32 (wav2vec2's 1->512 k10 stride 5:
   // 0.25 vs 1.1 ms), the weight gradient from M >= 16, K >= 16, or from M * K >= 4096 undilated (the same layer:
-  // 0.42 vs 0.97 ms; dilated, ATen's kernel is slower); our forward stays ahead to K = 128 as elsewhere.
+  // 0.42 vs 0.97 ms; dilated, ATen's kernel is slower) -- at stride 1 where MKL runs as wide as oneDNN; elsewhere
+  // from wide products or few positions (below, stop 34); our forward stays ahead to K = 128 as elsewhere.
   // Stop 29 sweeps of 910 random layers (batch 1-8, stride 1-5, 1 and 2 threads) and 150 grouped ones (2-8
   // groups of 4-128 channels), bench/NOTES-conv1d.md. The weight gradient's choice is refined by
   // cpu_weight_gradient_path, which may give either side's layers to a third path (a matrix product).
@@ -113,8 +115,18 @@ bool conv1d_use_library(const Conv1dGeometry& g, Conv1dOp op, bool cuda) {
     switch (op) {
       case Conv1dOp::kForward: return outputs >= 16 && reduction >= 128;
       case Conv1dOp::kBackwardInput: return reduction >= 32;
-      case Conv1dOp::kBackwardWeight:  // (or a wide filter read at stride: our kernel re-reads grad_output per phase)
+      case Conv1dOp::kBackwardWeight: {
+        // Since stop 34 our kernel reads grad_output once at any stride (it had re-read it per phase of the input),
+        // and ATen's GEMM is MKL's, AVX2 code on AMD AVX-512 CPUs: at a stride above 1, and at stride 1 where MKL
+        // runs narrower than oneDNN, ATen's only for wide products or few positions (400 single images on a Zen 5:
+        // 1.01 geomean over the faster path, worst 1.6x; the rule before 1.11, worst 2.6x; wav2vec2's conv0, 1->512
+        // k10 stride 5 on 16000 samples: ours 0.23 ms, ATen's 0.49). Undilated only: ATen's dilated kernel is slower.
+        if (g.stride > 1 || !blas_runs_full_width()) {
+          return g.dilation == 1 && ((outputs >= 64 && reduction >= 64) ||
+                                     (g.out_length <= 128 && outputs * reduction >= 2048));
+        }
         return (outputs >= 16 && reduction >= 16) || (outputs * reduction >= 4096 && g.dilation == 1);
+      }
     }
   }
   const double positions = double(g.batch) * g.out_length;  // (the call's multiply-adds: every group's)
