@@ -29,8 +29,9 @@ struct WeightColumn {
   int64_t slab, channel, length, shift;
 };
 
+// (the columns carry where each tap reads: the input's length, stride, dilation and offset are theirs)
 struct WeightShape {
-  int64_t batch, in_channels, in_length, out_channels, kernel_size, gy_length, stride, dilation, offset, groups;
+  int64_t batch, in_channels, out_channels, kernel_size, gy_length, groups;
   const WeightColumn* column;  // [columns()], computed once per call (weight_kernel): no divisions per block
   int64_t cg() const { return in_channels / groups; }
   int64_t og() const { return out_channels / groups; }
@@ -197,8 +198,7 @@ void weight_kernel(const at::Tensor& gy, const at::Tensor& x, at::Tensor& grad_w
     const int64_t e = (col % kernel_size) * dilation + offset, q = floor_div(e, stride), p = e - q * stride;
     columns[col] = {ph.slab_offset(p), col / kernel_size, ph.phase_length(p), q};
   }
-  const WeightShape s{x.size(0), x.size(1), x.size(2), gy.size(1), kernel_size, gy.size(2),
-                      stride, dilation, offset, groups, columns.data()};
+  const WeightShape s{x.size(0), x.size(1), gy.size(1), kernel_size, gy.size(2), groups, columns.data()};
   const at::Tensor slabs = stride == 1 ? x : split_phases(x, stride);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pyops_conv1d_weight_cpu", [&] {
     weight_typed<scalar_t>(gy.const_data_ptr<scalar_t>(), slabs.const_data_ptr<scalar_t>(),
