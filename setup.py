@@ -7,7 +7,8 @@ Environment switches (all optional):
   TORCH_CUDA_ARCH_LIST    e.g. "9.0" or "8.0;9.0"; default: the visible GPU's arch, else "8.0;9.0"
   MAX_JOBS                parallel compile jobs (ninja)
   DEBUG=1                 -O0 -g host code, -G device code
-  PYOPS_NATIVE=0          do not add -mavx2 -mfma for the CPU kernels even where the build host has them
+  PYOPS_NATIVE=0          do not add -mavx2 -mfma for the CPU kernels even where the build host has them (and build
+                          no AVX-512 twins of them: csrc/common/cpu_isa.h)
 
 Nothing is downloaded: the extension is built against whatever torch is importable (pip install
 --no-build-isolation ...), which is what lets one source tree serve torch 2.14 here and 2.11 on the GPU machine.
@@ -89,6 +90,15 @@ def _host_has(*flags):
     return all(flag in words for flag in flags)
 
 
+def _compiler_is_gcc():
+    import subprocess
+    try:
+        version = subprocess.run([os.environ.get("CXX", "c++"), "--version"], capture_output=True, text=True).stdout
+    except OSError:
+        return False
+    return "Free Software Foundation" in version and "clang" not in version
+
+
 def _extension():
     debug = _flag("DEBUG")
     cxx = ["-O0", "-g"] if debug else ["-O3"]
@@ -102,7 +112,14 @@ def _extension():
     if native:
         # CPU_CAPABILITY_AVX2 selects at::vec's 256-bit Vectorized (and Sleef's exp, exported by libtorch_cpu).
         cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+        # The *_avx512.cpp twins of the kernel files compile as AVX-512 (any build host: the CPU that runs them is
+        # asked at run time) through GCC's target pragma.
+        if _compiler_is_gcc():
+            cxx += ["-DPYOPS_AVX512_KERNELS"]
+    # The twins link last: of an inline function both builds emit, the linker keeps the first object's copy, which
+    # must be the base build's (common/cpu_isa.h).
+    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True),
+                     key=lambda path: (path.endswith("_avx512.cpp"), path))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
     include_dirs = [os.path.join(ROOT, "csrc")]
     define_macros = [("PYOPS_TORCH_VERSION", f'"{torch.__version__}"')]

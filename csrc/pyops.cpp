@@ -1,11 +1,12 @@
 // The Python module pyops._C. Importing it loads this library, whose static initializers register every op
 // (each csrc/ops/<op>/<op>.cpp declares its schemas with TORCH_LIBRARY_FRAGMENT(pyops, ...) and each backend file
-// registers its kernels). pybind11 adds build_info(), conv_path(), cpu_computes_bf16() and
-// one_by_one_runs_as_gemm().
+// registers its kernels). pybind11 adds build_info(), conv_path(), cpu_computes_bf16(), one_by_one_runs_as_gemm()
+// and the CPU kernels' instruction set (cpu_kernel_isa(), cpu_kernel_isas(), set_cpu_kernel_isa()).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <torch/version.h>
 
+#include "common/cpu_isa.h"
 #include "common/onednn.h"
 #include "ops/conv_bn_relu/conv_bn_relu.h"
 
@@ -31,6 +32,11 @@ py::dict build_info() {
   info["cpu_vector"] = "avx2";
 #else
   info["cpu_vector"] = "default";
+#endif
+#if defined(PYOPS_AVX512_KERNELS)
+  info["cpu_avx512_kernels"] = true;
+#else
+  info["cpu_avx512_kernels"] = false;
 #endif
   return info;
 }
@@ -58,7 +64,15 @@ bool one_by_one_runs_as_gemm(int64_t n, int64_t cin, int64_t cout, int64_t h, in
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyops compiled ops (registered under torch.ops.pyops)";
   m.def("build_info", &build_info,
-        "What this build contains: torch_version built against, cuda (bool), cuda_arch_list, cpu_vector");
+        "What this build contains: torch_version built against, cuda (bool), cuda_arch_list, cpu_vector (the base "
+        "build's vectors), cpu_avx512_kernels (whether the kernels also have AVX-512 twins)");
+  m.def("cpu_kernel_isa", &pyops::cpu_kernel_isa,
+        "The instruction set the CPU kernels run in now: 'avx512', or the base build's 'avx2' / 'default'");
+  m.def("cpu_kernel_isas", &pyops::cpu_kernel_isas,
+        "The instruction sets this build and CPU can run the CPU kernels in, comma-separated, base build first");
+  m.def("set_cpu_kernel_isa", &pyops::set_cpu_kernel_isa, py::arg("isa"),
+        "Runs the CPU kernels in one of cpu_kernel_isas() from now on (as PYOPS_CPU_ISA does at start); ValueError "
+        "for another");
   m.def("conv_path", &conv_path,
         "PYOPS_CONV_PATH, read now: 'auto', 'direct' (also set as 'ours') or 'library' (also 'cudnn'); ValueError "
         "if it holds anything else");

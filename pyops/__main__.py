@@ -14,7 +14,8 @@ def main():
     info = pyops.build_info()
     print("pyops", pyops.__version__, "| torch", torch.__version__, "| built against torch", info["torch_version"])
     print(f"  CUDA kernels compiled: {info['cuda']} (arch {info['cuda_arch_list'] or '-'}); "
-          f"CUDA device present: {torch.cuda.is_available()}; CPU vector code: {info['cpu_vector']}; "
+          f"CUDA device present: {torch.cuda.is_available()}; CPU kernels run: {pyops._C.cpu_kernel_isa()} "
+          f"(built: {info['cpu_vector']}{', avx512' if info['cpu_avx512_kernels'] else ''}); "
           f"CPU threads: {torch.get_num_threads()}")
     failures = 0
     for section in SECTIONS:

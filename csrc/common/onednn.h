@@ -27,10 +27,11 @@ inline bool onednn_computes(at::ScalarType dtype) {
   return dtype == at::kFloat || (dtype == at::kBFloat16 && bf16);
 }
 
-// Whether oneDNN computes with wider vectors than our CPU kernels: setup.py builds them for AVX2 where the build host
-// has it (else portable code), while oneDNN picks its instruction set at run time, AVX-512 where the CPU has it. On
-// the AVX-512 Sapphire Rapids VMs that moved the break-even of our direct convolution from 8.4M multiply-adds (the
-// AVX2 VMs) to ~1.5M per thread (bench/NOTES-conv_bn_relu.md, stop 26).
+// Whether oneDNN computes with wider vectors than our CPU kernels' base build: setup.py builds them for AVX2 where the
+// build host has it (else portable code), while oneDNN picks its instruction set at run time, AVX-512 where the CPU
+// has it. On the AVX-512 Sapphire Rapids VMs that moved the break-even of our direct convolution from 8.4M
+// multiply-adds (the AVX2 VMs) to ~1.5M per thread (bench/NOTES-conv_bn_relu.md, stop 26). The kernels' AVX-512
+// twins (common/cpu_isa.h) run only where their shape suits them: the rules that follow this ask about those too.
 inline bool onednn_vectors_wider() {
 #if defined(__x86_64__) && defined(__GNUC__)
   static const bool wider = [] {

@@ -22,6 +22,7 @@
 #include <tuple>
 
 #include "common/activation.h"
+#include "common/cpu_isa.h"
 
 namespace pyops {
 
@@ -96,13 +97,16 @@ struct CorrelationShape {
 // end_to_end: whether short rows may be laid end to end (below); not for the per-phase calls of a strided layer's
 // gradients, each of which would lay the whole grad_output again.
 // residual: undefined, or contiguous and shaped as out.
-void correlate_cpu(const at::Tensor& in, const at::Tensor& w, const at::Tensor& bias, const at::Tensor& residual,
-                   at::Tensor& out, const CorrelationShape& s, bool end_to_end = true);
+// Both are CPU kernels (common/cpu_isa.h): called as PYOPS_CPU_KERNEL(correlate_cpu)(...).
+PYOPS_DECLARE_CPU_KERNEL(void correlate_cpu(const at::Tensor& in, const at::Tensor& w, const at::Tensor& bias,
+                                            const at::Tensor& residual, at::Tensor& out, const CorrelationShape& s,
+                                            bool end_to_end))
 // grad_weight[o, c, k] = sum_{n, j} gy[n, o, j] * x[n, g*Cg + c, j*stride + k*dilation + offset], and where
 // grad_bias is defined grad_bias[o] = sum_{n, j} gy[n, o, j] from the same reads of gy; reduced over the batch in a
 // fixed order whatever the thread count. x (N, C, L) contiguous. Short rows are laid end to end (below) at stride 1.
-void correlate_weight_cpu(const at::Tensor& gy, const at::Tensor& x, at::Tensor& grad_weight, at::Tensor& grad_bias,
-                          int64_t stride, int64_t dilation, int64_t offset, int64_t groups);
+PYOPS_DECLARE_CPU_KERNEL(void correlate_weight_cpu(const at::Tensor& gy, const at::Tensor& x, at::Tensor& grad_weight,
+                                                   at::Tensor& grad_bias, int64_t stride, int64_t dilation,
+                                                   int64_t offset, int64_t groups))
 
 // Short rows on the CPU: rows much shorter than the kernels' vectors spend their time in per-row edges and loop
 // overhead (N=1024 rows of 16: 3-7x slower than oneDNN), so below kShortRow positions the kernels lay the samples

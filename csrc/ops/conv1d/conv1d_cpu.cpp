@@ -111,9 +111,13 @@ at::Tensor conv1d_act_cpu(const at::Tensor& input, const at::Tensor& weight, con
   }
   at::Tensor out = at::empty({g.batch, g.out_channels, g.out_length}, input.options());
   if (empty) return out;
-  correlate_cpu(input.contiguous(), weight.contiguous(), b, r, out,
-                {g.batch, g.in_channels, g.in_length, g.out_channels, g.kernel_size, g.out_length, stride, dilation,
-                 -padding, groups, act});
+  // (the AVX-512 build where each output sums over several channels: 1.35x the AVX2 build's geomean on 35 dense
+  // layers, 1.15x on grouped ones; one row per group, depthwise or single-channel, reads as fast in either: 0.95-1.05x,
+  // stop 35, bench/NOTES-conv1d.md)
+  PYOPS_CPU_KERNEL_IF(g.in_channels > groups, correlate_cpu)(input.contiguous(), weight.contiguous(), b, r, out,
+                                  {g.batch, g.in_channels, g.in_length, g.out_channels, g.kernel_size, g.out_length,
+                                   stride, dilation, -padding, groups, act},
+                                  /*end_to_end=*/true);
   return out;
 }
 
@@ -164,10 +168,10 @@ at::Tensor conv1d_backward_input_cpu(const at::Tensor& grad_output, const at::Te
     if (c.phase >= ph.phases()) continue;
     const at::Tensor flipped = transposed_flipped(weight.slice(2, c.first, g.kernel_size, t.step), groups);
     at::Tensor part = stride == 1 ? grad_input : ph.slab(slabs, c.phase);
-    correlate_cpu(gy, flipped, at::Tensor(), at::Tensor(), part,
-                  {g.batch, g.out_channels, g.out_length, g.in_channels, c.taps, part.size(2), 1, t.dilation,
-                   -c.shift - t.dilation * (c.taps - 1), groups},
-                  /*end_to_end=*/stride == 1);
+    PYOPS_CPU_KERNEL_IF(g.out_channels > groups, correlate_cpu)(gy, flipped, at::Tensor(), at::Tensor(), part,
+                                    {g.batch, g.out_channels, g.out_length, g.in_channels, c.taps, part.size(2), 1,
+                                     t.dilation, -c.shift - t.dilation * (c.taps - 1), groups},
+                                    /*end_to_end=*/stride == 1);
   }
   if (stride == 1) return grad_input;
   for (int64_t p = 0; p < ph.phases(); ++p) {
@@ -207,8 +211,11 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cpu(const at::Tensor& grad_ou
   at::Tensor grad_weight = at::empty({g.out_channels, g.in_per_group(), kernel_size}, input.options());
   if (grad_weight.numel() == 0) return {grad_weight, bias_sum()};
   at::Tensor grad_bias = with_bias ? at::empty({g.out_channels}, input.options()) : at::Tensor();
-  correlate_weight_cpu(grad_output.contiguous(), input.contiguous(), grad_weight, grad_bias, stride, dilation,
-                       -padding, groups);
+  // (the AVX-512 build only for long rows of one row per group: 1.10-1.19x the AVX2 build there, 0.92x on rows under
+  // 64 outputs, and 0.84x geomean on dense layers, whose 16-lane accumulators end in longer reductions, stop 35)
+  const bool one_row_per_group = g.in_channels == groups && g.out_channels == groups;
+  PYOPS_CPU_KERNEL_IF(one_row_per_group && g.out_length >= 512, correlate_weight_cpu)(
+      grad_output.contiguous(), input.contiguous(), grad_weight, grad_bias, stride, dilation, -padding, groups);
   return {grad_weight, grad_bias};
 }
 

@@ -17,12 +17,14 @@
 #include <vector>
 
 #include "common/activation_cpu.h"
+#include "common/cpu_isa.h"
 #include "common/cpu_vec.h"
 #include "ops/conv1d/conv1d.h"
 #include "ops/conv1d/conv1d_cpu_phase_rows.h"
 #include "ops/conv1d/conv1d_cpu_util.h"
 
 namespace pyops {
+namespace PYOPS_CPU_ISA {  // (common/cpu_isa.h: built once per instruction set)
 namespace {
 
 template <typename T>
@@ -416,4 +418,5 @@ void correlate_cpu(const at::Tensor& in, const at::Tensor& w, const at::Tensor& 
   correlate_kernel(in, w, bias, residual, out, s, finite);
 }
 
+}  // namespace PYOPS_CPU_ISA
 }  // namespace pyops

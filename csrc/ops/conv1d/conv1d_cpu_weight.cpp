@@ -16,11 +16,13 @@
 #include <algorithm>
 #include <vector>
 
+#include "common/cpu_isa.h"
 #include "common/cpu_vec.h"
 #include "ops/conv1d/conv1d.h"
 #include "ops/conv1d/conv1d_cpu_util.h"
 
 namespace pyops {
+namespace PYOPS_CPU_ISA {  // (common/cpu_isa.h: built once per instruction set)
 namespace {
 
 // Column (c, k) of a group: tap k of its input channel c reads element j + shift of the row of c's phase p (in the
@@ -245,4 +247,5 @@ void correlate_weight_cpu(const at::Tensor& gy, const at::Tensor& x, at::Tensor&
   weight_kernel(gy, x, grad_weight, grad_bias, stride, dilation, offset, groups);
 }
 
+}  // namespace PYOPS_CPU_ISA
 }  // namespace pyops

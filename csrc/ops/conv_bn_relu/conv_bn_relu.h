@@ -12,6 +12,7 @@
 #include <tuple>
 
 #include "common/activation.h"
+#include "common/cpu_isa.h"
 
 namespace pyops {
 
@@ -58,7 +59,14 @@ bool one_by_one_runs_as_gemm(int64_t n, int64_t cin, int64_t cout, int64_t h, in
 // CPU kernels (conv_direct_cpu.cpp, conv_bn_relu_cpu.cpp).
 // out: allocated in output_memory_format(input); x, w contiguous NCHW; b (Cout,) contiguous or undefined;
 // residual NCHW-contiguous or undefined.
-void conv_bias_act_direct_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
-                              const at::Tensor& residual, at::Tensor& out, const ConvGeometry& g);
+// A CPU kernel (common/cpu_isa.h), called as PYOPS_CPU_KERNEL_IF(direct_rows_fill_avx512_tiles(g), ...)(...).
+// Its register tiles hold 2 vectors of columns (4 with under 4 output channels per group): 32 (64) columns in the
+// AVX-512 build, 16 (32) in the AVX2 one. The AVX-512 build runs where a row fills more than half of its tile: on
+// narrower rows it was 0.82-0.9x the AVX2 build (dense 14×14 and 16×16 maps, depthwise 20×20 to 28×28), on wider
+// ones 1.06-1.45x (stop 35, bench/NOTES-conv_bn_relu.md).
+inline bool direct_rows_fill_avx512_tiles(const ConvGeometry& g) { return g.ow > (g.cout / g.groups < 4 ? 32 : 16); }
+PYOPS_DECLARE_CPU_KERNEL(void conv_bias_act_direct_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                                                       const at::Tensor& residual, at::Tensor& out,
+                                                       const ConvGeometry& g))
 
 }  // namespace pyops

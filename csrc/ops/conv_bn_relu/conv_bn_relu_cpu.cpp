@@ -295,13 +295,23 @@ bool direct_is_faster(const ConvGeometry& g) {
     // 0.93; above it 288 on 4×4 0.65, 32 on 20×20 0.95, at batch 8 0.1-0.8; they had fallen under the dense
     // clause below, 3-5x slower than oneDNN on 16×16 to 28×28 maps).
     if (cin_g == 1 && cout_g == 1 && g.groups > 1) return macs < (int64_t{1} << 14) * threads;
-    const int64_t small = 3 * (int64_t{1} << 19) * threads;
+    // Dense layers: under 1.5M multiply-adds a thread with the AVX2 build; 4M with the AVX-512 one (rows that fill
+    // its tiles, conv_bn_relu.h), which made oneDNN's dense layers of up to 8M on 2 threads 1.08-1.52x slower on the
+    // Zen 5 VM (3→32 3×3 on 32×32 batch 8 at 7.1M: 106 vs 131 µs; but 64→16 3×3 on 32×32 at 9.4M 148 vs 125, stop 35).
+    const bool avx512 = cpu_avx512_selected() && direct_rows_fill_avx512_tiles(g);
+    const int64_t small = (avx512 ? int64_t{1} << 22 : 3 * (int64_t{1} << 19)) * threads;
     // Grouped layers with short reductions (k < 32) at any size: oneDNN's NCHW grouped convolution ran them 2.5-2.8x
     // slower (median of 252 shapes, 2-32 input and 2-16 output channels a group, 4 and 32 groups, 16×16 to 56×56,
     // batch 1 and 8, 1 and 2 threads, stop 28; 24→128 in 8 groups stride 2 on 38×38 batch 8: 2785 vs 1101 µs, eager
     // 1302); at 32 taps some 1×1 layers on 16×16 maps were 0.63-0.94x.
     const bool short_grouped = g.groups > 1 && k < 32;
-    return (depth_multiplier && g.groups > 1) || ((short_grouped || (k <= 512 && macs < small)) && g.ow >= 16);
+    // Rows narrower than 16 columns (the tile of the AVX2 build, which runs them): small products with reductions
+    // up to 256 still beat oneDNN's call, under 1M multiply-adds a thread (stop 35, Zen 5, 2 threads, µs direct vs
+    // oneDNN: 3→16 3×3 on 14×14 batch 2 30 vs 63, 32→8 3×3 stride 2 on 14×14 44 vs 83, 16→32 3×3 on 14×14 batch 2
+    // at 1.8M 62 vs 91; but 48→16 3×3 on 14×14 at 2.7M 99 vs 85, 8→64 5×5 stride 2 on 14×14 batch 8 at 5M 182 vs 89).
+    const bool narrow_small = g.ow < 16 && k <= 256 && macs < (int64_t{1} << 20) * threads;
+    return (depth_multiplier && g.groups > 1) || ((short_grouped || (k <= 512 && macs < small)) && g.ow >= 16) ||
+           narrow_small;
   }
   if (cin_g == 1) return depth_multiplier;
   if (k <= 512 && macs < (int64_t{1} << 23) && g.ow >= 16) return true;
@@ -445,7 +455,8 @@ at::Tensor conv2d_bias_act_cpu(const at::Tensor& input, const at::Tensor& weight
     if (out.numel() == 0) return out;
     const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
     const at::Tensor r = residual.has_value() ? *residual : at::Tensor();
-    conv_bias_act_direct_cpu(input.contiguous(), weight.contiguous(), b, r, out, g);
+    PYOPS_CPU_KERNEL_IF(direct_rows_fill_avx512_tiles(g), conv_bias_act_direct_cpu)(input.contiguous(),
+                                                                                     weight.contiguous(), b, r, out, g);
     return out;
   }
   return library_forward(input, weight, bias, residual, g, fmt);

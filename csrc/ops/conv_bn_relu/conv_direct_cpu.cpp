@@ -15,10 +15,12 @@
 #include <vector>
 
 #include "common/activation_cpu.h"
+#include "common/cpu_isa.h"
 #include "common/cpu_vec.h"
 #include "ops/conv_bn_relu/conv_bn_relu.h"
 
 namespace pyops {
+namespace PYOPS_CPU_ISA {  // (common/cpu_isa.h: built once per instruction set)
 
 namespace {
 
@@ -180,4 +182,5 @@ void conv_bias_act_direct_cpu(const at::Tensor& x, const at::Tensor& w, const at
   });
 }
 
+}  // namespace PYOPS_CPU_ISA
 }  // namespace pyops

@@ -72,7 +72,9 @@ at::Tensor smooth_max_cpu(const at::Tensor& x, double beta, int64_t dim, bool ke
   if (beta_below_float(x, beta)) return smooth_max_cpu(x.to(at::kDouble), beta, dim, keepdim).to(x.scalar_type());
   const at::Tensor xc = x.contiguous();
   at::Tensor out = at::empty(keepdim_shape(x, d), x.options());
-  if (out.numel() > 0) smooth_max_forward_cpu_impl(xc, out, reduction_view(xc, d), kernel_beta(x, beta));
+  if (out.numel() > 0) {
+    PYOPS_CPU_KERNEL(smooth_max_forward_cpu_impl)(xc, out, reduction_view(xc, d), kernel_beta(x, beta));
+  }
   return finish_shape(out, x, d, keepdim);
 }
 
@@ -89,7 +91,8 @@ at::Tensor smooth_max_backward_cpu(const at::Tensor& grad, const at::Tensor& x, 
   const at::Tensor r = result.reshape(shape).contiguous();
   at::Tensor grad_x = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   if (grad_x.numel() > 0) {
-    smooth_max_backward_cpu_impl(g, x.contiguous(), r, grad_x, reduction_view(x, d), kernel_beta(x, beta));
+    PYOPS_CPU_KERNEL(smooth_max_backward_cpu_impl)(g, x.contiguous(), r, grad_x, reduction_view(x, d),
+                                                   kernel_beta(x, beta));
   }
   return grad_x;
 }

@@ -13,6 +13,8 @@
 
 #include <vector>
 
+#include "common/cpu_isa.h"
+
 namespace pyops {
 
 struct ReductionView {
@@ -36,8 +38,11 @@ double kernel_beta(const at::Tensor& x, double beta);
 // NaN; digits lost in β·x and in the division by β), so such calls compute in float64 (rare: at any cost).
 bool beta_below_float(const at::Tensor& x, double beta);
 
-void smooth_max_forward_cpu_impl(const at::Tensor& x, at::Tensor& out, const ReductionView& v, double beta);
-void smooth_max_backward_cpu_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& result,
-                                  at::Tensor& grad_x, const ReductionView& v, double beta);
+// CPU kernels (common/cpu_isa.h): called as PYOPS_CPU_KERNEL(smooth_max_forward_cpu_impl)(...).
+PYOPS_DECLARE_CPU_KERNEL(void smooth_max_forward_cpu_impl(const at::Tensor& x, at::Tensor& out,
+                                                          const ReductionView& v, double beta))
+PYOPS_DECLARE_CPU_KERNEL(void smooth_max_backward_cpu_impl(const at::Tensor& grad, const at::Tensor& x,
+                                                           const at::Tensor& result, at::Tensor& grad_x,
+                                                           const ReductionView& v, double beta))
 
 }  // namespace pyops

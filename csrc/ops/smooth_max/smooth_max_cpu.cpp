@@ -9,10 +9,12 @@
 #include <limits>
 #include <type_traits>
 
+#include "common/cpu_isa.h"
 #include "common/cpu_vec.h"
 #include "ops/smooth_max/smooth_max.h"
 
 namespace pyops {
+namespace PYOPS_CPU_ISA {  // (common/cpu_isa.h: built once per instruction set)
 namespace {
 
 // Rows of the reduction handled per online step: a chunk is loaded (converted to the accumulation type and
@@ -284,4 +286,5 @@ void smooth_max_backward_cpu_impl(const at::Tensor& grad, const at::Tensor& x, c
   });
 }
 
+}  // namespace PYOPS_CPU_ISA
 }  // namespace pyops

@@ -1,0 +1,5 @@
+// smooth_max_cpu.cpp built for AVX-512 (common/cpu_isa.h); empty where setup.py builds no AVX-512 twins.
+#include "common/cpu_isa_avx512.h"
+#if defined(PYOPS_AVX512_KERNELS)
+#include "ops/smooth_max/smooth_max_cpu.cpp"
+#endif

@@ -1,0 +1,167 @@
+"""The CPU kernels' instruction sets (csrc/common/cpu_isa.h): the kernel files are built twice, for the base vectors
+(AVX2 or portable) and, where setup.py can, for AVX-512, chosen at run time. The rest of the suite runs whichever this
+CPU selects; here every instruction set this build and CPU can run computes randomized layers on our own kernels
+(PYOPS_CONV1D_PATH / PYOPS_CONV_PATH = direct) and smooth_max against float64 references, and the built library is checked for
+AVX-512 code reachable from the base build (an illegal instruction on CPUs without it)."""
+import random
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyops
+from pyops import _C
+from conftest import tolerances
+
+ISAS = _C.cpu_kernel_isas().split(",")
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    before = _C.cpu_kernel_isa()
+    _C.set_cpu_kernel_isa(request.param)
+    yield request.param
+    _C.set_cpu_kernel_isa(before)
+
+
+def test_isa_choices():
+    assert ISAS[0] in ("avx2", "default") and set(ISAS) <= {ISAS[0], "avx512"}
+    assert _C.cpu_kernel_isa() in ISAS
+    with pytest.raises(ValueError, match="sse4.*choose one of"):
+        _C.set_cpu_kernel_isa("sse4")
+    info = _C.build_info()
+    assert info["cpu_vector"] == ISAS[0]
+    if "avx512" in ISAS:
+        assert info["cpu_avx512_kernels"]
+
+
+def test_bad_environment_value_names_the_variable():
+    script = "import torch, pyops; pyops.conv1d(torch.randn(2, 3, 50), torch.randn(4, 3, 3))"
+    env = {"PYOPS_CPU_ISA": "neon", "PYOPS_CONV1D_PATH": "direct", "PATH": "/usr/bin:/bin"}
+    run = subprocess.run([__import__("sys").executable, "-c", script], env=env, capture_output=True, text=True)
+    assert run.returncode != 0 and "PYOPS_CPU_ISA" in run.stderr and "neon" in run.stderr
+
+
+# One row per group on long rows, where the weight gradient takes the AVX-512 build (conv1d_cpu.cpp):
+# (batch, cin, length, cout, k, stride, padding, dilation, groups)
+LONG_ROWS = [(3, 16, 1000, 16, 4, 1, 3, 1, 16), (5, 1, 2000, 1, 9, 1, 4, 1, 1), (2, 8, 1500, 8, 5, 2, 2, 1, 8),
+             (4, 24, 777, 24, 3, 1, 2, 2, 24)]
+
+
+def conv1d_configs(count, seed):
+    if seed == 0:
+        yield from LONG_ROWS
+    rng = random.Random(seed)
+    for _ in range(count):
+        groups = rng.choice([1, 1, 2, 4, "depthwise"])
+        cin = rng.choice([1, 4, 8, 12, 16]) if groups != "depthwise" else rng.choice([3, 16, 40])
+        groups = cin if groups == "depthwise" else (groups if cin % groups == 0 else 1)
+        cout = cin if groups == cin else groups * rng.choice([1, 3, 5, 8, 17]) // 1
+        k, stride, dilation = rng.choice([1, 2, 3, 4, 5, 9]), rng.choice([1, 1, 2, 3, 5]), rng.choice([1, 1, 2])
+        padding = rng.randrange(0, dilation * (k - 1) + 2)
+        length = dilation * (k - 1) + 1 - 2 * padding + rng.choice([0, 1, 7, 33, 100, 257, 700])
+        batch = rng.choice([1, 3, 40])
+        yield batch, cin, max(length, 1 + max(0, dilation * (k - 1) - 2 * padding)), cout, k, stride, padding, \
+            dilation, groups
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("seed", range(4))
+def test_conv1d_kernels(isa, seed, dtype, monkeypatch):
+    monkeypatch.setenv("PYOPS_CONV1D_PATH", "direct")
+    rtol, atol = tolerances(dtype)
+    gen = torch.Generator().manual_seed(seed)
+    for n, cin, length, cout, k, stride, padding, dilation, groups in conv1d_configs(12, seed):
+        x = torch.randn(n, cin, length, generator=gen, dtype=torch.float64)
+        w = torch.randn(cout, cin // groups, k, generator=gen, dtype=torch.float64)
+        b = torch.randn(cout, generator=gen, dtype=torch.float64)
+        args = (stride, padding, dilation, groups)
+        xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+        ref = F.conv1d(xr, wr, br, *args)
+        gy = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+        ref_grads = torch.autograd.grad(ref, (xr, wr, br), gy)
+        xo, wo, bo = (t.to(dtype).requires_grad_() for t in (x, w, b))
+        out = pyops.conv1d(xo, wo, bo, *args)
+        grads = torch.autograd.grad(out, (xo, wo, bo), gy.to(dtype))
+        label = f"{isa} {dtype} x{tuple(x.shape)} w{tuple(w.shape)} s/p/d/g {args}"
+        # (sums of up to cin*k*n*length products: the tolerance scales with their magnitude)
+        scale = (cin // groups) * k * max(1, n * ref.shape[-1] // 64)
+        torch.testing.assert_close(out.double(), ref.detach(), rtol=rtol, atol=atol * scale, msg=label)
+        for name, got, want in zip(("input", "weight", "bias"), grads, ref_grads):
+            torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol * scale, msg=f"grad_{name} {label}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_conv2d_direct_kernel(isa, dtype, monkeypatch):
+    monkeypatch.setenv("PYOPS_CONV_PATH", "direct")
+    rng, gen = random.Random(3), torch.Generator().manual_seed(3)
+    rtol, atol = tolerances(dtype)
+    for _ in range(16):
+        groups = rng.choice([1, 1, 2, "depthwise"])
+        cin = rng.choice([3, 4, 8, 16])
+        groups = cin if groups == "depthwise" else (groups if cin % groups == 0 else 1)
+        cout = groups * rng.choice([1, 2, 5, 8])
+        k, stride, padding = rng.choice([1, 3, 5]), rng.choice([1, 2]), rng.choice([0, 1, 2])
+        h, w = rng.choice([5, 17, 32]), rng.choice([7, 31, 32, 45])
+        x = torch.rand(rng.choice([1, 2]), cin, h, w, generator=gen, dtype=torch.float64)
+        wt = torch.randn(cout, cin // groups, k, k, generator=gen, dtype=torch.float64) * 0.3
+        b, g, beta = (torch.randn(cout, generator=gen, dtype=torch.float64) for _ in range(3))
+        mean, var = torch.randn(cout, generator=gen, dtype=torch.float64), torch.rand(cout, generator=gen,
+                                                                                     dtype=torch.float64) + 0.5
+        ref = F.batch_norm(F.conv2d(x, wt, b, stride, padding, 1, groups), mean, var, g, beta, False, 0.0, 1e-5)
+        residual = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+        ref = torch.relu(ref + residual)
+        cast = [t.to(dtype) for t in (x, wt, b, g, beta)]
+        out = pyops.conv2d_bn_relu(cast[0], cast[1], cast[2], cast[3], cast[4], mean.to(dtype), var.to(dtype),
+                                   1e-5, stride, padding, 1, groups, residual=residual.to(dtype))
+        scale = (cin // groups) * k * k
+        torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol * scale,
+                                   msg=f"{isa} {dtype} x{tuple(x.shape)} w{tuple(wt.shape)} s{stride} p{padding}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dim", [-1, 0, 1])
+def test_smooth_max_kernels(isa, dtype, dim):
+    gen = torch.Generator().manual_seed(5)
+    rtol, atol = tolerances(dtype)
+    for shape, beta in (((37, 1000, 3), 2.5), ((5, 17, 300), -0.7), ((2, 4099, 1), 40.0)):
+        x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3).to(dtype).double()
+        ref = torch.logsumexp(beta * x, dim=dim) / beta
+        xo = x.to(dtype).requires_grad_()
+        out = pyops.smooth_max(xo, beta, dim=dim)
+        grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+        (grad,) = torch.autograd.grad(out, xo, grad_out.to(dtype))
+        ref_grad = torch.softmax(beta * x, dim=dim) * grad_out.unsqueeze(dim)
+        label = f"{isa} {dtype} {shape} dim={dim} beta={beta}"
+        torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol * 10, msg=label)
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=rtol, atol=atol * 10, msg=f"grad {label}")
+
+
+def functions_with_evex_code(library):
+    """Demangled names of the library's functions that hold EVEX-encoded (AVX-512) instructions."""
+    listing = subprocess.run(["objdump", "-d", "-C", library], capture_output=True, text=True, check=True).stdout
+    names, current = set(), None
+    for line in listing.splitlines():
+        head = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if head:
+            current = head.group(1)
+        elif current and re.match(r"^\s*[0-9a-f]+:\t62 ", line):  # (0x62 opens an EVEX prefix in 64-bit code)
+            names.add(current)
+    return names
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs binutils' objdump (present wherever pyops builds)")
+def test_avx512_code_only_in_the_avx512_build():
+    evex = functions_with_evex_code(_C.__file__)
+    if not _C.build_info()["cpu_avx512_kernels"]:
+        assert not evex
+        return
+    # AVX-512 code belongs to the twins' namespace, to at::vec's AVX512 one, or to a clone local to a twin's object
+    # ("[clone .constprop.0]" and the like: only that object calls it). An inline function both builds emit
+    # out of line (std::vector's constructor) with AVX-512 code here means the linker kept the twin's copy.
+    assert any("cpu_avx512" in name for name in evex)
+    stray = sorted(n for n in evex if "cpu_avx512" not in n and "AVX512" not in n and "[clone ." not in n)
+    assert not stray, f"AVX-512 code outside the AVX-512 kernels (link order, setup.py): {stray[:10]}"
