@@ -116,17 +116,18 @@ def _extension():
         # asked at run time) through GCC's target pragma.
         if _compiler_is_gcc():
             cxx += ["-DPYOPS_AVX512_KERNELS"]
-    # The twins link last: of an inline function both builds emit, the linker keeps the first object's copy, which
-    # must be the base build's (common/cpu_isa.h).
-    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True),
-                     key=lambda path: (path.endswith("_avx512.cpp"), path))
+    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
+    # The twins link last, after the CUDA objects too: of an inline function several objects emit, the linker keeps
+    # the first object's copy, which must be a base build's (common/cpu_isa.h).
+    twins = [path for path in sources if path.endswith("_avx512.cpp")]
+    sources = [path for path in sources if path not in twins]
     include_dirs = [os.path.join(ROOT, "csrc")]
     define_macros = [("PYOPS_TORCH_VERSION", f'"{torch.__version__}"')]
     if not WITH_CUDA:
-        print(f"pyops: building the CPU extension ({len(sources)} C++ files, CUDA off"
+        print(f"pyops: building the CPU extension ({len(sources + twins)} C++ files, CUDA off"
               f"{': PYOPS_CPU_ONLY=1' if CPU_ONLY else ': no CUDA toolkit or CPU-only torch'})")
-        return CppExtension("pyops._C", sources, include_dirs=include_dirs, define_macros=define_macros,
+        return CppExtension("pyops._C", sources + twins, include_dirs=include_dirs, define_macros=define_macros,
                             extra_compile_args={"cxx": cxx}, extra_link_args=link)
     arch = _arch_list()
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch
@@ -138,9 +139,9 @@ def _extension():
     nvcc += ["--expt-relaxed-constexpr"]
     define_macros.append(("PYOPS_WITH_CUDA", None))
     define_macros.append(("PYOPS_CUDA_ARCH_LIST", f'"{arch}"'))
-    print(f"pyops: building the CUDA extension ({len(sources)} C++ + {len(cuda_sources)} CUDA files) "
+    print(f"pyops: building the CUDA extension ({len(sources + twins)} C++ + {len(cuda_sources)} CUDA files) "
           f"for TORCH_CUDA_ARCH_LIST={arch} with CUDA_HOME={CUDA_HOME}, torch {torch.__version__}")
-    return CUDAExtension("pyops._C", sources + cuda_sources, include_dirs=include_dirs,
+    return CUDAExtension("pyops._C", sources + cuda_sources + twins, include_dirs=include_dirs,
                          define_macros=define_macros, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
                          extra_link_args=link)
 
