@@ -6,8 +6,6 @@
 #include <cstdlib>
 
 namespace pyops {
-
-
 namespace {
 
 const char* base_isa() {

@@ -1,11 +1,12 @@
 // CPU kernels built for two instruction sets in one library, the wider chosen at run time (ATen's CPU_CAPABILITY
 // scheme, reduced to what pyops needs). setup.py builds every file for the base set: AVX2+FMA where the build host
-// has it (at::vec 256 bits), else portable code. A kernel file `x.cpp` listed for it also has a twin `x_avx512.cpp`
+// has it (at::vec 256 bits), else portable code. A compute-bound kernel file `x.cpp` also has a twin `x_avx512.cpp`
 // that includes common/cpu_isa_avx512.h and then `x.cpp`: the same source compiled as AVX-512 (at::vec 512 bits).
-// Each kernel file defines its entry points in namespace pyops::PYOPS_CPU_ISA (cpu_base or cpu_avx512); callers
-// reach them through PYOPS_CPU_KERNEL(name), which picks the AVX-512 build on CPUs that run it unless
+// Each such file defines its entry points in namespace pyops::PYOPS_CPU_ISA (cpu_base or cpu_avx512), declared in
+// both by PYOPS_DECLARE_CPU_KERNEL; callers reach them through PYOPS_CPU_KERNEL(name), or PYOPS_CPU_KERNEL_IF(cond,
+// name) where the AVX-512 build pays only on some shapes, which take the AVX-512 build on CPUs that run it unless
 // PYOPS_CPU_ISA=avx2 (or set_cpu_kernel_isa) asks for the base one. On the Zen 5 VM of stop 35 the AVX-512 build
-// ran the compute-bound kernels 1.1-1.7x faster (bench/NOTES.md).
+// ran the compute-bound kernels 1.1-1.8x faster where it runs (bench/NOTES.md).
 //
 // One thing the twins must keep: an inline function or template instantiation that both builds emit out of line
 // (std::vector's, ATen's) is one symbol in the library, and the linker keeps the copy of the first object that has
