@@ -65,6 +65,13 @@ bool one_by_one_runs_as_gemm(int64_t n, int64_t cin, int64_t cout, int64_t h, in
 // narrower rows it was 0.82-0.9x the AVX2 build (dense 14×14 and 16×16 maps, depthwise 20×20 to 28×28), on wider
 // ones 1.06-1.45x (stop 35, bench/NOTES-conv_bn_relu.md).
 inline bool direct_rows_fill_avx512_tiles(const ConvGeometry& g) { return g.ow > (g.cout / g.groups < 4 ? 32 : 16); }
+// Whether the direct kernel reads its strips from a zero-padded copy of the input rather than gathering them per task:
+// at column stride 1, where each strip row is a slice of an input row, and only where the copy is at most about twice
+// the input (a padding far wider than the image is gathered, as zeros).
+inline bool direct_reads_padded_copy(const ConvGeometry& g) {
+  const double hp = g.h + 2.0 * g.padding[0], wp = g.w + 2.0 * g.padding[1];
+  return g.stride[1] == 1 && hp * wp <= 2.0 * g.h * g.w + 4 * (hp + wp);
+}
 PYOPS_DECLARE_CPU_KERNEL(void conv_bias_act_direct_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                                                        const at::Tensor& residual, at::Tensor& out,
                                                        const ConvGeometry& g))

@@ -295,20 +295,33 @@ bool direct_is_faster(const ConvGeometry& g) {
     // 0.93; above it 288 on 4×4 0.65, 32 on 20×20 0.95, at batch 8 0.1-0.8; they had fallen under the dense
     // clause below, 3-5x slower than oneDNN on 16×16 to 28×28 maps).
     if (cin_g == 1 && cout_g == 1 && g.groups > 1) return macs < (int64_t{1} << 14) * threads;
-    // Dense layers: under 1.5M multiply-adds a thread with the AVX2 build; 4M with the AVX-512 one (rows that fill
-    // its tiles, conv_bn_relu.h), which made oneDNN's dense layers of up to 8M on 2 threads 1.08-1.52x slower on the
-    // Zen 5 VM (3→32 3×3 on 32×32 batch 8 at 7.1M: 106 vs 131 µs; but 64→16 3×3 on 32×32 at 9.4M 148 vs 125, stop 35).
     const bool avx512 = cpu_avx512_selected() && direct_rows_fill_avx512_tiles(g);
+    // Column stride 1, where the kernel reads a zero-padded copy of the input (conv_bn_relu.h), reductions up to
+    // 1152: under 4M multiply-adds a thread at any row width; at any size into at most 8 output channels a group,
+    // where oneDNN's blocking runs mostly empty; and under 32M a thread into at most 32 with rows that fill the
+    // AVX-512 build's tiles, spatial kernels only (stop 35, Zen 5, 2 threads, µs direct vs oneDNN: 16→16 3×3 on
+    // 28×28 b2 41 vs 74, 24→24 3×3 on 28×28 b2 at 8.1M 70 vs 139, 48→16 3×3 on 14×14 b2 47 vs 67; 96→8 3×3 on 56×56
+    // b8 at 173M 1661 vs 2650; 32→32 3×3 on 32×32 b2 at 19M 124 vs 151, 48→32 3×3 on 32×32 b2 at 28M 183 vs 203;
+    // but 96→32 3×3 on 14×14 b2 at 10.8M 174 vs 119, 24→128 3×3 on 16×16 b2 at 14M 216 vs 150, 96→32 1×1 on 56×56
+    // b2 at 19M 260 vs 190, 16→32 5×5 on 28×28 b8 at 80M 507 vs 387). Fitted on 120 random layers; on 100 more,
+    // auto's time over the faster path 1.03 geomean (1.05 with the first two clauses alone).
+    const bool wide_small_outputs = avx512 && cout_g <= 32 && g.kh * g.kw > 1 && macs < (int64_t{1} << 25) * threads;
+    if (direct_reads_padded_copy(g) && k <= 1152 &&
+        (macs < (int64_t{1} << 22) * threads || cout_g <= 8 || wide_small_outputs))
+      return true;
+    // Other column strides (the kernel gathers its strips): under 1.5M multiply-adds a thread with the AVX2 build,
+    // 4M with the AVX-512 one (rows that fill its tiles; stop 35: 3→128 3×3 stride 2 on 56×56 at 2.7M 50 vs 73 µs,
+    // 24→24 3×3 stride 2 on 56×56 b2 at 8.1M 171 vs 199; but 48→8 at 2.7M 103 vs 94, 432 taps).
     const int64_t small = (avx512 ? int64_t{1} << 22 : 3 * (int64_t{1} << 19)) * threads;
     // Grouped layers with short reductions (k < 32) at any size: oneDNN's NCHW grouped convolution ran them 2.5-2.8x
     // slower (median of 252 shapes, 2-32 input and 2-16 output channels a group, 4 and 32 groups, 16×16 to 56×56,
     // batch 1 and 8, 1 and 2 threads, stop 28; 24→128 in 8 groups stride 2 on 38×38 batch 8: 2785 vs 1101 µs, eager
     // 1302); at 32 taps some 1×1 layers on 16×16 maps were 0.63-0.94x.
     const bool short_grouped = g.groups > 1 && k < 32;
-    // Rows narrower than 16 columns (the tile of the AVX2 build, which runs them): small products with reductions
-    // up to 256 still beat oneDNN's call, under 1M multiply-adds a thread (stop 35, Zen 5, 2 threads, µs direct vs
-    // oneDNN: 3→16 3×3 on 14×14 batch 2 30 vs 63, 32→8 3×3 stride 2 on 14×14 44 vs 83, 16→32 3×3 on 14×14 batch 2
-    // at 1.8M 62 vs 91; but 48→16 3×3 on 14×14 at 2.7M 99 vs 85, 8→64 5×5 stride 2 on 14×14 batch 8 at 5M 182 vs 89).
+    // Rows narrower than 16 columns (the tile of the AVX2 build, which runs them) at those strides: small products
+    // with reductions up to 256 still beat oneDNN's call, under 1M multiply-adds a thread (stop 35, Zen 5, 2 threads,
+    // µs direct vs oneDNN: 32→8 3×3 stride 2 on 14×14 44 vs 83, 16→64 3×3 stride 2 on 16×16 31 vs 57; but 8→64 5×5
+    // stride 2 on 14×14 batch 8 at 5M 157 vs 76).
     const bool narrow_small = g.ow < 16 && k <= 256 && macs < (int64_t{1} << 20) * threads;
     return (depth_multiplier && g.groups > 1) || ((short_grouped || (k <= 512 && macs < small)) && g.ow >= 16) ||
            narrow_small;
