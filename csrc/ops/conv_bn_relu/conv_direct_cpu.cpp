@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -108,17 +109,24 @@ inline void micro_kernel(const acc* const* strip, int64_t k_total, const acc* w,
 
 // x (N, C, H, W) in the accumulation type, each plane with `padding` zeros around it, and `slack` zeros after the
 // last plane: a micro-kernel's lanes past the end of a row read on into the next row (their outputs are not
-// stored), and past the last row into the slack.
+// stored), and past the last row into the slack. Every value is written once, by the threads (no serial memset).
 template <typename scalar_t, typename acc>
-std::vector<acc> zero_padded_copy(const scalar_t* x, const ConvGeometry& g, int64_t slack) {
+std::unique_ptr<acc[]> zero_padded_copy(const scalar_t* x, const ConvGeometry& g, int64_t slack) {
   const int64_t p0 = g.padding[0], p1 = g.padding[1], hp = g.h + 2 * p0, wp = g.w + 2 * p1, planes = g.n * g.cin;
-  std::vector<acc> out(static_cast<size_t>(planes * hp * wp + slack));
+  std::unique_ptr<acc[]> out(new acc[planes * hp * wp + slack]);
+  std::fill_n(out.get() + planes * hp * wp, slack, acc(0));
   at::parallel_for(0, planes, std::max<int64_t>(1, 16384 / (hp * wp)), [&](int64_t begin, int64_t end) {
     for (int64_t plane = begin; plane < end; ++plane) {
       const scalar_t* src = x + plane * g.h * g.w;
-      acc* dst = out.data() + plane * hp * wp + p0 * wp + p1;
-      for (int64_t r = 0; r < g.h; ++r)
-        for (int64_t c = 0; c < g.w; ++c) dst[r * wp + c] = static_cast<acc>(src[r * g.w + c]);
+      acc* dst = out.get() + plane * hp * wp;
+      std::fill_n(dst, p0 * wp + p1, acc(0));  // (the top rows and the first row's left padding)
+      for (int64_t r = 0; r < g.h; ++r) {
+        acc* row = dst + (p0 + r) * wp + p1;
+        for (int64_t c = 0; c < g.w; ++c) row[c] = static_cast<acc>(src[r * g.w + c]);
+        // (this row's right padding, and the next row's left padding or the bottom rows)
+        std::fill_n(row + g.w, r + 1 < g.h ? 2 * p1 : p1 + p0 * wp, acc(0));
+      }
+      if (g.h == 0) std::fill_n(dst, hp * wp, acc(0));
     }
   });
   return out;
@@ -144,7 +152,7 @@ void direct_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b
   const int64_t* rs = residual.defined() ? residual.strides().data() : os;
   const int64_t s1 = g.stride[1], p1 = g.padding[1], d1 = g.dilation[1];
   const bool padded = direct_reads_padded_copy(g);
-  const std::vector<acc> xpad = padded ? zero_padded_copy<scalar_t, acc>(xp, g, kCols) : std::vector<acc>();
+  const std::unique_ptr<acc[]> xpad = padded ? zero_padded_copy<scalar_t, acc>(xp, g, kCols) : nullptr;
   const int64_t hp = g.h + 2 * g.padding[0], wp = g.w + 2 * p1;
 
   at::parallel_for(0, g.n * g.groups * g.oh * col_tiles, 1, [&](int64_t begin, int64_t end) {
@@ -162,7 +170,7 @@ void direct_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b
         // S[(ic, kh, kw)] is the padded row oh·stride + kh·dilation of channel ic from column ow0 + kw·dilation.
         const acc** r = rows.data();
         for (int64_t ic = 0; ic < cin_g; ++ic) {
-          const acc* plane = xpad.data() + (n * g.cin + grp * cin_g + ic) * hp * wp;
+          const acc* plane = xpad.get() + (n * g.cin + grp * cin_g + ic) * hp * wp;
           for (int64_t kh = 0; kh < g.kh; ++kh) {
             const acc* row = plane + (oh * g.stride[0] + kh * g.dilation[0]) * wp + ow0;
             for (int64_t kw = 0; kw < g.kw; ++kw) *r++ = row + kw * d1;
