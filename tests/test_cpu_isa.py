@@ -1,12 +1,13 @@
 """The CPU kernels' instruction sets (csrc/common/cpu_isa.h): the kernel files are built twice, for the base vectors
 (AVX2 or portable) and, where setup.py can, for AVX-512, chosen at run time. The rest of the suite runs whichever this
 CPU selects; here every instruction set this build and CPU can run computes randomized layers on our own kernels
-(PYOPS_CONV1D_PATH / PYOPS_CONV_PATH = direct) and smooth_max against float64 references, and the built library is checked for
-AVX-512 code reachable from the base build (an illegal instruction on CPUs without it)."""
+(PYOPS_CONV1D_PATH / PYOPS_CONV_PATH = direct) and smooth_max against float64 references, and the built library is
+checked for AVX-512 code reachable from the base build (an illegal instruction on CPUs without it)."""
 import random
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -41,7 +42,7 @@ def test_isa_choices():
 def test_bad_environment_value_names_the_variable():
     script = "import torch, pyops; pyops.conv1d(torch.randn(2, 3, 50), torch.randn(4, 3, 3))"
     env = {"PYOPS_CPU_ISA": "neon", "PYOPS_CONV1D_PATH": "direct", "PATH": "/usr/bin:/bin"}
-    run = subprocess.run([__import__("sys").executable, "-c", script], env=env, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert run.returncode != 0 and "PYOPS_CPU_ISA" in run.stderr and "neon" in run.stderr
 
 
@@ -59,7 +60,7 @@ def conv1d_configs(count, seed):
         groups = rng.choice([1, 1, 2, 4, "depthwise"])
         cin = rng.choice([1, 4, 8, 12, 16]) if groups != "depthwise" else rng.choice([3, 16, 40])
         groups = cin if groups == "depthwise" else (groups if cin % groups == 0 else 1)
-        cout = cin if groups == cin else groups * rng.choice([1, 3, 5, 8, 17]) // 1
+        cout = cin if groups == cin else groups * rng.choice([1, 3, 5, 8, 17])
         k, stride, dilation = rng.choice([1, 2, 3, 4, 5, 9]), rng.choice([1, 1, 2, 3, 5]), rng.choice([1, 1, 2])
         padding = rng.randrange(0, dilation * (k - 1) + 2)
         length = dilation * (k - 1) + 1 - 2 * padding + rng.choice([0, 1, 7, 33, 100, 257, 700])
