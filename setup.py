@@ -16,6 +16,7 @@ Nothing is downloaded: the extension is built against whatever torch is importab
 import glob
 import os
 import shutil
+import subprocess
 import sys
 
 from setuptools import find_packages, setup
@@ -91,7 +92,6 @@ def _host_has(*flags):
 
 
 def _compiler_is_gcc():
-    import subprocess
     try:
         version = subprocess.run([os.environ.get("CXX", "c++"), "--version"], capture_output=True, text=True).stdout
     except OSError:

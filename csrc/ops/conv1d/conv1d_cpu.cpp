@@ -114,10 +114,10 @@ at::Tensor conv1d_act_cpu(const at::Tensor& input, const at::Tensor& weight, con
   // (the AVX-512 build where each output sums over several channels: 1.35x the AVX2 build's geomean on 35 dense
   // layers, 1.15x on grouped ones; one row per group, depthwise or single-channel, reads as fast in either: 0.95-1.05x,
   // stop 35, bench/NOTES-conv1d.md)
-  PYOPS_CPU_KERNEL_IF(g.in_channels > groups, correlate_cpu)(input.contiguous(), weight.contiguous(), b, r, out,
-                                  {g.batch, g.in_channels, g.in_length, g.out_channels, g.kernel_size, g.out_length,
-                                   stride, dilation, -padding, groups, act},
-                                  /*end_to_end=*/true);
+  const CorrelationShape s{g.batch, g.in_channels, g.in_length, g.out_channels, g.kernel_size, g.out_length,
+                           stride, dilation, -padding, groups, act};
+  PYOPS_CPU_KERNEL_IF(g.in_channels > groups, correlate_cpu)(input.contiguous(), weight.contiguous(), b, r, out, s,
+                                                             /*end_to_end=*/true);
   return out;
 }
 
@@ -168,10 +168,10 @@ at::Tensor conv1d_backward_input_cpu(const at::Tensor& grad_output, const at::Te
     if (c.phase >= ph.phases()) continue;
     const at::Tensor flipped = transposed_flipped(weight.slice(2, c.first, g.kernel_size, t.step), groups);
     at::Tensor part = stride == 1 ? grad_input : ph.slab(slabs, c.phase);
-    PYOPS_CPU_KERNEL_IF(g.out_channels > groups, correlate_cpu)(gy, flipped, at::Tensor(), at::Tensor(), part,
-                                    {g.batch, g.out_channels, g.out_length, g.in_channels, c.taps, part.size(2), 1,
-                                     t.dilation, -c.shift - t.dilation * (c.taps - 1), groups},
-                                    /*end_to_end=*/stride == 1);
+    const CorrelationShape s{g.batch, g.out_channels, g.out_length, g.in_channels, c.taps, part.size(2), 1,
+                             t.dilation, -c.shift - t.dilation * (c.taps - 1), groups};
+    PYOPS_CPU_KERNEL_IF(g.out_channels > groups, correlate_cpu)(gy, flipped, at::Tensor(), at::Tensor(), part, s,
+                                                               /*end_to_end=*/stride == 1);
   }
   if (stride == 1) return grad_input;
   for (int64_t p = 0; p < ph.phases(); ++p) {
