@@ -12,6 +12,8 @@ from pyops import reference
 from pyops.conv_bn_relu import ACTIVATIONS, conv2d_bias_act
 from conftest import blas_runs_full_width, tolerances
 
+ISAS = pyops._C.cpu_kernel_isas().split(",")
+
 PATHS = {"cpu": ["direct", "library"], "cuda": ["ours", "cudnn"]}
 
 
@@ -29,6 +31,13 @@ def gen(seed):
 
 def randn(shape, seed, scale=1.0):
     return torch.randn(shape, generator=gen(seed), dtype=torch.float64) * scale
+
+
+def assert_close_float32(out, ref):
+    """A float32 result within float32 tolerance of its float64 reference (sums of a few hundred products: an atol
+    of 50 units of rtol), NaN where the reference has NaN."""
+    rtol, atol = tolerances(torch.float32)
+    torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=max(atol, rtol * 50.0), equal_nan=True)
 
 
 def random_case(seed):
@@ -134,9 +143,7 @@ def test_one_by_one_layers_as_a_matrix_product(threads, activation, monkeypatch)
                         out = conv2d_bias_act(xi, wi, f32(bias), activation=activation, residual=f32(residual))
                         cl = xi.is_contiguous(memory_format=torch.channels_last) and not xi.is_contiguous()
                         assert out.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
-                    rtol, atol = tolerances(torch.float32)
-                    torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=max(atol, rtol * 50.0),
-                                               equal_nan=True)
+                    assert_close_float32(out, ref)
     finally:
         torch.set_num_threads(before)
 
@@ -179,9 +186,7 @@ def test_small_images_never_reach_onednn(threads, activation, monkeypatch):
                     cl = xi.is_contiguous(memory_format=torch.channels_last) and not xi.is_contiguous()
                     assert out.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
                     assert out.isnan().any()
-                    rtol, atol = tolerances(torch.float32)
-                    torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=max(atol, rtol * 50.0),
-                                               equal_nan=True)
+                    assert_close_float32(out, ref)
     finally:
         torch.set_num_threads(before)
 
@@ -208,8 +213,46 @@ def test_grouped_short_reductions_on_nchw_take_the_direct_kernel(monkeypatch):
             assert onednn == (fmt == torch.channels_last)
             if fmt == torch.contiguous_format:
                 assert out.isnan().any()
-                rtol, atol = tolerances(torch.float32)
-                torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=max(atol, rtol * 50.0), equal_nan=True)
+                assert_close_float32(out, ref)
+
+
+@pytest.mark.skipif("avx512" not in ISAS,
+                    reason="the rule of CPUs whose kernels run AVX-512 (this one's cannot)")
+def test_stride_one_layers_take_the_avx512_direct_kernel(monkeypatch):
+    """Where our kernels run AVX-512, NCHW layers at stride 1 take the direct kernel under auto by its own rule
+    (conv_bn_relu_cpu.cpp, flat_avx512_direct_is_faster), 1×1 layers ahead of the GEMM's rule: ResNet-50's 64→64 1×1
+    on 56×56, a small 1×1 product the GEMM took, a 3×3 layer above stop 35's sizes; small maps with long reductions
+    into many channels, wider layers and channels_last inputs keep oneDNN, and so does 64→64 1×1 with the AVX2 build
+    selected (seen by the profiler). Values equal the float64 reference, a NaN kept on the direct kernel."""
+    monkeypatch.setenv("PYOPS_CONV_PATH", "auto")
+    before, isa = torch.get_num_threads(), pyops._C.cpu_kernel_isa()
+    torch.set_num_threads(2)  # (the rule's sizes are per thread, up to 2)
+    try:
+        # (n, cin, cout, k, h, isa, direct)
+        for n, cin, cout, k, h, kernels, direct in [(8, 64, 64, 1, 56, "avx512", True),
+                                                    (1, 116, 116, 1, 14, "avx512", True),
+                                                    (2, 16, 48, 3, 40, "avx512", True),
+                                                    (8, 64, 256, 3, 7, "avx512", False),
+                                                    (1, 256, 512, 3, 14, "avx512", False),
+                                                    (8, 64, 64, 1, 56, ISAS[0], False)]:
+            pyops._C.set_cpu_kernel_isa(kernels)
+            x, w = randn((n, cin, h, h), 101, 2.0), randn((cout, cin, k, k), 102, 0.3)
+            b = randn((cout,), 103)
+            x[0, 0, h // 2, h // 2] = float("nan")
+            ref = reference.conv2d_bias_act(x, w, b, padding=k // 2)
+            for fmt in (torch.contiguous_format, torch.channels_last):
+                with torch.profiler.profile() as prof:
+                    out = conv2d_bias_act(x.float().contiguous(memory_format=fmt), w.float(), b.float(),
+                                          padding=k // 2)
+                names = {e.name for e in prof.events()}
+                ours = not names & {"mkldnn::_convolution_pointwise", "aten::bmm", "aten::mm"}
+                assert ours == (direct and fmt == torch.contiguous_format), (n, cin, cout, k, h, kernels, fmt)
+                if ours:
+                    assert out.isnan().any()
+                    assert_close_float32(out, ref)
+    finally:
+        torch.set_num_threads(before)
+        pyops._C.set_cpu_kernel_isa(isa)
 
 
 def test_tiny_dilated_layers_take_the_direct_kernel(monkeypatch):
@@ -244,9 +287,7 @@ def test_tiny_dilated_layers_take_the_direct_kernel(monkeypatch):
                 assert bool(names & {"mkldnn::_convolution_pointwise", "aten::mkldnn_convolution"}) != direct
                 if direct:
                     assert out.isnan().any()
-                    rtol, atol = tolerances(torch.float32)
-                    torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=max(atol, rtol * 50.0),
-                                               equal_nan=True)
+                    assert_close_float32(out, ref)
 
 
 @pytest.mark.parametrize("activation", ["relu", "relu6"])
@@ -270,8 +311,7 @@ def test_residuals_onednn_cannot_fuse_are_added_after_it(activation, monkeypatch
         out = conv2d_bias_act(x.float().contiguous(memory_format=fmt), w.float(), b.float(), **conv,
                               activation=activation, residual=r.float())
         assert out.is_contiguous(memory_format=fmt) and out[-1, :, -1, -1].isnan().all()
-        rtol, atol = tolerances(torch.float32)
-        torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=max(atol, rtol * 50.0), equal_nan=True)
+        assert_close_float32(out, ref)
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -311,8 +351,7 @@ def test_strided_one_by_one_layers_as_a_matrix_product(threads, monkeypatch):
                 out = conv2d_bias_act(xi, w.float(), b.float(), stride, activation="relu", residual=r.float())
                 cl = xi.is_contiguous(memory_format=torch.channels_last) and not xi.is_contiguous()
                 assert out.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
-                rtol, atol = tolerances(torch.float32)
-                torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=max(atol, rtol * 50.0), equal_nan=True)
+                assert_close_float32(out, ref)
     finally:
         torch.set_num_threads(before)
 

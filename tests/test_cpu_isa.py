@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import pyops
 from pyops import _C
+from pyops.conv_bn_relu import conv2d_bias_act
 from conftest import tolerances
 
 ISAS = _C.cpu_kernel_isas().split(",")
@@ -121,6 +122,50 @@ def test_conv2d_direct_kernel(isa, dtype, monkeypatch):
         scale = (cin // groups) * k * k
         torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol * scale,
                                    msg=f"{isa} {dtype} x{tuple(x.shape)} w{tuple(wt.shape)} s{stride} p{padding}")
+
+
+# Layers that reach each register tile of the 2-D direct kernel (direct_tile in conv_bn_relu.h: 1×4, 4×3 and, in the
+# AVX-512 build, 8×3, with and without padding channels in the last block) and each way its tasks run: flat along the
+# padded copy (stride 1; output rows narrower than a vector, so one vector spans several rows and their padding
+# columns; dilation; a kernel (1, 5)), one output row each (row stride 2 on the padded copy; column stride 2
+# gathered; a padding too wide for the copy), channels_last outputs and a residual view that is not contiguous.
+# (batch, cin, cout, kernel, stride, padding, dilation, groups, h, w, channels_last, residual_view)
+DIRECT_LAYERS = [
+    (1, 96, 24, (3, 3), 1, 1, 1, 1, 9, 11, False, False),       # 8×3 / 4×3 on a reduction of 864
+    (2, 800, 36, (1, 1), 1, 0, 1, 1, 5, 6, False, False),       # 8×3 with 4 padding channels / 4×3
+    (3, 5, 12, (3, 3), 1, 1, 1, 1, 4, 3, False, True),          # 4×3; padded rows of 5 columns
+    (2, 6, 16, (3, 3), 1, (2, 3), (2, 3), 1, 13, 17, False, False),  # 8×3 (AVX-512); dilated
+    (2, 8, 9, (1, 5), 1, (0, 2), 1, 1, 6, 20, False, True),
+    (2, 8, 16, (3, 3), (2, 1), 1, 1, 1, 11, 19, False, False),  # padded copy, one row a task
+    (2, 8, 16, (3, 3), (1, 2), 1, 1, 1, 11, 19, False, True),   # gathered
+    (2, 12, 24, (3, 3), 1, 1, 1, 3, 15, 15, False, False),
+    (2, 16, 32, (3, 3), 1, 1, 1, 1, 10, 10, True, False),
+    (1, 4, 8, (3, 3), 1, 4, 1, 1, 3, 3, False, False),          # padding too wide for the copy: gathered
+    (5, 3, 16, (3, 3), 1, 1, 1, 1, 32, 32, False, True),
+    (2, 6, 6, (3, 3), 1, 1, 1, 6, 9, 40, False, True),          # depthwise: 1×4
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_conv2d_direct_tiles_and_tasks(isa, dtype, monkeypatch):
+    monkeypatch.setenv("PYOPS_CONV_PATH", "direct")
+    gen = torch.Generator().manual_seed(7)
+    rtol, atol = tolerances(dtype)
+    for n, cin, cout, kernel, stride, padding, dilation, groups, h, w, channels_last, view in DIRECT_LAYERS:
+        x = torch.rand(n, cin, h, w, generator=gen, dtype=torch.float64)
+        wt = torch.randn(cout, cin // groups, *kernel, generator=gen, dtype=torch.float64) / (cin // groups) ** 0.5
+        b = torch.randn(cout, generator=gen, dtype=torch.float64)
+        ref = F.conv2d(x, wt, b, stride, padding, dilation, groups)
+        # (a residual view: every other column of a wider tensor)
+        residual = torch.randn(*ref.shape[:3], 2 * ref.shape[3], generator=gen, dtype=torch.float64)
+        residual = residual[..., ::2] if view else residual[..., :ref.shape[3]].contiguous()
+        ref = torch.relu(ref + residual)
+        xo = x.to(dtype).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        out = conv2d_bias_act(xo, wt.to(dtype), b.to(dtype), stride, padding, dilation, groups, "relu",
+                              residual=residual.to(dtype))
+        label = f"{isa} {dtype} x{tuple(x.shape)} w{tuple(wt.shape)} s{stride} p{padding} d{dilation} g{groups}"
+        assert out.is_contiguous(memory_format=torch.channels_last) == channels_last, label
+        torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol * wt[0].numel() ** 0.5, msg=label)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

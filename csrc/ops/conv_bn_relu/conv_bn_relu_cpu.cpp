@@ -284,6 +284,31 @@ bool tiny_dilated_layer(const ConvGeometry& g) {
   return dilated(g) && g.ow < 16 && k <= 192 && g.n * g.cout * g.oh * g.ow * k < (int64_t{1} << 20) * threads;
 }
 
+// Layers our direct kernel runs in flat tasks (stride 1) with its AVX-512 build, on a CPU where oneDNN runs AVX-512
+// too: for an NCHW output (a channels_last one takes oneDNN, use_library) the rule below chooses their path.
+bool flat_avx512_direct(const ConvGeometry& g) {
+  return onednn_vectors_wider() && cpu_avx512_selected() && direct_runs_flat(g);
+}
+
+// Such layers take our kernel rather than oneDNN or MKL's GEMM for reductions of at most 32 at any size, under 4M
+// multiply-adds a thread, and under 256M into at most 96 channels a group where at least 60 % of the columns its tiles
+// compute are outputs (direct_flat_output_fraction), sizes counted per computed column: on small maps with long
+// reductions oneDNN was up to 2x faster. Stop 36, Zen 5, 2 threads, random layers (1×1 to 7×7 kernels, 1-8 groups,
+// 7×7 to 56×56 maps, batch 1-8), the chosen path's time over the faster of the two, geomean: 1.02 on the 227 it was
+// fitted on (stop 35's rule 1.09), 1.03 on 119 more (1.18); 1×1 layers, over the fastest of the three: 1.03 on 76
+// (with the GEMM's rule first, as before, 1.12). µs direct vs oneDNN: 3→16 3×3 on 56×56 18 vs 44, 32→48 on 14×14
+// 27 vs 58, 16→48 on 40×40 batch 2 116 vs 149, 256→8 on 28×28 batch 8 668 vs 1068, 96→32 on 32×32 batch 8 1017 vs
+// 1113, 96→48 on 56×56 batch 2 1116 vs 1127; but 192→96 on 28×28 681 vs 593 (taken), 64→256 on 7×7 batch 8 500
+// vs 294 (51 % of the columns outputs: left), 128→384 5×5 in 4 groups on 8×8 batch 8 1014 vs 642 (taken).
+bool flat_avx512_direct_is_faster(const ConvGeometry& g) {
+  const int64_t k = g.cin / g.groups * g.kh * g.kw, cout_g = g.cout / g.groups;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), 2);
+  const double fraction = direct_flat_output_fraction(g);
+  const double work = static_cast<double>(g.n * g.cout * g.oh * g.ow * k) / fraction;
+  return k <= 32 || work < double(int64_t{1} << 22) * threads ||
+         (cout_g <= 96 && fraction >= 0.6 && work < double(int64_t{1} << 28) * threads);
+}
+
 bool direct_is_faster(const ConvGeometry& g) {
   const int64_t cin_g = g.cin / g.groups, k = cin_g * g.kh * g.kw, cout_g = g.cout / g.groups;
   const int64_t macs = g.n * g.cout * g.oh * g.ow * k;
@@ -295,7 +320,8 @@ bool direct_is_faster(const ConvGeometry& g) {
     // 0.93; above it 288 on 4×4 0.65, 32 on 20×20 0.95, at batch 8 0.1-0.8; they had fallen under the dense
     // clause below, 3-5x slower than oneDNN on 16×16 to 28×28 maps).
     if (cin_g == 1 && cout_g == 1 && g.groups > 1) return macs < (int64_t{1} << 14) * threads;
-    const bool avx512 = cpu_avx512_selected() && direct_rows_fill_avx512_tiles(g);
+    const bool avx512 = cpu_avx512_selected() && direct_avx512_pays(g);
+    if (flat_avx512_direct(g)) return flat_avx512_direct_is_faster(g);
     // Column stride 1, where the kernel reads a zero-padded copy of the input (conv_bn_relu.h), reductions up to
     // 1152: under 4M multiply-adds a thread at any row width; at any size into at most 8 output channels a group,
     // where oneDNN's blocking runs mostly empty; and under 32M a thread into at most 32 with rows that fill the
@@ -370,9 +396,11 @@ bool use_library(const at::Tensor& input, const ConvGeometry& g, bool has_residu
 // 120; 1024→2048 on 14×14 batch 8 9537 / 11398, 4840 / 5792; but 1024→2048 on 14×14 NCHW 1781 / 2053, 1161 / 1116.
 // oneDNN with a packed weight (conv2d_bias_act_packed) was as fast or faster on those (channels_last 1024→2048 on
 // 14×14 1281 / 697 µs): the packed op keeps it for strided layers.
+// (An NCHW layer that flat_avx512_direct_is_faster gives to our kernel runs there: the GEMM rule predates it.)
 bool gemm_is_faster(const at::Tensor& x, const ConvGeometry& g, at::MemoryFormat fmt) {
   return x.scalar_type() == at::kFloat && g.kh == 1 && g.kw == 1 && g.groups == 1 && g.padding[0] == 0 &&
-         g.padding[1] == 0 && one_by_one_runs_as_gemm(g.n, g.cin, g.cout, g.oh, g.ow, fmt);
+         g.padding[1] == 0 && one_by_one_runs_as_gemm(g.n, g.cin, g.cout, g.oh, g.ow, fmt) &&
+         !(fmt == at::MemoryFormat::Contiguous && flat_avx512_direct(g) && flat_avx512_direct_is_faster(g));
 }
 
 at::Tensor gemm_forward(const at::Tensor& input, const at::Tensor& w, const std::optional<at::Tensor>& b,
@@ -468,8 +496,8 @@ at::Tensor conv2d_bias_act_cpu(const at::Tensor& input, const at::Tensor& weight
     if (out.numel() == 0) return out;
     const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
     const at::Tensor r = residual.has_value() ? *residual : at::Tensor();
-    PYOPS_CPU_KERNEL_IF(direct_rows_fill_avx512_tiles(g), conv_bias_act_direct_cpu)(input.contiguous(),
-                                                                                     weight.contiguous(), b, r, out, g);
+    PYOPS_CPU_KERNEL_IF(direct_avx512_pays(g), conv_bias_act_direct_cpu)(input.contiguous(), weight.contiguous(),
+                                                                          b, r, out, g);
     return out;
   }
   return library_forward(input, weight, bias, residual, g, fmt);
