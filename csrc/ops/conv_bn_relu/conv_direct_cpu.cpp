@@ -5,12 +5,12 @@
 // GEMM over the row-im2col strip S[k][t] of its outputs (k = (ic, kh, kw), t = output column, zero where the window is
 // in the padding), whose micro-kernel keeps J output channels × TV vectors of columns in registers (each strip load
 // feeds J FMAs, each weight broadcast TV FMAs). At column stride 1 each strip row is a slice of the input, so the call
-// copies the input once into a zero-padded buffer and a task points into it (the per-task gather had cost more than
-// the FMAs on small layers: 57 % of the kernel's time on the homework's 16→16 3×3 layer on 32×32 maps, stop 35); at
-// other strides the task gathers its strip (at most kStripBytes, so it stays in L1/L2). At stride 1 in both
-// dimensions the output rows of a tap are consecutive rows of the padded copy, so a task runs along the padded image
-// as if it were one long row ("flat"): the micro-kernel's columns no longer end with each output row (a 14-column row
-// had filled 14 of a 32-column AVX-512 tile), and a task's weights serve many rows.
+// copies the input once into a zero-padded buffer (without padding, only the last image) and a task points into it
+// (the per-task gather had cost more than the FMAs on small layers: 57 % of the kernel's time on the homework's 16→16
+// 3×3 layer on 32×32 maps, stop 35); at other strides the task gathers its strip (at most kStripBytes, so it stays in
+// L1/L2). At stride 1 in both dimensions the output rows of a tap are consecutive rows of the padded copy, so a task
+// runs along the padded image as if it were one long row ("flat"): the micro-kernel's columns no longer end with
+// each output row (a 14-column row had filled 14 of a 32-column AVX-512 tile), and a task's weights serve many rows.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -119,12 +119,12 @@ inline void micro_kernel(const acc* const* strip, int64_t k_total, const acc* w,
   }
 }
 
-// x (N, C, H, W) in the accumulation type, each plane with `padding` zeros around it, and `slack` zeros after the
-// last plane: a micro-kernel's lanes past the end of a row read on into the next row (their outputs are not
+// x (images, C, H, W) in the accumulation type, each plane with `padding` zeros around it, and `slack` zeros after
+// the last plane: a micro-kernel's lanes past the end of a row read on into the next row (their outputs are not
 // stored), and past the last row into the slack. Every value is written once, by the threads (no serial memset).
 template <typename scalar_t, typename acc>
-std::unique_ptr<acc[]> zero_padded_copy(const scalar_t* x, const ConvGeometry& g, int64_t slack) {
-  const int64_t p0 = g.padding[0], p1 = g.padding[1], hp = g.h + 2 * p0, wp = g.w + 2 * p1, planes = g.n * g.cin;
+std::unique_ptr<acc[]> zero_padded_copy(const scalar_t* x, const ConvGeometry& g, int64_t images, int64_t slack) {
+  const int64_t p0 = g.padding[0], p1 = g.padding[1], hp = g.h + 2 * p0, wp = g.w + 2 * p1, planes = images * g.cin;
   std::unique_ptr<acc[]> out(new acc[planes * hp * wp + slack]);
   std::fill_n(out.get() + planes * hp * wp, slack, acc(0));
   at::parallel_for(0, planes, std::max<int64_t>(1, 16384 / (hp * wp)), [&](int64_t begin, int64_t end) {
@@ -181,7 +181,20 @@ void direct_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   const int64_t* os = out.strides().data();
   const int64_t* rs = residual.defined() ? residual.strides().data() : os;
-  const std::unique_ptr<acc[]> xpad = padded ? zero_padded_copy<scalar_t, acc>(xp, g, kCols) : nullptr;
+  // Without padding a float input is its own padded copy but for the slack past its end, which only its last image's
+  // tiles read into: the copy then holds that image, and the others are read in place (1×1 layers: the copy had
+  // been ~10 % of the call).
+  const bool in_place = padded && g.padding[0] == 0 && g.padding[1] == 0 && std::is_same_v<scalar_t, acc>;
+  const int64_t first_copied = in_place ? g.n - 1 : 0;
+  const std::unique_ptr<acc[]> xpad =
+      padded ? zero_padded_copy<scalar_t, acc>(xp + first_copied * g.cin * g.h * g.w, g, g.n - first_copied, kCols)
+             : nullptr;
+  const auto padded_image = [&](int64_t n) -> const acc* {  // image n's planes, padded
+    if constexpr (std::is_same_v<scalar_t, acc>) {
+      if (n < first_copied) return xp + n * g.cin * hp * wp;
+    }
+    return xpad.get() + (n - first_copied) * g.cin * hp * wp;
+  };
 
   at::parallel_for(0, g.n * g.groups * rows_per_image * col_tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc> strip(padded ? 0 : static_cast<size_t>(k_total * tile_w));
@@ -199,7 +212,7 @@ void direct_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b
         // flat task's oh is 0 and its ow0 runs on across the rows).
         const acc** r = rows.data();
         for (int64_t ic = 0; ic < cin_g; ++ic) {
-          const acc* plane = xpad.get() + (n * g.cin + grp * cin_g + ic) * hp * wp;
+          const acc* plane = padded_image(n) + (grp * cin_g + ic) * hp * wp;
           for (int64_t kh = 0; kh < g.kh; ++kh) {
             const acc* row = plane + (oh * g.stride[0] + kh * g.dilation[0]) * wp + ow0;
             for (int64_t kw = 0; kw < g.kw; ++kw) *r++ = row + kw * d1;
