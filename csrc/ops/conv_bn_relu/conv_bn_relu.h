@@ -77,8 +77,8 @@ inline DirectTile direct_tile(const ConvGeometry& g, bool wide) {
   if (wide && (cout_g % 8 == 0 || cout_g >= 32)) return {8, 3};
   return {4, 3};
 }
-// The fraction of the columns a flat task computes that are outputs, with the AVX-512 build's tiles: the padded rows'
-// extra columns and each image's last tile, rounded up to whole tiles (7×7 maps with 3×3 kernels: 49 of 96).
+// The fraction of the columns a flat task computes that are outputs, with the AVX-512 build's float32 tiles: the
+// padded rows' extra columns and each image's last tile, rounded up to whole tiles (7×7 maps, 3×3 kernels: 49 of 96).
 inline double direct_flat_output_fraction(const ConvGeometry& g) {
   const int64_t cols = direct_tile(g, true).tv * 16, positions = (g.oh - 1) * (g.w + 2 * g.padding[1]) + g.ow;
   return static_cast<double>(g.oh * g.ow) / static_cast<double>((positions + cols - 1) / cols * cols);
