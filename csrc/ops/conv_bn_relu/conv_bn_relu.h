@@ -66,6 +66,8 @@ inline bool direct_reads_padded_copy(const ConvGeometry& g) {
 // Whether its tasks run along the padded copy's rows as one (stride 1 in both dimensions), whatever the row width,
 // rather than along one output row each.
 inline bool direct_runs_flat(const ConvGeometry& g) { return g.stride[0] == 1 && direct_reads_padded_copy(g); }
+// The positions a flat task runs along, per image: every padded row's columns up to the last output's.
+inline int64_t direct_flat_positions(const ConvGeometry& g) { return (g.oh - 1) * (g.w + 2 * g.padding[1]) + g.ow; }
 // Its register tile: J output channels × TV vectors of columns, chosen in conv_direct_cpu.cpp (reasons and timings
 // there) for vectors of 16 floats (wide: 32 registers) or 8 (16 registers).
 struct DirectTile {
@@ -80,7 +82,7 @@ inline DirectTile direct_tile(const ConvGeometry& g, bool wide) {
 // The fraction of the columns a flat task computes that are outputs, with the AVX-512 build's float32 tiles: the
 // padded rows' extra columns and each image's last tile, rounded up to whole tiles (7×7 maps, 3×3 kernels: 49 of 96).
 inline double direct_flat_output_fraction(const ConvGeometry& g) {
-  const int64_t cols = direct_tile(g, true).tv * 16, positions = (g.oh - 1) * (g.w + 2 * g.padding[1]) + g.ow;
+  const int64_t cols = direct_tile(g, true).tv * 16, positions = direct_flat_positions(g);
   return static_cast<double>(g.oh * g.ow) / static_cast<double>((positions + cols - 1) / cols * cols);
 }
 // A CPU kernel (common/cpu_isa.h), called as PYOPS_CPU_KERNEL_IF(direct_avx512_pays(g), ...)(...).

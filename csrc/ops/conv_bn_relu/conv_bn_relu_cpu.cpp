@@ -320,8 +320,8 @@ bool direct_is_faster(const ConvGeometry& g) {
     // 0.93; above it 288 on 4×4 0.65, 32 on 20×20 0.95, at batch 8 0.1-0.8; they had fallen under the dense
     // clause below, 3-5x slower than oneDNN on 16×16 to 28×28 maps).
     if (cin_g == 1 && cout_g == 1 && g.groups > 1) return macs < (int64_t{1} << 14) * threads;
-    const bool avx512 = cpu_avx512_selected() && direct_avx512_pays(g);
     if (flat_avx512_direct(g)) return flat_avx512_direct_is_faster(g);
+    const bool avx512 = cpu_avx512_selected() && direct_avx512_pays(g);
     // Column stride 1, where the kernel reads a zero-padded copy of the input (conv_bn_relu.h), reductions up to
     // 1152: under 4M multiply-adds a thread at any row width; at any size into at most 8 output channels a group,
     // where oneDNN's blocking runs mostly empty; and under 32M a thread into at most 32 with rows that fill the

@@ -157,17 +157,16 @@ void direct_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b
   // copy: a task runs along the padded image, all its rows as one (`flat`; the wp − ow columns past each output row
   // are computed and not stored). Else a task is one output row's columns.
   const bool flat = padded && g.stride[0] == 1;
-  const int64_t positions = flat ? (g.oh - 1) * wp + g.ow : g.ow, rows_per_image = flat ? 1 : g.oh;
+  const int64_t positions = flat ? direct_flat_positions(g) : g.ow, rows_per_image = flat ? 1 : g.oh;
   int64_t tile_w;
   if (flat) {
     // The task's inputs, its channels' rows over its columns plus the taps' reach, within 65536 values (L2); fewer
     // columns where that leaves under 16 tasks a thread, so that the threads finish together (batch 1, µs, 16 / 4
     // tasks a thread: 64→64 3×3 on 56×56 526 / 605, 16→16 on 112×112 157 / 184; batch 8 16→16 on 32×32 111 / 108).
     const int64_t reach = (g.kh - 1) * g.dilation[0] * wp + (g.kw - 1) * d1;
-    const int64_t fit = (65536 / cin_g - reach) / kCols;
-    const int64_t tasks_at_one = g.n * g.groups * ((positions + kCols - 1) / kCols);
-    const int64_t spread = tasks_at_one / (16 * at::get_num_threads());
-    tile_w = std::clamp<int64_t>(std::min(fit, spread), 1, (positions + kCols - 1) / kCols) * kCols;
+    const int64_t fit = (65536 / cin_g - reach) / kCols, widths = (positions + kCols - 1) / kCols;
+    const int64_t spread = g.n * g.groups * widths / (16 * at::get_num_threads());
+    tile_w = std::clamp<int64_t>(std::min(fit, spread), 1, widths) * kCols;
   } else {
     // As many micro-kernel widths as fit the strip budget (at least one), at most the row.
     const int64_t fit = std::max<int64_t>(1, kStripBytes / (k_total * kCols * static_cast<int64_t>(sizeof(acc))));
