@@ -888,6 +888,22 @@ def test_short_rows_of_a_batch_sum_only_existing_pairs():
     assert not both.isnan().any()
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tiled_weight_gradient_sums_only_existing_pairs(stride, dtype, monkeypatch):
+    """The tiled product (dense layers' weight gradient) reads zero rows where a tap reads padding: an inf in
+    grad_output there made NaN where the sum of the existing pairs is -inf or 0. Such a result is recomputed by
+    correlate_weight_cpu. With x all ones and grad_output zero but one -inf at the first position of channel 3, tap 0
+    reads the padding there (no pair) and taps 1 and 2 read x[0] and x[1]: -inf at [3, :, 1:], zero elsewhere."""
+    monkeypatch.setenv("PYOPS_CONV1D_PATH", "direct")
+    x = torch.ones(2, 16, 40, dtype=dtype)
+    gy = torch.zeros(2, 16, (40 + 2 - 3) // stride + 1, dtype=dtype)
+    gy[1, 3, 0] = -math.inf
+    want = torch.zeros(16, 16, 3, dtype=dtype)
+    want[3, :, 1:] = -math.inf
+    torch.testing.assert_close(ops.conv1d_backward_weight(gy, x, 3, stride, 1, 1, 1), want)
+
+
 @pytest.mark.parametrize("path", ["gemm", "auto"])
 def test_gemm_weight_gradient_sums_only_existing_pairs(path, monkeypatch):
     """The matrix product multiplies grad_output by the zeros its columns hold where a tap reads padding: an inf
@@ -908,14 +924,15 @@ def test_gemm_weight_gradient_sums_only_existing_pairs(path, monkeypatch):
 def test_both_precisions_take_the_weight_gradients_product(dtype, monkeypatch):
     """float64 runs the weight gradient's matrix product by float32's rule (on 240 random float64 layers it was the
     fastest path on 152; the previous rule, which kept float64 off it, was 1.50x the fastest geomean). A keyword-
-    spotting layer: the product where it runs on this CPU, our kernel elsewhere; values equal F.conv1d's."""
+    spotting layer with 4 input channels (outside the tiled product): the product where it runs on this CPU, our
+    kernel elsewhere; values equal F.conv1d's."""
     monkeypatch.setenv("PYOPS_CONV1D_PATH", "auto")
     g = torch.Generator().manual_seed(9)
-    x, gy = rand((32, 40, 101), dtype, gen=g), rand((32, 64, 101), dtype, gen=g)
+    x, gy = rand((32, 4, 101), dtype, gen=g), rand((32, 64, 101), dtype, gen=g)
     with torch.profiler.profile() as prof:
         got = ops.conv1d_backward_weight(gy, x, 3, 1, 1, 1, 1)
     assert ("aten::addmm_" in {e.name for e in prof.events()}) == blas_runs_full_width()
-    want = torch.ops.aten.convolution_backward(gy.double(), x.double(), torch.zeros(64, 40, 3, dtype=torch.float64),
+    want = torch.ops.aten.convolution_backward(gy.double(), x.double(), torch.zeros(64, 4, 3, dtype=torch.float64),
                                                None, [1], [1], [1], False, [0], 1, [False, True, False])[1]
     # (sums of 3232 products of magnitude ~57: float32 to 1e-3, float64 to 1e-10)
     tolerance = 1e-3 if dtype == torch.float32 else 1e-10
@@ -924,33 +941,34 @@ def test_both_precisions_take_the_weight_gradients_product(dtype, monkeypatch):
 
 # (N, C_in, C_out, L, K, stride, groups) and where auto runs each op (forward, input gradient, weight gradient):
 # "library" (ATen's convolution), "direct" (our kernels) or "gemm" (a matrix product through BLAS); a pair where it
-# depends on the CPU: (where the products run as wide as oneDNN, elsewhere)
+# depends on the CPU: (where the products run as wide as oneDNN, elsewhere), or ("avx512", where our kernels run
+# their AVX-512 build, elsewhere)
 ROUTES = [
-    ((4, 128, 128, 1024, 3, 1, 1), ("library", "library", "library")),  # the dense TCN: wide products, long rows
-    ((2, 256, 256, 200, 3, 2, 1), ("library", "library", ("gemm", "library"))),  # wide, strided (wav2vec2), shorter rows
+    # dense layers' weight gradients: our tiled product (dense_weight_gradient: 1-4 groups, >= 8 channels each way)
+    # the dense TCN: wide products (reductions of 384: ours forward and back where they run AVX-512), long rows
+    ((4, 128, 128, 1024, 3, 1, 1), (("avx512", "direct", "library"), ("avx512", "direct", "library"), "direct")),
+    ((2, 256, 256, 200, 3, 2, 1), ("library", "library", "direct")),  # wide, strided (wav2vec2), shorter rows
     ((4, 256, 2, 256, 3, 1, 1), ("direct", "direct", "direct")),  # few outputs forward, a short reduction back
     ((2, 8, 256, 1024, 9, 1, 1), ("direct", "direct", "direct")),  # short reductions, long rows (> 1 image)
-    ((8, 64, 64, 6, 3, 1, 1), ("direct", "direct", ("gemm", "library"))),  # < 1M multiply-adds; 48 positions back
-    # keyword spotting: short rows, batch 32 (without the product, oneDNN's weight gradient: >= 8 outputs from >= 64
-    # columns); few columns stay ours
-    ((32, 40, 64, 101, 3, 1, 1), ("direct", "library", ("gemm", "library"))),
+    ((8, 64, 64, 6, 3, 1, 1), ("direct", "direct", "direct")),  # < 1M multiply-adds
+    # keyword spotting: short rows, batch 32; with 4 input channels, outside the tiled product: the matrix product
+    # where it runs as wide as oneDNN
+    ((32, 40, 64, 101, 3, 1, 1), ("direct", ("avx512", "direct", "library"), "direct")),
     ((64, 4, 128, 100, 5, 1, 1), ("direct", "direct", ("gemm", "direct"))),
-    ((8, 256, 16, 300, 3, 1, 1), ("library", "direct", "library")),  # few outputs from a long reduction
+    ((8, 256, 16, 300, 3, 1, 1), ("library", "direct", "direct")),  # few outputs from a long reduction
     ((8, 1024, 512, 9, 5, 5, 8), ("library", "library", "library")),  # 8 groups of 128->64: 655k multiply-adds each
-    ((1, 8, 256, 1024, 9, 1, 1), ("library", "library", "library")),  # one small image: ATen's im2col GEMM
+    ((1, 8, 256, 1024, 9, 1, 1), ("library", "library", "direct")),  # one small image: ATen's im2col GEMM
     # wav2vec2's first layer on one clip (its weight gradient ours since our kernel reads grad_output once at any
     # stride: 0.23 vs ATen's 0.49 ms)
     ((1, 1, 512, 16000, 10, 5, 1), ("direct", "library", "direct")),
-    ((1, 24, 384, 273, 5, 2, 1), ("library", "library", "library")),  # one small image at stride 2
-    # one small image at stride 1, a narrow product: its weight gradient ATen's im2col GEMM where MKL runs as wide as
-    # oneDNN, ours where it runs narrower
-    ((1, 16, 32, 1000, 3, 1, 1), ("direct", "library", ("library", "direct"))),
+    ((1, 24, 384, 273, 5, 2, 1), ("library", "library", "direct")),  # one small image at stride 2
+    ((1, 16, 32, 1000, 3, 1, 1), ("direct", "library", "direct")),  # one small image at stride 1, a narrow product
     # pointwise layers: products outright (forward from >= 16 input channels; the weight gradient per sample from
     # rows of >= 64 positions, else by the rule above)
-    ((8, 256, 256, 400, 1, 1, 1), (("gemm", "library"), ("gemm", "library"), ("gemm", "library"))),  # QuartzNet's
+    ((8, 256, 256, 400, 1, 1, 1), (("gemm", "library"), ("gemm", "library"), ("gemm", "direct"))),  # QuartzNet's
     ((16, 64, 128, 300, 1, 2, 1), (("gemm", "direct"), ("gemm", "library"), ("gemm", "direct"))),  # a strided shortcut
     ((4, 8, 64, 500, 1, 1, 1), ("direct", ("gemm", "direct"), ("gemm", "direct"))),  # a short reduction forward
-    ((64, 32, 32, 20, 1, 1, 1), (("gemm", "direct"), ("gemm", "direct"), ("gemm", "direct"))),  # short rows
+    ((64, 32, 32, 20, 1, 1, 1), (("gemm", "direct"), ("gemm", "direct"), "direct")),  # short rows
     ((4, 64, 64, 300, 1, 1, 2), ("direct", "direct", "direct")),  # grouped: not a product
 ]
 
@@ -965,11 +983,14 @@ def test_each_op_takes_aten_where_its_own_product_is_wide(config, routes, monkey
     """Under auto on the CPU, each op goes to ATen's convolution by its own product (conv1d_use_library): forward
     and weight gradient by the layer's output channels and input channels x taps, the input gradient the other way
     round; with lower bars for the backward ops where ATen's kernel is its im2col GEMM (one image of <= 20480
-    values), a multiply-add floor where it is oneDNN, and the weight gradient of few positions. The weight gradient
-    runs as one matrix product (aten::addmm_) where that is faster (cpu_weight_gradient_path): short rows that would
-    be ours, and all but few outputs from long reductions that would be oneDNN's. A pointwise layer's ops are matrix
-    products (pointwise_as_product: aten::bmm, the weight gradient's aten::addmm_). Checked by the ATen ops each
-    pyops op calls (torch.profiler); values equal F.conv1d's in float64 either way."""
+    values), a multiply-add floor where it is oneDNN (and for the forward and input gradient, where our kernels run
+    AVX-512, reductions of >= 512 unless the filter is pointwise or the groups more than 4), and the weight gradient
+    of few positions. The weight gradient of dense layers (1-4 groups of >= 8 channels each way, >= 12 outputs x
+    taps) is our tiled product whatever the rest; elsewhere it runs as one matrix product (aten::addmm_) where that is
+    faster (cpu_weight_gradient_path): short rows that would be ours, and all but few outputs from long reductions
+    that would be oneDNN's. A pointwise layer's ops are matrix products (pointwise_as_product: aten::bmm, the weight
+    gradient's aten::addmm_). Checked by the ATen ops each pyops op calls (torch.profiler); values equal F.conv1d's
+    in float64 either way."""
     monkeypatch.setenv("PYOPS_CONV1D_PATH", "auto")
     n, cin, cout, length, k, stride, groups = config
     g = torch.Generator().manual_seed(8)
@@ -977,9 +998,9 @@ def test_each_op_takes_aten_where_its_own_product_is_wide(config, routes, monkey
     b = rand((cout,), torch.float32, "cpu", g)
     args = (stride, k // 2, 1, groups)
     grad_out = rand(tuple(torch.nn.functional.conv1d(x, w, b, *args).shape), torch.float32, "cpu", g)
-    here = blas_runs_full_width()
-    expected = {op: route if isinstance(route, str) else route[0 if here else 1]
-                for op, route in zip(("forward", "input", "weight"), routes)}
+    here, avx512 = blas_runs_full_width(), pyops._C.cpu_kernel_isa() == "avx512"
+    expected = {op: route if isinstance(route, str) else route[2 - avx512] if route[0] == "avx512" else
+                route[0 if here else 1] for op, route in zip(("forward", "input", "weight"), routes)}
     calls = {"forward": lambda: torch.ops.pyops.conv1d(x, w, b, *args),
              "input": lambda: torch.ops.pyops.conv1d_backward_input(grad_out, w, length, *args),
              "weight": lambda: torch.ops.pyops.conv1d_backward_weight(grad_out, x, k, *args)}

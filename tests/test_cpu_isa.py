@@ -70,30 +70,57 @@ def conv1d_configs(count, seed):
             dilation, groups
 
 
+def assert_conv1d_matches(config, dtype, gen, isa):
+    """pyops.conv1d's output and three gradients vs F.conv1d's in float64 for one layer
+    (batch, cin, length, cout, k, stride, padding, dilation, groups)."""
+    n, cin, length, cout, k, stride, padding, dilation, groups = config
+    rtol, atol = tolerances(dtype)
+    x = torch.randn(n, cin, length, generator=gen, dtype=torch.float64)
+    w = torch.randn(cout, cin // groups, k, generator=gen, dtype=torch.float64)
+    b = torch.randn(cout, generator=gen, dtype=torch.float64)
+    args = (stride, padding, dilation, groups)
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    ref = F.conv1d(xr, wr, br, *args)
+    gy = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    ref_grads = torch.autograd.grad(ref, (xr, wr, br), gy)
+    xo, wo, bo = (t.to(dtype).requires_grad_() for t in (x, w, b))
+    out = pyops.conv1d(xo, wo, bo, *args)
+    grads = torch.autograd.grad(out, (xo, wo, bo), gy.to(dtype))
+    label = f"{isa} {dtype} x{tuple(x.shape)} w{tuple(w.shape)} s/p/d/g {args}"
+    # (sums of up to cin*k*n*length products: the tolerance scales with their magnitude)
+    scale = (cin // groups) * k * max(1, n * ref.shape[-1] // 64)
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=rtol, atol=atol * scale, msg=label)
+    for name, got, want in zip(("input", "weight", "bias"), grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol * scale, msg=f"grad_{name} {label}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("seed", range(4))
 def test_conv1d_kernels(isa, seed, dtype, monkeypatch):
     monkeypatch.setenv("PYOPS_CONV1D_PATH", "direct")
-    rtol, atol = tolerances(dtype)
     gen = torch.Generator().manual_seed(seed)
-    for n, cin, length, cout, k, stride, padding, dilation, groups in conv1d_configs(12, seed):
-        x = torch.randn(n, cin, length, generator=gen, dtype=torch.float64)
-        w = torch.randn(cout, cin // groups, k, generator=gen, dtype=torch.float64)
-        b = torch.randn(cout, generator=gen, dtype=torch.float64)
-        args = (stride, padding, dilation, groups)
-        xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
-        ref = F.conv1d(xr, wr, br, *args)
-        gy = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
-        ref_grads = torch.autograd.grad(ref, (xr, wr, br), gy)
-        xo, wo, bo = (t.to(dtype).requires_grad_() for t in (x, w, b))
-        out = pyops.conv1d(xo, wo, bo, *args)
-        grads = torch.autograd.grad(out, (xo, wo, bo), gy.to(dtype))
-        label = f"{isa} {dtype} x{tuple(x.shape)} w{tuple(w.shape)} s/p/d/g {args}"
-        # (sums of up to cin*k*n*length products: the tolerance scales with their magnitude)
-        scale = (cin // groups) * k * max(1, n * ref.shape[-1] // 64)
-        torch.testing.assert_close(out.double(), ref.detach(), rtol=rtol, atol=atol * scale, msg=label)
-        for name, got, want in zip(("input", "weight", "bias"), grads, ref_grads):
-            torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol * scale, msg=f"grad_{name} {label}")
+    for config in conv1d_configs(12, seed):
+        assert_conv1d_matches(config, dtype, gen, isa)
+
+
+# Dense layers, whose weight gradient is the tiled product (conv1d_cpu_weight_dense.cpp; dense_weight_gradient: 1-4
+# groups of >= 8 channels each way, >= 12 outputs x taps): output channels that leave a partial block of the tile's 6
+# rows (13, 20, 9), input channels that are not whole vectors (its zero channels: 12, 20, 40, 9 a group), rows 1 KB
+# apart (256 channels: the pitch's extra vector), strides 2 and 3, dilation, padding wider than the filter (taps
+# reading only zeros), 1-3 groups, several chunks of positions (> 256 outputs) and of samples (a sample of > 1 MB),
+# one output position, short rows.
+# (batch, cin, length, cout, k, stride, padding, dilation, groups)
+DENSE_WEIGHT = [(3, 24, 300, 13, 3, 1, 1, 1, 1), (2, 40, 517, 20, 5, 2, 4, 2, 1), (3, 256, 1100, 16, 3, 1, 1, 1, 1),
+                (4, 64, 90, 48, 4, 3, 6, 1, 2), (2, 27, 33, 27, 7, 1, 9, 1, 3), (5, 12, 20, 9, 2, 1, 0, 1, 1),
+                (2, 32, 5, 64, 5, 1, 0, 1, 1), (64, 16, 12, 32, 3, 2, 1, 3, 2)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_conv1d_dense_weight_kernel(isa, dtype, monkeypatch):
+    monkeypatch.setenv("PYOPS_CONV1D_PATH", "direct")
+    gen = torch.Generator().manual_seed(37)
+    for config in DENSE_WEIGHT:
+        assert_conv1d_matches(config, dtype, gen, isa)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

@@ -107,6 +107,13 @@ PYOPS_DECLARE_CPU_KERNEL(void correlate_cpu(const at::Tensor& in, const at::Tens
 PYOPS_DECLARE_CPU_KERNEL(void correlate_weight_cpu(const at::Tensor& gy, const at::Tensor& x, at::Tensor& grad_weight,
                                                    at::Tensor& grad_bias, int64_t stride, int64_t dilation,
                                                    int64_t offset, int64_t groups))
+// The same sums (and grad_bias, where defined) for layers with many channels a group, as register-tiled products of
+// grad_output by the transposed input (conv1d_cpu_weight_dense.cpp); gy (N, C_out, L_out) and x (N, C_in, L)
+// contiguous, neither empty. A tap that reads padding multiplies its zeros by grad_output: where that holds an inf or
+// NaN the sums can be NaN where those of the existing pairs are not (the caller checks).
+PYOPS_DECLARE_CPU_KERNEL(void dense_weight_cpu(const at::Tensor& gy, const at::Tensor& x, at::Tensor& grad_weight,
+                                               at::Tensor& grad_bias, int64_t stride, int64_t padding,
+                                               int64_t dilation, int64_t groups))
 
 // Short rows on the CPU: rows much shorter than the kernels' vectors spend their time in per-row edges and loop
 // overhead (N=1024 rows of 16: 3-7x slower than oneDNN), so below kShortRow positions the kernels lay the samples
@@ -147,7 +154,10 @@ void merge_phases(const at::Tensor& slabs, int64_t stride, at::Tensor& out);
 // How the CPU computes a weight gradient: our kernel, the library's (oneDNN's, or ATen's im2col GEMM on one small
 // image), or one matrix product through ATen's BLAS (conv1d_cpu_gemm.cpp): as forced by conv1d_path() (gemm: float32
 // and float64; half precision takes the library's), or under auto where each is fastest (cpu_weight_gradient_path).
-enum class WeightGradientPath { kDirect, kLibrary, kGemm };
+// Our two kernels: correlate_weight_cpu (kDirect) and, for layers with several channels each way a group,
+// dense_weight_cpu (kDense: dense_weight_gradient below, under direct and auto alike).
+enum class WeightGradientPath { kDirect, kDense, kLibrary, kGemm };
+bool dense_weight_gradient(const Conv1dGeometry& g, at::ScalarType dtype);
 WeightGradientPath cpu_weight_gradient_path(const Conv1dGeometry& g, at::ScalarType dtype);
 // grad_weight, and grad_bias when with_bias (from the same pass over grad_output; undefined otherwise).
 // A pointwise layer's (below) on rows of >= 64 positions sums per-sample products instead of one product of copies.

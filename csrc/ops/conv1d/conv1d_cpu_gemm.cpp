@@ -110,6 +110,20 @@ at::Tensor read_positions(const at::Tensor& x, const Conv1dGeometry& g) {
 
 }  // namespace
 
+// Stop 37 (bench/NOTES-conv1d.md): our tiled product (dense_weight_cpu) for float32 and float64 layers of 1-4 groups
+// (the sweeps' range: 8 groups of 128->64 k5 on 2 positions 254 vs oneDNN 159 us) of >= 8 input and >= 8 output
+// channels a group with >= 12 outputs x taps: fewer, and the transposed input costs more than the
+// products it feeds (40->8 k1 on 8 x 2323: 169 vs 72 us with correlate_weight_cpu). 160 random such layers on the
+// Zen 5 VM (1-4 groups, 8-512 channels, k 1-9, strides 1-3, dilation 1-2, 1M-300M multiply-adds): the tiled product
+// fastest on most, the rule's choice 1.02 geomean over the fastest of it, correlate_weight_cpu and oneDNN's
+// (oneDNN's alone 1.56, correlate_weight_cpu's 2.81; the dense TCN's 128->128 k3 on 4 x 1024 0.91 vs oneDNN 1.05 ms).
+// In AVX2 builds against oneDNN capped at AVX2 and MKL (AVX2 here) on 120 more: 1.02 (oneDNN 1.50, MKL 1.51).
+bool dense_weight_gradient(const Conv1dGeometry& g, at::ScalarType dtype) {
+  const int64_t in = g.in_per_group(), out = g.out_per_group();
+  return (dtype == at::kFloat || dtype == at::kDouble) && g.groups <= 4 && in >= 8 && out >= 8 &&
+         out * g.kernel_size >= 12;
+}
+
 // Stop 30 (bench/NOTES-conv1d.md): 1500 random layers (batch 1-64, 4-256 channels, k 1-11, stride 1-3, dilation
 // 1-2, groups 1-4, 1 and 2 threads, Intel Sapphire Rapids) timed on each path, half to fit the rule, half held out.
 // The product was the fastest of four paths (ours, oneDNN's, it, the per-tap GEMMs it replaced) on 747 layers,
@@ -132,14 +146,20 @@ at::Tensor read_positions(const at::Tensor& x, const Conv1dGeometry& g) {
 // on AVX2 (Zen 4 0.83-0.96x, Zen 5 0.55x oneDNN's speed with the per-tap GEMMs). float64 too (where ATen's library
 // path is its own im2col convolution, oneDNN having none): 240 random float64 layers, this rule fitted on float32
 // scored 1.11 geomean / 1.13 total over the fastest path, stop 29's 1.50 / 1.38 (the product fastest on 152).
+// Stop 37: the tiled product (dense_weight_cpu) came after; in its region it replaces all three.
 WeightGradientPath cpu_weight_gradient_path(const Conv1dGeometry& g, at::ScalarType dtype) {
   const bool gemm_dtype = product_dtype(dtype);  // (half: computed in float32 or oneDNN's)
+  const bool dense = dense_weight_gradient(g, dtype);
   switch (conv1d_path()) {
-    case Conv1dPath::kDirect: return WeightGradientPath::kDirect;
+    case Conv1dPath::kDirect: return dense ? WeightGradientPath::kDense : WeightGradientPath::kDirect;
     case Conv1dPath::kLibrary: return WeightGradientPath::kLibrary;
     case Conv1dPath::kGemm: return gemm_dtype ? WeightGradientPath::kGemm : WeightGradientPath::kLibrary;
     case Conv1dPath::kAuto: break;
   }
+  // (except pointwise layers' per-sample products where MKL runs as wide as oneDNN: fitted on Intel, stop 31, where
+  // the tiled product is unmeasured)
+  const bool per_sample = gemm_dtype && blas_runs_full_width() && sums_per_sample_products(g);
+  if (dense && !per_sample) return WeightGradientPath::kDense;
   const bool library = conv1d_use_library(g, Conv1dOp::kBackwardWeight, /*cuda=*/false);
   const WeightGradientPath otherwise = library ? WeightGradientPath::kLibrary : WeightGradientPath::kDirect;
   const double outputs = g.out_per_group(), columns = double(g.in_per_group()) * g.kernel_size;
