@@ -812,13 +812,16 @@ def test_strides_past_the_input_give_one_window(monkeypatch, path, channels):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_paddings_and_dilations_near_int64_range(monkeypatch, dtype, batch):
+@pytest.mark.parametrize("channels", [4, 8])
+def test_paddings_and_dilations_near_int64_range(monkeypatch, dtype, batch, channels):
     """Strides, paddings and dilations near 2**62 are valid arguments: the staging rule's products overflowed int64
     (a null staging buffer written at offsets near 2**60: segfault, or vector::_M_default_append), and a short-row
-    batch laid its samples end to end with the padding written out as zeros (padding 5e6: +0.6 GB, 10x slower)."""
+    batch laid its samples end to end with the padding written out as zeros (padding 5e6: +0.6 GB, 10x slower).
+    With 8 channels the weight gradient would be the tiled product's, which holds the padded positions: padding
+    wider than the input keeps it on the correlation kernel."""
     monkeypatch.setenv("PYOPS_CONV1D_PATH", "direct")
     g = torch.Generator().manual_seed(3)
-    x, w = rand((batch, 4, 10), dtype, gen=g), rand((4, 4, 3), dtype, gen=g)
+    x, w = rand((batch, channels, 10), dtype, gen=g), rand((channels, channels, 3), dtype, gen=g)
     near = 2**62 - 1
     # (stride, padding, dilation), on inputs of 10 and of 1: two windows, one window, the padding's zeros only
     for length, args in [(10, (2**61, 2**60, 1)), (1, (2, near, near)), (1, (1, near, near)),

@@ -221,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cpu(const at::Tensor& grad_ou
   // (the AVX-512 build only for long rows of one row per group: 1.10-1.19x the AVX2 build there, 0.92x on rows under
   // 64 outputs, and 0.84x geomean on dense layers, whose 16-lane accumulators end in longer reductions, stop 35)
   const bool one_row_per_group = g.in_channels == groups && g.out_channels == groups;
-  PYOPS_CPU_KERNEL_IF((one_row_per_group && g.out_length >= 512), correlate_weight_cpu)(
+  PYOPS_CPU_KERNEL_IF(one_row_per_group && g.out_length >= 512, correlate_weight_cpu)(
       grad_output.contiguous(), input.contiguous(), grad_weight, grad_bias, stride, dilation, -padding, groups);
   return {grad_weight, grad_bias};
 }

@@ -118,10 +118,11 @@ at::Tensor read_positions(const at::Tensor& x, const Conv1dGeometry& g) {
 // fastest on most, the rule's choice 1.02 geomean over the fastest of it, correlate_weight_cpu and oneDNN's
 // (oneDNN's alone 1.56, correlate_weight_cpu's 2.81; the dense TCN's 128->128 k3 on 4 x 1024 0.91 vs oneDNN 1.05 ms).
 // In AVX2 builds against oneDNN capped at AVX2 and MKL (AVX2 here) on 120 more: 1.02 (oneDNN 1.50, MKL 1.51).
+// (and padding no wider than the input: the transposed input holds the padded positions, at most 3x its rows)
 bool dense_weight_gradient(const Conv1dGeometry& g, at::ScalarType dtype) {
   const int64_t in = g.in_per_group(), out = g.out_per_group();
   return (dtype == at::kFloat || dtype == at::kDouble) && g.groups <= 4 && in >= 8 && out >= 8 &&
-         out * g.kernel_size >= 12;
+         out * g.kernel_size >= 12 && g.padding <= g.in_length;
 }
 
 // Stop 30 (bench/NOTES-conv1d.md): 1500 random layers (batch 1-64, 4-256 channels, k 1-11, stride 1-3, dilation

@@ -104,7 +104,7 @@ void transpose(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int64_t row
   }
 }
 
-// xt (count, positions, groups * padded) from samples [n0, n0 + count) of x (N, C_in, L) contiguous: row p holds
+// xt (count, positions, pitch) from samples [n0, n0 + count) of x (N, C_in, L) contiguous: row p holds
 // input position p - padding, zero outside the input and in each group's padding channels.
 template <typename T>
 void transpose_input(const T* x, int64_t n0, int64_t count, int64_t in_channels, int64_t length, int64_t padding,
