@@ -954,8 +954,8 @@ ROUTES = [
     ((4, 256, 2, 256, 3, 1, 1), ("direct", "direct", "direct")),  # few outputs forward, a short reduction back
     ((2, 8, 256, 1024, 9, 1, 1), ("direct", "direct", "direct")),  # short reductions, long rows (> 1 image)
     ((8, 64, 64, 6, 3, 1, 1), ("direct", "direct", "direct")),  # < 1M multiply-adds
-    # keyword spotting: short rows, batch 32; with 4 input channels, outside the tiled product: the matrix product
-    # where it runs as wide as oneDNN
+    # keyword spotting: short rows, batch 32 (its weight gradient the tiled product's); with 4 input channels, outside
+    # the tiled product: the matrix product where it runs as wide as oneDNN
     ((32, 40, 64, 101, 3, 1, 1), ("direct", ("avx512", "direct", "library"), "direct")),
     ((64, 4, 128, 100, 5, 1, 1), ("direct", "direct", ("gemm", "direct"))),
     ((8, 256, 16, 300, 3, 1, 1), ("library", "direct", "direct")),  # few outputs from a long reduction
