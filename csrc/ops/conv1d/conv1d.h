@@ -107,13 +107,12 @@ PYOPS_DECLARE_CPU_KERNEL(void correlate_cpu(const at::Tensor& in, const at::Tens
 PYOPS_DECLARE_CPU_KERNEL(void correlate_weight_cpu(const at::Tensor& gy, const at::Tensor& x, at::Tensor& grad_weight,
                                                    at::Tensor& grad_bias, int64_t stride, int64_t dilation,
                                                    int64_t offset, int64_t groups))
-// The same sums (and grad_bias, where defined) for layers with many channels a group, as register-tiled products of
-// grad_output by the transposed input (conv1d_cpu_weight_dense.cpp); gy (N, C_out, L_out) and x (N, C_in, L)
-// contiguous, neither empty. A tap that reads padding multiplies its zeros by grad_output: where that holds an inf or
-// NaN the sums can be NaN where those of the existing pairs are not (the caller checks).
+// The same weight sums for layers with many channels a group, as register-tiled products of grad_output by the
+// transposed input (conv1d_cpu_weight_dense.cpp); gy (N, C_out, L_out) and x (N, C_in, L) contiguous, neither empty.
+// A tap that reads padding multiplies its zeros by grad_output: where that holds an inf or NaN the sums can be NaN
+// where those of the existing pairs are not (the caller checks). Its grad_bias: bias_gradient_cpu below.
 PYOPS_DECLARE_CPU_KERNEL(void dense_weight_cpu(const at::Tensor& gy, const at::Tensor& x, at::Tensor& grad_weight,
-                                               at::Tensor& grad_bias, int64_t stride, int64_t padding,
-                                               int64_t dilation, int64_t groups))
+                                               int64_t stride, int64_t padding, int64_t dilation, int64_t groups))
 
 // Short rows on the CPU: rows much shorter than the kernels' vectors spend their time in per-row edges and loop
 // overhead (N=1024 rows of 16: 3-7x slower than oneDNN), so below kShortRow positions the kernels lay the samples
@@ -161,6 +160,9 @@ bool dense_weight_gradient(const Conv1dGeometry& g, at::ScalarType dtype);
 WeightGradientPath cpu_weight_gradient_path(const Conv1dGeometry& g, at::ScalarType dtype);
 // grad_weight, and grad_bias when with_bias (from the same pass over grad_output; undefined otherwise).
 // A pointwise layer's (below) on rows of >= 64 positions sums per-sample products instead of one product of copies.
+// grad_bias (C_out) = grad_output summed over batch and positions, in an order fixed by the shape (row sums, then
+// the batch in order); gy contiguous float32/float64 (N, C_out, L_out).
+at::Tensor bias_gradient_cpu(const at::Tensor& gy, const Conv1dGeometry& g);
 std::tuple<at::Tensor, at::Tensor> gemm_conv1d_backward_weight(const at::Tensor& grad_output, const at::Tensor& input,
                                                                const Conv1dGeometry& g, bool with_bias);
 

@@ -210,14 +210,14 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cpu(const at::Tensor& grad_ou
   }
   at::Tensor grad_weight = at::empty({g.out_channels, g.in_per_group(), kernel_size}, input.options());
   if (grad_weight.numel() == 0) return {grad_weight, bias_sum()};
-  at::Tensor grad_bias = with_bias ? at::empty({g.out_channels}, input.options()) : at::Tensor();
   if (path == WeightGradientPath::kDense) {
     // (as the product's: a tap reading padding multiplies zeros by grad_output; where that makes a non-finite sum,
     // the kernel below sums only the existing pairs)
-    PYOPS_CPU_KERNEL(dense_weight_cpu)(grad_output.contiguous(), input.contiguous(), grad_weight, grad_bias, stride,
-                                       padding, dilation, groups);
-    if (all_finite(grad_weight)) return {grad_weight, grad_bias};
+    const at::Tensor gy = grad_output.contiguous();
+    PYOPS_CPU_KERNEL(dense_weight_cpu)(gy, input.contiguous(), grad_weight, stride, padding, dilation, groups);
+    if (all_finite(grad_weight)) return {grad_weight, with_bias ? bias_gradient_cpu(gy, g) : at::Tensor()};
   }
+  at::Tensor grad_bias = with_bias ? at::empty({g.out_channels}, input.options()) : at::Tensor();
   // (the AVX-512 build only for long rows of one row per group: 1.10-1.19x the AVX2 build there, 0.92x on rows under
   // 64 outputs, and 0.84x geomean on dense layers, whose 16-lane accumulators end in longer reductions, stop 35)
   const bool one_row_per_group = g.in_channels == groups && g.out_channels == groups;

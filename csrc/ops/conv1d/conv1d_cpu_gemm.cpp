@@ -121,7 +121,7 @@ at::Tensor read_positions(const at::Tensor& x, const Conv1dGeometry& g) {
 // (and padding no wider than the input: the transposed input holds the padded positions, at most 3x its rows)
 bool dense_weight_gradient(const Conv1dGeometry& g, at::ScalarType dtype) {
   const int64_t in = g.in_per_group(), out = g.out_per_group();
-  return (dtype == at::kFloat || dtype == at::kDouble) && g.groups <= 4 && in >= 8 && out >= 8 &&
+  return product_dtype(dtype) && g.groups <= 4 && in >= 8 && out >= 8 &&
          out * g.kernel_size >= 12 && g.padding <= g.in_length;
 }
 
@@ -196,20 +196,22 @@ std::tuple<at::Tensor, at::Tensor> per_sample_weight_gradient(const at::Tensor& 
   const at::Tensor x = read_positions(input, g);
   at::Tensor grad = at::zeros({g.out_channels, g.in_channels}, gy.options());
   for (int64_t n = 0; n < g.batch; ++n) grad.addmm_(gy[n], x[n].t());
-  at::Tensor grad_bias = with_bias ? at::zeros({g.out_channels}, gy.options()) : at::Tensor();
-  if (with_bias) {
-    const at::Tensor sums = at::empty({g.out_channels * g.batch}, gy.options());
-    AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "pyops_conv1d_pointwise_bias", [&] {
-      // (the rows in channel-first order, as channels_first numbers them)
-      channels_first(gy.const_data_ptr<scalar_t>(), g, 0, g.batch, static_cast<scalar_t*>(nullptr),
-                     sums.mutable_data_ptr<scalar_t>());
-      add_row_sums(sums.const_data_ptr<scalar_t>(), g.out_channels, g.batch, grad_bias.mutable_data_ptr<scalar_t>());
-    });
-  }
-  return {grad.view({g.out_channels, g.in_channels, 1}), grad_bias};
+  return {grad.view({g.out_channels, g.in_channels, 1}), with_bias ? bias_gradient_cpu(gy, g) : at::Tensor()};
 }
 
 }  // namespace
+
+at::Tensor bias_gradient_cpu(const at::Tensor& gy, const Conv1dGeometry& g) {
+  at::Tensor grad_bias = at::zeros({g.out_channels}, gy.options());
+  const at::Tensor sums = at::empty({g.out_channels * g.batch}, gy.options());
+  AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "pyops_conv1d_bias_gradient", [&] {
+    // (the rows in channel-first order, as channels_first numbers them)
+    channels_first(gy.const_data_ptr<scalar_t>(), g, 0, g.batch, static_cast<scalar_t*>(nullptr),
+                   sums.mutable_data_ptr<scalar_t>());
+    add_row_sums(sums.const_data_ptr<scalar_t>(), g.out_channels, g.batch, grad_bias.mutable_data_ptr<scalar_t>());
+  });
+  return grad_bias;
+}
 
 std::tuple<at::Tensor, at::Tensor> gemm_conv1d_backward_weight(const at::Tensor& grad_output, const at::Tensor& input,
                                                                const Conv1dGeometry& g, bool with_bias) {

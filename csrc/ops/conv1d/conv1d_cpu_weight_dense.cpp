@@ -38,7 +38,7 @@ constexpr int64_t kChunk = 256, kChunkBytes = 256 << 10;
 constexpr int64_t kPackBytes = 1 << 20;
 
 struct DenseWeightShape {
-  int64_t batch, out_channels, out_length, groups, out_per_group, kernel_size, stride, dilation;
+  int64_t out_channels, out_length, groups, out_per_group, kernel_size, stride, dilation;
   int64_t positions;  // xt's rows a sample: (L_out - 1) * stride + (K - 1) * dilation + 1
   int64_t padded;     // channels a group in xt, a whole number of vectors
   int64_t pitch;      // xt's row: groups * padded, plus a vector where that is a multiple of 1 KB (rows that far
@@ -156,52 +156,33 @@ void add_products(const T* gy, const T* xt, int64_t n0, int64_t count, const Den
   });
 }
 
-// grad_bias[o] = sum over n, j of gy[n, o, j], each channel's sum in a fixed order.
-template <typename T>
-void bias_sums(const T* gy, const DenseWeightShape& s, T* grad_bias) {
-  using Vec = Vectorized<T>;
-  constexpr int64_t V = Vec::size();
-  at::parallel_for(0, s.out_channels, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; ++o) {
-      Vec acc(T(0));
-      T tail = 0;
-      for (int64_t n = 0; n < s.batch; ++n) {
-        const T* row = gy + (n * s.out_channels + o) * s.out_length;
-        int64_t j = 0;
-        for (; j + V <= s.out_length; j += V) acc = acc + Vec::loadu(row + j);
-        for (; j < s.out_length; ++j) tail += row[j];
-      }
-      grad_bias[o] = hsum(acc) + tail;
-    }
-  });
-}
-
 }  // namespace
 
-void dense_weight_cpu(const at::Tensor& gy, const at::Tensor& x, at::Tensor& grad_weight, at::Tensor& grad_bias,
-                      int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
+void dense_weight_cpu(const at::Tensor& gy, const at::Tensor& x, at::Tensor& grad_weight, int64_t stride,
+                      int64_t padding, int64_t dilation, int64_t groups) {
   const int64_t batch = x.size(0), in_channels = x.size(1), length = x.size(2);
   const int64_t out_channels = gy.size(1), out_length = gy.size(2), kernel_size = grad_weight.size(2);
   const int64_t cg = in_channels / groups;
-  const int64_t lanes = x.scalar_type() == at::kFloat ? Vectorized<float>::size() : Vectorized<double>::size();
-  const int64_t padded = (cg + lanes - 1) / lanes * lanes, bytes = groups * padded * x.element_size();
-  const int64_t positions = (out_length - 1) * stride + (kernel_size - 1) * dilation + 1;
-  const DenseWeightShape s{batch, out_channels, out_length, groups, out_channels / groups, kernel_size, stride,
-                           dilation, positions, padded, groups * padded + (bytes % 1024 == 0 ? lanes : 0)};
-  const int64_t chunk = std::clamp<int64_t>(kPackBytes / (s.positions * s.pitch * x.element_size()), 1, batch);
-  const at::Tensor xt = at::empty({chunk * s.positions * s.pitch}, x.options());
-  const at::Tensor sums = at::zeros({kernel_size * out_channels * s.padded}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pyops_conv1d_dense_weight_cpu", [&] {
-    scalar_t* packed = xt.mutable_data_ptr<scalar_t>();
+    constexpr int64_t lanes = Vectorized<scalar_t>::size();
+    const int64_t padded = (cg + lanes - 1) / lanes * lanes, bytes = groups * padded * int64_t{sizeof(scalar_t)};
+    const int64_t positions = (out_length - 1) * stride + (kernel_size - 1) * dilation + 1;
+    const DenseWeightShape s{out_channels, out_length, groups, out_channels / groups, kernel_size, stride,
+                             dilation, positions, padded, groups * padded + (bytes % 1024 == 0 ? lanes : 0)};
+    const int64_t chunk =
+        std::clamp<int64_t>(kPackBytes / (s.positions * s.pitch * int64_t{sizeof(scalar_t)}), 1, batch);
+    const at::Tensor xt = at::empty({chunk * s.positions * s.pitch}, x.options());
+    const at::Tensor sums = at::zeros({kernel_size * out_channels * s.padded}, x.options());
     for (int64_t n0 = 0; n0 < batch; n0 += chunk) {
       const int64_t count = std::min(chunk, batch - n0);
-      transpose_input(x.const_data_ptr<scalar_t>(), n0, count, in_channels, length, padding, s, packed);
-      add_products(gy.const_data_ptr<scalar_t>(), packed, n0, count, s, sums.mutable_data_ptr<scalar_t>());
+      transpose_input(x.const_data_ptr<scalar_t>(), n0, count, in_channels, length, padding, s,
+                      xt.mutable_data_ptr<scalar_t>());
+      add_products(gy.const_data_ptr<scalar_t>(), xt.const_data_ptr<scalar_t>(), n0, count, s,
+                   sums.mutable_data_ptr<scalar_t>());
     }
-    if (grad_bias.defined()) bias_sums(gy.const_data_ptr<scalar_t>(), s, grad_bias.mutable_data_ptr<scalar_t>());
+    // (K, C_out, padded) -> (C_out, C_in / groups, K)
+    grad_weight.copy_(sums.view({kernel_size, out_channels, s.padded}).narrow(2, 0, cg).permute({1, 2, 0}));
   });
-  // (K, C_out, padded) -> (C_out, C_in / groups, K)
-  grad_weight.copy_(sums.view({kernel_size, out_channels, s.padded}).narrow(2, 0, cg).permute({1, 2, 0}));
 }
 
 }  // namespace PYOPS_CPU_ISA
