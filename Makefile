@@ -8,9 +8,8 @@ BUILT := build/.pyops-built
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py pyproject.toml
 PYTEST_FLAGS ?= -q
 BENCH_FLAGS ?= --benchmark-warmup=on --benchmark-min-rounds=5 --benchmark-max-time=0.5
-OUT ?= bench/results
 
-.PHONY: build test demo bench gpu-check clean
+.PHONY: build test demo bench fuzz gpu-check clean
 
 # A fresh .venv with the pinned packages; redone only when requirements.txt changes.
 $(DEPS): requirements.txt
@@ -41,6 +40,11 @@ bench: build
 	mkdir -p bench/results
 	$(BENCH_MALLOC) $(VPY) -m pytest bench --device cpu $(BENCH_FLAGS) --benchmark-json=bench/results/cpu.json -p no:cacheprovider
 	$(VPY) bench/report.py bench/results/cpu.json --out bench/results --stat min
+
+# Many wider random layers than the unit tests draw, through every forced route and CPU instruction set, against
+# float64 PyTorch (half a minute on 2 cores; not part of `make test`): FUZZ_FLAGS="--cases 1000 --seed 7" for more.
+fuzz: build
+	$(VPY) tests/fuzz_routes.py $(FUZZ_FLAGS)
 
 # For the lent GPU machine: its own python3 and torch as they are (no venv, nothing installed), the extension built
 # in place for the visible GPU, the whole test suite with CUDA present, the CUDA benchmarks, a short table last.

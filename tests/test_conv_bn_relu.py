@@ -623,6 +623,42 @@ def test_one_by_one_gradients_are_a_pointwise_conv1ds(device, dtype, monkeypatch
         assert torch.autograd.gradgradcheck(lambda x, w: conv2d_bias_act(x, w, None), (xs, ws))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_strided_one_by_one_gradients_gather_the_sampled_positions(device, dtype, channels_last, monkeypatch):
+    """A strided 1×1 layer without padding is a pointwise conv1d over the positions its stride samples: on the CPU,
+    on every path, its gradients come from pyops' conv1d backward ops on the gathered positions (grad_input zero
+    elsewhere, in the input's layout) for NCHW inputs, and for channels_last ones of under 16 input channels, where
+    oneDNN's strided 1×1 weight gradient wrote outside its buffers in torch 2.14.1 (heap corruption: stop 38);
+    channels_last inputs of more channels keep ATen's backward (oneDNN's layout, faster there). Sizes the strides do
+    not divide, with bias, residual and ReLU, against the float64 reference."""
+    torch.manual_seed(0)
+    d = dict(dtype=dtype, device=device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-4)
+    for cin, stride in ((3, (2, 1)), (3, (2, 2)), (20, (2, 2)), (5, (3, 2))):
+        x = torch.randn(3, cin, 9, 11, **d).contiguous(memory_format=fmt)
+        w, b = torch.randn(6, cin, 1, 1, **d), torch.randn(6, **d)
+        oh, ow = (8 // stride[0] + 1, 10 // stride[1] + 1)
+        r, gy = torch.randn(3, 6, oh, ow, **d), torch.randn(3, 6, oh, ow, **d)
+        ours = device == "cpu" and (not channels_last or cin < 16)
+        for path in ("auto", "library"):
+            monkeypatch.setenv("PYOPS_CONV_PATH", path)
+            for wanted in ((x, w, b, r), (x,), (w,)):
+                for t in (x, w, b, r):
+                    t.requires_grad_(any(t is u for u in wanted))
+                with torch.profiler.profile() as prof:
+                    got = torch.autograd.grad(conv2d_bias_act(x, w, b, stride, residual=r), wanted, gy)
+                ref = reference.conv2d_bias_act(x.double(), w.double(), b.double(), stride,
+                                                residual=r.double())
+                for a, e in zip(got, torch.autograd.grad(ref, wanted, gy.double())):
+                    torch.testing.assert_close(a.double(), e.double(), **tol)
+                names = {e.name for e in prof.events()}
+                assert any(n.startswith("pyops::conv1d_backward") for n in names) == ours, (cin, stride, path)
+                if wanted[0] is x:
+                    assert got[0].is_contiguous(memory_format=fmt)
+
+
 def test_gradcheck(device):
     x, w, b, g, beta, mean, var, r = grad_inputs(device)
     # small slices keep gradcheck's numerical Jacobian cheap on this 2-core CPU

@@ -101,21 +101,28 @@ struct ConvArgs {
   }
 };
 
-// A 1×1 layer at stride 1 without padding, one group, on NCHW float32/float64 CPU tensors is a pointwise conv1d over
-// its H·W positions, whose CPU gradients are matrix products where that is faster (conv1d's routing,
+// A 1×1 layer without padding, in one group, on float32/float64 CPU tensors is a pointwise conv1d over the positions
+// its stride samples, whose CPU gradients are matrix products where that is faster (conv1d's routing,
 // pointwise_as_product): oneDNN's convolution_backward converts a 1×1 layer's tensors to its blocked layout and back
-// (ResNet-50's bottleneck 1×1 layers at batch 4: 1.1-1.4x; bench/NOTES-conv_bn_relu.md, stop 31). Under
-// PYOPS_CONV_PATH=auto only: library and direct keep ATen's backward.
+// (ResNet-50's bottleneck 1×1 layers at batch 4: 1.1-1.4x; bench/NOTES-conv_bn_relu.md, stop 31). At stride 1 on
+// NCHW tensors under PYOPS_CONV_PATH=auto (library and direct keep ATen's backward). Strided layers, their
+// positions gathered, on every path: NCHW ones 1.25-4x faster than ATen's backward (ResNet's downsampling layers
+// at batch 4, stop 38); channels_last ones, oneDNN's own layout, 1.1-2x slower than it, except under 16 input
+// channels, where oneDNN's strided 1×1 weight gradient writes outside its buffers in torch 2.14.1 (heap corruption
+// and wrong results in later calls; found by tests/fuzz_routes.py, bench/NOTES-conv_bn_relu.md, stop 38).
 bool is_pointwise_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w, const ConvArgs& c) {
   const bool one_by_one = w.dim() == 4 && w.size(2) == 1 && w.size(3) == 1 && c.groups == 1;
-  const bool unit = c.stride == std::vector<int64_t>{1, 1} && c.padding == std::vector<int64_t>{0, 0};
   const bool dtype = x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
-  return one_by_one && unit && dtype && x.device().is_cpu() && x.dim() == 4 && x.is_contiguous() &&
-         grad.is_contiguous() && requested_conv_path() == ConvPath::kAuto;
+  if (!one_by_one || c.padding != std::vector<int64_t>{0, 0} || !dtype || !x.device().is_cpu() || x.dim() != 4)
+    return false;
+  if (c.stride != std::vector<int64_t>{1, 1})
+    return x.suggest_memory_format() != at::MemoryFormat::ChannelsLast || x.size(1) < 16;
+  return x.is_contiguous() && grad.is_contiguous() && requested_conv_path() == ConvPath::kAuto;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pointwise_backward(const at::Tensor& grad, const at::Tensor& x,
-                                                                  const at::Tensor& w, std::array<bool, 3> mask) {
+                                                                  const at::Tensor& w, const ConvArgs& c,
+                                                                  std::array<bool, 3> mask) {
   using Conv1dBackwardInput = at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt, int64_t, int64_t,
                                          int64_t, int64_t);
   using Conv1dBackwardWeight = at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt, int64_t, int64_t,
@@ -125,15 +132,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pointwise_backward(const at::Tens
   static const auto input_op = find_op<Conv1dBackwardInput>("pyops::conv1d_backward_input");
   static const auto weight_op = find_op<Conv1dBackwardWeight>("pyops::conv1d_backward_weight");
   static const auto weight_bias_op = find_op<Conv1dBackwardWeightBias>("pyops::conv1d_backward_weight_bias");
-  const int64_t n = x.size(0), positions = x.size(2) * x.size(3);
-  const at::Tensor gy = grad.view({n, grad.size(1), positions}), x1 = x.view({n, x.size(1), positions});
-  const at::Tensor w1 = w.reshape({w.size(0), w.size(1), 1});
+  // the positions the stride samples: (N, C, H_out, W_out)
+  const at::Tensor sampled = x.slice(2, 0, x.size(2), c.stride[0]).slice(3, 0, x.size(3), c.stride[1]);
+  const int64_t n = x.size(0), positions = grad.size(2) * grad.size(3);
+  const auto scatter = [&](const at::Tensor& g) {  // grad_x: zero where the stride samples nothing, in x's layout
+    if (g.sizes().equals(x.sizes())) return g;
+    at::Tensor full = at::zeros_like(x, x.suggest_memory_format());
+    full.slice(2, 0, x.size(2), c.stride[0]).slice(3, 0, x.size(3), c.stride[1]).copy_(g);
+    return full;
+  };
   at::Tensor gx, gw, gb;
-  if (mask[0]) gx = input_op.call(gy, w1, positions, 1, 0, 1, 1).view(x.sizes());
-  if (mask[1] && mask[2]) {
-    std::tie(gw, gb) = weight_bias_op.call(gy, x1, 1, 1, 0, 1, 1);
-  } else if (mask[1]) {
-    gw = weight_op.call(gy, x1, 1, 1, 0, 1, 1);
+  const at::Tensor gy = grad.contiguous().view({n, grad.size(1), positions});
+  const at::Tensor w1 = w.reshape({w.size(0), w.size(1), 1});
+  if (mask[0]) gx = scatter(input_op.call(gy, w1, positions, 1, 0, 1, 1).view(sampled.sizes()));
+  if (mask[1]) {
+    const at::Tensor x1 = sampled.contiguous().view({n, x.size(1), positions});
+    if (mask[2]) {
+      std::tie(gw, gb) = weight_bias_op.call(gy, x1, 1, 1, 0, 1, 1);
+    } else {
+      gw = weight_op.call(gy, x1, 1, 1, 0, 1, 1);
+    }
   } else if (mask[2]) {
     gb = grad.sum(at::IntArrayRef{0, 2, 3});
   }
@@ -145,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward(const at::Tensor& g
                                                              const at::Tensor& w, bool has_bias, const ConvArgs& c,
                                                              std::array<bool, 3> mask) {
   if (!mask[0] && !mask[1] && !mask[2]) return {};
-  if (is_pointwise_cpu(grad, x, w, c)) return pointwise_backward(grad, x, w, mask);
+  if (is_pointwise_cpu(grad, x, w, c)) return pointwise_backward(grad, x, w, c, mask);
   const int64_t out_channels = w.size(0);
   const at::OptionalIntArrayRef bias_sizes =
       has_bias ? at::OptionalIntArrayRef(at::IntArrayRef(&out_channels, 1)) : std::nullopt;
