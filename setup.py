@@ -3,7 +3,8 @@
 Environment switches (all optional):
   PYOPS_CPU_ONLY=1        build without CUDA even when nvcc is present
   FORCE_CUDA=1            fail unless the CUDA sources can be built (they are built whenever a toolkit is found)
-  CUDA_HOME               toolkit folder (holding bin/nvcc and lib64/libcudart.so); detected when unset
+  CUDA_HOME               toolkit folder (holding bin/nvcc and lib64/libcudart.so); detected when unset (CUDA_PATH,
+                          then nvcc on PATH)
   TORCH_CUDA_ARCH_LIST    e.g. "9.0" or "8.0;9.0"; default: the visible GPU's arch, else "8.0;9.0"
   MAX_JOBS                parallel compile jobs (ninja)
   DEBUG=1                 -O0 -g host code, -G device code

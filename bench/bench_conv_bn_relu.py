@@ -9,7 +9,6 @@ against eager and torch.compile (the module packs its weight once; see ConvBNReL
 the cuDNN-fused baseline (torch.cudnn_convolution_relu on the same folded weights). "[ours]" cases (CUDA) time our
 implicit GEMM (PYOPS_CONV_PATH=ours) against that baseline.
 """
-import os
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pyops
+from conftest import skip_unless_compile_timed
 
 # (Cin, Cout, k, stride, H): ResNet-50's layers; padding k // 2
 RESNET_SHAPES = [(3, 64, 7, 2, 112), (64, 64, 1, 1, 56), (64, 64, 3, 1, 56), (128, 128, 3, 1, 28),
@@ -92,8 +92,7 @@ def bench_conv_bn_relu(measure, device, shape, impl, variant):
     if variant >= len(VARIANTS[device]):
         pytest.skip(f"{device} has {len(VARIANTS[device])} dtype variants")
     name, dtype, fmt = VARIANTS[device][variant]
-    if impl == "torch.compile" and os.environ.get("PYOPS_BENCH_NO_COMPILE") == "1":
-        pytest.skip("PYOPS_BENCH_NO_COMPILE=1")
+    skip_unless_compile_timed(impl)
     block, x = make_block(shape, device, dtype, fmt)
     fn = {"pyops": lambda: pyops_fn(block, x), "eager": lambda: block,
           "torch.compile": lambda: compiled_fn(block, x, (shape, name))}[impl]()
@@ -110,8 +109,7 @@ def bench_conv_bn_add_relu(measure, device, impl):
     name, dtype, fmt = VARIANTS[device][0]
     block, x = make_block(RESIDUAL_SHAPE, device, dtype, fmt)
     r = torch.randn(x.shape[0], 64, 56, 56, device=device, dtype=dtype)
-    if impl == "torch.compile" and os.environ.get("PYOPS_BENCH_NO_COMPILE") == "1":
-        pytest.skip("PYOPS_BENCH_NO_COMPILE=1")
+    skip_unless_compile_timed(impl)
     fn = {"pyops": lambda: pyops_fn(block, x, r), "eager": lambda: (lambda: F.relu(block[1](block[0](x)) + r)),
           "torch.compile": lambda: compiled_fn(block, x, ("residual", name), r)}[impl]()
     flops, moved = counts(RESIDUAL_SHAPE, x.shape[0], x.element_size(), residual=True)
@@ -152,8 +150,7 @@ def bench_module(measure, device, shape, impl, variant):
         pytest.skip(f"{device} has {len(VARIANTS[device])} dtype variants")
     if impl != "pyops" and impl not in MODULE_BASELINES[device]:
         pytest.skip(f"{impl} is not a {device} baseline of the module")
-    if impl == "torch.compile" and os.environ.get("PYOPS_BENCH_NO_COMPILE") == "1":
-        pytest.skip("PYOPS_BENCH_NO_COMPILE=1")
+    skip_unless_compile_timed(impl)
     name, dtype, fmt = VARIANTS[device][variant]
     block, x = make_block(shape, device, dtype, fmt)
     module = pyops.nn.ConvBNReLU2d.from_modules(block[0], block[1])

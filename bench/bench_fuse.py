@@ -6,13 +6,13 @@ torch.compile (2.36× eager on an H100) as the peer to report against. torch.com
 peer; it compiles in the warm-up, outside the timer, in about 100 s per batch size on this 2-core CPU (first run;
 inductor's cache makes reruns faster). PYOPS_BENCH_COMPILE=0 leaves it out.
 """
-import os
 
 import pytest
 import torch
 import torchvision
 
 import pyops
+from conftest import skip_unless_compile_timed
 from pyops.demo.conv_bn_relu import randomize_batchnorms_
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -35,8 +35,7 @@ IMPLS = {
 def run_case(measure, device, name, batch, impl, dtype=torch.float32, memory_format=torch.contiguous_format,
              autocast=None):
     """autocast: a dtype to run the float32 model in a torch.autocast region of (the model and input stay fp32)."""
-    if impl == "torch.compile" and os.environ.get("PYOPS_BENCH_COMPILE", "1") == "0":
-        pytest.skip("PYOPS_BENCH_COMPILE=0: torch.compile not timed")
+    skip_unless_compile_timed(impl)
     model = IMPLS[impl](torchvision_model(name, device, dtype, memory_format))
     x = torch.rand(batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     x = x.to(device, dtype, memory_format=memory_format)
@@ -128,8 +127,7 @@ def bench_speech_block(measure, device, impl):
     """1-D inference: pyops.nn.swap_conv1d(pyops.fuse(m)) (the README's recipe: each pointwise → BN → ReLU one
     FoldedConv1d applying the ReLU as its kernel stores, the depthwise layers pyops.conv1d) vs eager and
     torch.compile."""
-    if impl == "torch.compile" and os.environ.get("PYOPS_BENCH_COMPILE", "1") == "0":
-        pytest.skip("PYOPS_BENCH_COMPILE=0: torch.compile not timed")
+    skip_unless_compile_timed(impl)
     model = speech_block(device)
     model = pyops.nn.swap_conv1d(pyops.fuse(model)) if impl == "pyops" else IMPLS[impl](model)
     x = torch.randn(8, 256, 400, generator=torch.Generator().manual_seed(1)).to(device)

@@ -1,5 +1,6 @@
 """Shared harness of the benchmark suites: one device per run (--device), pyops and its baseline timed side by side
 in the same run, on the same inputs, with what bench/report.py needs recorded in extra_info."""
+import os
 import platform
 import time
 
@@ -8,6 +9,12 @@ import torch
 
 torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32 on both sides unless a case says otherwise
 torch.backends.cudnn.allow_tf32 = False
+
+
+def skip_unless_compile_timed(impl):
+    """PYOPS_BENCH_COMPILE=0 leaves torch.compile out (gpu_check.sh: its GPU numbers are in shared/anchors)."""
+    if impl == "torch.compile" and os.environ.get("PYOPS_BENCH_COMPILE", "1") == "0":
+        pytest.skip("PYOPS_BENCH_COMPILE=0: torch.compile not timed")
 
 
 def pytest_addoption(parser):

@@ -19,7 +19,7 @@ PY=${PY:-python3}
 PHASES=${PHASES:-tests profile bench}
 BENCH=${BENCH:-peak conv_bn_relu conv1d sliding smooth_max fuse}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)} PYTHONUNBUFFERED=1
-export PYOPS_BENCH_NO_COMPILE=1 PYOPS_BENCH_COMPILE=0  # torch.compile's GPU numbers are in shared/anchors already
+export PYOPS_BENCH_COMPILE=0  # torch.compile's GPU numbers are in shared/anchors already
 status=0
 t0=$(date +%s)
 stamp() { echo "== $1 (+$(( $(date +%s) - t0 )) s)"; }

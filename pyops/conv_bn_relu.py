@@ -283,11 +283,7 @@ def _conv_act_backward_fake(grad, output, scale, activation, unscaled_too):
 
 # ---- FlopCounterMode: 2·multiply-adds of the convolution (PyTorch's convention; the epilogue is not counted) ----
 
-@register_flop_formula([torch.ops.pyops.conv2d_bias_act, torch.ops.pyops.conv2d_bias_act_packed])
-def _bias_act_flops(x_shape, w_shape, *args, out_shape=None, **kwargs):
-    return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
-
-
-@register_flop_formula(torch.ops.pyops.conv2d_bn_relu)
-def _bn_relu_flops(x_shape, w_shape, *args, out_shape=None, **kwargs):
+@register_flop_formula([torch.ops.pyops.conv2d_bias_act, torch.ops.pyops.conv2d_bias_act_packed,
+                        torch.ops.pyops.conv2d_bn_relu])
+def _conv2d_flops(x_shape, w_shape, *args, out_shape=None, **kwargs):
     return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)

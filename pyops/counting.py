@@ -294,7 +294,8 @@ def _count_conv2d_bn_relu(a, out):
 
 @register_op_counter("pyops::conv2d_bias_act")
 @register_op_counter("pyops::conv2d_bias_act_packed")  # the same convolution with a prepacked copy of the weight
-def _count_conv2d_bias_act(a, out):
+@register_op_counter("pyops::conv1d_bias_act")
+def _count_conv_bias_act(a, out):
     return _with_epilogue(_conv_args_work(a, out), out, 0, int(a["residual"] is not None))
 
 
@@ -306,11 +307,6 @@ def _count_conv2d_pack_weight(a, out):
 @register_op_counter("pyops::conv1d")
 def _count_conv1d(a, out):
     return [_conv_args_work(a, out)]
-
-
-@register_op_counter("pyops::conv1d_bias_act")
-def _count_conv1d_bias_act(a, out):
-    return _with_epilogue(_conv_args_work(a, out), out, 0, int(a["residual"] is not None))
 
 
 @register_op_counter("pyops::sliding_head")

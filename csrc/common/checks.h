@@ -12,6 +12,9 @@
 
 namespace pyops {
 
+// float16 or bfloat16 (the ops compute them in float32, or hand them to oneDNN where it computes them).
+inline bool is_half(const at::Tensor& t) { return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16; }
+
 inline void check_floating(const at::Tensor& t, const char* name) {
   TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "pyops: argument '", name,
                    "' must be a floating-point tensor, got ", t.scalar_type());

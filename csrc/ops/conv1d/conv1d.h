@@ -97,7 +97,8 @@ struct CorrelationShape {
 // end_to_end: whether short rows may be laid end to end (below); not for the per-phase calls of a strided layer's
 // gradients, each of which would lay the whole grad_output again.
 // residual: undefined, or contiguous and shaped as out.
-// Both are CPU kernels (common/cpu_isa.h): called as PYOPS_CPU_KERNEL(correlate_cpu)(...).
+// This and the weight-gradient kernels below are CPU kernels built per instruction set (common/cpu_isa.h), called
+// through PYOPS_CPU_KERNEL or PYOPS_CPU_KERNEL_IF (conv1d_cpu.cpp).
 PYOPS_DECLARE_CPU_KERNEL(void correlate_cpu(const at::Tensor& in, const at::Tensor& w, const at::Tensor& bias,
                                             const at::Tensor& residual, at::Tensor& out, const CorrelationShape& s,
                                             bool end_to_end))

@@ -11,6 +11,7 @@
 #include <numeric>
 #include <vector>
 
+#include "common/checks.h"
 #include "common/onednn.h"
 #include "ops/conv1d/conv1d.h"
 
@@ -21,7 +22,6 @@ namespace {
 // dtype the CUDA kernels use for them too) and round the result once to the arguments' dtype (checked equal before)
 // -- except on the library path where oneDNN computes the dtype (common/onednn.h): it accumulates in fp32 and rounds
 // once too, with the CPU's half-precision instructions (a bfloat16 dense layer in float32 was 2.3x slower).
-bool is_half(const at::Tensor& t) { return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16; }
 bool computes_in_float(const at::Tensor& t, bool library) {
   return is_half(t) && !(library && onednn_computes(t.scalar_type()));
 }

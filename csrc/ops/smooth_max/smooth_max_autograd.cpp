@@ -22,8 +22,6 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-bool is_half(const at::Tensor& t) { return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16; }
-
 at::Tensor call_smooth_max_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& result,
                                     double beta, int64_t dim, bool keepdim) {
   static const auto op =
