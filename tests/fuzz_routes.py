@@ -213,6 +213,15 @@ def run(name, make_case, check, env_var, paths, isas, cases, seed, device, verbo
     return failures
 
 
+def routes(device):
+    """(name, make_case, check, environment variable, its forced values) per op, for device."""
+    cpu = device == "cpu"
+    return [("conv1d", conv1d_case, check_conv1d, "PYOPS_CONV1D_PATH",
+             ["auto", "direct", "gemm", "library"] if cpu else ["auto", "direct", "library"]),
+            ("conv2d", conv2d_case, check_conv2d, "PYOPS_CONV_PATH",
+             ["auto", "direct", "library"] if cpu else ["auto", "ours", "cudnn"])]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=300, help="random draws per route and instruction set")
@@ -223,20 +232,14 @@ def main():
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("fuzz_routes: --device cuda without a CUDA device")
-    cpu = args.device == "cpu"
-    isas = pyops._C.cpu_kernel_isas().split(",") if cpu else [None]
+    isas = pyops._C.cpu_kernel_isas().split(",") if args.device == "cpu" else [None]
     torch.backends.cudnn.allow_tf32 = False  # exact fp32 on every path (cuDNN takes TF32 by default)
     torch.backends.cuda.matmul.allow_tf32 = False
-    ops = args.ops.split(",")
     failures = 0
-    if "conv1d" in ops:
-        failures += run("conv1d", conv1d_case, check_conv1d, "PYOPS_CONV1D_PATH",
-                        ["auto", "direct", "gemm", "library"] if cpu else ["auto", "direct", "library"], isas,
-                        args.cases, args.seed, args.device, args.verbose)
-    if "conv2d" in ops:
-        failures += run("conv2d", conv2d_case, check_conv2d, "PYOPS_CONV_PATH",
-                        ["auto", "direct", "library"] if cpu else ["auto", "ours", "cudnn"], isas, args.cases,
-                        args.seed, args.device, args.verbose)
+    for name, make_case, check, env_var, paths in routes(args.device):
+        if name in args.ops.split(","):
+            failures += run(name, make_case, check, env_var, paths, isas, args.cases, args.seed, args.device,
+                            args.verbose)
     print("fuzz_routes:", "FAILED," if failures else "passed,", failures, "failing layers")
     sys.exit(1 if failures else 0)
 
