@@ -132,13 +132,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pointwise_backward(const at::Tens
   static const auto input_op = find_op<Conv1dBackwardInput>("pyops::conv1d_backward_input");
   static const auto weight_op = find_op<Conv1dBackwardWeight>("pyops::conv1d_backward_weight");
   static const auto weight_bias_op = find_op<Conv1dBackwardWeightBias>("pyops::conv1d_backward_weight_bias");
-  // the positions the stride samples: (N, C, H_out, W_out)
-  const at::Tensor sampled = x.slice(2, 0, x.size(2), c.stride[0]).slice(3, 0, x.size(3), c.stride[1]);
+  // the positions the stride samples of a tensor shaped as x: (N, C, H_out, W_out)
+  const auto sample = [&](const at::Tensor& t) {
+    return t.slice(2, 0, x.size(2), c.stride[0]).slice(3, 0, x.size(3), c.stride[1]);
+  };
+  const at::Tensor sampled = sample(x);
   const int64_t n = x.size(0), positions = grad.size(2) * grad.size(3);
   const auto scatter = [&](const at::Tensor& g) {  // grad_x: zero where the stride samples nothing, in x's layout
     if (g.sizes().equals(x.sizes())) return g;
     at::Tensor full = at::zeros_like(x, x.suggest_memory_format());
-    full.slice(2, 0, x.size(2), c.stride[0]).slice(3, 0, x.size(3), c.stride[1]).copy_(g);
+    sample(full).copy_(g);
     return full;
   };
   at::Tensor gx, gw, gb;
