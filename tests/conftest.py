@@ -44,6 +44,14 @@ def blas_runs_full_width():
     return x86 and torch.backends.mkl.is_available() and ("avx512f" not in flags or "GenuineIntel" in flags)
 
 
+def deterministic_cudnn(deterministic=True):
+    """cuDNN enabled, its algorithms fixed (no benchmarking) and, where `deterministic`, reproducible (its default
+    backward algorithms may sum with atomics: two calls need not agree bit for bit), exact fp32 kept:
+    torch.backends.cudnn.flags() would otherwise turn TF32 on (its allow_tf32 defaults to True)."""
+    return torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=deterministic, allow_tf32=False,
+                                      fp32_precision=None)
+
+
 def tolerances(dtype):
     """(rtol, atol) for comparing against a float64 reference."""
     return {

@@ -130,12 +130,15 @@ def test_composite_fold_freezes_the_statistics_and_folds_in_float64(device):
 
 
 def test_relu_backward_passes_the_gradient_of_a_nan_output(device):
-    """torch.relu's backward zeroes where the output is <= 0, so a NaN output passes its gradient (hardtanh's, for
-    ReLU6, stops it); the fused backward's mask `output > 0` stopped it."""
-    x = torch.zeros(1, 1, 3, 3, dtype=torch.float64, device=device)
+    """torch.relu's backward zeroes where the output is <= 0, F.relu6's (hardtanh's) where it is <= 0 or >= 6, so
+    a NaN output passes the gradient of both (torch's CUDA kernels, its decompositions and its CPU kernels' scalar
+    tails; the vectorized body of its CPU hardtanh_backward stops it: torch disagrees with itself there); the fused
+    backward's masks `output > 0` (and `< 6`) stopped it."""
+    x = torch.zeros(1, 1, 3, 4, dtype=torch.float64, device=device)
     w = torch.ones(1, 1, 1, 1, dtype=torch.float64, device=device)
-    residual = torch.tensor([[[[math.nan, 1.0, -1.0]] * 3]], dtype=torch.float64, device=device, requires_grad=True)
-    for activation, expected in (("relu", [1.0, 1.0, 0.0]), ("relu6", [0.0, 1.0, 0.0])):
+    residual = torch.tensor([[[[math.nan, 1.0, -1.0, 7.0]] * 3]], dtype=torch.float64, device=device,
+                            requires_grad=True)
+    for activation, expected in (("relu", [1.0, 1.0, 0.0, 1.0]), ("relu6", [1.0, 1.0, 0.0, 0.0])):
         for create_graph in (False, True):
             y = pyops.conv_bn_relu.conv2d_bias_act(x, w, None, activation=activation, residual=residual)
             (grad,) = torch.autograd.grad(y.sum(), residual, create_graph=create_graph)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import pyops
 from pyops import reference
-from conftest import blas_runs_full_width, tolerances
+from conftest import blas_runs_full_width, deterministic_cudnn, tolerances
 
 ops = torch.ops.pyops
 # F.conv1d (the reference) warns that its own 'same' padding with an even kernel copies the input
@@ -162,23 +162,34 @@ def test_strided_short_and_wide_windows_match_torch(device, config, dtype, monke
     assert_matches_torch(x, w, rand((cout,), dtype, device, g), (stride, padding, dilation, groups), dtype)
 
 
-def conv1d_of_existing_pairs(x, w, stride, padding):
-    """out[n, o, j] = sum over c and the taps t with 0 <= j*stride + t - padding < L of w[o, c, t] * x[n, c, i]."""
+def conv1d_of_existing_pairs(x, w, stride, padding, dilation=1):
+    """out[n, o, j] = sum over c and the taps t with 0 <= i = j*stride + t*dilation - padding < L of
+    w[o, c, t] * x[n, c, i]: no product with the padding (whose 0 times an infinite weight would be NaN)."""
     length, k = x.shape[-1], w.shape[-1]
-    out = x.new_zeros(x.shape[0], w.shape[0], (length + 2 * padding - k) // stride + 1)
+    out = x.new_zeros(x.shape[0], w.shape[0], (length + 2 * padding - dilation * (k - 1) - 1) // stride + 1)
     for j in range(out.shape[-1]):
         for t in range(k):
-            if 0 <= j * stride + t - padding < length:
-                out[:, :, j] += x[:, :, j * stride + t - padding] @ w[:, :, t].T
+            i = j * stride + t * dilation - padding
+            if 0 <= i < length:
+                out[:, :, j] = out[:, :, j] + x[:, :, i] @ w[:, :, t].T
     return out
+
+
+def gradients_of_existing_pairs(x, w, gy, stride, padding, dilation=1):
+    """(grad_x, grad_w) of conv1d_of_existing_pairs for grad_output gy, computed on the CPU (on x's device): the
+    gradients summed over the pairs inside the input only, whatever a backend's algorithm would multiply."""
+    x, w = x.detach().cpu().requires_grad_(), w.detach().cpu().requires_grad_()
+    grads = torch.autograd.grad(conv1d_of_existing_pairs(x, w, stride, padding, dilation), (x, w), gy.cpu())
+    return [grad.to(gy.device) for grad in grads]
 
 
 @pytest.mark.parametrize("length", [6, 60])
 @pytest.mark.parametrize("channels,stride", [(1, 1), (8, 1), (1, 2), (8, 3)])
 def test_infinite_weights_beside_the_padding_make_no_nan(device, length, channels, stride, monkeypatch):
-    """Every path sums only the (position, tap) pairs that read inside the input, as F.conv1d's input gradient does:
-    the input gradient of a staged window multiplied its zero padding by an infinite weight (NaN), and so did the
-    forward of staged windows while rows read in place skipped it (F.conv1d's own forward does either, by backend)."""
+    """Every path sums only the (position, tap) pairs that read inside the input, as F.conv1d's CPU input gradient
+    does: the input gradient of a staged window multiplied its zero padding by an infinite weight (NaN), and so did
+    the forward of staged windows while rows read in place skipped it (F.conv1d's own forward does either, by
+    backend; so may cuDNN's gradients: the reference is the sum over existing pairs, and on the CPU F.conv1d too)."""
     monkeypatch.setenv("PYOPS_CONV1D_PATH", "direct")
     x = torch.arange(1.0, length + 1, device=device).repeat(2, channels, 1).requires_grad_()
     w = torch.ones(4, channels, 3, device=device)
@@ -186,10 +197,14 @@ def test_infinite_weights_beside_the_padding_make_no_nan(device, length, channel
     w.requires_grad_()
     got = pyops.conv1d(x, w, None, stride, 2)
     torch.testing.assert_close(got, conv1d_of_existing_pairs(x.detach(), w.detach(), stride, 2))
-    want = F.conv1d(x, w, None, stride, 2)
-    gy = torch.ones_like(want)
-    for a, e in zip(torch.autograd.grad(got, (x, w), gy), torch.autograd.grad(want, (x, w), gy)):
-        torch.testing.assert_close(a, e, equal_nan=True)
+    gy = torch.ones_like(got)
+    grads = torch.autograd.grad(got, (x, w), gy)
+    references = [gradients_of_existing_pairs(x, w, gy, stride, 2)]
+    if device == "cpu":
+        references.append(torch.autograd.grad(F.conv1d(x, w, None, stride, 2), (x, w), gy))
+    for want in references:
+        for a, e in zip(grads, want):
+            torch.testing.assert_close(a, e, equal_nan=True)
 
 
 @pytest.mark.parametrize("k,dilation", [(4, 1), (3, 2), (2, 3), (5, 1), (1, 1)])
@@ -331,7 +346,9 @@ def test_strided_input_gradient_writes_every_phase_once(config, monkeypatch):
 def test_strided_gradients_of_infinite_values_stay_where_torch_puts_them(device, path, monkeypatch):
     """Our CPU backward correlated a grad_output upsampled with zeros: 0·inf made NaN of gradients F.conv1d keeps
     finite (weight [inf, 1], stride 2: grad_input [inf, nan, inf, ...] for [inf, 1, inf, ...]). Now each phase of
-    taps is correlated with its own input phase (no zeros multiplied)."""
+    taps is correlated with its own input phase (no zeros multiplied): the gradients of the sum over existing pairs,
+    which F.conv1d's CPU backward gives at batch 1 (a GPU library's may multiply the zeros it pads with: not the
+    reference on CUDA)."""
     monkeypatch.setenv("PYOPS_CONV1D_PATH", path)
     for stride, dilation, padding in ((2, 1, 0), (3, 2, 1), (2, 2, 1)):
         w = torch.tensor([[[math.inf, 1.0, 2.0]]], device=device, requires_grad=True)
@@ -340,9 +357,12 @@ def test_strided_gradients_of_infinite_values_stay_where_torch_puts_them(device,
         x.requires_grad_()
         gy = torch.ones(1, 1, (13 + 2 * padding - dilation * 2 - 1) // stride + 1, device=device)
         ours = torch.autograd.grad(pyops.conv1d(x, w, None, stride, padding, dilation), (x, w), gy)
-        want = torch.autograd.grad(F.conv1d(x, w, None, stride, padding, dilation), (x, w), gy)
-        for got, ref in zip(ours, want):
-            torch.testing.assert_close(got, ref, equal_nan=True)
+        references = [gradients_of_existing_pairs(x, w, gy, stride, padding, dilation)]
+        if device == "cpu":
+            references.append(torch.autograd.grad(F.conv1d(x, w, None, stride, padding, dilation), (x, w), gy))
+        for want in references:
+            for got, ref in zip(ours, want):
+                torch.testing.assert_close(got, ref, equal_nan=True)
         if path != "direct":
             continue
         # Two samples (short rows: laid end to end when everything is finite) give the same per sample. (F.conv1d
@@ -418,7 +438,7 @@ def test_deterministic_across_runs_and_thread_counts(device, config, path, monke
     threads = torch.get_num_threads()
     try:
         runs = []
-        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=path != "direct"):
+        with deterministic_cudnn(path != "direct"):
             for t in ([2, 2, 1] if device == "cpu" and path == "direct" else [threads, threads]):
                 torch.set_num_threads(t)
                 runs.append(grads_of(x, w, b, args, grad_out))
@@ -459,17 +479,19 @@ def test_depthwise_cuda_layouts_match_torch(layout, dtype, k, monkeypatch):
     """Both ways the CUDA depthwise kernels spread a tile over their threads (PYOPS_CONV1D_DEPTHWISE; `runs` covers
     the 2-5 tap filters, 7 taps stays elementwise under either setting): forward and all three gradients against
     float64, over lengths that end mid-run and mid-tile (tiles of 1024), odd lengths (rows not 16-byte aligned),
-    several tiles, causal, centred and over-wide paddings; and bitwise the same on a second run."""
+    several tiles, causal, centred and over-wide paddings, with and without a bias (the weight gradient alone, or
+    with the bias's sum in the same pass); and bitwise the same on a second run."""
     monkeypatch.setenv("PYOPS_CONV1D_DEPTHWISE", layout)
     g = torch.Generator().manual_seed(k)
-    for n, c, length, padding in [(2, 3, 2048, k - 1), (3, 5, 2051, k // 2), (1, 4, 9, 0), (2, 2, 1029, k - 1),
-                                  (1, 6, 3001, k + 1), (2, 8, 1024, 0)]:
+    for n, c, length, padding, bias in [(2, 3, 2048, k - 1, True), (3, 5, 2051, k // 2, True), (1, 4, 9, 0, True),
+                                        (2, 2, 1029, k - 1, True), (1, 6, 3001, k + 1, True), (2, 8, 1024, 0, True),
+                                        (2, 3, 2051, k - 1, False)]:
         x, w = rand((n, c, length), dtype, "cuda", g), rand((c, 1, k), dtype, "cuda", g)
-        b = rand((c,), dtype, "cuda", g)
+        b = rand((c,), dtype, "cuda", g) if bias else None
         args = (1, padding, 1, c)
         ours, grad_out = forward_and_grads(pyops.conv1d, x, w, b, args)
-        ref, _ = forward_and_grads(reference.conv1d, x.double().cpu(), w.double().cpu(), b.double().cpu(), args,
-                                   grad_out.double().cpu())
+        ref, _ = forward_and_grads(reference.conv1d, x.double().cpu(), w.double().cpu(),
+                                   b.double().cpu() if bias else None, args, grad_out.double().cpu())
         rtol, atol = (2e-2, 2e-2) if dtype in (torch.float16, torch.bfloat16) else tolerances(dtype)
         for name, o, r in zip(["output", "grad_input", "grad_weight", "grad_bias"], ours, ref):
             assert o.dtype == dtype, name
@@ -1048,27 +1070,29 @@ def test_conv1d_bias_act_is_the_activation_of_the_same_convolution(device, activ
     to the finished sums and the activation applied wherever the output is stored (the direct kernel's tiles and
     edge loop, rows laid end to end with the residual laid alike, the pointwise products' bias pass, a pass after
     the library's call), and the backward is the same convolution backward of gy·act'(output), which is the
-    residual's gradient too (ReLU6 clamps a fair share of these outputs: their scale is ~4)."""
+    residual's gradient too (ReLU6 clamps a fair share of these outputs: their scale is ~4). On CUDA with cuDNN's
+    deterministic algorithms: its default backward ones may sum with atomics, and the two sides are two calls."""
     monkeypatch.setenv("PYOPS_CONV1D_PATH", path)
     g = torch.Generator().manual_seed(21)
     act = ACTIVATIONS[activation]
-    for n, cin, cout, length, k, stride, groups in ACT_LAYERS:
-        x = rand((n, cin, length), torch.float32, device, g)
-        w = rand((cout, cin // groups, k), torch.float32, device, g) * (4 / math.sqrt(cin // groups * k))
-        b = rand((cout,), torch.float32, device, g)
-        args = (stride, k // 2, 1, groups)
-        tensors = [x, w, b]
-        if residual:
-            tensors.append(rand(tuple(F.conv1d(x[:1], w, None, *args).shape[1:]), torch.float32, device, g)
-                           .expand(n, -1, -1).contiguous() * 2)
-        ours, gy = outputs_and_grads(lambda x, w, b, *r: pyops.conv1d_bias_act(
-            x, w, b, *args, activation=activation, residual=r[0] if r else None), tensors)
-        same, _ = outputs_and_grads(lambda x, w, b, *r: act(pyops.conv1d(x, w, b, *args) + (r[0] if r else 0)),
-                                    tensors, gy)
-        if activation != "none":
-            assert (ours[0] == 0).any() and (activation == "relu" or (ours[0] == 6).any())
-        for name, a, e in zip(["output", "grad_input", "grad_weight", "grad_bias", "grad_residual"], ours, same):
-            assert torch.equal(a, e), (path, (n, cin, cout, length, k, stride, groups), name)
+    with deterministic_cudnn():
+        for n, cin, cout, length, k, stride, groups in ACT_LAYERS:
+            x = rand((n, cin, length), torch.float32, device, g)
+            w = rand((cout, cin // groups, k), torch.float32, device, g) * (4 / math.sqrt(cin // groups * k))
+            b = rand((cout,), torch.float32, device, g)
+            args = (stride, k // 2, 1, groups)
+            tensors = [x, w, b]
+            if residual:
+                tensors.append(rand(tuple(F.conv1d(x[:1], w, None, *args).shape[1:]), torch.float32, device, g)
+                               .expand(n, -1, -1).contiguous() * 2)
+            ours, gy = outputs_and_grads(lambda x, w, b, *r: pyops.conv1d_bias_act(
+                x, w, b, *args, activation=activation, residual=r[0] if r else None), tensors)
+            same, _ = outputs_and_grads(lambda x, w, b, *r: act(pyops.conv1d(x, w, b, *args) + (r[0] if r else 0)),
+                                        tensors, gy)
+            if activation != "none":
+                assert (ours[0] == 0).any() and (activation == "relu" or (ours[0] == 6).any())
+            for name, a, e in zip(["output", "grad_input", "grad_weight", "grad_bias", "grad_residual"], ours, same):
+                assert torch.equal(a, e), (path, (n, cin, cout, length, k, stride, groups), name)
 
 
 @pytest.mark.parametrize("activation", ["relu", "relu6"])

@@ -538,7 +538,9 @@ def test_activation_backward_pass_equals_torch_rules(device, dtype, channels_las
     """conv_act_backward, the backward's one pass: grad·act'(output)·scale[c] and grad·act'(output), against
     torch's select rules computed in float32 from the same values (so equal to the bit): rows of 35 positions and 19
     channels, which end in partial vectors; inf and NaN gradients where the mask is 0 give 0, as in
-    threshold_backward (the CPU kernel multiplied by the mask: NaN); a NaN output passes ReLU's gradient."""
+    threshold_backward (the CPU kernel multiplied by the mask: NaN); a NaN output passes the gradient, as in torch's
+    decompositions of threshold_backward and hardtanh_backward and its CUDA kernels (ReLU6's stopped it before stop
+    39, as the vectorized body of torch's CPU hardtanh_backward does, unlike its scalar tail)."""
     torch.manual_seed(0)
     shape = (2, 19, 5, 7)
     output = (torch.randn(shape) * 4).to(dtype)
@@ -550,9 +552,9 @@ def test_activation_backward_pass_equals_torch_rules(device, dtype, channels_las
     output, grad = (t.to(device=device, memory_format=fmt) for t in (output, grad))
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     g, y = grad.to(acc), output.to(acc)
-    passes = {0: torch.ones_like(y, dtype=torch.bool), 1: ~(y <= 0), 2: (y > 0) & (y < 6)}
-    for code, mask in passes.items():
-        masked = torch.where(mask, g, 0)
+    # (torch/_decomp/decompositions.py: threshold_backward, hardtanh_backward)
+    torch_rules = {0: g, 1: torch.where(y <= 0, 0, g), 2: torch.where((y <= 0) | (y >= 6), 0, g)}
+    for code, masked in torch_rules.items():
         for sc in (None, scale):
             scaled, unscaled = torch.ops.pyops.conv_act_backward(grad, output, None if sc is None else sc.to(device),
                                                                 code, True)

@@ -128,7 +128,9 @@ at::Tensor conv1d_cuda(const at::Tensor& input, const at::Tensor& weight, const 
 }
 
 // The residual and activation in a second pass over the output (the CUDA kernels store without them; measured on
-// the CPU only, where the kernels apply them as they store).
+// the CPU only, where the kernels apply them as they store). In half precision the convolution is thus rounded to
+// its dtype before the residual is added, as in the unfused chain (the CPU kernels add it in float32 and round once:
+// the two can differ by a unit in the last place).
 at::Tensor conv1d_bias_act_cuda(const at::Tensor& input, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias, int64_t stride, int64_t padding,
                                 int64_t dilation, int64_t groups, int64_t activation,
@@ -145,7 +147,6 @@ at::Tensor conv1d_backward_input_cuda(const at::Tensor& grad_output, const at::T
                                       int64_t stride, int64_t padding, int64_t dilation, int64_t groups) {
   const Conv1dGeometry g =
       check_conv1d_backward_input(grad_output, weight, input_length, stride, padding, dilation, groups);
-  stride = g.stride;  // (a stride past the padded length, capped: checked_conv_stride)
   const c10::cuda::CUDAGuard guard(grad_output.device());
   const bool empty = g.batch * g.in_channels * g.in_length == 0;
   if (!empty && conv1d_use_library(g, Conv1dOp::kBackwardInput, /*cuda=*/true)) {
@@ -155,7 +156,7 @@ at::Tensor conv1d_backward_input_cuda(const at::Tensor& grad_output, const at::T
   if (empty) return grad_input;
   const at::Tensor gy = grad_output.contiguous(), w = weight.contiguous();
   if (depthwise_fast_path(g)) {
-    depthwise_correlate_cuda(gy, w, at::Tensor(), grad_input, dilation, padding - dilation * (g.kernel_size - 1),
+    depthwise_correlate_cuda(gy, w, at::Tensor(), grad_input, g.dilation, g.padding - g.dilation * (g.kernel_size - 1),
                              /*flip=*/true);
     return grad_input;
   }
@@ -174,7 +175,6 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cuda(const at::Tensor& grad_o
                                                         int64_t dilation, int64_t groups, bool with_bias) {
   const Conv1dGeometry g =
       check_conv1d_backward_weight(grad_output, input, kernel_size, stride, padding, dilation, groups);
-  stride = g.stride;  // (a stride past the padded length, capped: checked_conv_stride)
   const c10::cuda::CUDAGuard guard(input.device());
   const auto bias_sum = [&] { return with_bias ? grad_output.sum(at::IntArrayRef{0, 2}) : at::Tensor(); };
   const bool empty = g.batch * g.out_channels * g.in_per_group() == 0;
@@ -188,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cuda(const at::Tensor& grad_o
   if (depthwise_fast_path(g)) {
     // one pass over grad_output for both (a separate sum re-read it: 63 µs of a 413 µs fwd+bwd on an H200)
     at::Tensor grad_bias = with_bias ? at::empty({g.out_channels}, input.options()) : at::Tensor();
-    depthwise_weight_cuda(gy, x, grad_weight, dilation, padding, with_bias ? &grad_bias : nullptr);
+    depthwise_weight_cuda(gy, x, grad_weight, g.dilation, g.padding, with_bias ? &grad_bias : nullptr);
     return {grad_weight, grad_bias};
   }
   const int64_t weights = grad_weight.numel(), pairs = g.batch * g.out_length;

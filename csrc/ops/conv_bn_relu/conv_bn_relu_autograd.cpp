@@ -53,11 +53,12 @@ std::tuple<at::Tensor, at::Tensor> act_backward(const at::Tensor& grad, const at
     return {scaled.squeeze(2), masked.dim() == 4 ? masked.squeeze(2) : masked};
   }
   at::Tensor g = grad;
-  // (torch.relu's rule: zero where the output is <= 0, so a NaN output passes the gradient; hardtanh's stops it.
-  // A select, not a product with the mask: a masked inf or NaN gradient gives 0, as in the op and in torch's.)
+  // (torch.relu's rule: zero where the output is <= 0, hardtanh's where it is <= 0 or >= 6, so a NaN output passes
+  // the gradient, as in conv_bn_relu_cpu.cpp's act_grad. A select, not a product with the mask: a masked inf or NaN
+  // gradient gives 0, as in the op and in torch's.)
   if (activation == static_cast<int64_t>(Activation::kRelu)) g = at::where(output.le(0), 0, grad);
   if (activation == static_cast<int64_t>(Activation::kRelu6))
-    g = at::where(output.gt(0).logical_and(output.lt(6)), grad, 0);
+    g = at::where(output.le(0).logical_or(output.ge(6)), 0, grad);
   if (!scale.has_value()) return {g, at::Tensor()};
   std::vector<int64_t> per_channel(output.dim(), 1);
   per_channel[1] = -1;

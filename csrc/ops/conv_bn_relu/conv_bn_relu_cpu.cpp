@@ -70,13 +70,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_fold_cpu(
 // ---- backward: grad·act'(output)·scale[c] (and grad·act'(output)) in one pass ----
 
 // grad·act'(output) on one vector: a select, as torch's threshold_backward and hardtanh_backward (a masked lane is 0
-// even where the gradient is inf or NaN; a NaN output passes ReLU's gradient, as torch.relu's, and stops ReLU6's).
+// even where the gradient is inf or NaN). Their masks, output <= 0 and output <= 0 or >= 6, are false for a NaN
+// output, which passes the gradient: so torch's CUDA kernels, decompositions and CPU scalar loops (the vector body of
+// its CPU hardtanh_backward stops it: ATen disagrees with itself there; ours follows the rest on both devices).
 template <typename acc>
 inline Vectorized<acc> act_grad(Vectorized<acc> grad, Vectorized<acc> output, Activation act) {
   using Vec = Vectorized<acc>;
   const Vec zero(acc(0));
   if (act == Activation::kRelu) return Vec::blendv(grad, zero, output <= zero);
-  if (act == Activation::kRelu6) return Vec::blendv(zero, grad, (output > zero) & (output < Vec(acc(6))));
+  if (act == Activation::kRelu6) return Vec::blendv(grad, zero, (output <= zero) | (output >= Vec(acc(6))));
   return grad;
 }
 

@@ -87,8 +87,8 @@ __global__ void act_backward_kernel(const scalar_t* __restrict__ grad, const sca
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const acc o = static_cast<acc>(output[i]);
-    // torch.relu's rule (zero where o <= 0: a NaN output passes) and hardtanh's (a NaN stops)
-    const bool pass = act == 0 || (act == 1 ? !(o <= acc(0)) : (o > acc(0) && o < acc(6)));
+    // torch.relu's rule (zero where o <= 0) and hardtanh's (zero where o <= 0 or o >= 6): a NaN output passes
+    const bool pass = act == 0 || (act == 1 ? !(o <= acc(0)) : !(o <= acc(0) || o >= acc(6)));
     const acc masked = pass ? static_cast<acc>(grad[i]) : acc(0);
     const int64_t ch = channels_last ? i % c : (i / hw) % c;
     g_scaled[i] = static_cast<scalar_t>(scale ? masked * scale[ch] : masked);

@@ -31,7 +31,12 @@ __device__ __forceinline__ float dev_exp<float>(float v) {
 
 // s += y with Kahan compensation c: a thread folds up to n / blockDim values into one fp32 sum, which drifted like
 // the CPU's uncompensated sum did (~1e-6 relative over 2M rows). nvcc reassociates nothing without fast-math, and
-// these are plain adds (nothing to contract into an FMA), so the compensation survives compilation.
+// these are plain adds; the products that rescale s and c before an add (fold) are rounded products (mul_rn),
+// which nvcc's default -fmad never contracts with that add into an FMA: the compensation would then take the
+// product's rounding error for the add's and correct the sum by it.
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+
 template <typename acc>
 __device__ __forceinline__ void kahan_add(acc& s, acc& c, acc y) {
   const acc yc = y - c;
@@ -47,7 +52,7 @@ template <typename acc>
 __device__ __forceinline__ void fold(State<acc>& st, acc& c, acc v, acc b) {
   if (v > st.m) {
     const acc f = dev_exp(b * (st.m - v));
-    st.s *= f, c *= f;
+    st.s = mul_rn(st.s, f), c = mul_rn(c, f);
     st.m = v;
     kahan_add(st.s, c, acc(1));
   } else {
@@ -114,7 +119,7 @@ __global__ void forward_rows_kernel(const scalar_t* __restrict__ x, scalar_t* __
       // One rescale per pack at most, then one exponential per element.
       if (vmax > st.m) {
         const acc f = dev_exp(b * (st.m - vmax));
-        st.s *= f, c *= f;
+        st.s = mul_rn(st.s, f), c = mul_rn(c, f);
         st.m = vmax;
       }
       acc pack_sum = 0;
