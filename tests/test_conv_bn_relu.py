@@ -221,9 +221,11 @@ def test_grouped_short_reductions_on_nchw_take_the_direct_kernel(monkeypatch):
 def test_stride_one_layers_take_the_avx512_direct_kernel(monkeypatch):
     """Where our kernels run AVX-512, NCHW layers at stride 1 take the direct kernel under auto by its own rule
     (conv_bn_relu_cpu.cpp, flat_avx512_direct_is_faster), 1×1 layers ahead of the GEMM's rule: ResNet-50's 64→64 1×1
-    on 56×56, a small 1×1 product the GEMM took, a 3×3 layer above stop 35's sizes; small maps with long reductions
-    into many channels, wider layers and channels_last inputs keep oneDNN, and so does 64→64 1×1 with the AVX2 build
-    selected (seen by the profiler). Values equal the float64 reference, a NaN kept on the direct kernel."""
+    on 56×56, a small 1×1 product the GEMM took, a 3×3 layer above stop 35's sizes, a layer into 104 channels (oneDNN's
+    blocks of 16 part empty); small maps where under 60 % of the kernel's columns are outputs, large products on 67 %
+    (a 7×7 kernel's padding on a 16×16 map), wider layers and channels_last inputs keep oneDNN, and so does 64→64 1×1
+    with the AVX2 build selected (seen by the profiler). Values equal the float64 reference, a NaN kept on the direct
+    kernel."""
     monkeypatch.setenv("PYOPS_CONV_PATH", "auto")
     before, isa = torch.get_num_threads(), pyops._C.cpu_kernel_isa()
     torch.set_num_threads(2)  # (the rule's sizes are per thread, up to 2)
@@ -232,6 +234,8 @@ def test_stride_one_layers_take_the_avx512_direct_kernel(monkeypatch):
         for n, cin, cout, k, h, kernels, direct in [(8, 64, 64, 1, 56, "avx512", True),
                                                     (1, 116, 116, 1, 14, "avx512", True),
                                                     (2, 16, 48, 3, 40, "avx512", True),
+                                                    (8, 256, 104, 1, 14, "avx512", True),
+                                                    (2, 64, 96, 7, 16, "avx512", False),
                                                     (8, 64, 256, 3, 7, "avx512", False),
                                                     (1, 256, 512, 3, 14, "avx512", False),
                                                     (8, 64, 64, 1, 56, ISAS[0], False)]:

@@ -292,23 +292,30 @@ bool flat_avx512_direct(const ConvGeometry& g) {
   return onednn_vectors_wider() && cpu_avx512_selected() && direct_runs_flat(g);
 }
 
-// Such layers take our kernel rather than oneDNN or MKL's GEMM for reductions of at most 32 at any size, under 4M
-// multiply-adds a thread, and under 256M into at most 96 channels a group where at least 60 % of the columns its tiles
-// compute are outputs (direct_flat_output_fraction), sizes counted per computed column: on small maps with long
-// reductions oneDNN was up to 2x faster. Stop 36, Zen 5, 2 threads, random layers (1×1 to 7×7 kernels, 1-8 groups,
-// 7×7 to 56×56 maps, batch 1-8), the chosen path's time over the faster of the two, geomean: 1.02 on the 227 it was
-// fitted on (stop 35's rule 1.09), 1.03 on 119 more (1.18); 1×1 layers, over the fastest of the three: 1.03 on 76
-// (with the GEMM's rule first, as before, 1.12). µs direct vs oneDNN: 3→16 3×3 on 56×56 18 vs 44, 32→48 on 14×14
-// 27 vs 58, 16→48 on 40×40 batch 2 116 vs 149, 256→8 on 28×28 batch 8 668 vs 1068, 96→32 on 32×32 batch 8 1017 vs
-// 1113, 96→48 on 56×56 batch 2 1116 vs 1127; but 192→96 on 28×28 681 vs 593 (taken), 64→256 on 7×7 batch 8 500
-// vs 294 (51 % of the columns outputs: left), 128→384 5×5 in 4 groups on 8×8 batch 8 1014 vs 642 (taken).
+// Such layers take our kernel rather than oneDNN or MKL's GEMM for reductions of at most 32 at any size and under 4M
+// multiply-adds a thread; beyond those, with sizes counted per column its tiles compute (direct_flat_output_fraction:
+// the padded rows' extra columns and each image's last tile are computed too), where at least 60 % of those columns
+// are outputs and either oneDNN's AVX-512 blocks of 16 channels run partly empty (a group's input or output channels
+// not a multiple of 16: oneDNN ran those at 0.45-0.75 of its rate on full blocks), or the product is under 16M
+// multiply-adds a thread (oneDNN's call costs ~30 µs), or at least 90 % of the columns are outputs under 256M. Past
+// that both run at ~235 GMAC/s (2 threads) and our wasted columns decide. Stop 39, Zen 5, 2 threads, random stride-1
+// layers (1×1 to 7×7 kernels, 8-512 input and 8-256 output channels a group, 1-4 groups, 6×6 to 56×56 maps, batch
+// 1-8, 8M-600M multiply-adds), the chosen path's time over the faster of the two, geomean (worst): 160 layers of up to
+// 96 output channels a group it was fitted on 1.008 (1.14; stop 36's rule 1.067, 1.83), 200 more 1.010 (1.20; 1.062,
+// 1.61), 120 of 104-256 channels 1.026 (1.39; 1.132, 2.12: stop 36's rule gave those all to oneDNN). µs ours vs
+// oneDNN: 64→96 7×7 on 16×16 batch 2 (67 % of the columns outputs) 953 vs 599 and 384→384 3×3 in 8 groups on 12×12
+// batch 8 (75 %) 1116 vs 837, now oneDNN's; 48→256 7×7 in 2 groups on 28×28 1170 vs 1653, 192→48 5×5 in 2 groups on
+// 24×24 batch 8 (24 channels a group) 2534 vs 3979 and 256→240 1×1 in 2 groups on 40×40 batch 2 510 vs 934, now ours.
 bool flat_avx512_direct_is_faster(const ConvGeometry& g) {
-  const int64_t k = g.cin / g.groups * g.kh * g.kw, cout_g = g.cout / g.groups;
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), 2);
+  const int64_t cin_g = g.cin / g.groups, cout_g = g.cout / g.groups, k = cin_g * g.kh * g.kw;
+  const double threads = static_cast<double>(std::min<int64_t>(at::get_num_threads(), 2));
   const double fraction = direct_flat_output_fraction(g);
   const double work = static_cast<double>(g.n * g.cout * g.oh * g.ow * k) / fraction;
-  return k <= 32 || work < double(int64_t{1} << 22) * threads ||
-         (cout_g <= 96 && fraction >= 0.6 && work < double(int64_t{1} << 28) * threads);
+  const auto mega = [&](int64_t m) { return static_cast<double>(m << 20) * threads; };
+  if (k <= 32 || work < mega(4)) return true;
+  if (fraction < 0.6) return false;
+  const bool partial_blocks = cin_g % 16 != 0 || cout_g % 16 != 0;
+  return partial_blocks || work < mega(16) || (fraction >= 0.9 && work < mega(256));
 }
 
 bool direct_is_faster(const ConvGeometry& g) {
