@@ -991,8 +991,10 @@ ROUTES = [
     ((1, 24, 384, 273, 5, 2, 1), ("library", "library", "direct")),  # one small image at stride 2
     ((1, 16, 32, 1000, 3, 1, 1), ("direct", "library", "direct")),  # one small image at stride 1, a narrow product
     # pointwise layers: products outright (forward from >= 16 input channels; the weight gradient per sample from
-    # rows of >= 64 positions, else by the rule above)
-    ((8, 256, 256, 400, 1, 1, 1), (("gemm", "library"), ("gemm", "library"), ("gemm", "direct"))),  # QuartzNet's
+    # rows of >= 64 positions, else by the rule above; where products run narrower, oneDNN's weight gradient into at
+    # most 4/3 as many outputs as inputs from >= 1000 positions, pointwise_weight_gradient_is_onednns)
+    ((8, 256, 256, 400, 1, 1, 1), (("gemm", "library"), ("gemm", "library"), ("gemm", "library"))),  # QuartzNet's
+    ((32, 96, 32, 1000, 1, 1, 1), (("gemm", "direct"), ("gemm", "direct"), ("gemm", "library"))),  # few outputs
     ((16, 64, 128, 300, 1, 2, 1), (("gemm", "direct"), ("gemm", "library"), ("gemm", "direct"))),  # a strided shortcut
     ((4, 8, 64, 500, 1, 1, 1), ("direct", ("gemm", "direct"), ("gemm", "direct"))),  # a short reduction forward
     ((64, 32, 32, 20, 1, 1, 1), (("gemm", "direct"), ("gemm", "direct"), "direct")),  # short rows
@@ -1016,7 +1018,8 @@ def test_each_op_takes_aten_where_its_own_product_is_wide(config, routes, monkey
     taps) is our tiled product whatever the rest; elsewhere it runs as one matrix product (aten::addmm_) where that is
     faster (cpu_weight_gradient_path): short rows that would be ours, and all but few outputs from long reductions
     that would be oneDNN's. A pointwise layer's ops are matrix products (pointwise_as_product: aten::bmm, the weight
-    gradient's aten::addmm_). Checked by the ATen ops each pyops op calls (torch.profiler); values equal F.conv1d's
+    gradient's aten::addmm_); where those run narrower than oneDNN, its weight gradient into at most 4/3 as many
+    outputs as inputs is oneDNN's (pointwise_weight_gradient_is_onednns). Checked by the ATen ops each pyops op calls (torch.profiler); values equal F.conv1d's
     in float64 either way."""
     monkeypatch.setenv("PYOPS_CONV1D_PATH", "auto")
     n, cin, cout, length, k, stride, groups = config

@@ -125,6 +125,27 @@ bool dense_weight_gradient(const Conv1dGeometry& g, at::ScalarType dtype) {
          out * g.kernel_size >= 12 && g.padding <= g.in_length;
 }
 
+namespace {
+
+// Pointwise layers (kernel 1, one group, no padding) into at most 4/3 as many outputs as inputs, from >= 1000
+// positions (batch x output length), under 2^23 input values and from 4M multiply-adds, where MKL runs narrower than
+// oneDNN (AMD AVX-512, where no per-sample products take them): oneDNN's weight gradient, which reads the input as
+// it lies, beats our tiled product, whose transposed input (a pass over the input for cout multiply-adds an
+// element) costs more than that. Stop 39, Zen 5, 2 threads, µs ours vs oneDNN: 96->32 on 32 x 1000 2069 vs 958,
+// 512->128 on 32 x 200 3518 vs 2211, QuartzNet's 256->256 on 8 x 400 1307 vs 1164; but with many outputs a value
+// ours (32->320 on 32 x 2000 7451 vs 29526), on larger inputs (1024->64 on 16 x 1000 13496 vs 25822) and where
+// oneDNN's ~50 µs call is most of it (32->32 on 64 x 20 38 vs 67). 120 random pointwise layers (16-1024 channels
+// each way, batch 1-32, 50-2000 positions), the chosen path's time over the faster of the two, geomean: ours
+// everywhere 1.11, this rule 1.02 (worst 1.58); 120 more, held out, strides 1 and 2: 1.11 and 1.03.
+bool pointwise_weight_gradient_is_onednns(const Conv1dGeometry& g, at::ScalarType dtype) {
+  const int64_t positions = g.batch * g.out_length;
+  return dtype == at::kFloat && is_pointwise(g) && !blas_runs_full_width() && 4 * g.in_channels >= 3 * g.out_channels &&
+         positions >= 1000 && g.batch * g.in_channels * g.in_length < (int64_t{1} << 23) &&
+         positions * g.in_channels * g.out_channels >= (int64_t{1} << 22);
+}
+
+}  // namespace
+
 // Stop 30 (bench/NOTES-conv1d.md): 1500 random layers (batch 1-64, 4-256 channels, k 1-11, stride 1-3, dilation
 // 1-2, groups 1-4, 1 and 2 threads, Intel Sapphire Rapids) timed on each path, half to fit the rule, half held out.
 // The product was the fastest of four paths (ours, oneDNN's, it, the per-tap GEMMs it replaced) on 747 layers,
@@ -160,6 +181,7 @@ WeightGradientPath cpu_weight_gradient_path(const Conv1dGeometry& g, at::ScalarT
   // (except pointwise layers' per-sample products where MKL runs as wide as oneDNN: fitted on Intel, stop 31, where
   // the tiled product is unmeasured)
   const bool per_sample = gemm_dtype && blas_runs_full_width() && sums_per_sample_products(g);
+  if (pointwise_weight_gradient_is_onednns(g, dtype)) return WeightGradientPath::kLibrary;
   if (dense && !per_sample) return WeightGradientPath::kDense;
   const bool library = conv1d_use_library(g, Conv1dOp::kBackwardWeight, /*cuda=*/false);
   const WeightGradientPath otherwise = library ? WeightGradientPath::kLibrary : WeightGradientPath::kDirect;
