@@ -223,9 +223,9 @@ def test_stride_one_layers_take_the_avx512_direct_kernel(monkeypatch):
     (conv_bn_relu_cpu.cpp, flat_avx512_direct_is_faster), 1×1 layers ahead of the GEMM's rule: ResNet-50's 64→64 1×1
     on 56×56, a small 1×1 product the GEMM took, a 3×3 layer above stop 35's sizes, a layer into 104 channels (oneDNN's
     blocks of 16 part empty); small maps where under 60 % of the kernel's columns are outputs, large products on 67 %
-    (a 7×7 kernel's padding on a 16×16 map), wider layers and channels_last inputs keep oneDNN, and so does 64→64 1×1
-    with the AVX2 build selected (seen by the profiler). Values equal the float64 reference, a NaN kept on the direct
-    kernel."""
+    (a 7×7 kernel's padding on a 16×16 map) and on 91 % (ResNet's 128→128 3×3 on 28×28), wider layers and
+    channels_last inputs keep oneDNN, and so does 64→64 1×1 with the AVX2 build selected (seen by the profiler).
+    Values equal the float64 reference, a NaN kept on the direct kernel."""
     monkeypatch.setenv("PYOPS_CONV_PATH", "auto")
     before, isa = torch.get_num_threads(), pyops._C.cpu_kernel_isa()
     torch.set_num_threads(2)  # (the rule's sizes are per thread, up to 2)
@@ -236,6 +236,7 @@ def test_stride_one_layers_take_the_avx512_direct_kernel(monkeypatch):
                                                     (2, 16, 48, 3, 40, "avx512", True),
                                                     (8, 256, 104, 1, 14, "avx512", True),
                                                     (2, 64, 96, 7, 16, "avx512", False),
+                                                    (4, 128, 128, 3, 28, "avx512", False),
                                                     (8, 64, 256, 3, 7, "avx512", False),
                                                     (1, 256, 512, 3, 14, "avx512", False),
                                                     (8, 64, 64, 1, 56, ISAS[0], False)]:

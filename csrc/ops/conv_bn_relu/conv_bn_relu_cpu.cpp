@@ -297,7 +297,7 @@ bool flat_avx512_direct(const ConvGeometry& g) {
 // the padded rows' extra columns and each image's last tile are computed too), where at least 60 % of those columns
 // are outputs and either oneDNN's AVX-512 blocks of 16 channels run partly empty (a group's input or output channels
 // not a multiple of 16: oneDNN ran those at 0.45-0.75 of its rate on full blocks), or the product is under 16M
-// multiply-adds a thread (oneDNN's call costs ~30 µs), or at least 90 % of the columns are outputs under 256M. Past
+// multiply-adds a thread (oneDNN's call costs ~30 µs), or at least 92 % of the columns are outputs under 256M. Past
 // that both run at ~235 GMAC/s (2 threads) and our wasted columns decide. Stop 39, Zen 5, 2 threads, random stride-1
 // layers (1×1 to 7×7 kernels, 8-512 input and 8-256 output channels a group, 1-4 groups, 6×6 to 56×56 maps, batch
 // 1-8, 8M-600M multiply-adds), the chosen path's time over the faster of the two, geomean (worst): 160 layers of up to
@@ -315,7 +315,7 @@ bool flat_avx512_direct_is_faster(const ConvGeometry& g) {
   if (k <= 32 || work < mega(4)) return true;
   if (fraction < 0.6) return false;
   const bool partial_blocks = cin_g % 16 != 0 || cout_g % 16 != 0;
-  return partial_blocks || work < mega(16) || (fraction >= 0.9 && work < mega(256));
+  return partial_blocks || work < mega(16) || (fraction >= 0.92 && work < mega(256));
 }
 
 bool direct_is_faster(const ConvGeometry& g) {
