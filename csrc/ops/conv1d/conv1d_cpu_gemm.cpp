@@ -108,25 +108,6 @@ at::Tensor read_positions(const at::Tensor& x, const Conv1dGeometry& g) {
   return g.stride == 1 ? x : x.slice(2, 0, x.size(2), g.stride).contiguous();
 }
 
-}  // namespace
-
-// Stop 37 (bench/NOTES-conv1d.md): our tiled product (dense_weight_cpu) for float32 and float64 layers of 1-4 groups
-// (the sweeps' range: 8 groups of 128->64 k5 on 2 positions 254 vs oneDNN 159 us) of >= 8 input and >= 8 output
-// channels a group with >= 12 outputs x taps: fewer, and the transposed input costs more than the
-// products it feeds (40->8 k1 on 8 x 2323: 169 vs 72 us with correlate_weight_cpu). 160 random such layers on the
-// Zen 5 VM (1-4 groups, 8-512 channels, k 1-9, strides 1-3, dilation 1-2, 1M-300M multiply-adds): the tiled product
-// fastest on most, the rule's choice 1.02 geomean over the fastest of it, correlate_weight_cpu and oneDNN's
-// (oneDNN's alone 1.56, correlate_weight_cpu's 2.81; the dense TCN's 128->128 k3 on 4 x 1024 0.91 vs oneDNN 1.05 ms).
-// In AVX2 builds against oneDNN capped at AVX2 and MKL (AVX2 here) on 120 more: 1.02 (oneDNN 1.50, MKL 1.51).
-// (and padding no wider than the input: the transposed input holds the padded positions, at most 3x its rows)
-bool dense_weight_gradient(const Conv1dGeometry& g, at::ScalarType dtype) {
-  const int64_t in = g.in_per_group(), out = g.out_per_group();
-  return product_dtype(dtype) && g.groups <= 4 && in >= 8 && out >= 8 &&
-         out * g.kernel_size >= 12 && g.padding <= g.in_length;
-}
-
-namespace {
-
 // Pointwise layers (kernel 1, one group, no padding) into at most 4/3 as many outputs as inputs, from >= 1000
 // positions (batch x output length), under 2^23 input values and from 4M multiply-adds, where MKL runs narrower than
 // oneDNN (AMD AVX-512, where no per-sample products take them): oneDNN's weight gradient, which reads the input as
@@ -145,6 +126,21 @@ bool pointwise_weight_gradient_is_onednns(const Conv1dGeometry& g, at::ScalarTyp
 }
 
 }  // namespace
+
+// Stop 37 (bench/NOTES-conv1d.md): our tiled product (dense_weight_cpu) for float32 and float64 layers of 1-4 groups
+// (the sweeps' range: 8 groups of 128->64 k5 on 2 positions 254 vs oneDNN 159 us) of >= 8 input and >= 8 output
+// channels a group with >= 12 outputs x taps: fewer, and the transposed input costs more than the
+// products it feeds (40->8 k1 on 8 x 2323: 169 vs 72 us with correlate_weight_cpu). 160 random such layers on the
+// Zen 5 VM (1-4 groups, 8-512 channels, k 1-9, strides 1-3, dilation 1-2, 1M-300M multiply-adds): the tiled product
+// fastest on most, the rule's choice 1.02 geomean over the fastest of it, correlate_weight_cpu and oneDNN's
+// (oneDNN's alone 1.56, correlate_weight_cpu's 2.81; the dense TCN's 128->128 k3 on 4 x 1024 0.91 vs oneDNN 1.05 ms).
+// In AVX2 builds against oneDNN capped at AVX2 and MKL (AVX2 here) on 120 more: 1.02 (oneDNN 1.50, MKL 1.51).
+// (and padding no wider than the input: the transposed input holds the padded positions, at most 3x its rows)
+bool dense_weight_gradient(const Conv1dGeometry& g, at::ScalarType dtype) {
+  const int64_t in = g.in_per_group(), out = g.out_per_group();
+  return product_dtype(dtype) && g.groups <= 4 && in >= 8 && out >= 8 &&
+         out * g.kernel_size >= 12 && g.padding <= g.in_length;
+}
 
 // Stop 30 (bench/NOTES-conv1d.md): 1500 random layers (batch 1-64, 4-256 channels, k 1-11, stride 1-3, dilation
 // 1-2, groups 1-4, 1 and 2 threads, Intel Sapphire Rapids) timed on each path, half to fit the rule, half held out.
