@@ -16,7 +16,9 @@ from conftest import skip_unless_compile_timed
 from pyops.demo.conv_bn_relu import randomize_batchnorms_
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-FLOPS = {"resnet18": 2 * 1.814e9, "resnet50": 2 * 4.089e9}  # per 3×224×224 image: torchvision's GMACs × 2
+# per 3×224×224 image: torchvision's GMACs × 2
+FLOPS = {"resnet18": 2 * 1.814e9, "resnet50": 2 * 4.089e9, "efficientnet_b0": 2 * 0.386e9,
+         "mobilenet_v3_large": 2 * 0.217e9}
 
 
 def torchvision_model(name, device, dtype=torch.float32, memory_format=torch.contiguous_format):
@@ -56,6 +58,14 @@ def run_case(measure, device, name, batch, impl, dtype=torch.float32, memory_for
 @pytest.mark.parametrize("batch", [1, 8])
 def bench_resnet18(measure, device, impl, batch):
     run_case(measure, device, "resnet18", batch, impl)
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("name", ["efficientnet_b0", "mobilenet_v3_large"])
+def bench_swish_models(measure, device, impl, name):
+    """Models whose Conv → BN blocks end in SiLU (EfficientNet) or Hardswish (MobileNetV3), fused into the layers'
+    epilogues, batch 1 fp32."""
+    run_case(measure, device, name, 1, impl)
 
 
 @pytest.mark.parametrize("impl", ["pyops", "eager"])

@@ -89,7 +89,7 @@ def conv1d_bias_act(x, weight, bias=None, stride=1, padding=0, dilation=1, group
     [→ ReLU/ReLU6] chain.
 
     Args: as pyops.conv1d, and
-        activation: "none", "relu" or "relu6" (NaN stays NaN, as torch.relu and F.relu6 keep it);
+        activation: "none", "relu", "relu6", "silu" or "hardswish" (NaN stays NaN, as torch.relu and F.relu6 keep it);
         residual: None, or a tensor of the output's shape ((N, C_out, L_out), or (C_out, L_out) for unbatched
             input), dtype and device (a 1-D ResNet block's shortcut).
     Returns: as pyops.conv1d. Gradients: those of F.relu(F.conv1d(...) + residual) (F.relu6's), from the saved

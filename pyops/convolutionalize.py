@@ -400,9 +400,9 @@ def _head_ops(traced, flatten):
         if isinstance(mod, nn.Linear):
             ops.append(("linear", mod, label))
         elif _is_linear_bn_relu(mod):  # a Linear with its activation
-            if mod.activation == "relu6":
-                raise ValueError(f"argument 'model': cannot convert layer {label} after the flatten: its ReLU6 is not "
-                                 "supported in the head (only ReLU)")
+            if mod.activation not in ("none", "relu"):
+                raise ValueError(f"argument 'model': cannot convert layer {label} after the flatten: its activation "
+                                 f"{mod.activation!r} is not supported in the head (only ReLU)")
             ops += [("linear", mod, label)] + ([("relu", None, label)] if mod.activation == "relu" else [])
         elif isinstance(mod, nn.ReLU) or (nxt.op == "call_function" and nxt.target in _RELUS) or (
                 nxt.op == "call_method" and nxt.target in ("relu", "relu_")):

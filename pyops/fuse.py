@@ -38,7 +38,8 @@ AUGMENTED = {name: _augmented(getattr(operator, name)) for name in (
 globals().update({f.__name__: f for f in AUGMENTED.values()})  # importable by name: pickled GraphModules call them
 
 
-RELU_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu6: "relu6"}
+RELU_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu6: "relu6", F.silu: "silu",
+                  F.hardswish: "hardswish"}
 RELU_METHODS = {"relu": "relu", "relu_": "relu"}
 ADD_FUNCTIONS = (operator.add, operator.iadd, AUGMENTED["iadd"], torch.add)
 ADD_METHODS = ("add", "add_")
@@ -84,17 +85,19 @@ def fuse(model, inplace=False):
         was (the result is a new torch.fx.GraphModule built from its modules), an untraceable one is rewritten in
         place and returned.
     Returns a torch.fx.GraphModule (traceable models) or the rewritten model (fallback), in eval mode, in which
-      - Conv2d → BatchNorm2d [→ add(·, residual)] [→ ReLU/ReLU6] is one pyops.nn.ConvBNReLU2d (the residual add
+      - Conv2d → BatchNorm2d [→ add(·, residual)] [→ activation] is one pyops.nn.ConvBNReLU2d (the residual add
         and the activation are fused into the kernel's epilogue),
-      - Linear → BatchNorm1d [→ ReLU/ReLU6] is one pyops.nn.LinearBNReLU,
-      - Conv1d → BatchNorm1d [→ add(·, residual)] [→ ReLU/ReLU6] is one pyops.nn.FoldedConv1d, computed by pyops'
+      - Linear → BatchNorm1d [→ activation] is one pyops.nn.LinearBNReLU,
+      - Conv1d → BatchNorm1d [→ add(·, residual)] [→ activation] is one pyops.nn.FoldedConv1d, computed by pyops'
         conv1d kernels with the add and the activation applied as they store the output (it refuses the unbatched
         inputs the fold does not cover; pyops.nn.swap_conv1d(fuse(model)) computes the model's other Conv1d layers
         by pyops.conv1d too),
       - Conv3d (and Conv2d with a non-zero padding mode) → BatchNorm is one folded conv (pyops.fold_bn); an
         activation after it stays a module of its own.
-    A ReLU is nn.ReLU, nn.ReLU6, F.relu, F.relu6, torch.relu or Tensor.relu, in-place or not. A link of a chain is
-    fused only where the previous node's output has no other user (so no other computation sees a changed value);
+    An activation is a ReLU (nn.ReLU, F.relu, torch.relu or Tensor.relu), ReLU6 (nn.ReLU6, F.relu6), SiLU (nn.SiLU,
+    F.silu: EfficientNet's) or Hardswish (nn.Hardswish, F.hardswish: MobileNetV3's), in place or not. A link of a
+    chain is fused only where the previous node's output has no other user (so no other computation sees a changed
+    value);
     a residual add only where nothing between the layer and the add may change a tensor in place (the fused call
     reads the layer's input and the residual at the add) and not where the add writes into the residual
     (`residual += bn(conv(x))`);
@@ -457,7 +460,8 @@ def sole_user(node):
 
 
 def activation_of(node, modules):
-    """"relu"/"relu6" if node applies a ReLU/ReLU6 to its first argument (and only that), else None."""
+    """The activation's name (pyops.nn.ACTIVATIONS) if node applies one to its first argument (and only that),
+    else None."""
     if node.op == "call_module":
         module = modules.get(node.target)
         if has_hooks(module):
@@ -569,7 +573,7 @@ def bn_computes_like_base(bn):
 def match_chain(node, modules):
     """For a BatchNorm call whose input is a foldable layer's call used only by it: the longest chain
     layer → bn [→ add(·, residual)] [→ relu] (each link the previous node's only user) as a dict
-    {nodes: [layer, bn, add?, relu?], residual: Node or None, activation: "none"/"relu"/"relu6"}, else None."""
+    {nodes: [layer, bn, add?, relu?], residual: Node or None, activation: a pyops.nn.ACTIVATIONS name}, else None."""
     bn = called_module(node, modules)
     if not is_foldable_batchnorm(bn) or len(node.args) != 1 or node.kwargs:
         return None
@@ -865,7 +869,7 @@ def fresh_name(gm, modules, base):
 # --- fallback for untraceable models ----------------------------------------------------------------------------
 
 def fuse_sequentials(model, skip=()):
-    """Fuses layer → BatchNorm [→ ReLU/ReLU6] runs of consecutive children of each nn.Sequential in model, in place,
+    """Fuses layer → BatchNorm [→ activation] runs of consecutive children of each nn.Sequential in model, in place,
     except inside the modules in skip (fused already). Returns the qualified names of the fused layers."""
     fused_names = []
     skipped = {id(m) for part in skip for m in part.modules()}

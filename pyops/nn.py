@@ -2,10 +2,10 @@
 
 Conv1d: a subclass of torch.nn.Conv1d (same constructor, parameters, state_dict) computed by pyops.conv1d;
 swap_conv1d(model) puts it in place of a model's nn.Conv1d layers.
-FoldedConv1d: the Conv1d → BatchNorm1d (→ residual add) (→ ReLU/ReLU6) pyops.fuse folds (a Conv1d; the add and
+FoldedConv1d: the Conv1d → BatchNorm1d (→ residual add) (→ activation) pyops.fuse folds (a Conv1d; the add and
 the activation applied as the kernel stores), refusing the unbatched inputs the fold does not cover.
-ConvBNReLU2d: Conv2d → BatchNorm2d (→ residual add) (→ ReLU/ReLU6) as one fused kernel (pyops.conv2d_bias_act).
-LinearBNReLU: Linear → BatchNorm1d (→ ReLU/ReLU6) as one GEMM with the activation applied in place.
+ConvBNReLU2d: Conv2d → BatchNorm2d (→ residual add) (→ activation) as one fused kernel (pyops.conv2d_bias_act).
+LinearBNReLU: Linear → BatchNorm1d (→ activation) as one GEMM with the activation applied in place.
 SlidingClassifier: a crop classifier applied densely to whole images (pyops.sliding_classify as a module).
 The fused modules fold the BatchNorm once, at construction (inference, or fine-tuning with frozen BatchNorm
 statistics), and keep the folded weight and bias as Parameters, so .to(), .half(), state_dict() and optimizers
@@ -75,13 +75,13 @@ class Conv1d(NotScriptable, torch.nn.Conv1d):
 
 
 class FoldedConv1d(Conv1d):
-    """An nn.Conv1d with a BatchNorm1d folded into it, and the residual add and ReLU/ReLU6 that followed, as
+    """An nn.Conv1d with a BatchNorm1d folded into it, and the residual add and activation that followed, as
     pyops.fuse installs one: the layer computed by pyops.conv1d (a Conv1d above: the depthwise, pointwise and
     small-channel layers of 1-D networks run pyops' kernels), the residual added and the activation applied as the
     kernel stores the output (pyops.conv1d_bias_act), refusing unbatched (C, L) inputs. On those the BatchNorm1d it
     replaced took C as the batch and normalized along L, which the fold does not compute (the model raised there,
     unless L_out equals C_out).
-    activation: "none", "relu" or "relu6". residual_in_place: as ConvBNReLU2d's."""
+    activation: "none", "relu", "relu6", "silu" or "hardswish". residual_in_place: as ConvBNReLU2d's."""
 
     activation = "none"
     residual_in_place = False
@@ -90,7 +90,8 @@ class FoldedConv1d(Conv1d):
     def from_modules(cls, conv, bn, relu=False):
         """conv (nn.Conv1d) → bn (eval-mode BatchNorm1d) → relu, folded once (pyops.fold_bn).
 
-        relu: False/"none" (the default: the fold alone), True/"relu"/nn.ReLU(), "relu6"/nn.ReLU6(). The new module
+        relu: False/"none" (the default: the fold alone), or an activation as ConvBNReLU2d.from_modules takes it. The
+        new module
         has conv's hyper-parameters, padding mode, dtype and device; conv and bn are not modified."""
         if not isinstance(conv, nn.Conv1d):
             raise TypeError(f"argument 'conv' must be an nn.Conv1d, got {type(conv).__name__}")
@@ -187,7 +188,9 @@ def _parametrized_class(parametrized, base):
     return type(parametrized.__name__, (base,), namespace)
 
 
-ACTIVATIONS = ("none", "relu", "relu6")
+ACTIVATIONS = tuple(ACTIVATION_CODES)  # ("none", "relu", "relu6", "silu", "hardswish")
+# the activation modules fuse() folds into a layer, and their names
+ACTIVATION_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish"}
 _CUDNN_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -278,32 +281,34 @@ def _forward_parameters(module):
 
 
 def module_activation(module):
-    """"relu"/"relu6" for an nn.ReLU/nn.ReLU6 (or a subclass) that computes what that class does, else None: a
-    subclass with a forward of its own (a leaky variant, say) computes another function, which was fused as a ReLU."""
-    if isinstance(module, nn.ReLU) and type(module).forward is nn.ReLU.forward:
-        return "relu"
-    if isinstance(module, nn.ReLU6) and type(module).forward is nn.ReLU6.forward and \
-            (module.min_val, module.max_val) == (0.0, 6.0):
-        return "relu6"
+    """The name of an ACTIVATION_MODULES class's instance (or a subclass's) that computes what that class does, else
+    None: a subclass with a forward of its own (a leaky variant, say) computes another function, which was fused as a
+    ReLU; so does an nn.ReLU6 with other clamp bounds."""
+    for cls, name in ACTIVATION_MODULES.items():
+        if isinstance(module, cls) and type(module).forward is cls.forward:
+            return name if cls is not nn.ReLU6 or (module.min_val, module.max_val) == (0.0, 6.0) else None
     return None
 
 
 def activation_name(relu):
     """The activation named by `relu` as from_modules accepts it: True/"relu"/nn.ReLU → "relu",
-    "relu6"/nn.ReLU6 → "relu6", False/None/"none" → "none"."""
+    "relu6"/nn.ReLU6 → "relu6", "silu"/nn.SiLU → "silu", "hardswish"/nn.Hardswish → "hardswish",
+    False/None/"none" → "none"."""
     if relu is True:
         return "relu"
-    if isinstance(relu, (nn.ReLU, nn.ReLU6)):
+    if isinstance(relu, tuple(ACTIVATION_MODULES)):
         name = module_activation(relu)
         if name is None:
-            raise ValueError(f"argument 'relu' is a {type(relu).__name__}, a subclass of nn.ReLU/nn.ReLU6 with its own "
-                             "forward (or clamp bounds): it computes another function than the fused ReLU")
+            raise ValueError(f"argument 'relu' is a {type(relu).__name__}, a subclass of "
+                             f"{'/'.join('nn.' + c.__name__ for c in ACTIVATION_MODULES)} with its own forward (or "
+                             "clamp bounds): it computes another function than the fused activation")
         return name
     if relu is False or relu is None:
         return "none"
     if isinstance(relu, str) and relu in ACTIVATIONS:
         return relu
-    raise ValueError(f"argument 'relu' must be True, False, 'none', 'relu', 'relu6', an nn.ReLU or an nn.ReLU6, "
+    raise ValueError(f"argument 'relu' must be True, False, one of {ACTIVATIONS} or an instance of "
+                     f"{', '.join('nn.' + c.__name__ for c in ACTIVATION_MODULES)}, "
                      f"got {relu!r}")
 
 
@@ -315,11 +320,16 @@ def check_activation(activation):
 
 
 def apply_activation_(y, activation):
-    """y with the activation applied in place (autograd handles in-place relu_/clamp_ on a fresh result)."""
+    """y with the activation applied in place (autograd handles in-place relu_/clamp_/silu/hardswish on a fresh
+    result)."""
     if activation == "relu":
         return y.relu_()
     if activation == "relu6":
         return y.clamp_(0.0, 6.0)
+    if activation == "silu":
+        return F.silu(y, inplace=True)
+    if activation == "hardswish":
+        return F.hardswish(y, inplace=True)
     return y
 
 
@@ -340,11 +350,12 @@ class ConvBNReLU2d(DerivedWeights):
     (CPU inference may return channels_last instead: below).
     residual: None or a tensor of the output's shape, added before the activation (a ResNet block's shortcut); one
     that only broadcasts to the output is added by a separate PyTorch add (the kernel takes the exact shape).
-    activation: "none", "relu" or "relu6".
+    activation: "none", "relu", "relu6", "silu" or "hardswish".
     Gradients flow to x, weight, bias and residual; the BatchNorm statistics are frozen in weight and bias (the
-    semantics of torchvision's FrozenBatchNorm2d). With an activation the output is saved for backward (its mask),
+    semantics of torchvision's FrozenBatchNorm2d). With ReLU or ReLU6 the output is saved for backward (its mask),
     so an in-place op on the output fails the backward, as after torch.relu (the unfused ReLU6, hardtanh, saved its
-    input instead).
+    input instead). SiLU and Hardswish, whose slopes the output does not determine, run as the unfused layers do
+    where autograd records the call: the convolution fused with the residual add, then F.silu/F.hardswish.
 
     CPU inference (fp32, nothing requiring grad, not compiling) on a layer where it pays (see _packed_weight) packs
     the weight once into oneDNN's blocked layout for the input's shape and reuses it while the shape and the weight
@@ -409,7 +420,8 @@ class ConvBNReLU2d(DerivedWeights):
     def from_modules(cls, conv, bn, relu=True):
         """conv (nn.Conv2d, zero padding) → bn (eval-mode BatchNorm2d or FrozenBatchNorm2d) → relu, folded once.
 
-        relu: True/"relu"/nn.ReLU(), "relu6"/nn.ReLU6(), or False/"none". The new module's parameters have
+        relu: True/"relu"/nn.ReLU(), "relu6"/nn.ReLU6(), "silu"/nn.SiLU(), "hardswish"/nn.Hardswish(), or
+        False/"none". The new module's parameters have
         conv's dtype, device and weight layout; conv and bn are not modified. ValueError/TypeError as fold_bn, and
         for convs the kernel cannot run (see explicit_padding)."""
         if not isinstance(conv, nn.Conv2d):
@@ -532,12 +544,13 @@ class ConvBNReLU2d(DerivedWeights):
         bound by the host (bench/NOTES-conv_bn_relu.md). For inference this calls the same cuDNN functions directly,
         after checks that cost a few µs. Everything else goes to the op: autograd, torch.compile, dispatch modes
         (count_ops, FlopCounterMode), autocast regions unless x is in the region's dtype (inference converts x and
-        weight first: _inference_compute_dtype; otherwise the op casts), ReLU6, float64, other paths, inputs that are
+        weight first: _inference_compute_dtype; otherwise the op casts), activations other than ReLU, float64, other paths, inputs that are
         neither NCHW- nor channels_last-contiguous, and any input cuDNN refuses (the op's checks then name the bad
         argument).
         """
         if (not x.is_cuda or x.dtype is not weight.dtype or x.dtype not in _CUDNN_FUSED_DTYPES
-                or self.activation == "relu6" or x.dim() != 4 or x.shape[1] != self.in_channels or x.numel() == 0
+                or self.activation not in ("none", "relu") or x.dim() != 4 or x.shape[1] != self.in_channels
+                or x.numel() == 0
                 or _autograd_sees(x, weight, bias, residual) or not _plain_tensors(x, weight, bias, residual)
                 or torch._C._len_torch_dispatch_stack() or torch.compiler.is_compiling()
                 or conv_path() == "direct"
@@ -663,8 +676,8 @@ class LinearBNReLU(NotScriptable, nn.Module):
 
     x: (N, in_features) → (N, out_features): the only shape on which Linear → BatchNorm1d folds (on a 3-D input,
     BatchNorm1d normalizes dim 1, not the Linear's features), so others raise ValueError rather than differ from the
-    unfused layers. activation: "none", "relu" or "relu6", applied in place on the GEMM's fresh output (one extra
-    pass over the output, no extra memory). Gradients as ConvBNReLU2d.
+    unfused layers. activation: "none", "relu", "relu6", "silu" or "hardswish", applied in place on the GEMM's fresh
+    output (one extra pass over the output, no extra memory). Gradients as ConvBNReLU2d.
     """
 
     def __init__(self, in_features, out_features, activation="relu", device=None, dtype=None):

@@ -5,8 +5,8 @@ The unit tests pin each route with hand-picked and small randomized layers; this
 (PYOPS_CONV1D_PATH, PYOPS_CONV_PATH) and, on the CPU, each instruction set of our kernels, and compares with float64
 PyTorch:
   - pyops.conv1d: output, grad_input, grad_weight, grad_bias;
-  - pyops.conv_bn_relu.conv2d_bias_act: output (act in none/relu/relu6, bias, residual) and, for half the layers,
-    the gradients of x, weight, bias, residual;
+  - pyops.conv_bn_relu.conv2d_bias_act: output (act in none/relu/relu6/silu/hardswish, bias, residual) and, for half
+    the layers, the gradients of x, weight, bias, residual;
   - pyops.nn.ConvBNReLU2d (folded once; the packed-weight path where its rule packs): output under no_grad.
 Errors are measured against the same sums taken over magnitudes (|x|*|w| + |b| + |residual|), a bound on rounding
 that does not depend on cancellation: fp32 within 3e-5 of it, fp64 within 1e-12.
@@ -27,7 +27,8 @@ import pyops
 from pyops.conv_bn_relu import conv2d_bias_act
 
 TOLERANCE = {torch.float32: 3e-5, torch.float64: 1e-12}
-ACT = {"none": lambda z: z, "relu": torch.relu, "relu6": lambda z: z.clamp(0, 6)}
+ACT = {"none": lambda z: z, "relu": torch.relu, "relu6": lambda z: z.clamp(0, 6), "silu": F.silu,
+       "hardswish": F.hardswish}
 
 
 def scaled_error(ours, ref, scale):
@@ -121,7 +122,7 @@ def conv2d_case(rng, device):
     residual = torch.randn(n, cout, *out_hw, dtype=dtype, device=device) if rng.random() < 0.3 else None
     if residual is not None and rng.random() < 0.5:
         residual = residual.contiguous(memory_format=torch.channels_last)
-    act = rng.choice(["none", "relu", "relu", "relu6"])
+    act = rng.choice(["none", "relu", "relu", "relu6", "silu", "hardswish"])
     return x, weight, bias, residual, (stride, padding, dilation, groups), act, rng.random() < 0.5
 
 
@@ -143,14 +144,23 @@ def check_conv2d(case):
                         grad_out)
         # the reference's activation mask is ours (both outputs agree within tol where it matters; a z within
         # rounding of 0 or 6 may fall on either side)
-        mask = {"none": torch.ones_like(y, dtype=torch.bool), "relu": y > 0, "relu6": (y > 0) & (y < 6)}[act]
-        g64 = (grad_out * mask).double()
+        if act in ("silu", "hardswish"):
+            # the slopes at the float64 reference's z. Ours are computed from terms of size ~1 (they cancel where
+            # SiLU's slope is 0), at our z, within tol * scale of z64 (a slope differs by |act''| <= 1/2 times that;
+            # at Hardswish's kinks ±3 it jumps by 1/2): each gradient's scale counts |grad_out| for those terms
+            z64 = reference(*inputs64).requires_grad_()
+            g64 = torch.autograd.grad(ACT[act](z64), z64, grad_out.double())[0]
+            g_scale = g64.abs() + grad_out.double().abs() * (1 + 0.5 * tol * scale)
+        else:
+            mask = {"none": torch.ones_like(y, dtype=torch.bool), "relu": y > 0, "relu6": (y > 0) & (y < 6)}[act]
+            g64 = (grad_out * mask).double()
+            g_scale = g64.abs()
         ref_z, refs = grads(reference, inputs64, g64)
-        _, scales = grads(reference, [None if t is None else t.abs() for t in inputs64], g64.abs())
+        _, scales = grads(reference, [None if t is None else t.abs() for t in inputs64], g_scale)
         names = [name for name, t in zip(("grad_x", "grad_weight", "grad_bias", "grad_residual"),
                                          (x, weight, bias, residual)) if t is not None]
         if bias is not None:
-            scales[2] = g64.abs().sum((0, 2, 3))
+            scales[2] = g_scale.sum((0, 2, 3))
         errors.update({name: scaled_error(o, r, s) for name, o, r, s in zip(names, ours, refs, scales)})
     else:
         with torch.no_grad():
@@ -169,7 +179,7 @@ def check_conv2d(case):
                 conv.bias.copy_(bias)
             bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
             bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-1, 1)
-            module = pyops.nn.ConvBNReLU2d.from_modules(conv, bn, relu=act == "relu").eval()
+            module = pyops.nn.ConvBNReLU2d.from_modules(conv, bn, relu=act).eval()
             y = module(x)
             ref = bn.double()(conv.double()(x.double()))
             bn_scale = bn.weight / (bn.running_var + bn.eps).sqrt()

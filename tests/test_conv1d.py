@@ -1049,7 +1049,7 @@ def test_each_op_takes_aten_where_its_own_product_is_wide(config, routes, monkey
 
 # --- conv1d_bias_act: the residual added and the activation applied as each path stores its output --------------
 
-ACTIVATIONS = {"relu": F.relu, "relu6": F.relu6, "none": lambda y: y}
+ACTIVATIONS = {"relu": F.relu, "relu6": F.relu6, "none": lambda y: y, "silu": F.silu, "hardswish": F.hardswish}
 # Every forward path: the ROUTES layers (library, direct, pointwise products) and short rows laid end to end, a
 # strided staged window, a single channel, a depthwise layer, one position past a row's tiles.
 ACT_LAYERS = [config for config, _ in ROUTES] + [(64, 8, 8, 20, 3, 1, 1), (4, 16, 16, 2000, 4, 2, 1),
@@ -1068,15 +1068,18 @@ def outputs_and_grads(fn, tensors, grad_out=None):
 
 
 @pytest.mark.parametrize("activation,residual", [("relu", False), ("relu6", False), ("relu", True), ("relu6", True),
-                                                 ("none", True)])
+                                                 ("none", True), ("silu", False), ("hardswish", True)])
 @pytest.mark.parametrize("path", ["auto", "direct", "library", "gemm"])
 def test_conv1d_bias_act_is_the_activation_of_the_same_convolution(device, activation, residual, path, monkeypatch):
     """Bit for bit act(pyops.conv1d(...) + residual) on the same path, forward and gradients: the residual is added
     to the finished sums and the activation applied wherever the output is stored (the direct kernel's tiles and
     edge loop, rows laid end to end with the residual laid alike, the pointwise products' bias pass, a pass after
     the library's call), and the backward is the same convolution backward of gy·act'(output), which is the
-    residual's gradient too (ReLU6 clamps a fair share of these outputs: their scale is ~4). On CUDA with cuDNN's
-    deterministic algorithms: its default backward ones may sum with atomics, and the two sides are two calls."""
+    residual's gradient too (ReLU6 clamps a fair share of these outputs: their scale is ~4). SiLU and Hardswish:
+    the output within float32 rounding of F.silu/F.hardswish (a vector's last lanes may take the scalar formula on
+    one side), the gradients bit for bit (autograd runs the op without the activation, then ATen's). On CUDA with
+    cuDNN's deterministic algorithms: its default backward ones may sum with atomics, and the two sides are two
+    calls."""
     monkeypatch.setenv("PYOPS_CONV1D_PATH", path)
     g = torch.Generator().manual_seed(21)
     act = ACTIVATIONS[activation]
@@ -1094,13 +1097,17 @@ def test_conv1d_bias_act_is_the_activation_of_the_same_convolution(device, activ
                 x, w, b, *args, activation=activation, residual=r[0] if r else None), tensors)
             same, _ = outputs_and_grads(lambda x, w, b, *r: act(pyops.conv1d(x, w, b, *args) + (r[0] if r else 0)),
                                         tensors, gy)
-            if activation != "none":
+            if activation in ("relu", "relu6"):
                 assert (ours[0] == 0).any() and (activation == "relu" or (ours[0] == 6).any())
-            for name, a, e in zip(["output", "grad_input", "grad_weight", "grad_bias", "grad_residual"], ours, same):
+            if activation in ("silu", "hardswish"):
+                torch.testing.assert_close(ours[0], same[0], rtol=1e-6, atol=1e-6)
+                ours, same = ours[1:], same[1:]
+            names = ["output", "grad_input", "grad_weight", "grad_bias", "grad_residual"][-len(ours):]
+            for name, a, e in zip(names, ours, same):
                 assert torch.equal(a, e), (path, (n, cin, cout, length, k, stride, groups), name)
 
 
-@pytest.mark.parametrize("activation", ["relu", "relu6"])
+@pytest.mark.parametrize("activation", ["relu", "relu6", "silu", "hardswish"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("config", random_configs(12, seed=22), ids=str)
 def test_conv1d_bias_act_matches_torch(device, dtype, activation, config):
@@ -1126,8 +1133,10 @@ def test_conv1d_bias_act_matches_torch(device, dtype, activation, config):
 @pytest.mark.parametrize("path", ["auto", "direct", "library", "gemm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_conv1d_bias_act_keeps_nan_and_half_precision(device, path, dtype, monkeypatch):
-    """NaN stays NaN through both activations (torch.relu and F.relu6 keep it); in bfloat16 (computed in float32 on
-    the CPU) the activation of the rounded result is the rounded activation."""
+    """NaN stays NaN through every activation (as torch.relu, F.relu6, F.silu and F.hardswish keep it); in bfloat16
+    (computed in float32 on the CPU) the activation of the rounded result is the rounded activation (ReLU, ReLU6:
+    exactly; SiLU and Hardswish round their own float32 result to bfloat16, F.silu of the rounded output differs by
+    an ulp of bfloat16 at most)."""
     monkeypatch.setenv("PYOPS_CONV1D_PATH", path)
     g = torch.Generator().manual_seed(23)
     for n, cin, cout, length, k in [(2, 64, 64, 300, 3), (4, 32, 32, 200, 1), (8, 4, 4, 30, 3)]:
@@ -1138,12 +1147,14 @@ def test_conv1d_bias_act_keeps_nan_and_half_precision(device, path, dtype, monke
             got = pyops.conv1d_bias_act(x, w, b, 1, k // 2, activation=activation)
             want = act(pyops.conv1d(x, w, b, 1, k // 2))
             assert got.dtype == dtype and got[0, :, 17].isnan().all()
-            torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+            exact = activation in ("none", "relu", "relu6")
+            tol = 0 if exact else (1e-6 if dtype == torch.float32 else 2 ** -7)
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol, equal_nan=True)
 
 
 def test_conv1d_bias_act_gradcheck_opcheck_compile(device):
     g = torch.Generator().manual_seed(24)
-    for activation, code in [("relu", 1), ("relu6", 2)]:
+    for activation, code in [("relu", 1), ("relu6", 2), ("silu", 3), ("hardswish", 4)]:
         for cin, cout, k, length, stride, padding, groups in [(4, 6, 3, 23, 1, 1, 1), (4, 4, 3, 23, 2, 2, 4),
                                                              (20, 6, 1, 70, 1, 0, 1)]:
             x = rand((2, cin, length), device=device, gen=g).requires_grad_()
@@ -1169,7 +1180,7 @@ def test_conv1d_bias_act_names_a_bad_activation(device):
     with pytest.raises(ValueError, match="'activation' must be one of"):
         pyops.conv1d_bias_act(x, w, activation="gelu")
     with pytest.raises(ValueError, match="argument 'activation' must be 0"):
-        ops.conv1d_bias_act(x, w, None, 1, 0, 1, 1, 3)
+        ops.conv1d_bias_act(x, w, None, 1, 0, 1, 1, 5)
     with pytest.raises(ValueError, match="channel mismatch"):  # the convolution's checks, as pyops.conv1d's
         pyops.conv1d_bias_act(x, rand((3, 5, 3), device=device))
     with pytest.raises(ValueError, match=r"'residual' must have the output's shape \(2, 3, 8\), got \(2, 3, 10\)"):

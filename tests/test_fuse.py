@@ -198,12 +198,14 @@ def conv_bn(cin=4, cout=6, seed=0, **conv_args):
 
 
 @pytest.mark.parametrize("relu,activation", [(True, "relu"), (nn.ReLU(inplace=True), "relu"), ("relu6", "relu6"),
-                                             (nn.ReLU6(), "relu6"), (False, "none")])
+                                             (nn.ReLU6(), "relu6"), (False, "none"), (nn.SiLU(), "silu"),
+                                             ("silu", "silu"), (nn.Hardswish(inplace=True), "hardswish"),
+                                             ("hardswish", "hardswish")])
 def test_conv_bn_relu_module_matches_the_unfused_chain(relu, activation):
     conv, bn = conv_bn(padding=1, stride=2)
     fused = ConvBNReLU2d.from_modules(conv, bn, relu)
     assert fused.activation == activation
-    act = {"relu": F.relu, "relu6": F.relu6, "none": lambda t: t}[activation]
+    act = {"relu": F.relu, "relu6": F.relu6, "none": lambda t: t, "silu": F.silu, "hardswish": F.hardswish}[activation]
     x = torch.randn(2, 4, 9, 9, dtype=torch.float64, generator=gen()) * 3
     residual = torch.randn(2, 6, 5, 5, dtype=torch.float64, generator=gen(1)) * 3
     broadcast = torch.randn(6, 1, 1, dtype=torch.float64, generator=gen(2))
@@ -281,12 +283,12 @@ def fp32_conv_bn(cin=64, cout=24, k=3, seed=0, **conv_args):
 def float64_chain(conv, bn, activation):
     """The unfused chain in float64 (a copy: conv and bn stay fp32)."""
     conv64, bn64 = copy.deepcopy(conv).double(), copy.deepcopy(bn).double()
-    act = {"relu": F.relu, "relu6": F.relu6, "none": lambda t: t}[activation]
+    act = {"relu": F.relu, "relu6": F.relu6, "none": lambda t: t, "silu": F.silu, "hardswish": F.hardswish}[activation]
     return lambda x, residual=None: act(bn64(conv64(x.double())) + (0 if residual is None else residual.double()))
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("relu", [True, "relu6", False])
+@pytest.mark.parametrize("relu", [True, "relu6", False, "silu", "hardswish"])
 @pytest.mark.parametrize("conv_args", [dict(padding=1), dict(stride=2, padding=1), dict(dilation=2, padding=2),
                                        dict(padding=0)], ids=["p1", "s2", "d2", "p0"])
 def test_conv_bn_relu_module_packed_cpu_path(conv_args, relu, layout):
@@ -307,7 +309,7 @@ def test_conv_bn_relu_module_packed_cpu_path(conv_args, relu, layout):
             assert_close_relative(out.double(), chain(x, residual), 2e-6)
 
 
-@pytest.mark.parametrize("relu", [True, "relu6", False])
+@pytest.mark.parametrize("relu", [True, "relu6", False, "silu"])
 @pytest.mark.parametrize("groups, cout, k", [(4, 24, 3), (64, 64, 3), (64, 128, 5), (2, 24, 1)],
                          ids=["grouped", "depthwise", "multiplier", "grouped-1x1"])
 def test_grouped_module_packed_on_channels_last(groups, cout, k, relu):
@@ -787,6 +789,26 @@ def test_fuse_torchvision_models(name, device):
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
 
 
+@pytest.mark.parametrize("name,act_class,activation", [("efficientnet_b0", nn.SiLU, "silu"),
+                                                         ("mobilenet_v3_small", nn.Hardswish, "hardswish")])
+def test_fuse_folds_silu_and_hardswish_into_the_layers(name, act_class, activation, device):
+    """EfficientNet's Conv → BN → SiLU and MobileNetV3's Conv → BN → Hardswish blocks become one fused layer each,
+    the activation in its epilogue: of the activation modules only those after a conv without a BatchNorm remain
+    (EfficientNet's squeeze-excitation SiLU; MobileNetV3's Hardswish all follow a BN), and the outputs match."""
+    torch.manual_seed(0)
+    model = randomized(getattr(torchvision.models, name)(weights=None)).to(device)
+    after_bn = sum(isinstance(m, torchvision.ops.Conv2dNormActivation) and isinstance(m[-1], act_class)
+                   for m in model.modules())
+    elsewhere = sum(isinstance(m, act_class) for m in model.modules()) - after_bn
+    fused = pyops.fuse(model)
+    assert_no_batchnorm(fused)
+    assert sum(isinstance(m, ConvBNReLU2d) and m.activation == activation for m in fused.modules()) == after_bn > 10
+    assert sum(isinstance(m, act_class) for m in fused.modules()) == elsewhere
+    x = torch.rand(2, 3, 64, 64, generator=gen()).to(device)
+    with torch.no_grad():
+        assert_close_relative(fused(x), model(x), 1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
 def test_fuse_resnet18_half_precision(dtype, layout, device):
@@ -843,6 +865,34 @@ class FunctionalBlocks(nn.Module):
         x = F.relu(b[7](c[7](x))) + F.relu(b[8](c[7](x)))  # one conv, two BNs
         x = F.relu(self.frozen(c[1](x)))  # c[1] called again, FrozenBatchNorm2d
         return x * self.convs[0].weight.mean()  # a weight read directly: its conv must keep its name
+
+
+class FunctionalSwish(nn.Module):
+    """F.silu after a residual add, F.hardswish in place, and a SiLU on a BN output used twice (not fusable)."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(8 if i else 3, 8, 3, padding=1) for i in range(3))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(8) for _ in range(3))
+
+    def forward(self, x):
+        c, b = self.convs, self.bns
+        x = F.hardswish(b[0](c[0](x)), inplace=True)
+        x = F.silu(b[1](c[1](x)) + x)
+        z = b[2](c[2](x))
+        return F.silu(z) * z
+
+
+def test_fuse_functional_silu_and_hardswish():
+    torch.manual_seed(0)
+    model = randomized(FunctionalSwish()).double()
+    fused = pyops.fuse(model)
+    assert [m.activation for m in fused.modules() if isinstance(m, ConvBNReLU2d)] == ["hardswish", "silu", "none"]
+    targets = [n.target for n in fused.graph.nodes if n.op == "call_function"]
+    assert targets.count(F.silu) == 1 and F.hardswish not in targets  # the third chain's SiLU stays
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=gen())
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-10, atol=1e-10)
 
 
 def test_fuse_graph_patterns():
@@ -907,7 +957,8 @@ def test_fuse_conv1d_chains_take_the_activation_conv3d_chains_fold_only():
     activation as they store (pyops::conv1d_bias_act; no add or ReLU left in the graph), in the traced graph and (no
     residual there) in the Sequential fallback. Conv3d chains fold only."""
     torch.manual_seed(0)
-    chains = [(nn.ReLU(), "relu"), (nn.ReLU(inplace=True), "relu"), (nn.ReLU6(), "relu6")]
+    chains = [(nn.ReLU(), "relu"), (nn.ReLU(inplace=True), "relu"), (nn.ReLU6(), "relu6"), (nn.SiLU(), "silu"),
+              (nn.Hardswish(inplace=True), "hardswish")]
     for act, name in chains:
         model = randomized(nn.Sequential(nn.Conv1d(3, 5, 3, padding=1), nn.BatchNorm1d(5), act).double())
         x = torch.randn(2, 3, 9, dtype=torch.float64, generator=gen()) * 3
@@ -917,14 +968,14 @@ def test_fuse_conv1d_chains_take_the_activation_conv3d_chains_fold_only():
             assert_no_batchnorm(fused)
             layer = getattr(fused, "0")
             assert type(layer) is pyops.nn.FoldedConv1d and layer.activation == name
-            assert not any(isinstance(m, (nn.ReLU, nn.ReLU6)) for m in fused.modules())
+            assert not any(isinstance(m, (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish)) for m in fused.modules())
             assert f"activation={name}" in repr(layer)
             with torch.no_grad(), torch.profiler.profile() as prof:
                 got = fused(x)
             assert sum(e.name == "pyops::conv1d_bias_act" for e in prof.events()) == 1
             with torch.no_grad():
                 want = model(x.clone())
-            assert (want == 0).any()
+            assert (want == 0).any() or name in ("silu", "hardswish")
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     model = randomized(Conv1dResidual().double())
     fused = pyops.fuse(model)
@@ -966,7 +1017,8 @@ def test_fuse_conv1d_chains_take_the_activation_conv3d_chains_fold_only():
 
 def test_folded_conv1d_layers_run_pyops_conv1d():
     """A folded Conv1d → BatchNorm1d is a pyops.nn.Conv1d (pyops' kernels: a Conformer's depthwise layer, 1.85x
-    eager with it, 1.01x with F.conv1d), padding modes included; swap_conv1d converts the layers no BN followed."""
+    eager with it, 1.01x with F.conv1d), padding modes included, the SiLU after it fused (pyops::conv1d_bias_act);
+    swap_conv1d converts the layers no BN followed."""
     torch.manual_seed(0)
     model = randomized(nn.Sequential(nn.Conv1d(8, 8, 5, padding=2, groups=8, padding_mode="reflect"),
                                      nn.BatchNorm1d(8), nn.SiLU(), nn.Conv1d(8, 6, 1), nn.BatchNorm1d(6),
@@ -974,14 +1026,16 @@ def test_folded_conv1d_layers_run_pyops_conv1d():
     x = torch.randn(2, 8, 30, dtype=torch.float64, generator=gen())
     fused = pyops.fuse(model)
     assert isinstance(getattr(fused, "0"), pyops.nn.Conv1d) and isinstance(getattr(fused, "3"), pyops.nn.Conv1d)
+    assert getattr(fused, "0").activation == "silu" and not any(isinstance(m, nn.SiLU) for m in fused.modules())
+    pyops_conv1d = ("pyops::conv1d", "pyops::conv1d_bias_act")
     with torch.no_grad(), torch.profiler.profile() as prof:
         got = fused(x)
-    assert sum(e.name == "pyops::conv1d" for e in prof.events()) == 2  # (the last layer: F.conv1d, as the model)
+    assert sum(e.name in pyops_conv1d for e in prof.events()) == 2  # (the last layer: F.conv1d, as the model)
     torch.testing.assert_close(got, model(x), rtol=1e-10, atol=1e-12)
     swapped = pyops.nn.swap_conv1d(fused)
     with torch.no_grad(), torch.profiler.profile() as prof:
         got = swapped(x)
-    assert sum(e.name == "pyops::conv1d" for e in prof.events()) == 3
+    assert sum(e.name in pyops_conv1d for e in prof.events()) == 3
     torch.testing.assert_close(got, model(x), rtol=1e-10, atol=1e-12)
 
 

@@ -1,6 +1,6 @@
 // The activations a fused convolution applies to its output (conv2d_bias_act, conv1d_bias_act): their codes in the
-// ops' schemas ("int activation"; pyops/conv_bn_relu.py ACTIVATIONS maps the names), the check of a code, and the
-// derivative pass the fused ops' autograd shares.
+// ops' schemas ("int activation"; pyops/conv_bn_relu.py ACTIVATIONS maps the names), the check of a code, the same
+// activation as ATen ops, and the derivative pass the fused ops' autograd shares.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -11,14 +11,23 @@
 
 namespace pyops {
 
-enum class Activation : int64_t { kNone = 0, kRelu = 1, kRelu6 = 2 };
+// SiLU (x·σ(x), EfficientNet's) and Hardswish (x·relu6(x + 3)/6, MobileNetV3's) as torch.nn defines them.
+enum class Activation : int64_t { kNone = 0, kRelu = 1, kRelu6 = 2, kSilu = 3, kHardswish = 4 };
 
 // The activation of code `activation`, or a ValueError naming the argument of `op`.
 inline Activation checked_activation(int64_t activation, const char* op) {
-  TORCH_CHECK_VALUE(activation >= 0 && activation <= 2, op, ": argument 'activation' must be 0 (none), 1 (relu) or ",
-                    "2 (relu6), got ", activation);
+  TORCH_CHECK_VALUE(activation >= 0 && activation <= 4, op, ": argument 'activation' must be 0 (none), 1 (relu), ",
+                    "2 (relu6), 3 (silu) or 4 (hardswish), got ", activation);
   return static_cast<Activation>(activation);
 }
+
+// Whether act's derivative is a function of its output (ReLU's and ReLU6's masks), so a backward needs only the
+// output the fused op returns. SiLU and Hardswish take the same value at two inputs with different slopes: their
+// autograd runs the op without the activation and applies it with ATen ops (activation_aten), which save their input.
+inline bool derivative_from_output(Activation act) { return act <= Activation::kRelu6; }
+
+// act(y) by ATen ops (differentiable; NaN stays NaN): in place on y (a fresh result nothing else holds) or not.
+at::Tensor activation_aten(const at::Tensor& y, Activation act, bool in_place);
 
 // (grad·act'(output)·scale[c], grad·act'(output) if unscaled_too and scale is given) for an (N, C, ...) output: one
 // pass of pyops::conv_act_backward, or ATen ops autograd can differentiate where grad mode is on (a double backward).

@@ -1,5 +1,6 @@
 // A fused convolution's activation on CPU results, a vector or one value, shared by the kernels' epilogues and the
-// passes after a library call: NaN stays NaN (at::vec::maximum/minimum propagate it; the scalar form's comparisons
+// passes after a library call: ReLU and ReLU6 (SiLU and Hardswish run as a pass after the convolution, see
+// conv2d_bias_act_cpu); NaN stays NaN (at::vec::maximum/minimum propagate it; the scalar form's comparisons
 // are false for it), as torch.relu and F.relu6 keep it. CPU only (at::vec), apart from common/activation.h, which
 // CUDA sources include too.
 #pragma once

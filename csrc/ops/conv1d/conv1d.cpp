@@ -155,8 +155,7 @@ void add_residual_activate(at::Tensor& out, const at::Tensor& residual, Activati
   if (vectorized) return add_bias_residual_activate_cpu(out, at::Tensor(), residual.defined() ? residual.contiguous()
                                                                                                : residual, act);
   if (residual.defined()) out.add_(residual);
-  if (act == Activation::kRelu) out.relu_();
-  if (act == Activation::kRelu6) out.clamp_(0, 6);  // (hardtanh_ as F.relu6; clamp keeps NaN, as it does)
+  activation_aten(out, act, /*in_place=*/true);
 }
 
 // F.conv1d's own input gradient: convolution_backward with only the input output, which reads the input's shape
@@ -264,8 +263,9 @@ Conv1dGeometry check_conv1d_backward_weight(const at::Tensor& grad_output, const
 
 TORCH_LIBRARY_FRAGMENT(pyops, m) {
   m.def("conv1d(Tensor input, Tensor weight, Tensor? bias, int stride, int padding, int dilation, int groups) -> Tensor");
-  // act(conv1d(input, weight, bias) + residual), the activation (0 none, 1 relu, 2 relu6: common/activation.h)
-  // applied as the output is stored: the Conv1d → BatchNorm1d (→ add) → ReLU chains pyops.fuse folds.
+  // act(conv1d(input, weight, bias) + residual), the activation (0 none, 1 relu, 2 relu6, 3 silu, 4 hardswish:
+  // common/activation.h) applied as the output is stored: the Conv1d → BatchNorm1d (→ add) → activation chains
+  // pyops.fuse folds.
   m.def("conv1d_bias_act(Tensor input, Tensor weight, Tensor? bias, int stride, int padding, int dilation, int groups, "
         "int activation, Tensor? residual=None) -> Tensor");
   m.def("conv1d_backward_input(Tensor grad_output, Tensor weight, SymInt input_length, int stride, int padding, "

@@ -233,15 +233,19 @@ at::Tensor conv1d_bias_act_autograd(const at::Tensor& x, const at::Tensor& w, co
   if (!needs_autograd(x, w, b, residual)) {
     return below_autograd(call_forward, x, w, b, stride, padding, dilation, groups, activation, residual);
   }
+  const Activation act = checked_activation(activation, "pyops.conv1d_bias_act");
+  if (!derivative_from_output(act)) {  // (SiLU, Hardswish: common/activation.h)
+    return activation_aten(conv1d_bias_act_autograd(x, w, b, stride, padding, dilation, groups,
+                                                    static_cast<int64_t>(Activation::kNone), residual),
+                           act, /*in_place=*/false);
+  }
   if (needs_composite(x, w, b, residual)) {  // dispatch.h
     at::Tensor y = at::conv1d(x, w, b, {stride}, {padding}, {dilation}, groups);
     if (is_defined(residual)) {  // (checked as the kernels check it: `+` would broadcast)
       check_conv1d_residual(residual, x, check_conv1d(x, w, b, stride, padding, dilation, groups));
       y = y + *residual;
     }
-    const Activation act = checked_activation(activation, "pyops.conv1d_bias_act");
-    if (act == Activation::kRelu) return at::relu(y);
-    return act == Activation::kRelu6 ? at::hardtanh(y, 0, 6) : y;
+    return activation_aten(y, act, /*in_place=*/false);
   }
   return Conv1dFunction::apply(x, w, b, stride, padding, dilation, groups, activation, residual);
 }

@@ -130,8 +130,13 @@ at::Tensor conv1d_bias_act_cpu(const at::Tensor& input, const at::Tensor& weight
                                const std::optional<at::Tensor>& bias, int64_t stride, int64_t padding,
                                int64_t dilation, int64_t groups, int64_t activation,
                                const std::optional<at::Tensor>& residual) {
-  return conv1d_act_cpu(input, weight, bias, stride, padding, dilation, groups,
-                        checked_activation(activation, "pyops.conv1d_bias_act"), residual);
+  const Activation act = checked_activation(activation, "pyops.conv1d_bias_act");
+  if (!derivative_from_output(act)) {  // SiLU, Hardswish: a pass after the kernels (conv2d_bias_act_cpu says why)
+    return activation_aten(conv1d_act_cpu(input, weight, bias, stride, padding, dilation, groups, Activation::kNone,
+                                          residual),
+                           act, /*in_place=*/true);
+  }
+  return conv1d_act_cpu(input, weight, bias, stride, padding, dilation, groups, act, residual);
 }
 
 // grad_input[n, c, i] = sum_{o, k} weight[o, c, k] * grad_output[n, o, (i + padding - k*dilation) / stride]

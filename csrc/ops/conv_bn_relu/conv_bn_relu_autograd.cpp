@@ -317,11 +317,7 @@ at::Tensor conv2d_bias_act_composite(const at::Tensor& x, const at::Tensor& w, c
                                      int64_t groups, int64_t activation, const OptTensor& residual) {
   at::Tensor y = at::conv2d(x, w, b, computed_strides(x, stride, padding), padding, dilation, groups);
   if (is_defined(residual)) y = y + *residual;
-  switch (static_cast<Activation>(activation)) {
-    case Activation::kRelu: return at::relu(y);
-    case Activation::kRelu6: return at::hardtanh(y, 0, 6);
-    default: return y;
-  }
+  return activation_aten(y, static_cast<Activation>(activation), /*in_place=*/false);
 }
 
 at::Tensor conv2d_bn_relu_composite(const at::Tensor& x, const at::Tensor& w, const OptTensor& b,
@@ -348,6 +344,12 @@ at::Tensor conv2d_bias_act_autograd(const at::Tensor& x, const at::Tensor& w, co
                                     int64_t groups, int64_t activation, const OptTensor& residual) {
   if (!needs_autograd(x, w, b, residual)) {
     return below_autograd(call_conv2d_bias_act, x, w, b, stride, padding, dilation, groups, activation, residual);
+  }
+  const Activation act = checked_activation(activation, "pyops.conv2d");
+  if (!derivative_from_output(act)) {  // (SiLU, Hardswish: common/activation.h)
+    return activation_aten(conv2d_bias_act_autograd(x, w, b, stride, padding, dilation, groups,
+                                                    static_cast<int64_t>(Activation::kNone), residual),
+                           act, /*in_place=*/false);
   }
   if (needs_composite(x, w, b, residual)) {
     return conv2d_bias_act_composite(x, w, b, stride, padding, dilation, groups, activation, residual);

@@ -242,11 +242,7 @@ at::Tensor library_forward(const at::Tensor& x, const at::Tensor& w, const std::
   at::Tensor out = stack.back().toTensor();
   if (!out.is_contiguous(fmt)) out = out.contiguous(fmt);  // oneDNN keeps the format; this only guards it
   if (add_after && out.scalar_type() == at::kFloat) epilogue_(out, at::Tensor(), residual, g, fmt);
-  if (add_after && out.scalar_type() != at::kFloat) {  // (a NaN stays NaN, as torch.relu and F.relu6 keep it)
-    out.add_(*residual);
-    if (g.act == Activation::kRelu) out.relu_();
-    if (g.act == Activation::kRelu6) out.clamp_(0, 6);
-  }
+  if (add_after && out.scalar_type() != at::kFloat) activation_aten(out.add_(*residual), g.act, /*in_place=*/true);
   return out;
 }
 
@@ -496,6 +492,14 @@ at::Tensor conv2d_bias_act_cpu(const at::Tensor& input, const at::Tensor& weight
                                groups, activation, fp32(residual))
         .to(dtype);
   }
+  // SiLU and Hardswish: the convolution and the residual add, then ATen's activation in place. SiLU's exponentials
+  // cost the same in oneDNN's post-op as in a pass over the cache-resident output, and inlined into our kernels'
+  // stores they slowed the ReLU epilogue (bench/NOTES-conv_bn_relu.md, stop 40).
+  if (!derivative_from_output(g.act)) {
+    return activation_aten(conv2d_bias_act_cpu(input, weight, bias, stride, padding, dilation, groups,
+                                               static_cast<int64_t>(Activation::kNone), residual),
+                           g.act, /*in_place=*/true);
+  }
   if (gemm_is_faster(input, g, fmt)) return gemm_forward(input, weight, bias, residual, g, fmt);
   const bool library = use_library(input, g, residual.has_value(), fmt);
   if (library && unfolded_gemm_is_faster(input, g, fmt))
@@ -549,6 +553,11 @@ at::Tensor conv2d_bias_act_packed_cpu(const at::Tensor& input, const at::Tensor&
   // convolution does for a channels_last weight: the output is channels_last whatever the input's format. Every
   // path here keeps that, so the result's layout depends only on which op was called.
   const auto cl = at::MemoryFormat::ChannelsLast;
+  if (!derivative_from_output(g.act)) {  // (as conv2d_bias_act_cpu)
+    return activation_aten(conv2d_bias_act_packed_cpu(input, weight, packed_weight, bias, stride, padding, dilation,
+                                                      groups, static_cast<int64_t>(Activation::kNone), residual),
+                           g.act, /*in_place=*/true);
+  }
   if (g.n == 0 || g.cout == 0 || g.oh * g.ow == 0)  // (an empty tensor counts as NCHW too: the format by hand)
     return at::empty({g.n, g.cout, g.oh, g.ow}, input.options().memory_format(cl));
   if (unit_stride(g) && gemm_is_faster(input, g, cl)) return gemm_forward(input, weight, bias, residual, g, cl);

@@ -141,8 +141,7 @@ at::Tensor library_forward(const at::Tensor& x, const at::Tensor& w, const std::
   } else {
     out = at::convolution(xc, wc, b, stride, padding, dilation, false, {0, 0}, g.groups);
     if (residual.has_value()) out.add_(*residual);
-    if (g.act == Activation::kRelu) out.relu_();
-    if (g.act == Activation::kRelu6) out.clamp_(0, 6);
+    activation_aten(out, g.act, /*in_place=*/true);
   }
   return out.is_contiguous(fmt) ? out : out.contiguous(fmt);
 }

@@ -33,6 +33,8 @@ __device__ __forceinline__ acc activate(acc v, int act) {
   // a NaN passes through (every comparison is false for it), as torch.relu/hardtanh keep it
   if (act == 1) return v < acc(0) ? acc(0) : v;
   if (act == 2) return v < acc(0) ? acc(0) : (v > acc(6) ? acc(6) : v);
+  if (act == 3) return v / (acc(1) + exp(-v));  // SiLU (exp: expf or exp by acc's type, not the fast __expf)
+  if (act == 4) return v * fmin(fmax(v + acc(3), acc(0)), acc(6)) / acc(6);  // Hardswish
   return v;
 }
 
