@@ -1,7 +1,8 @@
 """Fused convolution + eval-mode BatchNorm + residual + ReLU: one pass over the output.
 
     conv2d_bn_relu(x, W, b, γ, β, μ, σ², ε) = relu(γ·(conv2d(x, W) + b − μ)/√(σ²+ε) + β + residual)
-    conv2d_bias_act(x, W', b')             = act(conv2d(x, W') + b' + residual),  act ∈ {none, relu, relu6, silu, hardswish}
+    conv2d_bias_act(x, W', b')             = act(conv2d(x, W') + b' + residual),
+                                             act ∈ {none, relu, relu6, silu, hardswish}
 
 NaN: torch.relu keeps a NaN, and so do our kernels' epilogues (the direct CPU kernel, the CPU GEMM paths of 1×1
 layers and of small single images, the CUDA implicit GEMM: every layout and dtype). oneDNN's fused ReLU/ReLU6

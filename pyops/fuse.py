@@ -97,14 +97,12 @@ def fuse(model, inplace=False):
     An activation is a ReLU (nn.ReLU, F.relu, torch.relu or Tensor.relu), ReLU6 (nn.ReLU6, F.relu6), SiLU (nn.SiLU,
     F.silu: EfficientNet's) or Hardswish (nn.Hardswish, F.hardswish: MobileNetV3's), in place or not. A link of a
     chain is fused only where the previous node's output has no other user (so no other computation sees a changed
-    value);
-    a residual add only where nothing between the layer and the add may change a tensor in place (the fused call
-    reads the layer's input and the residual at the add) and not where the add writes into the residual
-    (`residual += bn(conv(x))`);
-    where a BatchNorm's input is used elsewhere, that BatchNorm stays, as does one without running statistics
-    (track_running_stats=False: it normalizes with each batch's statistics). A LinearBNReLU takes (N, features)
-    inputs, where the fold is exact, and raises ValueError on others (a Linear → BatchNorm1d on 3-D inputs, where the
-    BatchNorm normalizes dim 1 instead, cannot be folded).
+    value); a residual add only where nothing between the layer and the add may change a tensor in place (the fused
+    call reads the layer's input and the residual at the add) and not where the add writes into the residual
+    (`residual += bn(conv(x))`); where a BatchNorm's input is used elsewhere, that BatchNorm stays, as does one
+    without running statistics (track_running_stats=False: it normalizes with each batch's statistics). A
+    LinearBNReLU takes (N, features) inputs, where the fold is exact, and raises ValueError on others (a Linear →
+    BatchNorm1d on 3-D inputs, where the BatchNorm normalizes dim 1 instead, cannot be folded).
     Hooks: the model's own hooks move onto the result; a submodule with hooks is kept whole by the trace and fused
     on its own, its hooks moved onto the fused one (they run where they ran); a conv/BN/ReLU with hooks is not
     fused. Global module hooks (register_module_forward_hook) see the fused modules instead: a warning says so.

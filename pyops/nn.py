@@ -544,9 +544,9 @@ class ConvBNReLU2d(DerivedWeights):
         bound by the host (bench/NOTES-conv_bn_relu.md). For inference this calls the same cuDNN functions directly,
         after checks that cost a few µs. Everything else goes to the op: autograd, torch.compile, dispatch modes
         (count_ops, FlopCounterMode), autocast regions unless x is in the region's dtype (inference converts x and
-        weight first: _inference_compute_dtype; otherwise the op casts), activations other than ReLU, float64, other paths, inputs that are
-        neither NCHW- nor channels_last-contiguous, and any input cuDNN refuses (the op's checks then name the bad
-        argument).
+        weight first: _inference_compute_dtype; otherwise the op casts), activations other than ReLU, float64, other
+        paths, inputs that are neither NCHW- nor channels_last-contiguous, and any input cuDNN refuses (the op's
+        checks then name the bad argument).
         """
         if (not x.is_cuda or x.dtype is not weight.dtype or x.dtype not in _CUDNN_FUSED_DTYPES
                 or self.activation not in ("none", "relu") or x.dim() != 4 or x.shape[1] != self.in_channels
