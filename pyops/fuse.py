@@ -38,9 +38,9 @@ AUGMENTED = {name: _augmented(getattr(operator, name)) for name in (
 globals().update({f.__name__: f for f in AUGMENTED.values()})  # importable by name: pickled GraphModules call them
 
 
-RELU_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu6: "relu6", F.silu: "silu",
-                  F.hardswish: "hardswish"}
-RELU_METHODS = {"relu": "relu", "relu_": "relu"}
+ACTIVATION_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu6: "relu6", F.silu: "silu",
+                        F.hardswish: "hardswish"}
+ACTIVATION_METHODS = {"relu": "relu", "relu_": "relu"}
 ADD_FUNCTIONS = (operator.add, operator.iadd, AUGMENTED["iadd"], torch.add)
 ADD_METHODS = ("add", "add_")
 INPLACE_ADDS = {("call_function", operator.iadd), ("call_function", AUGMENTED["iadd"]), ("call_method", "add_")}
@@ -465,10 +465,10 @@ def activation_of(node, modules):
         if has_hooks(module):
             return None
         return pyops_nn.module_activation(module)
-    if node.op == "call_function" and node.target in RELU_FUNCTIONS and len(node.args) == 1:
-        return RELU_FUNCTIONS[node.target]
-    if node.op == "call_method" and node.target in RELU_METHODS and len(node.args) == 1:
-        return RELU_METHODS[node.target]
+    if node.op == "call_function" and node.target in ACTIVATION_FUNCTIONS and len(node.args) == 1:
+        return ACTIVATION_FUNCTIONS[node.target]
+    if node.op == "call_method" and node.target in ACTIVATION_METHODS and len(node.args) == 1:
+        return ACTIVATION_METHODS[node.target]
     return None
 
 
