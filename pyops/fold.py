@@ -1,4 +1,5 @@
-"""Exact BatchNorm folding: a Conv1d/2d/3d or Linear followed by an eval-mode BatchNorm becomes one layer.
+"""Exact BatchNorm folding: a Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear followed by an eval-mode BatchNorm
+becomes one layer.
 
 In eval mode BatchNorm is the per-channel affine map y = (z − μ)·γ/√(σ²+ε) + β, so for z = W·x + b:
     W' = W·s (s = γ/√(σ²+ε), per output channel),   b' = (b − μ)·s + β.
@@ -11,7 +12,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-FOLDABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+CONV_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_TRANSPOSE_LAYERS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+FOLDABLE_LAYERS = CONV_LAYERS + CONV_TRANSPOSE_LAYERS + (nn.Linear,)
 # The old-style reparametrizations whose forward pre-hook recomputes layer.weight (read by current_weight).
 WEIGHT_REPARAMETRIZATIONS = (WeightNorm, SpectralNorm)
 
@@ -79,23 +82,24 @@ def current_weight(layer):
 def normalizes_channels_of(bn, layer):
     """Whether bn normalizes the channel dimension of layer's (batched) output: a BatchNorm of that rank
     (BatchNorm1d after Linear/Conv1d, BatchNorm2d or FrozenBatchNorm2d after Conv2d, BatchNorm3d after Conv3d) or a
-    SyncBatchNorm (any rank). Another one normalizes another dimension where the model runs at all: a BatchNorm1d
+    SyncBatchNorm (any rank); the same for the ConvTranspose layers. Another one normalizes another dimension where the model runs at all: a BatchNorm1d
     takes an unbatched Conv2d's (C, H, W) output as (N, C', L), a FrozenBatchNorm2d broadcasts a Linear's output."""
     if isinstance(bn, nn.SyncBatchNorm):
         return True
-    if isinstance(layer, (nn.Linear, nn.Conv1d)):
+    if isinstance(layer, (nn.Linear, nn.Conv1d, nn.ConvTranspose1d)):
         return isinstance(bn, nn.BatchNorm1d)
-    if isinstance(layer, nn.Conv2d):
+    if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
         frozen = frozen_batchnorm_class()
         return isinstance(bn, nn.BatchNorm2d) or (frozen is not None and isinstance(bn, frozen))
-    return isinstance(layer, nn.Conv3d) and isinstance(bn, nn.BatchNorm3d)
+    return isinstance(layer, (nn.Conv3d, nn.ConvTranspose3d)) and isinstance(bn, nn.BatchNorm3d)
 
 
 def fold_bn(layer, bn):
     """A new layer computing bn(layer(x)) exactly (up to rounding) for an eval-mode BatchNorm `bn`.
 
-    layer: nn.Conv1d / nn.Conv2d / nn.Conv3d (any stride, padding, padding_mode, dilation, groups) or nn.Linear.
-        ConvTranspose layers are not supported (their output channels sit on weight dim 1).
+    layer: nn.Conv1d / nn.Conv2d / nn.Conv3d (any stride, padding, padding_mode, dilation, groups),
+        nn.ConvTranspose1d / 2d / 3d (also output_padding; a decoder's or a GAN generator's upsampling layers) or
+        nn.Linear.
     bn: nn.BatchNorm1d/2d/3d or nn.SyncBatchNorm in eval mode with running statistics (affine or not), or
         torchvision.ops.misc.FrozenBatchNorm2d; bn's channel count must equal the layer's output channels.
     Returns a fresh module of the layer's base class (nn.Conv2d, nn.Linear, ...) with the same hyper-parameters,
@@ -114,7 +118,7 @@ def fold_bn(layer, bn):
     TypeError: an unsupported layer or norm type.
     """
     if not isinstance(layer, FOLDABLE_LAYERS):
-        raise TypeError(f"argument 'layer' must be an nn.Conv1d, nn.Conv2d, nn.Conv3d or nn.Linear, "
+        raise TypeError(f"argument 'layer' must be an nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d or nn.Linear, "
                         f"got {type(layer).__name__}")
     scale, shift = batchnorm_affine(bn)
     if scale.numel() != out_channels(layer):
@@ -127,9 +131,8 @@ def fold_bn(layer, bn):
     weight, bias = current_weight(layer), layer.bias
     with torch.no_grad():
         scale, shift = scale.to(weight.device), shift.to(weight.device)
-        channel_shape = (-1,) + (1,) * (weight.dim() - 1)
         new_weight = torch.empty_like(weight)  # same dtype, device and strides (channels_last stays channels_last)
-        new_weight.copy_(weight.double() * scale.view(channel_shape))
+        new_weight.copy_(scaled_per_output_channel(layer, weight.double(), scale))
         old_bias = bias.double() if bias is not None else torch.zeros_like(scale)
         new_bias = (old_bias * scale + shift).to(bias.dtype if bias is not None else weight.dtype)
 
@@ -143,12 +146,25 @@ def fold_bn(layer, bn):
     return folded.train(layer.training)
 
 
+def scaled_per_output_channel(layer, weight, scale):
+    """weight · scale with scale (C_out,) applied along the layer's output channels: dim 0 of a conv's or Linear's
+    (C_out, C_in/groups, *k) weight; for a ConvTranspose's (C_in, C_out/groups, *k) weight, output channel
+    g·(C_out/groups) + j is column j of group g's rows."""
+    taps = (1,) * (weight.dim() - 2)
+    if isinstance(layer, CONV_TRANSPOSE_LAYERS):
+        groups = layer.groups
+        grouped = weight.unflatten(0, (groups, -1)) * scale.view(groups, 1, -1, *taps)
+        return grouped.flatten(0, 1)
+    return weight * scale.view(-1, 1, *taps)
+
+
 def empty_like_layer(layer):
     """A module of layer's base class with layer's hyper-parameters and a bias, its parameters on the meta device
     (no memory, no initialization: the caller installs them)."""
     if isinstance(layer, nn.Linear):
         return nn.Linear(layer.in_features, layer.out_features, bias=True, device="meta")
-    base = next(cls for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d) if isinstance(layer, cls))
+    base = next(cls for cls in CONV_LAYERS + CONV_TRANSPOSE_LAYERS if isinstance(layer, cls))
+    transposed = {"output_padding": layer.output_padding} if isinstance(layer, CONV_TRANSPOSE_LAYERS) else {}
     return base(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride, padding=layer.padding,
                 dilation=layer.dilation, groups=layer.groups, bias=True, padding_mode=layer.padding_mode,
-                device="meta")
+                device="meta", **transposed)

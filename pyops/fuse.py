@@ -1,5 +1,6 @@
 """Whole-model fusion: every conv/linear → BatchNorm (→ residual add) (→ ReLU) chain of an eval-mode model becomes
-one fused module (pyops.nn.ConvBNReLU2d, pyops.nn.LinearBNReLU, pyops.nn.FoldedConv1d, or a folded Conv3d).
+one fused module (pyops.nn.ConvBNReLU2d, pyops.nn.LinearBNReLU, pyops.nn.FoldedConv1d, or a folded Conv3d or
+ConvTranspose).
 
 The chains are found on the model's torch.fx graph, so models whose forward calls submodules by attribute
 (torchvision ResNet, MobileNet, VGG) are covered as well as nn.Sequential; a model that torch.fx cannot trace
@@ -20,8 +21,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import nn as pyops_nn
 from ._hooks import HOOK_DICTS, has_hooks, move_hooks
 from ._overrides import overridable
-from .fold import (fold_bn, frozen_batchnorm_class, is_batchnorm, is_foldable_batchnorm, normalizes_channels_of,
-                   out_channels)
+from .fold import (FOLDABLE_LAYERS, fold_bn, frozen_batchnorm_class, is_batchnorm, is_foldable_batchnorm,
+                   normalizes_channels_of, out_channels)
 
 
 # Augmented assignments as the traced graph calls them (InPlaceProxy): operator.iadd & co. as plain functions.
@@ -92,8 +93,9 @@ def fuse(model, inplace=False):
         conv1d kernels with the add and the activation applied as they store the output (it refuses the unbatched
         inputs the fold does not cover; pyops.nn.swap_conv1d(fuse(model)) computes the model's other Conv1d layers
         by pyops.conv1d too),
-      - Conv3d (and Conv2d with a non-zero padding mode) → BatchNorm is one folded conv (pyops.fold_bn); an
-        activation after it stays a module of its own.
+      - Conv3d, ConvTranspose1d/2d/3d (a decoder's, a GAN generator's) and Conv2d with a non-zero padding mode →
+        BatchNorm is one folded layer of the same class (pyops.fold_bn); an activation after it stays a module of
+        its own.
     An activation is a ReLU (nn.ReLU, F.relu, torch.relu or Tensor.relu), ReLU6 (nn.ReLU6, F.relu6), SiLU (nn.SiLU,
     F.silu: EfficientNet's) or Hardswish (nn.Hardswish, F.hardswish: MobileNetV3's), in place or not. A link of a
     chain is fused only where the previous node's output has no other user (so no other computation sees a changed
@@ -348,7 +350,7 @@ def check_traced_defaults(gm):
                             "tensor: the graph would not hold the model's code for calls without it")
 
 
-LAYER_BASES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, _BatchNorm)
+LAYER_BASES = FOLDABLE_LAYERS + (_BatchNorm,)
 
 
 def computes_like_base(module):

@@ -75,6 +75,12 @@ LAYERS = {
     "conv2d": (lambda bias: nn.Conv2d(4, 6, 3, padding=2, dilation=2, bias=bias), nn.BatchNorm2d, (3, 4, 9, 8)),
     "conv3d": (lambda bias: nn.Conv3d(4, 6, (1, 3, 3), padding=(0, 1, 1), bias=bias), nn.BatchNorm3d, (2, 4, 3, 5, 6)),
     "linear": (lambda bias: nn.Linear(7, 6, bias=bias), nn.BatchNorm1d, (5, 7)),
+    "convtranspose1d": (lambda bias: nn.ConvTranspose1d(4, 6, 3, stride=2, padding=1, output_padding=1, bias=bias),
+                        nn.BatchNorm1d, (3, 4, 11)),
+    "convtranspose2d": (lambda bias: nn.ConvTranspose2d(4, 6, 4, stride=2, padding=1, dilation=2, bias=bias),
+                        nn.BatchNorm2d, (3, 4, 9, 8)),
+    "convtranspose3d": (lambda bias: nn.ConvTranspose3d(4, 6, (1, 3, 3), stride=(1, 2, 2), output_padding=(0, 1, 0),
+                                                        bias=bias), nn.BatchNorm3d, (2, 4, 3, 5, 6)),
 }
 
 
@@ -126,7 +132,8 @@ def test_fold_bn_half_precision_weights_are_rounded_once_from_float64(dtype):
 
 
 def test_fold_bn_keeps_channels_last_layout():
-    for kind, fmt in (("conv2d", torch.channels_last), ("conv3d", torch.channels_last_3d)):
+    for kind, fmt in (("conv2d", torch.channels_last), ("conv3d", torch.channels_last_3d),
+                      ("convtranspose2d", torch.channels_last)):
         layer, bn, x = make_pair(kind)
         layer.weight.data = layer.weight.data.contiguous(memory_format=fmt)
         folded = pyops.fold_bn(layer, bn)
@@ -135,9 +142,12 @@ def test_fold_bn_keeps_channels_last_layout():
             torch.testing.assert_close(folded(x), bn(layer(x)), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv", "transposed"])
 @pytest.mark.parametrize("groups,out_channels", [(2, 6), (4, 8), (4, 4)])  # grouped, grouped, depthwise
-def test_fold_bn_grouped_convolutions(groups, out_channels):
-    layer = nn.Conv2d(4, out_channels, 3, padding=1, groups=groups).double()
+def test_fold_bn_grouped_convolutions(groups, out_channels, transposed):
+    # (a ConvTranspose's (C_in, C_out/groups, k, k) weight holds its output channels on dim 1, group by group)
+    cls = nn.ConvTranspose2d if transposed else nn.Conv2d
+    layer = cls(4, out_channels, 3, padding=1, groups=groups).double()
     bn = randomized(nn.BatchNorm2d(out_channels).double())
     x = torch.randn(2, 4, 7, 7, dtype=torch.float64, generator=gen())
     with torch.no_grad():
@@ -165,6 +175,11 @@ def test_fold_bn_keeps_hyper_parameters_and_flags():
     x = torch.randn(2, 4, 8, 8, dtype=torch.float64, generator=gen())
     with torch.no_grad():
         torch.testing.assert_close(folded(x), bn(layer(x)), rtol=1e-10, atol=1e-12)
+    layer = nn.ConvTranspose2d(4, 6, 3, stride=(2, 3), padding=1, output_padding=(1, 2), dilation=2).double()
+    folded = pyops.fold_bn(layer, bn)
+    assert (folded.stride, folded.padding, folded.output_padding, folded.dilation) == ((2, 3), (1, 1), (1, 2), (2, 2))
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), bn(layer(x)), rtol=1e-10, atol=1e-12)
 
 
 def test_fold_bn_rejects_bad_arguments():
@@ -176,7 +191,7 @@ def test_fold_bn_rejects_bad_arguments():
     with pytest.raises(ValueError, match="channels"):
         pyops.fold_bn(layer, nn.BatchNorm2d(5).eval())
     with pytest.raises(TypeError, match="layer"):
-        pyops.fold_bn(nn.ConvTranspose2d(4, 6, 3), bn)
+        pyops.fold_bn(nn.Bilinear(4, 4, 6), bn)
     with pytest.raises(TypeError, match="bn"):
         pyops.fold_bn(layer, nn.LayerNorm(6))
     # a BatchNorm of another rank: unfused, the pair raises on the input's rank (the fused layer ran)
@@ -187,6 +202,10 @@ def test_fold_bn_rejects_bad_arguments():
             ConvBNReLU2d.from_modules(layer, other.eval())
     with pytest.raises(ValueError, match="does not normalize"):
         pyops.fold_bn(nn.Linear(4, 6), nn.BatchNorm2d(6).eval())
+    with pytest.raises(ValueError, match="does not normalize"):
+        pyops.fold_bn(nn.ConvTranspose2d(4, 6, 3), nn.BatchNorm1d(6).eval())
+    with pytest.raises(ValueError, match="channels"):
+        pyops.fold_bn(nn.ConvTranspose2d(6, 4, 3), bn)  # 6 input channels, 4 output
 
 
 # --- pyops.nn modules ---------------------------------------------------------------------------------------------
@@ -1015,6 +1034,54 @@ def test_fuse_conv1d_chains_take_the_activation_conv3d_chains_fold_only():
             fused(torch.randn(3, 6, dtype=torch.float64))
 
 
+class UNetUp(nn.Module):
+    """A U-Net decoder step, called by attribute: upsample by a ConvTranspose2d → BN → ReLU, concatenate the skip."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(8, 4, 2, stride=2, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x, skip):
+        return self.conv(torch.cat([F.relu(self.bn(self.up(x))), skip], 1))
+
+
+def test_fuse_folds_transposed_convolutions():
+    """ConvTranspose1d/2d/3d → BatchNorm fold into one ConvTranspose (the activation stays a module): a DCGAN
+    generator in a Sequential, traced and in the fallback, and a U-Net decoder step called by attribute."""
+    torch.manual_seed(0)
+    generator = randomized(nn.Sequential(
+        nn.ConvTranspose2d(16, 12, 4, 1, 0, bias=False), nn.BatchNorm2d(12), nn.ReLU(True),
+        nn.ConvTranspose2d(12, 6, 4, 2, 1, bias=False), nn.BatchNorm2d(6), nn.ReLU(True),
+        nn.ConvTranspose2d(6, 3, 4, 2, 1, bias=False), nn.Tanh()).double())
+    z = torch.randn(2, 16, 1, 1, dtype=torch.float64, generator=gen())
+    fallback = copy.deepcopy(generator)
+    assert fuse_sequentials(fallback) == ["0", "3"]
+    for fused in (pyops.fuse(generator), fallback):
+        assert_no_batchnorm(fused)
+        assert [type(m) for m in fused.modules()].count(nn.ConvTranspose2d) == 3
+        assert sum(isinstance(m, nn.ReLU) for m in fused.modules()) == 2
+        with torch.no_grad():
+            torch.testing.assert_close(fused(z), generator(z), rtol=1e-10, atol=1e-12)
+    up = randomized(UNetUp().double())
+    x = torch.randn(2, 8, 5, 6, dtype=torch.float64, generator=gen(1))
+    skip = torch.randn(2, 4, 10, 12, dtype=torch.float64, generator=gen(2))
+    fused = pyops.fuse(up)
+    assert_no_batchnorm(fused)
+    assert type(fused.up) is nn.ConvTranspose2d and fused.up.bias is not None
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x, skip), up(x, skip), rtol=1e-10, atol=1e-12)
+    for cls, norm, shape in ((nn.ConvTranspose1d, nn.BatchNorm1d, (2, 3, 7)),
+                             (nn.ConvTranspose3d, nn.BatchNorm3d, (2, 3, 3, 4, 5))):
+        model = randomized(nn.Sequential(cls(3, 5, 3, stride=2, groups=1), norm(5), nn.ReLU()).double())
+        fused = pyops.fuse(model)
+        assert_no_batchnorm(fused)
+        x = torch.randn(shape, dtype=torch.float64, generator=gen(3))
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), model(x), rtol=1e-10, atol=1e-12)
+
+
 def test_folded_conv1d_layers_run_pyops_conv1d():
     """A folded Conv1d → BatchNorm1d is a pyops.nn.Conv1d (pyops' kernels: a Conformer's depthwise layer, 1.85x
     eager with it, 1.01x with F.conv1d), padding modes included, the SiLU after it fused (pyops::conv1d_bias_act);
@@ -1755,6 +1822,7 @@ def test_fuse_folds_only_batchnorms_of_the_layers_rank():
     Conv2d's (C, H, W) output, a FrozenBatchNorm2d broadcasting a Linear's): not folded."""
     torch.manual_seed(0)
     cases = [(nn.Sequential(nn.Conv2d(8, 14, 3), nn.BatchNorm1d(14)), torch.randn(8, 16, 16)),
+             (nn.Sequential(nn.ConvTranspose2d(8, 14, 3), nn.BatchNorm1d(14)), torch.randn(8, 12, 12)),
              (nn.Sequential(nn.Conv3d(4, 6, 3), nn.BatchNorm2d(6)), torch.randn(4, 8, 8, 8)),
              (nn.Sequential(nn.Linear(8, 6), FrozenBatchNorm2d(6)), torch.randn(3, 8))]
     for model, x in cases:
