@@ -1127,20 +1127,33 @@ def test_conv1d_bias_act_matches_torch(device, dtype, activation, config):
 @pytest.mark.parametrize("path", ["auto", "direct", "library", "gemm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_conv1d_bias_act_keeps_nan_and_half_precision(device, path, dtype, monkeypatch):
-    """NaN stays NaN through every activation (as torch.relu, F.relu6, F.silu and F.hardswish keep it); in bfloat16
-    (computed in float32 on the CPU) the activation of the rounded result is the rounded activation (SiLU and
-    Hardswish are a pass after the convolution: the same ATen kernels)."""
+    """NaN stays NaN, and -0 stays -0, through every activation (as torch.relu, F.relu6, F.silu and F.hardswish keep
+    them), with and without a residual; in bfloat16 (computed in float32 on the CPU) the activation of the rounded
+    result is the rounded activation (SiLU and Hardswish are a pass after the convolution: the same ATen kernels).
+    Dense, pointwise, small, depthwise and single-channel layers: each kind of the direct path's tiles."""
     monkeypatch.setenv("PYOPS_CONV1D_PATH", path)
     g = torch.Generator().manual_seed(23)
-    for n, cin, cout, length, k in [(2, 64, 64, 300, 3), (4, 32, 32, 200, 1), (8, 4, 4, 30, 3)]:
-        x, w = rand((n, cin, length), dtype, device, g), rand((cout, cin, k), dtype, device, g)
+    negative_zeros = 0
+    for n, cin, cout, length, k, groups in [(2, 64, 64, 300, 3, 1), (4, 32, 32, 200, 1, 1), (8, 4, 4, 30, 3, 1),
+                                            (2, 16, 16, 300, 4, 16), (3, 1, 1, 500, 9, 1)]:
+        x, w = rand((n, cin, length), dtype, device, g), rand((cout, cin // groups, k), dtype, device, g)
         b = rand((cout,), dtype, device, g)
-        x[0, 1, 17] = float("nan")
+        x[0, 0, 17] = float("nan")
+        x[-1], b[0] = -0.0, -0.0  # (-0 inputs times the weights sum to -0 where the bias is -0)
+        plain = pyops.conv1d(x, w, b, 1, k // 2, 1, groups)
+        negative_zeros += ((plain == 0) & plain.signbit()).sum().item()
+        residual = rand(plain.shape, dtype, device, g)
+        residual[-1] = -0.0
         for activation, act in ACTIVATIONS.items():
-            got = pyops.conv1d_bias_act(x, w, b, 1, k // 2, activation=activation)
-            want = act(pyops.conv1d(x, w, b, 1, k // 2))
-            assert got.dtype == dtype and got[0, :, 17].isnan().all()
-            torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+            # (a bfloat16 residual is added after rounding by the reference, before it by the op)
+            for r in (None, residual) if dtype == torch.float32 else (None,):
+                got = pyops.conv1d_bias_act(x, w, b, 1, k // 2, 1, groups, activation=activation, residual=r)
+                want = act(plain if r is None else plain + r)
+                assert got.dtype == dtype and got[0, :cout // groups, 17].isnan().all()
+                torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+                assert torch.equal(got.signbit(), want.signbit())
+    # (our kernels sum from the bias, which keeps -0; a library's sums may start from +0)
+    assert negative_zeros > 0 or path in ("library", "gemm")
 
 
 def test_conv1d_bias_act_gradcheck_opcheck_compile(device):

@@ -1,7 +1,7 @@
 // A fused convolution's activation on CPU results, a vector or one value, shared by the kernels' epilogues and the
 // passes after a library call: ReLU and ReLU6 (SiLU and Hardswish run as a pass after the convolution, see
-// conv2d_bias_act_cpu); NaN stays NaN (at::vec::maximum/minimum propagate it; the scalar form's comparisons
-// are false for it), as torch.relu and F.relu6 keep it. CPU only (at::vec), apart from common/activation.h, which
+// conv2d_bias_act_cpu); NaN stays NaN and -0 stays -0 (below; the scalar form's comparisons are false for both), as
+// torch.relu and F.relu6 keep them. CPU only (at::vec), apart from common/activation.h, which
 // CUDA sources include too.
 #pragma once
 
@@ -14,11 +14,24 @@
 
 namespace pyops {
 
+// clamp_min(v, 0) is max(0, v) with v as the instruction's second operand, which x86 returns where either is NaN
+// (and for -0, as torch.relu gives): one instruction per vector, where at::vec::maximum adds a NaN test and a blend
+// (a depthwise k4 conv1d_bias_act's ReLU cost 25 % of the layer with those).
 template <typename acc>
 inline Vectorized<acc> activate(Vectorized<acc> v, Activation act) {
   if (act == Activation::kNone) return v;
-  v = at::vec::maximum(v, Vectorized<acc>(acc(0)));
-  return act == Activation::kRelu6 ? at::vec::minimum(v, Vectorized<acc>(acc(6))) : v;
+  v = at::vec::clamp_min(v, Vectorized<acc>(acc(0)));
+  return act == Activation::kRelu6 ? at::vec::clamp_max(v, Vectorized<acc>(acc(6))) : v;
+}
+
+// The same with the activation known at compile time (a kernel's tiles compiled per activation).
+template <Activation Act, typename acc>
+inline Vectorized<acc> activate(Vectorized<acc> v) {
+  static_assert(Act == Activation::kNone || Act == Activation::kRelu || Act == Activation::kRelu6);
+  if constexpr (Act == Activation::kNone) return v;
+  v = at::vec::clamp_min(v, Vectorized<acc>(acc(0)));
+  if constexpr (Act == Activation::kRelu6) v = at::vec::clamp_max(v, Vectorized<acc>(acc(6)));
+  return v;
 }
 
 template <typename T>
@@ -47,7 +60,8 @@ void bias_residual_activate(T* out, const T* bias, const T* residual, int64_t ro
       const Vec row_bias(bias && bias_per_row ? bias[r % channels] : T(0));
       for (int64_t i = 0; i < cols; i += V) {
         const int64_t n = std::min(V, cols - i);
-        const Vec sum = Vec::loadu(row + i, n) + (bias && !bias_per_row ? Vec::loadu(bias + i, n) : row_bias);
+        Vec sum = Vec::loadu(row + i, n);
+        if (bias) sum = sum + (bias_per_row ? row_bias : Vec::loadu(bias + i, n));  // (not + 0: -0 + 0 is +0)
         activate(res ? sum + Vec::loadu(res + i, n) : sum, act).store(row + i, n);
       }
     }

@@ -96,10 +96,11 @@ void correlate_range(const Rows<T>& r, const CorrelationShape& s, int64_t la, in
 // (input channel, tap) NV vector loads of the input and OB broadcasts of consecutive weights feed OB*NV FMAs. Only
 // the first `count` positions are stored: a last, partial tile reads past them inside a staged window (whose rows
 // are padded for it), or reads only them (masked loads, Masked) from the input itself.
-// Epi: whether the stores add a residual and apply an activation (conv1d_bias_act's forward); a template
-// argument, so the plain convolution's tiles compile as they did without it (a runtime test per stored vector made
-// the short-row and single-channel layers 10-25 % slower).
-template <typename T, int OB, int NV, bool Masked = false, bool Epi = false>
+// Res, Act: whether the stores add a residual, and the activation they apply (conv1d_bias_act's forward). Template
+// arguments, so each combination compiles to its own tiles: a runtime test per stored vector made the short-row and
+// single-channel layers 10-25 % slower, and a runtime activation cost a depthwise k4 layer 25 % (its tile loop then
+// spills a register), where the compiled-in ReLU costs 0-10 %.
+template <typename T, int OB, int NV, bool Masked = false, bool Res = false, Activation Act = Activation::kNone>
 inline void correlate_tile(const Rows<T>& r, const CorrelationShape& s, const TileReads& reads, int64_t l0,
                            int64_t count = NV * Vectorized<T>::size()) {
   using Vec = Vectorized<T>;
@@ -126,15 +127,20 @@ inline void correlate_tile(const Rows<T>& r, const CorrelationShape& s, const Ti
       }
     }
   }
+  // (unrolled fully by the pragmas, so that acc stays in registers: GCC does not unroll these loops fully by itself once an
+  // epilogue's code is in them, and then keeps acc in memory for the whole tile: conv1d_bias_act with a ReLU ran
+  // 1.2-1.8x slower than without one on dense, strided and single-channel layers)
+#pragma GCC unroll 16
   for (int j = 0; j < OB; ++j)
+#pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) {
       const int64_t at = j * s.out_length + l0 + v * V;
       Vec result = acc[j][v];
-      if constexpr (Epi) {
+      if constexpr (Res) {
         const int64_t n = count - v * V;  // (positions of this vector to store)
-        if (r.res && n > 0) result = result + (n >= V ? Vec::loadu(r.res + at) : Vec::loadu(r.res + at, n));
-        result = activate(result, s.act);
+        if (n > 0) result = result + (n >= V ? Vec::loadu(r.res + at) : Vec::loadu(r.res + at, n));
       }
+      result = activate<Act>(result);
       if (count >= (v + 1) * V) result.store(r.out + at);
       else if (count > v * V) result.store(r.out + at, count - v * V);
     }
@@ -142,22 +148,22 @@ inline void correlate_tile(const Rows<T>& r, const CorrelationShape& s, const Ti
 
 // The last `count` (< NV*V) positions from l: one tile of as many vectors as they need, at least 2, the last one
 // partial (a full-width tile cost a short output as much as NV*V positions; staged rows are padded for this).
-template <typename T, int OB, int NV, bool Masked, bool Epi>
+template <typename T, int OB, int NV, bool Masked, bool Res, Activation Act>
 void correlate_last(const Rows<T>& r, const CorrelationShape& s, const TileReads& reads, int64_t l, int64_t count) {
   constexpr int64_t V = Vectorized<T>::size();
   if constexpr (NV > 2) {  // (not below 2: GCC keeps a 4 x 1 tile's sums in memory, slower than a 4 x 3 one)
-    if (count <= (NV - 1) * V) return correlate_last<T, OB, NV - 1, Masked, Epi>(r, s, reads, l, count);
+    if (count <= (NV - 1) * V) return correlate_last<T, OB, NV - 1, Masked, Res, Act>(r, s, reads, l, count);
   }
-  correlate_tile<T, OB, NV, Masked, Epi>(r, s, reads, l, count);
+  correlate_tile<T, OB, NV, Masked, Res, Act>(r, s, reads, l, count);
 }
 
 // Positions [la, lb) of OB rows from a staged window: every position is a register tile, the last one partial.
-template <typename T, int OB, int NV, bool Epi>
+template <typename T, int OB, int NV, bool Res, Activation Act>
 void correlate_staged(const Rows<T>& r, const CorrelationShape& s, const TileReads& reads, int64_t la, int64_t lb) {
   constexpr int64_t V = Vectorized<T>::size();
   int64_t l = la;
-  for (; l + NV * V <= lb; l += NV * V) correlate_tile<T, OB, NV, false, Epi>(r, s, reads, l);
-  if (l < lb) correlate_last<T, OB, NV, false, Epi>(r, s, reads, l, lb - l);
+  for (; l + NV * V <= lb; l += NV * V) correlate_tile<T, OB, NV, false, Res, Act>(r, s, reads, l);
+  if (l < lb) correlate_last<T, OB, NV, false, Res, Act>(r, s, reads, l, lb - l);
 }
 
 // The edges of an item's positions at stride 1 (where taps reach past the input: a padded layer's first and last
@@ -172,7 +178,7 @@ struct StagedEdges {
 
 // Positions [la, lb) of OB rows read straight from the input: register tiles over the stride-1 interior; the edges
 // from their staged windows where given, else, and everywhere at a stride above 1, by the bounds-checked loop.
-template <typename T, int OB, int NV, bool Epi>
+template <typename T, int OB, int NV, bool Res, Activation Act>
 void correlate_direct(const Rows<T>& r, const CorrelationShape& s, const TileReads& reads, const Interior& in,
                       int64_t la, int64_t lb, const StagedEdges<T>* edges) {
   constexpr int64_t V = Vectorized<T>::size();
@@ -184,17 +190,18 @@ void correlate_direct(const Rows<T>& r, const CorrelationShape& s, const TileRea
   const auto edge = [&](int i, int64_t a, int64_t b) {
     if (a >= b) return;
     if (edges && edges->in[i]) {
-      correlate_staged<T, OB, NV, Epi>(Rows<T>{edges->in[i], r.w, r.bias, r.res, r.out}, s, edges->reads[i], a, b);
+      const Rows<T> edge_rows{edges->in[i], r.w, r.bias, r.res, r.out};
+      correlate_staged<T, OB, NV, Res, Act>(edge_rows, s, edges->reads[i], a, b);
     } else {
       correlate_range<T, OB>(r, s, a, b);
     }
   };
   edge(0, la, lo);
   int64_t l = lo;
-  for (; l + NV * V <= hi; l += NV * V) correlate_tile<T, OB, NV, false, Epi>(r, s, reads, l);
+  for (; l + NV * V <= hi; l += NV * V) correlate_tile<T, OB, NV, false, Res, Act>(r, s, reads, l);
   // the interior's last positions: one tile with masked loads (single vectors reload every weight per vector, and
   // the bounds-checked loop per position and tap ran 10-25x slower than F.conv1d on short outputs of wide filters)
-  if (l < hi) correlate_last<T, OB, NV, true, Epi>(r, s, reads, l, hi - l);
+  if (l < hi) correlate_last<T, OB, NV, true, Res, Act>(r, s, reads, l, hi - l);
   edge(1, hi, lb);
 }
 
@@ -246,7 +253,7 @@ void stage_rows(const T* src, int64_t length, int64_t first, int64_t stride, T* 
 // (depthwise and single-channel ones at stride 1, windows too wide for L1) read the input directly: at stride 1
 // with tiles over the interior, above it through the bounds-checked loop.
 // finite: whether every weight is finite (correlate_cpu checks it once for both of its paths).
-template <typename T, bool Epi>
+template <typename T, bool Res, Activation Act>
 void correlate_typed(const T* in, const T* w, const T* bias, const T* residual, T* out, const CorrelationShape& s,
                      bool finite) {
   constexpr int OB = 4, NV = 3;
@@ -359,24 +366,35 @@ void correlate_typed(const T* in, const T* w, const T* bias, const T* residual, 
       for (int64_t blk = full * split / splits; blk < full * (split + 1) / splits; ++blk) {
         const Rows<T> r{x, packed.data() + (g * full + blk) * row * OB, b ? b + blk * OB : nullptr,
                         res ? res + blk * OB * s.out_length : nullptr, y + blk * OB * s.out_length};
-        if (stage) correlate_staged<T, OB, NV, Epi>(r, s, reads, la, lb);
-        else correlate_direct<T, OB, NV, Epi>(r, s, reads, inner, la, lb, edges_given);
+        if (stage) correlate_staged<T, OB, NV, Res, Act>(r, s, reads, la, lb);
+        else correlate_direct<T, OB, NV, Res, Act>(r, s, reads, inner, la, lb, edges_given);
       }
       for (int64_t o = full * OB; o < og && split == splits - 1; ++o) {
         const Rows<T> r{x, w + (g * og + o) * row, b ? b + o : nullptr, res ? res + o * s.out_length : nullptr,
                         y + o * s.out_length};
-        if (stage) correlate_staged<T, 1, 4, Epi>(r, s, reads, la, lb);
-        else correlate_direct<T, 1, 4, Epi>(r, s, reads, inner, la, lb, edges_given);
+        if (stage) correlate_staged<T, 1, 4, Res, Act>(r, s, reads, la, lb);
+        else correlate_direct<T, 1, 4, Res, Act>(r, s, reads, inner, la, lb, edges_given);
       }
     }
   });
 }
 
+// correlate_typed compiled for the activation act (ReLU, ReLU6 or none: conv1d_bias_act_cpu applies the others
+// after the kernels).
+template <typename T, bool Res>
+auto correlate_with(Activation act) {
+  TORCH_INTERNAL_ASSERT(act == Activation::kNone || act == Activation::kRelu || act == Activation::kRelu6,
+                        "pyops: the conv1d kernels apply ReLU and ReLU6 only");
+  return act == Activation::kRelu    ? correlate_typed<T, Res, Activation::kRelu>
+         : act == Activation::kRelu6 ? correlate_typed<T, Res, Activation::kRelu6>
+                                     : correlate_typed<T, Res, Activation::kNone>;
+}
+
 void correlate_kernel(const at::Tensor& in, const at::Tensor& w, const at::Tensor& bias, const at::Tensor& residual,
                       at::Tensor& out, const CorrelationShape& s, bool finite) {
   AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "pyops_conv1d_correlate_cpu", [&] {
-    const auto typed = residual.defined() || s.act != Activation::kNone ? correlate_typed<scalar_t, true>
-                                                                         : correlate_typed<scalar_t, false>;
+    const auto typed = residual.defined() ? correlate_with<scalar_t, true>(s.act)
+                                          : correlate_with<scalar_t, false>(s.act);
     typed(in.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
           bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
           residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>(), s,
