@@ -18,7 +18,7 @@ from pyops.demo.conv_bn_relu import randomize_batchnorms_
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # per 3×224×224 image: torchvision's GMACs × 2
 FLOPS = {"resnet18": 2 * 1.814e9, "resnet50": 2 * 4.089e9, "efficientnet_b0": 2 * 0.386e9,
-         "mobilenet_v3_large": 2 * 0.217e9}
+         "mobilenet_v3_large": 2 * 0.217e9, "vgg11": 2 * 7.609e9, "squeezenet1_1": 2 * 0.349e9}
 
 
 def torchvision_model(name, device, dtype=torch.float32, memory_format=torch.contiguous_format):
@@ -65,6 +65,13 @@ def bench_resnet18(measure, device, impl, batch):
 def bench_swish_models(measure, device, impl, name):
     """Models whose Conv → BN blocks end in SiLU (EfficientNet) or Hardswish (MobileNetV3), fused into the layers'
     epilogues, batch 1 fp32."""
+    run_case(measure, device, name, 1, impl)
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("name", ["vgg11", "squeezenet1_1"])
+def bench_models_without_batchnorm(measure, device, impl, name):
+    """Models whose Conv2d → ReLU layers have no BatchNorm, fused with the ReLU in the epilogue, batch 1 fp32."""
     run_case(measure, device, name, 1, impl)
 
 
@@ -144,3 +151,18 @@ def bench_speech_block(measure, device, impl):
     flops = 5 * 2 * 8 * 400 * 256 * (33 + 256)  # multiply-adds of the depthwise and pointwise layers, x 2
     with torch.no_grad():
         measure("QuartzNet block fwd batch 8 256x400 fp32", impl, lambda: model(x), flops=flops)
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def bench_tcn_block(measure, device, impl):
+    """A dense 1-D block: 3 x (Conv1d 128→128 k3 → BatchNorm1d → ReLU) on 4 x 128 x 1024, each layer one
+    FoldedConv1d (pyops' correlation kernels with the ReLU applied as they store) vs eager and torch.compile."""
+    skip_unless_compile_timed(impl)
+    torch.manual_seed(0)
+    layers = [m for _ in range(3) for m in (torch.nn.Conv1d(128, 128, 3, padding=1), torch.nn.BatchNorm1d(128),
+                                            torch.nn.ReLU())]
+    model = randomize_batchnorms_(torch.nn.Sequential(*layers), torch.Generator().manual_seed(0)).eval().to(device)
+    model = IMPLS[impl](model)
+    x = torch.randn(4, 128, 1024, generator=torch.Generator().manual_seed(1)).to(device)
+    with torch.no_grad():
+        measure("TCN block fwd batch 4 128x1024 fp32", impl, lambda: model(x), flops=3 * 2 * 4 * 1024 * 128 * 128 * 3)

@@ -81,9 +81,10 @@ def current_weight(layer):
 
 def normalizes_channels_of(bn, layer):
     """Whether bn normalizes the channel dimension of layer's (batched) output: a BatchNorm of that rank
-    (BatchNorm1d after Linear/Conv1d, BatchNorm2d or FrozenBatchNorm2d after Conv2d, BatchNorm3d after Conv3d) or a
-    SyncBatchNorm (any rank); the same for the ConvTranspose layers. Another one normalizes another dimension where the model runs at all: a BatchNorm1d
-    takes an unbatched Conv2d's (C, H, W) output as (N, C', L), a FrozenBatchNorm2d broadcasts a Linear's output."""
+    (BatchNorm1d after Linear/Conv1d, BatchNorm2d or FrozenBatchNorm2d after Conv2d, BatchNorm3d after Conv3d; the
+    same after the ConvTranspose layers) or a SyncBatchNorm (any rank). Another one normalizes another dimension
+    where the model runs at all: a BatchNorm1d takes an unbatched Conv2d's (C, H, W) output as (N, C', L), a
+    FrozenBatchNorm2d broadcasts a Linear's output."""
     if isinstance(bn, nn.SyncBatchNorm):
         return True
     if isinstance(layer, (nn.Linear, nn.Conv1d, nn.ConvTranspose1d)):
@@ -140,9 +141,43 @@ def fold_bn(layer, bn):
     # backbone stays frozen (a bias-free conv's folded bias was always trainable), a trainable BN after a frozen conv
     # stays trainable (its γ, β were dropped).
     trainable = [t is not None and t.requires_grad for t in (weight, bias, bn.weight, bn.bias)]
+    return rebuilt(layer, new_weight, trainable[0] or trainable[2], new_bias, any(trainable[1:]))
+
+
+def with_bias(layer):
+    """A fresh layer of layer's base class (hyper-parameters, training flag) computing what layer computes, with a
+    bias: it shares layer's weight and bias Parameters (an optimizer over layer's parameters trains it), and where
+    layer has no bias it gets a zero one that does not require grad (the layer had nothing to train there). What
+    pyops.fuse builds a fused module from where no BatchNorm follows the layer (a Conv2d → ReLU); layer is not
+    modified. ValueError where layer computes its weight or bias (a parametrization, weight_norm): it has no
+    Parameter to share."""
+    if not isinstance(layer, FOLDABLE_LAYERS):
+        raise TypeError(f"argument 'layer' must be an nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d or nn.Linear, "
+                        f"got {type(layer).__name__}")
+    if not has_own_parameters(layer):
+        raise ValueError("argument 'layer' computes its weight or bias (a parametrization or hook: weight_norm, "
+                         "spectral_norm), so it has no Parameter to share")
+    shared = empty_like_layer(layer)
+    shared.weight = layer.weight
+    shared.bias = layer.bias if layer.bias is not None else \
+        nn.Parameter(layer.weight.new_zeros(out_channels(layer)), requires_grad=False)
+    return shared.train(layer.training)
+
+
+def has_own_parameters(layer):
+    """Whether layer's weight and bias (where it has one) are its Parameters, not computed by a parametrization or
+    a weight_norm/spectral_norm hook."""
+    params = dict(layer.named_parameters(recurse=False))
+    return all(isinstance(t, nn.Parameter) and params.get(name) is t
+               for name, t in (("weight", layer.weight), ("bias", layer.bias)) if t is not None)
+
+
+def rebuilt(layer, weight, weight_requires_grad, bias, bias_requires_grad):
+    """A module of layer's base class with layer's hyper-parameters and training flag, and these weight and bias
+    tensors as its Parameters."""
     folded = empty_like_layer(layer)
-    folded.weight = nn.Parameter(new_weight, requires_grad=trainable[0] or trainable[2])
-    folded.bias = nn.Parameter(new_bias, requires_grad=any(trainable[1:]))
+    folded.weight = nn.Parameter(weight, requires_grad=weight_requires_grad)
+    folded.bias = nn.Parameter(bias, requires_grad=bias_requires_grad)
     return folded.train(layer.training)
 
 

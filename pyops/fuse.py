@@ -21,8 +21,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import nn as pyops_nn
 from ._hooks import HOOK_DICTS, has_hooks, move_hooks
 from ._overrides import overridable
-from .fold import (FOLDABLE_LAYERS, fold_bn, frozen_batchnorm_class, is_batchnorm, is_foldable_batchnorm,
-                   normalizes_channels_of, out_channels)
+from .fold import (FOLDABLE_LAYERS, fold_bn, frozen_batchnorm_class, has_own_parameters, is_batchnorm,
+                   is_foldable_batchnorm, normalizes_channels_of, out_channels)
 
 
 # Augmented assignments as the traced graph calls them (InPlaceProxy): operator.iadd & co. as plain functions.
@@ -77,7 +77,7 @@ ALIAS_ATTRIBUTES = {"T", "mT", "H", "mH", "data", "real", "imag"}
 
 
 def fuse(model, inplace=False):
-    """An eval-mode model computing what `model` computes, with its BatchNorms folded and ReLUs fused.
+    """An eval-mode model computing what `model` computes, with its BatchNorms folded and activations fused.
 
     model: an nn.Module in eval mode (model.training False and no submodule in training mode).
     inplace: False (default) works on a deep copy and leaves `model` untouched (torch cannot deepcopy a layer
@@ -95,7 +95,10 @@ def fuse(model, inplace=False):
         by pyops.conv1d too),
       - Conv3d, ConvTranspose1d/2d/3d (a decoder's, a GAN generator's) and Conv2d with a non-zero padding mode →
         BatchNorm is one folded layer of the same class (pyops.fold_bn); an activation after it stays a module of
-        its own.
+        its own,
+      - Conv2d / Conv1d [→ add(·, residual)] → activation without a BatchNorm (VGG, SqueezeNet, squeeze-excitation
+        blocks), and such a layer → add, is one ConvBNReLU2d / FoldedConv1d sharing the layer's Parameters (the
+        add and the activation in its epilogue; not a layer whose weight a parametrization computes).
     An activation is a ReLU (nn.ReLU, F.relu, torch.relu or Tensor.relu), ReLU6 (nn.ReLU6, F.relu6), SiLU (nn.SiLU,
     F.silu: EfficientNet's) or Hardswish (nn.Hardswish, F.hardswish: MobileNetV3's), in place or not. A link of a
     chain is fused only where the previous node's output has no other user (so no other computation sees a changed
@@ -253,8 +256,9 @@ def keep_attributes(gm, module):
 def fuse_traceable_parts(model, inplace):
     """For a model torch.fx cannot trace: each submodule it can trace whose class adds no public method or
     property beside forward (adds_public_methods: code outside it can only call it; not nn.Sequential, whose entries
-    and slices code may call) is fused whole in its place, where that fuses something; the others are searched in. A detection model's
-    backbone is such a part (its heads and transforms are not traceable). Returns {qualified name: fused part}."""
+    and slices code may call) is fused whole in its place, where that fuses something; the others are searched in.
+    A detection model's backbone is such a part (its heads and transforms are not traceable). Returns {qualified
+    name: fused part}."""
     parts, done = {}, {}  # done: {id(submodule): what stands in its place}, so that aliases stay one module
 
     def search(module, prefix):
@@ -429,7 +433,7 @@ def fuse_graph(gm):
     # leaf for its hooks): a chain inside one is left alone, as that module computes with its own layers (and with
     # inplace=True it is the caller's own, which installing the fused layer in it would change).
     whole = {n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
-    for node in list(gm.graph.nodes):  # chains start at a BatchNorm: the nodes erased with one are never one
+    for node in list(gm.graph.nodes):  # chains start at a layer: the nodes erased with one are never one
         chain = match_chain(node, modules)
         if chain is not None and not any(inside_used_module(n.target, whole)
                                          for n in chain["nodes"] if n.op == "call_module"):
@@ -540,17 +544,6 @@ def mutation_between(first, last, chain_nodes, modules):
     return False
 
 
-def foldable_pair(layer, bn):
-    """Whether layer → bn folds into one layer computing the same: a conv/linear layer that computes what its
-    torch.nn class does (no hooks; computes_like_base: no forward or _conv_forward of its own, as a QAT Conv2d's
-    fake-quantizing one, except pyops.nn.Conv1d's, the same convolution) and a BatchNorm with running statistics
-    and no hooks, over the layer's output channels."""
-    computes = computes_like_base(layer) not in (None, _BatchNorm) or computes_like_pyops_conv1d(layer)
-    return (computes and is_foldable_batchnorm(bn) and bn_computes_like_base(bn) and not has_hooks(layer)
-            and not has_hooks(bn)
-            and out_channels(layer) == bn.running_mean.numel() and normalizes_channels_of(bn, layer))
-
-
 def computes_like_pyops_conv1d(module):
     """Whether module is a pyops.nn.Conv1d computing what that class does (no forward or _conv_forward of its own):
     the convolution of nn.Conv1d, foldable as one."""
@@ -571,39 +564,66 @@ def bn_computes_like_base(bn):
 
 
 def match_chain(node, modules):
-    """For a BatchNorm call whose input is a foldable layer's call used only by it: the longest chain
-    layer → bn [→ add(·, residual)] [→ relu] (each link the previous node's only user) as a dict
-    {nodes: [layer, bn, add?, relu?], residual: Node or None, activation: a pyops.nn.ACTIVATIONS name}, else None."""
-    bn = called_module(node, modules)
-    if not is_foldable_batchnorm(bn) or len(node.args) != 1 or node.kwargs:
+    """For a call of a layer foldable_layer accepts: the longest chain layer [→ bn] [→ add(·, residual)] [→ relu]
+    (each link the previous node's only user) as a dict {nodes: [layer, bn?, add?, relu?], bn: the BatchNorm or
+    None, residual: Node or None, add: the add's Node (with a residual), activation: a pyops.nn.ACTIVATIONS name};
+    None where there is nothing to fuse: no BatchNorm, and no add or activation that a fused module takes without
+    one (fused_without_batchnorm)."""
+    layer = called_module(node, modules)
+    if layer is None or not foldable_layer(layer) or len(node.args) != 1 or node.kwargs:
         return None
-    layer_node = node.args[0]
-    if not isinstance(layer_node, fx.Node) or len(layer_node.users) != 1 or len(layer_node.args) != 1 \
-            or layer_node.kwargs:
+    chain = dict(nodes=[node], bn=None, residual=None, activation="none")
+    user = sole_user(node)
+    bn = called_module(user, modules) if user is not None else None
+    if bn is not None and is_foldable_batchnorm(bn) and len(user.args) == 1 and not user.kwargs \
+            and foldable_pair(layer, bn):
+        chain["bn"] = bn
+        chain["nodes"].append(user)
+        user = sole_user(user)
+    elif not fused_without_batchnorm(layer):
         return None
-    layer = called_module(layer_node, modules)
-    if not foldable_pair(layer, bn):
-        return None
-    chain = dict(nodes=[layer_node, node], residual=None, activation="none")
     if fused_class(layer) is None:  # fold only: the add and the activation stay as they are
         return chain
-    user = sole_user(node)
-    residual = residual_of(user, node) if user is not None and isinstance(layer, (nn.Conv1d, nn.Conv2d)) else None
+    residual = residual_of(user, chain["nodes"][-1]) if user is not None else None
     if residual is not None:
         # The fused call reads the layer's input and the residual at one point (the add: the residual may be
         # computed after the layer), while the chain read the input at the layer and the residual at the add. That
         # is the same only if nothing in between may change either in place (e.g. a pre-activation block's
         # relu_(x)); else the add and activation stay unfused.
-        if mutation_between(layer_node, user, chain["nodes"], modules):
-            return chain
-        chain["residual"] = residual
+        if mutation_between(node, user, chain["nodes"], modules):
+            return chain if chain["bn"] is not None else None
+        chain["residual"], chain["add"] = residual, user
         chain["in_place"] = (user.op, user.target) in INPLACE_ADDS
         chain["nodes"].append(user)
         user = sole_user(user)
     if user is not None and activation_of(user, modules):
         chain["activation"] = activation_of(user, modules)
         chain["nodes"].append(user)
-    return chain
+    return chain if len(chain["nodes"]) > 1 else None
+
+
+def foldable_layer(layer):
+    """Whether layer is a conv/linear layer that computes what its torch.nn class does (computes_like_base: no
+    forward or _conv_forward of its own, as a QAT Conv2d's fake-quantizing one, except pyops.nn.Conv1d's, the same
+    convolution) and has no hooks."""
+    computes = computes_like_base(layer) not in (None, _BatchNorm) or computes_like_pyops_conv1d(layer)
+    return computes and not has_hooks(layer)
+
+
+def foldable_pair(layer, bn):
+    """Whether layer → bn folds into one layer computing the same: a foldable_layer and a BatchNorm with running
+    statistics and no hooks, over the layer's output channels."""
+    return (foldable_layer(layer) and is_foldable_batchnorm(bn) and bn_computes_like_base(bn) and not has_hooks(bn)
+            and out_channels(layer) == bn.running_mean.numel() and normalizes_channels_of(bn, layer))
+
+
+def fused_without_batchnorm(layer):
+    """Whether a layer with no BatchNorm after it is fused with the add and activation that follow: a Conv2d or a
+    Conv1d (their fused modules run pyops' kernels, with the add and the activation applied as they store: a VGG's
+    or SqueezeNet's Conv2d → ReLU layers 1.2-1.9x faster fused on this project's CPU; bench/NOTES-conv_bn_relu.md,
+    stop 41), sharing the layer's Parameters (a layer computing its weight, e.g. by a parametrization, stays as
+    it is). Not a Linear: its fused module is F.linear and the activation, as the model computed them."""
+    return isinstance(layer, (nn.Conv1d, nn.Conv2d)) and fused_class(layer) is not None and has_own_parameters(layer)
 
 
 def fused_class(layer):
@@ -629,8 +649,8 @@ def replace_chain(gm, modules, chain, folded, created):
     called again (a shared block) calls the same fused module where the epilogue is the same, else a new one
     holding the same folded Parameters: one set of weights, as the model had (two copies drifted apart in
     fine-tuning)."""
-    layer_node, bn_node, tail = chain["nodes"][0], chain["nodes"][1], chain["nodes"][-1]
-    layer, bn = modules[layer_node.target], modules[bn_node.target]
+    layer_node, bn, tail = chain["nodes"][0], chain["bn"], chain["nodes"][-1]
+    layer = modules[layer_node.target]
     cls = fused_class(layer)
     epilogue = (chain["activation"], chain["residual"] is not None, bool(chain.get("in_place")))
     first = folded.get((id(layer), id(bn)))
@@ -654,7 +674,7 @@ def replace_chain(gm, modules, chain, folded, created):
     # Where the layer was (it reads its input there, whatever happens to that input later), or, with a residual, at
     # the add (the residual may be computed after the layer; match_chain checked that nothing in between mutates;
     # the add's only user is the activation, if any, so nothing between them sees the difference).
-    with gm.graph.inserting_before(chain["nodes"][2] if chain["residual"] is not None else layer_node):
+    with gm.graph.inserting_before(chain.get("add", layer_node)):
         call = gm.graph.call_module(name, layer_node.args, kwargs)
     call.meta.update(tail.meta)
     tail.replace_all_uses_with(call)
@@ -869,8 +889,9 @@ def fresh_name(gm, modules, base):
 # --- fallback for untraceable models ----------------------------------------------------------------------------
 
 def fuse_sequentials(model, skip=()):
-    """Fuses layer → BatchNorm [→ activation] runs of consecutive children of each nn.Sequential in model, in place,
-    except inside the modules in skip (fused already). Returns the qualified names of the fused layers."""
+    """Fuses layer → BatchNorm [→ activation] and Conv1d/Conv2d → activation runs of consecutive children of each
+    nn.Sequential in model, in place, except inside the modules in skip (fused already). Returns the qualified names
+    of the fused layers."""
     fused_names = []
     skipped = {id(m) for part in skip for m in part.modules()}
     for prefix, container in list(model.named_modules()):
@@ -883,13 +904,22 @@ def fuse_sequentials(model, skip=()):
         i = 0
         while i + 1 < len(items):
             (layer_key, layer), (bn_key, bn) = items[i], items[i + 1]
-            if not foldable_pair(layer, bn):
+            if not foldable_layer(layer):
                 i += 1
                 continue
+            if not foldable_pair(layer, bn):
+                bn_key = bn = None  # (a Conv2d → ReLU: the activation is the next module)
+                if not fused_without_batchnorm(layer):
+                    i += 1
+                    continue
             cls = fused_class(layer)
-            act_key, act = items[i + 2] if i + 2 < len(items) else (None, None)
+            act_index = i + (2 if bn is not None else 1)
+            act_key, act = items[act_index] if act_index < len(items) else (None, None)
             activation = (act is not None and cls and not has_hooks(act) and pyops_nn.module_activation(act)) \
                 or "none"
+            if bn is None and activation == "none":
+                i += 1
+                continue
             fused = fold_bn(layer, bn) if cls is None else cls.from_modules(layer, bn, activation)
             if cls is pyops_nn.ConvBNReLU2d:
                 # The model's own code runs as written: no channels_last outputs it might .view (see
@@ -898,9 +928,9 @@ def fuse_sequentials(model, skip=()):
             container._modules[layer_key] = fused
             # Identity in place of the absorbed modules (as torch.ao.quantization.fuse_modules does): indices and
             # names of the Sequential keep working for code that indexes it.
-            container._modules[bn_key] = nn.Identity()
-            if activation != "none":
-                container._modules[act_key] = nn.Identity()
+            for key in (bn_key, act_key if activation != "none" else None):
+                if key is not None:
+                    container._modules[key] = nn.Identity()
             fused_names.append(f"{prefix}.{layer_key}" if prefix else layer_key)
-            i += 3 if activation != "none" else 2
+            i = act_index + 1 if activation != "none" else act_index
     return fused_names

@@ -29,7 +29,7 @@ from ._scripting import NotScriptable
 from .conv1d import conv1d, conv1d_bias_act
 from .conv_bn_relu import ACTIVATIONS as ACTIVATION_CODES, conv2d_bias_act, padding_pair
 from .convolutionalize import convolutionalize
-from .fold import fold_bn
+from .fold import fold_bn, with_bias
 from .sliding import DEFAULT_MAX_MEMORY, _pair as _pair_arg, classify_fcn
 
 # The public modules; the functions below without an underscore are shared with pyops.fuse, not API.
@@ -75,30 +75,34 @@ class Conv1d(NotScriptable, torch.nn.Conv1d):
 
 
 class FoldedConv1d(Conv1d):
-    """An nn.Conv1d with a BatchNorm1d folded into it, and the residual add and activation that followed, as
-    pyops.fuse installs one: the layer computed by pyops.conv1d (a Conv1d above: the depthwise, pointwise and
+    """An nn.Conv1d with a BatchNorm1d folded into it (or none), and the residual add and activation that followed,
+    as pyops.fuse installs one: the layer computed by pyops.conv1d (a Conv1d above: the depthwise, pointwise and
     small-channel layers of 1-D networks run pyops' kernels), the residual added and the activation applied as the
-    kernel stores the output (pyops.conv1d_bias_act), refusing unbatched (C, L) inputs. On those the BatchNorm1d it
-    replaced took C as the batch and normalized along L, which the fold does not compute (the model raised there,
-    unless L_out equals C_out).
-    activation: "none", "relu", "relu6", "silu" or "hardswish". residual_in_place: as ConvBNReLU2d's."""
+    kernel stores the output (pyops.conv1d_bias_act). With a BatchNorm1d folded in it refuses unbatched (C, L)
+    inputs: on those the BatchNorm1d it replaced took C as the batch and normalized along L, which the fold does not
+    compute (the model raised there, unless L_out equals C_out).
+    activation: "none", "relu", "relu6", "silu" or "hardswish". residual_in_place: as ConvBNReLU2d's.
+    folds_batchnorm: whether a BatchNorm1d was folded in (from_modules with bn None: False)."""
 
     activation = "none"
     residual_in_place = False
+    folds_batchnorm = True
 
     @classmethod
     def from_modules(cls, conv, bn, relu=False):
-        """conv (nn.Conv1d) → bn (eval-mode BatchNorm1d) → relu, folded once (pyops.fold_bn).
+        """conv (nn.Conv1d) → bn (eval-mode BatchNorm1d, or None) → relu, folded once (pyops.fold_bn).
 
         relu: False/"none" (the default: the fold alone), or an activation as ConvBNReLU2d.from_modules takes it. The
-        new module
-        has conv's hyper-parameters, padding mode, dtype and device; conv and bn are not modified."""
+        new module has conv's hyper-parameters, padding mode, dtype and device; with bn None it shares conv's weight
+        and bias Parameters (pyops.fold.with_bias); conv and bn are not modified."""
         if not isinstance(conv, nn.Conv1d):
             raise TypeError(f"argument 'conv' must be an nn.Conv1d, got {type(conv).__name__}")
         activation = activation_name(relu)
-        folded = fold_bn(conv, bn)  # (a fresh nn.Conv1d: fold_bn returns the layer's torch.nn class)
+        # (a fresh nn.Conv1d: fold_bn and with_bias return the layer's torch.nn class)
+        folded = fold_bn(conv, bn) if bn is not None else with_bias(conv)
         folded.__class__ = cls
         folded.activation = activation
+        folded.folds_batchnorm = bn is not None
         return folded
 
     def forward(self, x, residual=None):
@@ -117,8 +121,9 @@ class FoldedConv1d(Conv1d):
 @overridable
 def _folded_conv1d_forward(module, x, parameters=None, residual=None):
     """FoldedConv1d.forward (a function for the reason _conv_bn_relu2d_forward gives)."""
-    _check_bn1d_fold_holds(x, 3, f"(N, {module.in_channels}, L)", "channels", "on an unbatched input BatchNorm1d "
-                           "normalizes along the length: that Conv1d → BatchNorm1d cannot be fused")
+    if module.folds_batchnorm:
+        _check_bn1d_fold_holds(x, 3, f"(N, {module.in_channels}, L)", "channels", "on an unbatched input "
+                               "BatchNorm1d normalizes along the length: that Conv1d → BatchNorm1d cannot be fused")
     weight, bias = _forward_parameters(module) if parameters is None else parameters
     if residual is None or (isinstance(residual, torch.Tensor) and residual.dtype == x.dtype
                             and tuple(residual.shape) == _conv1d_output_shape(module, x)):
@@ -418,17 +423,19 @@ class ConvBNReLU2d(DerivedWeights):
 
     @classmethod
     def from_modules(cls, conv, bn, relu=True):
-        """conv (nn.Conv2d, zero padding) → bn (eval-mode BatchNorm2d or FrozenBatchNorm2d) → relu, folded once.
+        """conv (nn.Conv2d, zero padding) → bn (eval-mode BatchNorm2d or FrozenBatchNorm2d, or None) → relu, folded
+        once.
 
         relu: True/"relu"/nn.ReLU(), "relu6"/nn.ReLU6(), "silu"/nn.SiLU(), "hardswish"/nn.Hardswish(), or
-        False/"none". The new module's parameters have
-        conv's dtype, device and weight layout; conv and bn are not modified. ValueError/TypeError as fold_bn, and
-        for convs the kernel cannot run (see explicit_padding)."""
+        False/"none". The new module's parameters have conv's dtype, device and weight layout; with bn None (a
+        VGG's Conv2d → ReLU) they are conv's own weight and bias Parameters, shared (a zero bias that does not
+        require grad where conv has none: pyops.fold.with_bias). conv and bn are not modified. ValueError/TypeError
+        as fold_bn and with_bias, and for convs the kernel cannot run (see explicit_padding)."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"argument 'conv' must be an nn.Conv2d, got {type(conv).__name__}")
         activation = activation_name(relu)
         padding = explicit_padding(conv)
-        folded = fold_bn(conv, bn)
+        folded = fold_bn(conv, bn) if bn is not None else with_bias(conv)
         fused = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, padding, conv.dilation,
                     conv.groups, activation, device="meta")
         fused.weight, fused.bias = folded.weight, folded.bias
