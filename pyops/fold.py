@@ -141,7 +141,10 @@ def fold_bn(layer, bn):
     # backbone stays frozen (a bias-free conv's folded bias was always trainable), a trainable BN after a frozen conv
     # stays trainable (its γ, β were dropped).
     trainable = [t is not None and t.requires_grad for t in (weight, bias, bn.weight, bn.bias)]
-    return rebuilt(layer, new_weight, trainable[0] or trainable[2], new_bias, any(trainable[1:]))
+    folded = empty_like_layer(layer)
+    folded.weight = nn.Parameter(new_weight, requires_grad=trainable[0] or trainable[2])
+    folded.bias = nn.Parameter(new_bias, requires_grad=any(trainable[1:]))
+    return folded.train(layer.training)
 
 
 def with_bias(layer):
@@ -170,15 +173,6 @@ def has_own_parameters(layer):
     params = dict(layer.named_parameters(recurse=False))
     return all(isinstance(t, nn.Parameter) and params.get(name) is t
                for name, t in (("weight", layer.weight), ("bias", layer.bias)) if t is not None)
-
-
-def rebuilt(layer, weight, weight_requires_grad, bias, bias_requires_grad):
-    """A module of layer's base class with layer's hyper-parameters and training flag, and these weight and bias
-    tensors as its Parameters."""
-    folded = empty_like_layer(layer)
-    folded.weight = nn.Parameter(weight, requires_grad=weight_requires_grad)
-    folded.bias = nn.Parameter(bias, requires_grad=bias_requires_grad)
-    return folded.train(layer.training)
 
 
 def scaled_per_output_channel(layer, weight, scale):

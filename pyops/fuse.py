@@ -584,7 +584,9 @@ def match_chain(node, modules):
         return None
     if fused_class(layer) is None:  # fold only: the add and the activation stay as they are
         return chain
-    residual = residual_of(user, chain["nodes"][-1]) if user is not None else None
+    # (the conv modules take a residual; LinearBNReLU does not)
+    residual = residual_of(user, chain["nodes"][-1]) if user is not None and isinstance(
+        layer, (nn.Conv1d, nn.Conv2d)) else None
     if residual is not None:
         # The fused call reads the layer's input and the residual at one point (the add: the residual may be
         # computed after the layer), while the chain read the input at the layer and the residual at the add. That

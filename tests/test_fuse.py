@@ -1053,7 +1053,8 @@ class UNetUp(nn.Module):
 
 class ConvActBlocks(nn.Module):
     """Conv layers without a BatchNorm: → ReLU, → add → ReLU6, → add alone, a Conv1d → SiLU, a parametrized conv
-    → ReLU (computes its weight: not fused), a Linear → ReLU (not fused)."""
+    → ReLU (computes its weight: not fused), a Linear → ReLU (not fused); a Linear → BN → add → ReLU (folded; the
+    add, which LinearBNReLU does not take, and the ReLU stay)."""
 
     def __init__(self):
         super().__init__()
@@ -1063,6 +1064,7 @@ class ConvActBlocks(nn.Module):
         self.normed = nn.utils.parametrizations.weight_norm(nn.Conv2d(8, 8, 1))
         self.conv1d = nn.Conv1d(8, 4, 3, padding=1)
         self.fc = nn.Linear(4, 5)
+        self.head, self.head_bn = nn.Linear(5, 5), nn.BatchNorm1d(5)
 
     def forward(self, x):
         x = F.relu(self.stem(x))
@@ -1070,7 +1072,8 @@ class ConvActBlocks(nn.Module):
         x = self.proj(x) + x
         x = torch.relu(self.normed(x))
         y = F.silu(self.conv1d(x.flatten(2)))
-        return F.relu(self.fc(y.mean(2)))
+        h = F.relu(self.fc(y.mean(2)))
+        return F.relu(self.head_bn(self.head(h)) + h)
 
 
 def test_fuse_conv_activation_chains_without_batchnorm():
@@ -1078,9 +1081,10 @@ def test_fuse_conv_activation_chains_without_batchnorm():
     layer's Parameters (a bias-free layer gets a zero bias that trains nothing); a layer computing its weight and
     a Linear stay as they are. VGG and SqueezeNet (no BatchNorm): every Conv2d → ReLU fused."""
     torch.manual_seed(0)
-    model = ConvActBlocks().double().eval()
+    model = randomized(ConvActBlocks().double())
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=gen())
     fused = pyops.fuse(model, inplace=True)
+    assert type(fused.head) is LinearBNReLU and fused.head.activation == "none"
     assert [type(getattr(fused, n)) for n in ("stem", "conv", "proj", "normed", "conv1d", "fc")] == \
         [ConvBNReLU2d, ConvBNReLU2d, ConvBNReLU2d, type(model.normed), pyops.nn.FoldedConv1d, nn.Linear]
     assert [getattr(fused, n).activation for n in ("stem", "conv", "proj", "conv1d")] == ["relu", "relu6", "none",
@@ -1089,14 +1093,19 @@ def test_fuse_conv_activation_chains_without_batchnorm():
     assert fused.conv.weight is model.conv.weight and fused.conv.bias is model.conv.bias  # (inplace: shared)
     assert fused.stem.weight is model.stem.weight and not fused.stem.bias.requires_grad and not fused.stem.bias.any()
     assert not fused.conv1d.folds_batchnorm
+    with pytest.raises(ValueError, match="computes its weight"):
+        ConvBNReLU2d.from_modules(model.normed, None)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-10, atol=1e-12)
         # an unbatched input, which a Conv1d → BatchNorm1d refuses, runs where no BatchNorm was folded
         u = torch.randn(8, 7, dtype=torch.float64, generator=gen(1))
         torch.testing.assert_close(fused.conv1d(u), F.silu(model.conv1d(u)), rtol=1e-10, atol=1e-12)
-    # fine-tuning: the gradients of the model's own Parameters, and an optimizer over them trains the fused model
-    grads = torch.autograd.grad(model(x).sum(), list(model.parameters()))
-    fused_grads = torch.autograd.grad(fused(x).sum(), list(model.parameters()), allow_unused=True)
+    # fine-tuning: the gradients of the model's own Parameters (all but the folded Linear's and BN's, which the fused
+    # model holds folded copies of), and an optimizer over them trains the fused model
+    shared = [p for p in model.parameters() if any(p is q for q in fused.parameters())]
+    assert len(shared) == len(list(model.parameters())) - 4
+    grads = torch.autograd.grad(model(x).sum(), shared)
+    fused_grads = torch.autograd.grad(fused(x).sum(), shared)
     for a, b in zip(grads, fused_grads):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
     with torch.no_grad():
