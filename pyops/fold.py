@@ -95,6 +95,13 @@ def normalizes_channels_of(bn, layer):
     return isinstance(layer, (nn.Conv3d, nn.ConvTranspose3d)) and isinstance(bn, nn.BatchNorm3d)
 
 
+def check_foldable_layer(layer):
+    """TypeError unless layer is one of FOLDABLE_LAYERS."""
+    if not isinstance(layer, FOLDABLE_LAYERS):
+        raise TypeError(f"argument 'layer' must be an nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d or nn.Linear, "
+                        f"got {type(layer).__name__}")
+
+
 def fold_bn(layer, bn):
     """A new layer computing bn(layer(x)) exactly (up to rounding) for an eval-mode BatchNorm `bn`.
 
@@ -118,9 +125,7 @@ def fold_bn(layer, bn):
         another rank than the layer's output (normalizes_channels_of).
     TypeError: an unsupported layer or norm type.
     """
-    if not isinstance(layer, FOLDABLE_LAYERS):
-        raise TypeError(f"argument 'layer' must be an nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d or nn.Linear, "
-                        f"got {type(layer).__name__}")
+    check_foldable_layer(layer)
     scale, shift = batchnorm_affine(bn)
     if scale.numel() != out_channels(layer):
         raise ValueError(f"argument 'bn' has {scale.numel()} channels but argument 'layer' has "
@@ -154,9 +159,7 @@ def with_bias(layer):
     pyops.fuse builds a fused module from where no BatchNorm follows the layer (a Conv2d → ReLU); layer is not
     modified. ValueError where layer computes its weight or bias (a parametrization, weight_norm): it has no
     Parameter to share."""
-    if not isinstance(layer, FOLDABLE_LAYERS):
-        raise TypeError(f"argument 'layer' must be an nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d or nn.Linear, "
-                        f"got {type(layer).__name__}")
+    check_foldable_layer(layer)
     if not has_own_parameters(layer):
         raise ValueError("argument 'layer' computes its weight or bias (a parametrization or hook: weight_norm, "
                          "spectral_norm), so it has no Parameter to share")

@@ -575,8 +575,7 @@ def match_chain(node, modules):
     chain = dict(nodes=[node], bn=None, residual=None, activation="none")
     user = sole_user(node)
     bn = called_module(user, modules) if user is not None else None
-    if bn is not None and is_foldable_batchnorm(bn) and len(user.args) == 1 and not user.kwargs \
-            and foldable_pair(layer, bn):
+    if bn is not None and len(user.args) == 1 and not user.kwargs and foldable_pair(layer, bn):
         chain["bn"] = bn
         chain["nodes"].append(user)
         user = sole_user(user)

@@ -14,17 +14,10 @@
 
 namespace pyops {
 
-// clamp_min(v, 0) is max(0, v) with v as the instruction's second operand, which x86 returns where either is NaN
-// (and for -0, as torch.relu gives): one instruction per vector, where at::vec::maximum adds a NaN test and a blend
-// (a depthwise k4 conv1d_bias_act's ReLU cost 25 % of the layer with those).
-template <typename acc>
-inline Vectorized<acc> activate(Vectorized<acc> v, Activation act) {
-  if (act == Activation::kNone) return v;
-  v = at::vec::clamp_min(v, Vectorized<acc>(acc(0)));
-  return act == Activation::kRelu6 ? at::vec::clamp_max(v, Vectorized<acc>(acc(6))) : v;
-}
-
-// The same with the activation known at compile time (a kernel's tiles compiled per activation).
+// The activation known at compile time (a kernel's tiles compiled per activation). clamp_min(v, 0) is max(0, v)
+// with v as the instruction's second operand, which x86 returns where either is NaN (and for -0, as torch.relu
+// gives): one instruction per vector, where at::vec::maximum adds a NaN test and a blend (a depthwise k4
+// conv1d_bias_act's ReLU cost 25 % of the layer with those).
 template <Activation Act, typename acc>
 inline Vectorized<acc> activate(Vectorized<acc> v) {
   static_assert(Act == Activation::kNone || Act == Activation::kRelu || Act == Activation::kRelu6);
@@ -32,6 +25,13 @@ inline Vectorized<acc> activate(Vectorized<acc> v) {
   v = at::vec::clamp_min(v, Vectorized<acc>(acc(0)));
   if constexpr (Act == Activation::kRelu6) v = at::vec::clamp_max(v, Vectorized<acc>(acc(6)));
   return v;
+}
+
+// The same, chosen at run time (passes over a whole output, where the test per vector costs nothing).
+template <typename acc>
+inline Vectorized<acc> activate(Vectorized<acc> v, Activation act) {
+  if (act == Activation::kNone) return v;
+  return act == Activation::kRelu6 ? activate<Activation::kRelu6>(v) : activate<Activation::kRelu>(v);
 }
 
 template <typename T>
