@@ -15,11 +15,12 @@ from .convolutionalize import convolutionalize
 from .counting import OpCount, count_ops
 from .fold import fold_bn
 from .fuse import fuse
+from .linear import linear_bias_act
 from .lse_pool import lse_pool2d
 from .sliding import sliding_classify
 from .sliding_head import sliding_head
 from .smooth_max import smooth_max
 
 __all__ = ["build_info", "conv1d", "conv1d_bias_act", "conv2d_bn_relu", "convolutionalize", "count_ops", "fold_bn",
-           "fuse", "lse_pool2d", "nn", "OpCount", "sliding_classify", "sliding_head", "smooth_max"]
+           "fuse", "linear_bias_act", "lse_pool2d", "nn", "OpCount", "sliding_classify", "sliding_head", "smooth_max"]
 __version__ = "0.1.0"

@@ -31,6 +31,7 @@ Conventions (exact integers; batch size multiplies everything):
   scale multiplication and one shift addition per output, the residual as one addition per output; activations
   (ReLU and the like) are comparisons or transcendentals, neither multiplications nor additions. conv1d is a
   convolution, conv1d_bias_act one with conv2d_bias_act's epilogue (a fused Conv1d → BatchNorm1d's folded bias).
+  linear_bias_act counts as addmm, the Linear it computes (a fused Linear → BatchNorm1d's folded bias included).
   smooth_max ν_β = (1/β)·log Σ exp(β·x) over n values counts, per output, the formula's n multiplications by β,
   its n − 1 additions and the final multiplication by 1/β ('other'; exp, log and the
   max-subtraction that keeps it stable are not multiplications or additions of the formula); at β = ±inf it is
@@ -297,6 +298,12 @@ def _count_conv2d_bn_relu(a, out):
 @register_op_counter("pyops::conv1d_bias_act")
 def _count_conv_bias_act(a, out):
     return _with_epilogue(_conv_args_work(a, out), out, 0, int(a["residual"] is not None))
+
+
+@register_op_counter("pyops::linear_bias_act")
+def _count_linear_bias_act(a, out):
+    # the Linear's row (addmm's: one added term per output where there is a bias); the activation is no arithmetic
+    return [matmul_work("linear", out.numel(), a["weight"].shape[1], a["bias"] is not None)]
 
 
 @register_op_counter("pyops::conv2d_pack_weight")

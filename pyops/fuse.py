@@ -98,7 +98,8 @@ def fuse(model, inplace=False):
         its own,
       - Conv2d / Conv1d [→ add(·, residual)] → activation without a BatchNorm (VGG, SqueezeNet, squeeze-excitation
         blocks), and such a layer → add, is one ConvBNReLU2d / FoldedConv1d sharing the layer's Parameters (the
-        add and the activation in its epilogue; not a layer whose weight a parametrization computes).
+        add and the activation in its epilogue; not a layer whose weight a parametrization computes); Linear →
+        activation (classifier heads) likewise one LinearBNReLU, which then takes any (*, features) input.
     An activation is a ReLU (nn.ReLU, F.relu, torch.relu or Tensor.relu), ReLU6 (nn.ReLU6, F.relu6), SiLU (nn.SiLU,
     F.silu: EfficientNet's) or Hardswish (nn.Hardswish, F.hardswish: MobileNetV3's), in place or not. A link of a
     chain is fused only where the previous node's output has no other user (so no other computation sees a changed
@@ -619,12 +620,13 @@ def foldable_pair(layer, bn):
 
 
 def fused_without_batchnorm(layer):
-    """Whether a layer with no BatchNorm after it is fused with the add and activation that follow: a Conv2d or a
-    Conv1d (their fused modules run pyops' kernels, with the add and the activation applied as they store: VGG-11
-    and SqueezeNet 1.1 1.27x and 2.35x eager fused on this project's CPU; bench/NOTES-conv_bn_relu.md, stop 41),
-    sharing the layer's Parameters (a layer computing its weight, e.g. by a parametrization, stays as
-    it is). Not a Linear: its fused module is F.linear and the activation, as the model computed them."""
-    return isinstance(layer, (nn.Conv1d, nn.Conv2d)) and fused_class(layer) is not None and has_own_parameters(layer)
+    """Whether a layer with no BatchNorm after it is fused with the add and activation that follow: a Conv2d, a
+    Conv1d or a Linear (their fused modules run pyops' kernels, with the add and the activation applied as they
+    store: VGG-11 and SqueezeNet 1.1 1.27x and 2.35x eager fused on this project's CPU, stop 41; a Linear at a small
+    batch streams its weight at up to twice MKL's speed, stop 42; bench/NOTES-conv_bn_relu.md), sharing the layer's
+    Parameters (a layer computing its weight, e.g. by a parametrization, stays as it is)."""
+    return isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Linear)) and fused_class(layer) is not None and \
+        has_own_parameters(layer)
 
 
 def fused_class(layer):
@@ -890,7 +892,7 @@ def fresh_name(gm, modules, base):
 # --- fallback for untraceable models ----------------------------------------------------------------------------
 
 def fuse_sequentials(model, skip=()):
-    """Fuses layer → BatchNorm [→ activation] and Conv1d/Conv2d → activation runs of consecutive children of each
+    """Fuses layer → BatchNorm [→ activation] and Conv1d/Conv2d/Linear → activation runs of consecutive children of each
     nn.Sequential in model, in place, except inside the modules in skip (fused already). Returns the qualified names
     of the fused layers."""
     fused_names = []

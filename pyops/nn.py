@@ -30,6 +30,7 @@ from .conv1d import conv1d, conv1d_bias_act
 from .conv_bn_relu import ACTIVATIONS as ACTIVATION_CODES, conv2d_bias_act, padding_pair
 from .convolutionalize import convolutionalize
 from .fold import fold_bn, with_bias
+from .linear import linear_bias_act
 from .sliding import DEFAULT_MAX_MEMORY, _pair as _pair_arg, classify_fcn
 
 # The public modules; the functions below without an underscore are shared with pyops.fuse, not API.
@@ -679,13 +680,17 @@ def _fused_call(module, x, weight, bias, residual, kept):
 
 
 class LinearBNReLU(NotScriptable, nn.Module):
-    """act(x @ weight.T + bias) with a BatchNorm1d folded into weight and bias (see from_modules).
+    """act(x @ weight.T + bias) with a BatchNorm1d folded into weight and bias (see from_modules), computed by
+    pyops.linear_bias_act (on the CPU, small batches by our weight-streaming kernel).
 
     x: (N, in_features) → (N, out_features): the only shape on which Linear → BatchNorm1d folds (on a 3-D input,
     BatchNorm1d normalizes dim 1, not the Linear's features), so others raise ValueError rather than differ from the
-    unfused layers. activation: "none", "relu", "relu6", "silu" or "hardswish", applied in place on the GEMM's fresh
-    output (one extra pass over the output, no extra memory). Gradients as ConvBNReLU2d.
+    unfused layers; without a folded BatchNorm (from_modules with bn None) any (*, in_features). activation: "none",
+    "relu", "relu6", "silu" or "hardswish". Gradients as ConvBNReLU2d. folds_batchnorm: whether a BatchNorm1d was
+    folded in.
     """
+
+    folds_batchnorm = True
 
     def __init__(self, in_features, out_features, activation="relu", device=None, dtype=None):
         super().__init__()
@@ -705,18 +710,21 @@ class LinearBNReLU(NotScriptable, nn.Module):
 
     @classmethod
     def from_modules(cls, linear, bn, relu=True):
-        """linear (nn.Linear) → bn (eval-mode BatchNorm1d over the linear's output features) → relu, folded once.
-        relu as ConvBNReLU2d.from_modules; linear and bn are not modified."""
+        """linear (nn.Linear) → bn (eval-mode BatchNorm1d over the linear's output features) → relu, folded once;
+        bn None: linear → relu, sharing linear's weight and bias Parameters (pyops.fold.with_bias). relu as
+        ConvBNReLU2d.from_modules; linear and bn are not modified."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"argument 'linear' must be an nn.Linear, got {type(linear).__name__}")
         activation = activation_name(relu)
-        folded = fold_bn(linear, bn)
+        folded = fold_bn(linear, bn) if bn is not None else with_bias(linear)
         fused = cls(linear.in_features, linear.out_features, activation, device="meta")
         fused.weight, fused.bias = folded.weight, folded.bias
+        fused.folds_batchnorm = bn is not None
         return fused.train(linear.training)
 
     def forward(self, x):
-        """x (N, in_features) → act(linear(x)) (N, out_features)."""
+        """x (N, in_features) → act(linear(x)) (N, out_features); (*, in_features) → (*, out_features) without a
+        folded BatchNorm."""
         return _linear_bn_relu_forward(self, x, _forward_parameters(self))
 
     def extra_repr(self):
@@ -727,10 +735,11 @@ class LinearBNReLU(NotScriptable, nn.Module):
 @overridable
 def _linear_bn_relu_forward(module, x, parameters=None):
     """LinearBNReLU.forward (a function for the reason _conv_bn_relu2d_forward gives)."""
-    _check_bn1d_fold_holds(x, 2, f"(N, {module.in_features})", "features", "on a 3-D input BatchNorm1d normalizes "
-                           "dim 1: that Linear → BatchNorm1d cannot be fused")
+    if module.folds_batchnorm:
+        _check_bn1d_fold_holds(x, 2, f"(N, {module.in_features})", "features", "on a 3-D input BatchNorm1d "
+                               "normalizes dim 1: that Linear → BatchNorm1d cannot be fused")
     weight, bias = _forward_parameters(module) if parameters is None else parameters
-    return apply_activation_(F.linear(x, weight, bias), module.activation)
+    return linear_bias_act(x, weight, bias, module.activation)
 
 
 class SlidingClassifier(NotScriptable, nn.Module):

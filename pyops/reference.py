@@ -69,6 +69,11 @@ def conv2d_bias_act(x, weight, bias=None, stride=1, padding=0, dilation=1, group
                          activation)
 
 
+def linear_bias_act(x, weight, bias=None, activation="relu"):
+    """act(F.linear(x, weight, bias)), act ∈ {"none", "relu", "relu6", "silu", "hardswish"}."""
+    return _add_activate(torch.nn.functional.linear(x, weight, bias), None, activation)
+
+
 def _add_activate(y, residual, activation):
     """act(y + residual) (residual may be None), act ∈ {"none", "relu", "relu6", "silu", "hardswish"}."""
     if residual is not None:

@@ -42,6 +42,10 @@ def test_alexnet_homework_figures():
     count = pyops.count_ops(model, torch.randn(1, 3, 224, 224))
     assert count.conv == 1_311_133_056
     assert count.linear == 117_243_904
+    # fused (its Conv2d → ReLU and Linear → ReLU each one pyops op): the same figures, layer by layer
+    fused = pyops.count_ops(pyops.fuse(model.eval()), torch.randn(1, 3, 224, 224))
+    assert (fused.conv, fused.linear, fused.other) == (count.conv, count.linear, 0)
+    assert [row[1:] for row in fused.by_layer] == [row[1:] for row in count.by_layer]
     assert count.other == 0 and count.total == count.conv + count.linear
     convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]

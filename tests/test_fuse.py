@@ -63,7 +63,8 @@ def test_homework_network_meets_the_criterion(device):
     model, fused = model.to(device), fused.to(device)
     assert_no_batchnorm(fused)
     kinds = [type(m) for m in fused.modules()]
-    assert kinds.count(ConvBNReLU2d) == 2 and kinds.count(LinearBNReLU) == 1
+    assert kinds.count(ConvBNReLU2d) == 2 and kinds.count(LinearBNReLU) == 2  # (the last Linear → ReLU has no BN)
+    assert [m.folds_batchnorm for m in fused.modules() if isinstance(m, LinearBNReLU)] == [True, False]
     error = max_squared_error(model, fused, [x.to(device) for x in inputs])
     assert error < 1e-8
 
@@ -812,8 +813,8 @@ def test_fuse_torchvision_models(name, device):
                                                          ("mobilenet_v3_small", nn.Hardswish, "hardswish")])
 def test_fuse_folds_silu_and_hardswish_into_the_layers(name, act_class, activation, device):
     """EfficientNet's Conv → BN → SiLU and MobileNetV3's Conv → BN → Hardswish blocks become one fused layer each,
-    the activation in its epilogue, and so do the squeeze-excitation blocks' Conv → SiLU / ReLU without a BN: only
-    the activations after the classifier's Linear layers remain (MobileNetV3's Hardswish), and the outputs match."""
+    the activation in its epilogue, and so do the squeeze-excitation blocks' Conv → SiLU / ReLU without a BN and
+    the classifier's Linear → Hardswish (MobileNetV3's): no activation module remains, and the outputs match."""
     torch.manual_seed(0)
     model = randomized(getattr(torchvision.models, name)(weights=None)).to(device)
     after_bn = sum(isinstance(m, torchvision.ops.Conv2dNormActivation) and isinstance(m[-1], act_class)
@@ -825,7 +826,8 @@ def test_fuse_folds_silu_and_hardswish_into_the_layers(name, act_class, activati
     assert_no_batchnorm(fused)
     assert sum(isinstance(m, ConvBNReLU2d) and m.activation == activation for m in fused.modules()) == after_conv
     assert after_conv > after_bn > 10 or (activation == "hardswish" and after_conv == after_bn > 10)
-    assert sum(isinstance(m, act_class) for m in fused.modules()) == after_linear
+    assert sum(isinstance(m, LinearBNReLU) and m.activation == activation for m in fused.modules()) == after_linear
+    assert not any(isinstance(m, act_class) for m in fused.modules())
     assert not any(isinstance(m, nn.ReLU) for m in fused.modules()) and (se_relus > 0) == (activation == "hardswish")
     x = torch.rand(2, 3, 64, 64, generator=gen()).to(device)
     with torch.no_grad():
@@ -1053,8 +1055,8 @@ class UNetUp(nn.Module):
 
 class ConvActBlocks(nn.Module):
     """Conv layers without a BatchNorm: → ReLU, → add → ReLU6, → add alone, a Conv1d → SiLU, a parametrized conv
-    → ReLU (computes its weight: not fused), a Linear → ReLU (not fused); a Linear → BN → add → ReLU (folded; the
-    add, which LinearBNReLU does not take, and the ReLU stay)."""
+    → ReLU (computes its weight: not fused), a Linear → ReLU; a Linear → BN → add → ReLU (folded; the add, which
+    LinearBNReLU does not take, and the ReLU stay)."""
 
     def __init__(self):
         super().__init__()
@@ -1078,21 +1080,23 @@ class ConvActBlocks(nn.Module):
 
 def test_fuse_conv_activation_chains_without_batchnorm():
     """Conv2d / Conv1d [→ add] → activation without a BatchNorm (and → add alone) become one fused layer sharing the
-    layer's Parameters (a bias-free layer gets a zero bias that trains nothing); a layer computing its weight and
-    a Linear stay as they are. VGG and SqueezeNet (no BatchNorm): every Conv2d → ReLU fused."""
+    layer's Parameters (a bias-free layer gets a zero bias that trains nothing), and so does Linear → activation; a
+    layer computing its weight stays as it is. VGG and SqueezeNet (no BatchNorm): every Conv2d → ReLU and Linear
+    → ReLU fused."""
     torch.manual_seed(0)
     model = randomized(ConvActBlocks().double())
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=gen())
     fused = pyops.fuse(model, inplace=True)
     assert type(fused.head) is LinearBNReLU and fused.head.activation == "none"
     assert [type(getattr(fused, n)) for n in ("stem", "conv", "proj", "normed", "conv1d", "fc")] == \
-        [ConvBNReLU2d, ConvBNReLU2d, ConvBNReLU2d, type(model.normed), pyops.nn.FoldedConv1d, nn.Linear]
-    assert [getattr(fused, n).activation for n in ("stem", "conv", "proj", "conv1d")] == ["relu", "relu6", "none",
-                                                                                          "silu"]
+        [ConvBNReLU2d, ConvBNReLU2d, ConvBNReLU2d, type(model.normed), pyops.nn.FoldedConv1d, LinearBNReLU]
+    assert [getattr(fused, n).activation for n in ("stem", "conv", "proj", "conv1d", "fc")] == \
+        ["relu", "relu6", "none", "silu", "relu"]
     assert sum("residual" in n.kwargs for n in fused.graph.nodes) == 2
     assert fused.conv.weight is model.conv.weight and fused.conv.bias is model.conv.bias  # (inplace: shared)
     assert fused.stem.weight is model.stem.weight and not fused.stem.bias.requires_grad and not fused.stem.bias.any()
-    assert not fused.conv1d.folds_batchnorm
+    assert not fused.conv1d.folds_batchnorm and not fused.fc.folds_batchnorm and fused.head.folds_batchnorm
+    assert fused.fc.weight is model.fc.weight and fused.fc.bias is model.fc.bias
     with pytest.raises(ValueError, match="computes its weight"):
         ConvBNReLU2d.from_modules(model.normed, None)
     with torch.no_grad():
@@ -1114,19 +1118,23 @@ def test_fuse_conv_activation_chains_without_batchnorm():
     for name, shape in (("vgg11", (1, 3, 32, 32)), ("squeezenet1_1", (1, 3, 64, 64))):
         net = getattr(torchvision.models, name)(weights=None).eval()
         convs = sum(isinstance(m, nn.Conv2d) for m in net.modules())
+        linears = sum(isinstance(m, nn.Linear) for m in net.modules())
         fused = pyops.fuse(net)
         assert sum(isinstance(m, ConvBNReLU2d) and m.activation == "relu" for m in fused.modules()) == convs
-        assert not any(isinstance(m, nn.Conv2d) for m in fused.modules())
+        # (VGG's classifier: Linear → ReLU twice, then the last Linear, which has no activation to fuse)
+        assert sum(isinstance(m, LinearBNReLU) and m.activation == "relu" for m in fused.modules()) == \
+            max(linears - 1, 0)
+        assert not any(isinstance(m, (nn.Conv2d, nn.ReLU)) for m in fused.modules())
         x = torch.rand(shape, generator=gen())
         with torch.no_grad():
             assert_close_relative(fused(x), net(x), 1e-4)
-    # the Sequential fallback: Conv2d → ReLU fused, its ReLU an Identity
+    # the Sequential fallback: Conv2d → ReLU and Linear → ReLU fused, their ReLUs Identity; a lone Conv2d stays
     seq = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(4, 2), nn.ReLU())
     seq = seq.double().eval()
     fallback = copy.deepcopy(seq)
-    assert fuse_sequentials(fallback) == ["0"]
+    assert fuse_sequentials(fallback) == ["0", "4"]
     assert type(fallback[0]) is ConvBNReLU2d and type(fallback[1]) is nn.Identity
-    assert type(fallback[2]) is nn.Conv2d and type(fallback[4]) is nn.Linear
+    assert type(fallback[2]) is nn.Conv2d and type(fallback[4]) is LinearBNReLU and type(fallback[5]) is nn.Identity
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64, generator=gen())
     with torch.no_grad():
         torch.testing.assert_close(fallback(x), seq(x), rtol=1e-10, atol=1e-12)

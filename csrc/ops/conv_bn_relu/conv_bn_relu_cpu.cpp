@@ -20,6 +20,7 @@
 #include "common/cpu_vec.h"
 #include "common/onednn.h"
 #include "ops/conv_bn_relu/conv_bn_relu.h"
+#include "ops/conv_bn_relu/linear.h"
 
 namespace pyops {
 
@@ -415,11 +416,17 @@ at::Tensor gemm_forward(const at::Tensor& input, const at::Tensor& w, const std:
   const at::Tensor w2 = w.reshape({g.cout, g.cin});
   const at::Tensor bias = b.has_value() ? b->contiguous() : at::Tensor();
   const int64_t hw = g.oh * g.ow;
-  // A 1×1 map (DeepLab's ASPP pooling branch) is one product over the batch: per image it would be a batch of
-  // matrix-vector products, each reading the whole weight (2048→256 at batch 8: 3x slower than eager). A
-  // channels_last input is one product over all positions. Either way a row of the result is one position's channels
-  // (the output's channels_last layout, which for a 1×1 map is also NCHW's).
-  if (hw == 1 || fmt == at::MemoryFormat::ChannelsLast) {
+  // A 1×1 map (squeeze-excitation blocks, DeepLab's ASPP pooling branch) is a Linear over the batch, the product
+  // linear_bias_act runs (per image it would be a batch of matrix-vector products, each reading the whole weight:
+  // 2048→256 at batch 8 3x slower than eager); its rows are the output's (NCHW's and channels_last's alike there).
+  if (hw == 1) {
+    const at::Tensor res = residual.has_value() ? residual->reshape({g.n, g.cout}) : at::Tensor();
+    return linear_forward_cpu(x.reshape({g.n, g.cin}), w2, bias, res, g.act)
+        .view({g.n, 1, 1, g.cout})
+        .permute({0, 3, 1, 2});
+  }
+  // A channels_last input is one product over all positions, a row of the result one position's channels.
+  if (fmt == at::MemoryFormat::ChannelsLast) {
     at::Tensor out = at::mm(x.permute({0, 2, 3, 1}).reshape({g.n * hw, g.cin}), w2.t())
                          .view({g.n, g.oh, g.ow, g.cout})
                          .permute({0, 3, 1, 2});
