@@ -892,9 +892,9 @@ def fresh_name(gm, modules, base):
 # --- fallback for untraceable models ----------------------------------------------------------------------------
 
 def fuse_sequentials(model, skip=()):
-    """Fuses layer → BatchNorm [→ activation] and Conv1d/Conv2d/Linear → activation runs of consecutive children of each
-    nn.Sequential in model, in place, except inside the modules in skip (fused already). Returns the qualified names
-    of the fused layers."""
+    """Fuses layer → BatchNorm [→ activation] and Conv1d/Conv2d/Linear → activation runs of consecutive children of
+    each nn.Sequential in model, in place, except inside the modules in skip (fused already). Returns the qualified
+    names of the fused layers."""
     fused_names = []
     skipped = {id(m) for part in skip for m in part.modules()}
     for prefix, container in list(model.named_modules()):

@@ -193,3 +193,19 @@ def test_linear_module_without_batchnorm_shares_parameters_and_takes_any_leading
     folded = LinearBNReLU.from_modules(nn.Linear(6, 4), nn.BatchNorm1d(4).eval())
     with pytest.raises(ValueError, match="3-D input"):
         folded(torch.randn(2, 3, 6))
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+def test_one_by_one_maps_share_the_product(path, batch):
+    """A 1×1 convolution on a 1×1 map (a squeeze-excitation layer) is this product under auto (ours at batch 1, the
+    library's at batch 16 for this size), with conv2d_bias_act's bias, residual and activation; NCHW and
+    channels_last inputs give the same values."""
+    from pyops.conv_bn_relu import conv2d_bias_act
+    x, w, b = randn((batch, 1100, 1, 1), 1), randn((1000, 1100, 1, 1), 2, 0.03), randn((1000,), 3)
+    r = randn((batch, 1000, 1, 1), 4)
+    ref = reference.conv2d_bias_act(x.float().double(), w.float().double(), b.float().double(), activation="relu6",
+                                    residual=r.float().double())
+    for xi in (x.float(), x.float().contiguous(memory_format=torch.channels_last)):
+        out = conv2d_bias_act(xi, w.float(), b.float(), activation="relu6", residual=r.float())
+        assert out.shape == ref.shape
+        assert_close_float32(out, ref, 1100)

@@ -28,8 +28,9 @@ const c10::OperatorHandle* onednn_linear() {
 at::Tensor onednn_product(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
   const c10::OperatorHandle* op = onednn_linear();
   if (op == nullptr || !onednn_computes(x.scalar_type())) return at::Tensor();
-  torch::jit::Stack stack{x.contiguous(), w.contiguous(), bias.defined() ? c10::IValue(bias) : c10::IValue(),
-                          std::string("none"), c10::List<std::optional<at::Scalar>>(), std::string("")};
+  const c10::IValue b = bias.defined() ? c10::IValue(bias.contiguous()) : c10::IValue();
+  torch::jit::Stack stack{x.contiguous(), w.contiguous(), b, std::string("none"),
+                          c10::List<std::optional<at::Scalar>>(), std::string("")};
   op->callBoxed(&stack);
   return stack.back().toTensor().contiguous();
 }
