@@ -13,7 +13,7 @@ import torchvision
 
 import pyops
 from conftest import skip_unless_compile_timed
-from pyops.demo.conv_bn_relu import randomize_batchnorms_
+from pyops.demo.conv_bn_relu import homework_setup, randomize_batchnorms_
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # per 3×224×224 image: torchvision's GMACs × 2
@@ -137,6 +137,18 @@ def speech_block(device):
                    torch.nn.BatchNorm1d(256), torch.nn.ReLU()]
     model = randomize_batchnorms_(torch.nn.Sequential(*layers), torch.Generator().manual_seed(0))
     return model.eval().to(device)
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def bench_homework_network(measure, device, impl):
+    """The issue's network (conv 3→16 and 16→16 + BN + ReLU on 32×32, Linear 16384→1024 + BN1d + ReLU, Linear
+    1024→10 + ReLU) at its batch of 100: two ConvBNReLU2d and two LinearBNReLU fused."""
+    skip_unless_compile_timed(impl)
+    model = IMPLS[impl](homework_setup(seed=0, batches=1)[0].to(device))
+    x = torch.rand(100, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(device)
+    flops = 2 * 100 * (32 * 32 * 16 * (3 + 16) * 9 + 16384 * 1024 + 1024 * 10)
+    with torch.no_grad():
+        measure("homework network fwd batch 100 3x32x32 fp32", impl, lambda: model(x), flops=flops)
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
