@@ -10,7 +10,8 @@ import torch.autograd.forward_ad as fwAD
 import pyops
 
 WEIGHTS = {"conv1d": torch.randn(4, 4, 3, generator=torch.Generator().manual_seed(0)),
-           "conv2d": torch.randn(4, 4, 3, 1, generator=torch.Generator().manual_seed(1))}
+           "conv2d": torch.randn(4, 4, 3, 1, generator=torch.Generator().manual_seed(1)),
+           "linear": torch.randn(5, 9, generator=torch.Generator().manual_seed(4))}
 # One call of each op on x (2, 4, 9) float64, returning one tensor.
 OP_CALLS = {
     "conv1d": lambda x: torch.ops.pyops.conv1d(x, WEIGHTS["conv1d"].to(x), None, 1, 1, 1, 1),
@@ -28,6 +29,7 @@ OP_CALLS = {
     "conv2d_bn_relu": lambda x: torch.ops.pyops.conv2d_bn_relu(
         x.unsqueeze(-1), WEIGHTS["conv2d"].to(x), None, None, None, torch.zeros(4).to(x), torch.ones(4).to(x), 1e-5,
         [1, 1], [1, 0], [1, 1], 1, True, None),
+    "linear_bias_act": lambda x: torch.ops.pyops.linear_bias_act(x, WEIGHTS["linear"].to(x), x[0, :, :5].sum(0), 1),
 }
 
 
@@ -55,7 +57,7 @@ def test_calls_autograd_does_not_see_give_the_same_values_and_no_graph(device, o
     torch.testing.assert_close(out, recorded.detach(), rtol=0, atol=0)
 
 
-FORWARD_OPS = ["conv1d", "conv1d_bias_act", "smooth_max", "conv2d_bias_act", "conv2d_bn_relu"]
+FORWARD_OPS = ["conv1d", "conv1d_bias_act", "smooth_max", "conv2d_bias_act", "conv2d_bn_relu", "linear_bias_act"]
 
 
 @pytest.mark.parametrize("op", FORWARD_OPS)
