@@ -151,18 +151,26 @@ def _plain_pair(v):
     return None
 
 
-def _fast_call(op, leading, stride, padding, dilation, groups, trailing):
-    """op(*leading, stride, padding, dilation, groups, *trailing) where the geometry is plain ints and the op accepts
-    the call, else None. The op checks every argument itself (test_bad_input_in_cpp_too), so the Python checks,
-    ~14 µs a call (a third of a small layer's), need to run only to name the problem once it refused, and for what it
-    cannot take: padding strings, and torch.compile's tracing (the checks run on its fake tensors)."""
-    geometry = [_plain_pair(v) for v in (stride, padding, dilation)]
-    if None in geometry or type(groups) is not int or torch.compiler.is_compiling():
+def unchecked_call(op, *args):
+    """op(*args) where the op accepts the call, else None. The ops check every argument themselves
+    (test_bad_input_in_cpp_too), so a public function's Python checks, ~14 µs a call (a third of a small layer's),
+    need to run only to name the problem once the op refused, and under torch.compile's tracing (the checks run on its
+    fake tensors: None there)."""
+    if torch.compiler.is_compiling():
         return None
     try:
-        return op(*leading, *geometry, groups, *trailing)
+        return op(*args)
     except (TypeError, ValueError, RuntimeError, IndexError):
         return None  # (the caller's checks then raise the error that names the argument, or the op's again)
+
+
+def _fast_call(op, leading, stride, padding, dilation, groups, trailing):
+    """unchecked_call(op, *leading, stride, padding, dilation, groups, *trailing) where the geometry is plain ints,
+    else None (padding strings, which the op cannot take)."""
+    geometry = [_plain_pair(v) for v in (stride, padding, dilation)]
+    if None in geometry or type(groups) is not int:
+        return None
+    return unchecked_call(op, *leading, *geometry, groups, *trailing)
 
 
 def _check_bn_args(weight, bn_weight, bn_bias, running_mean, running_var, eps):

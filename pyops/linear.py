@@ -17,7 +17,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from ._checks import check_floating, check_like
 from ._overrides import overridable
-from .conv_bn_relu import ACTIVATIONS
+from .conv_bn_relu import ACTIVATIONS, unchecked_call
 
 
 def _check_args(x, weight, bias, activation):
@@ -52,11 +52,10 @@ def linear_bias_act(x, weight, bias=None, activation="relu"):
         (*, out_features) in x's dtype (in a torch.autocast region, the dtype the fused convolutions compute in:
         README, "Mixed precision"), contiguous.
     """
-    if type(activation) is str and activation in ACTIVATIONS and not torch.compiler.is_compiling():
-        try:  # (the op checks every argument itself; the Python checks below only name the problem)
-            return torch.ops.pyops.linear_bias_act.default(x, weight, bias, ACTIVATIONS[activation])
-        except (TypeError, ValueError, RuntimeError, IndexError):
-            pass
+    if type(activation) is str and activation in ACTIVATIONS:
+        out = unchecked_call(torch.ops.pyops.linear_bias_act.default, x, weight, bias, ACTIVATIONS[activation])
+        if out is not None:
+            return out
     _check_args(x, weight, bias, activation)
     return torch.ops.pyops.linear_bias_act.default(x, weight, bias, ACTIVATIONS[activation])
 

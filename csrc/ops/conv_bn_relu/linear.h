@@ -22,15 +22,13 @@ Activation check_linear_bias_act_args(const at::Tensor& input, const at::Tensor&
 at::Tensor linear_bias_act_aten(const at::Tensor& input, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias, int64_t activation);
 
-// act(x·Wᵀ + bias + residual) for float32 CPU tensors: x (M, K) with unit stride along K, weight (N, K), bias (N,)
-// or undefined, residual (M, N) or undefined; act none, relu or relu6. Returns (M, N), contiguous. The product runs
-// as small_batch_product_cpu where small_batch_product_is_faster (or PYOPS_CONV_PATH=direct), else as the library's
-// (oneDNN's inner product where MKL runs narrower than it, else MKL's GEMM), with the epilogue in one pass after it.
+// act(x·Wᵀ + bias + residual) for float32 CPU tensors: x (M, K), weight (N, K), bias (N,) or undefined, residual
+// (M, N) or undefined; act none, relu or relu6. Returns (M, N), contiguous. The product runs as
+// small_batch_product_cpu where linear_cpu.cpp's rule says it is faster (or PYOPS_CONV_PATH=direct), else as the
+// library's (oneDNN's inner product where MKL runs narrower than it, else MKL's GEMM), with the epilogue in one pass
+// after it.
 at::Tensor linear_forward_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                               const at::Tensor& residual, Activation act);
-
-// Whether small_batch_product_cpu beats the library's product on an (m, k)·(k, n) product (linear_cpu.cpp).
-bool small_batch_product_is_faster(int64_t m, int64_t n, int64_t k);
 
 // y (m, n), contiguous = x (m, k; row stride ldx, unit stride along k) · wᵀ, w (n, k) contiguous; float32.
 PYOPS_DECLARE_CPU_KERNEL(void small_batch_product_cpu(const float* x, int64_t ldx, int64_t m, const float* w,

@@ -35,17 +35,17 @@ at::Tensor onednn_product(const at::Tensor& x, const at::Tensor& w, const at::Te
   return stack.back().toTensor().contiguous();
 }
 
-}  // namespace
-
-// Where our kernel beats the library's product. µs, 2 threads, Zen 5 VM (stop 42; bench/NOTES-conv_bn_relu.md),
-// ours / oneDNN's inner product / eager (MKL's addmm + ReLU): 25088→4096 (vgg's first classifier layer) at batch 1
-// 9494 / 10724 / 14392, batch 8 14366 / 15121 / 30892, but batch 12 19157 / 16607; 16384→1024 at batch 8 2184 /
-// 2653 / 4499, batch 12 3073 / 2931; 4096→4096 at batch 16 2913 / 3283 / 5937, batch 32 4552 / 3881. Small
-// products at larger batches, where oneDNN's call costs ~15-20 µs whatever the size: 960→240 at batch 32 46 / 61 /
-// 92, 512→1000 at batch 16 61 / 74 / 129, but at 32 121 / 116; 64→64 at batch 100 14 / 18 / 9.
+// Where our kernel beats the library's product on an (m, k)·(k, n) product. µs, 2 threads, Zen 5 VM (stop 42;
+// bench/NOTES-conv_bn_relu.md), ours / oneDNN's inner product / eager (MKL's addmm + ReLU): 25088→4096 (vgg's first
+// classifier layer) at batch 1 9494 / 10724 / 14392, batch 8 14366 / 15121 / 30892, but batch 12 19157 / 16607;
+// 16384→1024 at batch 8 2184 / 2653 / 4499, batch 12 3073 / 2931; 4096→4096 at batch 16 2913 / 3283 / 5937, batch 32
+// 4552 / 3881. Small products at larger batches, where oneDNN's call costs ~15-20 µs whatever the size: 960→240 at
+// batch 32 46 / 61 / 92, 512→1000 at batch 16 61 / 74 / 129, but at 32 121 / 116; 64→64 at batch 100 14 / 18 / 9.
 bool small_batch_product_is_faster(int64_t m, int64_t n, int64_t k) {
   return m <= 8 || static_cast<double>(m) * n * k <= double(1 << 23);
 }
+
+}  // namespace
 
 at::Tensor linear_forward_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                               const at::Tensor& residual, Activation act) {
