@@ -5,7 +5,7 @@ swap_conv1d(model) puts it in place of a model's nn.Conv1d layers.
 FoldedConv1d: the Conv1d → BatchNorm1d (→ residual add) (→ activation) pyops.fuse folds (a Conv1d; the add and
 the activation applied as the kernel stores), refusing the unbatched inputs the fold does not cover.
 ConvBNReLU2d: Conv2d → BatchNorm2d (→ residual add) (→ activation) as one fused kernel (pyops.conv2d_bias_act).
-LinearBNReLU: Linear → BatchNorm1d (→ activation) as one GEMM with the activation applied in place.
+LinearBNReLU: Linear [→ BatchNorm1d] (→ activation) as one pyops.linear_bias_act (the activation after its product).
 SlidingClassifier: a crop classifier applied densely to whole images (pyops.sliding_classify as a module).
 The fused modules fold the BatchNorm once, at construction (inference, or fine-tuning with frozen BatchNorm
 statistics), and keep the folded weight and bias as Parameters, so .to(), .half(), state_dict() and optimizers
