@@ -402,11 +402,14 @@ bool use_library(const at::Tensor& input, const ConvGeometry& g, bool has_residu
 // 120; 1024→2048 on 14×14 batch 8 9537 / 11398, 4840 / 5792; but 1024→2048 on 14×14 NCHW 1781 / 2053, 1161 / 1116.
 // oneDNN with a packed weight (conv2d_bias_act_packed) was as fast or faster on those (channels_last 1024→2048 on
 // 14×14 1281 / 697 µs): the packed op keeps it for strided layers.
-// (An NCHW layer that flat_avx512_direct_is_faster gives to our kernel runs there: the GEMM rule predates it.)
+// (An NCHW layer that flat_avx512_direct_is_faster gives to our kernel runs there: the GEMM rule predates it. Not a
+// 1×1 map, which that kernel computes in tiles of 48 columns with one output each: squeeze-excitation layers took
+// 39-72 µs there against 5-10 µs for the product, 120→480 and 168→672 at batch 1, stop 43.)
 bool gemm_is_faster(const at::Tensor& x, const ConvGeometry& g, at::MemoryFormat fmt) {
   return x.scalar_type() == at::kFloat && g.kh == 1 && g.kw == 1 && g.groups == 1 && g.padding[0] == 0 &&
          g.padding[1] == 0 && one_by_one_runs_as_gemm(g.n, g.cin, g.cout, g.oh, g.ow, fmt) &&
-         !(fmt == at::MemoryFormat::Contiguous && flat_avx512_direct(g) && flat_avx512_direct_is_faster(g));
+         (g.oh * g.ow == 1 ||
+          !(fmt == at::MemoryFormat::Contiguous && flat_avx512_direct(g) && flat_avx512_direct_is_faster(g)));
 }
 
 at::Tensor gemm_forward(const at::Tensor& input, const at::Tensor& w, const std::optional<at::Tensor>& b,
@@ -499,10 +502,9 @@ at::Tensor conv2d_bias_act_cpu(const at::Tensor& input, const at::Tensor& weight
                                groups, activation, fp32(residual))
         .to(dtype);
   }
-  // SiLU and Hardswish: the convolution and the residual add, then ATen's activation in place. SiLU's exponentials
-  // cost the same in oneDNN's post-op as in a pass over the cache-resident output, and inlined into our kernels'
-  // stores they slowed the ReLU epilogue (bench/NOTES-conv_bn_relu.md, stop 40).
-  if (!derivative_from_output(g.act)) {
+  // SiLU, Hardswish, Hardsigmoid, Sigmoid: the convolution and the residual add, then ATen's activation in place
+  // (common/activation.h says why).
+  if (!identity_or_clamp(g.act)) {
     return activation_aten(conv2d_bias_act_cpu(input, weight, bias, stride, padding, dilation, groups,
                                                static_cast<int64_t>(Activation::kNone), residual),
                            g.act, /*in_place=*/true);
@@ -560,7 +562,7 @@ at::Tensor conv2d_bias_act_packed_cpu(const at::Tensor& input, const at::Tensor&
   // convolution does for a channels_last weight: the output is channels_last whatever the input's format. Every
   // path here keeps that, so the result's layout depends only on which op was called.
   const auto cl = at::MemoryFormat::ChannelsLast;
-  if (!derivative_from_output(g.act)) {  // (as conv2d_bias_act_cpu)
+  if (!identity_or_clamp(g.act)) {  // (as conv2d_bias_act_cpu)
     return activation_aten(conv2d_bias_act_packed_cpu(input, weight, packed_weight, bias, stride, padding, dilation,
                                                       groups, static_cast<int64_t>(Activation::kNone), residual),
                            g.act, /*in_place=*/true);
