@@ -1,23 +1,27 @@
 """A Linear with its bias and activation fused: act(x @ weight.T + bias), the op behind pyops.nn.LinearBNReLU.
 
-    linear_bias_act(x, W, b) = act(x @ Wᵀ + b),  act ∈ {none, relu, relu6, silu, hardswish}
+    linear_bias_act(x, W, b) = act(x @ Wᵀ + b),  act one of pyops.activations.ACTIVATIONS
 
-CPU, float32: a small batch (at most 8 rows, or a product of at most 2^23 multiply-adds) runs our kernel, which
-streams each weight row once through registers while it meets every row of x: such a product is bound by the
-weight's bytes, which the kernel reads at 50-90 GB/s where MKL's GEMM and GEMV read 17-30 (on AMD CPUs with AVX-512
-MKL runs AVX2 code; vgg's 25088→4096 layer at batch 1: 9.5 vs 14.4 ms for F.linear + ReLU). Larger batches run the
-library's product: oneDNN's inner product where MKL runs narrower than it, else MKL's GEMM (2.3x F.linear on the
-Zen 5 VM for the homework's 16384→1024 at batch 100: 8.5 vs 19.3 ms). The bias (ours), the activation and nothing
-else follow in one pass over the output; a NaN stays NaN, as torch.relu keeps it. PYOPS_CONV_PATH=direct forces
-our kernel, =library the library's (bench/NOTES-conv_bn_relu.md, stop 42). Other dtypes and devices: ATen's linear
-and the activation in place. Autograd: dx = g·W, dW = gᵀ·x, db = Σ g with g = grad·act'(y).
+CPU, float32: a small batch (at most 8 rows, or up to 2^23 multiply-adds and 64 outputs per input) with at least 16
+inputs a row (64 at least, 128 from 8 rows), and any product of at most 1024 outputs, runs our kernel, which streams
+each weight row once through registers while it meets every row of x: such a product is bound by the weight's
+bytes, which the kernel reads at 50-90 GB/s where MKL's GEMM and GEMV read 17-30 (on AMD CPUs with AVX-512 MKL runs
+AVX2 code; vgg's 25088→4096 layer at batch 1: 9.5 vs 14.4 ms for F.linear + ReLU). Each of its outputs ends in a
+horizontal sum, which short reductions do not amortize. The other products run the library's: oneDNN's inner
+product where MKL runs narrower than it (2.3x F.linear on the Zen 5 VM for the homework's 16384→1024 at batch 100:
+8.5 vs 19.3 ms), but MKL's GEMM on products too small for oneDNN's ~12 µs a call (rules and measurements:
+csrc/ops/conv_bn_relu/linear_cpu.cpp). The activation (and our kernel's bias) follow in one pass over the output; a
+NaN stays NaN, as torch.relu keeps it. PYOPS_CONV_PATH=direct forces our kernel, =library the library's
+(bench/NOTES-conv_bn_relu.md, stops 42-43). Other dtypes and devices: ATen's linear and the activation in place.
+Autograd: dx = g·W, dW = gᵀ·x, db = Σ g with g = grad·act'(y).
 """
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from ._checks import check_floating, check_like
 from ._overrides import overridable
-from .conv_bn_relu import ACTIVATIONS, unchecked_call
+from .activations import ACTIVATIONS
+from .conv_bn_relu import unchecked_call
 
 
 def _check_args(x, weight, bias, activation):
@@ -47,7 +51,7 @@ def linear_bias_act(x, weight, bias=None, activation="relu"):
         x: (*, in_features), float32/float64 (+ float16/bfloat16), any strides.
         weight: (out_features, in_features), x's dtype and device (typically a BatchNorm1d folded in).
         bias: (out_features,) or None.
-        activation: "none", "relu", "relu6", "silu" or "hardswish".
+        activation: "none", "relu", "relu6", "silu", "hardswish", "hardsigmoid" or "sigmoid" (pyops.activations).
     Returns:
         (*, out_features) in x's dtype (in a torch.autocast region, the dtype the fused convolutions compute in:
         README, "Mixed precision"), contiguous.

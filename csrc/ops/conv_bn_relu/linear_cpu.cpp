@@ -5,6 +5,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -39,10 +40,33 @@ at::Tensor onednn_product(const at::Tensor& x, const at::Tensor& w, const at::Te
 // bench/NOTES-conv_bn_relu.md), ours / oneDNN's inner product / eager (MKL's addmm + ReLU): 25088→4096 (vgg's first
 // classifier layer) at batch 1 9494 / 10724 / 14392, batch 8 14366 / 15121 / 30892, but batch 12 19157 / 16607;
 // 16384→1024 at batch 8 2184 / 2653 / 4499, batch 12 3073 / 2931; 4096→4096 at batch 16 2913 / 3283 / 5937, batch 32
-// 4552 / 3881. Small products at larger batches, where oneDNN's call costs ~15-20 µs whatever the size: 960→240 at
-// batch 32 46 / 61 / 92, 512→1000 at batch 16 61 / 74 / 129, but at 32 121 / 116; 64→64 at batch 100 14 / 18 / 9.
+// 4552 / 3881. Small products at larger batches, where oneDNN's call costs ~12-20 µs whatever the size: 960→240 at
+// batch 32 46 / 61 / 92, 512→1000 at batch 16 61 / 74 / 129, but at 32 121 / 116.
+// Each output's dot product ends in a horizontal sum of its vector accumulators, a fixed cost per output that a short
+// reduction does not amortize: with few inputs a library's GEMM (vectorized along the outputs) wins as soon as there
+// are more than ~1024 outputs, and ours is ahead where the outputs are few for the reduction's length. Stop 43, 294
+// shapes of 1-256 rows, 16-4096 inputs and 32-2048 outputs, µs as above: 16→512 at batch 8 12.6 / 14.1 / 5.0,
+// 64→2048 at batch 8 28.6 / 23.9 / 24.2 but at batch 4 16.8 / 20.6 / 23.2, 64→64 at batch 100 14.9 / 19.8 / 10.6,
+// 128→512 at batch 64 60.9 / 37.6 / 47.4, 256→128 at batch 128 39.7 / 35.0 / 44.0, but 256→128 at batch 64 21.8 /
+// 24.6 / 24.9 and 1024→10 at batch 100 (the homework's last layer) 12.5 / 31.4 / 28.0. With the library's choice
+// below, the path this rule picks took 1.016x the fastest of the three (geomean; stop 42's rule 1.19x, worst 8x), at
+// worst 1.73x: 12-16 rows times weights of 1-8 MB, which the repeated calls kept in the L3 cache, where ours streams
+// them faster (512→2048 at batch 12: 96 vs 165 µs); stop 42's fit, on weights read from memory, had oneDNN ahead
+// there, and it decides.
 bool small_batch_product_is_faster(int64_t m, int64_t n, int64_t k) {
-  return m <= 8 || static_cast<double>(m) * n * k <= double(1 << 23);
+  const double outputs = static_cast<double>(m) * n;
+  if (outputs <= 1024) return true;
+  if (k < std::max<int64_t>(64, 16 * std::min<int64_t>(m, 8))) return false;
+  return m <= 8 || (outputs * k <= double(1 << 23) && outputs <= 64.0 * k);
+}
+
+// Where the library's product is oneDNN's inner product rather than MKL's GEMM: where MKL runs narrower (AVX2 code
+// on AMD CPUs with AVX-512, common/onednn.h), except on products small enough for oneDNN's fixed ~12 µs a call to
+// decide: up to 2^21 multiply-adds and 2^15 outputs MKL was ahead or even on the 294 shapes above (16→2048 at batch
+// 16 18.0 vs 27.9 µs, 64→512 at batch 64 35.1 vs 33.8), beyond that behind (16→2048 at batch 32 58.4 vs 35.0).
+bool onednn_product_is_faster(int64_t m, int64_t n, int64_t k) {
+  const double outputs = static_cast<double>(m) * n;
+  return !blas_runs_full_width() && (outputs * k > double(1 << 21) || outputs > double(1 << 15));
 }
 
 }  // namespace
@@ -50,7 +74,7 @@ bool small_batch_product_is_faster(int64_t m, int64_t n, int64_t k) {
 at::Tensor linear_forward_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                               const at::Tensor& residual, Activation act) {
   TORCH_INTERNAL_ASSERT(x.scalar_type() == at::kFloat && x.dim() == 2 && weight.dim() == 2 &&
-                        derivative_from_output(act));
+                        identity_or_clamp(act));
   const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
   const ConvPath path = requested_conv_path();
   const bool ours = path == ConvPath::kDirect || (path == ConvPath::kAuto && small_batch_product_is_faster(m, n, k));
@@ -66,12 +90,12 @@ at::Tensor linear_forward_cpu(const at::Tensor& x, const at::Tensor& weight, con
   } else {
     // MKL's GEMM runs AVX2 code on AMD CPUs with AVX-512 (common/onednn.h), 2-2.5x slower than oneDNN's inner
     // product there (16384→1024 at batch 100, the homework's Linear: 19295 vs 8501 µs, stop 42).
-    out = blas_runs_full_width() ? at::Tensor() : onednn_product(x, weight, bias);
-    if (out.defined()) {
-      added_bias = at::Tensor();
-    } else {
-      out = at::mm(x, weight.t());
+    out = onednn_product_is_faster(m, n, k) ? onednn_product(x, weight, bias) : at::Tensor();
+    if (!out.defined()) {  // (contiguous operands, as oneDNN's: the same bits whatever x's and weight's strides)
+      const at::Tensor rows = x.contiguous(), wt = weight.contiguous().t();
+      out = bias.defined() ? at::addmm(bias, rows, wt) : at::mm(rows, wt);
     }
+    added_bias = at::Tensor();
   }
   const at::Tensor b = added_bias.defined() ? added_bias.contiguous() : at::Tensor();
   const at::Tensor r = residual.defined() ? residual.contiguous() : at::Tensor();
@@ -86,8 +110,8 @@ at::Tensor linear_bias_act_cpu(const at::Tensor& input, const at::Tensor& weight
                                const std::optional<at::Tensor>& bias, int64_t activation) {
   const Activation act = check_linear_bias_act_args(input, weight, bias, activation);
   if (input.scalar_type() != at::kFloat) return linear_bias_act_aten(input, weight, bias, activation);
-  // SiLU and Hardswish: the product, then ATen's activation in place (as conv2d_bias_act_cpu does).
-  if (!derivative_from_output(act)) {
+  // SiLU, Hardswish, Hardsigmoid, Sigmoid: the product, then ATen's activation in place (common/activation.h).
+  if (!identity_or_clamp(act)) {
     return activation_aten(linear_bias_act_cpu(input, weight, bias, static_cast<int64_t>(Activation::kNone)), act,
                            /*in_place=*/true);
   }
