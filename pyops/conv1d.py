@@ -15,7 +15,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from ._checks import check_devices, check_floating, check_like, check_tensor, int_tuple
 from ._overrides import overridable
-from .conv_bn_relu import ACTIVATIONS
+from .activations import ACTIVATIONS
 
 _ops = torch.ops.pyops
 
@@ -85,16 +85,17 @@ def conv1d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
 def conv1d_bias_act(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, activation="relu",
                     residual=None):
     """act(conv1d(x, weight, bias) + residual), the residual added and the activation applied as the output is
-    stored (on the CPU; on CUDA in a second pass; SiLU and Hardswish in a pass after the convolution on both):
+    stored (on the CPU; on CUDA in a second pass; the others than ReLU and ReLU6 in a pass after the convolution on
+    both):
     what pyops.fuse computes for a Conv1d → BatchNorm1d [→ add] [→ activation] chain.
 
     Args: as pyops.conv1d, and
-        activation: "none", "relu", "relu6", "silu" or "hardswish" (NaN stays NaN, as torch's activations keep
-            it);
+        activation: "none", "relu", "relu6", "silu", "hardswish", "hardsigmoid" or "sigmoid" (pyops.activations;
+            NaN stays NaN, as torch's activations keep it);
         residual: None, or a tensor of the output's shape ((N, C_out, L_out), or (C_out, L_out) for unbatched
             input), dtype and device (a 1-D ResNet block's shortcut).
     Returns: as pyops.conv1d. Gradients: those of F.relu(F.conv1d(...) + residual) (F.relu6's), from the saved
-    output; SiLU's and Hardswish's by ATen's autograd of F.silu / F.hardswish after the op without them.
+    output; the other activations' by ATen's autograd of torch's function after the op without them.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"argument 'activation' must be one of {sorted(ACTIVATIONS)}, got {activation!r}")

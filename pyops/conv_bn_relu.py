@@ -2,7 +2,7 @@
 
     conv2d_bn_relu(x, W, b, γ, β, μ, σ², ε) = relu(γ·(conv2d(x, W) + b − μ)/√(σ²+ε) + β + residual)
     conv2d_bias_act(x, W', b')             = act(conv2d(x, W') + b' + residual),
-                                             act ∈ {none, relu, relu6, silu, hardswish}
+                                             act one of pyops.activations.ACTIVATIONS
 
 NaN: torch.relu keeps a NaN, and so do our kernels' epilogues (the direct CPU kernel, the CPU GEMM paths of 1×1
 layers and of small single images, the CUDA implicit GEMM: every layout and dtype). oneDNN's fused ReLU/ReLU6
@@ -44,9 +44,8 @@ from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from ._checks import as_int, check_devices, check_floating, check_like, check_tensor, int_tuple
 from ._overrides import overridable
+from .activations import ACTIVATIONS
 
-# the ops' activation codes (csrc/common/activation.h); silu: x·σ(x), hardswish: x·relu6(x + 3)/6, as torch.nn
-ACTIVATIONS = {"none": 0, "relu": 1, "relu6": 2, "silu": 3, "hardswish": 4}
 
 
 def _pair(v, name, minimum):
@@ -198,7 +197,8 @@ def conv2d_bias_act(x, weight, bias=None, stride=1, padding=0, dilation=1, group
         bias: (Cout,) or None.
         stride, dilation: int or pair; padding: int, pair, 'valid' or 'same' (symmetric only), as F.conv2d.
         groups: int dividing Cin and Cout.
-        activation: "none", "relu", "relu6", "silu" or "hardswish", applied after the residual add.
+        activation: "none", "relu", "relu6", "silu", "hardswish", "hardsigmoid" or "sigmoid" (pyops.activations),
+            applied after the residual add.
         residual: (N, Cout, OH, OW) or None.
     Returns:
         (N, Cout, OH, OW) in x's dtype (in a torch.autocast region: README, "Mixed precision") and

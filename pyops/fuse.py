@@ -40,8 +40,9 @@ globals().update({f.__name__: f for f in AUGMENTED.values()})  # importable by n
 
 
 ACTIVATION_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu6: "relu6", F.silu: "silu",
-                        F.hardswish: "hardswish"}
-ACTIVATION_METHODS = {"relu": "relu", "relu_": "relu"}
+                        F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid", torch.sigmoid: "sigmoid",
+                        torch.sigmoid_: "sigmoid", F.sigmoid: "sigmoid"}
+ACTIVATION_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid"}
 ADD_FUNCTIONS = (operator.add, operator.iadd, AUGMENTED["iadd"], torch.add)
 ADD_METHODS = ("add", "add_")
 INPLACE_ADDS = {("call_function", operator.iadd), ("call_function", AUGMENTED["iadd"]), ("call_method", "add_")}
@@ -101,7 +102,9 @@ def fuse(model, inplace=False):
         add and the activation in its epilogue; not a layer whose weight a parametrization computes); Linear →
         activation (classifier heads) likewise one LinearBNReLU, which then takes any (*, features) input.
     An activation is a ReLU (nn.ReLU, F.relu, torch.relu or Tensor.relu), ReLU6 (nn.ReLU6, F.relu6), SiLU (nn.SiLU,
-    F.silu: EfficientNet's) or Hardswish (nn.Hardswish, F.hardswish: MobileNetV3's), in place or not. A link of a
+    F.silu: EfficientNet's), Hardswish (nn.Hardswish, F.hardswish: MobileNetV3's), Hardsigmoid (nn.Hardsigmoid,
+    F.hardsigmoid) or Sigmoid (nn.Sigmoid, torch.sigmoid, Tensor.sigmoid: the gates of MobileNetV3's and
+    EfficientNet's squeeze-excitation blocks), in place or not. A link of a
     chain is fused only where the previous node's output has no other user (so no other computation sees a changed
     value); a residual add only where nothing between the layer and the add may change a tensor in place (the fused
     call reads the layer's input and the residual at the add) and not where the add writes into the residual

@@ -27,7 +27,8 @@ from ._derived import DerivedWeights
 from ._overrides import overridable
 from ._scripting import NotScriptable
 from .conv1d import conv1d, conv1d_bias_act
-from .conv_bn_relu import ACTIVATIONS as ACTIVATION_CODES, conv2d_bias_act, padding_pair
+from .activations import ACTIVATIONS as ACTIVATION_CODES, IN_PLACE, MODULES as ACTIVATION_MODULES
+from .conv_bn_relu import conv2d_bias_act, padding_pair
 from .convolutionalize import convolutionalize
 from .fold import fold_bn, with_bias
 from .linear import linear_bias_act
@@ -82,7 +83,7 @@ class FoldedConv1d(Conv1d):
     kernel stores the output (pyops.conv1d_bias_act). With a BatchNorm1d folded in it refuses unbatched (C, L)
     inputs: on those the BatchNorm1d it replaced took C as the batch and normalized along L, which the fold does not
     compute (the model raised there, unless L_out equals C_out).
-    activation: "none", "relu", "relu6", "silu" or "hardswish". residual_in_place: as ConvBNReLU2d's.
+    activation: one of ACTIVATIONS (pyops.activations). residual_in_place: as ConvBNReLU2d's.
     folds_batchnorm: whether a BatchNorm1d was folded in (from_modules with bn None: False)."""
 
     activation = "none"
@@ -194,9 +195,7 @@ def _parametrized_class(parametrized, base):
     return type(parametrized.__name__, (base,), namespace)
 
 
-ACTIVATIONS = tuple(ACTIVATION_CODES)  # ("none", "relu", "relu6", "silu", "hardswish")
-# the activation modules fuse() folds into a layer, and their names
-ACTIVATION_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish"}
+ACTIVATIONS = tuple(ACTIVATION_CODES)  # ("none", "relu", "relu6", "silu", "hardswish", "hardsigmoid", "sigmoid")
 _CUDNN_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -297,9 +296,9 @@ def module_activation(module):
 
 
 def activation_name(relu):
-    """The activation named by `relu` as from_modules accepts it: True/"relu"/nn.ReLU → "relu",
-    "relu6"/nn.ReLU6 → "relu6", "silu"/nn.SiLU → "silu", "hardswish"/nn.Hardswish → "hardswish",
-    False/None/"none" → "none"."""
+    """The activation named by `relu` as from_modules accepts it: True → "relu", False/None → "none", a name in
+    ACTIVATIONS → itself, an instance of a class in ACTIVATION_MODULES (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish,
+    nn.Hardsigmoid, nn.Sigmoid) → its name."""
     if relu is True:
         return "relu"
     if isinstance(relu, tuple(ACTIVATION_MODULES)):
@@ -326,17 +325,8 @@ def check_activation(activation):
 
 
 def apply_activation_(y, activation):
-    """y with the activation applied in place (autograd handles in-place relu_/clamp_/silu/hardswish on a fresh
-    result)."""
-    if activation == "relu":
-        return y.relu_()
-    if activation == "relu6":
-        return y.clamp_(0.0, 6.0)
-    if activation == "silu":
-        return F.silu(y, inplace=True)
-    if activation == "hardswish":
-        return F.hardswish(y, inplace=True)
-    return y
+    """y with the activation applied in place (pyops.activations.IN_PLACE)."""
+    return IN_PLACE[activation](y)
 
 
 def explicit_padding(conv):
@@ -356,12 +346,13 @@ class ConvBNReLU2d(DerivedWeights):
     (CPU inference may return channels_last instead: below).
     residual: None or a tensor of the output's shape, added before the activation (a ResNet block's shortcut); one
     that only broadcasts to the output is added by a separate PyTorch add (the kernel takes the exact shape).
-    activation: "none", "relu", "relu6", "silu" or "hardswish".
+    activation: one of ACTIVATIONS (pyops.activations: "none", "relu", "relu6", "silu", "hardswish", "hardsigmoid",
+    "sigmoid").
     Gradients flow to x, weight, bias and residual; the BatchNorm statistics are frozen in weight and bias (the
     semantics of torchvision's FrozenBatchNorm2d). With ReLU or ReLU6 the output is saved for backward (its mask),
     so an in-place op on the output fails the backward, as after torch.relu (the unfused ReLU6, hardtanh, saved its
-    input instead). SiLU and Hardswish, whose slopes the output does not determine, run as the unfused layers do
-    where autograd records the call: the convolution fused with the residual add, then F.silu/F.hardswish.
+    input instead). The other activations run as the unfused layers do where autograd records the call: the
+    convolution fused with the residual add, then torch's function (F.silu, F.hardswish, ...).
 
     CPU inference (fp32, nothing requiring grad, not compiling) on a layer where it pays (see _packed_weight) packs
     the weight once into oneDNN's blocked layout for the input's shape and reuses it while the shape and the weight
@@ -427,11 +418,11 @@ class ConvBNReLU2d(DerivedWeights):
         """conv (nn.Conv2d, zero padding) → bn (eval-mode BatchNorm2d or FrozenBatchNorm2d, or None) → relu, folded
         once.
 
-        relu: True/"relu"/nn.ReLU(), "relu6"/nn.ReLU6(), "silu"/nn.SiLU(), "hardswish"/nn.Hardswish(), or
-        False/"none". The new module's parameters have conv's dtype, device and weight layout; with bn None (a
-        VGG's Conv2d → ReLU) they are conv's own weight and bias Parameters, shared (a zero bias that does not
-        require grad where conv has none: pyops.fold.with_bias). conv and bn are not modified. ValueError/TypeError
-        as fold_bn and with_bias, and for convs the kernel cannot run (see explicit_padding)."""
+        relu: True/"relu"/nn.ReLU(), False/"none", or another activation's name or module (activation_name). The
+        new module's parameters have conv's dtype, device and weight layout; with bn None (a VGG's Conv2d → ReLU)
+        they are conv's own weight and bias Parameters, shared (a zero bias that does not require grad where conv
+        has none: pyops.fold.with_bias). conv and bn are not modified. ValueError/TypeError as fold_bn and
+        with_bias, and for convs the kernel cannot run (see explicit_padding)."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"argument 'conv' must be an nn.Conv2d, got {type(conv).__name__}")
         activation = activation_name(relu)
@@ -685,8 +676,8 @@ class LinearBNReLU(NotScriptable, nn.Module):
 
     x: (N, in_features) → (N, out_features): the only shape on which Linear → BatchNorm1d folds (on a 3-D input,
     BatchNorm1d normalizes dim 1, not the Linear's features), so others raise ValueError rather than differ from the
-    unfused layers; without a folded BatchNorm (from_modules with bn None) any (*, in_features). activation: "none",
-    "relu", "relu6", "silu" or "hardswish". Gradients as ConvBNReLU2d. folds_batchnorm: whether a BatchNorm1d was
+    unfused layers; without a folded BatchNorm (from_modules with bn None) any (*, in_features). activation: one of
+    ACTIVATIONS. Gradients as ConvBNReLU2d. folds_batchnorm: whether a BatchNorm1d was
     folded in.
     """
 

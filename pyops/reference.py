@@ -3,6 +3,8 @@ import math
 
 import torch
 
+from .activations import FUNCTIONS
+
 
 def smooth_max(x, beta=1.0, dim=-1, keepdim=False):
     """(1/β)·logsumexp(β·x) along dim; the max / min at β = ±inf."""
@@ -18,7 +20,7 @@ def conv1d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
 
 def conv1d_bias_act(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, activation="relu",
                     residual=None):
-    """act(F.conv1d(x, weight, bias) + residual), act ∈ {"none", "relu", "relu6", "silu", "hardswish"}."""
+    """act(F.conv1d(x, weight, bias) + residual), act a name in pyops.activations.ACTIVATIONS."""
     return _add_activate(torch.nn.functional.conv1d(x, weight, bias, stride, padding, dilation, groups), residual,
                          activation)
 
@@ -64,22 +66,21 @@ def conv_net_gradients(x, filters, biases, paddings, u):
 
 def conv2d_bias_act(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, activation="relu",
                     residual=None):
-    """act(F.conv2d(x, weight, bias) + residual), act ∈ {"none", "relu", "relu6", "silu", "hardswish"}."""
+    """act(F.conv2d(x, weight, bias) + residual), act a name in pyops.activations.ACTIVATIONS."""
     return _add_activate(torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups), residual,
                          activation)
 
 
 def linear_bias_act(x, weight, bias=None, activation="relu"):
-    """act(F.linear(x, weight, bias)), act ∈ {"none", "relu", "relu6", "silu", "hardswish"}."""
+    """act(F.linear(x, weight, bias)), act a name in pyops.activations.ACTIVATIONS."""
     return _add_activate(torch.nn.functional.linear(x, weight, bias), None, activation)
 
 
 def _add_activate(y, residual, activation):
-    """act(y + residual) (residual may be None), act ∈ {"none", "relu", "relu6", "silu", "hardswish"}."""
+    """act(y + residual) (residual may be None), act a name in pyops.activations.ACTIVATIONS (torch's function)."""
     if residual is not None:
         y = y + residual
-    return {"none": lambda t: t, "relu": torch.relu, "relu6": torch.nn.functional.relu6,
-            "silu": torch.nn.functional.silu, "hardswish": torch.nn.functional.hardswish}[activation](y)
+    return FUNCTIONS[activation](y)
 
 
 def conv2d_bn_relu(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps=1e-5, stride=1, padding=0,

@@ -5,12 +5,31 @@ import threading
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 # References are exact fp32: no TF32 anywhere in the test session (pyops' own kernels never use it unless asked).
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 
 HAS_CUDA = torch.cuda.is_available()
+
+# The fused ops' activations as torch.nn.functional computes them: the tests' references, one per name in
+# pyops.activations.ACTIVATIONS (tests/test_activations.py checks that, so that an activation added there needs its reference here).
+ACTIVATION_REFERENCES = {"none": lambda y: y, "relu": F.relu, "relu6": F.relu6, "silu": F.silu,
+                         "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid, "sigmoid": F.sigmoid}
+
+
+def gradgradcheck_like_torch(fn, inputs, activation):
+    """torch.autograd.gradgradcheck(fn, inputs) for a fused op with `activation`; for Hardsigmoid, whose backward
+    PyTorch cannot differentiate (aten::hardsigmoid_backward has no derivative: F.hardsigmoid has no double
+    backward), the same error as PyTorch's."""
+    if activation != "hardsigmoid":
+        assert torch.autograd.gradgradcheck(fn, inputs)
+        return
+    with pytest.raises(RuntimeError, match="derivative for aten::hardsigmoid_backward is not implemented"):
+        torch.autograd.gradgradcheck(lambda *t: F.hardsigmoid(t[0].sum() * t[0]), inputs[:1])
+    with pytest.raises(RuntimeError, match="derivative for aten::hardsigmoid_backward is not implemented"):
+        torch.autograd.gradgradcheck(fn, inputs)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -5,7 +5,7 @@ The unit tests pin each route with hand-picked and small randomized layers; this
 (PYOPS_CONV1D_PATH, PYOPS_CONV_PATH) and, on the CPU, each instruction set of our kernels, and compares with float64
 PyTorch:
   - pyops.conv1d: output, grad_input, grad_weight, grad_bias;
-  - pyops.conv_bn_relu.conv2d_bias_act: output (act in none/relu/relu6/silu/hardswish, bias, residual) and, for half
+  - pyops.conv_bn_relu.conv2d_bias_act: output (every activation, bias, residual) and, for half
     the layers, the gradients of x, weight, bias, residual;
   - pyops.nn.ConvBNReLU2d (folded once; the packed-weight path where its rule packs): output under no_grad.
 Errors are measured against the same sums taken over magnitudes (|x|*|w| + |b| + |residual|), a bound on rounding
@@ -28,7 +28,7 @@ from pyops.conv_bn_relu import conv2d_bias_act
 
 TOLERANCE = {torch.float32: 3e-5, torch.float64: 1e-12}
 ACT = {"none": lambda z: z, "relu": torch.relu, "relu6": lambda z: z.clamp(0, 6), "silu": F.silu,
-       "hardswish": F.hardswish}
+       "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid, "sigmoid": torch.sigmoid}
 
 
 def scaled_error(ours, ref, scale):
@@ -122,7 +122,7 @@ def conv2d_case(rng, device):
     residual = torch.randn(n, cout, *out_hw, dtype=dtype, device=device) if rng.random() < 0.3 else None
     if residual is not None and rng.random() < 0.5:
         residual = residual.contiguous(memory_format=torch.channels_last)
-    act = rng.choice(["none", "relu", "relu", "relu6", "silu", "hardswish"])
+    act = rng.choice(["none", "relu", "relu", "relu6", "silu", "hardswish", "hardsigmoid", "sigmoid"])
     return x, weight, bias, residual, (stride, padding, dilation, groups), act, rng.random() < 0.5
 
 
@@ -144,10 +144,11 @@ def check_conv2d(case):
                         grad_out)
         # the reference's activation mask is ours (both outputs agree within tol where it matters; a z within
         # rounding of 0 or 6 may fall on either side)
-        if act in ("silu", "hardswish"):
+        if act not in ("none", "relu", "relu6"):
             # the slopes at the float64 reference's z. Ours are computed from terms of size ~1 (they cancel where
             # SiLU's slope is 0), at our z, within tol * scale of z64 (a slope differs by |act''| <= 1/2 times that;
-            # at Hardswish's kinks ±3 it jumps by 1/2): each gradient's scale counts |grad_out| for those terms
+            # at Hardswish's kinks ±3 it jumps by 1/2, Hardsigmoid's by 1/6): each gradient's scale counts
+            # |grad_out| for those terms
             z64 = reference(*inputs64).requires_grad_()
             g64 = torch.autograd.grad(ACT[act](z64), z64, grad_out.double())[0]
             g_scale = g64.abs() + grad_out.double().abs() * (1 + 0.5 * tol * scale)

@@ -295,20 +295,20 @@ def test_tiny_dilated_layers_take_the_direct_kernel(monkeypatch):
                     assert_close_float32(out, ref)
 
 
-@pytest.mark.parametrize("activation", ["relu", "relu6", "silu", "hardswish"])
+@pytest.mark.parametrize("activation", [a for a in ACTIVATIONS if a != "none"])
 def test_residuals_onednn_cannot_fuse_are_added_after_it(activation, monkeypatch):
     """oneDNN's fused call adds a residual only for one group on channels_last tensors; elsewhere (NCHW, groups) it
     fell back to at::convolution, which adds the bias one channel at a time on small dilated images, and ATen's
     add_relu, whose scalar tail makes a NaN 0 (the last values of an output whose size is not a multiple of the
     vector's). Now oneDNN convolves and our pass adds the residual and activates: equal to the float64 reference,
-    NaNs at the start and at the end kept, as torch.relu keeps them. SiLU and Hardswish are a pass after the
-    convolution and its residual add on every CPU path, so in one group on channels_last tensors (oneDNN's fused
-    add) too."""
+    NaNs at the start and at the end kept, as torch.relu keeps them. The activations other than ReLU and ReLU6 are a
+    pass after the convolution and its residual add on every CPU path, so in one group on channels_last tensors
+    (oneDNN's fused add) too."""
     monkeypatch.setenv("PYOPS_CONV_PATH", "library")
     # (n, cin, cout, h, groups, dilation, channels_last); the outputs' sizes are not multiples of 16
     cases = [(2, 64, 63, 7, 1, 1, False), (2, 48, 47, 9, 1, 2, False), (3, 32, 60, 7, 4, 1, True),
              (2, 16, 18, 9, 2, 2, False)]
-    if activation in ("silu", "hardswish"):
+    if activation not in ("relu", "relu6"):
         cases.append((2, 32, 33, 7, 1, 1, True))
     for n, cin, cout, h, groups, dilation, cl in cases:
         x, w = randn((n, cin, h, h), 91, 2.0), randn((cout, cin // groups, 3, 3), 92, 0.3)
@@ -410,7 +410,7 @@ def test_channels_last_image_with_an_odd_batch_stride(dtype, k):
     check_close(out, ref, dtype, ref.abs().max().item())
 
 
-@pytest.mark.parametrize("activation", ["none", "relu", "relu6", "silu", "hardswish"])
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_conv2d_bias_act_matches_float64_reference(device, path, activation, with_residual):
     x, w, b = randn((2, 6, 9, 8), 1, 3.0), randn((8, 3, 3, 3), 2), randn((8,), 3, 3.0)  # relu6 clips often
@@ -534,7 +534,7 @@ def test_gradients_match_autograd_reference(device, path):
         want = torch.autograd.grad(ref, leaves, gy)
         for a, e, name in zip(got, want, ["x", "weight", "bias", "bn_weight", "bn_bias", "residual"]):
             torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10, msg=lambda m: f"grad of {name}: {m}")
-    for act in ("none", "relu", "relu6", "silu", "hardswish"):
+    for act in ACTIVATIONS:
         leaves3 = [x, w, b, r]
         out = conv2d_bias_act(x * 3, w, b, activation=act, residual=r, **conv)
         ref = reference.conv2d_bias_act(x * 3, w, b, activation=act, residual=r, **conv)
@@ -815,7 +815,7 @@ def test_bad_input_in_cpp_too():
     with pytest.raises(TypeError, match="'weight' has dtype"):
         op(x, w.double(), None, None, None, m, v, 1e-5, [1, 1], [1, 1], [1, 1], 1, True)
     with pytest.raises(ValueError, match="'activation'"):
-        torch.ops.pyops.conv2d_bias_act(x, w, None, [1, 1], [1, 1], [1, 1], 1, 5, None)
+        torch.ops.pyops.conv2d_bias_act(x, w, None, [1, 1], [1, 1], [1, 1], 1, len(pyops.activations.ACTIVATIONS), None)
     with pytest.raises(ValueError, match="'activation'"):
         conv2d_bias_act(x, w, activation="gelu")
 
@@ -841,9 +841,9 @@ def test_raw_fold_and_backward_ops_check_every_argument():
         act_backward(o, o, torch.ones(3, dtype=torch.int32), 1, True)
     with pytest.raises(TypeError, match="'output' must be a floating"):
         act_backward(o.int(), o.int(), None, 1, True)
-    for silu_or_hardswish in (3, 4):  # (their derivative needs the input: autograd never calls the pass for them)
-        with pytest.raises(ValueError, match="'activation' = [34]: the derivative of SiLU and Hardswish"):
-            act_backward(o, o, None, silu_or_hardswish, False)
+    for code in (3, 4, 5, 6):  # (ATen's autograd differentiates these: autograd never calls the pass for them)
+        with pytest.raises(ValueError, match=f"'activation' = {code}: it differentiates the identity and the clamps"):
+            act_backward(o, o, None, code, False)
 
 
 @pytest.mark.parametrize("path", ["direct", "library"])

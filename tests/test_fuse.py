@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 import torchvision
-from conftest import autocast_compute_dtype, run_in_threads, tolerances
+from conftest import ACTIVATION_REFERENCES, autocast_compute_dtype, run_in_threads, tolerances
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.flop_counter import FlopCounterMode
@@ -220,12 +220,13 @@ def conv_bn(cin=4, cout=6, seed=0, **conv_args):
 @pytest.mark.parametrize("relu,activation", [(True, "relu"), (nn.ReLU(inplace=True), "relu"), ("relu6", "relu6"),
                                              (nn.ReLU6(), "relu6"), (False, "none"), (nn.SiLU(), "silu"),
                                              ("silu", "silu"), (nn.Hardswish(inplace=True), "hardswish"),
-                                             ("hardswish", "hardswish")])
+                                             ("hardswish", "hardswish"), (nn.Hardsigmoid(), "hardsigmoid"),
+                                             (nn.Sigmoid(), "sigmoid"), ("sigmoid", "sigmoid")])
 def test_conv_bn_relu_module_matches_the_unfused_chain(relu, activation):
     conv, bn = conv_bn(padding=1, stride=2)
     fused = ConvBNReLU2d.from_modules(conv, bn, relu)
     assert fused.activation == activation
-    act = {"relu": F.relu, "relu6": F.relu6, "none": lambda t: t, "silu": F.silu, "hardswish": F.hardswish}[activation]
+    act = ACTIVATION_REFERENCES[activation]
     x = torch.randn(2, 4, 9, 9, dtype=torch.float64, generator=gen()) * 3
     residual = torch.randn(2, 6, 5, 5, dtype=torch.float64, generator=gen(1)) * 3
     broadcast = torch.randn(6, 1, 1, dtype=torch.float64, generator=gen(2))
@@ -303,12 +304,12 @@ def fp32_conv_bn(cin=64, cout=24, k=3, seed=0, **conv_args):
 def float64_chain(conv, bn, activation):
     """The unfused chain in float64 (a copy: conv and bn stay fp32)."""
     conv64, bn64 = copy.deepcopy(conv).double(), copy.deepcopy(bn).double()
-    act = {"relu": F.relu, "relu6": F.relu6, "none": lambda t: t, "silu": F.silu, "hardswish": F.hardswish}[activation]
+    act = ACTIVATION_REFERENCES[activation]
     return lambda x, residual=None: act(bn64(conv64(x.double())) + (0 if residual is None else residual.double()))
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("relu", [True, "relu6", False, "silu", "hardswish"])
+@pytest.mark.parametrize("relu", [True, "relu6", False, "silu", "hardswish", "hardsigmoid", "sigmoid"])
 @pytest.mark.parametrize("conv_args", [dict(padding=1), dict(stride=2, padding=1), dict(dilation=2, padding=2),
                                        dict(padding=0)], ids=["p1", "s2", "d2", "p0"])
 def test_conv_bn_relu_module_packed_cpu_path(conv_args, relu, layout):
@@ -809,14 +810,17 @@ def test_fuse_torchvision_models(name, device):
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
 
 
-@pytest.mark.parametrize("name,act_class,activation", [("efficientnet_b0", nn.SiLU, "silu"),
-                                                         ("mobilenet_v3_small", nn.Hardswish, "hardswish")])
-def test_fuse_folds_silu_and_hardswish_into_the_layers(name, act_class, activation, device):
+@pytest.mark.parametrize("name,act_class,activation,gate_class,gate", [
+    ("efficientnet_b0", nn.SiLU, "silu", nn.Sigmoid, "sigmoid"),
+    ("mobilenet_v3_small", nn.Hardswish, "hardswish", nn.Hardsigmoid, "hardsigmoid")])
+def test_fuse_folds_silu_and_hardswish_into_the_layers(name, act_class, activation, gate_class, gate, device):
     """EfficientNet's Conv → BN → SiLU and MobileNetV3's Conv → BN → Hardswish blocks become one fused layer each,
-    the activation in its epilogue, and so do the squeeze-excitation blocks' Conv → SiLU / ReLU without a BN and
-    the classifier's Linear → Hardswish (MobileNetV3's): no activation module remains, and the outputs match."""
+    the activation in its epilogue, and so do the squeeze-excitation blocks' Conv → SiLU / ReLU without a BN, their
+    gates' Conv → Sigmoid / Hardsigmoid, and the classifier's Linear → Hardswish (MobileNetV3's): no activation
+    module remains, and the outputs match."""
     torch.manual_seed(0)
     model = randomized(getattr(torchvision.models, name)(weights=None)).to(device)
+    gates = sum(isinstance(m, gate_class) for m in model.modules())
     after_bn = sum(isinstance(m, torchvision.ops.Conv2dNormActivation) and isinstance(m[-1], act_class)
                    for m in model.modules())
     after_linear = sum(isinstance(m, act_class) for m in model.classifier.modules())
@@ -827,8 +831,9 @@ def test_fuse_folds_silu_and_hardswish_into_the_layers(name, act_class, activati
     assert sum(isinstance(m, ConvBNReLU2d) and m.activation == activation for m in fused.modules()) == after_conv
     assert after_conv > after_bn > 10 or (activation == "hardswish" and after_conv == after_bn > 10)
     assert sum(isinstance(m, LinearBNReLU) and m.activation == activation for m in fused.modules()) == after_linear
-    assert not any(isinstance(m, act_class) for m in fused.modules())
+    assert not any(isinstance(m, (act_class, gate_class)) for m in fused.modules())
     assert not any(isinstance(m, nn.ReLU) for m in fused.modules()) and (se_relus > 0) == (activation == "hardswish")
+    assert sum(isinstance(m, ConvBNReLU2d) and m.activation == gate for m in fused.modules()) == gates > 2
     x = torch.rand(2, 3, 64, 64, generator=gen()).to(device)
     with torch.no_grad():
         assert_close_relative(fused(x), model(x), 1e-4)
@@ -893,28 +898,38 @@ class FunctionalBlocks(nn.Module):
 
 
 class FunctionalSwish(nn.Module):
-    """F.silu after a residual add, F.hardswish in place, and a SiLU on a BN output used twice (not fusable)."""
+    """F.silu after a residual add, F.hardswish in place, a SiLU on a BN output used twice (not fusable), and a
+    squeeze-excitation gate's conv (no BN) → torch.sigmoid, Tensor.sigmoid or F.hardsigmoid."""
 
-    def __init__(self):
+    def __init__(self, gate):
         super().__init__()
+        self.gate = gate
         self.convs = nn.ModuleList(nn.Conv2d(8 if i else 3, 8, 3, padding=1) for i in range(3))
         self.bns = nn.ModuleList(nn.BatchNorm2d(8) for _ in range(3))
+        self.excite = nn.Conv2d(8, 8, 1)
 
     def forward(self, x):
         c, b = self.convs, self.bns
         x = F.hardswish(b[0](c[0](x)), inplace=True)
         x = F.silu(b[1](c[1](x)) + x)
         z = b[2](c[2](x))
-        return F.silu(z) * z
+        s = self.excite(F.adaptive_avg_pool2d(z, 1))
+        s = torch.sigmoid(s) if self.gate == "torch.sigmoid" else s.sigmoid() if self.gate == "method" else \
+            F.hardsigmoid(s)
+        return F.silu(z) * z * s
 
 
-def test_fuse_functional_silu_and_hardswish():
+@pytest.mark.parametrize("gate", ["torch.sigmoid", "method", "F.hardsigmoid"])
+def test_fuse_functional_silu_and_hardswish(gate):
     torch.manual_seed(0)
-    model = randomized(FunctionalSwish()).double()
+    model = randomized(FunctionalSwish(gate)).double()
     fused = pyops.fuse(model)
-    assert [m.activation for m in fused.modules() if isinstance(m, ConvBNReLU2d)] == ["hardswish", "silu", "none"]
-    targets = [n.target for n in fused.graph.nodes if n.op == "call_function"]
+    activation = "hardsigmoid" if gate == "F.hardsigmoid" else "sigmoid"
+    assert [m.activation for m in fused.modules() if isinstance(m, ConvBNReLU2d)] == \
+        ["hardswish", "silu", "none", activation]
+    targets = [n.target for n in fused.graph.nodes if n.op in ("call_function", "call_method")]
     assert targets.count(F.silu) == 1 and F.hardswish not in targets  # the third chain's SiLU stays
+    assert not {torch.sigmoid, "sigmoid", F.hardsigmoid} & set(targets)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=gen())
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-10, atol=1e-10)
@@ -983,7 +998,7 @@ def test_fuse_conv1d_chains_take_the_activation_conv3d_chains_fold_only():
     residual there) in the Sequential fallback. Conv3d chains fold only."""
     torch.manual_seed(0)
     chains = [(nn.ReLU(), "relu"), (nn.ReLU(inplace=True), "relu"), (nn.ReLU6(), "relu6"), (nn.SiLU(), "silu"),
-              (nn.Hardswish(inplace=True), "hardswish")]
+              (nn.Hardswish(inplace=True), "hardswish"), (nn.Hardsigmoid(), "hardsigmoid"), (nn.Sigmoid(), "sigmoid")]
     for act, name in chains:
         model = randomized(nn.Sequential(nn.Conv1d(3, 5, 3, padding=1), nn.BatchNorm1d(5), act).double())
         x = torch.randn(2, 3, 9, dtype=torch.float64, generator=gen()) * 3
@@ -993,14 +1008,14 @@ def test_fuse_conv1d_chains_take_the_activation_conv3d_chains_fold_only():
             assert_no_batchnorm(fused)
             layer = getattr(fused, "0")
             assert type(layer) is pyops.nn.FoldedConv1d and layer.activation == name
-            assert not any(isinstance(m, (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish)) for m in fused.modules())
+            assert not any(isinstance(m, tuple(pyops.activations.MODULES)) for m in fused.modules())
             assert f"activation={name}" in repr(layer)
             with torch.no_grad(), torch.profiler.profile() as prof:
                 got = fused(x)
             assert sum(e.name == "pyops::conv1d_bias_act" for e in prof.events()) == 1
             with torch.no_grad():
                 want = model(x.clone())
-            assert (want == 0).any() or name in ("silu", "hardswish")
+            assert (want == 0).any() or name not in ("relu", "relu6")
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     model = randomized(Conv1dResidual().double())
     fused = pyops.fuse(model)

@@ -15,6 +15,8 @@ at::Tensor activation_aten(const at::Tensor& y, Activation act, bool in_place) {
     case Activation::kRelu6: return in_place ? out.clamp_(0, 6) : at::hardtanh(y, 0, 6);
     case Activation::kSilu: return in_place ? at::silu_(out) : at::silu(y);
     case Activation::kHardswish: return in_place ? at::hardswish_(out) : at::hardswish(y);
+    case Activation::kHardsigmoid: return in_place ? at::hardsigmoid_(out) : at::hardsigmoid(y);
+    case Activation::kSigmoid: return in_place ? out.sigmoid_() : at::sigmoid(y);
   }
   TORCH_CHECK(false, "activation_aten: unknown activation ", static_cast<int64_t>(act));
 }

@@ -11,20 +11,34 @@
 
 namespace pyops {
 
-// SiLU (x·σ(x), EfficientNet's) and Hardswish (x·relu6(x + 3)/6, MobileNetV3's) as torch.nn defines them.
-enum class Activation : int64_t { kNone = 0, kRelu = 1, kRelu6 = 2, kSilu = 3, kHardswish = 4 };
+// SiLU (x·σ(x), EfficientNet's), Hardswish (x·relu6(x + 3)/6, MobileNetV3's), Hardsigmoid (relu6(x + 3)/6) and
+// Sigmoid (σ(x) = 1/(1 + e^-x); these two gate MobileNetV3's and EfficientNet's squeeze-excitation blocks) as
+// torch.nn defines them.
+enum class Activation : int64_t {
+  kNone = 0,
+  kRelu = 1,
+  kRelu6 = 2,
+  kSilu = 3,
+  kHardswish = 4,
+  kHardsigmoid = 5,
+  kSigmoid = 6,
+};
 
 // The activation of code `activation`, or a ValueError naming the argument of `op`.
 inline Activation checked_activation(int64_t activation, const char* op) {
-  TORCH_CHECK_VALUE(activation >= 0 && activation <= 4, op, ": argument 'activation' must be 0 (none), 1 (relu), ",
-                    "2 (relu6), 3 (silu) or 4 (hardswish), got ", activation);
+  TORCH_CHECK_VALUE(activation >= 0 && activation <= 6, op, ": argument 'activation' must be 0 (none), 1 (relu), ",
+                    "2 (relu6), 3 (silu), 4 (hardswish), 5 (hardsigmoid) or 6 (sigmoid), got ", activation);
   return static_cast<Activation>(activation);
 }
 
-// Whether act's derivative is a function of its output (ReLU's and ReLU6's masks), so a backward needs only the
-// output the fused op returns. SiLU and Hardswish take the same value at two inputs with different slopes: their
-// autograd runs the op without the activation and applies it with ATen ops (activation_aten), which save their input.
-inline bool derivative_from_output(Activation act) { return act <= Activation::kRelu6; }
+// Whether act is the identity or a clamp (ReLU, ReLU6): the CPU kernels apply it as they store the output, and a
+// backward needs only that output (the clamp's mask: pyops::conv_act_backward). The other activations run as ATen
+// ops (activation_aten) after the op computed without them, on the CPU and wherever autograd records the call, and
+// ATen's autograd differentiates them: SiLU and Hardswish take the same value at two inputs with different slopes
+// (their output does not give their derivative), and their exponentials cost as much in a pass over the
+// cache-resident output as inlined into the stores, which slowed the ReLU epilogue (bench/NOTES-conv_bn_relu.md,
+// stop 40); Hardsigmoid and Sigmoid gate squeeze-excitation blocks, whose N×C outputs a pass reads in a few µs.
+inline bool identity_or_clamp(Activation act) { return act <= Activation::kRelu6; }
 
 // act(y) by ATen ops (differentiable; NaN stays NaN): in place on y (a fresh result nothing else holds) or not.
 at::Tensor activation_aten(const at::Tensor& y, Activation act, bool in_place);

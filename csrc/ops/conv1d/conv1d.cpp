@@ -263,9 +263,9 @@ Conv1dGeometry check_conv1d_backward_weight(const at::Tensor& grad_output, const
 
 TORCH_LIBRARY_FRAGMENT(pyops, m) {
   m.def("conv1d(Tensor input, Tensor weight, Tensor? bias, int stride, int padding, int dilation, int groups) -> Tensor");
-  // act(conv1d(input, weight, bias) + residual), the activation (0 none, 1 relu, 2 relu6, 3 silu, 4 hardswish:
-  // common/activation.h) applied as the output is stored: the Conv1d → BatchNorm1d (→ add) → activation chains
-  // pyops.fuse folds.
+  // act(conv1d(input, weight, bias) + residual), the activation (0 none, 1 relu, 2 relu6, 3 silu, 4 hardswish,
+  // 5 hardsigmoid, 6 sigmoid: common/activation.h) applied as the output is stored: the Conv1d → BatchNorm1d (→ add)
+  // → activation chains pyops.fuse folds.
   m.def("conv1d_bias_act(Tensor input, Tensor weight, Tensor? bias, int stride, int padding, int dilation, int groups, "
         "int activation, Tensor? residual=None) -> Tensor");
   m.def("conv1d_backward_input(Tensor grad_output, Tensor weight, SymInt input_length, int stride, int padding, "

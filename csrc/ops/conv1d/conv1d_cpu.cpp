@@ -131,7 +131,7 @@ at::Tensor conv1d_bias_act_cpu(const at::Tensor& input, const at::Tensor& weight
                                int64_t dilation, int64_t groups, int64_t activation,
                                const std::optional<at::Tensor>& residual) {
   const Activation act = checked_activation(activation, "pyops.conv1d_bias_act");
-  if (!derivative_from_output(act)) {  // SiLU, Hardswish: a pass after the kernels (conv2d_bias_act_cpu says why)
+  if (!identity_or_clamp(act)) {  // a pass after the kernels (common/activation.h says why)
     return activation_aten(conv1d_act_cpu(input, weight, bias, stride, padding, dilation, groups, Activation::kNone,
                                           residual),
                            act, /*in_place=*/true);

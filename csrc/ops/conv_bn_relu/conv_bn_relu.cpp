@@ -124,8 +124,9 @@ Activation check_conv_act_backward_args(const at::Tensor& grad, const at::Tensor
   TORCH_CHECK_VALUE(grad.sizes() == output.sizes(), "pyops.conv_act_backward: argument 'grad' has shape ",
                     grad.sizes(), " but 'output' has ", output.sizes());
   const Activation act = checked_activation(activation, "pyops.conv_act_backward");
-  TORCH_CHECK_VALUE(derivative_from_output(act), "pyops.conv_act_backward: argument 'activation' = ", activation,
-                    ": the derivative of SiLU and Hardswish is not a function of their output");
+  TORCH_CHECK_VALUE(identity_or_clamp(act), "pyops.conv_act_backward: argument 'activation' = ", activation,
+                    ": it differentiates the identity and the clamps (0 none, 1 relu, 2 relu6) only; ATen's ",
+                    "autograd differentiates the other activations");
   if (scale.has_value()) {
     check_floating(*scale, "scale");
     check_same_device(*scale, output, "scale", "output");

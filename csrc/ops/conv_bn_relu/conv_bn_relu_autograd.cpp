@@ -346,7 +346,7 @@ at::Tensor conv2d_bias_act_autograd(const at::Tensor& x, const at::Tensor& w, co
     return below_autograd(call_conv2d_bias_act, x, w, b, stride, padding, dilation, groups, activation, residual);
   }
   const Activation act = checked_activation(activation, "pyops.conv2d");
-  if (!derivative_from_output(act)) {  // (SiLU, Hardswish: common/activation.h)
+  if (!identity_or_clamp(act)) {  // (SiLU, Hardswish, Hardsigmoid, Sigmoid: common/activation.h)
     return activation_aten(conv2d_bias_act_autograd(x, w, b, stride, padding, dilation, groups,
                                                     static_cast<int64_t>(Activation::kNone), residual),
                            act, /*in_place=*/false);

@@ -35,6 +35,11 @@ __device__ __forceinline__ acc activate(acc v, int act) {
   if (act == 2) return v < acc(0) ? acc(0) : (v > acc(6) ? acc(6) : v);
   if (act == 3) return v / (acc(1) + exp(-v));  // SiLU (exp: expf or exp by acc's type, not the fast __expf)
   if (act == 4) return v * fmin(fmax(v + acc(3), acc(0)), acc(6)) / acc(6);  // Hardswish
+  if (act == 5) {  // Hardsigmoid (comparisons, not fmax: that would turn a NaN into 0)
+    const acc t = v + acc(3);
+    return (t < acc(0) ? acc(0) : (t > acc(6) ? acc(6) : t)) / acc(6);
+  }
+  if (act == 6) return acc(1) / (acc(1) + exp(-v));  // Sigmoid
   return v;
 }
 

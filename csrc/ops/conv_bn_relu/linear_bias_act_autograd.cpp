@@ -72,7 +72,7 @@ at::Tensor linear_bias_act_autograd(const at::Tensor& x, const at::Tensor& w, co
                                     int64_t activation) {
   if (!needs_autograd(x, w, b)) return below_autograd(call_linear_bias_act, x, w, b, activation);
   const Activation act = check_linear_bias_act_args(x, w, b, activation);
-  if (!derivative_from_output(act)) {  // (SiLU, Hardswish: common/activation.h)
+  if (!identity_or_clamp(act)) {  // (SiLU, Hardswish, Hardsigmoid, Sigmoid: common/activation.h)
     return activation_aten(linear_bias_act_autograd(x, w, b, static_cast<int64_t>(Activation::kNone)), act,
                            /*in_place=*/false);
   }
