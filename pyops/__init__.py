@@ -8,7 +8,7 @@ import torch  # noqa: F401  (the compiled library links against torch: load it f
 from . import _C  # noqa: F401  (registers torch.ops.pyops.*)
 from ._C import build_info
 from . import conv_bn_relu  # noqa: F401  (registers the fused conv ops' fake kernels, autograd, flop formulas)
-from . import fft_conv, nn, reference
+from . import activations, fft_conv, nn, reference
 from .conv1d import conv1d, conv1d_bias_act
 from .conv_bn_relu import conv2d_bn_relu
 from .convolutionalize import convolutionalize
