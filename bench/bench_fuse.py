@@ -139,6 +139,28 @@ def speech_block(device):
     return model.eval().to(device)
 
 
+# (name, channels, squeezed channels, activation, gate, map size): MobileNetV3-Large's last block and
+# EfficientNet-B0's 672-channel blocks
+SE_BLOCKS = [("mobilenet_v3", 960, 240, torch.nn.ReLU, torch.nn.Hardsigmoid, 7),
+             ("efficientnet", 672, 28, torch.nn.SiLU, torch.nn.Sigmoid, 14)]
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("block", SE_BLOCKS, ids=lambda b: b[0])
+def bench_squeeze_excitation(measure, device, impl, block):
+    """torchvision's SqueezeExcitation at batch 1: average pool, 1×1 conv → activation, 1×1 conv → gate (both
+    convs on a 1×1 map: one ConvBNReLU2d each, run as products over the batch), scale."""
+    skip_unless_compile_timed(impl)
+    name, channels, squeezed, activation, gate, size = block
+    torch.manual_seed(0)
+    se = torchvision.ops.SqueezeExcitation(channels, squeezed, activation, gate).eval().to(device)
+    model = IMPLS[impl](se)
+    x = torch.rand(1, channels, size, size, generator=torch.Generator().manual_seed(1)).to(device)
+    with torch.no_grad():
+        measure(f"{name} squeeze-excitation {channels}->{squeezed} {gate.__name__.lower()} b1 {size}x{size} fp32",
+                impl, lambda: model(x), flops=2 * 2 * channels * squeezed)
+
+
 @pytest.mark.parametrize("impl", list(IMPLS))
 def bench_homework_network(measure, device, impl):
     """The issue's network (conv 3→16 and 16→16 + BN + ReLU on 32×32, Linear 16384→1024 + BN1d + ReLU, Linear

@@ -2,7 +2,8 @@
 eager nn.Sequential of those layers and torch.compile of it (inductor's freezing on the CPU, as
 bench_conv_bn_relu.py), on the fully connected layers of the models in bench_fuse.py: VGG's classifier at batch 1
 and 8, MobileNetV3's classifier and squeeze-excitation layers at batch 1, and the homework's Linear(16384→1024) →
-BatchNorm1d → ReLU at its batch of 100. Small batches run our weight-streaming kernel, large ones the library's
+BatchNorm1d → ReLU at its batch of 100, and a small MLP layer at a batch of 256 (a short reduction: the library's
+product). Small batches run our weight-streaming kernel, large ones the library's
 product (pyops/linear.py); "fp32" rows also report the weight's bytes read per second ("GB/s": the kernel's bound).
 """
 
@@ -21,6 +22,7 @@ CASES = [
     ("mobilenet_v3 classifier", 960, 1280, False, nn.Hardswish, 1),
     ("mobilenet_v3 squeeze-excitation", 960, 240, False, nn.ReLU, 1),
     ("homework fc1 + BN1d", 16384, 1024, True, nn.ReLU, 100),
+    ("MLP hidden", 64, 64, False, nn.ReLU, 256),
 ]
 IMPLS = ["pyops", "eager", "torch.compile"]
 

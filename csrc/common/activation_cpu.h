@@ -79,6 +79,7 @@ template <typename T>
 void bias_residual_activate(T* out, const T* bias, const T* residual, int64_t rows, int64_t cols, bool bias_per_row,
                             int64_t channels, Activation act) {
   if (!bias && !residual && act == Activation::kNone) return;  // (a pass over a cold output costs ~1/3 of the GEMM)
+  TORCH_INTERNAL_ASSERT(identity_or_clamp(act), "bias_residual_activate: the other activations are ATen's passes");
   const BiasKind kind = !bias ? BiasKind::kNone : bias_per_row ? BiasKind::kPerRow : BiasKind::kPerColumn;
   const auto with_bias = [&](auto bias_kind, auto has_residual) {
     constexpr BiasKind B = decltype(bias_kind)::value;

@@ -49,10 +49,10 @@ at::Tensor onednn_product(const at::Tensor& x, const at::Tensor& w, const at::Te
 // 64→2048 at batch 8 28.6 / 23.9 / 24.2 but at batch 4 16.8 / 20.6 / 23.2, 64→64 at batch 100 14.9 / 19.8 / 10.6,
 // 128→512 at batch 64 60.9 / 37.6 / 47.4, 256→128 at batch 128 39.7 / 35.0 / 44.0, but 256→128 at batch 64 21.8 /
 // 24.6 / 24.9 and 1024→10 at batch 100 (the homework's last layer) 12.5 / 31.4 / 28.0. With the library's choice
-// below, the path this rule picks took 1.016x the fastest of the three (geomean; stop 42's rule 1.19x, worst 8x), at
-// worst 1.73x: 12-16 rows times weights of 1-8 MB, which the repeated calls kept in the L3 cache, where ours streams
-// them faster (512→2048 at batch 12: 96 vs 165 µs); stop 42's fit, on weights read from memory, had oneDNN ahead
-// there, and it decides.
+// below, auto took 1.04x the fastest of the three (geomean, measured; on the three's timings the rule's choices cost
+// 1.016x, stop 42's rule 1.19x, worst 8x), at worst 1.77x: 12-16 rows times weights of 1-8 MB, which the repeated
+// calls kept in the L3 cache, where ours streams them faster (512→2048 at batch 12: 96 vs 165 µs); stop 42's fit, on
+// weights read from memory, had oneDNN ahead there, and it decides.
 bool small_batch_product_is_faster(int64_t m, int64_t n, int64_t k) {
   const double outputs = static_cast<double>(m) * n;
   if (outputs <= 1024) return true;
