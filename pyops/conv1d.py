@@ -85,8 +85,8 @@ def conv1d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
 def conv1d_bias_act(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, activation="relu",
                     residual=None):
     """act(conv1d(x, weight, bias) + residual), the residual added and the activation applied as the output is
-    stored (on the CPU; on CUDA in a second pass; the others than ReLU and ReLU6 in a pass after the convolution on
-    both):
+    stored (on the CPU; on CUDA in a second pass; activations other than ReLU and ReLU6 in a pass after the
+    convolution on both):
     what pyops.fuse computes for a Conv1d → BatchNorm1d [→ add] [→ activation] chain.
 
     Args: as pyops.conv1d, and

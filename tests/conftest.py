@@ -14,7 +14,7 @@ torch.backends.cudnn.allow_tf32 = False
 HAS_CUDA = torch.cuda.is_available()
 
 # The fused ops' activations as torch.nn.functional computes them: the tests' references, one per name in
-# pyops.activations.ACTIVATIONS (tests/test_activations.py checks that, so that an activation added there needs its reference here).
+# pyops.activations.ACTIVATIONS (tests/test_activations.py checks that: an activation added there needs one here).
 ACTIVATION_REFERENCES = {"none": lambda y: y, "relu": F.relu, "relu6": F.relu6, "silu": F.silu,
                          "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid, "sigmoid": F.sigmoid}
 

@@ -1,7 +1,7 @@
 // A fused convolution's activation on CPU results, a vector or one value, shared by the kernels' epilogues and the
 // passes after a library call: ReLU and ReLU6 (the other activations run as a pass after the convolution, see
-// identity_or_clamp in common/activation.h); NaN stays NaN and -0 stays -0 (below; the scalar form's comparisons are false for both), as
-// torch.relu and F.relu6 keep them. CPU only (at::vec), apart from common/activation.h, which
+// identity_or_clamp in common/activation.h); NaN stays NaN and -0 stays -0 (below; the scalar form's comparisons are
+// false for both), as torch.relu and F.relu6 keep them. CPU only (at::vec), apart from common/activation.h, which
 // CUDA sources include too.
 #pragma once
 
@@ -42,12 +42,6 @@ inline T activate(T v, Activation act) {
   return act == Activation::kRelu6 && v > T(6) ? T(6) : v;
 }
 
-// out = act(out + bias [+ residual]) on a convolution's result of `rows` rows of `cols` values, in place and in one
-// pass (each ATen op a pass of its own: the bias add and ReLU after 64→64 on 56×56 at batch 8 took 240 of the call's
-// 784 µs). bias_per_row: a row is one channel of one sample (row r is channel r % channels), else a row holds one
-// position's channels (channels_last). bias, residual: null or their values; residual the same rows in the same
-// order. Adds in the order ((out + bias) + residual), the order of a convolution's output plus a residual added
-// after it. Shared by the fused 2-D paths after MKL or oneDNN and conv1d_bias_act's passes.
 // (A pass's rows, compiled per kind of bias, residual and activation: with those tested per vector the pass ran at
 // a third of ATen's relu_ speed, 34 vs 13 µs after a 256×2048 product, stop 43.)
 enum class BiasKind { kNone, kPerRow, kPerColumn };
@@ -75,6 +69,12 @@ void bias_residual_activate_rows(T* out, const T* bias, const T* residual, int64
   }
 }
 
+// out = act(out + bias [+ residual]) on a convolution's result of `rows` rows of `cols` values, in place and in one
+// pass (each ATen op a pass of its own: the bias add and ReLU after 64→64 on 56×56 at batch 8 took 240 of the call's
+// 784 µs). bias_per_row: a row is one channel of one sample (row r is channel r % channels), else a row holds one
+// position's channels (channels_last). bias, residual: null or their values; residual the same rows in the same
+// order. Adds in the order ((out + bias) + residual), the order of a convolution's output plus a residual added
+// after it. Shared by the fused 2-D paths after MKL or oneDNN and conv1d_bias_act's passes.
 template <typename T>
 void bias_residual_activate(T* out, const T* bias, const T* residual, int64_t rows, int64_t cols, bool bias_per_row,
                             int64_t channels, Activation act) {
