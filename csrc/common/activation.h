@@ -50,4 +50,8 @@ std::tuple<at::Tensor, at::Tensor> act_backward(const at::Tensor& grad, const at
                                                 const std::optional<at::Tensor>& scale, int64_t activation,
                                                 bool unscaled_too);
 
+// grad·act'(output), the gradient before the activation (grad itself where there is none): act_backward without a
+// scale, for the fused ops' backwards.
+at::Tensor grad_before_activation(const at::Tensor& grad, const at::Tensor& output, int64_t activation);
+
 }  // namespace pyops

@@ -140,9 +140,7 @@ class Conv1dFunction : public torch::autograd::Function<Conv1dFunction> {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &w = saved[1];
     const int64_t activation = ctx->saved_data["activation"].toInt();
-    if (activation != static_cast<int64_t>(Activation::kNone)) {
-      gy = std::get<0>(act_backward(gy, saved[2], std::nullopt, activation, /*unscaled_too=*/false));
-    }
+    if (activation != static_cast<int64_t>(Activation::kNone)) gy = grad_before_activation(gy, saved[2], activation);
     const Hyper h = Hyper::load(ctx);
     const InputEdges edges(ctx);
     if (edges.needs(0)) out[0] = call_backward_input(gy, w, x.sym_size(2), h.stride, h.padding, h.dilation, h.groups);

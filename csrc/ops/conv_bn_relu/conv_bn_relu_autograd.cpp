@@ -46,11 +46,14 @@ std::tuple<at::Tensor, at::Tensor> call_conv_act_backward(const at::Tensor& grad
 std::tuple<at::Tensor, at::Tensor> act_backward(const at::Tensor& grad, const at::Tensor& output,
                                                 const OptTensor& scale, int64_t activation, bool unscaled_too) {
   if (!at::GradMode::is_enabled()) {
-    if (output.dim() == 4) return call_conv_act_backward(grad, output, scale, activation, unscaled_too);
-    // (the op takes (N, C, H, W): a conv1d's (N, C, L) output as (N, C, 1, L))
-    auto [scaled, masked] =
-        call_conv_act_backward(grad.unsqueeze(2), output.unsqueeze(2), scale, activation, unscaled_too);
-    return {scaled.squeeze(2), masked.dim() == 4 ? masked.squeeze(2) : masked};
+    if (output.dim() >= 4) return call_conv_act_backward(grad, output, scale, activation, unscaled_too);
+    // (the op takes (N, C, H, W): a conv1d's (N, C, L) output as (N, C, 1, L), a Linear's (M, N) as (M, N, 1, 1))
+    const auto as_4d = [](at::Tensor t) {
+      while (t.dim() < 4) t = t.unsqueeze(2);
+      return t;
+    };
+    auto [scaled, masked] = call_conv_act_backward(as_4d(grad), as_4d(output), scale, activation, unscaled_too);
+    return {scaled.view(output.sizes()), masked.dim() == 4 ? masked.view(output.sizes()) : masked};
   }
   at::Tensor g = grad;
   // (torch.relu's rule: zero where the output is <= 0, hardtanh's where it is <= 0 or >= 6, so a NaN output passes
@@ -64,6 +67,11 @@ std::tuple<at::Tensor, at::Tensor> act_backward(const at::Tensor& grad, const at
   per_channel[1] = -1;
   const at::Tensor scaled = g * scale->to(g.scalar_type()).view(per_channel);
   return {scaled, unscaled_too ? g : at::Tensor()};
+}
+
+at::Tensor grad_before_activation(const at::Tensor& grad, const at::Tensor& output, int64_t activation) {
+  if (activation == static_cast<int64_t>(Activation::kNone)) return grad;
+  return std::get<0>(act_backward(grad, output, std::nullopt, activation, /*unscaled_too=*/false));
 }
 
 namespace {
@@ -226,10 +234,7 @@ class ConvBiasActFunction : public torch::autograd::Function<ConvBiasActFunction
     const at::Tensor &x = saved[0], &w = saved[1], &output = saved[2];
     const InputEdges edges(ctx);
     const int64_t activation = ctx->saved_data["activation"].toInt();
-    const at::Tensor grad_pre =
-        activation == static_cast<int64_t>(Activation::kNone)
-            ? grad
-            : std::get<0>(act_backward(grad, output, std::nullopt, activation, false));
+    const at::Tensor grad_pre = grad_before_activation(grad, output, activation);
     const bool need_bias = edges.needs(2);  // (false without a bias)
     std::tie(out[0], out[1], out[2]) =
         conv_backward(grad_pre, x, w, need_bias, ConvArgs::load(ctx), {edges.needs(0), edges.needs(1), need_bias});

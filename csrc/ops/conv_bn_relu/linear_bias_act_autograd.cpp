@@ -48,13 +48,9 @@ class LinearBiasActFunction : public torch::autograd::Function<LinearBiasActFunc
     const InputEdges edges(ctx);
     const int64_t activation = ctx->saved_data["activation"].toInt();
     const int64_t n = w.size(0), k = w.size(1);
-    at::Tensor g = grad.reshape({-1, n});
-    if (activation != static_cast<int64_t>(Activation::kNone)) {
-      // (conv_act_backward takes (N, C, H, W): the rows as (M, N, 1, 1))
-      g = std::get<0>(act_backward(g.view({-1, n, 1, 1}), output.reshape({-1, n, 1, 1}), std::nullopt, activation,
-                                   false))
-              .view({-1, n});
-    }
+    const bool masked = activation != static_cast<int64_t>(Activation::kNone);
+    const at::Tensor g = grad_before_activation(grad.reshape({-1, n}), masked ? output.reshape({-1, n}) : output,
+                                                activation);
     if (edges.needs(0)) out[0] = g.mm(w).view(x.sizes());
     if (edges.needs(1)) out[1] = g.t().mm(x.reshape({-1, k}));
     if (edges.needs(2)) out[2] = g.sum(0);
